@@ -1,0 +1,44 @@
+# The two commands a new user needs:
+#   make serve   install, build model_repository/ from the committed checkpoints, serve on $(PORT)
+#   make test    install, build model_repository/, run the test suite
+PYTHON ?= python3.11
+VENV := .venv
+PY := $(VENV)/bin/python
+PORT ?= 3000
+HOST ?= 127.0.0.1
+PYTEST_ARGS ?=
+
+INSTALLED := $(VENV)/.installed
+REPOSITORY := model_repository
+REPOSITORY_STAMP := $(REPOSITORY)/.built
+CHECKPOINTS := $(shell find zoo/checkpoints -type f)
+EXPORT_SOURCES := $(wildcard export/*.py) zoo/gan.py zoo/checkpoint.py
+# Nothing is ever fetched from a model hub, at build, serve or test time.
+export HF_HUB_OFFLINE := 1
+
+.PHONY: install serve test model-repository clean
+
+$(INSTALLED): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[export,test]'
+	touch $@
+
+install: $(INSTALLED)
+
+# Rebuilt whenever a checkpoint or the exporter changes (stale repositories never serve).
+$(REPOSITORY_STAMP): $(INSTALLED) $(CHECKPOINTS) $(EXPORT_SOURCES)
+	find $(REPOSITORY) -mindepth 1 -maxdepth 1 -type d -exec rm -rf {} +
+	$(PY) -m export demo --repository $(REPOSITORY)
+	touch $@
+
+model-repository: $(REPOSITORY_STAMP)
+
+serve: $(REPOSITORY_STAMP)
+	GENSERVE_MODEL_REPOSITORY=$(REPOSITORY) $(VENV)/bin/bentoml serve services.service:GenServe --host $(HOST) --port $(PORT)
+
+test: $(REPOSITORY_STAMP)
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+clean:
+	find $(REPOSITORY) -mindepth 1 -maxdepth 1 -type d -exec rm -rf {} +
+	rm -f $(REPOSITORY_STAMP)
