@@ -1,0 +1,83 @@
+"""GAN endpoint throughput over real HTTP against a running service.
+
+    make serve &                      # or any running genserve
+    .venv/bin/python bench/bench_gan_http.py --url http://127.0.0.1:3000 --seconds 10
+
+Measures requests/s and images/s side by side in one run for several (concurrency,
+num_images) settings, so their ratios are comparable on a noisy machine, and appends
+the table with the command to bench/results/gan_http.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+SETTINGS = [(1, 1), (4, 1), (1, 16), (4, 16)]  # (concurrency, num_images)
+
+
+async def run_setting(url: str, concurrency: int, num_images: int, seconds: float) -> dict:
+    latencies: list[float] = []
+    errors = 0
+    deadline = time.perf_counter() + seconds
+
+    async def client(worker: int, http: httpx.AsyncClient) -> None:
+        nonlocal errors
+        i = 0
+        while time.perf_counter() < deadline:
+            body = {"seed": worker * 100_000 + i, "num_images": num_images, "class_label": i % 10}
+            t0 = time.perf_counter()
+            r = await http.post(f"{url}/v1/gan/generate", json=body)
+            latencies.append(time.perf_counter() - t0)
+            errors += r.status_code != 200
+            i += 1
+
+    async with httpx.AsyncClient(timeout=60) as http:
+        await http.post(f"{url}/v1/gan/generate", json={"seed": 0})  # warm-up
+        start = time.perf_counter()
+        await asyncio.gather(*(client(w, http) for w in range(concurrency)))
+        wall = time.perf_counter() - start
+    latencies.sort()
+    return {
+        "concurrency": concurrency, "num_images": num_images, "requests": len(latencies), "errors": errors,
+        "rps": len(latencies) / wall, "images_per_s": len(latencies) * num_images / wall,
+        "p50_ms": 1000 * statistics.median(latencies),
+        "p95_ms": 1000 * latencies[int(0.95 * (len(latencies) - 1))],
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--url", default="http://127.0.0.1:3000")
+    parser.add_argument("--seconds", type=float, default=10.0, help="per setting")
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "gan_http.md")
+    args = parser.parse_args()
+
+    rows = [asyncio.run(run_setting(args.url, c, n, args.seconds)) for c, n in SETTINGS]
+    base = rows[0]["images_per_s"]
+    lines = [
+        f"## {time.strftime('%Y-%m-%d %H:%M')} on {platform.node()} ({platform.processor() or platform.machine()})",
+        "", f"`{' '.join([Path(sys.executable).name, *sys.argv])}`", "",
+        "| concurrency | num_images | requests | errors | req/s | images/s | x images/s vs (1,1) | p50 ms | p95 ms |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        lines.append(f"| {r['concurrency']} | {r['num_images']} | {r['requests']} | {r['errors']} | {r['rps']:.1f} | "
+                     f"{r['images_per_s']:.1f} | {r['images_per_s'] / base:.2f} | {r['p50_ms']:.1f} | {r['p95_ms']:.1f} |")
+    table = "\n".join(lines) + "\n\n"
+    print(table)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    with args.out.open("a") as f:
+        f.write(table)
+    return 1 if any(r["errors"] for r in rows) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

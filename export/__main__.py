@@ -1,0 +1,83 @@
+"""Command line: `python -m export <command>`.
+
+  python -m export gan --checkpoint zoo/checkpoints/cgan_digits.json --name cgan_digits
+  python -m export sd --folder path/to/sd-folder --name my_sd     # any SD 1.x/2.x diffusers folder
+  python -m export demo                # every demo model in zoo/ -> model_repository/
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from pathlib import Path
+
+from export.onnx_export import ParityError
+from export.triton_config import DeploymentTarget
+
+# Demo checkpoints committed in zoo/checkpoints and the model names they serve under.
+CHECKPOINTS = Path(__file__).resolve().parents[1] / "zoo" / "checkpoints"
+DEMO_GANS = {"dcgan_digits": "dcgan_digits", "cgan_digits": "cgan_digits"}
+DEMO_DIFFUSION = {CHECKPOINTS / "sd_digits": "sd_digits"}
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--repository", type=Path, default=Path("model_repository"),
+                   help="Triton model repository to write into (default: model_repository)")
+    p.add_argument("--target", choices=["cpu", "gpu"], default="cpu",
+                   help="instance kind in the generated configs (default: cpu)")
+    p.add_argument("--instances", type=int, default=1, help="instances per model (default: 1)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m export", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    gan = sub.add_parser("gan", help="export one GAN generator checkpoint")
+    gan.add_argument("--checkpoint", required=True, help="zoo checkpoint name or .json/.safetensors path")
+    gan.add_argument("--name", required=True, help="model name in the repository")
+    gan.add_argument("--version", type=int, default=1)
+    gan.add_argument("--max-batch-size", type=int, default=16)
+    _add_common(gan)
+    sd = sub.add_parser("sd", help="export a Stable-Diffusion-format diffusers folder")
+    sd.add_argument("--folder", type=Path, required=True, help="diffusers folder (model_index.json, unet/, vae/, ...)")
+    sd.add_argument("--name", required=True, help="pipeline name; graphs are <name>_text_encoder, <name>_unet, ...")
+    sd.add_argument("--version", type=int, default=1)
+    sd.add_argument("--max-batch-size", type=int, default=16)
+    _add_common(sd)
+    demo = sub.add_parser("demo", help="export every committed demo model")
+    _add_common(demo)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+
+    from export.gan import export_gan
+    from export.stable_diffusion import export_stable_diffusion
+
+    target = DeploymentTarget(args.target, args.instances)
+    gans, pipelines = [], []
+    if args.command == "gan":
+        gans = [(args.checkpoint, args.name, args.version, args.max_batch_size)]
+    elif args.command == "sd":
+        pipelines = [(args.folder, args.name, args.version, args.max_batch_size)]
+    else:
+        gans = [(ckpt, name, 1, 16) for ckpt, name in DEMO_GANS.items()]
+        pipelines = [(folder, name, 1, 16) for folder, name in DEMO_DIFFUSION.items()]
+    try:
+        for checkpoint, name, version, max_batch in gans:
+            start = time.perf_counter()
+            report = export_gan(checkpoint, args.repository, name, version, max_batch, target)
+            print(f"{name}: {report.onnx_path} verified, max abs error {report.max_abs_error:.2e} "
+                  f"({time.perf_counter() - start:.1f}s)")
+        for folder, name, version, max_batch in pipelines:
+            start = time.perf_counter()
+            export_stable_diffusion(folder, args.repository, name, version, max_batch, target)
+            print(f"{name}: 4 graphs verified ({time.perf_counter() - start:.1f}s)")
+    except ParityError as exc:
+        print(f"export FAILED parity check: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,3 @@
+"""genserve's serving path: runtime backends, torch-free pipelines, the BentoML service.
+
+Nothing under services/ imports torch (a test enforces it)."""

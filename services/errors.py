@@ -1,0 +1,58 @@
+"""One error shape for every endpoint.
+
+    HTTP status + {"error": {"code", "message", "field"?, "limit"?, "allowed"?, "request_id"}}
+
+`message` says what to change; `field` and `limit` say where and how far.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class ServiceError(Exception):
+    status: int = 500
+    code: str = "internal_error"
+
+    def __init__(self, message: str, *, field: str | None = None, limit: Any = None,
+                 allowed: list[Any] | None = None, headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.message = message
+        self.field = field
+        self.limit = limit
+        self.allowed = allowed
+        self.headers = headers or {}
+
+    def body(self, request_id: str | None = None) -> dict[str, Any]:
+        error: dict[str, Any] = {"code": self.code, "message": self.message}
+        for key in ("field", "limit", "allowed"):
+            value = getattr(self, key)
+            if value is not None:
+                error[key] = value
+        if request_id:
+            error["request_id"] = request_id
+        return {"error": error}
+
+
+class InvalidRequest(ServiceError):
+    status = 422
+    code = "invalid_request"
+
+
+class ModelNotFound(ServiceError):
+    status = 404
+    code = "model_not_found"
+
+
+class BackendUnavailable(ServiceError):
+    """The inference backend (named in the message) cannot serve right now."""
+
+    status = 503
+    code = "backend_unavailable"
+
+
+class InferenceFailed(ServiceError):
+    """The backend answered with an error for a well-formed request."""
+
+    status = 500
+    code = "inference_failed"

@@ -1,0 +1,130 @@
+"""HTTP plumbing shared by every endpoint: request ids and the one error shape."""
+
+import contextvars
+import logging
+import re
+import time
+import uuid
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ValidationError
+
+from services.errors import ServiceError
+
+log = logging.getLogger("genserve")
+
+REQUEST_ID_HEADER = "X-Request-ID"
+_VALID_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+request_id_var: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="")
+
+# pydantic error-context keys that carry the limit a value broke.
+_LIMIT_KEYS = ("le", "ge", "lt", "gt", "max_length", "min_length", "expected")
+
+
+class RequestIdMiddleware:
+    """Accepts the caller's X-Request-ID (or makes one), echoes it, logs the request."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        given = headers.get(REQUEST_ID_HEADER.lower(), "")
+        request_id = given if _VALID_REQUEST_ID.match(given) else uuid.uuid4().hex
+        token = request_id_var.set(request_id)
+        start, status = time.perf_counter(), [0]
+
+        async def send_with_id(message):
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+                message.setdefault("headers", []).append(
+                    (REQUEST_ID_HEADER.lower().encode(), request_id.encode()))
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_id)
+        finally:
+            log.info("request_id=%s %s %s -> %s in %.3fs", request_id, scope["method"],
+                     scope.get("root_path", "") + scope["path"], status[0], time.perf_counter() - start)
+            request_id_var.reset(token)
+
+
+async def parse_body(request: Request, model: type[BaseModel]) -> BaseModel:
+    """A JSON body (strict types, images as base64) or a multipart form (form fields are
+    text, so their types are coerced; image files are base64-encoded for the model).
+    Validation errors surface exactly as for a typed FastAPI body."""
+    import base64
+    import json
+
+    try:
+        if request.headers.get("content-type", "").startswith("multipart/form-data"):
+            form = await request.form()
+            fields = {}
+            for key, value in form.multi_items():
+                if hasattr(value, "read"):  # an uploaded file
+                    fields[key] = base64.b64encode(await value.read()).decode("ascii")
+                else:
+                    fields[key] = value
+            return model.model_validate(fields, strict=False)
+        raw = await request.body()
+        try:
+            data = json.loads(raw)
+        except ValueError:
+            raise RequestValidationError([{"loc": ("body",), "msg": "body is not valid JSON", "type": "json_invalid"}])
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise RequestValidationError(exc.errors(include_url=False)) from None
+
+
+def _field(loc) -> str:
+    parts = [str(p) for p in loc if p != "body"]
+    return ".".join(parts) or "body"
+
+
+def _validation_body(exc: RequestValidationError, request_id: str) -> dict:
+    details = []
+    for err in exc.errors():
+        item = {"field": _field(err.get("loc", ())), "message": err.get("msg", "invalid value"),
+                "type": err.get("type")}
+        ctx = err.get("ctx") or {}
+        for key in _LIMIT_KEYS:
+            if key in ctx:
+                item["limit"] = ctx[key] if isinstance(ctx[key], (int, float, str)) else str(ctx[key])
+                break
+        details.append(item)
+    first = details[0] if details else {"field": "body", "message": "invalid request"}
+    error = {"code": "invalid_request", "message": f"{first['field']}: {first['message']}",
+             "field": first["field"], "details": details, "request_id": request_id}
+    if "limit" in first:
+        error["limit"] = first["limit"]
+    return {"error": error}
+
+
+def install_error_handlers(app: FastAPI, on_error=None) -> None:
+    """Every failure leaves as {"error": {...}}; `on_error(path, code)` counts them."""
+
+    def respond(request: Request, status: int, code: str, body: dict, headers=None) -> JSONResponse:
+        if on_error is not None:
+            on_error(request.url.path, code)
+        return JSONResponse(body, status_code=status, headers=headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError):
+        return respond(request, 422, "invalid_request", _validation_body(exc, request_id_var.get()))
+
+    @app.exception_handler(ServiceError)
+    async def _service_error(request: Request, exc: ServiceError):
+        if exc.status >= 500:
+            log.error("request_id=%s %s: %s", request_id_var.get(), exc.code, exc.message)
+        return respond(request, exc.status, exc.code, exc.body(request_id_var.get()), exc.headers)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception):
+        log.exception("request_id=%s unexpected error", request_id_var.get())
+        body = {"error": {"code": "internal_error", "request_id": request_id_var.get(),
+                          "message": "unexpected server error; the request id is in the server log"}}
+        return respond(request, 500, "internal_error", body)

@@ -1,0 +1,62 @@
+"""Pixels in and out: model range -> uint8, and uint8 -> PNG/JPEG/WebP bytes.
+
+Every encoded image says in its metadata that it was generated, by which model and
+with which seed: PNG text chunks, and EXIF (Software, ImageDescription) for JPEG/WebP.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from typing import Mapping
+
+import numpy as np
+from PIL import Image, PngImagePlugin
+
+FORMATS = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
+SOFTWARE = "genserve"
+
+_EXIF_SOFTWARE = 0x0131
+_EXIF_IMAGE_DESCRIPTION = 0x010E
+
+
+def to_uint8(images: np.ndarray, low: float = -1.0, high: float = 1.0) -> np.ndarray:
+    """[N, C, H, W] floats in [low, high] -> [N, H, W, C] uint8, rounded, clipped."""
+    scaled = (images.astype(np.float32) - low) * (255.0 / (high - low))
+    return np.clip(np.rint(scaled), 0, 255).astype(np.uint8).transpose(0, 2, 3, 1)
+
+
+def encode_image(pixels: np.ndarray, fmt: str, metadata: Mapping[str, object]) -> bytes:
+    """Encodes one [H, W, C] uint8 image (C = 1 or 3). Deterministic for equal input."""
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown image format {fmt!r}")
+    image = Image.fromarray(pixels[..., 0] if pixels.shape[-1] == 1 else pixels)
+    description = json.dumps({"generated": True, **metadata}, sort_keys=True, default=str)
+    buffer = io.BytesIO()
+    if fmt == "png":
+        info = PngImagePlugin.PngInfo()
+        info.add_text("Software", SOFTWARE)
+        info.add_text("Description", description)
+        image.save(buffer, format="PNG", pnginfo=info)
+    else:
+        exif = Image.Exif()
+        exif[_EXIF_SOFTWARE] = SOFTWARE
+        exif[_EXIF_IMAGE_DESCRIPTION] = description
+        options = {"quality": 95} if fmt == "jpeg" else {"lossless": True}
+        image.save(buffer, format=fmt.upper(), exif=exif, **options)
+    return buffer.getvalue()
+
+
+def decode_image(data: bytes, channels: int, field: str) -> np.ndarray:
+    """Image bytes -> [C, H, W] float32 in [-1, 1] with the model's channel count.
+
+    Raises ValueError naming `field` when the bytes are not an image PIL can read.
+    """
+    try:
+        image = Image.open(io.BytesIO(data))
+        image.load()
+    except Exception as exc:  # PIL raises many types for bad data
+        raise ValueError(f"{field} is not a decodable PNG/JPEG/WebP image ({type(exc).__name__})") from None
+    image = image.convert("L" if channels == 1 else "RGB")
+    pixels = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
+    return pixels[None] if channels == 1 else pixels.transpose(2, 0, 1)

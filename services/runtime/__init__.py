@@ -1,0 +1,21 @@
+"""Inference backends over one model repository: embedded ONNX Runtime or Triton."""
+
+from __future__ import annotations
+
+from services.config import Settings
+from services.runtime.base import InferenceBackend
+from services.runtime.repository import ModelRepository, ModelSpec, RepositoryError
+
+__all__ = ["InferenceBackend", "ModelRepository", "ModelSpec", "RepositoryError", "create_backend"]
+
+
+def create_backend(settings: Settings) -> InferenceBackend:
+    if settings.backend == "onnxruntime":
+        from services.runtime.onnxruntime_backend import OnnxRuntimeBackend
+
+        return OnnxRuntimeBackend(
+            ModelRepository(settings.model_repository),
+            intra_op_threads=settings.ort_intra_op_threads,
+            inter_op_threads=settings.ort_inter_op_threads,
+        )
+    raise ValueError(f"backend {settings.backend!r} is not available in this build")

@@ -1,0 +1,90 @@
+"""The one interface every inference backend implements.
+
+Pipelines call `await backend.infer(model, inputs)` with tensors in Triton's wire shapes
+([batch, *dims] per the model config) and get the named outputs back. Whether the graph
+runs in this process (ONNX Runtime) or in a Triton server is configuration, not code.
+"""
+
+from __future__ import annotations
+
+import abc
+import time
+from typing import Callable, Mapping
+
+import numpy as np
+
+from services.runtime.repository import ModelSpec
+
+# Called after each model execution with (model, backend, batch size, seconds).
+ExecutionObserver = Callable[[str, str, int, float], None]
+
+
+class InferenceBackend(abc.ABC):
+    name: str
+
+    def __init__(self) -> None:
+        self._observers: list[ExecutionObserver] = []
+
+    def add_observer(self, observer: ExecutionObserver) -> None:
+        self._observers.append(observer)
+
+    @abc.abstractmethod
+    def models(self) -> dict[str, ModelSpec]:
+        """The models this backend serves, by name."""
+
+    @abc.abstractmethod
+    async def _execute(self, spec: ModelSpec, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Runs one batch; inputs are validated and in wire shapes."""
+
+    async def is_ready(self) -> bool:
+        return True
+
+    async def close(self) -> None:
+        return None
+
+    async def infer(self, model: str, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Runs the model on a batch of any size: batches past the model's max_batch_size
+        are split into executions the model accepts, and the outputs concatenated."""
+        spec = self.models()[model]
+        limit = spec.max_batch_size
+        batch = len(next(iter(inputs.values()))) if limit > 0 else 1
+        if limit <= 0 or batch <= limit:
+            return await self._run(spec, inputs)
+        parts = [await self._run(spec, {k: v[i:i + limit] for k, v in inputs.items()})
+                 for i in range(0, batch, limit)]
+        return {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}
+
+    async def _run(self, spec: ModelSpec, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        batch = validate_inputs(spec, inputs)
+        start = time.perf_counter()
+        outputs = await self._execute(spec, inputs)
+        seconds = time.perf_counter() - start
+        for observe in self._observers:
+            observe(spec.name, self.name, batch, seconds)
+        return outputs
+
+
+def validate_inputs(spec: ModelSpec, inputs: Mapping[str, np.ndarray]) -> int:
+    """Checks names, dtypes and shapes against the config, as Triton does; returns the batch.
+
+    A mismatch here is a pipeline bug, not a client error, hence ValueError.
+    """
+    expected = {t.name for t in spec.inputs}
+    if set(inputs) != expected:
+        raise ValueError(f"{spec.name}: inputs {sorted(inputs)} != config inputs {sorted(expected)}")
+    batches = set()
+    for t in spec.inputs:
+        x = inputs[t.name]
+        if x.dtype != t.dtype:
+            raise ValueError(f"{spec.name}.{t.name}: dtype {x.dtype} != {t.dtype}")
+        sample_shape = x.shape[1:] if spec.max_batch_size > 0 else x.shape
+        if len(sample_shape) != len(t.dims) or any(d not in (-1, s) for d, s in zip(t.dims, sample_shape)):
+            raise ValueError(f"{spec.name}.{t.name}: shape {x.shape} does not match dims {t.dims}")
+        if spec.max_batch_size > 0:
+            batches.add(x.shape[0])
+    if len(batches) > 1:
+        raise ValueError(f"{spec.name}: inputs disagree on the batch size: {sorted(batches)}")
+    batch = batches.pop() if batches else 1
+    if spec.max_batch_size > 0 and not 1 <= batch <= spec.max_batch_size:
+        raise ValueError(f"{spec.name}: batch {batch} outside 1..{spec.max_batch_size}")
+    return batch
