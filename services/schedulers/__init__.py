@@ -1,0 +1,55 @@
+"""Diffusion schedulers in numpy, numerically matching diffusers' torch classes (within 1e-4).
+
+Each scheduler follows diffusers' interface: `set_timesteps(n)` fills `timesteps`; the loop feeds
+`scale_model_input(x, t)` to the model and `step(model_output, t, x, generator=...)` returns a
+`SchedulerOutput(prev_sample, pred_original_sample)`. One instance follows one trajectory.
+Noise-drawing steps take one numpy Generator, or one per batch row (see `scheduling_utils.randn`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from .scheduling_ddim import DDIMScheduler
+from .scheduling_ddpm import DDPMScheduler
+from .scheduling_dpmsolver_multistep import DPMSolverMultistepScheduler
+from .scheduling_euler_ancestral_discrete import EulerAncestralDiscreteScheduler
+from .scheduling_euler_discrete import EulerDiscreteScheduler
+from .scheduling_utils import SchedulerMixin, SchedulerOutput
+
+SCHEDULERS: dict[str, type[SchedulerMixin]] = {
+    "ddim": DDIMScheduler,
+    "euler": EulerDiscreteScheduler,
+    "euler_ancestral": EulerAncestralDiscreteScheduler,
+    "dpmpp_2m": DPMSolverMultistepScheduler,
+    "ddpm": DDPMScheduler,
+}
+
+# Options a name promises, applied over the model's config (which may come from another algorithm).
+_PINNED: dict[str, dict[str, Any]] = {
+    "dpmpp_2m": {"algorithm_type": "dpmsolver++", "solver_order": 2, "solver_type": "midpoint"},
+}
+
+
+def make_scheduler(name: str, config: Mapping[str, Any], **overrides: Any) -> SchedulerMixin:
+    """Build scheduler `name` from the model's diffusers scheduler config, like
+    `DDIMScheduler.from_config(pipe.scheduler.config)`: the noise schedule (betas, train timesteps,
+    prediction_type, steps_offset, spacing...) comes from `config`, keys the class does not take are
+    ignored, and options absent from `config` keep the class defaults. `overrides` win over both
+    (e.g. use_karras_sigmas=True for "DPM++ 2M Karras")."""
+    if name not in SCHEDULERS:
+        raise ValueError(f"unknown scheduler {name!r}; available: {sorted(SCHEDULERS)}")
+    return SCHEDULERS[name].from_config(config, **{**_PINNED.get(name, {}), **overrides})
+
+
+__all__ = [
+    "SCHEDULERS",
+    "DDIMScheduler",
+    "DDPMScheduler",
+    "DPMSolverMultistepScheduler",
+    "EulerAncestralDiscreteScheduler",
+    "EulerDiscreteScheduler",
+    "SchedulerOutput",
+    "make_scheduler",
+]
