@@ -1,0 +1,237 @@
+"""Export a Stable-Diffusion-format diffusers folder (SD 1.x/2.x layout) into Triton models.
+
+One folder becomes four graphs, each verified against PyTorch, plus what the torch-free
+pipeline needs beside them, as plain files Triton ignores:
+
+  <name>_text_encoder   input_ids INT64 [B, L]            -> last_hidden_state FP32 [B, L, D]
+                        + tokenizer.json (the `tokenizers` library loads it without torch)
+  <name>_unet           sample FP32 [B, 4, h, w], timestep FP32 [B] (per sample),
+                        encoder_hidden_states FP32 [B, L, D] -> noise_pred FP32 [B, 4, h, w]
+                        + scheduler_config.json
+  <name>_vae_decoder    latent_sample FP32 [B, 4, h, w] -> sample FP32 [B, C, H, W] in [-1, 1]
+  <name>_vae_encoder    sample FP32 [B, C, H, W] -> latent_parameters FP32 [B, 8, h, w]
+                        (mean and log-variance: the pipeline samples from them with the
+                        request's own generator, so img2img noise stays reproducible)
+
+Height and width are dynamic (multiples of the VAE scale factor); the per-sample timestep
+lets one U-Net call advance requests that are at different steps.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from export.onnx_export import export_onnx, verify_onnx
+from export.triton_config import (
+    DeploymentTarget,
+    ModelConfigSpec,
+    TensorSpec,
+    build_model_config,
+    default_batching,
+    write_model_config,
+)
+
+# Protobuf's hard limit; graphs past it keep their weights in an external file.
+EXTERNAL_DATA_THRESHOLD = 2 * 1024**3 - 64 * 1024**2
+EXTERNAL_DATA_FILE = "model.onnx_data"
+
+
+class _TextEncoder(torch.nn.Module):
+    def __init__(self, text_encoder):
+        super().__init__()
+        self.text_encoder = text_encoder
+
+    def forward(self, input_ids):
+        return self.text_encoder(input_ids=input_ids, return_dict=False)[0]
+
+
+class _UNet(torch.nn.Module):
+    def __init__(self, unet):
+        super().__init__()
+        self.unet = unet
+
+    def forward(self, sample, timestep, encoder_hidden_states):
+        return self.unet(sample, timestep, encoder_hidden_states, return_dict=False)[0]
+
+
+class _VAEDecoder(torch.nn.Module):
+    def __init__(self, vae):
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, latent_sample):
+        return self.vae.decode(latent_sample, return_dict=False)[0]
+
+
+class _VAEEncoder(torch.nn.Module):
+    def __init__(self, vae):
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, sample):
+        return self.vae.encode(sample).latent_dist.parameters
+
+
+@dataclass
+class ComponentReport:
+    name: str
+    onnx_path: Path
+    max_abs_error: float
+    external_data: bool
+
+
+def save_with_external_data_if_large(path: Path, threshold: int = EXTERNAL_DATA_THRESHOLD) -> bool:
+    """Moves weights into `model.onnx_data` beside the graph when the file passes `threshold`.
+
+    Triton's ONNX Runtime backend and ONNX Runtime itself resolve the external file
+    relative to the graph, so the version folder stays self-contained.
+    """
+    import onnx
+
+    if path.stat().st_size < threshold:
+        return False
+    model = onnx.load(str(path), load_external_data=True)
+    onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=EXTERNAL_DATA_FILE, size_threshold=1024)
+    return True
+
+
+def load_pipeline_components(folder: Path):
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    text_encoder = CLIPTextModel.from_pretrained(folder / "text_encoder").eval()
+    unet = UNet2DConditionModel.from_pretrained(folder / "unet").eval()
+    vae = AutoencoderKL.from_pretrained(folder / "vae").eval()
+    return text_encoder, unet, vae
+
+
+def _fast_tokenizer_json(folder: Path, dest: Path) -> dict:
+    """Writes tokenizer.json (the folder's, or converted from vocab.json/merges.txt) and
+    returns the facts the pipeline needs (max length, pad/bos/eos ids)."""
+    from transformers import CLIPTokenizerFast
+
+    tokenizer = CLIPTokenizerFast.from_pretrained(folder / "tokenizer")
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer.save_pretrained(tmp)
+        shutil.copy(Path(tmp) / "tokenizer.json", dest / "tokenizer.json")
+    return {
+        "max_length": tokenizer.model_max_length,
+        "pad_token_id": tokenizer.pad_token_id,
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+    }
+
+
+def export_stable_diffusion(
+    folder: Path,
+    repository: Path,
+    name: str,
+    version: int = 1,
+    max_batch_size: int = 16,
+    target: DeploymentTarget = DeploymentTarget(),
+    progress: Callable[[str], None] = print,
+    external_data_threshold: int = EXTERNAL_DATA_THRESHOLD,
+) -> list[ComponentReport]:
+    folder = Path(folder)
+    progress(f"[{name}] loading {folder}")
+    text_encoder, unet, vae = load_pipeline_components(folder)
+
+    vae_scale = 2 ** (len(vae.config.block_out_channels) - 1)
+    latent_c = unet.config.in_channels
+    image_c = vae.config.in_channels
+    hidden = text_encoder.config.hidden_size
+    base = {"genserve.pipeline": "stable_diffusion", "genserve.pipeline_name": name}
+    rng = np.random.default_rng(0)
+    reports = []
+
+    def component(role, module, make_inputs, inputs, outputs, dynamic, parameters, atol, delay_us, files=()):
+        model_name = f"{name}_{role}"
+        progress(f"[{name}] exporting {role} ...")
+        model_dir = repository / model_name
+        onnx_path = model_dir / str(version) / "model.onnx"
+        # Traced at batch 2 and the native size; verified at batch 3 and twice the size,
+        # which exercises the dynamic axes.
+        example = {k: torch.from_numpy(v) for k, v in make_inputs(2, 1).items()}
+        export_onnx(module, example, [t.name for t in outputs], onnx_path, dynamic)
+        external = save_with_external_data_if_large(onnx_path, external_data_threshold)
+        err = verify_onnx(module, onnx_path, make_inputs(3, 2), atol=atol)
+        spec = ModelConfigSpec(
+            name=model_name, inputs=inputs, outputs=outputs,
+            batching=default_batching(max_batch_size, delay_us), target=target,
+            parameters={**base, "genserve.component": role, **{f"genserve.{k}": str(v) for k, v in parameters.items()}},
+        )
+        write_model_config(build_model_config(spec), model_dir)
+        for src, dst in files:
+            shutil.copy(src, model_dir / dst)
+        progress(f"[{name}] {role}: verified, max abs error {err:.2e}"
+                 f"{' (external data)' if external else ''}")
+        reports.append(ComponentReport(model_name, onnx_path, err, external))
+        return model_dir
+
+    # 1. Text encoder (fixed sequence length: prompts are padded to the tokenizer's max).
+    te_dir = repository / f"{name}_text_encoder"
+    te_dir.mkdir(parents=True, exist_ok=True)
+    tok = _fast_tokenizer_json(folder, te_dir)
+    length = tok["max_length"]
+    vocab = text_encoder.config.vocab_size
+    component(
+        "text_encoder", _TextEncoder(text_encoder),
+        lambda b, _: {"input_ids": rng.integers(0, vocab, (b, length)).astype(np.int64)},
+        [TensorSpec("input_ids", "int64", (length,))],
+        [TensorSpec("last_hidden_state", "float32", (length, hidden))],
+        {"input_ids": {0: "batch"}, "last_hidden_state": {0: "batch"}},
+        {"max_length": length, "hidden_size": hidden, "pad_token_id": tok["pad_token_id"],
+         "bos_token_id": tok["bos_token_id"], "eos_token_id": tok["eos_token_id"]},
+        atol=1e-4, delay_us=1000,
+    )
+
+    # 2. U-Net with per-sample timesteps and dynamic spatial size.
+    h = w = unet.config.sample_size
+    component(
+        "unet", _UNet(unet),
+        lambda b, k: {"sample": rng.standard_normal((b, latent_c, k * h, k * w), dtype=np.float32),
+                   "timestep": rng.uniform(0, 999, b).astype(np.float32),
+                   "encoder_hidden_states": rng.standard_normal((b, length, hidden), dtype=np.float32)},
+        [TensorSpec("sample", "float32", (latent_c, -1, -1)),
+         TensorSpec("timestep", "float32", (1,), reshape=()),
+         TensorSpec("encoder_hidden_states", "float32", (length, hidden))],
+        [TensorSpec("noise_pred", "float32", (latent_c, -1, -1))],
+        {"sample": {0: "batch", 2: "height", 3: "width"}, "timestep": {0: "batch"},
+         "encoder_hidden_states": {0: "batch"}, "noise_pred": {0: "batch", 2: "height", 3: "width"}},
+        # Latent sides must survive every down block's halving: traced graphs bake in the
+        # upsampling sizes, so odd intermediate sizes cannot be served.
+        {"in_channels": latent_c, "sample_size": h, "vae_scale_factor": vae_scale,
+         "size_multiple": vae_scale * 2 ** (len(unet.config.down_block_types) - 1)},
+        atol=1e-3, delay_us=1000,
+        files=[(folder / "scheduler" / "scheduler_config.json", "scheduler_config.json")],
+    )
+
+    # 3. VAE decoder and encoder.
+    vae_params = {"vae_scale_factor": vae_scale, "scaling_factor": vae.config.scaling_factor,
+                  "image_channels": image_c, "latent_channels": latent_c}
+    component(
+        "vae_decoder", _VAEDecoder(vae),
+        lambda b, k: {"latent_sample": rng.standard_normal((b, latent_c, k * h, k * w), dtype=np.float32)},
+        [TensorSpec("latent_sample", "float32", (latent_c, -1, -1))],
+        [TensorSpec("sample", "float32", (image_c, -1, -1))],
+        {"latent_sample": {0: "batch", 2: "height", 3: "width"}, "sample": {0: "batch", 2: "height", 3: "width"}},
+        vae_params, atol=1e-3, delay_us=2000,
+    )
+    component(
+        "vae_encoder", _VAEEncoder(vae),
+        lambda b, k: {"sample": rng.uniform(-1, 1, (b, image_c, k * h * vae_scale, k * w * vae_scale)).astype(np.float32)},
+        [TensorSpec("sample", "float32", (image_c, -1, -1))],
+        [TensorSpec("latent_parameters", "float32", (2 * latent_c, -1, -1))],
+        {"sample": {0: "batch", 2: "height", 3: "width"},
+         "latent_parameters": {0: "batch", 2: "height", 3: "width"}},
+        vae_params, atol=1e-3, delay_us=2000,
+    )
+    return reports

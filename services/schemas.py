@@ -1,0 +1,132 @@
+"""Request and response bodies. The types are the API: limits live in the fields, so
+validation happens before any handler runs and the OpenAPI page shows them."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from services.schedulers import SCHEDULERS
+
+MAX_IMAGES_PER_REQUEST = 16
+MAX_SEED = 2**32 - 1
+
+OutputFormat = Literal["png", "jpeg", "webp"]
+
+
+class _Strict(BaseModel):
+    # Unknown fields are errors (a typo must not silently fall back to a default), and
+    # "3" is not 3: wrong types are rejected, not coerced.
+    model_config = ConfigDict(extra="forbid", strict=True, protected_namespaces=())
+
+
+class GANGenerateRequest(_Strict):
+    model: str | None = Field(None, description="Generator to sample; default: the service's default GAN model.")
+    seed: int | None = Field(None, ge=0, le=MAX_SEED, description="Seed of image 0; image i uses seed + i. Random when absent.")
+    num_images: int = Field(1, ge=1, le=MAX_IMAGES_PER_REQUEST)
+    class_label: int | None = Field(
+        None, ge=0, description="Class to generate (conditional models only; below the model's num_classes). "
+        "Absent: drawn per image from that image's generator.")
+    truncation_psi: float = Field(1.0, ge=0.0, le=1.0, description="z <- psi * z; 1 = no truncation.")
+    output_format: OutputFormat = "png"
+
+
+class GeneratedImage(BaseModel):
+    index: int
+    seed: int = Field(description="Reproduces this image alone with num_images 1.")
+    class_label: int | None = None
+    media_type: str
+    width: int
+    height: int
+    data: str = Field(description="Base64-encoded image bytes.")
+
+
+class GANGenerateResponse(BaseModel):
+    model_config = ConfigDict(protected_namespaces=())
+
+    request_id: str
+    model: str
+    model_version: str
+    backend: str
+    parameters: dict = Field(description="Every parameter after defaults, seed included.")
+    images: list[GeneratedImage]
+    timings: dict[str, float] = Field(description="Seconds: model execution and the whole pipeline.")
+
+
+class TensorDescription(BaseModel):
+    name: str
+    datatype: str
+    shape: list[int]
+
+
+class ModelDescription(BaseModel):
+    model_config = ConfigDict(protected_namespaces=())
+
+    name: str
+    version: str
+    pipeline: str
+    endpoint: str
+    backend: str
+    max_batch_size: int
+    inputs: list[TensorDescription]
+    outputs: list[TensorDescription]
+    parameters: dict = Field(description="Request parameters this model accepts, with their limits.")
+
+
+class ModelList(BaseModel):
+    default_models: dict[str, str]
+    models: list[ModelDescription]
+
+
+MAX_DIFFUSION_IMAGES = 8  # classifier-free guidance doubles the U-Net batch
+MAX_INFERENCE_STEPS = 150
+MAX_GUIDANCE_SCALE = 30.0
+MAX_PROMPT_CHARS = 2000
+MAX_IMAGE_BASE64_CHARS = 16 * 1024 * 1024
+
+SchedulerName = Literal[tuple(SCHEDULERS)]
+
+
+class Txt2ImgRequest(_Strict):
+    model: str | None = Field(None, description="Diffusion pipeline; default: the service's default.")
+    prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS, description="What to draw (not blank).")
+    negative_prompt: str = Field("", max_length=MAX_PROMPT_CHARS, description="What to steer away from (with guidance > 1).")
+    num_images: int = Field(1, ge=1, le=MAX_DIFFUSION_IMAGES)
+    num_inference_steps: int = Field(20, ge=1, le=MAX_INFERENCE_STEPS)
+    guidance_scale: float = Field(7.5, ge=0.0, le=MAX_GUIDANCE_SCALE, description="Classifier-free guidance; <= 1 disables it.")
+    scheduler: SchedulerName = "ddim"
+    height: int | None = Field(None, ge=8, description="Pixels, a multiple of 8; default: the model's native size.")
+    width: int | None = Field(None, ge=8, description="Pixels, a multiple of 8; default: the model's native size.")
+    seed: int | None = Field(None, ge=0, le=MAX_SEED, description="Seed of image 0; image i uses seed + i.")
+    output_format: OutputFormat = "png"
+
+
+class Img2ImgRequest(_Strict):
+    model: str | None = None
+    image: str = Field(max_length=MAX_IMAGE_BASE64_CHARS, description="Base64 PNG/JPEG/WebP; its size is the output size.")
+    prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS)
+    negative_prompt: str = Field("", max_length=MAX_PROMPT_CHARS)
+    strength: float = Field(0.8, gt=0.0, le=1.0, description="How far from the input: 1 = ignore it.")
+    num_images: int = Field(1, ge=1, le=MAX_DIFFUSION_IMAGES)
+    num_inference_steps: int = Field(20, ge=1, le=MAX_INFERENCE_STEPS)
+    guidance_scale: float = Field(7.5, ge=0.0, le=MAX_GUIDANCE_SCALE)
+    scheduler: SchedulerName = "ddim"
+    seed: int | None = Field(None, ge=0, le=MAX_SEED)
+    output_format: OutputFormat = "png"
+
+
+class InpaintRequest(Img2ImgRequest):
+    mask: str = Field(max_length=MAX_IMAGE_BASE64_CHARS, description="Base64 image of the image's size: white = repaint.")
+    strength: float = Field(1.0, gt=0.0, le=1.0)
+
+
+class DiffusionResponse(BaseModel):
+    model_config = ConfigDict(protected_namespaces=())
+
+    request_id: str
+    model: str
+    backend: str
+    parameters: dict = Field(description="Every parameter after defaults, seed included (input images omitted).")
+    images: list[GeneratedImage]
+    timings: dict[str, float] = Field(description="Seconds per stage: text encoding, denoising, decoding, total.")

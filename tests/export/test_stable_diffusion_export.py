@@ -1,0 +1,60 @@
+"""Export of an SD-format folder: four verified graphs plus tokenizer and scheduler config."""
+
+import json
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+
+from export.stable_diffusion import EXTERNAL_DATA_FILE, save_with_external_data_if_large
+from services.runtime.repository import ModelRepository
+
+pytestmark = pytest.mark.slow
+
+
+def test_four_graphs_with_their_pipeline_files(random_sd):
+    folder, repo = random_sd
+    models = ModelRepository(repo).models
+    assert set(models) == {f"sd_random_{c}" for c in ("text_encoder", "unet", "vae_decoder", "vae_encoder")}
+    unet = models["sd_random_unet"]
+    assert [t.name for t in unet.inputs] == ["sample", "timestep", "encoder_hidden_states"]
+    assert unet.inputs[0].dims == (4, -1, -1) and unet.input("timestep").reshape == ()
+    assert unet.parameters["genserve.size_multiple"] == "8"  # VAE factor 2 x two U-Net halvings
+    te = models["sd_random_text_encoder"]
+    assert te.parameters["genserve.max_length"] == "12"
+    assert (te.model_dir / "tokenizer.json").exists()
+    config = json.loads((unet.model_dir / "scheduler_config.json").read_text())
+    assert config["prediction_type"] == "v_prediction"
+    dec = models["sd_random_vae_decoder"]
+    assert dec.parameters["genserve.scaling_factor"] == "0.5" and dec.parameters["genserve.image_channels"] == "3"
+
+
+def test_unet_graph_takes_per_sample_timesteps_and_other_sizes(random_sd):
+    from diffusers import UNet2DConditionModel
+
+    folder, repo = random_sd
+    unet = UNet2DConditionModel.from_pretrained(folder / "unet").eval()
+    session = ort.InferenceSession(str(repo / "sd_random_unet" / "1" / "model.onnx"))
+    rng = np.random.default_rng(0)
+    sample = rng.standard_normal((3, 4, 16, 8), dtype=np.float32)
+    t = np.array([999.0, 500.0, 1.0], np.float32)
+    text = rng.standard_normal((3, 12, 48), dtype=np.float32)
+    got = session.run(None, {"sample": sample, "timestep": t, "encoder_hidden_states": text})[0]
+    with torch.no_grad():
+        want = unet(torch.from_numpy(sample), torch.from_numpy(t), torch.from_numpy(text)).sample.numpy()
+    np.testing.assert_allclose(got, want, atol=1e-4)
+
+
+def test_large_graphs_move_weights_to_external_data(random_sd, tmp_path):
+    _, repo = random_sd
+    path = tmp_path / "model.onnx"
+    path.write_bytes((repo / "sd_random_vae_decoder" / "1" / "model.onnx").read_bytes())
+    assert not save_with_external_data_if_large(path, threshold=path.stat().st_size + 1)
+    size = path.stat().st_size
+    assert save_with_external_data_if_large(path, threshold=1024)
+    assert (tmp_path / EXTERNAL_DATA_FILE).exists() and path.stat().st_size < size / 2
+    x = np.zeros((1, 4, 8, 8), np.float32)
+    original = ort.InferenceSession(str(repo / "sd_random_vae_decoder" / "1" / "model.onnx"))
+    np.testing.assert_array_equal(ort.InferenceSession(str(path)).run(None, {"latent_sample": x})[0],
+                                  original.run(None, {"latent_sample": x})[0])
