@@ -1,0 +1,339 @@
+"""A real Triton (CPU, from nvidia-pytriton) serves the model repository unchanged.
+
+The configs say ``backend: "onnxruntime"``; here that resolves to the Python-based
+backend in deploy/triton_cpu/backends/onnxruntime/model.py. These tests start
+``deploy/triton_cpu/launch.py`` in foreground mode (so the child *is* tritonserver)
+on free loopback ports and talk to it with tritonclient, like any Triton client would.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import sysconfig
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+grpcclient = pytest.importorskip("tritonclient.grpc")
+httpclient = pytest.importorskip("tritonclient.http")
+from google.protobuf import text_format  # noqa: E402
+from tritonclient.grpc import model_config_pb2  # noqa: E402
+from tritonclient.utils import InferenceServerException, triton_to_np_dtype  # noqa: E402
+
+pytestmark = pytest.mark.server
+
+ROOT = Path(__file__).resolve().parents[2]
+LAUNCH = ROOT / "deploy" / "triton_cpu" / "launch.py"
+TRITONSERVER = Path(sysconfig.get_paths()["purelib"]) / "pytriton" / "tritonserver" / "bin" / "tritonserver"
+SAMPLE_REPOSITORY = Path("/tmp/fakerepo")
+STOP_TIMEOUT = 45.0  # Triton's --exit-timeout-secs is 30
+
+
+@pytest.fixture(scope="module")
+def triton_repository(tmp_path_factory) -> Path:
+    """A private copy of a Triton-layout model repository.
+
+    For now the sample built from random weights; to serve the real one, make this
+    fixture take conftest's ``repository`` fixture and return (a copy of) it.
+    """
+    if not SAMPLE_REPOSITORY.is_dir():
+        pytest.skip(f"no sample model repository at {SAMPLE_REPOSITORY}")
+    copy = tmp_path_factory.mktemp("triton_repo") / "model_repository"
+    shutil.copytree(SAMPLE_REPOSITORY, copy)
+    return copy
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Triton:
+    """launch.py in foreground mode: after exec, ``proc`` is tritonserver itself."""
+
+    def __init__(self, repository: Path, workdir: Path):
+        self.http_port, self.grpc_port, self.metrics_port = (_free_port() for _ in range(3))
+        self.log_path = workdir / "tritonserver.log"
+        self.proc = subprocess.Popen(
+            [sys.executable, str(LAUNCH), "--model-repository", str(repository),
+             "--address", "127.0.0.1", "--http-port", str(self.http_port),
+             "--grpc-port", str(self.grpc_port), "--metrics-port", str(self.metrics_port),
+             "--workdir", str(workdir), "--log-file", str(self.log_path),
+             "--ort-threads", "1"],  # one ORT thread per model instance: few, shared cores
+            stdin=subprocess.DEVNULL, start_new_session=True,
+        )
+        self.models = sorted(p.parent.name for p in repository.glob("*/config.pbtxt"))
+        self.repository = repository
+
+    def logs(self) -> str:
+        return self.log_path.read_text(errors="replace")[-6000:] if self.log_path.exists() else ""
+
+    def grpc(self) -> "grpcclient.InferenceServerClient":
+        return grpcclient.InferenceServerClient(f"127.0.0.1:{self.grpc_port}")
+
+    def wait_ready(self, timeout: float = 180.0) -> float:
+        started = time.monotonic()
+        while time.monotonic() - started < timeout:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"tritonserver exited with {self.proc.returncode}:\n{self.logs()}")
+            # A fresh client each time, closed after: on SIGTERM Triton waits (up to
+            # --exit-timeout-secs) for open HTTP keep-alive connections to go away.
+            client = httpclient.InferenceServerClient(f"127.0.0.1:{self.http_port}")
+            try:
+                if client.is_server_ready():
+                    return time.monotonic() - started
+            except Exception:  # noqa: BLE001 - not listening yet
+                pass
+            finally:
+                client.close()
+            time.sleep(0.3)
+        self.kill()
+        raise RuntimeError(f"tritonserver not ready after {timeout}s:\n{self.logs()}")
+
+    def terminate(self) -> int:
+        """SIGTERM and wait; the return code, or fail if it does not exit in time."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout=STOP_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            pytest.fail(f"tritonserver ignored SIGTERM for {STOP_TIMEOUT}s:\n{self.logs()}")
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+
+
+def _start(repository: Path, workdir: Path) -> Triton:
+    if not TRITONSERVER.exists():
+        pytest.skip("nvidia-pytriton is not installed: .venv/bin/pip install --no-deps nvidia-pytriton==0.7.0")
+    triton = Triton(repository, workdir)
+    triton.ready_s = triton.wait_ready()
+    return triton
+
+
+@pytest.fixture(scope="module")
+def triton(triton_repository, tmp_path_factory):
+    server = _start(triton_repository, tmp_path_factory.mktemp("triton_work"))
+    try:
+        yield server
+    finally:
+        code = server.terminate()
+        assert code == 0, f"tritonserver exited with {code} on SIGTERM:\n{server.logs()}"
+
+
+# --- helpers ---------------------------------------------------------------------------
+
+def _config(triton: Triton, model: str) -> dict:
+    return triton.grpc().get_model_config(model, as_json=True)["config"]
+
+
+def _random_inputs(config: dict, batch: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """Valid inputs in the config's dims (as a Triton client sends them)."""
+    classes = int(config["parameters"].get("genserve.num_classes", {}).get("string_value", "10") or 10)
+    feeds = {}
+    for spec in config["input"]:
+        shape = [batch] + [int(d) for d in spec["dims"]]
+        dtype = triton_to_np_dtype(spec["data_type"].removeprefix("TYPE_"))
+        if np.issubdtype(dtype, np.integer):
+            feeds[spec["name"]] = rng.integers(0, max(classes, 1), size=shape).astype(dtype)
+        else:
+            feeds[spec["name"]] = rng.standard_normal(shape).astype(dtype)
+    return feeds
+
+
+def _infer(client, model: str, feeds: dict[str, np.ndarray], output: str = "image") -> np.ndarray:
+    inputs = []
+    for name, array in feeds.items():
+        tensor = grpcclient.InferInput(name, list(array.shape), _triton_dtype(array.dtype))
+        tensor.set_data_from_numpy(array)
+        inputs.append(tensor)
+    result = client.infer(model, inputs, outputs=[grpcclient.InferRequestedOutput(output)])
+    return result.as_numpy(output)
+
+
+def _triton_dtype(dtype) -> str:
+    return {np.float32: "FP32", np.float64: "FP64", np.int64: "INT64", np.int32: "INT32"}[np.dtype(dtype).type]
+
+
+def _onnx_reference(repository: Path, model: str, config: dict, feeds: dict[str, np.ndarray]) -> np.ndarray:
+    """ONNX Runtime run directly on the same model.onnx, inputs reshaped as the config says."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(repository / model / "1" / "model.onnx"),
+                                   providers=["CPUExecutionProvider"])
+    graph_feeds = {}
+    for spec in config["input"]:
+        array = feeds[spec["name"]]
+        if "reshape" in spec:
+            array = array.reshape([array.shape[0]] + [int(d) for d in spec["reshape"].get("shape", [])])
+        graph_feeds[spec["name"]] = array
+    return session.run(["image"], graph_feeds)[0]
+
+
+def _metric(triton: Triton, name: str, model: str) -> float:
+    import urllib.request
+
+    text = urllib.request.urlopen(f"http://127.0.0.1:{triton.metrics_port}/metrics", timeout=5).read().decode()
+    match = re.search(rf'^{name}{{model="{model}",version="1"}} (\S+)$', text, re.MULTILINE)
+    assert match, f"{name} for {model} not in metrics:\n{text[:2000]}"
+    return float(match.group(1))
+
+
+# --- tests -----------------------------------------------------------------------------
+
+def test_models_ready_with_their_config_unchanged(triton):
+    client = triton.grpc()
+    assert triton.models, "repository has no models"
+    for model in triton.models:
+        assert client.is_model_ready(model), triton.logs()
+        served = _config(triton, model)
+        on_disk = text_format.Parse((triton.repository / model / "config.pbtxt").read_text(),
+                                    model_config_pb2.ModelConfig())
+        assert served["backend"] == "onnxruntime"
+        assert served["max_batch_size"] == 16
+        assert "dynamic_batching" in served
+        assert served["instance_group"][0]["kind"] == "KIND_CPU"
+        genserve = {k: v["string_value"] for k, v in served["parameters"].items() if k.startswith("genserve.")}
+        assert genserve, "no genserve.* parameters served"
+        assert genserve == {k: v.string_value for k, v in on_disk.parameters.items() if k.startswith("genserve.")}
+
+
+def test_grpc_inference_matches_onnxruntime(triton):
+    rng = np.random.default_rng(0)
+    client = triton.grpc()
+    for model in triton.models:
+        config = _config(triton, model)
+        feeds = _random_inputs(config, batch=3, rng=rng)
+        image = _infer(client, model, feeds)
+        expected = _onnx_reference(triton.repository, model, config, feeds)
+        assert image.shape == (3, 1, 32, 32) == expected.shape
+        np.testing.assert_allclose(image, expected, atol=1e-6, rtol=1e-6)
+
+
+def test_bad_input_is_an_error_response_not_a_crash(triton):
+    model = triton.models[0]
+    config = _config(triton, model)
+    client = triton.grpc()
+    good = _random_inputs(config, batch=2, rng=np.random.default_rng(1))
+    first = config["input"][0]["name"]
+    wrong_dtype = {**good, first: good[first].astype(np.float64 if good[first].dtype != np.float64 else np.float32)}
+    wrong_shape = {**good, first: good[first][:, :-1]}
+    too_big = _random_inputs(config, batch=17, rng=np.random.default_rng(2))  # max_batch_size is 16
+    for bad in (wrong_dtype, wrong_shape, too_big):
+        with pytest.raises(InferenceServerException):
+            _infer(client, model, bad)
+    assert triton.proc.poll() is None, triton.logs()
+    assert client.is_server_ready() and client.is_model_ready(model)
+    assert _infer(client, model, good).shape == (2, 1, 32, 32)
+
+
+def test_backend_error_stays_with_its_request(triton):
+    """An input Triton accepts but the graph rejects (class label out of range) fails in
+    ONNX Runtime inside our backend: that request gets an error, its batch-mates do not."""
+    model = next((m for m in triton.models
+                  if any(i["data_type"] == "TYPE_INT64" for i in _config(triton, m)["input"])), None)
+    if model is None:
+        pytest.skip("no model with an integer input")
+    config = _config(triton, model)
+    label = next(i["name"] for i in config["input"] if i["data_type"] == "TYPE_INT64")
+    feeds = _random_inputs(config, batch=8, rng=np.random.default_rng(5))
+    feeds[label][3] = 10**6
+    try:
+        _onnx_reference(triton.repository, model, config, {n: a[3:4] for n, a in feeds.items()})
+        pytest.skip(f"{model} accepts out-of-range labels")
+    except Exception:  # noqa: BLE001 - ORT rejects it: Triton must too
+        pass
+    outcome: dict[int, object] = {}
+    start = threading.Barrier(8)
+
+    def one(i: int) -> None:
+        client = triton.grpc()
+        start.wait()
+        try:
+            outcome[i] = _infer(client, model, {n: a[i:i + 1] for n, a in feeds.items()})
+        except InferenceServerException as exc:
+            outcome[i] = exc
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert isinstance(outcome[3], InferenceServerException) and "ONNXRuntimeError" in str(outcome[3])
+    good = [i for i in range(8) if i != 3]
+    expected = _onnx_reference(triton.repository, model, config, {n: a[good] for n, a in feeds.items()})
+    np.testing.assert_allclose(np.concatenate([outcome[i] for i in good]), expected, atol=1e-6, rtol=1e-6)
+    assert triton.proc.poll() is None, triton.logs()
+
+
+def test_concurrent_batch1_requests_are_batched(triton):
+    """8 clients x 6 batch-1 requests: fewer executions than inferences, right answers."""
+    model = triton.models[0]
+    config = _config(triton, model)
+    clients, per_client = 8, 6
+    feeds = _random_inputs(config, batch=clients * per_client, rng=np.random.default_rng(3))
+    expected = _onnx_reference(triton.repository, model, config, feeds)
+    results = np.full_like(expected, np.nan)
+    errors: list[BaseException] = []
+    start = threading.Barrier(clients)
+
+    def client_loop(c: int) -> None:
+        try:
+            client = triton.grpc()
+            start.wait()
+            for k in range(per_client):
+                i = c * per_client + k
+                results[i] = _infer(client, model, {n: a[i:i + 1] for n, a in feeds.items()})[0]
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    count0 = _metric(triton, "nv_inference_count", model)
+    exec0 = _metric(triton, "nv_inference_exec_count", model)
+    threads = [threading.Thread(target=client_loop, args=(c,)) for c in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert not errors, errors
+    # Triton updates its counters just after sending a response: let them catch up.
+    deadline = time.monotonic() + 10
+    while (_metric(triton, "nv_inference_count", model) - count0 < clients * per_client
+           and time.monotonic() < deadline):
+        time.sleep(0.1)
+    inferences = _metric(triton, "nv_inference_count", model) - count0
+    executions = _metric(triton, "nv_inference_exec_count", model) - exec0
+    print(f"{model}: {inferences:.0f} inferences in {executions:.0f} executions")
+    assert inferences == clients * per_client
+    assert executions < inferences, "the dynamic batcher never grouped requests"
+    # Splitting the batch back must hand every request its own image.
+    np.testing.assert_allclose(results, expected, atol=1e-6, rtol=1e-6)
+
+
+def test_sigterm_stops_it_cleanly(triton_repository, tmp_path_factory):
+    """A server of its own, so stopping it does not depend on test order."""
+    server = _start(triton_repository, tmp_path_factory.mktemp("triton_stop"))
+    try:
+        client = server.grpc()
+        model = server.models[0]
+        _infer(client, model, _random_inputs(_config(server, model), 1, np.random.default_rng(4)))
+        started = time.monotonic()
+        code = server.terminate()
+        print(f"ready in {server.ready_s:.1f}s; stopped in {time.monotonic() - started:.1f}s")
+    finally:
+        server.kill()
+    assert code == 0, server.logs()
+    log = server.logs()
+    assert "successfully unloaded" in log and "Segmentation fault" not in log, log
