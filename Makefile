@@ -16,11 +16,11 @@ EXPORT_SOURCES := $(wildcard export/*.py) zoo/gan.py zoo/checkpoint.py
 # Nothing is ever fetched from a model hub, at build, serve or test time.
 export HF_HUB_OFFLINE := 1
 
-.PHONY: install serve test model-repository clean
+.PHONY: install serve serve-triton triton test model-repository clean
 
 $(INSTALLED): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[export,test]'
+	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[export,triton-local,test]'
 	touch $@
 
 install: $(INSTALLED)
@@ -35,6 +35,19 @@ model-repository: $(REPOSITORY_STAMP)
 
 serve: $(REPOSITORY_STAMP)
 	GENSERVE_MODEL_REPOSITORY=$(REPOSITORY) $(VENV)/bin/bentoml serve services.service:GenServe --host $(HOST) --port $(PORT)
+
+# A real Triton (CPU build from the nvidia-pytriton wheel) serving model_repository/ unchanged.
+TRITON_HTTP_PORT ?= 8000
+TRITON_GRPC_PORT ?= 8001
+TRITON_METRICS_PORT ?= 8002
+triton: $(REPOSITORY_STAMP)
+	$(PY) deploy/triton_cpu/launch.py --model-repository $(REPOSITORY) --address $(HOST) \
+	    --http-port $(TRITON_HTTP_PORT) --grpc-port $(TRITON_GRPC_PORT) --metrics-port $(TRITON_METRICS_PORT)
+
+# The service on the Triton backend (start `make triton` first, in another shell).
+serve-triton: $(REPOSITORY_STAMP)
+	GENSERVE_BACKEND=triton GENSERVE_TRITON_URL=$(HOST):$(TRITON_GRPC_PORT) GENSERVE_MODEL_REPOSITORY=$(REPOSITORY) \
+	    $(VENV)/bin/bentoml serve services.service:GenServe --host $(HOST) --port $(PORT)
 
 test: $(REPOSITORY_STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)

@@ -153,6 +153,7 @@ def export_stable_diffusion(
     reports = []
 
     def component(role, module, make_inputs, inputs, outputs, dynamic, parameters, atol, delay_us, files=()):
+        native = {k: v.shape[1:] for k, v in make_inputs(1, 1).items()}  # warm up at the native size
         model_name = f"{name}_{role}"
         progress(f"[{name}] exporting {role} ...")
         model_dir = repository / model_name
@@ -167,6 +168,7 @@ def export_stable_diffusion(
             name=model_name, inputs=inputs, outputs=outputs,
             batching=default_batching(max_batch_size, delay_us), target=target,
             parameters={**base, "genserve.component": role, **{f"genserve.{k}": str(v) for k, v in parameters.items()}},
+            warmup_dims={t.name: tuple(native[t.name]) for t in inputs if t.reshape is None},
         )
         write_model_config(build_model_config(spec), model_dir)
         for src, dst in files:

@@ -74,6 +74,9 @@ class ModelConfigSpec:
     # these in the model config and serves them back through its config API.
     parameters: Mapping[str, str] = field(default_factory=dict)
     versions_to_serve: int = 1
+    # Per-sample shapes for the warm-up request where dims are dynamic (-1); a graph
+    # such as a U-Net cannot run at the 1x1 a dynamic axis would otherwise get.
+    warmup_dims: Mapping[str, tuple[int, ...]] = field(default_factory=dict)
 
 
 def default_batching(max_batch_size: int, max_queue_delay_microseconds: int) -> BatchingPolicy:
@@ -130,7 +133,7 @@ def _add_zero_warmup(config: mc.ModelConfig, spec: ModelConfigSpec) -> None:
     for t in spec.inputs:
         item = warmup.inputs[t.name]
         item.data_type = TRITON_DTYPES[t.dtype]
-        item.dims.extend(d if d > 0 else 1 for d in t.dims)
+        item.dims.extend(spec.warmup_dims.get(t.name) or [d if d > 0 else 1 for d in t.dims])
         item.zero_data = True
 
 

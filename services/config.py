@@ -9,7 +9,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-BACKENDS = ("onnxruntime",)
+BACKENDS = ("onnxruntime", "triton")
 
 
 def _int(name: str, default: int, minimum: int = 0) -> int:
@@ -29,7 +29,8 @@ def _int(name: str, default: int, minimum: int = 0) -> int:
 class Settings:
     backend: str = "onnxruntime"
     model_repository: Path = Path("model_repository")
-    triton_url: str = "localhost:8001"
+    triton_url: str = "localhost:8001"  # gRPC
+    triton_timeout_s: int = 60
     # ONNX Runtime threads per session; 0 lets ONNX Runtime pick (all cores).
     ort_intra_op_threads: int = 0
     ort_inter_op_threads: int = 0
@@ -45,6 +46,7 @@ class Settings:
             backend=backend,
             model_repository=Path(os.environ.get("GENSERVE_MODEL_REPOSITORY", str(cls.model_repository))),
             triton_url=os.environ.get("GENSERVE_TRITON_URL", cls.triton_url),
+            triton_timeout_s=_int("GENSERVE_TRITON_TIMEOUT_S", cls.triton_timeout_s, minimum=1),
             ort_intra_op_threads=_int("GENSERVE_ORT_INTRA_OP_THREADS", cls.ort_intra_op_threads),
             ort_inter_op_threads=_int("GENSERVE_ORT_INTER_OP_THREADS", cls.ort_inter_op_threads),
             default_gan_model=os.environ.get("GENSERVE_DEFAULT_GAN_MODEL", cls.default_gan_model),

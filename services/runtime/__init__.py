@@ -18,4 +18,9 @@ def create_backend(settings: Settings) -> InferenceBackend:
             intra_op_threads=settings.ort_intra_op_threads,
             inter_op_threads=settings.ort_inter_op_threads,
         )
-    raise ValueError(f"backend {settings.backend!r} is not available in this build")
+    if settings.backend == "triton":
+        from services.runtime.triton_backend import TritonBackend
+
+        return TritonBackend(ModelRepository(settings.model_repository), settings.triton_url,
+                             settings.triton_timeout_s)
+    raise ValueError(f"unknown backend {settings.backend!r}")

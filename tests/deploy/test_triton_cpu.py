@@ -8,14 +8,8 @@ on free loopback ports and talk to it with tritonclient, like any Triton client 
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
-import signal
-import socket
-import subprocess
-import sys
-import sysconfig
 import threading
 import time
 from pathlib import Path
@@ -23,110 +17,26 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-grpcclient = pytest.importorskip("tritonclient.grpc")
-httpclient = pytest.importorskip("tritonclient.http")
-from google.protobuf import text_format  # noqa: E402
-from tritonclient.grpc import model_config_pb2  # noqa: E402
-from tritonclient.utils import InferenceServerException, triton_to_np_dtype  # noqa: E402
+import tritonclient.grpc as grpcclient
+from google.protobuf import text_format
+from tritonclient.grpc import model_config_pb2
+from tritonclient.utils import InferenceServerException, triton_to_np_dtype
+
+from tests.fixtures.triton import TritonProcess, start_triton
 
 pytestmark = pytest.mark.server
 
-ROOT = Path(__file__).resolve().parents[2]
-LAUNCH = ROOT / "deploy" / "triton_cpu" / "launch.py"
-TRITONSERVER = Path(sysconfig.get_paths()["purelib"]) / "pytriton" / "tritonserver" / "bin" / "tritonserver"
-SAMPLE_REPOSITORY = Path("/tmp/fakerepo")
-STOP_TIMEOUT = 45.0  # Triton's --exit-timeout-secs is 30
-
-
 @pytest.fixture(scope="module")
-def triton_repository(tmp_path_factory) -> Path:
-    """A private copy of a Triton-layout model repository.
-
-    For now the sample built from random weights; to serve the real one, make this
-    fixture take conftest's ``repository`` fixture and return (a copy of) it.
-    """
-    if not SAMPLE_REPOSITORY.is_dir():
-        pytest.skip(f"no sample model repository at {SAMPLE_REPOSITORY}")
+def triton_repository(repository, tmp_path_factory) -> Path:
+    """A private copy of the repository `make model-repository` builds."""
     copy = tmp_path_factory.mktemp("triton_repo") / "model_repository"
-    shutil.copytree(SAMPLE_REPOSITORY, copy)
+    shutil.copytree(repository, copy)
     return copy
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Triton:
-    """launch.py in foreground mode: after exec, ``proc`` is tritonserver itself."""
-
-    def __init__(self, repository: Path, workdir: Path):
-        self.http_port, self.grpc_port, self.metrics_port = (_free_port() for _ in range(3))
-        self.log_path = workdir / "tritonserver.log"
-        self.proc = subprocess.Popen(
-            [sys.executable, str(LAUNCH), "--model-repository", str(repository),
-             "--address", "127.0.0.1", "--http-port", str(self.http_port),
-             "--grpc-port", str(self.grpc_port), "--metrics-port", str(self.metrics_port),
-             "--workdir", str(workdir), "--log-file", str(self.log_path),
-             "--ort-threads", "1"],  # one ORT thread per model instance: few, shared cores
-            stdin=subprocess.DEVNULL, start_new_session=True,
-        )
-        self.models = sorted(p.parent.name for p in repository.glob("*/config.pbtxt"))
-        self.repository = repository
-
-    def logs(self) -> str:
-        return self.log_path.read_text(errors="replace")[-6000:] if self.log_path.exists() else ""
-
-    def grpc(self) -> "grpcclient.InferenceServerClient":
-        return grpcclient.InferenceServerClient(f"127.0.0.1:{self.grpc_port}")
-
-    def wait_ready(self, timeout: float = 180.0) -> float:
-        started = time.monotonic()
-        while time.monotonic() - started < timeout:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"tritonserver exited with {self.proc.returncode}:\n{self.logs()}")
-            # A fresh client each time, closed after: on SIGTERM Triton waits (up to
-            # --exit-timeout-secs) for open HTTP keep-alive connections to go away.
-            client = httpclient.InferenceServerClient(f"127.0.0.1:{self.http_port}")
-            try:
-                if client.is_server_ready():
-                    return time.monotonic() - started
-            except Exception:  # noqa: BLE001 - not listening yet
-                pass
-            finally:
-                client.close()
-            time.sleep(0.3)
-        self.kill()
-        raise RuntimeError(f"tritonserver not ready after {timeout}s:\n{self.logs()}")
-
-    def terminate(self) -> int:
-        """SIGTERM and wait; the return code, or fail if it does not exit in time."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        try:
-            return self.proc.wait(timeout=STOP_TIMEOUT)
-        except subprocess.TimeoutExpired:
-            self.kill()
-            pytest.fail(f"tritonserver ignored SIGTERM for {STOP_TIMEOUT}s:\n{self.logs()}")
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait()
-
-
-def _start(repository: Path, workdir: Path) -> Triton:
-    if not TRITONSERVER.exists():
-        pytest.skip("nvidia-pytriton is not installed: .venv/bin/pip install --no-deps nvidia-pytriton==0.7.0")
-    triton = Triton(repository, workdir)
-    triton.ready_s = triton.wait_ready()
-    return triton
 
 
 @pytest.fixture(scope="module")
 def triton(triton_repository, tmp_path_factory):
-    server = _start(triton_repository, tmp_path_factory.mktemp("triton_work"))
+    server = start_triton(triton_repository, tmp_path_factory.mktemp("triton_work"))
     try:
         yield server
     finally:
@@ -136,7 +46,7 @@ def triton(triton_repository, tmp_path_factory):
 
 # --- helpers ---------------------------------------------------------------------------
 
-def _config(triton: Triton, model: str) -> dict:
+def _config(triton: TritonProcess, model: str) -> dict:
     return triton.grpc().get_model_config(model, as_json=True)["config"]
 
 
@@ -183,7 +93,7 @@ def _onnx_reference(repository: Path, model: str, config: dict, feeds: dict[str,
     return session.run(["image"], graph_feeds)[0]
 
 
-def _metric(triton: Triton, name: str, model: str) -> float:
+def _metric(triton: TritonProcess, name: str, model: str) -> float:
     import urllib.request
 
     text = urllib.request.urlopen(f"http://127.0.0.1:{triton.metrics_port}/metrics", timeout=5).read().decode()
@@ -324,7 +234,7 @@ def test_concurrent_batch1_requests_are_batched(triton):
 
 def test_sigterm_stops_it_cleanly(triton_repository, tmp_path_factory):
     """A server of its own, so stopping it does not depend on test order."""
-    server = _start(triton_repository, tmp_path_factory.mktemp("triton_stop"))
+    server = start_triton(triton_repository, tmp_path_factory.mktemp("triton_stop"))
     try:
         client = server.grpc()
         model = server.models[0]

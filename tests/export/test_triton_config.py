@@ -73,3 +73,11 @@ def test_bad_dtype_and_target_are_rejected():
         build_model_config(_spec(outputs=[TensorSpec("image", "complex64", (1,))]))
     with pytest.raises(ValueError, match="'cpu' or 'gpu'"):
         DeploymentTarget("tpu")
+
+
+def test_warmup_uses_given_sizes_for_dynamic_dims():
+    spec = _spec(inputs=[TensorSpec("sample", "float32", (4, -1, -1)), TensorSpec("t", "float32", (1,), reshape=())],
+                 warmup_dims={"sample": (4, 8, 8)})
+    (warmup,) = build_model_config(spec).model_warmup
+    assert list(warmup.inputs["sample"].dims) == [4, 8, 8]
+    assert list(warmup.inputs["t"].dims) == [1]

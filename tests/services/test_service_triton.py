@@ -1,0 +1,129 @@
+"""The service on GENSERVE_BACKEND=triton against a real tritonserver: same images as the
+embedded backend, Triton's dynamic batching at work, and an outage turned into 503s the
+service recovers from by itself."""
+
+import base64
+import io
+import re
+import threading
+import time
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+
+from tests.conftest import ServerProcess
+from tests.fixtures.triton import start_triton
+
+pytestmark = pytest.mark.server
+
+
+@pytest.fixture(scope="module")
+def triton(repository, tmp_path_factory):
+    server = start_triton(repository, tmp_path_factory.mktemp("triton"))
+    yield server
+    server.terminate()
+
+
+@pytest.fixture(scope="module")
+def triton_service(triton, repository, tmp_path_factory):
+    proc = ServerProcess(
+        {"GENSERVE_MODEL_REPOSITORY": str(repository), "GENSERVE_BACKEND": "triton",
+         "GENSERVE_TRITON_URL": f"127.0.0.1:{triton.grpc_port}", "GENSERVE_TRITON_TIMEOUT_S": "20"},
+        tmp_path_factory.mktemp("service_triton") / "bentoml.log",
+    )
+    try:
+        proc.wait_ready()
+        yield proc
+    finally:
+        proc.stop()
+
+
+def pixels(body: dict) -> np.ndarray:
+    return np.stack([np.asarray(Image.open(io.BytesIO(base64.b64decode(i["data"])))) for i in body["images"]])
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
+    return float("inf") if mse == 0 else 10 * np.log10(255.0**2 / mse)
+
+
+def post(service, path: str, body: dict) -> httpx.Response:
+    return httpx.post(f"{service.url}{path}", json=body, timeout=120)
+
+
+@pytest.mark.parametrize("body", [
+    {"model": "cgan_digits", "seed": 3, "num_images": 5, "class_label": 8, "truncation_psi": 0.8},
+    {"model": "dcgan_digits", "seed": 9, "num_images": 3},
+])
+def test_gan_images_equal_the_embedded_backend(server, triton_service, body):
+    embedded, remote = post(server, "/v1/gan/generate", body), post(triton_service, "/v1/gan/generate", body)
+    assert embedded.status_code == remote.status_code == 200, remote.text
+    assert remote.json()["backend"] == "triton"
+    assert psnr(pixels(embedded.json()), pixels(remote.json())) >= 50
+
+
+def test_txt2img_equals_the_embedded_backend(server, triton_service):
+    body = {"prompt": "a handwritten digit four", "seed": 4, "num_images": 2, "num_inference_steps": 10,
+            "guidance_scale": 4.0, "scheduler": "euler"}
+    embedded, remote = post(server, "/v1/txt2img", body), post(triton_service, "/v1/txt2img", body)
+    assert embedded.status_code == remote.status_code == 200, remote.text
+    assert psnr(pixels(embedded.json()), pixels(remote.json())) >= 50
+
+
+def _counter(text: str, name: str, model: str) -> float:
+    match = re.search(rf'^{name}{{model="{model}",version="1"}} (\S+)$', text, re.MULTILINE)
+    assert match, f"{name} for {model} missing from Triton's metrics"
+    return float(match.group(1))
+
+
+def test_concurrent_requests_are_batched_by_triton(triton, triton_service):
+    before = triton.metrics()
+    barrier, statuses = threading.Barrier(8), []
+
+    def client(i):
+        barrier.wait()
+        for j in range(4):
+            statuses.append(post(triton_service, "/v1/gan/generate",
+                                 {"seed": 100 * i + j, "class_label": i % 10}).status_code)
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert statuses == [200] * 32
+    deadline = time.monotonic() + 10
+    while True:  # Triton updates its counters just after responding
+        after = triton.metrics()
+        inferences = _counter(after, "nv_inference_count", "cgan_digits") - _counter(before, "nv_inference_count", "cgan_digits")
+        if inferences >= 32 or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    executions = (_counter(after, "nv_inference_exec_count", "cgan_digits")
+                  - _counter(before, "nv_inference_exec_count", "cgan_digits"))
+    assert inferences == 32
+    assert executions < inferences, f"{executions} executions for {inferences} inferences: no batching"
+
+
+def test_triton_outage_gives_503_and_the_service_recovers(triton, triton_service, repository, tmp_path):
+    body = {"seed": 1, "num_images": 2, "class_label": 2}
+    assert post(triton_service, "/v1/gan/generate", body).status_code == 200
+    triton.kill()
+    down = post(triton_service, "/v1/gan/generate", body)
+    assert down.status_code == 503
+    error = down.json()["error"]
+    assert error["code"] == "backend_unavailable" and "Triton" in error["message"]
+    assert httpx.get(f"{triton_service.url}/readyz", timeout=10).status_code == 503
+
+    restarted = start_triton(repository, tmp_path, ports=triton.ports)
+    try:
+        deadline = time.monotonic() + 30
+        while (r := post(triton_service, "/v1/gan/generate", body)).status_code != 200:
+            assert r.status_code == 503 and time.monotonic() < deadline, r.text
+            time.sleep(0.5)
+        assert httpx.get(f"{triton_service.url}/readyz", timeout=10).status_code == 200
+    finally:
+        triton.proc = restarted.proc  # the module fixture stops whichever server runs now
+        triton.log_path = restarted.log_path
