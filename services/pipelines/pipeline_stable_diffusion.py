@@ -147,90 +147,145 @@ def downsample_mask(mask: np.ndarray, factor: int) -> np.ndarray:
     return mask[::factor, ::factor][None].astype(np.float32)
 
 
+class Trajectory:
+    """One request's denoising state: the body of diffusers' loop, split at the U-Net call.
+
+    `model_inputs()` gives this step's U-Net rows ([negative, positive] halves with
+    guidance), `advance(noise_pred)` applies guidance, the scheduler step and, for
+    inpainting, latent blending. A single request runs one trajectory; the engine runs
+    many side by side, sharing each U-Net call (per-sample timesteps make that exact).
+    """
+
+    def __init__(self, models: StableDiffusionModels, req: DiffusionRequest, text: np.ndarray,
+                 rngs: list[np.random.Generator], image_latents: np.ndarray | None = None):
+        self.req = req
+        self.rngs = rngs
+        self.do_cfg = req.guidance_scale > 1.0  # as diffusers: guidance 1 is the conditional model alone
+        self.text = text  # [2N or N, L, D], negative half first
+        self.scaling_factor = models.scaling_factor
+        height, width = req.height or models.native_size, req.width or models.native_size
+        latent_shape = (models.latent_channels, height // models.vae_scale_factor, width // models.vae_scale_factor)
+
+        # Timesteps (img2img and inpainting start part-way, at `strength`).
+        self.scheduler = make_scheduler(req.scheduler, models.scheduler_config)
+        self.scheduler.set_timesteps(req.num_inference_steps)
+        self.timesteps = self.scheduler.timesteps
+        if req.init_image is not None:
+            self.timesteps = img2img_timesteps(self.scheduler, req.num_inference_steps, req.strength)
+
+        # Latents, drawn in the documented order from each image's own generator.
+        self.image_latents = image_latents
+        self.noise = self.mask = None
+        if image_latents is None:
+            latents = np.stack([rng.standard_normal(latent_shape, dtype=np.float32) for rng in rngs])
+            self.latents = latents * np.float32(self.scheduler.init_noise_sigma)
+        else:
+            self.noise = np.stack([rng.standard_normal(latent_shape, dtype=np.float32) for rng in rngs])
+            if req.mask is not None and req.strength >= 1.0:
+                self.latents = self.noise * np.float32(self.scheduler.init_noise_sigma)  # pure noise, as diffusers
+            else:
+                self.latents = self.scheduler.add_noise(image_latents, self.noise, self.timesteps[:1])
+            if req.mask is not None:
+                self.mask = downsample_mask(req.mask, models.vae_scale_factor)
+        self.steps_done = 0
+        self.pred_original_sample: np.ndarray | None = None  # latest x0 estimate, for previews
+
+    @property
+    def num_steps(self) -> int:
+        return len(self.timesteps)
+
+    @property
+    def done(self) -> bool:
+        return self.steps_done >= self.num_steps
+
+    @property
+    def rows(self) -> int:
+        """U-Net batch rows this trajectory needs per step."""
+        return len(self.text)
+
+    def model_inputs(self) -> dict[str, np.ndarray]:
+        t = self.timesteps[self.steps_done]
+        sample = np.concatenate([self.latents, self.latents]) if self.do_cfg else self.latents
+        sample = self.scheduler.scale_model_input(sample, t).astype(np.float32)
+        return {"sample": sample, "timestep": np.full((len(sample), 1), t, dtype=np.float32),
+                "encoder_hidden_states": self.text}
+
+    def advance(self, noise_pred: np.ndarray) -> None:
+        i, t = self.steps_done, self.timesteps[self.steps_done]
+        if self.do_cfg:
+            n = len(self.latents)
+            uncond, cond = noise_pred[:n], noise_pred[n:]
+            noise_pred = uncond + np.float32(self.req.guidance_scale) * (cond - uncond)
+        out = self.scheduler.step(noise_pred, t, self.latents, generator=self.rngs)
+        self.latents, self.pred_original_sample = out.prev_sample, out.pred_original_sample
+        if self.mask is not None:
+            # Latent blending: outside the mask, the original image noised to the next level.
+            known = self.image_latents
+            if i < self.num_steps - 1:
+                known = self.scheduler.add_noise(self.image_latents, self.noise, self.timesteps[i + 1:i + 2])
+            self.latents = (1 - self.mask) * known + self.mask * self.latents
+        self.steps_done += 1
+
+    def decoder_input(self, latents: np.ndarray | None = None) -> np.ndarray:
+        """Latents in the VAE decoder's scale (the final ones unless others are given)."""
+        x = self.latents if latents is None else latents
+        return (x / np.float32(self.scaling_factor)).astype(np.float32)
+
+
 class StableDiffusionPipeline:
     def __init__(self, backend: InferenceBackend, models: StableDiffusionModels):
         self.backend = backend
         self.models = models
         self.tokenizer = PromptTokenizer(models.tokenizer_file, models.max_length, models.pad_token_id)
 
-    async def encode_prompts(self, texts: list[np.ndarray]) -> np.ndarray:
+    def tokenize(self, req: DiffusionRequest) -> list[np.ndarray]:
+        """Token ids: [negative, positive] with guidance, [positive] without."""
+        ids = [self.tokenizer(req.prompt, "prompt")]
+        if req.guidance_scale > 1.0:
+            ids.insert(0, self.tokenizer(req.negative_prompt, "negative_prompt"))
+        return ids
+
+    async def encode_prompts(self, ids: list[np.ndarray]) -> np.ndarray:
         """[T, L] token ids -> [T, L, D] embeddings, one text-encoder call."""
-        ids = np.stack(texts)
-        return (await self.backend.infer(self.models.text_encoder, {"input_ids": ids}))["last_hidden_state"]
+        return (await self.backend.infer(self.models.text_encoder, {"input_ids": np.stack(ids)}))["last_hidden_state"]
+
+    async def start(self, req: DiffusionRequest, embeddings: np.ndarray) -> Trajectory:
+        """A trajectory from the prompt's embeddings ([negative, positive] or [positive])."""
+        rngs = [np.random.default_rng(req.seed + i) for i in range(req.num_images)]
+        image_latents = None
+        if req.init_image is not None:
+            image_latents = await self.encode_image(req.init_image, req.num_images, rngs)
+        return Trajectory(self.models, req, np.repeat(embeddings, req.num_images, axis=0), rngs, image_latents)
+
+    async def decode(self, latents: np.ndarray) -> np.ndarray:
+        images = (await self.backend.infer(self.models.vae_decoder, {"latent_sample": latents}))["sample"]
+        return np.clip(images, -1.0, 1.0)
 
     async def __call__(self, req: DiffusionRequest) -> DiffusionOutput:
-        m = self.models
+        """One request alone: encode, denoise, decode."""
         timings: dict[str, float] = {}
-        n = req.num_images
-        height = req.height or m.native_size
-        width = req.width or m.native_size
-        latent_shape = (m.latent_channels, height // m.vae_scale_factor, width // m.vae_scale_factor)
-        do_cfg = req.guidance_scale > 1.0  # as diffusers: guidance 1 is the conditional model alone
-        rngs = [np.random.default_rng(req.seed + i) for i in range(n)]
-
         # 1. Encode the prompt; with guidance, [negative, positive] in one text-encoder call.
         t0 = time.perf_counter()
-        ids = [self.tokenizer(req.prompt, "prompt")]
-        if do_cfg:
-            ids.insert(0, self.tokenizer(req.negative_prompt, "negative_prompt"))
-        embeddings = await self.encode_prompts(ids)
-        # [2N or N, L, D]: the unconditional half first, as diffusers concatenates them.
-        text = np.repeat(embeddings, n, axis=0)
+        embeddings = await self.encode_prompts(self.tokenize(req))
         timings["text_encoding_seconds"] = time.perf_counter() - t0
 
-        # 2. Prepare timesteps.
-        scheduler = make_scheduler(req.scheduler, m.scheduler_config)
-        scheduler.set_timesteps(req.num_inference_steps)
-        timesteps = scheduler.timesteps
-        if req.init_image is not None:
-            timesteps = img2img_timesteps(scheduler, req.num_inference_steps, req.strength)
-
-        # 3. Prepare latents (see the module docstring for the draw order).
+        # 2. Prepare timesteps and latents (see the module docstring for the draw order).
         t0 = time.perf_counter()
-        image_latents = noise = mask = None
-        if req.init_image is None:
-            latents = np.stack([rng.standard_normal(latent_shape, dtype=np.float32) for rng in rngs])
-            latents = latents * np.float32(scheduler.init_noise_sigma)
-        else:
-            image_latents = await self.encode_image(req.init_image, n, rngs)
-            noise = np.stack([rng.standard_normal(latent_shape, dtype=np.float32) for rng in rngs])
-            if req.mask is not None and req.strength >= 1.0:
-                latents = noise * np.float32(scheduler.init_noise_sigma)  # pure noise, as diffusers
-            else:
-                latents = scheduler.add_noise(image_latents, noise, timesteps[:1])
-            if req.mask is not None:
-                mask = downsample_mask(req.mask, m.vae_scale_factor)
+        trajectory = await self.start(req, embeddings)
         timings["latent_preparation_seconds"] = time.perf_counter() - t0
 
-        # 4. Denoising loop: one U-Net call per step for every image, cond and uncond.
+        # 3. Denoising loop: one U-Net call per step for every image, cond and uncond.
         t0 = time.perf_counter()
-        for i, t in enumerate(timesteps):
-            model_input = np.concatenate([latents, latents]) if do_cfg else latents
-            model_input = scheduler.scale_model_input(model_input, t)
-            noise_pred = (await self.backend.infer(m.unet, {
-                "sample": model_input.astype(np.float32),
-                "timestep": np.full((len(model_input), 1), t, dtype=np.float32),
-                "encoder_hidden_states": text,
-            }))["noise_pred"]
-            if do_cfg:
-                uncond, cond = noise_pred[:n], noise_pred[n:]
-                noise_pred = uncond + np.float32(req.guidance_scale) * (cond - uncond)
-            latents = scheduler.step(noise_pred, t, latents, generator=rngs).prev_sample
-            if mask is not None:
-                # Latent blending: outside the mask, the original image noised to the next level.
-                known = image_latents
-                if i < len(timesteps) - 1:
-                    known = scheduler.add_noise(image_latents, noise, timesteps[i + 1:i + 2])
-                latents = (1 - mask) * known + mask * latents
+        while not trajectory.done:
+            outputs = await self.backend.infer(self.models.unet, trajectory.model_inputs())
+            trajectory.advance(outputs["noise_pred"])
         timings["denoising_seconds"] = time.perf_counter() - t0
 
-        # 5. Decode.
+        # 4. Decode.
         t0 = time.perf_counter()
-        images = (await self.backend.infer(
-            m.vae_decoder, {"latent_sample": (latents / np.float32(m.scaling_factor)).astype(np.float32)}
-        ))["sample"]
+        images = await self.decode(trajectory.decoder_input())
         timings["decoding_seconds"] = time.perf_counter() - t0
-        return DiffusionOutput(np.clip(images, -1.0, 1.0), [req.seed + i for i in range(n)], timings)
+        return DiffusionOutput(images, [req.seed + i for i in range(req.num_images)], timings)
 
     async def encode_image(self, image: np.ndarray, n: int, rngs: list[np.random.Generator]) -> np.ndarray:
         """[C, H, W] in [-1, 1] -> n scaled latents sampled from the VAE posterior."""
