@@ -36,6 +36,13 @@ class Settings:
     ort_inter_op_threads: int = 0
     default_gan_model: str = "cgan_digits"
     default_diffusion_model: str = "sd_digits"
+    # Engine: back-pressure bound (denoising steps x images still to run), deadlines.
+    max_queued_steps: int = 4000
+    request_timeout_s: int = 120
+    max_request_timeout_s: int = 600
+    prompt_cache_size: int = 1024
+    # Adaptive batching of single-pass models (GAN, VAE) on the embedded backend.
+    batch_wait_ms: int = 2
 
     @classmethod
     def from_env(cls) -> "Settings":
@@ -51,4 +58,9 @@ class Settings:
             ort_inter_op_threads=_int("GENSERVE_ORT_INTER_OP_THREADS", cls.ort_inter_op_threads),
             default_gan_model=os.environ.get("GENSERVE_DEFAULT_GAN_MODEL", cls.default_gan_model),
             default_diffusion_model=os.environ.get("GENSERVE_DEFAULT_DIFFUSION_MODEL", cls.default_diffusion_model),
+            max_queued_steps=_int("GENSERVE_MAX_QUEUED_STEPS", cls.max_queued_steps, minimum=1),
+            request_timeout_s=_int("GENSERVE_REQUEST_TIMEOUT_S", cls.request_timeout_s, minimum=1),
+            max_request_timeout_s=_int("GENSERVE_MAX_REQUEST_TIMEOUT_S", cls.max_request_timeout_s, minimum=1),
+            prompt_cache_size=_int("GENSERVE_PROMPT_CACHE_SIZE", cls.prompt_cache_size),
+            batch_wait_ms=_int("GENSERVE_BATCH_WAIT_MS", cls.batch_wait_ms),
         )

@@ -56,3 +56,25 @@ class InferenceFailed(ServiceError):
 
     status = 500
     code = "inference_failed"
+
+
+class TooManyRequests(ServiceError):
+    """Back-pressure: the queue is full. Carries Retry-After."""
+
+    status = 429
+    code = "queue_full"
+
+
+class DeadlineExceeded(ServiceError):
+    status = 504
+    code = "deadline_exceeded"
+
+
+class ClientDisconnected(ServiceError):
+    """The client hung up; its request was cancelled. Nobody reads this answer."""
+
+    status = 499
+    code = "client_disconnected"
+
+    def __init__(self):
+        super().__init__("client closed the connection; the request was cancelled")

@@ -35,6 +35,50 @@ class ServiceMetrics:
             "genserve_errors", "Requests answered with an error, by error code.",
             ["endpoint", "code"], **kw)
 
+        self.engine_batch_rows = prom.Histogram(
+            "genserve_engine_batch_rows", "U-Net rows per engine iteration (images x 2 with guidance).",
+            ["model"], buckets=BATCH_BUCKETS, **kw)
+        self.engine_batch_requests = prom.Histogram(
+            "genserve_engine_batch_requests", "Requests sharing one engine iteration.",
+            ["model"], buckets=BATCH_BUCKETS, **kw)
+        self.engine_queue_requests = prom.Gauge(
+            "genserve_engine_queue_requests", "Diffusion requests admitted and not finished.",
+            ["model"], multiprocess_mode="livesum", **kw)
+        self.engine_queue_steps = prom.Gauge(
+            "genserve_engine_queue_steps", "Denoising steps still to run (per image) in the engine.",
+            ["model"], multiprocess_mode="livesum", **kw)
+        self.engine_denoising_steps = prom.Counter(
+            "genserve_engine_denoising_steps", "Image denoising steps run.", ["model"], **kw)
+        self.engine_requests_finished = prom.Counter(
+            "genserve_engine_requests_finished", "Diffusion requests leaving the engine, by reason "
+            "(done, cancelled, timeout, error).", ["model", "reason"], **kw)
+        self.prompt_cache_lookups = prom.Counter(
+            "genserve_prompt_cache_lookups", "Prompt-embedding cache lookups by result (hit, miss).",
+            ["model", "result"], **kw)
+
+    def observe_prompt_cache(self, model: str, hit: bool) -> None:
+        self.prompt_cache_lookups.labels(model, "hit" if hit else "miss").inc()
+
+    def engine_observer(self):
+        from services.engine.engine import EngineObserver
+
+        metrics = self
+
+        class Observer(EngineObserver):
+            def iteration(self, model, rows, requests, images):
+                metrics.engine_batch_rows.labels(model).observe(rows)
+                metrics.engine_batch_requests.labels(model).observe(requests)
+                metrics.engine_denoising_steps.labels(model).inc(images)
+
+            def queue(self, model, requests, image_steps):
+                metrics.engine_queue_requests.labels(model).set(requests)
+                metrics.engine_queue_steps.labels(model).set(image_steps)
+
+            def finished(self, model, reason):
+                metrics.engine_requests_finished.labels(model, reason).inc()
+
+        return Observer()
+
     def observe_execution(self, model: str, backend: str, batch: int, seconds: float) -> None:
         """An InferenceBackend observer (see services.runtime.base)."""
         self.model_execution_seconds.labels(model, backend).observe(seconds)

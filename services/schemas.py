@@ -100,6 +100,12 @@ class Txt2ImgRequest(_Strict):
     width: int | None = Field(None, ge=8, description="Pixels, a multiple of 8; default: the model's native size.")
     seed: int | None = Field(None, ge=0, le=MAX_SEED, description="Seed of image 0; image i uses seed + i.")
     output_format: OutputFormat = "png"
+    timeout_s: float | None = Field(None, gt=0, description="Deadline in seconds; default and maximum: see /v1/models.")
+
+
+class Txt2ImgStreamRequest(Txt2ImgRequest):
+    preview_every: int = Field(0, ge=0, le=MAX_INFERENCE_STEPS,
+                               description="Send a preview of the current estimate every k steps (0: none).")
 
 
 class Img2ImgRequest(_Strict):
@@ -114,6 +120,7 @@ class Img2ImgRequest(_Strict):
     scheduler: SchedulerName = "ddim"
     seed: int | None = Field(None, ge=0, le=MAX_SEED)
     output_format: OutputFormat = "png"
+    timeout_s: float | None = Field(None, gt=0)
 
 
 class InpaintRequest(Img2ImgRequest):

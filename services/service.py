@@ -5,7 +5,9 @@ the /v1 API is a FastAPI app mounted into the service, so every endpoint shares 
 error shape, request ids, and typed pydantic bodies that appear on the OpenAPI page.
 """
 
+import asyncio
 import base64
+import json
 import logging
 import secrets
 import time
@@ -13,12 +15,22 @@ import time
 import bentoml
 import numpy as np
 from fastapi import FastAPI, Request
+from fastapi.responses import StreamingResponse
 
 from services.config import Settings
-from services.errors import InvalidRequest, ModelNotFound
-from services.schedulers import SCHEDULERS
+from services.diffusion_requests import side_limits
+from services.errors import (
+    ClientDisconnected,
+    DeadlineExceeded,
+    InferenceFailed,
+    InvalidRequest,
+    ModelNotFound,
+    ServiceError,
+    TooManyRequests,
+)
 from services.http import RequestIdMiddleware, install_error_handlers, parse_body, request_id_var
-from services.imaging import FORMATS, decode_image, encode_image, to_uint8
+from services.imaging import FORMATS, encode_image, to_uint8
+from services.schedulers import SCHEDULERS
 from services.schemas import (
     MAX_DIFFUSION_IMAGES,
     MAX_GUIDANCE_SCALE,
@@ -35,10 +47,16 @@ from services.schemas import (
     ModelList,
     TensorDescription,
     Txt2ImgRequest,
+    Txt2ImgStreamRequest,
 )
 
-# Largest output side, as a multiple of the model's native resolution.
-MAX_SIDE_FACTOR = 2
+# How often a waiting request checks whether its client went away.
+DISCONNECT_POLL_S = 0.1
+
+
+def sse(event: str, data: dict) -> str:
+    """One server-sent event."""
+    return f"event: {event}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n"
 
 
 def _body_schema(model) -> dict:
@@ -69,6 +87,8 @@ class GenServe:
         # after BentoML's worker set up multiprocess Prometheus (see services.metrics).
         from services.metrics import ServiceMetrics
         from services.pipelines.pipeline_gan import GANPipeline
+        from services.engine.engine import DiffusionEngine
+        from services.engine.prompt_cache import PromptCache
         from services.pipelines.pipeline_stable_diffusion import StableDiffusionPipeline, discover_stable_diffusion
         from services.runtime import create_backend
 
@@ -88,14 +108,19 @@ class GenServe:
                 f"GENSERVE_DEFAULT_GAN_MODEL={self.settings.default_gan_model!r} is not in the repository "
                 f"(GAN models: {', '.join(self.gan)})"
             )
-        self.diffusion = {
-            name: StableDiffusionPipeline(self.backend, models)
-            for name, models in discover_stable_diffusion(self.backend.models()).items()
-        }
-        if self.diffusion and self.settings.default_diffusion_model not in self.diffusion:
+        # One step-level engine per diffusion pipeline; its batch limit is the U-Net's.
+        cache = PromptCache(self.settings.prompt_cache_size, on_lookup=self.metrics.observe_prompt_cache)
+        self.engines = {}
+        for name, models in discover_stable_diffusion(self.backend.models()).items():
+            self.engines[name] = DiffusionEngine(
+                StableDiffusionPipeline(self.backend, models),
+                max_batch_rows=self.backend.models()[models.unet].max_batch_size,
+                max_queued_image_steps=self.settings.max_queued_steps,
+                prompt_cache=cache, observer=self.metrics.engine_observer())
+        if self.engines and self.settings.default_diffusion_model not in self.engines:
             raise ValueError(
                 f"GENSERVE_DEFAULT_DIFFUSION_MODEL={self.settings.default_diffusion_model!r} is not in the "
-                f"repository (diffusion pipelines: {', '.join(self.diffusion)})"
+                f"repository (diffusion pipelines: {', '.join(self.engines)})"
             )
         log.info("genserve ready: backend=%s models=%s", self.backend.name, sorted(self.backend.models()))
 
@@ -157,73 +182,71 @@ class GenServe:
         return total
 
     @app.post("/txt2img", response_model=DiffusionResponse)
-    async def txt2img(self, body: Txt2ImgRequest) -> DiffusionResponse:
+    async def txt2img(self, body: Txt2ImgRequest, request: Request) -> DiffusionResponse:
         """Text to image with latent diffusion and classifier-free guidance."""
-        return await self._diffuse("txt2img", body)
+        return await self._diffuse("txt2img", body, request)
 
     @app.post("/img2img", response_model=DiffusionResponse, openapi_extra=_body_schema(Img2ImgRequest))
     async def img2img(self, request: Request) -> DiffusionResponse:
         """Image to image: the input image noised to `strength`, then denoised toward the prompt.
         JSON (image as base64) or multipart/form-data (image as a file)."""
-        return await self._diffuse("img2img", await parse_body(request, Img2ImgRequest))
+        return await self._diffuse("img2img", await parse_body(request, Img2ImgRequest), request)
 
     @app.post("/inpaint", response_model=DiffusionResponse, openapi_extra=_body_schema(InpaintRequest))
     async def inpaint(self, request: Request) -> DiffusionResponse:
         """Repaints the white area of `mask`, keeping the rest of `image` (latent blending)."""
-        return await self._diffuse("inpaint", await parse_body(request, InpaintRequest))
+        return await self._diffuse("inpaint", await parse_body(request, InpaintRequest), request)
 
-    async def _diffuse(self, task: str, body) -> DiffusionResponse:
-        from services.pipelines.pipeline_stable_diffusion import DiffusionRequest, PromptTooLong
-
+    async def _diffuse(self, task: str, body, request: Request) -> DiffusionResponse:
+        """Validates, queues on the pipeline's engine, waits (leaving the batch if the
+        client goes away), and answers with the images and everything that reproduces them."""
         start = time.perf_counter()
-        # 1. Check inputs against the chosen pipeline.
-        name = body.model or self.settings.default_diffusion_model
-        if name not in self.diffusion:
-            raise ModelNotFound(f"model {name!r} is not a diffusion pipeline served here", field="model",
-                                allowed=sorted(self.diffusion))
-        pipeline = self.diffusion[name]
-        m = pipeline.models
-        if not body.prompt.strip():
-            raise InvalidRequest("prompt must not be blank", field="prompt")
-        params = body.model_dump(exclude={"model", "image", "mask"})
-        params["seed"] = body.seed if body.seed is not None else secrets.randbelow(MAX_SEED + 1)
-        init_image = mask = None
-        if task == "txt2img":
-            params["height"] = body.height or m.native_size
-            params["width"] = body.width or m.native_size
-        else:
-            if m.vae_encoder is None:
-                raise InvalidRequest(f"model {name!r} has no VAE encoder: {task} is not available", field="model")
-            init_image = self._decode(body.image, m.image_channels, "image")
-            params["height"], params["width"] = init_image.shape[1:]
-            if task == "inpaint":
-                mask = self._decode(body.mask, 1, "mask")[0]
-                if mask.shape != init_image.shape[1:]:
-                    raise InvalidRequest(
-                        f"mask is {mask.shape[1]}x{mask.shape[0]} but image is "
-                        f"{init_image.shape[2]}x{init_image.shape[1]}: they must match", field="mask")
-                mask = (mask > 0).astype(np.float32)  # white (> mid-grey) = repaint
-        limit = MAX_SIDE_FACTOR * m.native_size
-        for key in ("height", "width"):
-            side, field = params[key], key if task == "txt2img" else "image"
-            if side % m.size_multiple or not m.size_multiple <= side <= limit:
-                raise InvalidRequest(f"{field} {key} must be a multiple of {m.size_multiple} "
-                                     f"from {m.size_multiple} to {limit} pixels, got {side}",
-                                     field=field, limit=limit)
+        name, handle, params = self._submit(task, body)
+        engine = self.engines[name]
+        while not handle.status.finished:
+            try:
+                await asyncio.wait_for(handle.done.wait(), timeout=DISCONNECT_POLL_S)
+            except asyncio.TimeoutError:
+                if await request.is_disconnected():
+                    engine.cancel(handle)  # leaves at the next step; nobody reads the answer
+                    raise ClientDisconnected()
+        return self._respond(task, name, body, params, handle, start)
 
-        # 2. Generate.
-        request = DiffusionRequest(
-            prompt=body.prompt, negative_prompt=body.negative_prompt, num_images=body.num_images,
-            num_inference_steps=body.num_inference_steps, guidance_scale=body.guidance_scale,
-            scheduler=body.scheduler, height=params["height"], width=params["width"], seed=params["seed"],
-            init_image=init_image, strength=getattr(body, "strength", 1.0), mask=mask,
-        )
+    def _submit(self, task: str, body):
+        from services.diffusion_requests import build_request
+        from services.engine.scheduler import QueueFull
+        from services.pipelines.pipeline_stable_diffusion import PromptTooLong
+
+        name = body.model or self.settings.default_diffusion_model
+        if name not in self.engines:
+            raise ModelNotFound(f"model {name!r} is not a diffusion pipeline served here", field="model",
+                                allowed=sorted(self.engines))
+        timeout_s = body.timeout_s or self.settings.request_timeout_s
+        if timeout_s > self.settings.max_request_timeout_s:
+            raise InvalidRequest(f"timeout_s must be at most {self.settings.max_request_timeout_s}",
+                                 field="timeout_s", limit=self.settings.max_request_timeout_s)
+        request, params = build_request(task, body, self.engines[name].pipeline.models)
+        params["timeout_s"] = timeout_s
         try:
-            out = await pipeline(request)
+            handle = self.engines[name].submit(request, timeout_s, getattr(body, "preview_every", 0))
         except PromptTooLong as exc:
             raise InvalidRequest(str(exc), field=exc.field_name, limit=exc.limit) from None
+        except QueueFull as exc:
+            raise TooManyRequests(f"the {name} queue is full ({exc}); retry in {exc.retry_after_s}s",
+                                  limit=exc.limit, headers={"Retry-After": str(exc.retry_after_s)}) from None
+        return name, handle, params
 
-        # 3. Encode, with provenance.
+    def _respond(self, task: str, name: str, body, params: dict, handle, start: float) -> DiffusionResponse:
+        from services.engine.request import RequestStatus
+
+        if handle.status == RequestStatus.FINISHED_TIMEOUT:
+            raise DeadlineExceeded(f"the request did not finish within timeout_s={params['timeout_s']}",
+                                   field="timeout_s", limit=params["timeout_s"])
+        if handle.status != RequestStatus.FINISHED_DONE:
+            if isinstance(handle.error, ServiceError):
+                raise handle.error
+            raise InferenceFailed(f"generation failed: {handle.error}")
+        out = handle.result
         images = self._encode(out.images, (-1.0, 1.0), body.output_format, [
             {"model": name, "task": task, "seed": seed, "prompt": body.prompt,
              "num_inference_steps": body.num_inference_steps, "guidance_scale": body.guidance_scale,
@@ -234,16 +257,36 @@ class GenServe:
             images=images, timings={**{k: round(v, 6) for k, v in out.timings.items()}, "total_seconds": round(total, 6)},
         )
 
-    @staticmethod
-    def _decode(data: str, channels: int, field: str) -> np.ndarray:
-        try:
-            raw = base64.b64decode(data, validate=True)
-        except ValueError:
-            raise InvalidRequest(f"{field} is not valid base64", field=field) from None
-        try:
-            return decode_image(raw, channels, field)
-        except ValueError as exc:
-            raise InvalidRequest(str(exc), field=field) from None
+    @app.post("/txt2img/stream", response_class=StreamingResponse)
+    async def txt2img_stream(self, body: Txt2ImgStreamRequest) -> StreamingResponse:
+        """Server-sent events: `progress` per step (step, total, elapsed), `preview` every
+        `preview_every` steps (the current x0 estimate as images), then `result` (the
+        txt2img response) or `error`. Closing the connection cancels the request."""
+        start = time.perf_counter()
+        name, handle, params = self._submit("txt2img", body)
+        engine = self.engines[name]
+        request_id = request_id_var.get()
+
+        async def events():
+            token = request_id_var.set(request_id)
+            try:
+                while (event := await handle.events.get()) is not None:
+                    if event["event"] == "preview":
+                        event["images"] = [im.model_dump() for im in self._encode(
+                            event["images"], (-1.0, 1.0), "png",
+                            [{"model": name, "seed": s, "preview_step": event["step"]}
+                             for s in range(params["seed"], params["seed"] + body.num_images)])]
+                    yield sse(event.pop("event"), event)
+                try:
+                    yield sse("result", self._respond("txt2img", name, body, params, handle, start).model_dump())
+                except ServiceError as exc:
+                    yield sse("error", {**exc.body(request_id), "status": exc.status})
+            finally:
+                engine.cancel(handle)  # a client that hung up leaves the batch at the next step
+                request_id_var.reset(token)
+
+        return StreamingResponse(events(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
     @app.get("/models", response_model=ModelList)
     async def list_models(self) -> ModelList:
@@ -264,14 +307,13 @@ class GenServe:
                 backend=self.backend.name, max_batch_size=spec.max_batch_size,
                 inputs=_tensors(spec.inputs), outputs=_tensors(spec.outputs), parameters=params,
             ))
-        for name, pipeline in self.diffusion.items():
-            m = pipeline.models
+        for name, engine in self.engines.items():
+            m = engine.pipeline.models
             unet = self.backend.models()[m.unet]
-            side = {"multiple_of": m.size_multiple, "min": m.size_multiple,
-                    "max": MAX_SIDE_FACTOR * m.native_size, "default": m.native_size}
+            side = side_limits(m)
             models.append(ModelDescription(
                 name=name, version=unet.version, pipeline="stable_diffusion",
-                endpoint="/v1/txt2img" + (", /v1/img2img, /v1/inpaint" if m.vae_encoder else ""),
+                endpoint="/v1/txt2img, /v1/txt2img/stream" + (", /v1/img2img, /v1/inpaint" if m.vae_encoder else ""),
                 backend=self.backend.name, max_batch_size=unet.max_batch_size,
                 inputs=_tensors(unet.inputs), outputs=_tensors(unet.outputs),
                 parameters={
@@ -284,6 +326,8 @@ class GenServe:
                     "height": side, "width": side,
                     "strength": {"min": 0.0, "max": 1.0, "exclusive_min": True},
                     "seed": {"min": 0, "max": MAX_SEED}, "output_format": sorted(FORMATS),
+                    "timeout_s": {"default": self.settings.request_timeout_s,
+                                  "max": self.settings.max_request_timeout_s},
                 },
             ))
         return ModelList(default_models={"gan": self.settings.default_gan_model,

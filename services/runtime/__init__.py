@@ -13,11 +13,17 @@ def create_backend(settings: Settings) -> InferenceBackend:
     if settings.backend == "onnxruntime":
         from services.runtime.onnxruntime_backend import OnnxRuntimeBackend
 
-        return OnnxRuntimeBackend(
+        from services.runtime.batching import AdaptiveBatcher
+
+        backend = OnnxRuntimeBackend(
             ModelRepository(settings.model_repository),
             intra_op_threads=settings.ort_intra_op_threads,
             inter_op_threads=settings.ort_inter_op_threads,
         )
+        # Single-pass models get request merging here; Triton's dynamic batcher does it there.
+        single_pass = {name for name, spec in backend.models().items()
+                       if spec.parameters.get("genserve.pipeline") == "gan"}
+        return AdaptiveBatcher(backend, single_pass, settings.batch_wait_ms / 1000)
     if settings.backend == "triton":
         from services.runtime.triton_backend import TritonBackend
 

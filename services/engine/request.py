@@ -1,0 +1,83 @@
+"""A diffusion request's life inside the engine: one object with a status enum."""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import itertools
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from services.pipelines.pipeline_stable_diffusion import DiffusionOutput, DiffusionRequest, Trajectory
+
+
+class RequestStatus(enum.IntEnum):
+    WAITING = 0  # admitted; prompt not encoded yet
+    RUNNING = 1  # denoising, one step per iteration it is scheduled in
+    DECODING = 2  # every step done; waits for the batched VAE decode
+    # Finished states: everything from here on is "finished" (one comparison).
+    FINISHED_DONE = 3
+    FINISHED_CANCELLED = 4
+    FINISHED_TIMEOUT = 5
+    FINISHED_ERROR = 6
+
+    @property
+    def finished(self) -> bool:
+        return self >= RequestStatus.FINISHED_DONE
+
+
+FINISH_REASONS = {
+    RequestStatus.FINISHED_DONE: "done",
+    RequestStatus.FINISHED_CANCELLED: "cancelled",
+    RequestStatus.FINISHED_TIMEOUT: "timeout",
+    RequestStatus.FINISHED_ERROR: "error",
+}
+
+_ids = itertools.count()
+
+
+@dataclass(eq=False)
+class EngineRequest:
+    request: DiffusionRequest
+    deadline: float  # time.monotonic() past which the request is dropped
+    preview_every: int = 0  # decode a preview of x0 every k steps (0: never)
+    id: int = field(default_factory=lambda: next(_ids))
+    arrival: float = field(default_factory=time.monotonic)
+    status: RequestStatus = RequestStatus.WAITING
+    trajectory: Trajectory | None = None
+    cancel_requested: bool = False
+    error: BaseException | None = None
+    result: DiffusionOutput | None = None
+    # Progress events for streaming clients: dicts with an "event" key; None ends the stream.
+    events: asyncio.Queue = field(default_factory=asyncio.Queue)
+    done: asyncio.Event = field(default_factory=asyncio.Event)
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """The shape bucket: requests of one bucket can share a U-Net call."""
+        return (self.request.height, self.request.width)
+
+    @property
+    def image_steps_left(self) -> int:
+        """Denoising steps still to run, counted per image (the queue's unit)."""
+        if self.trajectory is None:
+            steps = self.request.num_inference_steps
+            if self.request.init_image is not None:
+                steps = min(int(steps * self.request.strength), steps)
+        else:
+            steps = self.trajectory.num_steps - self.trajectory.steps_done
+        return steps * self.request.num_images
+
+    def emit(self, event: str, **data: Any) -> None:
+        self.events.put_nowait({"event": event, **data})
+
+    def finish(self, status: RequestStatus, error: BaseException | None = None) -> None:
+        if self.status.finished:
+            return
+        self.status = status
+        self.error = error
+        self.trajectory = None  # free the latents now, not when the client reads the result
+        self.events.put_nowait(None)
+        self.done.set()
