@@ -28,6 +28,9 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--target", choices=["cpu", "gpu"], default="cpu",
                    help="instance kind in the generated configs (default: cpu)")
     p.add_argument("--instances", type=int, default=1, help="instances per model (default: 1)")
+    p.add_argument("--tensorrt", action="store_true",
+                   help="also build TensorRT plans (needs an NVIDIA GPU and the tensorrt package) and "
+                        "write platform: tensorrt_plan configs")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -55,6 +58,14 @@ def main(argv: list[str] | None = None) -> int:
     from export.stable_diffusion import export_stable_diffusion
 
     target = DeploymentTarget(args.target, args.instances)
+    if args.tensorrt:
+        from export.tensorrt import TensorRTUnavailable, require_tensorrt
+
+        try:
+            require_tensorrt()
+        except TensorRTUnavailable as exc:
+            print(f"--tensorrt: {exc}", file=sys.stderr)
+            return 2
     gans, pipelines = [], []
     if args.command == "gan":
         gans = [(args.checkpoint, args.name, args.version, args.max_batch_size)]
@@ -66,12 +77,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for checkpoint, name, version, max_batch in gans:
             start = time.perf_counter()
-            report = export_gan(checkpoint, args.repository, name, version, max_batch, target)
+            report = export_gan(checkpoint, args.repository, name, version, max_batch, target, tensorrt=args.tensorrt)
             print(f"{name}: {report.onnx_path} verified, max abs error {report.max_abs_error:.2e} "
                   f"({time.perf_counter() - start:.1f}s)")
         for folder, name, version, max_batch in pipelines:
             start = time.perf_counter()
-            export_stable_diffusion(folder, args.repository, name, version, max_batch, target)
+            export_stable_diffusion(folder, args.repository, name, version, max_batch, target, tensorrt=args.tensorrt)
             print(f"{name}: 4 graphs verified ({time.perf_counter() - start:.1f}s)")
     except ParityError as exc:
         print(f"export FAILED parity check: {exc}", file=sys.stderr)

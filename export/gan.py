@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -50,6 +51,7 @@ def export_gan(
     max_batch_size: int = 16,
     target: DeploymentTarget = DeploymentTarget(),
     atol: float = 1e-4,
+    tensorrt: bool = False,
 ) -> ExportReport:
     from zoo.checkpoint import _stem, load_checkpoint
 
@@ -97,6 +99,12 @@ def export_gan(
             "genserve.source_sha256": _sha256(_stem(checkpoint).with_suffix(".safetensors")),
         },
     )
+    if tensorrt:  # 5. A TensorRT plan beside the ONNX graph, served by Triton's TensorRT platform.
+        from export.tensorrt import build_plan, gan_profile, tensorrt_config
+
+        plan = build_plan(onnx_path, gan_profile(latent_dim, conditional, max_batch_size), "fp16")
+        shutil.copy(plan, onnx_path.with_name("model.plan"))
+        spec = tensorrt_config(spec, target.instance_count)
     write_model_config(build_model_config(spec), model_dir)
     log.debug("exported %s v%d (max abs error %.2e)", name, version, max_err)
     return ExportReport(model_dir, onnx_path, max_err)

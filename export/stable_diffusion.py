@@ -139,6 +139,7 @@ def export_stable_diffusion(
     target: DeploymentTarget = DeploymentTarget(),
     progress: Callable[[str], None] = print,
     external_data_threshold: int = EXTERNAL_DATA_THRESHOLD,
+    tensorrt: bool = False,
 ) -> list[ComponentReport]:
     folder = Path(folder)
     progress(f"[{name}] loading {folder}")
@@ -170,6 +171,16 @@ def export_stable_diffusion(
             parameters={**base, "genserve.component": role, **{f"genserve.{k}": str(v) for k, v in parameters.items()}},
             warmup_dims={t.name: tuple(native[t.name]) for t in inputs if t.reshape is None},
         )
+        if tensorrt:  # a plan beside the graph; the VAE stays fp32 (see export.tensorrt)
+            from export.tensorrt import build_plan, precision_for, stable_diffusion_profile, tensorrt_config
+
+            profile = stable_diffusion_profile(
+                role, max_rows=max_batch_size, seq_len=length, hidden=hidden, latent_channels=latent_c,
+                image_channels=image_c, vae_scale=vae_scale, native_latent=h, min_latent=size_multiple // vae_scale,
+                max_latent=2 * h)
+            progress(f"[{name}] building TensorRT plan for {role} ({precision_for(role)}) ...")
+            shutil.copy(build_plan(onnx_path, profile, precision_for(role)), onnx_path.with_name("model.plan"))
+            spec = tensorrt_config(spec, target.instance_count)
         write_model_config(build_model_config(spec), model_dir)
         for src, dst in files:
             shutil.copy(src, model_dir / dst)
@@ -177,6 +188,9 @@ def export_stable_diffusion(
                  f"{' (external data)' if external else ''}")
         reports.append(ComponentReport(model_name, onnx_path, err, external))
         return model_dir
+
+    h = w = unet.config.sample_size  # native latent size
+    size_multiple = vae_scale * 2 ** (len(unet.config.down_block_types) - 1)
 
     # 1. Text encoder (fixed sequence length: prompts are padded to the tokenizer's max).
     te_dir = repository / f"{name}_text_encoder"
@@ -196,7 +210,6 @@ def export_stable_diffusion(
     )
 
     # 2. U-Net with per-sample timesteps and dynamic spatial size.
-    h = w = unet.config.sample_size
     component(
         "unet", _UNet(unet),
         lambda b, k: {"sample": rng.standard_normal((b, latent_c, k * h, k * w), dtype=np.float32),
@@ -210,8 +223,7 @@ def export_stable_diffusion(
          "encoder_hidden_states": {0: "batch"}, "noise_pred": {0: "batch", 2: "height", 3: "width"}},
         # Latent sides must survive every down block's halving: traced graphs bake in the
         # upsampling sizes, so odd intermediate sizes cannot be served.
-        {"in_channels": latent_c, "sample_size": h, "vae_scale_factor": vae_scale,
-         "size_multiple": vae_scale * 2 ** (len(unet.config.down_block_types) - 1)},
+        {"in_channels": latent_c, "sample_size": h, "vae_scale_factor": vae_scale, "size_multiple": size_multiple},
         atol=1e-3, delay_us=1000,
         files=[(folder / "scheduler" / "scheduler_config.json", "scheduler_config.json")],
     )

@@ -54,12 +54,16 @@ class DeploymentTarget:
 
     kind: str = "cpu"  # "cpu" or "gpu"
     instance_count: int = 1
+    # Precision of the TensorRT accelerator ONNX Runtime uses on GPUs ("fp16" or "fp32").
+    precision: str = "fp16"
 
     def __post_init__(self) -> None:
         if self.kind not in ("cpu", "gpu"):
             raise ValueError(f"target kind must be 'cpu' or 'gpu', got {self.kind!r}")
         if self.instance_count < 1:
             raise ValueError("instance_count must be >= 1")
+        if self.precision not in ("fp16", "fp32"):
+            raise ValueError(f"precision must be 'fp16' or 'fp32', got {self.precision!r}")
 
 
 @dataclass
@@ -70,6 +74,7 @@ class ModelConfigSpec:
     batching: BatchingPolicy
     target: DeploymentTarget = field(default_factory=DeploymentTarget)
     backend: str = "onnxruntime"
+    platform: str = ""  # "tensorrt_plan" for TensorRT engines (then no backend is named)
     # Pipeline metadata the services read (latent size, classes, ...). Triton keeps
     # these in the model config and serves them back through its config API.
     parameters: Mapping[str, str] = field(default_factory=dict)
@@ -105,7 +110,11 @@ def _tensor(spec: TensorSpec, message):
 
 
 def build_model_config(spec: ModelConfigSpec) -> mc.ModelConfig:
-    config = mc.ModelConfig(name=spec.name, backend=spec.backend)
+    config = mc.ModelConfig(name=spec.name)
+    if spec.platform:
+        config.platform = spec.platform
+    else:
+        config.backend = spec.backend
     config.max_batch_size = spec.batching.max_batch_size
     config.version_policy.latest.num_versions = spec.versions_to_serve
     for t in spec.inputs:
@@ -120,10 +129,23 @@ def build_model_config(spec: ModelConfigSpec) -> mc.ModelConfig:
     group = config.instance_group.add()
     group.count = spec.target.instance_count
     group.kind = mc.ModelInstanceGroup.KIND_GPU if spec.target.kind == "gpu" else mc.ModelInstanceGroup.KIND_CPU
+    if spec.target.kind == "gpu" and not spec.platform and spec.backend == "onnxruntime":
+        _add_tensorrt_accelerator(config, spec.target.precision)
     for key, value in spec.parameters.items():
         config.parameters[key].string_value = str(value)
     _add_zero_warmup(config, spec)
     return config
+
+
+def _add_tensorrt_accelerator(config: mc.ModelConfig, precision: str) -> None:
+    """On GPUs, Triton's ONNX Runtime backend hands supported subgraphs to TensorRT
+    (falling back to CUDA for the rest) and caches the engines it builds, so a restart
+    does not rebuild them."""
+    accelerator = config.optimization.execution_accelerators.gpu_execution_accelerator.add(name="tensorrt")
+    accelerator.parameters["precision_mode"] = precision.upper()
+    accelerator.parameters["max_workspace_size_bytes"] = str(4 * 1024**3)
+    accelerator.parameters["trt_engine_cache_enable"] = "1"
+    accelerator.parameters["trt_engine_cache_path"] = "/tmp/genserve-trt-cache"
 
 
 def _add_zero_warmup(config: mc.ModelConfig, spec: ModelConfigSpec) -> None:

@@ -1,0 +1,146 @@
+"""TensorRT plans for GPU targets: optimization profiles, precision per component, an
+engine cache, and the `platform: "tensorrt_plan"` configs that serve them.
+
+A plan is specific to the GPU's compute capability, the TensorRT version, the profile
+and the precision; the cache key covers all four (and the ONNX graph), so a plan is
+rebuilt exactly when one of them changes. Building needs an NVIDIA GPU and the
+`tensorrt` package; without them `require_tensorrt()` stops with a message that says so.
+Profiles and configs are plain data, computed (and tested) without a GPU.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import subprocess
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from export.triton_config import DeploymentTarget, ModelConfigSpec
+
+DEFAULT_CACHE = Path.home() / ".cache" / "genserve" / "tensorrt"
+# The VAE overflows in fp16 (large activations in its decoder): it stays fp32, as in
+# NVIDIA's own Stable Diffusion TensorRT demo.
+FP32_COMPONENTS = {"vae_decoder", "vae_encoder"}
+
+
+class TensorRTUnavailable(RuntimeError):
+    """No NVIDIA GPU or no TensorRT here."""
+
+
+@dataclass(frozen=True)
+class ShapeRange:
+    """Full shapes, batch axis included."""
+
+    min: tuple[int, ...]
+    opt: tuple[int, ...]
+    max: tuple[int, ...]
+
+
+Profile = dict[str, ShapeRange]  # input name -> range
+
+
+def gan_profile(latent_dim: int, conditional: bool, max_batch: int) -> Profile:
+    opt = min(8, max_batch)
+    profile = {"z": ShapeRange((1, latent_dim), (opt, latent_dim), (max_batch, latent_dim))}
+    if conditional:
+        profile["class_label"] = ShapeRange((1,), (opt,), (max_batch,))
+    return profile
+
+
+def stable_diffusion_profile(component: str, *, max_rows: int, seq_len: int, hidden: int, latent_channels: int,
+                             image_channels: int, vae_scale: int, native_latent: int, min_latent: int,
+                             max_latent: int) -> Profile:
+    """Batch and spatial ranges per component.
+
+    With classifier-free guidance every image is two U-Net (and text-encoder) rows, so
+    the optimum is 2 rows (one guided image) and the maximum the model's max batch; the
+    VAE sees images, not rows, so its batch tops out at half of that.
+    """
+    c, lo, mid, hi = latent_channels, min_latent, native_latent, max_latent
+    images = max(1, max_rows // 2)
+    if component == "text_encoder":
+        return {"input_ids": ShapeRange((1, seq_len), (2, seq_len), (max_rows, seq_len))}
+    if component == "unet":
+        return {
+            "sample": ShapeRange((1, c, lo, lo), (2, c, mid, mid), (max_rows, c, hi, hi)),
+            "timestep": ShapeRange((1,), (2,), (max_rows,)),
+            "encoder_hidden_states": ShapeRange((1, seq_len, hidden), (2, seq_len, hidden), (max_rows, seq_len, hidden)),
+        }
+    if component == "vae_decoder":
+        return {"latent_sample": ShapeRange((1, c, lo, lo), (1, c, mid, mid), (images, c, hi, hi))}
+    if component == "vae_encoder":
+        f, ic = vae_scale, image_channels
+        return {"sample": ShapeRange((1, ic, lo * f, lo * f), (1, ic, mid * f, mid * f), (images, ic, hi * f, hi * f))}
+    raise ValueError(f"unknown component {component!r}")
+
+
+def precision_for(component: str) -> str:
+    return "fp32" if component in FP32_COMPONENTS else "fp16"
+
+
+def profile_json(profile: Profile) -> str:
+    return json.dumps({k: [list(r.min), list(r.opt), list(r.max)] for k, r in sorted(profile.items())})
+
+
+def engine_cache_key(onnx_sha256: str, compute_capability: str, tensorrt_version: str, profile: Profile,
+                     precision: str) -> str:
+    text = "|".join([onnx_sha256, compute_capability, tensorrt_version, profile_json(profile), precision])
+    return hashlib.sha256(text.encode()).hexdigest()[:32]
+
+
+def tensorrt_config(spec: ModelConfigSpec, instance_count: int = 1) -> ModelConfigSpec:
+    """The same model, served from model.plan by Triton's TensorRT platform on GPUs."""
+    return replace(spec, platform="tensorrt_plan", target=DeploymentTarget("gpu", instance_count))
+
+
+def require_tensorrt() -> tuple[str, str]:
+    """(GPU compute capability, TensorRT version), or TensorRTUnavailable saying what is missing."""
+    if shutil.which("nvidia-smi") is None:
+        raise TensorRTUnavailable("TensorRT plans need an NVIDIA GPU: nvidia-smi is not on PATH. "
+                                  "Export ONNX (without --tensorrt) here and build plans on a GPU machine.")
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=compute_cap", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=30, check=True).stdout.split()
+    except (subprocess.SubprocessError, OSError) as exc:
+        raise TensorRTUnavailable(f"nvidia-smi found no usable GPU: {exc}") from None
+    if not out:
+        raise TensorRTUnavailable("nvidia-smi lists no GPU")
+    try:
+        import tensorrt
+    except ImportError:
+        raise TensorRTUnavailable("the `tensorrt` Python package is not installed "
+                                  "(pip install tensorrt, matching the Triton image's TensorRT)") from None
+    return out[0], tensorrt.__version__
+
+
+def build_plan(onnx_path: Path, profile: Profile, precision: str, cache_dir: Path = DEFAULT_CACHE) -> Path:
+    """Builds (or reuses from the cache) a serialized engine for `onnx_path`."""
+    capability, version = require_tensorrt()
+    import tensorrt as trt
+
+    sha = hashlib.sha256(onnx_path.read_bytes()).hexdigest()
+    cached = cache_dir / f"{engine_cache_key(sha, capability, version, profile, precision)}.plan"
+    if cached.exists():
+        return cached
+    logger = trt.Logger(trt.Logger.WARNING)
+    builder = trt.Builder(logger)
+    network = builder.create_network(0)  # explicit batch is the only mode in TensorRT 10
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse_from_file(str(onnx_path)):
+        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+        raise RuntimeError(f"TensorRT could not parse {onnx_path}: {errors}")
+    config = builder.create_builder_config()
+    if precision == "fp16":
+        config.set_flag(trt.BuilderFlag.FP16)
+    optimization = builder.create_optimization_profile()
+    for name, r in profile.items():
+        optimization.set_shape(name, r.min, r.opt, r.max)
+    config.add_optimization_profile(optimization)
+    engine = builder.build_serialized_network(network, config)
+    if engine is None:
+        raise RuntimeError(f"TensorRT failed to build {onnx_path} (see the log above)")
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    cached.write_bytes(bytes(engine))
+    return cached
