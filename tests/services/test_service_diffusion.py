@@ -1,0 +1,166 @@
+"""Diffusion endpoints end to end over HTTP, on the demo text-to-image model."""
+
+import base64
+import io
+import json
+import threading
+import time
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+
+from tests.conftest import ServerProcess
+
+pytestmark = pytest.mark.server
+
+DIGITS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+
+
+def post(server, path, body, **kw) -> httpx.Response:
+    return httpx.post(f"{server.url}{path}", json=body, timeout=kw.pop("timeout", 120), **kw)
+
+
+def decode(item) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(base64.b64decode(item["data"]))))
+
+
+def metric(server, name: str, **labels) -> float:
+    text = httpx.get(f"{server.url}/metrics").text
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith(name + "{") and all(f'{k}="{v}"' in line for k, v in labels.items()):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def test_txt2img_draws_the_digit_asked_for(server, classifier):
+    hits = 0
+    for digit in range(10):
+        r = post(server, "/v1/txt2img", {"prompt": f"a handwritten digit {DIGITS[digit]}", "num_images": 3,
+                                          "seed": 100 * digit, "num_inference_steps": 20, "guidance_scale": 5.0})
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert set(body["timings"]) >= {"text_encoding_seconds", "denoising_seconds", "decoding_seconds"}
+        assert body["parameters"]["height"] == body["parameters"]["width"] == 32
+        images = np.stack([decode(im) for im in body["images"]])
+        assert images.shape == (3, 32, 32)
+        hits += int((classifier(images[:, None] / 127.5 - 1.0) == digit).sum())
+    assert hits / 30 >= 0.6
+
+
+def test_same_request_same_bytes_and_img2img_inpaint_work(server):
+    body = {"prompt": "the number 3", "seed": 5, "num_inference_steps": 8, "scheduler": "euler_ancestral"}
+    a, b = post(server, "/v1/txt2img", body).json(), post(server, "/v1/txt2img", body).json()
+    assert a["images"][0]["data"] == b["images"][0]["data"]
+    image = a["images"][0]["data"]
+    r = post(server, "/v1/img2img", {"prompt": "the number 8", "image": image, "strength": 0.6, "seed": 1,
+                                     "num_inference_steps": 10})
+    assert r.status_code == 200, r.text
+    assert r.json()["parameters"]["strength"] == 0.6
+    mask = np.zeros((32, 32), np.uint8)
+    mask[:, 16:] = 255
+    buf = io.BytesIO()
+    Image.fromarray(mask).save(buf, format="PNG")
+    files = {"image": ("in.png", base64.b64decode(image), "image/png"), "mask": ("m.png", buf.getvalue(), "image/png")}
+    r = httpx.post(f"{server.url}/v1/inpaint", data={"prompt": "seven", "seed": "2", "num_inference_steps": "10"},
+                   files=files, timeout=120)
+    assert r.status_code == 200, r.text
+    out = decode(r.json()["images"][0]).astype(int)
+    original = decode(a["images"][0]).astype(int)
+    # The kept half stays close to the input (VAE round trip), the masked half changes.
+    assert np.abs(out[:, :12] - original[:, :12]).mean() < np.abs(out[:, 20:] - original[:, 20:]).mean()
+
+
+@pytest.mark.parametrize("path, body, field", [
+    ("/v1/txt2img", {"prompt": ""}, "prompt"),
+    ("/v1/txt2img", {"prompt": "   "}, "prompt"),
+    ("/v1/txt2img", {"prompt": "7", "num_inference_steps": 1000}, "num_inference_steps"),
+    ("/v1/txt2img", {"prompt": "7", "guidance_scale": -1}, "guidance_scale"),
+    ("/v1/txt2img", {"prompt": "7", "height": 33}, "height"),
+    ("/v1/txt2img", {"prompt": "7", "width": 4096}, "width"),
+    ("/v1/txt2img", {"prompt": "7", "scheduler": "lms"}, "scheduler"),
+    ("/v1/txt2img", {"prompt": "seven " * 40}, "prompt"),
+    ("/v1/txt2img", {"prompt": "7", "num_images": 9}, "num_images"),
+    ("/v1/txt2img", {"prompt": "7", "timeout_s": 100000}, "timeout_s"),
+    ("/v1/img2img", {"prompt": "7", "image": "aGVsbG8="}, "image"),
+    ("/v1/img2img", {"prompt": "7", "image": "not base64!"}, "image"),
+    ("/v1/txt2img", {"prompt": "7", "model": "nope"}, "model"),
+])
+def test_bad_input_gets_a_4xx_naming_the_field(server, path, body, field):
+    r = post(server, path, body)
+    assert 400 <= r.status_code < 500, r.text
+    assert r.json()["error"]["field"] == field
+
+
+def test_mask_of_another_size_is_refused(server):
+    png = io.BytesIO()
+    Image.fromarray(np.zeros((32, 32), np.uint8)).save(png, format="PNG")
+    small = io.BytesIO()
+    Image.fromarray(np.zeros((16, 16), np.uint8)).save(small, format="PNG")
+    r = post(server, "/v1/inpaint", {"prompt": "7", "image": base64.b64encode(png.getvalue()).decode(),
+                                     "mask": base64.b64encode(small.getvalue()).decode()})
+    assert r.status_code == 422 and r.json()["error"]["field"] == "mask"
+
+
+def test_stream_sends_progress_previews_and_the_result(server):
+    events = []
+    body = {"prompt": "a handwritten digit two", "seed": 3, "num_inference_steps": 6, "preview_every": 3}
+    with httpx.stream("POST", f"{server.url}/v1/txt2img/stream", json=body, timeout=120) as r:
+        assert r.headers["content-type"].startswith("text/event-stream")
+        name = None
+        for line in r.iter_lines():
+            if line.startswith("event: "):
+                name = line[7:]
+            elif line.startswith("data: "):
+                events.append((name, json.loads(line[6:])))
+    names = [n for n, _ in events]
+    assert names == ["progress"] * 3 + ["preview"] + ["progress"] * 3 + ["result"]
+    assert [d["step"] for n, d in events if n == "progress"] == [1, 2, 3, 4, 5, 6]
+    result = events[-1][1]
+    plain = post(server, "/v1/txt2img", {k: v for k, v in body.items() if k != "preview_every"}).json()
+    assert result["images"][0]["data"] == plain["images"][0]["data"]
+
+
+def test_a_client_that_hangs_up_is_cancelled(server):
+    before = metric(server, "genserve_engine_requests_finished_total", reason="cancelled")
+    body = {"prompt": "a handwritten digit one", "num_inference_steps": 150, "num_images": 8, "height": 64, "width": 64}
+    with pytest.raises(httpx.ReadTimeout):
+        post(server, "/v1/txt2img", body, timeout=1.0)
+    with httpx.stream("POST", f"{server.url}/v1/txt2img/stream", json=body, timeout=60) as r:
+        for line in r.iter_lines():
+            if line.startswith("data: "):
+                break  # one progress event, then hang up
+    deadline = time.monotonic() + 20
+    while metric(server, "genserve_engine_requests_finished_total", reason="cancelled") < before + 2:
+        assert time.monotonic() < deadline, "cancellations were not counted"
+        time.sleep(0.2)
+    assert metric(server, "genserve_engine_queue_requests") == 0
+
+
+@pytest.fixture(scope="module")
+def small_queue_server(repository, tmp_path_factory):
+    proc = ServerProcess({"GENSERVE_MODEL_REPOSITORY": str(repository), "GENSERVE_MAX_QUEUED_STEPS": "100"},
+                         tmp_path_factory.mktemp("small_queue") / "bentoml.log")
+    try:
+        proc.wait_ready()
+        yield proc
+    finally:
+        proc.stop()
+
+
+def test_a_full_queue_answers_429_at_once(small_queue_server):
+    long = {"prompt": "a handwritten digit six", "num_inference_steps": 100, "height": 64, "width": 64}
+    worker = threading.Thread(target=post, args=(small_queue_server, "/v1/txt2img", long), daemon=True)
+    worker.start()
+    deadline = time.monotonic() + 20
+    while metric(small_queue_server, "genserve_engine_queue_steps") == 0:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    t0 = time.monotonic()
+    r = post(small_queue_server, "/v1/txt2img", {"prompt": "a handwritten digit six", "num_inference_steps": 50})
+    assert r.status_code == 429 and time.monotonic() - t0 < 2.0
+    assert int(r.headers["retry-after"]) >= 1
+    assert r.json()["error"]["code"] == "queue_full" and r.json()["error"]["limit"] == 100
+    worker.join(timeout=120)
