@@ -20,7 +20,7 @@ export HF_HUB_OFFLINE := 1
 
 $(INSTALLED): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[export,triton-local,test]'
+	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[export,triton-local,deploy,test]'
 	touch $@
 
 install: $(INSTALLED)
@@ -55,3 +55,23 @@ test: $(REPOSITORY_STAMP)
 clean:
 	find $(REPOSITORY) -mindepth 1 -maxdepth 1 -type d -exec rm -rf {} +
 	rm -f $(REPOSITORY_STAMP)
+
+# Deployment checks without a cluster: render every kustomization, validate offline,
+# promtool check + test the rules, load the dashboard, lint the Dockerfiles.
+.PHONY: deploy-check loadtest
+deploy-check: $(INSTALLED)
+	PY=$(PY) bash deploy/checks.sh
+
+# Headless locust run, bounded in time, loopback only; exit 1 past the thresholds.
+# Without LOADTEST_HOST it starts its own service on model_repository/ (and stops it).
+# Reports in loadtests/reports/. Example: make loadtest LOADTEST_USERS=8 LOADTEST_DURATION=60
+LOADTEST_USERS ?= 4
+LOADTEST_SPAWN_RATE ?= 2
+LOADTEST_DURATION ?= 30
+LOADTEST_MAX_ERROR_RATE ?= 0.01
+LOADTEST_MAX_P95_MS ?= 5000
+LOADTEST_HOST ?=
+loadtest: $(if $(LOADTEST_HOST),$(INSTALLED),$(REPOSITORY_STAMP))
+	$(PY) loadtests/run.py --users $(LOADTEST_USERS) --spawn-rate $(LOADTEST_SPAWN_RATE) \
+	    --duration $(LOADTEST_DURATION) --max-error-rate $(LOADTEST_MAX_ERROR_RATE) \
+	    --max-p95-ms $(LOADTEST_MAX_P95_MS) $(if $(LOADTEST_HOST),--host $(LOADTEST_HOST))

@@ -48,6 +48,7 @@ class DiffusionEngine:
         self._wakeup = asyncio.Event()
         self._loop_task: asyncio.Task | None = None
         self._start_loop = start_loop
+        self._report_queue()  # gauges exist (at 0) from start-up, before the first request
 
     # -- client side -------------------------------------------------------------------
     def submit(self, request: DiffusionRequest, timeout_s: float, preview_every: int = 0) -> EngineRequest:
