@@ -21,18 +21,18 @@ import argparse
 import csv
 import ipaddress
 import os
-import signal
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
+sys.path.insert(0, str(ROOT))
+
+from services.local_server import LocalServer  # noqa: E402
 LOCUSTFILE = HERE / "locustfile.py"
 MAX_DURATION_S = 3600
 
@@ -98,50 +98,6 @@ def check_thresholds(figures: Figures, max_error_rate: float, max_p95_ms: float)
     return problems
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class LocalService:
-    """`bentoml serve` on a free loopback port for the duration of a run."""
-
-    def __init__(self, log_path: Path, ready_timeout_s: float = 180.0):
-        self.url = f"http://127.0.0.1:{free_port()}"
-        env = {**os.environ, "GENSERVE_BACKEND": os.environ.get("GENSERVE_BACKEND", "onnxruntime"),
-               "GENSERVE_MODEL_REPOSITORY": os.environ.get("GENSERVE_MODEL_REPOSITORY", str(ROOT / "model_repository"))}
-        self._log = open(log_path, "wb")
-        self.proc = subprocess.Popen(
-            [str(Path(sys.executable).parent / "bentoml"), "serve", "services.service:GenServe",
-             "--host", "127.0.0.1", "--port", self.url.rsplit(":", 1)[1]],
-            cwd=ROOT, env=env, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True)
-        deadline = time.monotonic() + ready_timeout_s
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                self.stop()
-                raise RuntimeError(f"bentoml serve exited with {self.proc.returncode}; log: {log_path}")
-            try:
-                with urllib.request.urlopen(f"{self.url}/readyz", timeout=2) as r:
-                    if r.status == 200:
-                        return
-            except OSError:
-                pass
-            time.sleep(0.5)
-        self.stop()
-        raise RuntimeError(f"bentoml serve not ready after {ready_timeout_s:.0f}s; log: {log_path}")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
-        self._log.close()
-
-
 def run_locust(host: str, args: argparse.Namespace, prefix: Path) -> int:
     cmd = [sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), "--headless",
            "--host", host, "--users", str(args.users), "--spawn-rate", str(args.spawn_rate),
@@ -195,7 +151,11 @@ def main(argv: list[str] | None = None) -> int:
     service = None
     try:
         if host is None:
-            service = LocalService(Path(f"{prefix}_service.log"))
+            service = LocalServer({"GENSERVE_BACKEND": os.environ.get("GENSERVE_BACKEND", "onnxruntime"),
+                                   "GENSERVE_MODEL_REPOSITORY": os.environ.get(
+                                       "GENSERVE_MODEL_REPOSITORY", str(ROOT / "model_repository"))},
+                                  Path(f"{prefix}_service.log"))
+            service.wait_ready()
             host = service.url
             print(f"started genserve at {host} (log {prefix}_service.log)")
         code = run_locust(host, args, prefix)

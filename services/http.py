@@ -8,7 +8,7 @@ import uuid
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ValidationError
 
 from services.errors import ServiceError
@@ -49,8 +49,26 @@ class RequestIdMiddleware:
             await self.app(scope, receive, send_with_id)
         finally:
             log.info("request_id=%s %s %s -> %s in %.3fs", request_id, scope["method"],
-                     scope.get("root_path", "") + scope["path"], status[0], time.perf_counter() - start)
+                     scope["path"], status[0], time.perf_counter() - start)
             request_id_var.reset(token)
+
+
+class EventStream(StreamingResponse):
+    """Server-sent events that call `on_close` however the stream ends: finished, or the
+    client hung up. Starlette stops sending on a disconnect but leaves the generator to
+    the garbage collector, which could run its cleanup much later."""
+
+    def __init__(self, events, on_close):
+        super().__init__(events, media_type="text/event-stream",
+                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        self.on_close = on_close
+
+    async def __call__(self, scope, receive, send):
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.on_close()
+            await self.body_iterator.aclose()
 
 
 async def parse_body(request: Request, model: type[BaseModel]) -> BaseModel:

@@ -28,7 +28,7 @@ from services.errors import (
     ServiceError,
     TooManyRequests,
 )
-from services.http import RequestIdMiddleware, install_error_handlers, parse_body, request_id_var
+from services.http import EventStream, RequestIdMiddleware, install_error_handlers, parse_body, request_id_var
 from services.imaging import FORMATS, encode_image, to_uint8
 from services.schedulers import SCHEDULERS
 from services.schemas import (
@@ -265,28 +265,24 @@ class GenServe:
         start = time.perf_counter()
         name, handle, params = self._submit("txt2img", body)
         engine = self.engines[name]
-        request_id = request_id_var.get()
 
         async def events():
-            token = request_id_var.set(request_id)
+            # The request id context variable is still set: streaming runs inside the
+            # request's middleware call.
+            while (event := await handle.events.get()) is not None:
+                if event["event"] == "preview":
+                    event["images"] = [im.model_dump() for im in self._encode(
+                        event["images"], (-1.0, 1.0), "png",
+                        [{"model": name, "seed": s, "preview_step": event["step"]}
+                         for s in range(params["seed"], params["seed"] + body.num_images)])]
+                yield sse(event.pop("event"), event)
             try:
-                while (event := await handle.events.get()) is not None:
-                    if event["event"] == "preview":
-                        event["images"] = [im.model_dump() for im in self._encode(
-                            event["images"], (-1.0, 1.0), "png",
-                            [{"model": name, "seed": s, "preview_step": event["step"]}
-                             for s in range(params["seed"], params["seed"] + body.num_images)])]
-                    yield sse(event.pop("event"), event)
-                try:
-                    yield sse("result", self._respond("txt2img", name, body, params, handle, start).model_dump())
-                except ServiceError as exc:
-                    yield sse("error", {**exc.body(request_id), "status": exc.status})
-            finally:
-                engine.cancel(handle)  # a client that hung up leaves the batch at the next step
-                request_id_var.reset(token)
+                yield sse("result", self._respond("txt2img", name, body, params, handle, start).model_dump())
+            except ServiceError as exc:
+                yield sse("error", {**exc.body(request_id_var.get()), "status": exc.status})
 
-        return StreamingResponse(events(), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        # A client that hangs up leaves the batch at the next step.
+        return EventStream(events(), on_close=lambda: engine.cancel(handle))
 
     @app.get("/models", response_model=ModelList)
     async def list_models(self) -> ModelList:

@@ -23,7 +23,8 @@ import httpx
 import pytest
 import yaml
 
-from tests.conftest import ServerProcess, free_port
+from services.local_server import free_port
+from tests.conftest import ServerProcess
 from tests.fixtures.triton import start_triton
 
 pytestmark = pytest.mark.server

@@ -102,6 +102,12 @@ def _metric(triton: TritonProcess, name: str, model: str) -> float:
     return float(match.group(1))
 
 
+def _gan_models(triton: TritonProcess) -> list[str]:
+    """The generators (input z, output image [1, 32, 32]) the inference checks use."""
+    return [m for m in triton.models
+            if _config(triton, m)["parameters"].get("genserve.pipeline", {}).get("string_value") == "gan"]
+
+
 # --- tests -----------------------------------------------------------------------------
 
 def test_models_ready_with_their_config_unchanged(triton):
@@ -124,7 +130,8 @@ def test_models_ready_with_their_config_unchanged(triton):
 def test_grpc_inference_matches_onnxruntime(triton):
     rng = np.random.default_rng(0)
     client = triton.grpc()
-    for model in triton.models:
+    assert _gan_models(triton)
+    for model in _gan_models(triton):
         config = _config(triton, model)
         feeds = _random_inputs(config, batch=3, rng=rng)
         image = _infer(client, model, feeds)
@@ -134,7 +141,7 @@ def test_grpc_inference_matches_onnxruntime(triton):
 
 
 def test_bad_input_is_an_error_response_not_a_crash(triton):
-    model = triton.models[0]
+    model = _gan_models(triton)[0]
     config = _config(triton, model)
     client = triton.grpc()
     good = _random_inputs(config, batch=2, rng=np.random.default_rng(1))
@@ -153,7 +160,7 @@ def test_bad_input_is_an_error_response_not_a_crash(triton):
 def test_backend_error_stays_with_its_request(triton):
     """An input Triton accepts but the graph rejects (class label out of range) fails in
     ONNX Runtime inside our backend: that request gets an error, its batch-mates do not."""
-    model = next((m for m in triton.models
+    model = next((m for m in _gan_models(triton)
                   if any(i["data_type"] == "TYPE_INT64" for i in _config(triton, m)["input"])), None)
     if model is None:
         pytest.skip("no model with an integer input")
@@ -191,7 +198,7 @@ def test_backend_error_stays_with_its_request(triton):
 
 def test_concurrent_batch1_requests_are_batched(triton):
     """8 clients x 6 batch-1 requests: fewer executions than inferences, right answers."""
-    model = triton.models[0]
+    model = _gan_models(triton)[0]
     config = _config(triton, model)
     clients, per_client = 8, 6
     feeds = _random_inputs(config, batch=clients * per_client, rng=np.random.default_rng(3))
