@@ -7,8 +7,10 @@ guidance from {1, 3, 5, 7.5}, prompts naming digits; the same workload for every
 seeded). Modes, all in this process on the embedded ONNX Runtime backend:
   sequential      one request at a time (a lock around the single-request pipeline)
   request-level   whole requests grouped as they arrive (up to the U-Net's batch), run in
-                  lockstep until the group's longest request is done; newcomers wait for
-                  the next group — how request-batching servers treat multi-step pipelines
+                  lockstep until the group's longest request is done: a finished request
+                  keeps its rows in the batch (a pipeline call's batch is fixed) and gets
+                  its answer when the group ends; newcomers wait for the next group — how
+                  request-batching servers treat multi-step pipelines
   step-level      the DiffusionEngine: requests join and leave between denoising steps
 Prints images/s, p50/p95 latency and the ratios, and appends them with the command to
 bench/results/engine.md.
@@ -33,7 +35,6 @@ from services.engine.engine import DiffusionEngine  # noqa: E402
 from services.pipelines.pipeline_stable_diffusion import (  # noqa: E402
     DiffusionRequest,
     StableDiffusionPipeline,
-    Trajectory,
     discover_stable_diffusion,
 )
 from services.runtime.onnxruntime_backend import OnnxRuntimeBackend  # noqa: E402
@@ -97,14 +98,20 @@ class RequestLevel:
                 k = len(self.pipeline.tokenize(r))
                 trajectories.append(await self.pipeline.start(r, embeddings[offset:offset + k]))
                 offset += k
+            last_inputs = {}
             while not all(t.done for t in trajectories):
-                live = [t for t in trajectories if not t.done]
-                inputs = [t.model_inputs() for t in live]
+                # Finished members still occupy their rows: the batch is fixed for the call.
+                inputs = []
+                for t in trajectories:
+                    if not t.done:
+                        last_inputs[id(t)] = t.model_inputs()
+                    inputs.append(last_inputs[id(t)])
                 merged = {k: np.concatenate([x[k] for x in inputs]) for k in inputs[0]}
                 out = (await self.pipeline.backend.infer(self.pipeline.models.unet, merged))["noise_pred"]
                 o = 0
-                for t in live:
-                    t.advance(out[o:o + t.rows])
+                for t in trajectories:
+                    if not t.done:
+                        t.advance(out[o:o + t.rows])
                     o += t.rows
             images = await self.pipeline.decode(np.concatenate([t.decoder_input() for t in trajectories]))
             o = 0

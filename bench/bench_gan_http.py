@@ -1,7 +1,7 @@
 """GAN endpoint throughput over real HTTP against a running service.
 
-    make serve &                      # or any running genserve
-    .venv/bin/python bench/bench_gan_http.py --url http://127.0.0.1:3000 --seconds 10
+    .venv/bin/python bench/bench_gan_http.py --seconds 10          # starts its own service
+    .venv/bin/python bench/bench_gan_http.py --url http://127.0.0.1:3000   # or a running one
 
 Measures requests/s and images/s side by side in one run for several (concurrency,
 num_images) settings, so their ratios are comparable on a noisy machine, and appends
@@ -19,6 +19,11 @@ import time
 from pathlib import Path
 
 import httpx
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from services.local_server import LocalServer  # noqa: E402
 
 SETTINGS = [(1, 1), (4, 1), (1, 16), (4, 16)]  # (concurrency, num_images)
 
@@ -55,12 +60,21 @@ async def run_setting(url: str, concurrency: int, num_images: int, seconds: floa
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--url", default="http://127.0.0.1:3000")
+    parser.add_argument("--url", help="a running service (default: start one on model_repository/)")
     parser.add_argument("--seconds", type=float, default=10.0, help="per setting")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "gan_http.md")
     args = parser.parse_args()
 
-    rows = [asyncio.run(run_setting(args.url, c, n, args.seconds)) for c, n in SETTINGS]
+    server = None
+    if args.url is None:
+        server = LocalServer({"GENSERVE_MODEL_REPOSITORY": str(ROOT / "model_repository")},
+                             Path("/tmp/genserve-bench-gan.log"))
+        server.wait_ready()
+    try:
+        rows = [asyncio.run(run_setting(args.url or server.url, c, n, args.seconds)) for c, n in SETTINGS]
+    finally:
+        if server is not None:
+            server.stop()
     base = rows[0]["images_per_s"]
     lines = [
         f"## {time.strftime('%Y-%m-%d %H:%M')} on {platform.node()} ({platform.processor() or platform.machine()})",
