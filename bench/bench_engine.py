@@ -165,7 +165,18 @@ def main() -> int:
     asyncio.run(pipeline(jobs[0][0]))  # warm-up: first ONNX Runtime runs allocate
     modes = {"sequential": Sequential(pipeline), "request-level": RequestLevel(pipeline, max_rows),
              "step-level": StepLevel(pipeline, max_rows)}
-    rows = {name: asyncio.run(run_mode(mode, jobs)) for name, mode in modes.items()}
+    unet_work = {"calls": 0, "rows": 0}
+
+    def count(model, _backend, batch, _seconds):
+        if model == models.unet:
+            unet_work["calls"] += 1
+            unet_work["rows"] += batch
+
+    backend.add_observer(count)
+    rows = {}
+    for name, mode in modes.items():
+        unet_work.update(calls=0, rows=0)
+        rows[name] = {**asyncio.run(run_mode(mode, jobs)), **{f"unet_{k}": v for k, v in unet_work.items()}}
 
     base, req = rows["sequential"]["images_per_s"], rows["request-level"]["images_per_s"]
     lines = [
@@ -173,12 +184,12 @@ def main() -> int:
         "", f"`{' '.join([Path(sys.executable).name, *sys.argv])}`", "",
         f"{args.clients} clients x {args.requests_per_client} requests, steps 10-30, guidance {{1, 3, 5, 7.5}}, "
         f"DDIM, U-Net max batch {max_rows} rows", "",
-        "| mode | requests | images/s | x sequential | x request-level | p50 s | p95 s |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        "| mode | requests | images/s | x sequential | x request-level | p50 s | p95 s | U-Net calls | U-Net rows |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for name, r in rows.items():
         lines.append(f"| {name} | {r['requests']} | {r['images_per_s']:.2f} | {r['images_per_s'] / base:.2f} | "
-                     f"{r['images_per_s'] / req:.2f} | {r['p50_s']:.2f} | {r['p95_s']:.2f} |")
+                     f"{r['images_per_s'] / req:.2f} | {r['p50_s']:.2f} | {r['p95_s']:.2f} | {r['unet_calls']} | {r['unet_rows']} |")
     table = "\n".join(lines) + "\n\n"
     print(table)
     args.out.parent.mkdir(parents=True, exist_ok=True)
