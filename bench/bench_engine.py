@@ -128,6 +128,24 @@ class StepLevel:
         return (await self.engine.generate(req, timeout_s=3600)).images
 
 
+def unet_cost(pipeline, rows=(1, 4, 8, 16), repeats=30) -> dict[int, float]:
+    """Milliseconds per U-Net call by batch rows: how much batching can save here."""
+    m = pipeline.models
+    spec = pipeline.backend.models()[m.unet]
+    side = m.native_size // m.vae_scale_factor
+    seq, hidden = spec.input("encoder_hidden_states").dims
+    cost = {}
+    for n in rows:
+        feeds = {"sample": np.zeros((n, m.latent_channels, side, side), np.float32),
+                 "timestep": np.ones((n, 1), np.float32), "encoder_hidden_states": np.zeros((n, seq, hidden), np.float32)}
+        asyncio.run(pipeline.backend.infer(m.unet, feeds))
+        start = time.perf_counter()
+        for _ in range(repeats):
+            asyncio.run(pipeline.backend.infer(m.unet, feeds))
+        cost[n] = 1000 * (time.perf_counter() - start) / repeats
+    return cost
+
+
 async def run_mode(mode, jobs) -> dict:
     latencies, images = [], 0
 
@@ -190,6 +208,8 @@ def main() -> int:
     for name, r in rows.items():
         lines.append(f"| {name} | {r['requests']} | {r['images_per_s']:.2f} | {r['images_per_s'] / base:.2f} | "
                      f"{r['images_per_s'] / req:.2f} | {r['p50_s']:.2f} | {r['p95_s']:.2f} | {r['unet_calls']} | {r['unet_rows']} |")
+    cost = unet_cost(pipeline)
+    lines += ["", "U-Net ms per call by rows: " + ", ".join(f"{n}: {ms:.2f}" for n, ms in cost.items())]
     table = "\n".join(lines) + "\n\n"
     print(table)
     args.out.parent.mkdir(parents=True, exist_ok=True)
