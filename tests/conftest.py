@@ -41,22 +41,40 @@ def classifier():
     return predict
 
 
-# One implementation of "start a local service", shared with the load tests and benchmarks.
-ServerProcess = LocalServer
-
-
-@pytest.fixture(scope="session")
-def server(repository, tmp_path_factory):
-    """Base URL of a live service on the embedded backend."""
-    proc = ServerProcess(
-        {"GENSERVE_MODEL_REPOSITORY": str(repository), "GENSERVE_BACKEND": "onnxruntime"},
-        tmp_path_factory.mktemp("server") / "bentoml.log",
-    )
+def running_server(env: dict[str, str], log_dir: Path):
+    """Yields a ready local service with `env`, stopped afterwards (a fixture body)."""
+    proc = LocalServer(env, log_dir / "bentoml.log")  # shared with the load tests and benchmarks
     try:
         proc.wait_ready()
         yield proc
     finally:
         proc.stop()
+
+
+@pytest.fixture(scope="session")
+def server(repository, tmp_path_factory):
+    """A live service on the embedded backend."""
+    yield from running_server({"GENSERVE_MODEL_REPOSITORY": str(repository), "GENSERVE_BACKEND": "onnxruntime"},
+                              tmp_path_factory.mktemp("server"))
+
+
+@pytest.fixture(scope="module")
+def triton(repository, tmp_path_factory):
+    """A real tritonserver on the repository (one per test module: some tests stop it)."""
+    from tests.fixtures.triton import start_triton
+
+    server = start_triton(repository, tmp_path_factory.mktemp("triton"))
+    yield server
+    server.terminate()
+
+
+@pytest.fixture(scope="module")
+def triton_service(triton, repository, tmp_path_factory):
+    """A live service on GENSERVE_BACKEND=triton, pointed at the module's Triton."""
+    yield from running_server(
+        {"GENSERVE_MODEL_REPOSITORY": str(repository), "GENSERVE_BACKEND": "triton",
+         "GENSERVE_TRITON_URL": f"127.0.0.1:{triton.grpc_port}", "GENSERVE_TRITON_TIMEOUT_S": "20"},
+        tmp_path_factory.mktemp("service_triton"))
 
 
 @pytest.fixture(scope="session")

@@ -24,8 +24,6 @@ import pytest
 import yaml
 
 from services.local_server import free_port
-from tests.conftest import ServerProcess
-from tests.fixtures.triton import start_triton
 
 pytestmark = pytest.mark.server
 
@@ -98,24 +96,9 @@ def test_metric_name_extraction():
 # --- live processes ------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def triton(repository, tmp_path_factory):
-    server = start_triton(repository, tmp_path_factory.mktemp("triton"))
-    yield server
-    server.terminate()
-
-
-@pytest.fixture(scope="module")
-def service(triton, repository, tmp_path_factory):
-    proc = ServerProcess(
-        {"GENSERVE_MODEL_REPOSITORY": str(repository), "GENSERVE_BACKEND": "triton",
-         "GENSERVE_TRITON_URL": f"127.0.0.1:{triton.grpc_port}", "GENSERVE_TRITON_TIMEOUT_S": "20"},
-        tmp_path_factory.mktemp("service_triton") / "bentoml.log",
-    )
-    try:
-        proc.wait_ready()
-        yield proc
-    finally:
-        proc.stop()
+def service(triton_service):
+    """The service under observation: on the Triton backend, so both scrape."""
+    return triton_service
 
 
 def send_traffic(url: str) -> None:

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.conftest import ServerProcess
+from tests.conftest import running_server
 
 pytestmark = pytest.mark.server
 
@@ -141,13 +141,8 @@ def test_a_client_that_hangs_up_is_cancelled(server):
 
 @pytest.fixture(scope="module")
 def small_queue_server(repository, tmp_path_factory):
-    proc = ServerProcess({"GENSERVE_MODEL_REPOSITORY": str(repository), "GENSERVE_MAX_QUEUED_STEPS": "100"},
-                         tmp_path_factory.mktemp("small_queue") / "bentoml.log")
-    try:
-        proc.wait_ready()
-        yield proc
-    finally:
-        proc.stop()
+    yield from running_server({"GENSERVE_MODEL_REPOSITORY": str(repository), "GENSERVE_MAX_QUEUED_STEPS": "100"},
+                              tmp_path_factory.mktemp("small_queue"))
 
 
 def test_a_full_queue_answers_429_at_once(small_queue_server):

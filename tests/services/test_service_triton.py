@@ -13,31 +13,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.conftest import ServerProcess
 from tests.fixtures.triton import start_triton
 
 pytestmark = pytest.mark.server
-
-
-@pytest.fixture(scope="module")
-def triton(repository, tmp_path_factory):
-    server = start_triton(repository, tmp_path_factory.mktemp("triton"))
-    yield server
-    server.terminate()
-
-
-@pytest.fixture(scope="module")
-def triton_service(triton, repository, tmp_path_factory):
-    proc = ServerProcess(
-        {"GENSERVE_MODEL_REPOSITORY": str(repository), "GENSERVE_BACKEND": "triton",
-         "GENSERVE_TRITON_URL": f"127.0.0.1:{triton.grpc_port}", "GENSERVE_TRITON_TIMEOUT_S": "20"},
-        tmp_path_factory.mktemp("service_triton") / "bentoml.log",
-    )
-    try:
-        proc.wait_ready()
-        yield proc
-    finally:
-        proc.stop()
 
 
 def pixels(body: dict) -> np.ndarray:
