@@ -114,3 +114,33 @@ def test_inpaint_with_an_empty_mask_keeps_the_encoded_image(pipeline):
     repainted = generate(pipeline, prompt=PROMPT, num_inference_steps=5, seed=3, init_image=image,
                          mask=np.ones((16, 16), np.float32), strength=1.0)
     assert psnr(repainted[0], kept[0]) < 30
+
+
+@pytest.fixture(scope="module")
+def demo(repository):
+    """(our pipeline, diffusers' pipeline) for the committed demo folder."""
+    from diffusers import StableDiffusionPipeline as DiffusersPipeline
+
+    from zoo.latent_diffusion import CHECKPOINT as folder
+
+    backend = OnnxRuntimeBackend(ModelRepository(repository))
+    ours = StableDiffusionPipeline(backend, discover_stable_diffusion(backend.models())["sd_digits"])
+    return ours, DiffusersPipeline.from_pretrained(folder, safety_checker=None)
+
+
+@pytest.mark.parametrize("scheduler", ["ddim", "euler"])
+@pytest.mark.parametrize("guidance", [1.0, 5.0])
+def test_demo_txt2img_matches_diffusers(demo, scheduler, guidance):
+    from diffusers import DDIMScheduler, EulerDiscreteScheduler
+
+    pipeline, reference = demo
+    cls = {"ddim": DDIMScheduler, "euler": EulerDiscreteScheduler}[scheduler]
+    reference.scheduler = cls.from_config(reference.scheduler.config)
+    prompt = "a handwritten digit seven"
+    ours = generate(pipeline, prompt=prompt, num_images=2, num_inference_steps=10, guidance_scale=guidance,
+                    scheduler=scheduler, seed=21)
+    latents = torch.from_numpy(np.stack(initial_latents(21, 2, (4, 8, 8))))
+    theirs = reference(prompt, num_images_per_prompt=2, num_inference_steps=10, guidance_scale=guidance,
+                       latents=latents, output_type="np").images
+    assert ours.shape == theirs.shape == (2, 32, 32, 1)
+    assert psnr(ours, theirs) >= 35
