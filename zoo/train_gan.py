@@ -4,11 +4,19 @@
     python -m zoo.train_gan --name cgan_digits --conditional     # class-conditional
 
 Recipe chosen for stability on 1,797 images and a few CPU minutes: hinge loss,
-spectral-norm (projection) discriminator, Adam(lr 2e-4, betas (0, 0.999)), one D
-step per G step, and an exponential moving average of G's weights (the EMA
-generator is what gets saved: it averages out the oscillation of the adversarial
-game and gives visibly cleaner samples). All data is used for training; the saved
-JSON records how the committed digit classifier judges the samples.
+spectral-norm (projection) discriminator with a minibatch-stddev channel, one D
+step per G step, Adam(lr 4e-4, betas (0, 0.999)), and an exponential moving
+average of G's weights (the EMA generator is what gets saved: it averages out the
+oscillation of the adversarial game). On this data 4e-4 for both beat a
+two-time-scale 1e-4 (G) / 4e-4 (D) for the unconditional model at equal steps.
+
+The unconditional G must carve one Gaussian into ten separate digit clusters and
+keeps sharpening them long after the conditional G is done (classifier mean
+confidence 0.73 after 1,500 steps, 0.78 after 3,000), hence twice the steps:
+about 53 epochs conditional, 107 unconditional.
+
+All data is used for training; the saved JSON records how the committed digit
+classifier judges the samples.
 """
 
 from __future__ import annotations
@@ -62,12 +70,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--name", required=True)
     parser.add_argument("--conditional", action="store_true")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--steps", type=int, default=1500, help="generator updates (about 53 epochs)")
+    parser.add_argument("--steps", type=int, help="generator updates (default 1500 conditional, 3000 unconditional)")
     parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--lr", type=float, default=2e-4)
+    parser.add_argument("--lr-g", type=float, default=4e-4)
+    parser.add_argument("--lr-d", type=float, default=4e-4)
+    parser.add_argument("--eval-every", type=int, default=0, help="judge the EMA generator every N steps")
     parser.add_argument("--ema-decay", type=float, default=0.999)
     parser.add_argument("--out-dir", help="default: zoo/checkpoints")
     args = parser.parse_args(argv)
+    if args.steps is None:
+        args.steps = 1500 if args.conditional else 3000
 
     torch.set_num_threads(2)
     torch.manual_seed(args.seed)
@@ -79,10 +91,11 @@ def main(argv: list[str] | None = None) -> None:
     num_classes = NUM_CLASSES if args.conditional else 0
     config = {"latent_dim": 64, "num_classes": num_classes, "image_channels": 1, "image_size": 32, "base_channels": 32}
     g = DCGANGenerator(**config)
-    d = Discriminator(num_classes=num_classes, image_channels=1, base_channels=32)
+    d = Discriminator(num_classes, 1, base_channels=32)
     g_ema = copy.deepcopy(g)
-    opt_g = torch.optim.Adam(g.parameters(), lr=args.lr, betas=(0.0, 0.999))
-    opt_d = torch.optim.Adam(d.parameters(), lr=args.lr, betas=(0.0, 0.999))
+    opt_g = torch.optim.Adam(g.parameters(), lr=args.lr_g, betas=(0.0, 0.999))
+    opt_d = torch.optim.Adam(d.parameters(), lr=args.lr_d, betas=(0.0, 0.999))
+    classifier = load_checkpoint("digit_classifier") if (CHECKPOINT_DIR / "digit_classifier.json").exists() else None
 
     order, pos = torch.randperm(len(y), generator=gen), 0
     for step in range(1, args.steps + 1):
@@ -109,6 +122,10 @@ def main(argv: list[str] | None = None) -> None:
         if step % 250 == 0 or step == args.steps:
             print(f"step {step:5d}  loss_d {loss_d.item():.3f}  loss_g {loss_g.item():.3f}  "
                   f"{time.perf_counter() - start:.0f} s", flush=True)
+        if args.eval_every and step % args.eval_every == 0 and classifier is not None:
+            snapshot = copy.deepcopy(g_ema)
+            recalibrate_batchnorm(snapshot, batches=10)
+            print(f"  {judge(snapshot, classifier)}", flush=True)
 
     recalibrate_batchnorm(g_ema, seed=args.seed)
     wall = time.perf_counter() - start
@@ -117,13 +134,14 @@ def main(argv: list[str] | None = None) -> None:
         "steps": args.steps,
         "batch_size": args.batch_size,
         "data": "sklearn digits 32x32, all 1,797 images",
-        "recipe": f"hinge loss, spectral-norm {'projection ' if num_classes else ''}discriminator, "
-                  f"Adam lr {args.lr} betas (0, 0.999), EMA {args.ema_decay} of G, BatchNorm recalibrated",
+        "recipe": f"hinge loss, spectral-norm {'projection ' if num_classes else ''}discriminator with "
+                  f"minibatch stddev, Adam lr G {args.lr_g} / D {args.lr_d} betas (0, 0.999), "
+                  f"EMA {args.ema_decay} of G, BatchNorm recalibrated",
         "wall_seconds": round(wall, 1),
         "cpu_seconds": round(time.process_time(), 1),  # less sensitive than wall time to a shared machine
     }
-    if (CHECKPOINT_DIR / "digit_classifier.json").exists():
-        metrics = judge(g_ema, load_checkpoint("digit_classifier"), seed=0)
+    if classifier is not None:
+        metrics = judge(g_ema, classifier, seed=0)
         training["metrics"] = {"judged_by": "digit_classifier", "z": "N(0, I), no truncation", "seed": 0, **metrics}
         print(f"judged by digit_classifier: {metrics}")
     path = save_checkpoint(g_ema, args.name, config, training, out_dir=args.out_dir)
