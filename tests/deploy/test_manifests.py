@@ -1,14 +1,16 @@
 """deploy/ without a cluster: every kustomization renders and validates offline against
 the Kubernetes schemas, and the rendered objects say what the platform promises (resources,
 non-root read-only containers, probes, images from one images: block, GPUs in the gpu
-overlay, autoscalers on genserve and Triton); the Prometheus rules pass promtool, every
-alert has a runbook section and a unit test; the dashboard loads.
+overlay, autoscalers on genserve and Triton, shutdown timings that let in-flight requests
+finish, API keys from a Secret that can rotate without a restart); the Prometheus rules
+pass promtool, every alert has a runbook section and a unit test; the dashboard loads.
 
 The same checks run as `make deploy-check` (deploy/checks.sh).
 """
 
 from __future__ import annotations
 
+import base64
 import copy
 import importlib.util
 import json
@@ -17,7 +19,7 @@ import re
 import shutil
 import subprocess
 import sys
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import pytest
 import yaml
@@ -80,6 +82,14 @@ def pod_specs(rendered, name: str):
 
 def containers(pod: dict) -> list[dict]:
     return pod.get("initContainers", []) + pod["containers"]
+
+
+def env_of(container: dict) -> dict[str, str]:
+    return {e["name"]: e["value"] for e in container.get("env", []) if "value" in e}
+
+
+def container(deployment: dict, name: str) -> dict:
+    return next(c for c in deployment["spec"]["template"]["spec"]["containers"] if c["name"] == name)
 
 
 # --- render and validate -----------------------------------------------------------------
@@ -185,6 +195,173 @@ def test_genserve_probes_and_points_at_the_triton_service(rendered, overlay):
     assert env["GENSERVE_TRITON_URL"] == f"{service['metadata']['name']}:{grpc}"
     for var in ("GENSERVE_MODEL_REPOSITORY", "BENTOML_HOME"):
         assert any(m["mountPath"] == env[var] for m in c["volumeMounts"]), var
+
+
+# --- graceful shutdown and API keys --------------------------------------------------------
+
+SHUTDOWN_MARGIN_S = 5        # for the process to exit after its grace, and for clock skew
+MAX_UNREADY_AFTER_SIGTERM_S = 10
+RATE = re.compile(r"^\d+(\.\d+)?/(s|sec|second|m|min|minute|h|hour)$")
+SHA256_LINE = re.compile(r"^sha256:[0-9a-f]{64}$")
+
+
+def prestop_sleep_s(c: dict) -> int:
+    """Seconds the preStop hook waits: the `sleep` action, or exec of `sleep N`."""
+    pre = c["lifecycle"]["preStop"]
+    if "sleep" in pre:
+        return int(pre["sleep"]["seconds"])
+    command = pre["exec"]["command"]
+    assert len(command) == 2 and command[0] in ("sleep", "/bin/sleep"), f"preStop is not a sleep: {command}"
+    return int(command[1])
+
+
+def genserve_shutdown_problems(deployment: dict) -> list[str]:
+    """What lets SIGTERM cut admitted genserve requests: the kubelet's kill before the
+    preStop sleep plus the service's grace, a grace shorter than the longest deadline a
+    request may ask for, a readiness probe too slow to take the pod out."""
+    pod = deployment["spec"]["template"]["spec"]
+    c = container(deployment, "genserve")
+    env = env_of(c)
+    problems = []
+    for var in ("GENSERVE_SHUTDOWN_GRACE_S", "GENSERVE_REQUEST_TIMEOUT_S", "GENSERVE_MAX_REQUEST_TIMEOUT_S"):
+        if var not in env:   # the service's defaults (30, 120, 600) do not fit together
+            problems.append(f"{var} is not set")
+    if problems:
+        return problems
+    grace, default, longest = (int(env[v]) for v in (
+        "GENSERVE_SHUTDOWN_GRACE_S", "GENSERVE_REQUEST_TIMEOUT_S", "GENSERVE_MAX_REQUEST_TIMEOUT_S"))
+    sleep = prestop_sleep_s(c)
+    kill = pod.get("terminationGracePeriodSeconds", 30)
+    if not kill >= sleep + grace + SHUTDOWN_MARGIN_S:
+        problems.append(f"terminationGracePeriodSeconds {kill} < preStop {sleep} + grace {grace} + {SHUTDOWN_MARGIN_S}")
+    if not grace >= longest >= default:
+        problems.append(f"want GENSERVE_SHUTDOWN_GRACE_S {grace} >= MAX_REQUEST_TIMEOUT_S {longest} "
+                        f">= REQUEST_TIMEOUT_S {default}")
+    if sleep < 5:
+        problems.append(f"preStop sleep {sleep}s: too short for endpoint removal to propagate")
+    probe = c["readinessProbe"]
+    if probe.get("httpGet", {}).get("path") != "/readyz":
+        problems.append(f"readiness probe is not /readyz: {probe}")
+    unready = probe.get("periodSeconds", 10) * probe.get("failureThreshold", 3)
+    if unready > MAX_UNREADY_AFTER_SIGTERM_S:
+        problems.append(f"readiness takes up to {unready}s to notice the shutdown")
+    return problems
+
+
+def triton_shutdown_problems(deployment: dict) -> list[str]:
+    pod = deployment["spec"]["template"]["spec"]
+    c = container(deployment, "triton")
+    exits = [a.split("=", 1)[1] for a in c.get("args", []) if a.startswith("--exit-timeout-secs=")]
+    if len(exits) != 1:
+        return ["triton has no --exit-timeout-secs (its default, 30, should be explicit)"]
+    sleep, grace = prestop_sleep_s(c), int(exits[0])
+    kill = pod.get("terminationGracePeriodSeconds", 30)
+    if not kill >= sleep + grace + SHUTDOWN_MARGIN_S:
+        return [f"terminationGracePeriodSeconds {kill} < preStop {sleep} + --exit-timeout-secs {grace} "
+                f"+ {SHUTDOWN_MARGIN_S}"]
+    return []
+
+
+def api_keys_problems(objs: list[dict], deployment: dict) -> list[str]:
+    """GENSERVE_API_KEYS_FILE must be a file of a Secret mounted whole (a subPath mount is
+    never updated, so a rotation would need a restart), read-only, holding hashes only."""
+    pod = deployment["spec"]["template"]["spec"]
+    c = container(deployment, "genserve")
+    path = env_of(c).get("GENSERVE_API_KEYS_FILE")
+    if not path:
+        return ["GENSERVE_API_KEYS_FILE is not set"]
+    path = PurePosixPath(path)
+    mounts = [m for m in c.get("volumeMounts", []) if path.is_relative_to(m["mountPath"])]
+    if not mounts:
+        return [f"{path} is in no volume mount"]
+    mount = max(mounts, key=lambda m: len(m["mountPath"]))
+    problems = []
+    if "subPath" in mount or "subPathExpr" in mount:
+        problems.append(f"{mount['name']} is a subPath mount: Secret updates never reach it")
+    if mount.get("readOnly") is not True:
+        problems.append(f"{mount['name']} is not mounted read-only")
+    volume = next((v for v in pod["volumes"] if v["name"] == mount["name"]), {})
+    if "secret" not in volume:
+        return [*problems, f"volume {mount['name']} is not a Secret"]
+    secret_name = volume["secret"]["secretName"]
+    if volume["secret"].get("optional"):
+        problems.append(f"{secret_name} is optional: a pod without keys would start")
+    relative = path.relative_to(mount["mountPath"]).as_posix()
+    key = next((i["key"] for i in volume["secret"].get("items", []) if i["path"] == relative), relative)
+    secrets = [o for o in objs if o["kind"] == "Secret" and o["metadata"]["name"] == secret_name]
+    if len(secrets) != 1:
+        return [*problems, f"Secret {secret_name} is not rendered once"]
+    data = {k: base64.b64decode(v).decode() for k, v in secrets[0].get("data", {}).items()}
+    data.update(secrets[0].get("stringData", {}))
+    if key not in data:
+        return [*problems, f"Secret {secret_name} has no key {key}"]
+    for line in data[key].splitlines():
+        line = line.strip()
+        if line and not line.startswith("#") and not SHA256_LINE.match(line):
+            problems.append(f"Secret {secret_name}/{key}: not a sha256:<hex> line (no clear keys in manifests)")
+    return problems
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_shutdown_lets_in_flight_requests_finish(rendered, overlay):
+    name = f"overlays/{overlay}"
+    assert genserve_shutdown_problems(one(rendered, name, "Deployment", "genserve")) == []
+    assert triton_shutdown_problems(one(rendered, name, "Deployment", "triton")) == []
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_api_keys_come_from_a_rotatable_secret(rendered, overlay):
+    name = f"overlays/{overlay}"
+    deployment = one(rendered, name, "Deployment", "genserve")
+    assert api_keys_problems(rendered[name], deployment) == []
+    env = env_of(container(deployment, "genserve"))
+    # Prometheus scrapes /metrics without a key: it must not be turned on here alone.
+    assert env["GENSERVE_METRICS_REQUIRE_KEY"] == "0"
+    for var in ("GENSERVE_RATE_LIMIT", "GENSERVE_RATE_LIMIT_IMAGE_STEPS"):
+        assert RATE.match(env[var]), f"{var}={env[var]!r}"
+    assert int(env["GENSERVE_MAX_BODY_BYTES"]) >= 1024
+    assert "GENSERVE_CORS_ORIGINS" in env
+
+
+def test_the_shutdown_and_key_checks_catch_mistakes(rendered):
+    name = "overlays/gpu"
+    genserve = one(rendered, name, "Deployment", "genserve")
+    triton = one(rendered, name, "Deployment", "triton")
+
+    def changed(deployment, edit):
+        d = copy.deepcopy(deployment)
+        edit(d["spec"]["template"]["spec"])
+        return d
+
+    def set_env(pod, var, value):
+        next(e for e in pod["containers"][0]["env"] if e["name"] == var)["value"] = value
+
+    short = changed(genserve, lambda p: p.update(terminationGracePeriodSeconds=120))
+    assert any("terminationGracePeriodSeconds" in p for p in genserve_shutdown_problems(short))
+    long_deadline = changed(genserve, lambda p: set_env(p, "GENSERVE_MAX_REQUEST_TIMEOUT_S", "600"))
+    assert genserve_shutdown_problems(long_deadline)
+    unset = changed(genserve, lambda p: p["containers"][0].update(
+        env=[e for e in p["containers"][0]["env"] if e["name"] != "GENSERVE_SHUTDOWN_GRACE_S"]))
+    assert genserve_shutdown_problems(unset)
+    slow = changed(genserve, lambda p: p["containers"][0]["readinessProbe"].update(periodSeconds=30))
+    assert genserve_shutdown_problems(slow)
+    sleep_action = changed(genserve, lambda p: p["containers"][0]["lifecycle"].update(
+        preStop={"sleep": {"seconds": 60}}))
+    assert any("preStop 60" in p for p in genserve_shutdown_problems(sleep_action))
+    assert triton_shutdown_problems(changed(triton, lambda p: p.update(terminationGracePeriodSeconds=30)))
+
+    objs = rendered[name]
+    mount = lambda p: next(m for m in p["containers"][0]["volumeMounts"] if m["name"] == "api-keys")  # noqa: E731
+    sub_path = changed(genserve, lambda p: mount(p).update(subPath="api-keys.txt"))
+    assert any("subPath" in p for p in api_keys_problems(objs, sub_path))
+    elsewhere = changed(genserve, lambda p: set_env(p, "GENSERVE_API_KEYS_FILE", "/srv/keys.txt"))
+    assert api_keys_problems(objs, elsewhere)
+    wrong_file = changed(genserve, lambda p: set_env(
+        p, "GENSERVE_API_KEYS_FILE", mount(p)["mountPath"] + "/keys.txt"))
+    assert any("no key" in p for p in api_keys_problems(objs, wrong_file))
+    clear = [copy.deepcopy(o) for o in objs]
+    next(o for o in clear if o["kind"] == "Secret")["stringData"] = {"api-keys.txt": "hunter2\n"}
+    assert any("sha256" in p for p in api_keys_problems(clear, genserve))
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
