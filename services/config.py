@@ -12,6 +12,56 @@ from pathlib import Path
 BACKENDS = ("onnxruntime", "triton")
 
 
+def _rate(name: str) -> "Rate | None":
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return None
+    try:
+        return Rate.parse(raw)
+    except ValueError as exc:
+        raise ValueError(f"{name}: {exc}") from None
+
+
+def _flag(name: str) -> bool:
+    raw = os.environ.get(name, "").strip().lower()
+    if raw in ("", "0", "false", "no", "off"):
+        return False
+    if raw in ("1", "true", "yes", "on"):
+        return True
+    raise ValueError(f"{name} must be 0 or 1, got {raw!r}")
+
+
+@dataclass(frozen=True)
+class Rate:
+    """A rate such as `20/s` or `600/min`: a token bucket refilling `count` per `per_s`
+    seconds that holds at most `count` tokens (the burst)."""
+
+    count: float
+    per_s: float
+
+    UNITS = {"s": 1.0, "sec": 1.0, "second": 1.0, "m": 60.0, "min": 60.0, "minute": 60.0,
+             "h": 3600.0, "hour": 3600.0}
+
+    @classmethod
+    def parse(cls, text: str) -> "Rate":
+        count, _, unit = text.partition("/")
+        try:
+            value = float(count)
+        except ValueError:
+            value = -1.0
+        if value <= 0 or unit.strip().lower() not in cls.UNITS:
+            raise ValueError(f"a rate is COUNT/UNIT with COUNT > 0 and UNIT one of s, min, h (e.g. 20/s), got {text!r}")
+        return cls(value, cls.UNITS[unit.strip().lower()])
+
+    @property
+    def per_second(self) -> float:
+        return self.count / self.per_s
+
+    def __str__(self) -> str:
+        unit = {1.0: "s", 60.0: "min", 3600.0: "h"}[self.per_s]
+        return f"{self.count:g}/{unit}"
+
+
 def _int(name: str, default: int, minimum: int = 0) -> int:
     raw = os.environ.get(name)
     if raw is None or raw == "":
@@ -43,6 +93,15 @@ class Settings:
     prompt_cache_size: int = 1024
     # Adaptive batching of single-pass models (GAN, VAE) on the embedded backend.
     batch_wait_ms: int = 2
+    # The public edge (services.gateway): body limits, keys, rate limits, CORS, shutdown.
+    max_body_bytes: int = 20 * 1024 * 1024
+    body_read_timeout_s: int = 30
+    api_keys_file: Path | None = None
+    metrics_require_key: bool = False
+    rate_limit: Rate | None = None  # requests per key (per client address without keys)
+    rate_limit_image_steps: Rate | None = None  # diffusion image-steps per key
+    cors_origins: tuple[str, ...] = ()
+    shutdown_grace_s: int = 30
 
     @classmethod
     def from_env(cls) -> "Settings":
@@ -63,4 +122,13 @@ class Settings:
             max_request_timeout_s=_int("GENSERVE_MAX_REQUEST_TIMEOUT_S", cls.max_request_timeout_s, minimum=1),
             prompt_cache_size=_int("GENSERVE_PROMPT_CACHE_SIZE", cls.prompt_cache_size),
             batch_wait_ms=_int("GENSERVE_BATCH_WAIT_MS", cls.batch_wait_ms),
+            max_body_bytes=_int("GENSERVE_MAX_BODY_BYTES", cls.max_body_bytes, minimum=1024),
+            body_read_timeout_s=_int("GENSERVE_BODY_READ_TIMEOUT_S", cls.body_read_timeout_s, minimum=1),
+            api_keys_file=Path(keys) if (keys := os.environ.get("GENSERVE_API_KEYS_FILE", "").strip()) else None,
+            metrics_require_key=_flag("GENSERVE_METRICS_REQUIRE_KEY"),
+            rate_limit=_rate("GENSERVE_RATE_LIMIT"),
+            rate_limit_image_steps=_rate("GENSERVE_RATE_LIMIT_IMAGE_STEPS"),
+            cors_origins=tuple(o.strip().rstrip("/") for o in os.environ.get("GENSERVE_CORS_ORIGINS", "").split(",")
+                               if o.strip()),
+            shutdown_grace_s=_int("GENSERVE_SHUTDOWN_GRACE_S", cls.shutdown_grace_s),
         )

@@ -45,10 +45,18 @@ class ModelNotFound(ServiceError):
 
 
 class BackendUnavailable(ServiceError):
-    """The inference backend (named in the message) cannot serve right now."""
+    """The inference backend (named in the message) cannot serve right now.
+
+    Not the request's fault: the same request may succeed later, hence Retry-After
+    (`retry_after_s`, 2 s unless the raiser knows better)."""
 
     status = 503
     code = "backend_unavailable"
+
+    def __init__(self, message: str, *, retry_after_s: int = 2, **kwargs: Any):
+        super().__init__(message, **kwargs)
+        self.retry_after_s = retry_after_s
+        self.headers.setdefault("Retry-After", str(retry_after_s))
 
 
 class InferenceFailed(ServiceError):
@@ -56,6 +64,13 @@ class InferenceFailed(ServiceError):
 
     status = 500
     code = "inference_failed"
+
+
+class NonFiniteOutput(InferenceFailed):
+    """The model produced NaN or infinite values for this request (a model or numerics
+    problem, not the client's input): only that request fails."""
+
+    code = "non_finite_output"
 
 
 class TooManyRequests(ServiceError):
@@ -78,3 +93,10 @@ class ClientDisconnected(ServiceError):
 
     def __init__(self):
         super().__init__("client closed the connection; the request was cancelled")
+
+
+class RateLimited(ServiceError):
+    """A key (or client) spent its rate limit. Carries Retry-After."""
+
+    status = 429
+    code = "rate_limited"

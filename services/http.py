@@ -1,56 +1,30 @@
-"""HTTP plumbing shared by every endpoint: request ids and the one error shape."""
+"""HTTP plumbing of the /v1 app: bodies, server-sent events and the one error shape.
+(Request ids, limits and keys are the gateway's: services.gateway.)"""
 
-import contextvars
 import logging
-import re
-import time
-import uuid
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ValidationError
+from starlette.exceptions import HTTPException
 
 from services.errors import ServiceError
+from services.gateway import request_id_var
 
 log = logging.getLogger("genserve")
 
-REQUEST_ID_HEADER = "X-Request-ID"
-_VALID_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
-request_id_var: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="")
+# Multipart limits: a form holds a few fields and at most two images.
+MAX_FORM_FIELDS = 64
+MAX_FORM_FILES = 2
+MAX_FORM_FIELD_BYTES = 1024 * 1024
+
+# Status -> error code for errors raised by the framework itself (Starlette/FastAPI).
+HTTP_CODES = {404: "not_found", 405: "method_not_allowed", 413: "body_too_large",
+              415: "unsupported_media_type"}
 
 # pydantic error-context keys that carry the limit a value broke.
 _LIMIT_KEYS = ("le", "ge", "lt", "gt", "max_length", "min_length", "expected")
-
-
-class RequestIdMiddleware:
-    """Accepts the caller's X-Request-ID (or makes one), echoes it, logs the request."""
-
-    def __init__(self, app):
-        self.app = app
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
-        given = headers.get(REQUEST_ID_HEADER.lower(), "")
-        request_id = given if _VALID_REQUEST_ID.match(given) else uuid.uuid4().hex
-        token = request_id_var.set(request_id)
-        start, status = time.perf_counter(), [0]
-
-        async def send_with_id(message):
-            if message["type"] == "http.response.start":
-                status[0] = message["status"]
-                message.setdefault("headers", []).append(
-                    (REQUEST_ID_HEADER.lower().encode(), request_id.encode()))
-            await send(message)
-
-        try:
-            await self.app(scope, receive, send_with_id)
-        finally:
-            log.info("request_id=%s %s %s -> %s in %.3fs", request_id, scope["method"],
-                     scope["path"], status[0], time.perf_counter() - start)
-            request_id_var.reset(token)
 
 
 class EventStream(StreamingResponse):
@@ -80,7 +54,8 @@ async def parse_body(request: Request, model: type[BaseModel]) -> BaseModel:
 
     try:
         if request.headers.get("content-type", "").startswith("multipart/form-data"):
-            form = await request.form()
+            form = await request.form(max_files=MAX_FORM_FILES, max_fields=MAX_FORM_FIELDS,
+                                      max_part_size=MAX_FORM_FIELD_BYTES)
             fields = {}
             for key, value in form.multi_items():
                 if hasattr(value, "read"):  # an uploaded file
@@ -91,14 +66,17 @@ async def parse_body(request: Request, model: type[BaseModel]) -> BaseModel:
         raw = await request.body()
         try:
             data = json.loads(raw)
-        except ValueError:
-            raise RequestValidationError([{"loc": ("body",), "msg": "body is not valid JSON", "type": "json_invalid"}])
+        except (ValueError, RecursionError):  # RecursionError: nesting deeper than the parser goes
+            raise RequestValidationError([{"loc": ("body",), "msg": "body is not valid JSON (UTF-8, "
+                                           "nested at most a few hundred levels)", "type": "json_invalid"}])
         return model.model_validate(data)
     except ValidationError as exc:
         raise RequestValidationError(exc.errors(include_url=False)) from None
 
 
-def _field(loc) -> str:
+def _field(loc, kind=None) -> str:
+    if kind == "json_invalid":  # its loc holds the character offset, not a field
+        return "body"
     parts = [str(p) for p in loc if p != "body"]
     return ".".join(parts) or "body"
 
@@ -106,7 +84,7 @@ def _field(loc) -> str:
 def _validation_body(exc: RequestValidationError, request_id: str) -> dict:
     details = []
     for err in exc.errors():
-        item = {"field": _field(err.get("loc", ())), "message": err.get("msg", "invalid value"),
+        item = {"field": _field(err.get("loc", ()), err.get("type")), "message": err.get("msg", "invalid value"),
                 "type": err.get("type")}
         ctx = err.get("ctx") or {}
         for key in _LIMIT_KEYS:
@@ -133,6 +111,16 @@ def install_error_handlers(app: FastAPI, on_error=None) -> None:
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError):
         return respond(request, 422, "invalid_request", _validation_body(exc, request_id_var.get()))
+
+    @app.exception_handler(HTTPException)
+    async def _framework_error(request: Request, exc: HTTPException):
+        message = exc.detail if isinstance(exc.detail, str) else str(exc.detail)
+        if exc.status_code == 400:  # a body the framework could not parse (encoding, form limits)
+            error = RequestValidationError([{"loc": ("body",), "msg": message, "type": "body_invalid"}])
+            return respond(request, 422, "invalid_request", _validation_body(error, request_id_var.get()))
+        code = HTTP_CODES.get(exc.status_code, "bad_request" if exc.status_code < 500 else "internal_error")
+        body = {"error": {"code": code, "message": message, "request_id": request_id_var.get()}}
+        return respond(request, exc.status_code, code, body, getattr(exc, "headers", None))
 
     @app.exception_handler(ServiceError)
     async def _service_error(request: Request, exc: ServiceError):

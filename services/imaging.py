@@ -47,15 +47,29 @@ def encode_image(pixels: np.ndarray, fmt: str, metadata: Mapping[str, object]) -
     return buffer.getvalue()
 
 
-def decode_image(data: bytes, channels: int, field: str) -> np.ndarray:
+class ImageTooLarge(ValueError):
+    def __init__(self, field: str, width: int, height: int, max_side: int):
+        super().__init__(f"{field} is {width}x{height}; sides may be at most {max_side} pixels")
+        self.limit = max_side
+
+
+def decode_image(data: bytes, channels: int, field: str, max_side: int) -> np.ndarray:
     """Image bytes -> [C, H, W] float32 in [-1, 1] with the model's channel count.
 
-    Raises ValueError naming `field` when the bytes are not an image PIL can read.
+    The size in the header is checked before any pixel is decoded, so a small file that
+    claims huge dimensions costs nothing (ImageTooLarge). Raises ValueError naming
+    `field` when the bytes are not an image PIL can read. CPU-bound: call it off the
+    event loop.
     """
     try:
         image = Image.open(io.BytesIO(data))
-        image.load()
     except Exception as exc:  # PIL raises many types for bad data
+        raise ValueError(f"{field} is not a decodable PNG/JPEG/WebP image ({type(exc).__name__})") from None
+    if max(image.size) > max_side:
+        raise ImageTooLarge(field, *image.size, max_side)
+    try:
+        image.load()
+    except Exception as exc:
         raise ValueError(f"{field} is not a decodable PNG/JPEG/WebP image ({type(exc).__name__})") from None
     image = image.convert("L" if channels == 1 else "RGB")
     pixels = np.asarray(image, dtype=np.float32) / 127.5 - 1.0

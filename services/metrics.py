@@ -32,8 +32,13 @@ class ServiceMetrics:
             "genserve_pipeline_duration_seconds", "Wall time of a pipeline run, request in to pixels out.",
             ["pipeline", "model", "backend"], buckets=LATENCY_BUCKETS, **kw)
         self.errors = prom.Counter(
-            "genserve_errors", "Requests answered with an error, by error code.",
+            "genserve_errors", "Requests answered with an error, by error code (endpoint: a served "
+            "route or `unmatched`, so made-up paths add no series).",
             ["endpoint", "code"], **kw)
+        self.rate_limited = prom.Counter(
+            "genserve_rate_limited", "Requests refused by a rate limit, by key id (`anonymous` without "
+            "API keys: client addresses are never labels) and limit (requests, image_steps).",
+            ["key", "limit"], **kw)
 
         self.engine_batch_rows = prom.Histogram(
             "genserve_engine_batch_rows", "U-Net rows per engine iteration (images x 2 with guidance).",
@@ -55,6 +60,10 @@ class ServiceMetrics:
         self.prompt_cache_lookups = prom.Counter(
             "genserve_prompt_cache_lookups", "Prompt-embedding cache lookups by result (hit, miss).",
             ["model", "result"], **kw)
+
+    def observe_rate_limited(self, client: str, limit: str) -> None:
+        key = client[4:] if client.startswith("key:") else "anonymous"
+        self.rate_limited.labels(key, limit).inc()
 
     def observe_prompt_cache(self, model: str, hit: bool) -> None:
         self.prompt_cache_lookups.labels(model, "hit" if hit else "miss").inc()
@@ -83,3 +92,14 @@ class ServiceMetrics:
         """An InferenceBackend observer (see services.runtime.base)."""
         self.model_execution_seconds.labels(model, backend).observe(seconds)
         self.model_batch_size.labels(model, backend).observe(batch)
+
+
+_metrics: ServiceMetrics | None = None
+
+
+def service_metrics() -> ServiceMetrics:
+    """The process's metrics, created on first use (inside the BentoML worker)."""
+    global _metrics
+    if _metrics is None:
+        _metrics = ServiceMetrics()
+    return _metrics

@@ -3,7 +3,8 @@ validation happens before any handler runs and the OpenAPI page shows them."""
 
 from __future__ import annotations
 
-from typing import Literal
+import secrets
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -13,6 +14,21 @@ MAX_IMAGES_PER_REQUEST = 16
 MAX_SEED = 2**32 - 1
 
 OutputFormat = Literal["png", "jpeg", "webp"]
+MIN_TIMEOUT_S = 1.0  # a deadline shorter than one step is a client bug, not a 504
+
+
+def resolve_seed(seed: int | None, num_images: int) -> int:
+    """The request's seed: image i uses seed + i, so every listed seed must itself be a
+    valid seed (at most MAX_SEED). A random seed is drawn so that it is."""
+    from services.errors import InvalidRequest
+
+    top = MAX_SEED - (num_images - 1)
+    if seed is None:
+        return secrets.randbelow(top + 1)
+    if seed > top:
+        raise InvalidRequest(f"seed must be at most {top} with num_images={num_images}: image i uses seed + i, "
+                             f"and seeds stop at {MAX_SEED}", field="seed", limit=top)
+    return seed
 
 
 class _Strict(BaseModel):
@@ -100,7 +116,7 @@ class Txt2ImgRequest(_Strict):
     width: int | None = Field(None, ge=8, description="Pixels, a multiple of 8; default: the model's native size.")
     seed: int | None = Field(None, ge=0, le=MAX_SEED, description="Seed of image 0; image i uses seed + i.")
     output_format: OutputFormat = "png"
-    timeout_s: float | None = Field(None, gt=0, description="Deadline in seconds; default and maximum: see /v1/models.")
+    timeout_s: float | None = Field(None, ge=MIN_TIMEOUT_S, description="Deadline in seconds; default and maximum: see /v1/models.")
 
 
 class Txt2ImgStreamRequest(Txt2ImgRequest):
@@ -120,7 +136,7 @@ class Img2ImgRequest(_Strict):
     scheduler: SchedulerName = "ddim"
     seed: int | None = Field(None, ge=0, le=MAX_SEED)
     output_format: OutputFormat = "png"
-    timeout_s: float | None = Field(None, gt=0)
+    timeout_s: float | None = Field(None, ge=MIN_TIMEOUT_S)
 
 
 class InpaintRequest(Img2ImgRequest):
@@ -137,3 +153,26 @@ class DiffusionResponse(BaseModel):
     parameters: dict = Field(description="Every parameter after defaults, seed included (input images omitted).")
     images: list[GeneratedImage]
     timings: dict[str, float] = Field(description="Seconds per stage: text encoding, denoising, decoding, total.")
+
+
+class ErrorDetail(BaseModel):
+    field: str
+    message: str
+    type: str | None = None
+    limit: Any = None
+
+
+class Error(BaseModel):
+    code: str = Field(description="Machine-readable: invalid_request, unauthorized, rate_limited, queue_full, ...")
+    message: str = Field(description="What went wrong and what to change.")
+    field: str | None = Field(None, description="The request field (or header) at fault.")
+    limit: Any = Field(None, description="The limit the value broke.")
+    allowed: list[Any] | None = Field(None, description="The values that would be accepted.")
+    details: list[ErrorDetail] | None = Field(None, description="Every problem found (invalid_request).")
+    request_id: str
+
+
+class ErrorResponse(BaseModel):
+    """The one error shape of every endpoint."""
+
+    error: Error

@@ -9,7 +9,6 @@ import asyncio
 import base64
 import json
 import logging
-import secrets
 import time
 
 import bentoml
@@ -17,6 +16,7 @@ import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.responses import StreamingResponse
 
+from services.openapi import GET_ERRORS, body_schema, error_responses
 from services.config import Settings
 from services.diffusion_requests import side_limits
 from services.errors import (
@@ -26,9 +26,11 @@ from services.errors import (
     InvalidRequest,
     ModelNotFound,
     ServiceError,
+    RateLimited,
     TooManyRequests,
 )
-from services.http import EventStream, RequestIdMiddleware, install_error_handlers, parse_body, request_id_var
+from services.gateway import Gateway, Route, client_var, request_id_var
+from services.http import EventStream, install_error_handlers, parse_body
 from services.imaging import FORMATS, encode_image, to_uint8
 from services.schedulers import SCHEDULERS
 from services.schemas import (
@@ -37,6 +39,7 @@ from services.schemas import (
     MAX_IMAGES_PER_REQUEST,
     MAX_INFERENCE_STEPS,
     MAX_SEED,
+    MIN_TIMEOUT_S,
     DiffusionResponse,
     GANGenerateRequest,
     GANGenerateResponse,
@@ -48,6 +51,7 @@ from services.schemas import (
     TensorDescription,
     Txt2ImgRequest,
     Txt2ImgStreamRequest,
+    resolve_seed,
 )
 
 # How often a waiting request checks whether its client went away.
@@ -59,13 +63,6 @@ def sse(event: str, data: dict) -> str:
     return f"event: {event}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n"
 
 
-def _body_schema(model) -> dict:
-    """OpenAPI for endpoints that parse JSON or multipart themselves."""
-    schema = model.model_json_schema()
-    return {"requestBody": {"required": True, "content": {
-        "application/json": {"schema": schema}, "multipart/form-data": {"schema": schema}}}}
-
-
 def _tensors(items) -> list[TensorDescription]:
     return [TensorDescription(name=t.name, datatype=str(t.dtype), shape=list(t.dims)) for t in items]
 
@@ -73,19 +70,47 @@ log = logging.getLogger("genserve")
 
 app = FastAPI(
     title="genserve",
-    description="Image generation endpoints. Errors: {'error': {code, message, field?, limit?}}.",
+    description="Image generation endpoints. Every error: {'error': {code, message, field?, limit?, request_id}}. "
+                "With API keys on, send `Authorization: Bearer <key>` or `X-API-Key: <key>`.",
     version="1",
 )
-app.add_middleware(RequestIdMiddleware)
 
 
-@bentoml.service(name="genserve", workers=1, traffic={"timeout": 300})
+def edge_routes(api: FastAPI) -> dict[str, Route]:
+    """What the gateway lets through: BentoML's health and metrics, the /v1 API (paths,
+    methods and body types as its OpenAPI document states them) and its docs pages."""
+    health = dict(public=True, limited=False, drains=False)
+    routes = {path: Route(frozenset({"GET"}), **health) for path in ("/livez", "/readyz", "/healthz", "/metrics")}
+    for path, operations in api.openapi()["paths"].items():
+        content = set()
+        for op in operations.values():
+            content |= set(op.get("requestBody", {}).get("content", {}))
+        routes["/v1" + path] = Route(frozenset(m.upper() for m in operations), frozenset(content))
+    for r in api.routes:  # the docs pages and openapi.json are plain routes
+        if getattr(r, "include_in_schema", True) is False and hasattr(r, "methods"):
+            routes["/v1" + r.path] = Route(frozenset(r.methods), public=True, limited=False)
+    api.openapi_schema = None  # rebuilt with the served models' limits (services.openapi)
+    return routes
+
+
+class GenServeService(bentoml.Service):
+    """BentoML's service with the gateway (services.gateway) in front of its whole ASGI app."""
+
+    def to_asgi(self, is_main: bool = True):
+        from services.metrics import service_metrics
+
+        return Gateway(super().to_asgi(is_main), Settings.from_env(), edge_routes(app),
+                       on_error=lambda endpoint, code: service_metrics().errors.labels(endpoint, code).inc(),
+                       on_rate_limited=lambda client, limit: service_metrics().observe_rate_limited(client, limit))
+
+
+@bentoml.service(name="genserve", workers=1, traffic={"timeout": 900}, service_class=GenServeService)
 @bentoml.asgi_app(app, path="/v1")
 class GenServe:
     def __init__(self) -> None:
         # Imported here: the runtime loads ONNX Runtime, and metrics must be created
         # after BentoML's worker set up multiprocess Prometheus (see services.metrics).
-        from services.metrics import ServiceMetrics
+        from services.metrics import service_metrics
         from services.pipelines.pipeline_gan import GANPipeline
         from services.engine.engine import DiffusionEngine
         from services.engine.prompt_cache import PromptCache
@@ -94,7 +119,7 @@ class GenServe:
 
         log.setLevel(logging.INFO)  # request ids in the log, beside BentoML's access log
         self.settings = Settings.from_env()
-        self.metrics = ServiceMetrics()
+        self.metrics = service_metrics()
         install_error_handlers(app, on_error=lambda path, code: self.metrics.errors.labels(path, code).inc())
         self.backend = create_backend(self.settings)
         self.backend.add_observer(self.metrics.observe_execution)
@@ -122,12 +147,35 @@ class GenServe:
                 f"GENSERVE_DEFAULT_DIFFUSION_MODEL={self.settings.default_diffusion_model!r} is not in the "
                 f"repository (diffusion pipelines: {', '.join(self.engines)})"
             )
+        from services.ratelimit import RateLimiter
+
+        limit = self.settings.rate_limit_image_steps
+        self.image_step_limiter = RateLimiter(limit) if limit is not None else None
+        self._document_api()
         log.info("genserve ready: backend=%s models=%s", self.backend.name, sorted(self.backend.models()))
+
+    def _document_api(self) -> None:
+        """The OpenAPI page states the served models' limits, and has working examples."""
+        from services.openapi import install
+
+        models = [e.pipeline.models for e in self.engines.values()]
+        default = self.engines.get(self.settings.default_diffusion_model)
+        install(app, sides=[side_limits(m) for m in models],
+                num_classes=[p.info.num_classes for p in self.gan.values() if p.info.num_classes],
+                prompt_tokens=[m.max_length for m in models],
+                image_example=default and default.pipeline.models)
+
+    @bentoml.on_startup
+    async def _warm_up(self) -> None:
+        """Times one denoising step per engine, so the first Retry-After is an estimate."""
+        for engine in self.engines.values():
+            if hasattr(engine, "warmup"):
+                await engine.warmup()
 
     async def __is_ready__(self) -> bool:
         return await self.backend.is_ready()
 
-    @app.post("/gan/generate", response_model=GANGenerateResponse)
+    @app.post("/gan/generate", response_model=GANGenerateResponse, responses=error_responses())
     async def gan_generate(self, body: GANGenerateRequest) -> GANGenerateResponse:
         """Samples a GAN generator: seeded, optionally truncated and class-conditioned."""
         start = time.perf_counter()
@@ -142,7 +190,7 @@ class GenServe:
         if body.class_label is not None and body.class_label >= num_classes:
             raise InvalidRequest(f"class_label must be below {num_classes} for model {name!r}",
                                  field="class_label", limit=num_classes - 1)
-        seed = body.seed if body.seed is not None else secrets.randbelow(MAX_SEED + 1)
+        seed = resolve_seed(body.seed, body.num_images)
 
         # 2. Generate.
         out = await pipeline(seed, body.num_images, body.truncation_psi, body.class_label)
@@ -181,18 +229,20 @@ class GenServe:
         self.metrics.pipeline_duration_seconds.labels(**labels).observe(total)
         return total
 
-    @app.post("/txt2img", response_model=DiffusionResponse)
+    @app.post("/txt2img", response_model=DiffusionResponse, responses=error_responses())
     async def txt2img(self, body: Txt2ImgRequest, request: Request) -> DiffusionResponse:
         """Text to image with latent diffusion and classifier-free guidance."""
         return await self._diffuse("txt2img", body, request)
 
-    @app.post("/img2img", response_model=DiffusionResponse, openapi_extra=_body_schema(Img2ImgRequest))
+    @app.post("/img2img", response_model=DiffusionResponse, responses=error_responses(),
+              openapi_extra=body_schema(Img2ImgRequest))
     async def img2img(self, request: Request) -> DiffusionResponse:
         """Image to image: the input image noised to `strength`, then denoised toward the prompt.
         JSON (image as base64) or multipart/form-data (image as a file)."""
         return await self._diffuse("img2img", await parse_body(request, Img2ImgRequest), request)
 
-    @app.post("/inpaint", response_model=DiffusionResponse, openapi_extra=_body_schema(InpaintRequest))
+    @app.post("/inpaint", response_model=DiffusionResponse, responses=error_responses(),
+              openapi_extra=body_schema(InpaintRequest))
     async def inpaint(self, request: Request) -> DiffusionResponse:
         """Repaints the white area of `mask`, keeping the rest of `image` (latent blending)."""
         return await self._diffuse("inpaint", await parse_body(request, InpaintRequest), request)
@@ -201,7 +251,7 @@ class GenServe:
         """Validates, queues on the pipeline's engine, waits (leaving the batch if the
         client goes away), and answers with the images and everything that reproduces them."""
         start = time.perf_counter()
-        name, handle, params = self._submit(task, body)
+        name, handle, params = await self._submit(task, body)
         engine = self.engines[name]
         while not handle.status.finished:
             try:
@@ -212,8 +262,8 @@ class GenServe:
                     raise ClientDisconnected()
         return self._respond(task, name, body, params, handle, start)
 
-    def _submit(self, task: str, body):
-        from services.diffusion_requests import build_request
+    async def _submit(self, task: str, body):
+        from services.diffusion_requests import build_request, image_steps
         from services.engine.scheduler import QueueFull
         from services.pipelines.pipeline_stable_diffusion import PromptTooLong
 
@@ -225,8 +275,13 @@ class GenServe:
         if timeout_s > self.settings.max_request_timeout_s:
             raise InvalidRequest(f"timeout_s must be at most {self.settings.max_request_timeout_s}",
                                  field="timeout_s", limit=self.settings.max_request_timeout_s)
-        request, params = build_request(task, body, self.engines[name].pipeline.models)
+        models = self.engines[name].pipeline.models
+        if task == "txt2img":
+            request, params = build_request(task, body, models)
+        else:  # decoding images is CPU work: off the event loop
+            request, params = await asyncio.to_thread(build_request, task, body, models)
         params["timeout_s"] = timeout_s
+        self._charge_image_steps(image_steps(request))
         try:
             handle = self.engines[name].submit(request, timeout_s, getattr(body, "preview_every", 0))
         except PromptTooLong as exc:
@@ -235,6 +290,23 @@ class GenServe:
             raise TooManyRequests(f"the {name} queue is full ({exc}); retry in {exc.retry_after_s}s",
                                   limit=exc.limit, headers={"Retry-After": str(exc.retry_after_s)}) from None
         return name, handle, params
+
+    def _charge_image_steps(self, cost: int) -> None:
+        """GENSERVE_RATE_LIMIT_IMAGE_STEPS: diffusion work per key, in image-steps."""
+        if self.image_step_limiter is None:
+            return
+        limit = self.image_step_limiter.rate
+        if cost > limit.count:
+            raise InvalidRequest(f"this request costs {cost} image-steps (steps x images); a key may spend at "
+                                 f"most {limit} image-steps", field="num_inference_steps", limit=int(limit.count))
+        client = client_var.get()
+        wait = self.image_step_limiter.acquire(client, cost)
+        if wait > 0:
+            from services.ratelimit import retry_after
+
+            self.metrics.observe_rate_limited(client, "image_steps")
+            raise RateLimited(f"more than {limit} diffusion image-steps; retry in {retry_after(wait)}s",
+                              limit=str(limit), headers={"Retry-After": str(retry_after(wait))})
 
     def _respond(self, task: str, name: str, body, params: dict, handle, start: float) -> DiffusionResponse:
         from services.engine.request import RequestStatus
@@ -257,13 +329,15 @@ class GenServe:
             images=images, timings={**{k: round(v, 6) for k, v in out.timings.items()}, "total_seconds": round(total, 6)},
         )
 
-    @app.post("/txt2img/stream", response_class=StreamingResponse)
+    @app.post("/txt2img/stream", response_class=StreamingResponse, responses={
+        200: {"description": "Server-sent events: progress, preview, then result or error.",
+              "content": {"text/event-stream": {"schema": {"type": "string"}}}}, **error_responses()})
     async def txt2img_stream(self, body: Txt2ImgStreamRequest) -> StreamingResponse:
         """Server-sent events: `progress` per step (step, total, elapsed), `preview` every
         `preview_every` steps (the current x0 estimate as images), then `result` (the
         txt2img response) or `error`. Closing the connection cancels the request."""
         start = time.perf_counter()
-        name, handle, params = self._submit("txt2img", body)
+        name, handle, params = await self._submit("txt2img", body)
         engine = self.engines[name]
 
         async def events():
@@ -284,7 +358,7 @@ class GenServe:
         # A client that hangs up leaves the batch at the next step.
         return EventStream(events(), on_close=lambda: engine.cancel(handle))
 
-    @app.get("/models", response_model=ModelList)
+    @app.get("/models", response_model=ModelList, responses=error_responses(GET_ERRORS))
     async def list_models(self) -> ModelList:
         """What is served: each model's pipeline, endpoint, tensors and request limits."""
         models = []
@@ -322,7 +396,7 @@ class GenServe:
                     "height": side, "width": side,
                     "strength": {"min": 0.0, "max": 1.0, "exclusive_min": True},
                     "seed": {"min": 0, "max": MAX_SEED}, "output_format": sorted(FORMATS),
-                    "timeout_s": {"default": self.settings.request_timeout_s,
+                    "timeout_s": {"default": self.settings.request_timeout_s, "min": MIN_TIMEOUT_S,
                                   "max": self.settings.max_request_timeout_s},
                 },
             ))

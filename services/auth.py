@@ -1,0 +1,98 @@
+"""API keys from `GENSERVE_API_KEYS_FILE`: one key per line, the key itself or
+`sha256:<hex>` of it (so a Kubernetes Secret need not hold the keys in clear).
+
+Keys are kept only as SHA-256 digests and compared in constant time against every
+digest (a miss costs as much as a hit). The file is re-read when its modification time,
+size or inode changes, at most once a second, so keys rotate without a restart; a file
+that cannot be read keeps the keys last read (and says so in the log) rather than
+locking every client out. Keys are never logged: a key's id is the first 12 hex digits
+of its digest, enough to tell keys apart in logs and metrics.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import logging
+import os
+import re
+import time
+from pathlib import Path
+
+log = logging.getLogger("genserve")
+
+_HEX_DIGEST = re.compile(r"^[0-9a-f]{64}$")
+RELOAD_CHECK_S = 1.0
+
+
+def key_id(digest: bytes) -> str:
+    return digest.hex()[:12]
+
+
+def parse_keys(text: str, source: str = "keys file") -> list[bytes]:
+    """Lines -> SHA-256 digests. Blank lines and `#` comments are skipped."""
+    digests = []
+    for number, line in enumerate(text.splitlines(), 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        if line.lower().startswith("sha256:"):
+            hexdigest = line[7:].strip().lower()
+            if not _HEX_DIGEST.match(hexdigest):
+                raise ValueError(f"{source} line {number}: sha256: must be followed by 64 hex digits")
+            digests.append(bytes.fromhex(hexdigest))
+        else:
+            digests.append(hashlib.sha256(line.encode()).digest())
+    return digests
+
+
+class KeyStore:
+    def __init__(self, path: Path, clock=None):
+        self.path = Path(path)
+        self._clock = clock or (lambda: time.monotonic())
+        self._digests: list[bytes] = []
+        self._stamp: tuple | None = None
+        self._checked = float("-inf")
+        self._reload(force=True)
+        if not self._digests:
+            raise ValueError(f"GENSERVE_API_KEYS_FILE={self.path} holds no keys")
+
+    def _reload(self, force: bool = False) -> None:
+        try:
+            st = os.stat(self.path)
+            stamp = (st.st_mtime_ns, st.st_size, st.st_ino)
+            if not force and stamp == self._stamp:
+                return
+            digests = parse_keys(self.path.read_text(), str(self.path))
+        except (OSError, ValueError) as exc:
+            if force:
+                raise ValueError(f"GENSERVE_API_KEYS_FILE: {exc}") from None
+            log.error("API keys file %s could not be re-read (%s); keeping the %d keys read before",
+                      self.path, exc, len(self._digests))
+            return
+        self._digests, self._stamp = digests, stamp
+        log.info("API keys: %d keys from %s (ids %s)", len(digests), self.path,
+                 ", ".join(key_id(d) for d in digests))
+
+    def identify(self, presented: str) -> str | None:
+        """The key id of a valid key, None otherwise."""
+        now = self._clock()
+        if now - self._checked >= RELOAD_CHECK_S:
+            self._checked = now
+            self._reload()
+        digest = hashlib.sha256(presented.encode("utf-8", "surrogateescape")).digest()
+        found = None
+        for known in self._digests:  # no early exit: the time does not tell which key matched
+            if hmac.compare_digest(digest, known):
+                found = known
+        return None if found is None else key_id(found)
+
+
+def presented_key(headers: dict[str, str]) -> str | None:
+    """`Authorization: Bearer <key>` (as OpenAI clients send) or `X-API-Key: <key>`."""
+    auth = headers.get("authorization", "")
+    scheme, _, value = auth.partition(" ")
+    if scheme.lower() == "bearer" and value.strip():
+        return value.strip()
+    key = headers.get("x-api-key", "").strip()
+    return key or None

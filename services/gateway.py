@@ -1,0 +1,279 @@
+"""The public edge: one ASGI layer in front of everything BentoML and the /v1 app serve.
+
+Every HTTP request passes here first, in this order, and anything refused is refused
+before any work and in the one error shape, with a request id:
+  1. request id      the caller's X-Request-ID (if sane) or a new one; echoed, logged
+  2. route           only known paths and methods go on (404/405 here, so clients
+                     cannot grow /metrics with made-up paths)
+  3. shutdown        after SIGTERM: 503 for new work, /readyz 503, in-flight requests finish
+  4. API key         GENSERVE_API_KEYS_FILE; 401 without a valid key
+  5. rate limit      GENSERVE_RATE_LIMIT per key (per client address without keys); 429
+  6. body            content type (415), size by Content-Length and by counting (413),
+                     read deadline (408); the body is read here and replayed to the app
+  7. CORS            GENSERVE_CORS_ORIGINS allow-list, preflights answered here
+Anything the app raises past its own handlers becomes a 500 in the same shape.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import json
+import logging
+import re
+import signal
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+
+from services.auth import KeyStore, presented_key
+from services.config import Settings
+from services.ratelimit import RateLimiter, retry_after
+
+log = logging.getLogger("genserve")
+
+REQUEST_ID_HEADER = "x-request-id"
+_VALID_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+request_id_var: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="")
+# Who is asking: "key:<id>" with API keys, "addr:<ip>" without; rate limits are per client.
+client_var: contextvars.ContextVar[str] = contextvars.ContextVar("client", default="anonymous")
+
+BODY_METHODS = {"POST", "PUT", "PATCH"}
+CORS_ALLOWED_HEADERS = ("authorization", "content-type", "x-api-key", "x-request-id")
+CORS_EXPOSED_HEADERS = "X-Request-ID, Retry-After"
+
+
+@dataclass(frozen=True)
+class Route:
+    methods: frozenset[str]
+    content_types: frozenset[str] = frozenset()  # bodies accepted (POST)
+    public: bool = False  # reachable without an API key
+    limited: bool = True  # counts against the request rate limit
+    drains: bool = True  # refused while shutting down (health and metrics stay up)
+
+
+def error_body(status: int, code: str, message: str, **extra) -> dict:
+    error = {"code": code, "message": message, **{k: v for k, v in extra.items() if v is not None}}
+    error["request_id"] = request_id_var.get()
+    return {"error": error}
+
+
+class _Refused(Exception):
+    def __init__(self, status: int, code: str, message: str, headers: dict | None = None, **extra):
+        self.status, self.code, self.message = status, code, message
+        self.headers, self.extra = headers or {}, extra
+
+
+@dataclass
+class Gateway:
+    app: object
+    settings: Settings
+    routes: dict[str, Route]
+    keys: KeyStore | None = None
+    draining: bool = False
+    inflight: int = 0
+    on_error: object = None  # callable(endpoint, code): counts refusals
+    on_rate_limited: object = None  # callable(client, limit): counts rate-limit refusals
+    _limiter: RateLimiter | None = field(default=None, repr=False)
+
+    def __post_init__(self):
+        if self.settings.api_keys_file is not None:
+            self.keys = KeyStore(self.settings.api_keys_file)
+        else:
+            log.warning("API keys are off (GENSERVE_API_KEYS_FILE is not set): every client is served")
+        if self.settings.rate_limit is not None:
+            self._limiter = RateLimiter(self.settings.rate_limit)
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "lifespan":
+            self._install_sigterm_drain()
+            return await self.app(scope, receive, send)
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        given = headers.get(REQUEST_ID_HEADER, "")
+        request_id = given if _VALID_REQUEST_ID.match(given) else uuid.uuid4().hex
+        token = request_id_var.set(request_id)
+        cors = self._cors_headers(headers)
+        state = {"status": 0}
+
+        async def send_with_id(message):
+            if message["type"] == "http.response.start":
+                state["status"] = message["status"]
+                extra = [(REQUEST_ID_HEADER.encode(), request_id.encode())]
+                extra += [(k.encode(), v.encode()) for k, v in cors.items()]
+                message = {**message, "headers": [*message.get("headers", []), *extra]}
+            await send(message)
+
+        start = time.perf_counter()
+        try:
+            await self._handle(scope, receive, send_with_id, headers, cors)
+        except _Refused as r:
+            await self._refuse(scope, send_with_id, r)
+        except Exception:
+            log.exception("request_id=%s unexpected error", request_id)
+            if not state["status"]:
+                await self._refuse(scope, send_with_id, _Refused(
+                    500, "internal_error", "unexpected server error; the request id is in the server log"))
+        finally:
+            log.info("request_id=%s %s %s -> %s in %.3fs", request_id, scope["method"], scope["path"],
+                     state["status"], time.perf_counter() - start)
+            request_id_var.reset(token)
+
+    # -- the checks, in order ----------------------------------------------------------
+    async def _handle(self, scope, receive, send, headers, cors):
+        path, method = scope["path"], scope["method"]
+        route = self.routes.get(path)
+        if route is None:
+            raise _Refused(404, "not_found", f"no endpoint at {path}; the API is described at /v1/docs")
+        if method == "OPTIONS" and "access-control-request-method" in headers and cors:
+            return await self._preflight(send, route, headers)
+        if method not in route.methods and not (method == "HEAD" and "GET" in route.methods):
+            allow = ", ".join(sorted(route.methods))
+            raise _Refused(405, "method_not_allowed", f"{path} accepts {allow}, not {method}",
+                           headers={"Allow": allow}, allowed=sorted(route.methods))
+        if self.draining and (route.drains or path == "/readyz"):
+            raise _Refused(503, "shutting_down", "this server is shutting down; retry (another replica answers)",
+                           headers={"Retry-After": "1", "Connection": "close"})
+        client = self._authenticate(scope, route, headers)
+        if route.limited and self._limiter is not None:
+            wait = self._limiter.acquire(client)
+            if wait > 0:
+                if self.on_rate_limited is not None:
+                    self.on_rate_limited(client, "requests")
+                raise _Refused(429, "rate_limited",
+                               f"more than {self.settings.rate_limit} requests; retry in {retry_after(wait)}s",
+                               headers={"Retry-After": str(retry_after(wait))}, limit=str(self.settings.rate_limit))
+        if method in BODY_METHODS:
+            body = await self._read_body(scope, receive, route, headers)
+            if body is None:
+                return  # the client went away while sending
+            receive = _replay(body, receive)
+        client_token = client_var.set(client)
+        self.inflight += route.drains
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.inflight -= route.drains
+            client_var.reset(client_token)
+
+    def _authenticate(self, scope, route: Route, headers) -> str:
+        needs_key = self.keys is not None and (
+            not route.public or (scope["path"] == "/metrics" and self.settings.metrics_require_key))
+        if not needs_key:
+            host = (scope.get("client") or ("unknown", 0))[0]
+            return f"addr:{host}"
+        presented = presented_key(headers)
+        if presented is None:
+            raise _Refused(401, "unauthorized", "an API key is required: send `Authorization: Bearer <key>` "
+                           "or `X-API-Key: <key>`", headers={"WWW-Authenticate": "Bearer"})
+        kid = self.keys.identify(presented)
+        if kid is None:
+            raise _Refused(401, "unauthorized", "the API key is not valid", headers={"WWW-Authenticate": "Bearer"})
+        return f"key:{kid}"
+
+    async def _read_body(self, scope, receive, route: Route, headers) -> bytes | None:
+        limit = self.settings.max_body_bytes
+        content_type = headers.get("content-type", "").split(";")[0].strip().lower()
+        length = headers.get("content-length")
+        if route.content_types and content_type not in route.content_types and (content_type or length not in
+                                                                                 (None, "0")):
+            raise _Refused(415, "unsupported_media_type",
+                           f"Content-Type must be one of {', '.join(sorted(route.content_types))}, "
+                           f"got {content_type or 'none'}", field="Content-Type", allowed=sorted(route.content_types))
+        if length is not None and (not length.isdigit() or int(length) > limit):
+            raise _Refused(413, "body_too_large", f"the request body may be at most {limit} bytes",
+                           headers={"Connection": "close"}, limit=limit)
+        chunks, total = [], 0
+        deadline = time.monotonic() + self.settings.body_read_timeout_s
+        while True:
+            try:
+                message = await asyncio.wait_for(receive(), max(0.0, deadline - time.monotonic()))
+            except asyncio.TimeoutError:
+                raise _Refused(408, "request_timeout", f"the request body did not arrive within "
+                               f"{self.settings.body_read_timeout_s}s", headers={"Connection": "close"},
+                               limit=self.settings.body_read_timeout_s) from None
+            if message["type"] == "http.disconnect":
+                return None
+            chunk = message.get("body", b"")
+            total += len(chunk)
+            if total > limit:
+                raise _Refused(413, "body_too_large", f"the request body may be at most {limit} bytes",
+                               headers={"Connection": "close"}, limit=limit)
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                return b"".join(chunks)
+
+    # -- CORS ----------------------------------------------------------------------------
+    def _cors_headers(self, headers) -> dict[str, str]:
+        origin = headers.get("origin")
+        allowed = self.settings.cors_origins
+        if not origin or not allowed or not (origin in allowed or "*" in allowed):
+            return {}
+        return {"access-control-allow-origin": origin, "vary": "Origin",
+                "access-control-expose-headers": CORS_EXPOSED_HEADERS}
+
+    async def _preflight(self, send, route: Route, headers):
+        asked = [h.strip().lower() for h in headers.get("access-control-request-headers", "").split(",") if h.strip()]
+        await send({"type": "http.response.start", "status": 204, "headers": [
+            (b"access-control-allow-methods", ", ".join(sorted(route.methods)).encode()),
+            (b"access-control-allow-headers", ", ".join(h for h in asked if h in CORS_ALLOWED_HEADERS).encode()),
+            (b"access-control-max-age", b"600")]})
+        await send({"type": "http.response.body", "body": b""})
+
+    # -- answers -------------------------------------------------------------------------
+    async def _refuse(self, scope, send, r: _Refused):
+        if self.on_error is not None:
+            route = scope["path"] if scope["path"] in self.routes else "unmatched"
+            self.on_error(route, r.code)
+        if r.status >= 500:
+            log.error("request_id=%s %s: %s", request_id_var.get(), r.code, r.message)
+        body = json.dumps(error_body(r.status, r.code, r.message, **r.extra)).encode()
+        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+        headers += [(k.lower().encode(), str(v).encode()) for k, v in r.headers.items()]
+        await send({"type": "http.response.start", "status": r.status, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+
+    # -- graceful shutdown ---------------------------------------------------------------
+    def _install_sigterm_drain(self) -> None:
+        """On SIGTERM: stop admitting at once, let in-flight requests finish (at most
+        GENSERVE_SHUTDOWN_GRACE_S), then hand the signal to the server (uvicorn), which
+        closes the listener and exits. Installed at lifespan start, over uvicorn's handler."""
+        if threading.current_thread() is not threading.main_thread():
+            return
+        previous = signal.getsignal(signal.SIGTERM)
+        if not callable(previous):
+            return
+        loop = asyncio.get_running_loop()
+
+        def on_sigterm(sig, frame):
+            if self.draining:
+                return
+            self.draining = True
+            log.info("SIGTERM: draining %d requests in flight (at most %ss)", self.inflight,
+                     self.settings.shutdown_grace_s)
+            loop.call_soon_threadsafe(lambda: loop.create_task(self._drain_then(previous, sig, frame)))
+
+        signal.signal(signal.SIGTERM, on_sigterm)
+
+    async def _drain_then(self, previous, sig, frame) -> None:
+        deadline = time.monotonic() + self.settings.shutdown_grace_s
+        while self.inflight > 0 and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        log.info("drained (%d requests still in flight); shutting down", self.inflight)
+        previous(sig, frame)
+
+
+def _replay(body: bytes, receive):
+    """The body read by the gateway, then the real channel (for disconnects)."""
+    sent = False
+
+    async def replayed():
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+
+    return replayed

@@ -1,0 +1,131 @@
+"""The OpenAPI document tells the truth: every status an operation can answer, the one
+error shape, and the limits of the models actually served (sizes, class labels,
+prompt tokens), so generated clients and fuzzers send what the server accepts."""
+
+from __future__ import annotations
+
+import math
+from fastapi import FastAPI
+from fastapi.openapi.utils import get_openapi
+
+from services.schemas import ErrorResponse
+
+ERROR_DESCRIPTIONS = {
+    401: "No valid API key (only when the server has keys: GENSERVE_API_KEYS_FILE).",
+    404: "Unknown model (`allowed` lists the served ones) or path.",
+    405: "Method not allowed on this path (`Allow` header).",
+    408: "The request body did not arrive in time (GENSERVE_BODY_READ_TIMEOUT_S).",
+    413: "The request body is larger than GENSERVE_MAX_BODY_BYTES.",
+    415: "Content-Type not accepted by this endpoint (`allowed`).",
+    422: "A field is invalid: `field`, `limit` and `details` say which and why.",
+    429: "Rate limit of the key, or the engine's queue, is full: retry after `Retry-After` seconds.",
+    500: "A server fault; the request id is in the server log.",
+    503: "The inference backend (named) is unavailable, or the server is shutting down: retry.",
+    504: "The request did not finish within its deadline (`timeout_s`).",
+}
+RETRY_AFTER = {"Retry-After": {"description": "Seconds to wait before retrying.", "schema": {"type": "integer"}}}
+GET_ERRORS = (401, 405, 429, 500, 503)
+POST_ERRORS = (401, 404, 405, 408, 413, 415, 422, 429, 500, 503, 504)
+
+
+def error_responses(statuses=POST_ERRORS) -> dict[int, dict]:
+    out = {}
+    for status in statuses:
+        out[status] = {"model": ErrorResponse, "description": ERROR_DESCRIPTIONS[status]}
+        if status in (429, 503):
+            out[status]["headers"] = RETRY_AFTER
+    return out
+
+
+def body_schema(model) -> dict:
+    """`openapi_extra` for endpoints that take JSON (images as base64) or multipart (images
+    as files), parsed by the handler itself."""
+    schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
+    form = {**schema, "properties": {
+        k: ({"type": "string", "format": "binary", "description": v.get("description", "")}
+            if k in ("image", "mask") else v) for k, v in schema["properties"].items()}}
+    return {"requestBody": {"required": True, "content": {
+        "application/json": {"schema": schema}, "multipart/form-data": {"schema": form}}}}
+
+
+def _request_schemas(doc: dict):
+    """Every request-body schema object: components named *Request, and inline bodies."""
+    for name, schema in doc.get("components", {}).get("schemas", {}).items():
+        if name.endswith("Request"):
+            yield schema
+    for item in doc.get("paths", {}).values():
+        for op in item.values():
+            for content in op.get("requestBody", {}).get("content", {}).values():
+                if "properties" in content.get("schema", {}):
+                    yield content["schema"]
+
+
+def document_limits(doc: dict, *, sides: list[dict], num_classes: list[int], prompt_tokens: list[int]) -> dict:
+    """Writes the served models' limits into the request schemas (the loosest over models,
+    so the document never refuses what some model accepts)."""
+    for schema in _request_schemas(doc):
+        props = schema.get("properties", {})
+        if sides:
+            for key in ("height", "width"):
+                if key in props:
+                    target = next((v for v in props[key].get("anyOf", []) if v.get("type") == "integer"), props[key])
+                    target["multipleOf"] = math.gcd(*(s["multiple_of"] for s in sides))
+                    target["minimum"] = min(s["min"] for s in sides)
+                    target["maximum"] = max(s["max"] for s in sides)
+        if num_classes and "class_label" in props:
+            label = props["class_label"]
+            target = next((v for v in label.get("anyOf", []) if v.get("type") == "integer"), label)
+            target["maximum"] = max(num_classes) - 1
+        if prompt_tokens:
+            for key in ("prompt", "negative_prompt"):
+                if key in props:
+                    props[key]["description"] = (props[key].get("description", "") + f" At most {max(prompt_tokens)} "
+                                                 "tokens of the model's tokenizer (longer is refused, never truncated).")
+    return doc
+
+
+def image_examples(doc: dict, models) -> dict:
+    """Working JSON examples for the image endpoints: a grey image and a half mask of the
+    model's native size, so clients (and fuzzers) see a request that succeeds."""
+    import base64
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    def png(pixels: np.ndarray) -> str:
+        buffer = io.BytesIO()
+        Image.fromarray(pixels).save(buffer, format="PNG")
+        return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+    side = models.native_size
+    image = png(np.full((side, side) if models.image_channels == 1 else (side, side, 3), 128, np.uint8))
+    mask = np.zeros((side, side), np.uint8)
+    mask[:, side // 2:] = 255
+    bodies = {"/img2img": {"prompt": "a handwritten digit seven", "image": image, "strength": 0.8,
+                           "num_inference_steps": 10, "seed": 1},
+              "/inpaint": {"prompt": "a handwritten digit seven", "image": image, "mask": png(mask),
+                           "num_inference_steps": 10, "seed": 1}}
+    for path, body in bodies.items():
+        content = doc.get("paths", {}).get(path, {}).get("post", {}).get("requestBody", {}).get("content", {})
+        if "application/json" in content:
+            content["application/json"]["example"] = body
+    return doc
+
+
+def install(app: FastAPI, image_example=None, **limits) -> None:
+    """Replaces the app's OpenAPI generator with one that documents `limits` (and, given
+    the default diffusion model, examples for the image endpoints)."""
+
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            doc = get_openapi(title=app.title, version=app.version, description=app.description,
+                              routes=app.routes, servers=app.servers)
+            doc = document_limits(doc, **limits)
+            if image_example is not None:
+                doc = image_examples(doc, image_example)
+            app.openapi_schema = doc
+        return app.openapi_schema
+
+    app.openapi_schema = None
+    app.openapi = openapi
