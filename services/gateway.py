@@ -227,7 +227,7 @@ class Gateway:
         if self.on_error is not None:
             route = scope["path"] if scope["path"] in self.routes else "unmatched"
             self.on_error(route, r.code)
-        if r.status >= 500:
+        if r.status == 500:
             log.error("request_id=%s %s: %s", request_id_var.get(), r.code, r.message)
         body = json.dumps(error_body(r.status, r.code, r.message, **r.extra)).encode()
         headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
