@@ -4,9 +4,20 @@ Requests submit and await; the loop (one asyncio task) owns every model call of 
 pipeline, batching across requests at each stage:
   1. prompt encoding   all newly admitted requests' uncached prompts, one text-encoder call
   2. denoising         one U-Net call per iteration for the scheduled requests
-  3. decoding          all requests that finished this iteration, one VAE call per shape
+  3. decoding          all requests whose steps are done, one VAE call per shape
 Cancellation and deadlines take effect between iterations, so a cancelled request
 costs at most the step already in flight.
+
+Failures stay with their owner:
+  - whatever one request does (bad parameters, an init image that fails to encode, an
+    exception in its own scheduler step, NaN latents, a decode that fails) finishes that
+    request with FINISHED_ERROR; a failed shared call (text encoder, U-Net, VAE) is
+    split up and retried, so a request that poisons it fails alone;
+  - a backend outage (BackendUnavailable) is nobody's fault: the requests of the stage
+    that hit it stay where they are (a trajectory keeps its step; nothing is recomputed)
+    and resume when the backend is back. The loop backs off (0.25 s doubling to 2 s)
+    while cancellations and deadlines still take effect; a deadline that passes during
+    the outage answers BackendUnavailable (503), not a timeout.
 """
 
 from __future__ import annotations
@@ -14,15 +25,21 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from typing import Awaitable, TypeVar
 
 import numpy as np
 
 from services.engine.prompt_cache import PromptCache
-from services.engine.request import FINISH_REASONS, EngineRequest, RequestStatus
+from services.engine.request import FINISH_REASONS, EngineRequest, RequestStatus, denoising_steps
 from services.engine.scheduler import StepBatch, StepScheduler
+from services.errors import BackendUnavailable, InvalidRequest, NonFiniteOutput
 from services.pipelines.pipeline_stable_diffusion import DiffusionOutput, DiffusionRequest, StableDiffusionPipeline
 
 log = logging.getLogger("genserve.engine")
+
+T = TypeVar("T")
+BACKOFF_MIN_S = 0.25  # first pause after an outage; doubles per failed try
+BACKOFF_MAX_S = 2.0
 
 
 class EngineObserver:
@@ -31,6 +48,28 @@ class EngineObserver:
     def iteration(self, model: str, rows: int, requests: int, images: int) -> None: ...
     def queue(self, model: str, requests: int, image_steps: int) -> None: ...
     def finished(self, model: str, reason: str) -> None: ...
+
+
+def check_denoising_steps(request: DiffusionRequest) -> None:
+    """Refuses a request that would run no denoising step (InvalidRequest, 422)."""
+    n = request.num_inference_steps
+    if n < 1:
+        raise InvalidRequest("num_inference_steps must be at least 1", field="num_inference_steps", limit=1)
+    if denoising_steps(request) >= 1:
+        return
+    minimum = -(-10_000 // n) / 10_000  # 1/n rounded up to 4 decimals
+    while int(n * minimum) < 1:  # guard float rounding (n * (1/n) can be 0.999...)
+        minimum = round(minimum + 0.0001, 4)
+    raise InvalidRequest(
+        f"strength x num_inference_steps must give at least 1 denoising step: with "
+        f"num_inference_steps={n}, strength must be at least {minimum:g} (got {request.strength:g})",
+        field="strength", limit=minimum)
+
+
+def check_finite(x: np.ndarray, what: str) -> None:
+    if not np.isfinite(x).all():
+        raise NonFiniteOutput(f"the model produced non-finite values (NaN or inf) in {what}; "
+                              "a model or numerics problem: the same request gives the same result")
 
 
 class DiffusionEngine:
@@ -48,13 +87,28 @@ class DiffusionEngine:
         self._wakeup = asyncio.Event()
         self._loop_task: asyncio.Task | None = None
         self._start_loop = start_loop
+        # Outage bookkeeping: the last iteration's BackendUnavailable (None: none seen), whether
+        # any model call of the current iteration succeeded, and the next back-off pause.
+        self._outage: BackendUnavailable | None = None
+        self._step_outage: BackendUnavailable | None = None
+        self._step_progress = False
+        self._backoff_s = BACKOFF_MIN_S
         self._report_queue()  # gauges exist (at 0) from start-up, before the first request
+
+    @property
+    def backend_down(self) -> bool:
+        """True while the backend is unavailable (the last iteration hit BackendUnavailable):
+        requests in flight are paused, new ones would wait. The HTTP layer may answer new
+        submissions 503 at once instead."""
+        return self._outage is not None
 
     # -- client side -------------------------------------------------------------------
     def submit(self, request: DiffusionRequest, timeout_s: float, preview_every: int = 0) -> EngineRequest:
         """Admits a request (raises QueueFull when the step queue is full, PromptTooLong
-        for a prompt that does not fit) and returns its handle; await `handle.done`."""
+        for a prompt that does not fit, InvalidRequest for one that would run no step)
+        and returns its handle; await `handle.done`."""
         self.pipeline.tokenize(request)  # reject bad prompts before they queue
+        check_denoising_steps(request)
         req = EngineRequest(request, deadline=time.monotonic() + timeout_s, preview_every=preview_every)
         self.scheduler.add_request(req)
         self._report_queue()
@@ -63,7 +117,7 @@ class DiffusionEngine:
         return req
 
     def cancel(self, req: EngineRequest) -> None:
-        """The request leaves at the next iteration boundary."""
+        """The request leaves at the next iteration boundary (or within a back-off pause)."""
         if not req.status.finished:
             req.cancel_requested = True
             self._wakeup.set()
@@ -77,6 +131,28 @@ class DiffusionEngine:
         if req.status != RequestStatus.FINISHED_DONE:
             raise req.error or RuntimeError(FINISH_REASONS[req.status])
         return req.result
+
+    async def warmup(self) -> float | None:
+        """Times one U-Net call at the native size (2 rows: one image with guidance) and
+        seeds the scheduler's rate with it, so the first 429 carries a real Retry-After.
+        Returns the rate in image-steps/s, or None when skipped (backend down, or any
+        failure: warm-up is an optimisation, never a reason not to start)."""
+        try:
+            request = DiffusionRequest(prompt="", num_inference_steps=1, guidance_scale=2.0)
+            embeddings = await self.pipeline.encode_prompts(self.pipeline.tokenize(request))
+            inputs = (await self.pipeline.start(request, embeddings)).model_inputs()
+            best = float("inf")
+            for _ in range(2):  # the best of two: the first call may pay for lazy initialisation
+                t0 = time.perf_counter()
+                await self.pipeline.backend.infer(self.pipeline.models.unet, inputs)
+                best = min(best, time.perf_counter() - t0)
+        except Exception as exc:
+            log.warning("engine %s: warm-up skipped (%s: %s)", self.model, type(exc).__name__, exc)
+            return None
+        rate = 1.0 / max(best, 1e-6)  # one image-step per call
+        self.scheduler.seed_rate(rate)
+        log.info("engine %s: warm-up U-Net step %.4fs -> %.1f image-steps/s", self.model, best, rate)
+        return rate
 
     async def close(self) -> None:
         if self._loop_task is not None:
@@ -98,15 +174,16 @@ class DiffusionEngine:
                 worked = await self.step()
             except asyncio.CancelledError:
                 raise
-            except Exception as exc:  # a model failure fails the requests in flight, not the loop
+            except Exception as exc:  # an engine bug (model failures fail their own requests)
                 log.exception("engine %s iteration failed", self.model)
                 for r in list(self.scheduler.requests):
-                    r.finish(RequestStatus.FINISHED_ERROR, exc)
-                    self.observer.finished(self.model, "error")
+                    self._fail(r, exc)
                 self.scheduler.prune()
                 worked = True
             self._report_queue()
-            if not worked:
+            if self._step_outage is not None and not self._step_progress and self.scheduler.requests:
+                await self._back_off()
+            elif not worked:
                 self._wakeup.clear()
                 if not self.scheduler.requests:
                     await self._wakeup.wait()
@@ -117,52 +194,76 @@ class DiffusionEngine:
                         pass
 
     async def step(self) -> bool:
-        """One iteration; returns whether anything ran."""
-        for r in self.scheduler.finish_requests():
-            self.observer.finished(self.model, FINISH_REASONS[r.status])
-        admitted = await self._admit()
-        batch = self.scheduler.schedule()
-        if not batch.requests:
-            return admitted
-        start = time.perf_counter()
-        await self._execute(batch)
-        seconds = time.perf_counter() - start
-        self.iterations += 1
-        self.observer.iteration(self.model, batch.rows, len(batch.requests),
-                                sum(r.request.num_images for r in batch.requests))
-        finished = self.scheduler.update_from_output(batch, seconds)
-        await self._previews(batch)
-        if finished:
-            await self._decode(finished)
-        self.scheduler.prune()
-        return True
+        """One iteration; returns whether anything ran (or was tried, in an outage).
 
+        Each stage stands alone: when the backend is unavailable for one, its requests
+        stay where they are and the next stages still run (a model reloading on Triton
+        stalls only the requests that need it)."""
+        self._step_outage, self._step_progress = None, False
+        self._finish_leaving()  # 1. cancellations and deadlines
+        worked = False
+        for stage in (self._admit, self._denoise, self._decode):  # 2. prompts, 3. one U-Net step, 4. VAE
+            try:
+                worked = await stage() or worked
+            except BackendUnavailable:
+                worked = True  # paused, not failed: _run backs off, the next iteration retries
+            self.scheduler.prune()
+        if self._step_outage is not None:
+            if self._outage is None:
+                log.warning("engine %s: backend unavailable, pausing the requests that need it: %s",
+                            self.model, self._step_outage)
+            self._outage = self._step_outage
+        elif self._step_progress:
+            if self._outage is not None:
+                log.info("engine %s: backend answers again, resuming", self.model)
+            self._outage, self._backoff_s = None, BACKOFF_MIN_S
+        return worked
+
+    async def _back_off(self) -> None:
+        """Nothing could run: waits before the next try (0.25 s doubling to 2 s), waking
+        for cancellations and deadlines, which still take effect during an outage."""
+        until = time.monotonic() + self._backoff_s
+        self._backoff_s = min(2 * self._backoff_s, BACKOFF_MAX_S)
+        while self.scheduler.requests and (now := time.monotonic()) < until:
+            self._wakeup.clear()
+            next_deadline = min(r.deadline for r in self.scheduler.requests)
+            try:
+                await asyncio.wait_for(self._wakeup.wait(), timeout=max(0.0, min(until, next_deadline + 1e-3) - now))
+            except asyncio.TimeoutError:
+                pass
+            self._finish_leaving()
+            self._report_queue()
+
+    async def _backend(self, call: Awaitable[T]) -> T:
+        """Every model call of the loop goes through here, to record outages and recovery."""
+        try:
+            result = await call
+        except BackendUnavailable as exc:
+            self._step_outage = exc
+            raise
+        self._step_progress = True
+        return result
+
+    def _finish_leaving(self) -> None:
+        for r in self.scheduler.finish_requests(outage=self._outage):
+            self.observer.finished(self.model, FINISH_REASONS[r.status])
+
+    def _fail(self, r: EngineRequest, exc: BaseException) -> None:
+        """Finishes one request with its own error; everyone else goes on."""
+        if r.status.finished:
+            return
+        log.warning("engine %s: request %d failed: %s: %s", self.model, r.id, type(exc).__name__, exc)
+        r.finish(RequestStatus.FINISHED_ERROR, exc)
+        self.observer.finished(self.model, "error")
+
+    # -- stage 2: admission --------------------------------------------------------------
     async def _admit(self) -> bool:
-        """Encodes every waiting request's prompts (cache first, misses in one call) and
-        starts its trajectory."""
+        """Encodes every waiting request's prompts and starts its trajectory."""
         waiting = [r for r in self.scheduler.requests if r.status == RequestStatus.WAITING]
         if not waiting:
             return False
         start = time.perf_counter()
-        ids = {r.id: self.pipeline.tokenize(r.request) for r in waiting}
-        found: dict[bytes, np.ndarray] = {}
-        misses: dict[bytes, np.ndarray] = {}
-        for seq in ids.values():
-            for x in seq:
-                key = x.tobytes()
-                if key in found or key in misses:
-                    continue
-                hit = self.cache.get(self.model, x)
-                if hit is None:
-                    misses[key] = x
-                else:
-                    found[key] = hit
-        if misses:
-            embeddings = await self.pipeline.encode_prompts(list(misses.values()))
-            unconditional = self.pipeline.tokenizer("")
-            for (key, x), e in zip(misses.items(), embeddings):
-                found[key] = e
-                self.cache.put(self.model, x, e, pin=np.array_equal(x, unconditional))
+        embeddings = await self._prompt_embeddings(waiting)
         encode_seconds = time.perf_counter() - start
         for r in waiting:
             if r.status.finished:
@@ -170,58 +271,200 @@ class DiffusionEngine:
             r.timings["text_encoding_seconds"] = encode_seconds
             t0 = time.perf_counter()
             try:
-                r.trajectory = await self.pipeline.start(r.request, np.stack([found[x.tobytes()] for x in ids[r.id]]))
+                r.trajectory = await self._backend(self.pipeline.start(r.request, embeddings[r.id]))
+            except BackendUnavailable:
+                raise  # stays WAITING; start() draws from fresh generators, so a retry is exact
             except Exception as exc:  # e.g. its init image failed to encode: only this request fails
-                r.finish(RequestStatus.FINISHED_ERROR, exc)
-                self.observer.finished(self.model, "error")
+                self._fail(r, exc)
                 continue
             r.timings["latent_preparation_seconds"] = time.perf_counter() - t0
             r.timings["denoising_seconds"] = 0.0
             r.status = RequestStatus.RUNNING
         return True
 
-    async def _execute(self, batch: StepBatch) -> None:
+    async def _prompt_embeddings(self, waiting: list[EngineRequest]) -> dict[int, np.ndarray]:
+        """Each request's embeddings, [negative, positive] or [positive]: cache first, the
+        misses of all requests in one text-encoder call. If that call fails (not an
+        outage), each request is encoded alone, so a prompt that breaks it fails alone."""
+        ids = {r.id: self.pipeline.tokenize(r.request) for r in waiting}
+        try:
+            found = await self._encode([x for r in waiting for x in ids[r.id]])
+        except BackendUnavailable:
+            raise
+        except Exception as exc:
+            if len(waiting) == 1:
+                self._fail(waiting[0], exc)
+                return {}
+            found = {}
+            for r in waiting:
+                try:
+                    found.update(await self._encode(ids[r.id]))
+                except BackendUnavailable:
+                    raise
+                except Exception as own:
+                    self._fail(r, own)
+        return {r.id: np.stack([found[x.tobytes()] for x in ids[r.id]]) for r in waiting if not r.status.finished}
+
+    async def _encode(self, token_ids: list[np.ndarray]) -> dict[bytes, np.ndarray]:
+        found: dict[bytes, np.ndarray] = {}
+        misses: dict[bytes, np.ndarray] = {}
+        for x in token_ids:
+            key = x.tobytes()
+            if key in found or key in misses:
+                continue
+            hit = self.cache.get(self.model, x)
+            if hit is None:
+                misses[key] = x
+            else:
+                found[key] = hit
+        if misses:
+            embeddings = await self._backend(self.pipeline.encode_prompts(list(misses.values())))
+            unconditional = self.pipeline.tokenizer("")
+            for (key, x), e in zip(misses.items(), embeddings):
+                found[key] = e
+                self.cache.put(self.model, x, e, pin=np.array_equal(x, unconditional))
+        return found
+
+    # -- stage 3: one denoising step -----------------------------------------------------
+    async def _denoise(self) -> bool:
         """One U-Net call for every scheduled request, then each advances its own state."""
+        batch = self.scheduler.schedule()
+        if not batch.requests:
+            return False
         start = time.perf_counter()
-        inputs = [r.trajectory.model_inputs() for r in batch.requests]
-        merged = {k: np.concatenate([x[k] for x in inputs]) for k in inputs[0]}
-        noise_pred = (await self.pipeline.backend.infer(self.pipeline.models.unet, merged))["noise_pred"]
-        offset = 0
+        # a. Each request's rows; one whose inputs cannot be built fails alone.
+        inputs: dict[EngineRequest, dict[str, np.ndarray]] = {}
         for r in batch.requests:
-            rows = r.trajectory.rows
-            r.trajectory.advance(noise_pred[offset:offset + rows])
-            offset += rows
+            try:
+                inputs[r] = r.trajectory.model_inputs()
+            except Exception as exc:  # e.g. no timestep left to run
+                self._fail(r, exc)
+        # b. The shared U-Net call (an outage raises from here with every trajectory untouched).
+        noise_preds = await self._unet(list(inputs), inputs)
+        seconds = time.perf_counter() - start
+        self.iterations += 1
+        self.observer.iteration(self.model, batch.rows, len(batch.requests),
+                                sum(r.request.num_images for r in batch.requests))
+        # c. Guidance and the scheduler step, per request; non-finite latents fail their request.
+        for r, noise_pred in noise_preds.items():
+            try:
+                r.trajectory.advance(noise_pred)
+                check_finite(r.trajectory.latents, f"the latents after step {r.trajectory.steps_done}")
+            except Exception as exc:
+                self._fail(r, exc)
+                continue
             r.timings["denoising_seconds"] += time.perf_counter() - start
             r.emit("progress", step=r.trajectory.steps_done, total=r.trajectory.num_steps,
                    elapsed=round(time.monotonic() - r.arrival, 6))
+        self.scheduler.update_from_output(batch, seconds)
+        await self._previews(batch)
+        return True
+
+    async def _unet(self, requests: list[EngineRequest],
+                    inputs: dict[EngineRequest, dict[str, np.ndarray]]) -> dict[EngineRequest, np.ndarray]:
+        """noise_pred per request from one U-Net call. A call that fails for a reason other
+        than an outage is bisected: each half is retried, so a request that poisons the
+        call fails alone (about 2 log2(n) extra calls) and its batch-mates get their step."""
+        if not requests:
+            return {}
+        merged = {k: np.concatenate([inputs[r][k] for r in requests]) for k in inputs[requests[0]]}
+        try:
+            out = await self._backend(self.pipeline.backend.infer(self.pipeline.models.unet, merged))
+        except BackendUnavailable:
+            raise
+        except Exception as exc:
+            if len(requests) == 1:
+                self._fail(requests[0], exc)
+                return {}
+            log.warning("engine %s: U-Net call for %d requests failed (%s); retrying in halves",
+                        self.model, len(requests), exc)
+            half = len(requests) // 2
+            return {**await self._unet(requests[:half], inputs), **await self._unet(requests[half:], inputs)}
+        noise_pred, offset, result = out["noise_pred"], 0, {}
+        for r in requests:
+            result[r] = noise_pred[offset:offset + r.trajectory.rows]
+            offset += r.trajectory.rows
+        return result
 
     async def _previews(self, batch: StepBatch) -> None:
-        """The x0 estimate, decoded, every `preview_every` steps for streaming clients."""
-        wanted = [r for r in batch.requests if r.preview_every and not r.trajectory.done
-                  and r.trajectory.steps_done % r.preview_every == 0
+        """The x0 estimate, decoded, every `preview_every` steps for streaming clients.
+        A preview that fails fails its request; one that meets an outage is skipped."""
+        wanted = [r for r in batch.requests if r.preview_every and not r.status.finished
+                  and not r.trajectory.done and r.trajectory.steps_done % r.preview_every == 0
                   and r.trajectory.pred_original_sample is not None]
         for r in wanted:
-            images = await self.pipeline.decode(r.trajectory.decoder_input(r.trajectory.pred_original_sample))
+            try:
+                images = await self._backend(self.pipeline.decode(
+                    r.trajectory.decoder_input(r.trajectory.pred_original_sample)))
+            except BackendUnavailable:
+                return
+            except Exception as exc:
+                self._fail(r, exc)
+                continue
             r.emit("preview", step=r.trajectory.steps_done, images=images)
 
-    async def _decode(self, finished: list[EngineRequest]) -> None:
+    # -- stage 4: decoding ---------------------------------------------------------------
+    async def _decode(self) -> bool:
+        """Decodes every request whose steps are done (this iteration's, and any an outage
+        held back): one VAE call per shape. If a group's call fails (not an outage), each
+        request is decoded alone, so only the one that breaks it fails."""
+        decoding = [r for r in self.scheduler.requests if r.status == RequestStatus.DECODING]
+        if not decoding:
+            return False
         by_shape: dict[tuple, list[EngineRequest]] = {}
-        for r in finished:
+        for r in decoding:
             by_shape.setdefault(r.shape, []).append(r)
         for group in by_shape.values():
             start = time.perf_counter()
-            latents = np.concatenate([r.trajectory.decoder_input() for r in group])
-            images = await self.pipeline.decode(latents)
-            seconds = time.perf_counter() - start
-            offset = 0
+            latents = {}
             for r in group:
-                n = r.request.num_images
-                r.timings["decoding_seconds"] = seconds
-                r.result = DiffusionOutput(images[offset:offset + n],
-                                           [r.request.seed + i for i in range(n)], dict(r.timings))
-                offset += n
-                r.finish(RequestStatus.FINISHED_DONE)
-                self.observer.finished(self.model, "done")
+                try:
+                    latents[r] = r.trajectory.decoder_input()
+                except Exception as exc:
+                    self._fail(r, exc)
+            group = list(latents)
+            if not group:
+                continue
+            try:
+                images = await self._backend(self.pipeline.decode(np.concatenate([latents[r] for r in group])))
+                offsets = np.cumsum([0] + [r.request.num_images for r in group])
+                parts = {r: images[a:b] for r, a, b in zip(group, offsets[:-1], offsets[1:])}
+            except BackendUnavailable:
+                raise  # the group stays DECODING; the next iteration decodes it
+            except Exception as exc:
+                if len(group) == 1:
+                    self._fail(group[0], exc)
+                    continue
+                parts = await self._decode_alone(group, latents)
+            seconds = time.perf_counter() - start
+            for r, images in parts.items():
+                self._complete(r, images, seconds)
+        return True
+
+    async def _decode_alone(self, group: list[EngineRequest], latents: dict) -> dict[EngineRequest, np.ndarray]:
+        parts = {}
+        for r in group:
+            try:
+                parts[r] = await self._backend(self.pipeline.decode(latents[r]))
+            except BackendUnavailable:
+                for done, images in parts.items():  # keep what was decoded before the outage
+                    self._complete(done, images, 0.0)
+                raise
+            except Exception as exc:
+                self._fail(r, exc)
+        return parts
+
+    def _complete(self, r: EngineRequest, images: np.ndarray, seconds: float) -> None:
+        try:
+            check_finite(images, "the decoded images")
+        except NonFiniteOutput as exc:
+            self._fail(r, exc)
+            return
+        n = r.request.num_images
+        r.timings["decoding_seconds"] = seconds
+        r.result = DiffusionOutput(images, [r.request.seed + i for i in range(n)], dict(r.timings))
+        r.finish(RequestStatus.FINISHED_DONE)
+        self.observer.finished(self.model, "done")
 
     def _report_queue(self) -> None:
         self.observer.queue(self.model, len(self.scheduler.requests), self.scheduler.queued_image_steps)

@@ -37,6 +37,15 @@ FINISH_REASONS = {
 _ids = itertools.count()
 
 
+def denoising_steps(request: DiffusionRequest) -> int:
+    """Steps the request's trajectory will run: image-to-image and inpainting start
+    part-way, at `strength` (as Trajectory / diffusers' get_timesteps count them)."""
+    steps = request.num_inference_steps
+    if request.init_image is not None:
+        steps = min(int(steps * request.strength), steps)
+    return steps
+
+
 @dataclass(eq=False)
 class EngineRequest:
     request: DiffusionRequest
@@ -62,10 +71,10 @@ class EngineRequest:
     @property
     def image_steps_left(self) -> int:
         """Denoising steps still to run, counted per image (the queue's unit)."""
+        if self.status.finished:
+            return 0
         if self.trajectory is None:
-            steps = self.request.num_inference_steps
-            if self.request.init_image is not None:
-                steps = min(int(steps * self.request.strength), steps)
+            steps = denoising_steps(self.request)
         else:
             steps = self.trajectory.num_steps - self.trajectory.steps_done
         return steps * self.request.num_images

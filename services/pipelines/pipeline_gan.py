@@ -14,12 +14,17 @@ psi -> 0 trades diversity for typicality.
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import time
 from dataclasses import dataclass
 
 import numpy as np
 
+from services.errors import BackendUnavailable
 from services.runtime import InferenceBackend, ModelSpec
+
+log = logging.getLogger("genserve.gan")
 
 
 @dataclass(frozen=True)
@@ -70,9 +75,10 @@ def prepare_latents(
 
 
 class GANPipeline:
-    def __init__(self, backend: InferenceBackend, model: str):
+    def __init__(self, backend: InferenceBackend, model: str, retry_pause_s: float = 0.5):
         self.backend = backend
         self.model = model
+        self.retry_pause_s = retry_pause_s  # pause before the one retry after a backend outage
         self.spec = backend.models()[model]
         self.info = GANModelInfo.from_spec(self.spec)
 
@@ -88,7 +94,7 @@ class GANPipeline:
         if labels is not None:
             feeds["class_label"] = labels[:, None]  # wire shape [batch, 1]
         t0 = time.perf_counter()
-        images = (await self.backend.infer(self.model, feeds))["image"]
+        images = (await self._infer(feeds))["image"]
         elapsed = time.perf_counter() - t0
         return GANOutput(
             images=images,
@@ -96,3 +102,16 @@ class GANPipeline:
             class_labels=None if labels is None else labels.tolist(),
             inference_seconds=elapsed,
         )
+
+    async def _infer(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """One generator call, retried once after a short pause when the backend is
+        unavailable: sampling is idempotent (same seeds, same images), and a dropped
+        connection or a model reloading on Triton is often back within the pause (the
+        Triton backend opens a fresh channel after a connection error). A second failure
+        goes to the client as the 503 it is."""
+        try:
+            return await self.backend.infer(self.model, feeds)
+        except BackendUnavailable as exc:
+            log.warning("%s: backend unavailable, retrying once in %.2fs: %s", self.model, self.retry_pause_s, exc)
+            await asyncio.sleep(self.retry_pause_s)
+            return await self.backend.infer(self.model, feeds)

@@ -15,6 +15,7 @@ from typing import Mapping
 
 import numpy as np
 
+from services.errors import BackendUnavailable
 from services.runtime.base import ExecutionObserver, InferenceBackend
 from services.runtime.repository import ModelSpec
 
@@ -109,10 +110,12 @@ class AdaptiveBatcher(InferenceBackend):
                 offset += p.rows
 
     async def _one_by_one(self, model: str, group: list[_Pending], exc: Exception) -> None:
-        """A failed batch is retried per caller, so one bad input fails only its own call."""
-        if len(group) == 1:
-            if not group[0].future.done():
-                group[0].future.set_exception(exc)
+        """A failed batch is retried per caller, so one bad input fails only its own call.
+        An outage is nobody's input: every caller gets it at once, without N more calls."""
+        if len(group) == 1 or isinstance(exc, BackendUnavailable):
+            for p in group:
+                if not p.future.done():
+                    p.future.set_exception(exc)
             return
         for p in group:
             try:

@@ -5,6 +5,7 @@ import asyncio
 import numpy as np
 import pytest
 
+from services.errors import BackendUnavailable
 from services.runtime.base import InferenceBackend
 from services.runtime.batching import AdaptiveBatcher
 from services.runtime.repository import ModelSpec, TensorInfo
@@ -67,6 +68,26 @@ def test_other_shapes_are_not_merged_and_a_failure_stays_with_its_caller():
     assert isinstance(bad, RuntimeError)
     np.testing.assert_array_equal(good["y"], np.full((1, 3), 2, np.float32))
     assert inner.batches[-3:] == [2, 1, 1]  # the shared batch failed, then one by one
+
+
+def test_an_outage_fails_every_caller_of_the_batch_without_retrying_each():
+    class Down(Doubler):
+        async def _execute(self, spec, inputs):
+            self.batches.append(len(inputs["x"]))
+            raise BackendUnavailable("the backend is down")
+
+    inner = Down()
+
+    async def main():
+        batcher = AdaptiveBatcher(inner, {"m"}, max_wait_s=0.05)
+        calls = [batcher.infer("m", {"x": np.ones((1, 3), np.float32)}) for _ in range(3)]
+        results = await asyncio.gather(*calls, return_exceptions=True)
+        await batcher.close()
+        return results
+
+    results = asyncio.run(main())
+    assert all(isinstance(r, BackendUnavailable) for r in results)
+    assert inner.batches == [3]  # one call: retrying each caller would only hit the outage again
 
 
 def test_unlisted_models_and_zero_wait_pass_straight_through():

@@ -27,9 +27,9 @@ def pipeline(random_sd):
     return StableDiffusionPipeline(backend, discover_stable_diffusion(backend.models())["sd_random"])
 
 
-def req(prompt="a photo of a red cat", steps=6, guidance=4.0, seed=0, **kw) -> DiffusionRequest:
+def req(prompt="a photo of a red cat", steps=6, guidance=4.0, seed=0, height=16, width=16, **kw) -> DiffusionRequest:
     return DiffusionRequest(prompt=prompt, num_inference_steps=steps, guidance_scale=guidance, seed=seed,
-                            height=16, width=16, **kw)
+                            height=height, width=width, **kw)
 
 
 def psnr(a, b) -> float:

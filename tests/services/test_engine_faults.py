@@ -1,0 +1,401 @@
+"""The engine under faults: a request that breaks fails alone, a backend outage pauses
+and resumes requests exactly, Retry-After is sane from the first request, and the
+backends classify their failures (503 for outages, 500 for real failures)."""
+
+import asyncio
+import time
+
+import numpy as np
+import pytest
+from tritonclient.utils import InferenceServerException
+
+from services.engine.engine import DiffusionEngine
+from services.engine.request import EngineRequest, RequestStatus
+from services.engine.scheduler import QueueFull
+from services.errors import BackendUnavailable, InferenceFailed, InvalidRequest, NonFiniteOutput
+from services.pipelines.pipeline_gan import GANPipeline
+from services.pipelines.pipeline_stable_diffusion import StableDiffusionPipeline, discover_stable_diffusion
+from services.runtime.base import InferenceBackend
+from services.runtime.onnxruntime_backend import OnnxRuntimeBackend
+from services.runtime.repository import ModelRepository
+from services.runtime.triton_backend import TritonBackend, classify_error
+from tests.services.test_engine import drain, req
+from tests.services.test_pipeline_gan import EchoGenerator
+
+pytestmark = pytest.mark.slow
+
+
+class Faulty(InferenceBackend):
+    """The real backend, with faults injected: `down` (a set of model names, or True for
+    all) raises BackendUnavailable; `fault(model, inputs)` may return an exception to
+    raise; `corrupt(model, inputs, outputs)` may alter the outputs."""
+
+    name = "faulty"
+
+    def __init__(self, inner: InferenceBackend):
+        super().__init__()
+        self.inner = inner
+        self.down: bool | set = False
+        self.fault = lambda model, inputs: None
+        self.corrupt = lambda model, inputs, outputs: None
+        self.calls: list[str] = []
+
+    def models(self):
+        return self.inner.models()
+
+    async def _execute(self, spec, inputs):  # pragma: no cover - infer() is overridden
+        raise NotImplementedError
+
+    async def infer(self, model, inputs):
+        self.calls.append(model)
+        if self.down is True or (self.down and model in self.down):
+            raise BackendUnavailable(f"fake outage of {model}")
+        exc = self.fault(model, inputs)
+        if exc is not None:
+            raise exc
+        outputs = await self.inner.infer(model, inputs)
+        self.corrupt(model, inputs, outputs)
+        return outputs
+
+
+@pytest.fixture(scope="module")
+def ort(random_sd):
+    return OnnxRuntimeBackend(ModelRepository(random_sd[1]))
+
+
+@pytest.fixture
+def faulty(ort):
+    return Faulty(ort)
+
+
+def make_engine(backend, start_loop=False, **kw):
+    models = discover_stable_diffusion(backend.models())["sd_random"]
+    kw = {"max_batch_rows": 32, "max_queued_image_steps": 10_000, **kw}
+    return DiffusionEngine(StableDiffusionPipeline(backend, models), start_loop=start_loop, **kw)
+
+
+# Three requests: two share the 16 px bucket (and so every U-Net call), one runs at 32 px.
+MATES = [dict(seed=1, steps=6), dict(seed=2, steps=5, scheduler="euler"), dict(seed=3, steps=4, height=32, width=32)]
+
+
+def mates():
+    return [req(**kw) for kw in MATES]
+
+
+async def clean_images(backend):
+    engine = make_engine(backend)
+    handles = [engine.submit(r, timeout_s=600) for r in mates()]
+    await drain(engine, handles)
+    return [h.result.images for h in handles]
+
+
+def assert_same_images(handles, expected):
+    for h, images in zip(handles, expected):
+        assert h.status == RequestStatus.FINISHED_DONE, h.error
+        assert np.array_equal(h.result.images, images)
+
+
+def image(size=16):
+    return np.random.default_rng(0).uniform(-1, 1, (3, size, size)).astype(np.float32)
+
+
+# -- isolation ---------------------------------------------------------------------------
+def test_an_exception_in_one_requests_scheduler_step_fails_it_alone(faulty):
+    async def main():
+        expected = await clean_images(faulty)
+        engine = make_engine(faulty)
+        handles = [engine.submit(r, timeout_s=600) for r in mates()]
+        bad = engine.submit(req(seed=9, steps=6), timeout_s=600)
+        for _ in range(2):
+            await engine.step()
+
+        def broken(noise_pred):
+            raise RuntimeError("scheduler exploded")
+        bad.trajectory.advance = broken
+        await drain(engine, [*handles, bad])
+        assert bad.status == RequestStatus.FINISHED_ERROR and "exploded" in str(bad.error)
+        assert_same_images(handles, expected)
+    asyncio.run(main())
+
+
+def test_zero_effective_steps_forced_past_submit_fails_alone(faulty):
+    async def main():
+        expected = await clean_images(faulty)
+        engine = make_engine(faulty)
+        handles = [engine.submit(r, timeout_s=600) for r in mates()]
+        # int(20 * 0.04) == 0: an empty schedule, which used to kill every request in flight.
+        bad = EngineRequest(req(steps=20, init_image=image(), strength=0.04), deadline=time.monotonic() + 600)
+        engine.scheduler.add_request(bad)
+        await drain(engine, [*handles, bad])
+        assert bad.status == RequestStatus.FINISHED_ERROR
+        assert_same_images(handles, expected)
+    asyncio.run(main())
+
+
+def test_non_finite_latents_fail_their_request_with_a_clear_error(faulty):
+    async def main():
+        expected = await clean_images(faulty)
+        engine = make_engine(faulty)
+        handles = [engine.submit(r, timeout_s=600) for r in mates()]
+        bad = engine.submit(req(prompt="a small digit", seed=9), timeout_s=600)
+        await engine.step()
+        poison = bad.trajectory.text[-1]  # its positive prompt's embedding marks its rows
+
+        def nan_rows(model, inputs, outputs):
+            if model == engine.pipeline.models.unet:
+                rows = (inputs["encoder_hidden_states"] == poison).all(axis=(1, 2))
+                outputs["noise_pred"][rows] = np.nan
+        faulty.corrupt = nan_rows
+        await drain(engine, [*handles, bad])
+        assert bad.status == RequestStatus.FINISHED_ERROR
+        assert isinstance(bad.error, NonFiniteOutput) and bad.error.status == 500
+        assert "non-finite" in bad.error.message
+        assert_same_images(handles, expected)
+    asyncio.run(main())
+
+
+def test_a_request_that_poisons_the_shared_unet_call_fails_alone(faulty):
+    async def main():
+        expected = await clean_images(faulty)
+        engine = make_engine(faulty)
+        handles = [engine.submit(r, timeout_s=600) for r in mates()]
+        bad = engine.submit(req(prompt="a small digit", seed=9), timeout_s=600)
+        await engine.step()
+        poison = bad.trajectory.text[-1]
+
+        def refuse(model, inputs):
+            if model == engine.pipeline.models.unet and (inputs["encoder_hidden_states"] == poison).all(
+                    axis=(1, 2)).any():
+                return InferenceFailed("the U-Net refused this batch")
+        faulty.fault = refuse
+        await drain(engine, [*handles, bad])
+        assert bad.status == RequestStatus.FINISHED_ERROR and isinstance(bad.error, InferenceFailed)
+        assert_same_images(handles, expected)  # its batch-mates were retried without it
+    asyncio.run(main())
+
+
+def test_a_failing_unet_call_fails_only_its_requests_and_the_loop_goes_on(faulty):
+    async def main():
+        engine = make_engine(faulty)
+        small = [engine.submit(req(seed=s), timeout_s=600) for s in (1, 2)]
+        large = [engine.submit(req(seed=s, height=32, width=32), timeout_s=600) for s in (3, 4)]
+        faulty.fault = lambda model, inputs: (
+            ValueError("32 px U-Net broken") if model == engine.pipeline.models.unet
+            and inputs["sample"].shape[-1] == 16 else None)
+        await drain(engine, [*small, *large])
+        assert all(h.status == RequestStatus.FINISHED_DONE for h in small)
+        assert all(h.status == RequestStatus.FINISHED_ERROR and "broken" in str(h.error) for h in large)
+        later = engine.submit(req(seed=5), timeout_s=600)  # the engine still serves
+        await drain(engine, [later])
+        assert later.status == RequestStatus.FINISHED_DONE
+    asyncio.run(main())
+
+
+def test_a_decode_that_fails_for_one_request_fails_it_alone(faulty):
+    async def main():
+        expected = await clean_images(faulty)
+        engine = make_engine(faulty)
+        handles = [engine.submit(r, timeout_s=600) for r in mates()]
+        bad = engine.submit(req(seed=9, steps=6), timeout_s=600)
+        await engine.step()
+        marker = bad.trajectory.decoder_input  # its latents, recognised at decode
+
+        def refuse(model, inputs):
+            if model == engine.pipeline.models.vae_decoder and bad.trajectory is not None and any(
+                    np.array_equal(row, marker()[0]) for row in inputs["latent_sample"]):
+                return InferenceFailed("the VAE refused")
+        faulty.fault = refuse
+        await drain(engine, [*handles, bad])
+        assert bad.status == RequestStatus.FINISHED_ERROR and "VAE" in str(bad.error)
+        assert_same_images(handles, expected)
+    asyncio.run(main())
+
+
+def test_submit_refuses_a_request_with_no_denoising_step(faulty):
+    engine = make_engine(faulty)
+    with pytest.raises(InvalidRequest) as info:
+        engine.submit(req(steps=20, init_image=image(), strength=0.04), timeout_s=600)
+    assert info.value.field == "strength" and info.value.limit == 0.05
+    assert "num_inference_steps=20, strength must be at least 0.05" in info.value.message
+    assert not engine.scheduler.requests
+    for n in range(1, 151):  # the limit given is always enough
+        limit = pytest.raises(InvalidRequest, engine.submit, req(steps=n, init_image=image(), strength=0.0),
+                              timeout_s=600).value.limit
+        assert int(n * limit) >= 1 and limit - 1 / n < 1e-4
+
+
+# -- outages -----------------------------------------------------------------------------
+@pytest.mark.parametrize("down", [True, {"sd_random_vae_decoder"}, {"sd_random_text_encoder"}],
+                         ids=["everything", "vae", "text-encoder"])
+def test_an_outage_pauses_requests_and_they_resume_with_identical_images(faulty, down):
+    async def main():
+        expected = await clean_images(faulty)
+        engine = make_engine(faulty)
+        first, second, third = mates()
+        handles = [engine.submit(first, timeout_s=600), engine.submit(second, timeout_s=600)]
+        await engine.step()
+        faulty.down = down
+        handles.append(engine.submit(third, timeout_s=600))  # arrives during the outage
+        for _ in range(8):  # past the end of every trajectory
+            await engine.step()
+            assert not handles[2].status.finished
+            if down != {"sd_random_text_encoder"}:  # the others need only the text encoder
+                assert not any(h.status.finished for h in handles)
+        assert engine.backend_down
+        if down is True:
+            assert handles[0].trajectory.steps_done == 1 and engine.iterations == 1  # paused where it was
+        faulty.down = False
+        await drain(engine, handles)
+        assert not engine.backend_down
+        assert_same_images(handles, expected)
+    asyncio.run(main())
+
+
+def test_a_deadline_that_passes_during_an_outage_answers_503(faulty):
+    async def main():
+        engine = make_engine(faulty, start_loop=True)
+        faulty.down = True
+        start = time.monotonic()
+        handle = engine.submit(req(), timeout_s=0.6)
+        await asyncio.wait_for(handle.done.wait(), timeout=5)
+        waited = time.monotonic() - start
+        await engine.close()
+        assert handle.status == RequestStatus.FINISHED_ERROR
+        assert isinstance(handle.error, BackendUnavailable) and handle.error.status == 503
+        assert handle.error.headers["Retry-After"] == "2"
+        assert 0.6 <= waited < 1.5  # the back-off wakes up for the deadline
+        assert engine.backend_down and faulty.calls.count("sd_random_text_encoder") < 10  # backed off
+    asyncio.run(main())
+
+
+def test_cancel_works_during_an_outage(faulty):
+    async def main():
+        engine = make_engine(faulty, start_loop=True)
+        handle = engine.submit(req(steps=50), timeout_s=600)
+        while handle.trajectory is None or handle.trajectory.steps_done < 2:
+            await asyncio.sleep(0.005)
+        faulty.down = True
+        await asyncio.sleep(0.7)  # into the back-off
+        assert handle.status == RequestStatus.RUNNING and engine.backend_down
+        engine.cancel(handle)
+        await asyncio.wait_for(handle.done.wait(), timeout=0.2)
+        await engine.close()
+        assert handle.status == RequestStatus.FINISHED_CANCELLED and not engine.scheduler.requests
+    asyncio.run(main())
+
+
+def test_the_loop_recovers_by_itself_when_the_backend_returns(faulty):
+    async def main():
+        expected = await clean_images(faulty)
+        engine = make_engine(faulty, start_loop=True)
+        faulty.down = True
+        handles = [engine.submit(r, timeout_s=600) for r in mates()]
+        await asyncio.sleep(0.5)
+        assert engine.backend_down and not any(h.status.finished for h in handles)
+        faulty.down = False
+        await asyncio.wait_for(asyncio.gather(*(h.done.wait() for h in handles)), timeout=10)
+        await engine.close()
+        assert_same_images(handles, expected)
+    asyncio.run(main())
+
+
+# -- Retry-After ---------------------------------------------------------------------------
+def test_retry_after_is_the_measured_drain_time_from_the_first_request(faulty):
+    async def main():
+        engine = make_engine(faulty, max_queued_image_steps=400)
+        rate = await engine.warmup()
+        assert rate and engine.scheduler.steps_per_second == rate
+        engine.submit(req(steps=50, num_images=8), timeout_s=600)  # 400 image-steps queued
+        with pytest.raises(QueueFull) as info:
+            engine.submit(req(steps=50, num_images=2), timeout_s=600)
+        # Room for 100 more image-steps frees up at the measured rate (the demo: a fraction of a second).
+        assert info.value.retry_after_s == min(60, max(1, int(np.ceil(100 / rate))))
+        assert info.value.retry_after_s <= max(1, np.ceil(400 / rate))
+    asyncio.run(main())
+
+
+def test_retry_after_without_any_measure_is_bounded(faulty):
+    engine = make_engine(faulty, max_queued_image_steps=2_000)
+    engine.submit(req(steps=50, num_images=40), timeout_s=600)  # 2,000 image-steps
+    with pytest.raises(QueueFull) as info:
+        engine.submit(req(steps=10), timeout_s=600)
+    assert 1 <= info.value.retry_after_s <= 60  # it used to say 2,000 s
+
+
+def test_warmup_is_skipped_when_the_backend_is_down(faulty):
+    async def main():
+        faulty.down = True
+        engine = make_engine(faulty)
+        assert await engine.warmup() is None
+        assert engine.scheduler.steps_per_second > 0
+    asyncio.run(main())
+
+
+# -- single-call pipelines and the Triton backend ----------------------------------------
+class Flaky(EchoGenerator):
+    def __init__(self, failures):
+        super().__init__()
+        self.failures = failures
+
+    async def _execute(self, spec, inputs):
+        if self.failures:
+            self.failures -= 1
+            raise BackendUnavailable("Triton at x is unavailable")
+        return await super()._execute(spec, inputs)
+
+
+def test_gan_retries_once_after_an_outage_then_answers_503():
+    async def main():
+        clean = await GANPipeline(EchoGenerator(), "echo")(seed=5, num_images=3)
+        once = await GANPipeline(Flaky(1), "echo", retry_pause_s=0.01)(seed=5, num_images=3)
+        np.testing.assert_array_equal(once.images, clean.images)
+        twice = Flaky(2)
+        with pytest.raises(BackendUnavailable):
+            await GANPipeline(twice, "echo", retry_pause_s=0.01)(seed=5, num_images=3)
+        assert twice.failures == 0  # exactly one retry
+    asyncio.run(main())
+
+
+@pytest.mark.parametrize("status,message,unavailable,reconnect", [
+    ("StatusCode.UNAVAILABLE", "failed to connect to all addresses", True, True),
+    ("StatusCode.UNAVAILABLE", "Request for unknown model: 'sd_digits_unet' has no available versions", True, False),
+    ("StatusCode.NOT_FOUND", "Request for unknown model: 'sd_digits_unet' is not found", True, False),
+    ("StatusCode.INTERNAL", "Request for unknown model: 'sd_digits_unet' has no available versions", True, False),
+    ("StatusCode.INTERNAL", "model 'sd_digits_unet' is not ready", True, False),
+    ("StatusCode.RESOURCE_EXHAUSTED", "too many requests", True, False),
+    ("StatusCode.DEADLINE_EXCEEDED", "Deadline Exceeded", True, False),
+    ("StatusCode.CANCELLED", "Locally cancelled by application!", True, False),
+    ("StatusCode.INTERNAL", "onnx runtime error 2: Got invalid dimensions for input", False, False),
+    ("StatusCode.INVALID_ARGUMENT", "unexpected shape for input 'sample'", False, False),
+    (None, "model version must be a string", False, False),
+])
+def test_triton_errors_are_classified(status, message, unavailable, reconnect):
+    error, fresh = classify_error(InferenceServerException(message, status=status), "triton:8001", "m")
+    assert isinstance(error, BackendUnavailable if unavailable else InferenceFailed)
+    assert error.status == (503 if unavailable else 500) and message in error.message
+    assert fresh == reconnect
+    if unavailable:
+        assert error.headers["Retry-After"]
+
+
+def test_transport_errors_are_outages_and_the_retry_uses_a_fresh_channel(random_sd):
+    class DeadClient:
+        closed = False
+
+        async def infer(self, *args, **kwargs):
+            raise ConnectionResetError("connection reset by peer")
+
+        async def close(self):
+            self.closed = True
+
+    async def main():
+        backend = TritonBackend(ModelRepository(random_sd[1]), "127.0.0.1:1", timeout_s=5)
+        dead = backend._client = DeadClient()
+        unet = next(s for s in backend.models().values() if s.name.endswith("_unet"))
+        inputs = {t.name: np.zeros((1, *[d if d > 0 else 8 for d in t.dims]), t.dtype) for t in unet.inputs}
+        with pytest.raises(BackendUnavailable, match="unreachable"):
+            await backend.infer(unet.name, inputs)
+        assert backend._client is None  # the next call opens a fresh channel
+        await backend.close()
+        assert dead.closed
+    asyncio.run(main())
