@@ -20,6 +20,7 @@ from services.openapi import GET_ERRORS, body_schema, error_responses
 from services.config import Settings
 from services.diffusion_requests import side_limits
 from services.errors import (
+    BackendUnavailable,
     ClientDisconnected,
     DeadlineExceeded,
     InferenceFailed,
@@ -271,6 +272,9 @@ class GenServe:
         if name not in self.engines:
             raise ModelNotFound(f"model {name!r} is not a diffusion pipeline served here", field="model",
                                 allowed=sorted(self.engines))
+        if self.engines[name].backend_down:  # requests in flight wait for it; new ones need not
+            raise BackendUnavailable(f"the {self.backend.name} backend is unavailable; requests in flight resume "
+                                     "when it is back", retry_after_s=2)
         timeout_s = body.timeout_s or self.settings.request_timeout_s
         if timeout_s > self.settings.max_request_timeout_s:
             raise InvalidRequest(f"timeout_s must be at most {self.settings.max_request_timeout_s}",

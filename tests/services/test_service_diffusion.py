@@ -156,6 +156,10 @@ def test_a_full_queue_answers_429_at_once(small_queue_server):
     t0 = time.monotonic()
     r = post(small_queue_server, "/v1/txt2img", {"prompt": "a handwritten digit six", "num_inference_steps": 50})
     assert r.status_code == 429 and time.monotonic() - t0 < 2.0
-    assert int(r.headers["retry-after"]) >= 1
+    retry_after = int(r.headers["retry-after"])
     assert r.json()["error"]["code"] == "queue_full" and r.json()["error"]["limit"] == 100
     worker.join(timeout=120)
+    # From the first request on (the engine timed a step at start-up), Retry-After is an
+    # estimate of the drain, not a guess: never far above the time the queue really took.
+    drained = time.monotonic() - t0
+    assert 1 <= retry_after <= max(3, 3 * drained), (retry_after, drained)
