@@ -1,7 +1,9 @@
 """Command line: `python -m export <command>`.
 
   python -m export gan --checkpoint zoo/checkpoints/cgan_digits.json --name cgan_digits
-  python -m export sd --folder path/to/sd-folder --name my_sd     # any SD 1.x/2.x diffusers folder
+  python -m export diffusers --folder PATH --name NAME   # family from model_index.json (alias: sd)
+  python -m export ddpm --folder PATH --name NAME        # a UNet2DModel folder (+ scheduler config)
+  python -m export vae --folder PATH --name NAME         # an AutoencoderKL folder
   python -m export demo                # every demo model in zoo/ -> model_repository/
 """
 
@@ -20,6 +22,8 @@ from export.triton_config import DeploymentTarget
 CHECKPOINTS = Path(__file__).resolve().parents[1] / "zoo" / "checkpoints"
 DEMO_GANS = {"dcgan_digits": "dcgan_digits", "cgan_digits": "cgan_digits"}
 DEMO_DIFFUSION = {CHECKPOINTS / "sd_digits": "sd_digits"}
+DEMO_DDPM = {CHECKPOINTS / "ddpm_digits": "ddpm_digits"}
+DEMO_VAE = {CHECKPOINTS / "vae_digits": "vae_digits"}
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
@@ -43,19 +47,25 @@ def main(argv: list[str] | None = None) -> int:
     gan.add_argument("--version", type=int, default=1)
     gan.add_argument("--max-batch-size", type=int, default=16)
     _add_common(gan)
-    sd = sub.add_parser("sd", help="export a Stable-Diffusion-format diffusers folder")
-    sd.add_argument("--folder", type=Path, required=True, help="diffusers folder (model_index.json, unet/, vae/, ...)")
-    sd.add_argument("--name", required=True, help="pipeline name; graphs are <name>_text_encoder, <name>_unet, ...")
-    sd.add_argument("--version", type=int, default=1)
-    sd.add_argument("--max-batch-size", type=int, default=16)
-    _add_common(sd)
+    for command, help_text in (
+            ("diffusers", "export a diffusers pipeline folder; the family comes from its model_index.json"),
+            ("sd", "alias of `diffusers`"),
+            ("ddpm", "export a pixel-space DDPM/DDIM folder (UNet2DModel + scheduler config)"),
+            ("vae", "export an AutoencoderKL folder (encoder with posterior moments, decoder)")):
+        folder_cmd = sub.add_parser(command, help=help_text)
+        folder_cmd.add_argument("--folder", type=Path, required=True, help="the diffusers folder")
+        folder_cmd.add_argument("--name", required=True,
+                                help="pipeline name; graphs are <name>_unet, <name>_vae_decoder, ...")
+        folder_cmd.add_argument("--version", type=int, default=1)
+        folder_cmd.add_argument("--max-batch-size", type=int, default=16)
+        _add_common(folder_cmd)
     demo = sub.add_parser("demo", help="export every committed demo model")
     _add_common(demo)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
+    from export.diffusers_folder import UnsupportedFolder, export_folder
     from export.gan import export_gan
-    from export.stable_diffusion import export_stable_diffusion
 
     target = DeploymentTarget(args.target, args.instances)
     if args.tensorrt:
@@ -66,27 +76,33 @@ def main(argv: list[str] | None = None) -> int:
         except TensorRTUnavailable as exc:
             print(f"--tensorrt: {exc}", file=sys.stderr)
             return 2
-    gans, pipelines = [], []
+    gans, pipelines = [], []  # pipelines: (folder, name, version, max batch, family or None to detect)
     if args.command == "gan":
         gans = [(args.checkpoint, args.name, args.version, args.max_batch_size)]
-    elif args.command == "sd":
-        pipelines = [(args.folder, args.name, args.version, args.max_batch_size)]
+    elif args.command in ("sd", "diffusers", "ddpm", "vae"):
+        family = {"ddpm": "ddpm", "vae": "vae"}.get(args.command)
+        pipelines = [(args.folder, args.name, args.version, args.max_batch_size, family)]
     else:
         gans = [(ckpt, name, 1, 16) for ckpt, name in DEMO_GANS.items()]
-        pipelines = [(folder, name, 1, 16) for folder, name in DEMO_DIFFUSION.items()]
+        for demos, family in ((DEMO_DIFFUSION, None), (DEMO_DDPM, "ddpm"), (DEMO_VAE, "vae")):
+            pipelines += [(folder, name, 1, 16, family) for folder, name in demos.items() if folder.exists()]
     try:
         for checkpoint, name, version, max_batch in gans:
             start = time.perf_counter()
             report = export_gan(checkpoint, args.repository, name, version, max_batch, target, tensorrt=args.tensorrt)
             print(f"{name}: {report.onnx_path} verified, max abs error {report.max_abs_error:.2e} "
                   f"({time.perf_counter() - start:.1f}s)")
-        for folder, name, version, max_batch in pipelines:
+        for folder, name, version, max_batch, family in pipelines:
             start = time.perf_counter()
-            export_stable_diffusion(folder, args.repository, name, version, max_batch, target, tensorrt=args.tensorrt)
-            print(f"{name}: 4 graphs verified ({time.perf_counter() - start:.1f}s)")
+            found, reports = export_folder(folder, args.repository, name, version, max_batch, target,
+                                           family=family, tensorrt=args.tensorrt)
+            print(f"{name}: {found}, {len(reports)} graphs verified ({time.perf_counter() - start:.1f}s)")
     except ParityError as exc:
         print(f"export FAILED parity check: {exc}", file=sys.stderr)
         return 1
+    except UnsupportedFolder as exc:
+        print(f"export: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -1,0 +1,69 @@
+"""One entry for every diffusers folder: the family is read from `model_index.json`
+(`_class_name`), or from the folder's own config for single-model folders, and the
+folder goes to that family's exporter. Anything else is refused by name."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from export.triton_config import DeploymentTarget
+
+# model_index.json `_class_name` -> family
+PIPELINE_FAMILIES = {
+    "StableDiffusionPipeline": "stable_diffusion",
+    "StableDiffusionImg2ImgPipeline": "stable_diffusion",
+    "StableDiffusionInpaintPipeline": "stable_diffusion",
+    "StableDiffusionXLPipeline": "stable_diffusion_xl",
+    "StableDiffusionXLImg2ImgPipeline": "stable_diffusion_xl",
+    "StableDiffusionXLInpaintPipeline": "stable_diffusion_xl",
+    "DDPMPipeline": "ddpm",
+    "DDIMPipeline": "ddpm",
+}
+# a folder holding one model (config.json `_class_name`) -> family
+MODEL_FAMILIES = {"UNet2DModel": "ddpm", "AutoencoderKL": "vae"}
+
+
+class UnsupportedFolder(ValueError):
+    """The folder is not one of the families served here; the message names what it is."""
+
+
+def detect_family(folder: Path) -> str:
+    folder = Path(folder)
+    index = folder / "model_index.json"
+    if index.exists():
+        name = json.loads(index.read_text()).get("_class_name")
+        if name in PIPELINE_FAMILIES:
+            return PIPELINE_FAMILIES[name]
+        raise UnsupportedFolder(
+            f"{folder}: model_index.json names {name!r}, which is not served here; supported pipelines: "
+            f"{', '.join(sorted(PIPELINE_FAMILIES))} (and single UNet2DModel / AutoencoderKL folders)")
+    for config in (folder / "config.json", folder / "unet" / "config.json", folder / "vae" / "config.json"):
+        if config.exists():
+            name = json.loads(config.read_text()).get("_class_name")
+            if name in MODEL_FAMILIES:
+                return MODEL_FAMILIES[name]
+            raise UnsupportedFolder(f"{config}: a {name!r} is not a model family served here "
+                                    f"(single-model folders: {', '.join(sorted(MODEL_FAMILIES))})")
+    raise UnsupportedFolder(f"{folder}: no model_index.json or config.json: not a diffusers folder")
+
+
+def export_folder(folder: Path, repository: Path, name: str, version: int = 1, max_batch_size: int = 16,
+                  target: DeploymentTarget = DeploymentTarget(), family: str | None = None,
+                  tensorrt: bool = False, progress=print):
+    """Exports the folder with its family's exporter: (family, reports)."""
+    detected = detect_family(folder)
+    if family is not None and detected != family:
+        raise UnsupportedFolder(f"{folder} holds a {detected} model, not a {family} one")
+    kwargs = dict(version=version, max_batch_size=max_batch_size, target=target, progress=progress)
+    if detected == "stable_diffusion":
+        from export.stable_diffusion import export_stable_diffusion
+        return detected, export_stable_diffusion(folder, repository, name, tensorrt=tensorrt, **kwargs)
+    if detected == "stable_diffusion_xl":
+        from export.stable_diffusion_xl import export_stable_diffusion_xl
+        return detected, export_stable_diffusion_xl(folder, repository, name, **kwargs)
+    if detected == "ddpm":
+        from export.ddpm import export_ddpm
+        return detected, export_ddpm(folder, repository, name, **kwargs)
+    from export.vae import export_vae
+    return detected, export_vae(folder, repository, name, **kwargs)
