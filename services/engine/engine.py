@@ -33,7 +33,7 @@ from services.engine.prompt_cache import PromptCache
 from services.engine.request import FINISH_REASONS, EngineRequest, RequestStatus, denoising_steps
 from services.engine.scheduler import StepBatch, StepScheduler
 from services.errors import BackendUnavailable, InvalidRequest, NonFiniteOutput
-from services.pipelines.pipeline_stable_diffusion import DiffusionOutput, DiffusionRequest, StableDiffusionPipeline
+from services.pipelines.diffusion import DiffusionOutput, DiffusionPipeline, DiffusionRequest
 
 log = logging.getLogger("genserve.engine")
 
@@ -73,13 +73,13 @@ def check_finite(x: np.ndarray, what: str) -> None:
 
 
 class DiffusionEngine:
-    def __init__(self, pipeline: StableDiffusionPipeline, max_batch_rows: int, max_queued_image_steps: int,
+    def __init__(self, pipeline: DiffusionPipeline, max_batch_rows: int, max_queued_image_steps: int,
                  prompt_cache: PromptCache | None = None, observer: EngineObserver | None = None,
                  start_loop: bool = True):
         """`start_loop=False` leaves the loop to the caller (`await engine.step()`), which
         tests use to reason in iterations rather than in time."""
         self.pipeline = pipeline
-        self.model = pipeline.models.name
+        self.model = pipeline.name
         self.scheduler = StepScheduler(max_batch_rows, max_queued_image_steps)
         self.cache = prompt_cache if prompt_cache is not None else PromptCache(0)
         self.observer = observer or EngineObserver()
@@ -138,13 +138,14 @@ class DiffusionEngine:
         Returns the rate in image-steps/s, or None when skipped (backend down, or any
         failure: warm-up is an optimisation, never a reason not to start)."""
         try:
-            request = DiffusionRequest(prompt="", num_inference_steps=1, guidance_scale=2.0)
-            embeddings = await self.pipeline.encode_prompts(self.pipeline.tokenize(request))
-            inputs = (await self.pipeline.start(request, embeddings)).model_inputs()
+            request = self.pipeline.warmup_request()
+            keys = self.pipeline.tokenize(request)
+            encoded = await self.pipeline.encode_prompts(keys) if keys else []
+            inputs = (await self.pipeline.start(request, encoded)).model_inputs()
             best = float("inf")
             for _ in range(2):  # the best of two: the first call may pay for lazy initialisation
                 t0 = time.perf_counter()
-                await self.pipeline.backend.infer(self.pipeline.models.unet, inputs)
+                await self.pipeline.denoise(inputs)
                 best = min(best, time.perf_counter() - t0)
         except Exception as exc:
             log.warning("engine %s: warm-up skipped (%s: %s)", self.model, type(exc).__name__, exc)
@@ -282,7 +283,7 @@ class DiffusionEngine:
             r.status = RequestStatus.RUNNING
         return True
 
-    async def _prompt_embeddings(self, waiting: list[EngineRequest]) -> dict[int, np.ndarray]:
+    async def _prompt_embeddings(self, waiting: list[EngineRequest]) -> dict[int, list]:
         """Each request's embeddings, [negative, positive] or [positive]: cache first, the
         misses of all requests in one text-encoder call. If that call fails (not an
         outage), each request is encoded alone, so a prompt that breaks it fails alone."""
@@ -303,10 +304,10 @@ class DiffusionEngine:
                     raise
                 except Exception as own:
                     self._fail(r, own)
-        return {r.id: np.stack([found[x.tobytes()] for x in ids[r.id]]) for r in waiting if not r.status.finished}
+        return {r.id: [found[x.tobytes()] for x in ids[r.id]] for r in waiting if not r.status.finished}
 
-    async def _encode(self, token_ids: list[np.ndarray]) -> dict[bytes, np.ndarray]:
-        found: dict[bytes, np.ndarray] = {}
+    async def _encode(self, token_ids: list[np.ndarray]) -> dict[bytes, object]:
+        found: dict[bytes, object] = {}
         misses: dict[bytes, np.ndarray] = {}
         for x in token_ids:
             key = x.tobytes()
@@ -319,10 +320,10 @@ class DiffusionEngine:
                 found[key] = hit
         if misses:
             embeddings = await self._backend(self.pipeline.encode_prompts(list(misses.values())))
-            unconditional = self.pipeline.tokenizer("")
+            unconditional = self.pipeline.empty_prompt_key
             for (key, x), e in zip(misses.items(), embeddings):
                 found[key] = e
-                self.cache.put(self.model, x, e, pin=np.array_equal(x, unconditional))
+                self.cache.put(self.model, x, e, pin=unconditional is not None and np.array_equal(x, unconditional))
         return found
 
     # -- stage 3: one denoising step -----------------------------------------------------
@@ -369,7 +370,7 @@ class DiffusionEngine:
             return {}
         merged = {k: np.concatenate([inputs[r][k] for r in requests]) for k in inputs[requests[0]]}
         try:
-            out = await self._backend(self.pipeline.backend.infer(self.pipeline.models.unet, merged))
+            noise_pred = await self._backend(self.pipeline.denoise(merged))
         except BackendUnavailable:
             raise
         except Exception as exc:
@@ -380,7 +381,7 @@ class DiffusionEngine:
                         self.model, len(requests), exc)
             half = len(requests) // 2
             return {**await self._unet(requests[:half], inputs), **await self._unet(requests[half:], inputs)}
-        noise_pred, offset, result = out["noise_pred"], 0, {}
+        offset, result = 0, {}
         for r in requests:
             result[r] = noise_pred[offset:offset + r.trajectory.rows]
             offset += r.trajectory.rows

@@ -9,7 +9,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from services.pipelines.pipeline_stable_diffusion import DiffusionOutput, DiffusionRequest, Trajectory
+from services.pipelines.diffusion import DiffusionOutput, DiffusionRequest, Trajectory
 
 
 class RequestStatus(enum.IntEnum):

@@ -139,7 +139,7 @@ def test_non_finite_latents_fail_their_request_with_a_clear_error(faulty):
         handles = [engine.submit(r, timeout_s=600) for r in mates()]
         bad = engine.submit(req(prompt="a small digit", seed=9), timeout_s=600)
         await engine.step()
-        poison = bad.trajectory.text[-1]  # its positive prompt's embedding marks its rows
+        poison = bad.trajectory.cond["encoder_hidden_states"][-1]  # its positive prompt's embedding marks its rows
 
         def nan_rows(model, inputs, outputs):
             if model == engine.pipeline.models.unet:
@@ -161,7 +161,7 @@ def test_a_request_that_poisons_the_shared_unet_call_fails_alone(faulty):
         handles = [engine.submit(r, timeout_s=600) for r in mates()]
         bad = engine.submit(req(prompt="a small digit", seed=9), timeout_s=600)
         await engine.step()
-        poison = bad.trajectory.text[-1]
+        poison = bad.trajectory.cond["encoder_hidden_states"][-1]
 
         def refuse(model, inputs):
             if model == engine.pipeline.models.unet and (inputs["encoder_hidden_states"] == poison).all(

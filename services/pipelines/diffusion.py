@@ -1,0 +1,321 @@
+"""Diffusion, whatever the family: the generic pipeline the step engine drives.
+
+A family (SD 1/2, SDXL, pixel-space DDPM, ...) is a `DiffusionSpec` read from the
+repository plus a `Conditioner`: what the denoiser is conditioned on (text encoders and
+their outputs, pooled embeddings, micro-conditioning, class labels). Everything else —
+timesteps, latents, classifier-free guidance, the scheduler step, img2img and
+inpainting, VAE encode/decode or none in pixel space — is here once.
+
+    tokenize -> encode (batched, cached by the engine) -> start: rows + latents -> Trajectory
+    per step: Trajectory.model_inputs() -> denoise (one call shared by many requests) -> advance()
+    decode
+
+Determinism rule (README, "Reproducing an image"): image i of a request with seed s
+draws everything random from its own `rng = numpy.random.default_rng(s + i)`, in order:
+  text/class to image  x_T = rng.standard_normal((C, h, w), dtype=float32) * init_noise_sigma
+  image to image       VAE posterior sample eps_q, then the forward-noise eps_n (both that shape):
+                       latents = add_noise(scaling_factor * (mean + std * eps_q), eps_n, t_start)
+  then                 per step, the ancestral noise of stochastic schedulers (DDPM, Euler a).
+So an image never depends on its batch-mates.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from services.runtime import InferenceBackend
+from services.schedulers import make_scheduler
+
+
+class PromptTooLong(ValueError):
+    def __init__(self, field_name: str, tokens: int, limit: int):
+        super().__init__(f"{field_name} is {tokens} tokens long; the text encoder takes at most {limit}")
+        self.field_name, self.tokens, self.limit = field_name, tokens, limit
+
+
+@dataclass(frozen=True)
+class DiffusionSpec:
+    """What the generic pipeline needs to know of one served pipeline, whatever its family."""
+
+    name: str
+    family: str  # stable_diffusion, stable_diffusion_xl, ddpm, ...
+    denoiser: str  # the U-Net (or transformer) graph
+    scheduler_config: dict
+    latent_channels: int  # the channels denoised (image channels in pixel space)
+    image_channels: int
+    vae_scale_factor: int  # pixels per latent side; 1 in pixel space
+    native_height: int  # pixels
+    native_width: int
+    size_multiple: int  # output sides must be multiples of this (VAE and denoiser downsampling)
+    vae_decoder: str | None = None  # None: pixel space
+    vae_encoder: str | None = None  # None: no image-to-image
+    scaling_factor: float = 1.0
+    shift_factor: float = 0.0
+    max_side_factor: int = 2  # largest side, as a multiple of the native one
+    output_name: str = "noise_pred"
+
+    def side_limits(self) -> dict[str, dict]:
+        """Per axis: multiple_of, min, max, default (pixels)."""
+        return {axis: {"multiple_of": self.size_multiple, "min": self.size_multiple,
+                       "max": self.max_side_factor * native, "default": native}
+                for axis, native in (("height", self.native_height), ("width", self.native_width))}
+
+
+class PromptTokenizer:
+    """CLIP tokenization with the `tokenizers` library (no torch, no transformers): ids are
+    bos, tokens, eos, then padding to max_length, exactly what diffusers feeds its text
+    encoder. A prompt that does not fit is refused, never silently truncated."""
+
+    def __init__(self, path: Path, max_length: int, pad_token_id: int):
+        from tokenizers import Tokenizer
+
+        self.tokenizer = Tokenizer.from_file(str(path))
+        self.tokenizer.no_truncation()
+        self.tokenizer.no_padding()
+        self.max_length = max_length
+        self.pad_token_id = pad_token_id
+
+    def __call__(self, text: str, field_name: str = "prompt") -> np.ndarray:
+        ids = self.tokenizer.encode(text).ids
+        if len(ids) > self.max_length:
+            raise PromptTooLong(field_name, len(ids), self.max_length)
+        return np.asarray(ids + [self.pad_token_id] * (self.max_length - len(ids)), dtype=np.int64)
+
+
+@dataclass
+class DiffusionRequest:
+    prompt: str = ""
+    negative_prompt: str = ""
+    num_images: int = 1
+    num_inference_steps: int = 20
+    guidance_scale: float = 7.5
+    scheduler: str = "ddim"
+    height: int | None = None
+    width: int | None = None
+    seed: int = 0
+    # image-to-image / inpainting: [C, H, W] in [-1, 1]; mask [H, W] in [0, 1], 1 = repaint.
+    init_image: np.ndarray | None = None
+    strength: float = 0.8
+    mask: np.ndarray | None = None
+    class_labels: list[int] | None = None  # per image, class-conditional denoisers
+    extras: dict[str, Any] = field(default_factory=dict)  # family conditioning (e.g. SDXL sizes)
+
+
+@dataclass
+class DiffusionOutput:
+    images: np.ndarray  # [N, C, H, W] in [-1, 1]
+    seeds: list[int]  # [N]
+    timings: dict[str, float] = field(default_factory=dict)  # seconds per stage
+
+
+class Conditioner(Protocol):
+    """A family's conditioning. Keys identify a text's encoding (the engine caches by them)."""
+
+    empty_key: np.ndarray | None  # the key of "" (pinned in the cache); None without text
+
+    def tokenize(self, req: DiffusionRequest) -> list[np.ndarray]:
+        """One key per text to encode: [negative, positive] with guidance, [positive]
+        without, [] for families without text. Raises PromptTooLong."""
+
+    async def encode(self, keys: list[np.ndarray]) -> list[Any]:
+        """Each key's encoding, batched in as few model calls as the family allows."""
+
+    def rows(self, req: DiffusionRequest, encoded: list[Any], guided: bool) -> dict[str, np.ndarray]:
+        """The denoiser's conditioning inputs, one row per image (negative half first when
+        guided), as they are sent alongside `sample` and `timestep`."""
+
+
+def initial_latents(seed: int, num_images: int, shape: tuple[int, ...]) -> list[np.ndarray]:
+    """The documented per-image starting noise, before scaling by init_noise_sigma."""
+    return [np.random.default_rng(seed + i).standard_normal(shape, dtype=np.float32) for i in range(num_images)]
+
+
+def img2img_timesteps(scheduler, num_inference_steps: int, strength: float) -> np.ndarray:
+    """The tail of the schedule an image of `strength` starts from (diffusers' get_timesteps)."""
+    init_timestep = min(int(num_inference_steps * strength), num_inference_steps)
+    t_start = max(num_inference_steps - init_timestep, 0) * scheduler.order
+    if hasattr(scheduler, "set_begin_index"):
+        scheduler.set_begin_index(t_start)
+    return scheduler.timesteps[t_start:]
+
+
+def downsample_mask(mask: np.ndarray, factor: int) -> np.ndarray:
+    """[H, W] -> [1, H/f, W/f] by taking every f-th pixel (nearest), as diffusers does for the
+    latent mask with `interpolate(..., size=latent_size)` in its default nearest mode."""
+    return mask[::factor, ::factor][None].astype(np.float32)
+
+
+class Trajectory:
+    """One request's denoising state: the body of diffusers' loop, split at the denoiser call.
+
+    `model_inputs()` gives this step's rows ([negative, positive] halves with guidance),
+    `advance(noise_pred)` applies guidance, the scheduler step and, for inpainting, latent
+    blending. A single request runs one trajectory; the engine runs many side by side,
+    sharing each denoiser call (per-sample timesteps make that exact).
+    """
+
+    def __init__(self, spec: DiffusionSpec, req: DiffusionRequest, cond: dict[str, np.ndarray],
+                 rngs: list[np.random.Generator], image_latents: np.ndarray | None = None):
+        self.req = req
+        self.rngs = rngs
+        self.do_cfg = req.guidance_scale > 1.0  # as diffusers: guidance 1 is the conditional model alone
+        self.cond = cond  # conditioning rows, negative half first with guidance
+        self.spec = spec
+        height, width = req.height or spec.native_height, req.width or spec.native_width
+        latent_shape = (spec.latent_channels, height // spec.vae_scale_factor, width // spec.vae_scale_factor)
+
+        # Timesteps (img2img and inpainting start part-way, at `strength`).
+        self.scheduler = make_scheduler(req.scheduler, spec.scheduler_config)
+        self.scheduler.set_timesteps(req.num_inference_steps)
+        self.timesteps = self.scheduler.timesteps
+        if req.init_image is not None:
+            self.timesteps = img2img_timesteps(self.scheduler, req.num_inference_steps, req.strength)
+
+        # Latents, drawn in the documented order from each image's own generator.
+        self.image_latents = image_latents
+        self.noise = self.mask = None
+        if image_latents is None:
+            latents = np.stack([rng.standard_normal(latent_shape, dtype=np.float32) for rng in rngs])
+            self.latents = latents * np.float32(self.scheduler.init_noise_sigma)
+        else:
+            self.noise = np.stack([rng.standard_normal(latent_shape, dtype=np.float32) for rng in rngs])
+            if req.mask is not None and req.strength >= 1.0:
+                self.latents = self.noise * np.float32(self.scheduler.init_noise_sigma)  # pure noise, as diffusers
+            else:
+                self.latents = self.scheduler.add_noise(image_latents, self.noise, self.timesteps[:1])
+            if req.mask is not None:
+                self.mask = downsample_mask(req.mask, spec.vae_scale_factor)
+        self.steps_done = 0
+        self.pred_original_sample: np.ndarray | None = None  # latest x0 estimate, for previews
+
+    @property
+    def num_steps(self) -> int:
+        return len(self.timesteps)
+
+    @property
+    def done(self) -> bool:
+        return self.steps_done >= self.num_steps
+
+    @property
+    def rows(self) -> int:
+        """Denoiser batch rows this trajectory needs per step."""
+        return len(self.latents) * (2 if self.do_cfg else 1)
+
+    def model_inputs(self) -> dict[str, np.ndarray]:
+        t = self.timesteps[self.steps_done]
+        sample = np.concatenate([self.latents, self.latents]) if self.do_cfg else self.latents
+        sample = self.scheduler.scale_model_input(sample, t).astype(np.float32)
+        return {"sample": sample, "timestep": np.full((len(sample), 1), t, dtype=np.float32), **self.cond}
+
+    def advance(self, noise_pred: np.ndarray) -> None:
+        i, t = self.steps_done, self.timesteps[self.steps_done]
+        if self.do_cfg:
+            n = len(self.latents)
+            uncond, cond = noise_pred[:n], noise_pred[n:]
+            noise_pred = uncond + np.float32(self.req.guidance_scale) * (cond - uncond)
+        out = self.scheduler.step(noise_pred, t, self.latents, generator=self.rngs)
+        self.latents, self.pred_original_sample = out.prev_sample, out.pred_original_sample
+        if self.mask is not None:
+            # Latent blending: outside the mask, the original image noised to the next level.
+            known = self.image_latents
+            if i < self.num_steps - 1:
+                known = self.scheduler.add_noise(self.image_latents, self.noise, self.timesteps[i + 1:i + 2])
+            self.latents = (1 - self.mask) * known + self.mask * self.latents
+        self.steps_done += 1
+
+    def decoder_input(self, latents: np.ndarray | None = None) -> np.ndarray:
+        """Latents in the VAE decoder's scale (the final ones unless others are given)."""
+        x = self.latents if latents is None else latents
+        if self.spec.vae_decoder is None:
+            return x.astype(np.float32)
+        return (x / np.float32(self.spec.scaling_factor) + np.float32(self.spec.shift_factor)).astype(np.float32)
+
+
+class DiffusionPipeline:
+    """Tokenize -> encode -> denoising loop with classifier-free guidance -> decode, for any
+    family: `spec` says what the graphs are, `conditioner` what the denoiser is conditioned on."""
+
+    def __init__(self, backend: InferenceBackend, spec: DiffusionSpec, conditioner: Conditioner):
+        self.backend = backend
+        self.spec = spec
+        self.name = spec.name
+        self.conditioner = conditioner
+
+    # -- what the engine calls -----------------------------------------------------------
+    def tokenize(self, req: DiffusionRequest) -> list[np.ndarray]:
+        return self.conditioner.tokenize(req)
+
+    @property
+    def empty_prompt_key(self) -> np.ndarray | None:
+        return self.conditioner.empty_key
+
+    async def encode_prompts(self, keys: list[np.ndarray]) -> list[Any]:
+        return await self.conditioner.encode(keys)
+
+    async def start(self, req: DiffusionRequest, encoded: list[Any]) -> Trajectory:
+        """A trajectory from the request's encoded texts ([negative, positive] or [positive])."""
+        rngs = [np.random.default_rng(req.seed + i) for i in range(req.num_images)]
+        image_latents = None
+        if req.init_image is not None:
+            image_latents = await self.encode_image(req.init_image, req.num_images, rngs)
+        cond = self.conditioner.rows(req, encoded, guided=req.guidance_scale > 1.0)
+        return Trajectory(self.spec, req, cond, rngs, image_latents)
+
+    async def denoise(self, inputs: dict[str, np.ndarray]) -> np.ndarray:
+        """One denoiser call over the rows of any number of trajectories."""
+        return (await self.backend.infer(self.spec.denoiser, inputs))[self.spec.output_name]
+
+    async def decode(self, latents: np.ndarray) -> np.ndarray:
+        if self.spec.vae_decoder is None:
+            return np.clip(latents, -1.0, 1.0)
+        images = (await self.backend.infer(self.spec.vae_decoder, {"latent_sample": latents}))["sample"]
+        return np.clip(images, -1.0, 1.0)
+
+    def warmup_request(self) -> DiffusionRequest:
+        """A one-step request at the native size (with guidance where the family has text)."""
+        return DiffusionRequest(prompt="", num_inference_steps=1,
+                                guidance_scale=2.0 if self.conditioner.empty_key is not None else 0.0)
+
+    async def encode_image(self, image: np.ndarray, n: int, rngs: list[np.random.Generator]) -> np.ndarray:
+        """[C, H, W] in [-1, 1] -> n scaled latents sampled from the VAE posterior."""
+        if self.spec.vae_encoder is None:
+            raise ValueError(f"pipeline {self.name!r} has no VAE encoder")
+        params = (await self.backend.infer(self.spec.vae_encoder, {"sample": image[None].astype(np.float32)}))[
+            "latent_parameters"][0]
+        mean, logvar = np.split(params, 2, axis=0)
+        std = np.exp(0.5 * np.clip(logvar, -30.0, 20.0))  # diffusers' DiagonalGaussianDistribution
+        samples = np.stack([mean + std * rng.standard_normal(mean.shape, dtype=np.float32) for rng in rngs])
+        shifted = samples - np.float32(self.spec.shift_factor)
+        return (shifted * np.float32(self.spec.scaling_factor)).astype(np.float32)
+
+    # -- one request alone ---------------------------------------------------------------
+    async def __call__(self, req: DiffusionRequest) -> DiffusionOutput:
+        """One request alone: encode, denoise, decode (the engine does the same, batched)."""
+        timings: dict[str, float] = {}
+        # 1. Encode the texts; with guidance, [negative, positive].
+        t0 = time.perf_counter()
+        keys = self.tokenize(req)
+        encoded = await self.encode_prompts(keys) if keys else []
+        timings["text_encoding_seconds"] = time.perf_counter() - t0
+
+        # 2. Prepare timesteps and latents (see the module docstring for the draw order).
+        t0 = time.perf_counter()
+        trajectory = await self.start(req, encoded)
+        timings["latent_preparation_seconds"] = time.perf_counter() - t0
+
+        # 3. Denoising loop: one denoiser call per step for every image, cond and uncond.
+        t0 = time.perf_counter()
+        while not trajectory.done:
+            trajectory.advance(await self.denoise(trajectory.model_inputs()))
+        timings["denoising_seconds"] = time.perf_counter() - t0
+
+        # 4. Decode.
+        t0 = time.perf_counter()
+        images = await self.decode(trajectory.decoder_input())
+        timings["decoding_seconds"] = time.perf_counter() - t0
+        return DiffusionOutput(images, [req.seed + i for i in range(req.num_images)], timings)
