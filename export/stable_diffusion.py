@@ -103,6 +103,66 @@ def save_with_external_data_if_large(path: Path, threshold: int = EXTERNAL_DATA_
     return True
 
 
+class GraphExporter:
+    """Exports one pipeline's graphs into the repository, one call per component.
+
+    Each call traces the module at batch 2 and the native size (`make_inputs(2, 1)`),
+    verifies the graph in ONNX Runtime at batch 3 and twice the size (`make_inputs(3, 2)`,
+    which exercises the dynamic axes), writes `<name>_<role>/config.pbtxt` with dynamic
+    batching, a warm-up request at the native size (`make_inputs(1, 1)`) and the parameters
+    `genserve.pipeline`, `genserve.pipeline_name`, `genserve.component` plus
+    `genserve.<key>` for each of `parameters`, and copies `files` ((src, name) pairs)
+    beside the config. Reports collect in `.reports`.
+    """
+
+    def __init__(self, repository: Path, name: str, pipeline: str, *, version: int = 1, max_batch_size: int = 16,
+                 target: DeploymentTarget = DeploymentTarget(), progress: Callable[[str], None] = print,
+                 external_data_threshold: int = EXTERNAL_DATA_THRESHOLD):
+        self.repository, self.name, self.version = Path(repository), name, version
+        self.max_batch_size, self.target, self.progress = max_batch_size, target, progress
+        self.external_data_threshold = external_data_threshold
+        self.base = {"genserve.pipeline": pipeline, "genserve.pipeline_name": name}
+        self.reports: list[ComponentReport] = []
+
+    def model_dir(self, role: str) -> Path:
+        return self.repository / f"{self.name}_{role}"
+
+    def __call__(self, role, module, make_inputs, inputs, outputs, dynamic, parameters, atol, delay_us, files=(),
+                 tensorrt_profile=None) -> Path:
+        name, progress = self.name, self.progress
+        native = {k: v.shape[1:] for k, v in make_inputs(1, 1).items()}  # warm up at the native size
+        model_name = f"{name}_{role}"
+        progress(f"[{name}] exporting {role} ...")
+        model_dir = self.model_dir(role)
+        onnx_path = model_dir / str(self.version) / "model.onnx"
+        # Traced at batch 2 and the native size; verified at batch 3 and twice the size,
+        # which exercises the dynamic axes.
+        example = {k: torch.from_numpy(v) for k, v in make_inputs(2, 1).items()}
+        export_onnx(module, example, [t.name for t in outputs], onnx_path, dynamic)
+        external = save_with_external_data_if_large(onnx_path, self.external_data_threshold)
+        err = verify_onnx(module, onnx_path, make_inputs(3, 2), atol=atol)
+        spec = ModelConfigSpec(
+            name=model_name, inputs=inputs, outputs=outputs,
+            batching=default_batching(self.max_batch_size, delay_us), target=self.target,
+            parameters={**self.base, "genserve.component": role,
+                        **{f"genserve.{k}": str(v) for k, v in parameters.items()}},
+            warmup_dims={t.name: tuple(native[t.name]) for t in inputs if t.reshape is None},
+        )
+        if tensorrt_profile is not None:  # a plan beside the graph; the VAE stays fp32 (see export.tensorrt)
+            from export.tensorrt import build_plan, precision_for, tensorrt_config
+
+            progress(f"[{name}] building TensorRT plan for {role} ({precision_for(role)}) ...")
+            shutil.copy(build_plan(onnx_path, tensorrt_profile, precision_for(role)), onnx_path.with_name("model.plan"))
+            spec = tensorrt_config(spec, self.target.instance_count)
+        write_model_config(build_model_config(spec), model_dir)
+        for src, dst in files:
+            shutil.copy(src, model_dir / dst)
+        progress(f"[{name}] {role}: verified, max abs error {err:.2e}"
+                 f"{' (external data)' if external else ''}")
+        self.reports.append(ComponentReport(model_name, onnx_path, err, external))
+        return model_dir
+
+
 def load_pipeline_components(folder: Path):
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel
@@ -113,12 +173,12 @@ def load_pipeline_components(folder: Path):
     return text_encoder, unet, vae
 
 
-def _fast_tokenizer_json(folder: Path, dest: Path) -> dict:
+def _fast_tokenizer_json(folder: Path, dest: Path, subfolder: str = "tokenizer") -> dict:
     """Writes tokenizer.json (the folder's, or converted from vocab.json/merges.txt) and
     returns the facts the pipeline needs (max length, pad/bos/eos ids)."""
     from transformers import CLIPTokenizerFast
 
-    tokenizer = CLIPTokenizerFast.from_pretrained(folder / "tokenizer")
+    tokenizer = CLIPTokenizerFast.from_pretrained(folder / subfolder)
     with tempfile.TemporaryDirectory() as tmp:
         tokenizer.save_pretrained(tmp)
         shutil.copy(Path(tmp) / "tokenizer.json", dest / "tokenizer.json")
@@ -149,45 +209,22 @@ def export_stable_diffusion(
     latent_c = unet.config.in_channels
     image_c = vae.config.in_channels
     hidden = text_encoder.config.hidden_size
-    base = {"genserve.pipeline": "stable_diffusion", "genserve.pipeline_name": name}
     rng = np.random.default_rng(0)
-    reports = []
+    export_graph = GraphExporter(repository, name, "stable_diffusion", version=version,
+                                 max_batch_size=max_batch_size, target=target, progress=progress,
+                                 external_data_threshold=external_data_threshold)
 
     def component(role, module, make_inputs, inputs, outputs, dynamic, parameters, atol, delay_us, files=()):
-        native = {k: v.shape[1:] for k, v in make_inputs(1, 1).items()}  # warm up at the native size
-        model_name = f"{name}_{role}"
-        progress(f"[{name}] exporting {role} ...")
-        model_dir = repository / model_name
-        onnx_path = model_dir / str(version) / "model.onnx"
-        # Traced at batch 2 and the native size; verified at batch 3 and twice the size,
-        # which exercises the dynamic axes.
-        example = {k: torch.from_numpy(v) for k, v in make_inputs(2, 1).items()}
-        export_onnx(module, example, [t.name for t in outputs], onnx_path, dynamic)
-        external = save_with_external_data_if_large(onnx_path, external_data_threshold)
-        err = verify_onnx(module, onnx_path, make_inputs(3, 2), atol=atol)
-        spec = ModelConfigSpec(
-            name=model_name, inputs=inputs, outputs=outputs,
-            batching=default_batching(max_batch_size, delay_us), target=target,
-            parameters={**base, "genserve.component": role, **{f"genserve.{k}": str(v) for k, v in parameters.items()}},
-            warmup_dims={t.name: tuple(native[t.name]) for t in inputs if t.reshape is None},
-        )
+        profile = None
         if tensorrt:  # a plan beside the graph; the VAE stays fp32 (see export.tensorrt)
-            from export.tensorrt import build_plan, precision_for, stable_diffusion_profile, tensorrt_config
+            from export.tensorrt import stable_diffusion_profile
 
             profile = stable_diffusion_profile(
                 role, max_rows=max_batch_size, seq_len=length, hidden=hidden, latent_channels=latent_c,
                 image_channels=image_c, vae_scale=vae_scale, native_latent=h, min_latent=size_multiple // vae_scale,
                 max_latent=2 * h)
-            progress(f"[{name}] building TensorRT plan for {role} ({precision_for(role)}) ...")
-            shutil.copy(build_plan(onnx_path, profile, precision_for(role)), onnx_path.with_name("model.plan"))
-            spec = tensorrt_config(spec, target.instance_count)
-        write_model_config(build_model_config(spec), model_dir)
-        for src, dst in files:
-            shutil.copy(src, model_dir / dst)
-        progress(f"[{name}] {role}: verified, max abs error {err:.2e}"
-                 f"{' (external data)' if external else ''}")
-        reports.append(ComponentReport(model_name, onnx_path, err, external))
-        return model_dir
+        return export_graph(role, module, make_inputs, inputs, outputs, dynamic, parameters, atol, delay_us,
+                            files=files, tensorrt_profile=profile)
 
     h = w = unet.config.sample_size  # native latent size
     size_multiple = vae_scale * 2 ** (len(unet.config.down_block_types) - 1)
@@ -248,4 +285,4 @@ def export_stable_diffusion(
          "latent_parameters": {0: "batch", 2: "height", 3: "width"}},
         vae_params, atol=1e-3, delay_us=2000,
     )
-    return reports
+    return export_graph.reports
