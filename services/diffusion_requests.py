@@ -1,5 +1,6 @@
 """HTTP bodies -> DiffusionRequest: the checks that depend on the chosen pipeline
-(sizes, images, masks), each failing with an InvalidRequest that names the field."""
+(sizes, images, masks, family-only fields), each failing with an InvalidRequest that
+names the field and its limit."""
 
 from __future__ import annotations
 
@@ -9,16 +10,8 @@ import numpy as np
 
 from services.errors import InvalidRequest
 from services.imaging import ImageTooLarge, decode_image
-from services.pipelines.pipeline_stable_diffusion import DiffusionRequest, StableDiffusionModels
+from services.pipelines.diffusion import DiffusionRequest, DiffusionSpec
 from services.schemas import resolve_seed
-
-# Largest output side, as a multiple of the model's native resolution.
-MAX_SIDE_FACTOR = 2
-
-
-def side_limits(m: StableDiffusionModels) -> dict:
-    return {"multiple_of": m.size_multiple, "min": m.size_multiple,
-            "max": MAX_SIDE_FACTOR * m.native_size, "default": m.native_size}
 
 
 def decode_field(data: str, channels: int, field: str, max_side: int) -> np.ndarray:
@@ -55,45 +48,76 @@ def image_steps(request: DiffusionRequest) -> int:
     return steps * request.num_images
 
 
-def build_request(task: str, body, m: StableDiffusionModels) -> tuple[DiffusionRequest, dict]:
+def check_sides(spec: DiffusionSpec, height: int, width: int, field: str | None = None) -> None:
+    """Each side a multiple of the model's size step, within its limits."""
+    limits = spec.side_limits()
+    for key, side in (("height", height), ("width", width)):
+        lim = limits[key]
+        if side % lim["multiple_of"] or not lim["min"] <= side <= lim["max"]:
+            name = field or key
+            raise InvalidRequest(f"{name} {key} must be a multiple of {lim['multiple_of']} from {lim['min']} "
+                                 f"to {lim['max']} pixels, got {side}", field=name, limit=lim["max"])
+
+
+EXTRA_FIELDS = ("original_size", "target_size", "crops_coords_top_left")
+
+
+def family_extras(body, spec: DiffusionSpec, height: int, width: int) -> dict:
+    """Fields only some families take (SDXL's size micro-conditioning), with the defaults
+    diffusers uses: original and target size = the output size, crop at (0, 0). Refused,
+    naming the field, for a model whose family does not take them."""
+    extras = {}
+    for key in EXTRA_FIELDS:
+        value = getattr(body, key, None)
+        if key not in spec.extra_fields:
+            if value is not None:
+                raise InvalidRequest(f"{key} is not used by model {spec.name!r} ({spec.family}); omit it",
+                                     field=key)
+            continue
+        default = (0, 0) if key == "crops_coords_top_left" else (height, width)
+        extras[key] = tuple(int(v) for v in value) if value is not None else default
+    return extras
+
+
+def build_request(task: str, body, spec: DiffusionSpec) -> tuple[DiffusionRequest, dict]:
     """(the pipeline request, every parameter after defaults for the response)."""
     if not body.prompt.strip():
         raise InvalidRequest("prompt must not be blank", field="prompt")
-    params = body.model_dump(exclude={"model", "image", "mask"})
+    params = body.model_dump(exclude={"model", "image", "mask"}, exclude_none=False)
     params["seed"] = resolve_seed(body.seed, body.num_images)
-    limits = side_limits(m)
+    max_side = max(lim["max"] for lim in spec.side_limits().values())
     init_image = mask = None
     if task == "txt2img":
-        params["height"] = body.height or m.native_size
-        params["width"] = body.width or m.native_size
+        params["height"] = body.height or spec.native_height
+        params["width"] = body.width or spec.native_width
+        check_sides(spec, params["height"], params["width"])
     else:
-        if m.vae_encoder is None:
-            raise InvalidRequest(f"model {m.name!r} has no VAE encoder: {task} is not available", field="model")
+        if spec.vae_encoder is None:
+            raise InvalidRequest(f"model {spec.name!r} has no VAE encoder: {task} is not available", field="model")
         if effective_steps(body.num_inference_steps, body.strength) < 1:
             least = min_strength(body.num_inference_steps)
             raise InvalidRequest(
                 f"strength x num_inference_steps must give at least one denoising step: with "
                 f"num_inference_steps={body.num_inference_steps}, strength must be at least {least:.6g}",
                 field="strength", limit=least)
-        init_image = decode_field(body.image, m.image_channels, "image", limits["max"])
+        init_image = decode_field(body.image, spec.image_channels, "image", max_side)
         params["height"], params["width"] = init_image.shape[1:]
+        check_sides(spec, *init_image.shape[1:], field="image")
         if task == "inpaint":
-            mask = decode_field(body.mask, 1, "mask", limits["max"])[0]
+            mask = decode_field(body.mask, 1, "mask", max_side)[0]
             if mask.shape != init_image.shape[1:]:
                 raise InvalidRequest(
                     f"mask is {mask.shape[1]}x{mask.shape[0]} but image is "
                     f"{init_image.shape[2]}x{init_image.shape[1]}: they must match", field="mask")
             mask = (mask > 0).astype(np.float32)  # white (> mid-grey) = repaint
-    for key in ("height", "width"):
-        side, field = params[key], key if task == "txt2img" else "image"
-        if side % m.size_multiple or not limits["min"] <= side <= limits["max"]:
-            raise InvalidRequest(f"{field} {key} must be a multiple of {m.size_multiple} "
-                                 f"from {limits['min']} to {limits['max']} pixels, got {side}",
-                                 field=field, limit=limits["max"])
+    extras = family_extras(body, spec, params["height"], params["width"])
+    for key in EXTRA_FIELDS:
+        params.pop(key, None)
+    params.update({k: list(v) for k, v in extras.items()})
     request = DiffusionRequest(
         prompt=body.prompt, negative_prompt=body.negative_prompt, num_images=body.num_images,
         num_inference_steps=body.num_inference_steps, guidance_scale=body.guidance_scale,
         scheduler=body.scheduler, height=params["height"], width=params["width"], seed=params["seed"],
-        init_image=init_image, strength=getattr(body, "strength", 1.0), mask=mask,
+        init_image=init_image, strength=getattr(body, "strength", 1.0), mask=mask, extras=extras,
     )
     return request, params

@@ -84,7 +84,7 @@ def document_limits(doc: dict, *, sides: list[dict], num_classes: list[int], pro
     return doc
 
 
-def image_examples(doc: dict, models) -> dict:
+def image_examples(doc: dict, spec) -> dict:
     """Working JSON examples for the image endpoints: a grey image and a half mask of the
     model's native size, so clients (and fuzzers) see a request that succeeds."""
     import base64
@@ -98,10 +98,10 @@ def image_examples(doc: dict, models) -> dict:
         Image.fromarray(pixels).save(buffer, format="PNG")
         return base64.b64encode(buffer.getvalue()).decode("ascii")
 
-    side = models.native_size
-    image = png(np.full((side, side) if models.image_channels == 1 else (side, side, 3), 128, np.uint8))
-    mask = np.zeros((side, side), np.uint8)
-    mask[:, side // 2:] = 255
+    h, w = spec.native_height, spec.native_width
+    image = png(np.full((h, w) if spec.image_channels == 1 else (h, w, 3), 128, np.uint8))
+    mask = np.zeros((h, w), np.uint8)
+    mask[:, w // 2:] = 255
     bodies = {"/img2img": {"prompt": "a handwritten digit seven", "image": image, "strength": 0.8,
                            "num_inference_steps": 10, "seed": 1},
               "/inpaint": {"prompt": "a handwritten digit seven", "image": image, "mask": png(mask),

@@ -4,7 +4,7 @@ validation happens before any handler runs and the OpenAPI page shows them."""
 from __future__ import annotations
 
 import secrets
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -102,9 +102,21 @@ MAX_PROMPT_CHARS = 2000
 MAX_IMAGE_BASE64_CHARS = 16 * 1024 * 1024
 
 SchedulerName = Literal[tuple(SCHEDULERS)]
+MAX_CONDITIONING_SIDE = 16384
+Side = Annotated[int, Field(ge=0, le=MAX_CONDITIONING_SIDE)]
+SizePair = Annotated[list[Side], Field(min_length=2, max_length=2)]
 
 
-class Txt2ImgRequest(_Strict):
+class _SizeConditioning(BaseModel):
+    """SDXL's micro-conditioning (diffusers' defaults when absent); other families refuse it."""
+
+    original_size: SizePair | None = Field(None, description="SDXL only: [height, width] the model is told "
+                                           "the source had; default: the output size.")
+    target_size: SizePair | None = Field(None, description="SDXL only: [height, width]; default: the output size.")
+    crops_coords_top_left: SizePair | None = Field(None, description="SDXL only: [top, left]; default [0, 0].")
+
+
+class Txt2ImgRequest(_Strict, _SizeConditioning):
     model: str | None = Field(None, description="Diffusion pipeline; default: the service's default.")
     prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS, description="What to draw (not blank).")
     negative_prompt: str = Field("", max_length=MAX_PROMPT_CHARS, description="What to steer away from (with guidance > 1).")
@@ -124,7 +136,7 @@ class Txt2ImgStreamRequest(Txt2ImgRequest):
                                description="Send a preview of the current estimate every k steps (0: none).")
 
 
-class Img2ImgRequest(_Strict):
+class Img2ImgRequest(_Strict, _SizeConditioning):
     model: str | None = None
     image: str = Field(max_length=MAX_IMAGE_BASE64_CHARS, description="Base64 PNG/JPEG/WebP; its size is the output size.")
     prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS)
@@ -176,3 +188,8 @@ class ErrorResponse(BaseModel):
     """The one error shape of every endpoint."""
 
     error: Error
+
+
+def tensors(items) -> list[TensorDescription]:
+    """A model config's tensors (services.runtime TensorInfo) as the API describes them."""
+    return [TensorDescription(name=t.name, datatype=str(t.dtype), shape=list(t.dims)) for t in items]

@@ -58,6 +58,9 @@ class DiffusionSpec:
     shift_factor: float = 0.0
     max_side_factor: int = 2  # largest side, as a multiple of the native one
     output_name: str = "noise_pred"
+    conditioning: str = "text"  # text (prompts), class (labels), none
+    extra_fields: tuple[str, ...] = ()  # request fields only this family takes (SDXL's sizes)
+    components: tuple[str, ...] = ()  # every graph of the pipeline, for GET /v1/models
 
     def side_limits(self) -> dict[str, dict]:
         """Per axis: multiple_of, min, max, default (pixels)."""

@@ -55,7 +55,8 @@ class StableDiffusionModels:
             latent_channels=self.latent_channels, image_channels=self.image_channels,
             vae_scale_factor=self.vae_scale_factor, native_height=self.native_size, native_width=self.native_size,
             size_multiple=self.size_multiple, vae_decoder=self.vae_decoder, vae_encoder=self.vae_encoder,
-            scaling_factor=self.scaling_factor)
+            scaling_factor=self.scaling_factor,
+            components=tuple(c for c in (self.text_encoder, self.unet, self.vae_decoder, self.vae_encoder) if c))
 
 
 def discover_stable_diffusion(models: dict[str, ModelSpec]) -> dict[str, StableDiffusionModels]:
@@ -98,6 +99,7 @@ class ClipConditioner:
         self.text_encoder = models.text_encoder
         self.tokenizer = PromptTokenizer(models.tokenizer_file, models.max_length, models.pad_token_id)
         self.empty_key = self.tokenizer("")
+        self.max_tokens = models.max_length
 
     def tokenize(self, req: DiffusionRequest) -> list[np.ndarray]:
         ids = [self.tokenizer(req.prompt, "prompt")]
@@ -119,3 +121,8 @@ class StableDiffusionPipeline(DiffusionPipeline):
         super().__init__(backend, models.spec(), ClipConditioner(backend, models))
         self.models = models
         self.tokenizer = self.conditioner.tokenizer
+
+
+def pipelines(backend: InferenceBackend) -> dict[str, StableDiffusionPipeline]:
+    return {name: StableDiffusionPipeline(backend, models)
+            for name, models in discover_stable_diffusion(backend.models()).items()}

@@ -1,0 +1,93 @@
+"""What every router shares: settings, backend, metrics, the served pipelines, and the
+few steps every endpoint ends with (encode images with provenance, record metrics,
+charge the image-step rate limit). Built once by the service, reached by routers through
+the `context` dependency."""
+
+from __future__ import annotations
+
+import base64
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+
+from services.config import Settings
+from services.errors import BackendUnavailable, InvalidRequest, RateLimited
+from services.gateway import client_var
+from services.imaging import FORMATS, encode_image, to_uint8
+from services.schemas import GeneratedImage, ModelDescription
+
+
+@dataclass
+class ServiceContext:
+    settings: Settings
+    backend: object  # services.runtime.InferenceBackend
+    metrics: object  # services.metrics.ServiceMetrics
+    gan: dict = field(default_factory=dict)  # name -> GANPipeline
+    engines: dict = field(default_factory=dict)  # name -> DiffusionEngine (every diffusion family)
+    vae: dict = field(default_factory=dict)  # name -> VAEPipeline (standalone and every SD pipeline's)
+    image_step_limiter: object = None  # services.ratelimit.RateLimiter or None
+    describers: list[Callable[["ServiceContext"], list[ModelDescription]]] = field(default_factory=list)
+
+    def engines_of(self, *families: str) -> dict:
+        return {name: e for name, e in self.engines.items() if e.pipeline.spec.family in families}
+
+    def encode_images(self, images: np.ndarray, value_range, fmt: str, metas: list[dict]) -> list[GeneratedImage]:
+        """[N, C, H, W] in `value_range` -> images in `fmt`, each saying in its metadata that
+        it was generated, by which model and with which seed."""
+        out = []
+        for i, (pixels, meta) in enumerate(zip(to_uint8(images, *value_range), metas)):
+            data = encode_image(pixels, fmt, meta)
+            out.append(GeneratedImage(
+                index=i, seed=meta.get("seed", 0), media_type=FORMATS[fmt], width=pixels.shape[1],
+                height=pixels.shape[0], data=base64.b64encode(data).decode("ascii")))
+        return out
+
+    def record(self, pipeline: str, model: str, num_images: int, start: float) -> float:
+        """Counts the images and the pipeline's duration; returns the seconds since `start`."""
+        total = time.perf_counter() - start
+        labels = {"pipeline": pipeline, "model": model, "backend": self.backend.name}
+        self.metrics.images_generated.labels(**labels).inc(num_images)
+        self.metrics.pipeline_duration_seconds.labels(**labels).observe(total)
+        return total
+
+    def charge_image_steps(self, cost: int) -> None:
+        """GENSERVE_RATE_LIMIT_IMAGE_STEPS: diffusion work per key, in image-steps."""
+        if self.image_step_limiter is None:
+            return
+        from services.ratelimit import retry_after
+
+        limit = self.image_step_limiter.rate
+        if cost > limit.count:
+            raise InvalidRequest(f"this request costs {cost} image-steps (steps x images); a key may spend at "
+                                 f"most {limit} image-steps", field="num_inference_steps", limit=int(limit.count))
+        client = client_var.get()
+        wait = self.image_step_limiter.acquire(client, cost)
+        if wait > 0:
+            self.metrics.observe_rate_limited(client, "image_steps")
+            raise RateLimited(f"more than {limit} diffusion image-steps; retry in {retry_after(wait)}s",
+                              limit=str(limit), headers={"Retry-After": str(retry_after(wait))})
+
+    def timeout_s(self, asked: float | None) -> float:
+        """The request's deadline: asked (bounded by the configured maximum) or the default."""
+        timeout_s = asked or self.settings.request_timeout_s
+        if timeout_s > self.settings.max_request_timeout_s:
+            raise InvalidRequest(f"timeout_s must be at most {self.settings.max_request_timeout_s}",
+                                 field="timeout_s", limit=self.settings.max_request_timeout_s)
+        return timeout_s
+
+
+_context: ServiceContext | None = None
+
+
+def set_context(ctx: ServiceContext | None) -> None:
+    global _context
+    _context = ctx
+
+
+def context() -> ServiceContext:
+    """FastAPI dependency: the running service's context."""
+    if _context is None:
+        raise BackendUnavailable("the service is starting; retry", retry_after_s=1)
+    return _context

@@ -1,0 +1,140 @@
+"""Text-conditioned diffusion, any family that takes prompts (SD 1/2, SDXL):
+`POST /v1/txt2img`, `/v1/txt2img/stream`, `/v1/img2img`, `/v1/inpaint`."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import StreamingResponse
+
+from services.context import ServiceContext, context
+from services.diffusion_requests import build_request
+from services.errors import ModelNotFound
+from services.gateway import request_id_var
+from services.http import parse_body
+from services.imaging import FORMATS
+from services.openapi import body_schema, error_responses
+from services.routers import engine_calls
+from services.schedulers import SCHEDULERS
+from services.schemas import (
+    MAX_DIFFUSION_IMAGES,
+    MAX_GUIDANCE_SCALE,
+    MAX_INFERENCE_STEPS,
+    MAX_SEED,
+    MIN_TIMEOUT_S,
+    DiffusionResponse,
+    Img2ImgRequest,
+    InpaintRequest,
+    ModelDescription,
+    Txt2ImgRequest,
+    Txt2ImgStreamRequest,
+    tensors,
+)
+
+router = APIRouter()
+TEXT_FAMILIES = ("stable_diffusion", "stable_diffusion_xl")
+
+
+@router.post("/txt2img", response_model=DiffusionResponse, responses=error_responses())
+async def txt2img(body: Txt2ImgRequest, request: Request, ctx: ServiceContext = Depends(context)) -> DiffusionResponse:
+    """Text to image with latent diffusion and classifier-free guidance."""
+    return await _diffuse(ctx, "txt2img", body, request)
+
+
+@router.post("/img2img", response_model=DiffusionResponse, responses=error_responses(),
+             openapi_extra=body_schema(Img2ImgRequest))
+async def img2img(request: Request, ctx: ServiceContext = Depends(context)) -> DiffusionResponse:
+    """Image to image: the input image noised to `strength`, then denoised toward the prompt.
+    JSON (image as base64) or multipart/form-data (image as a file)."""
+    return await _diffuse(ctx, "img2img", await parse_body(request, Img2ImgRequest), request)
+
+
+@router.post("/inpaint", response_model=DiffusionResponse, responses=error_responses(),
+             openapi_extra=body_schema(InpaintRequest))
+async def inpaint(request: Request, ctx: ServiceContext = Depends(context)) -> DiffusionResponse:
+    """Repaints the white area of `mask`, keeping the rest of `image` (latent blending)."""
+    return await _diffuse(ctx, "inpaint", await parse_body(request, InpaintRequest), request)
+
+
+@router.post("/txt2img/stream", response_class=StreamingResponse, responses={
+    200: {"description": "Server-sent events: progress, preview, then result or error.",
+          "content": {"text/event-stream": {"schema": {"type": "string"}}}}, **error_responses()})
+async def txt2img_stream(body: Txt2ImgStreamRequest, ctx: ServiceContext = Depends(context)) -> StreamingResponse:
+    """Server-sent events: `progress` per step (step, total, elapsed), `preview` every
+    `preview_every` steps (the current x0 estimate as images), then `result` (the
+    txt2img response) or `error`. Closing the connection cancels the request."""
+    start = time.perf_counter()
+    name, engine, handle, params = await _submit(ctx, "txt2img", body)
+    return engine_calls.stream(
+        ctx, engine, handle, lambda: _respond(ctx, "txt2img", name, body, params, handle, start),
+        lambda i: {"model": name, "seed": params["seed"] + i})
+
+
+async def _diffuse(ctx: ServiceContext, task: str, body, request: Request) -> DiffusionResponse:
+    """Validates, queues on the pipeline's engine, waits (leaving the batch if the client
+    goes away), and answers with the images and everything that reproduces them."""
+    start = time.perf_counter()
+    name, engine, handle, params = await _submit(ctx, task, body)
+    await engine_calls.wait(engine, handle, request)
+    return _respond(ctx, task, name, body, params, handle, start)
+
+
+async def _submit(ctx: ServiceContext, task: str, body):
+    engines = ctx.engines_of(*TEXT_FAMILIES)
+    name = body.model or ctx.settings.default_diffusion_model
+    if name not in engines:
+        raise ModelNotFound(f"model {name!r} is not a text-to-image pipeline served here", field="model",
+                            allowed=sorted(engines))
+    engine = engines[name]
+    timeout_s = ctx.timeout_s(body.timeout_s)
+    if task == "txt2img":
+        request, params = build_request(task, body, engine.pipeline.spec)
+    else:  # decoding images is CPU work: off the event loop
+        request, params = await asyncio.to_thread(build_request, task, body, engine.pipeline.spec)
+    params["timeout_s"] = timeout_s
+    handle = engine_calls.submit(ctx, engine, request, timeout_s, getattr(body, "preview_every", 0))
+    return name, engine, handle, params
+
+
+def _respond(ctx: ServiceContext, task: str, name: str, body, params: dict, handle, start: float) -> DiffusionResponse:
+    out = engine_calls.result(handle, params["timeout_s"])
+    images = ctx.encode_images(out.images, (-1.0, 1.0), body.output_format, [
+        {"model": name, "task": task, "seed": seed, "prompt": body.prompt,
+         "num_inference_steps": body.num_inference_steps, "guidance_scale": body.guidance_scale,
+         "scheduler": body.scheduler} for seed in out.seeds])
+    total = ctx.record(task, name, len(images), start)
+    return DiffusionResponse(
+        request_id=request_id_var.get(), model=name, backend=ctx.backend.name, parameters=params, images=images,
+        timings={**{k: round(v, 6) for k, v in out.timings.items()}, "total_seconds": round(total, 6)},
+    )
+
+
+def describe(ctx: ServiceContext) -> list[ModelDescription]:
+    models = []
+    for name, engine in ctx.engines_of(*TEXT_FAMILIES).items():
+        spec = engine.pipeline.spec
+        denoiser = ctx.backend.models()[spec.denoiser]
+        sides = spec.side_limits()
+        params = {
+            "components": list(spec.components),
+            "schedulers": sorted(SCHEDULERS),
+            "prompt_max_tokens": getattr(engine.pipeline.conditioner, "max_tokens", None),
+            "num_images": {"min": 1, "max": MAX_DIFFUSION_IMAGES},
+            "num_inference_steps": {"min": 1, "max": MAX_INFERENCE_STEPS},
+            "guidance_scale": {"min": 0.0, "max": MAX_GUIDANCE_SCALE},
+            "height": sides["height"], "width": sides["width"],
+            "strength": {"min": 0.0, "max": 1.0, "exclusive_min": True},
+            "seed": {"min": 0, "max": MAX_SEED}, "output_format": sorted(FORMATS),
+            "timeout_s": {"default": ctx.settings.request_timeout_s, "min": MIN_TIMEOUT_S,
+                          "max": ctx.settings.max_request_timeout_s},
+        }
+        params.update({key: "optional [2 ints]" for key in spec.extra_fields})
+        models.append(ModelDescription(
+            name=name, version=denoiser.version, pipeline=spec.family,
+            endpoint="/v1/txt2img, /v1/txt2img/stream" + (", /v1/img2img, /v1/inpaint" if spec.vae_encoder else ""),
+            backend=ctx.backend.name, max_batch_size=denoiser.max_batch_size,
+            inputs=tensors(denoiser.inputs), outputs=tensors(denoiser.outputs), parameters=params,
+        ))
+    return models

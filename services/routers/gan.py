@@ -1,0 +1,81 @@
+"""GAN sampling: `POST /v1/gan/generate`."""
+
+from __future__ import annotations
+
+import time
+
+from fastapi import APIRouter, Depends
+
+from services.context import ServiceContext, context
+from services.errors import InvalidRequest, ModelNotFound
+from services.gateway import request_id_var
+from services.imaging import FORMATS
+from services.openapi import error_responses
+from services.schemas import (
+    MAX_IMAGES_PER_REQUEST,
+    MAX_SEED,
+    GANGenerateRequest,
+    GANGenerateResponse,
+    ModelDescription,
+    resolve_seed,
+    tensors,
+)
+
+router = APIRouter()
+
+
+@router.post("/gan/generate", response_model=GANGenerateResponse, responses=error_responses())
+async def gan_generate(body: GANGenerateRequest, ctx: ServiceContext = Depends(context)) -> GANGenerateResponse:
+    """Samples a GAN generator: seeded, optionally truncated and class-conditioned."""
+    start = time.perf_counter()
+    # 1. Check inputs against the chosen model.
+    name = body.model or ctx.settings.default_gan_model
+    if name not in ctx.gan:
+        raise ModelNotFound(f"model {name!r} is not a GAN served here", field="model", allowed=sorted(ctx.gan))
+    pipeline = ctx.gan[name]
+    num_classes = pipeline.info.num_classes
+    if body.class_label is not None and num_classes == 0:
+        raise InvalidRequest(f"model {name!r} is unconditional: omit class_label", field="class_label")
+    if body.class_label is not None and body.class_label >= num_classes:
+        raise InvalidRequest(f"class_label must be below {num_classes} for model {name!r}",
+                             field="class_label", limit=num_classes - 1)
+    seed = resolve_seed(body.seed, body.num_images)
+
+    # 2. Generate.
+    out = await pipeline(seed, body.num_images, body.truncation_psi, body.class_label)
+
+    # 3. Encode, with provenance in each image's metadata.
+    labels = out.class_labels or [None] * len(out.seeds)
+    images = ctx.encode_images(
+        out.images, pipeline.info.output_range, body.output_format,
+        [{"model": name, "version": pipeline.spec.version, "seed": seed, "class_label": label,
+          "truncation_psi": body.truncation_psi} for seed, label in zip(out.seeds, labels)],
+    )
+    for image, label in zip(images, labels):
+        image.class_label = label
+    total = ctx.record("gan", name, len(images), start)
+    return GANGenerateResponse(
+        request_id=request_id_var.get(), model=name, model_version=pipeline.spec.version,
+        backend=ctx.backend.name, parameters={**body.model_dump(exclude={"model"}), "seed": seed}, images=images,
+        timings={"inference_seconds": round(out.inference_seconds, 6), "total_seconds": round(total, 6)},
+    )
+
+
+def describe(ctx: ServiceContext) -> list[ModelDescription]:
+    models = []
+    for name, pipeline in ctx.gan.items():
+        spec, info = pipeline.spec, pipeline.info
+        params = {
+            "num_images": {"min": 1, "max": MAX_IMAGES_PER_REQUEST},
+            "seed": {"min": 0, "max": MAX_SEED},
+            "truncation_psi": {"min": 0.0, "max": 1.0},
+            "output_format": sorted(FORMATS),
+        }
+        if info.num_classes:
+            params["class_label"] = {"min": 0, "max": info.num_classes - 1}
+        models.append(ModelDescription(
+            name=name, version=spec.version, pipeline="gan", endpoint="/v1/gan/generate",
+            backend=ctx.backend.name, max_batch_size=spec.max_batch_size,
+            inputs=tensors(spec.inputs), outputs=tensors(spec.outputs), parameters=params,
+        ))
+    return models

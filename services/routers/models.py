@@ -1,0 +1,20 @@
+"""`GET /v1/models`: every served model with its pipeline, endpoint, tensors and limits,
+as each family's router describes them."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Depends
+
+from services.context import ServiceContext, context
+from services.openapi import GET_ERRORS, error_responses
+from services.schemas import ModelList
+
+router = APIRouter()
+
+
+@router.get("/models", response_model=ModelList, responses=error_responses(GET_ERRORS))
+async def list_models(ctx: ServiceContext = Depends(context)) -> ModelList:
+    """What is served: each model's pipeline, endpoint, tensors and request limits."""
+    models = [m for describe in ctx.describers for m in describe(ctx)]
+    return ModelList(default_models={"gan": ctx.settings.default_gan_model,
+                                     "diffusion": ctx.settings.default_diffusion_model}, models=models)
