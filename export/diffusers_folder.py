@@ -61,7 +61,7 @@ def export_folder(folder: Path, repository: Path, name: str, version: int = 1, m
         return detected, export_stable_diffusion(folder, repository, name, tensorrt=tensorrt, **kwargs)
     if detected == "stable_diffusion_xl":
         from export.stable_diffusion_xl import export_stable_diffusion_xl
-        return detected, export_stable_diffusion_xl(folder, repository, name, **kwargs)
+        return detected, export_stable_diffusion_xl(folder, repository, name, tensorrt=tensorrt, **kwargs)
     if detected == "ddpm":
         from export.ddpm import export_ddpm
         return detected, export_ddpm(folder, repository, name, **kwargs)

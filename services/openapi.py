@@ -28,6 +28,17 @@ GET_ERRORS = (401, 405, 429, 500, 503)
 POST_ERRORS = (401, 404, 405, 408, 413, 415, 422, 429, 500, 503, 504)
 
 
+# Server-sent events, described per event (OpenAPI 3.1 tools read the schema that way):
+# `event` names it, `data` is its JSON.
+SSE_RESPONSE = {200: {
+    "description": "Server-sent events: `progress` per step, `preview` every k steps, then `result` "
+                   "(the non-streaming response) or `error` (the error shape with its `status`).",
+    "content": {"text/event-stream": {"schema": {
+        "type": "object", "required": ["data"],
+        "properties": {"event": {"type": "string", "enum": ["progress", "preview", "result", "error"]},
+                       "data": {"type": "string", "description": "The event's JSON."}}}}}}}
+
+
 def error_responses(statuses=POST_ERRORS) -> dict[int, dict]:
     out = {}
     for status in statuses:

@@ -15,7 +15,7 @@ from services.errors import ModelNotFound
 from services.gateway import request_id_var
 from services.http import parse_body
 from services.imaging import FORMATS
-from services.openapi import body_schema, error_responses
+from services.openapi import SSE_RESPONSE, body_schema, error_responses
 from services.routers import engine_calls
 from services.schedulers import SCHEDULERS
 from services.schemas import (
@@ -58,9 +58,7 @@ async def inpaint(request: Request, ctx: ServiceContext = Depends(context)) -> D
     return await _diffuse(ctx, "inpaint", await parse_body(request, InpaintRequest), request)
 
 
-@router.post("/txt2img/stream", response_class=StreamingResponse, responses={
-    200: {"description": "Server-sent events: progress, preview, then result or error.",
-          "content": {"text/event-stream": {"schema": {"type": "string"}}}}, **error_responses()})
+@router.post("/txt2img/stream", response_class=StreamingResponse, responses={**SSE_RESPONSE, **error_responses()})
 async def txt2img_stream(body: Txt2ImgStreamRequest, ctx: ServiceContext = Depends(context)) -> StreamingResponse:
     """Server-sent events: `progress` per step (step, total, elapsed), `preview` every
     `preview_every` steps (the current x0 estimate as images), then `result` (the
