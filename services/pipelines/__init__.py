@@ -12,6 +12,7 @@ import importlib
 
 DIFFUSION_FAMILIES = (
     "services.pipelines.pipeline_stable_diffusion",
+    "services.pipelines.pipeline_stable_diffusion_xl",
 )
 
 

@@ -55,12 +55,29 @@ class DiffusionSpec:
     vae_decoder: str | None = None  # None: pixel space
     vae_encoder: str | None = None  # None: no image-to-image
     scaling_factor: float = 1.0
-    shift_factor: float = 0.0
+    shift_factor: float = 0.0  # VAE latents = (z - shift) * scaling (FLUX-style VAEs)
+    # Per-channel statistics (SDXL-style VAEs that ship them): latents = (z - mean) * scaling / std.
+    latents_mean: tuple[float, ...] | None = None
+    latents_std: tuple[float, ...] | None = None
     max_side_factor: int = 2  # largest side, as a multiple of the native one
     output_name: str = "noise_pred"
     conditioning: str = "text"  # text (prompts), class (labels), none
     extra_fields: tuple[str, ...] = ()  # request fields only this family takes (SDXL's sizes)
     components: tuple[str, ...] = ()  # every graph of the pipeline, for GET /v1/models
+
+    def to_vae(self, z: np.ndarray) -> np.ndarray:
+        """Denoiser latents -> the VAE's own latent space (what its decoder takes)."""
+        if self.latents_mean is not None:
+            mean, std = (np.asarray(v, np.float32).reshape(1, -1, 1, 1) for v in (self.latents_mean, self.latents_std))
+            return (z * std / np.float32(self.scaling_factor) + mean).astype(np.float32)
+        return (z / np.float32(self.scaling_factor) + np.float32(self.shift_factor)).astype(np.float32)
+
+    def from_vae(self, z: np.ndarray) -> np.ndarray:
+        """The VAE's latent space -> the denoiser's (the inverse of to_vae)."""
+        if self.latents_mean is not None:
+            mean, std = (np.asarray(v, np.float32).reshape(1, -1, 1, 1) for v in (self.latents_mean, self.latents_std))
+            return ((z - mean) * np.float32(self.scaling_factor) / std).astype(np.float32)
+        return ((z - np.float32(self.shift_factor)) * np.float32(self.scaling_factor)).astype(np.float32)
 
     def side_limits(self) -> dict[str, dict]:
         """Per axis: multiple_of, min, max, default (pixels)."""
@@ -236,7 +253,7 @@ class Trajectory:
         x = self.latents if latents is None else latents
         if self.spec.vae_decoder is None:
             return x.astype(np.float32)
-        return (x / np.float32(self.spec.scaling_factor) + np.float32(self.spec.shift_factor)).astype(np.float32)
+        return self.spec.to_vae(x)
 
 
 class DiffusionPipeline:
@@ -293,8 +310,7 @@ class DiffusionPipeline:
         mean, logvar = np.split(params, 2, axis=0)
         std = np.exp(0.5 * np.clip(logvar, -30.0, 20.0))  # diffusers' DiagonalGaussianDistribution
         samples = np.stack([mean + std * rng.standard_normal(mean.shape, dtype=np.float32) for rng in rngs])
-        shifted = samples - np.float32(self.spec.shift_factor)
-        return (shifted * np.float32(self.spec.scaling_factor)).astype(np.float32)
+        return self.spec.from_vae(samples)
 
     # -- one request alone ---------------------------------------------------------------
     async def __call__(self, req: DiffusionRequest) -> DiffusionOutput:

@@ -1,0 +1,141 @@
+"""The Stable Diffusion XL family: two CLIP text encoders (penultimate hidden states,
+concatenated; the second's pooled, projected output), and size micro-conditioning
+(`time_ids`); the rest is the generic pipeline (services.pipelines.diffusion).
+
+As diffusers' StableDiffusionXLPipeline:
+  - encoder_hidden_states = concat(text_encoder.hidden_states[-2], text_encoder_2.hidden_states[-2])
+    (text_encoder_2's alone for refiner-style folders), text_embeds = text_encoder_2's pooled;
+  - with guidance and no negative prompt (empty: diffusers' `negative_prompt=None`), a
+    folder with `force_zeros_for_empty_prompt` gets zero hidden states and pooled for the
+    negative half instead of encoding "";
+  - time_ids = original_size + crops_coords_top_left + target_size (defaults: the output
+    size, (0, 0)), the same for both halves; aesthetics models (5 ids) end with the
+    aesthetic score instead of the target size: 6.0, and 2.5 for the negative half;
+  - the VAE's latents_mean/latents_std, when it has them, scale latents per channel; its
+    shift_factor is not used (diffusers' SDXL pipelines do not).
+Graphs and parameters: export/stable_diffusion_xl.py.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from services.pipelines.diffusion import DiffusionPipeline, DiffusionRequest, DiffusionSpec, PromptTokenizer
+from services.runtime import InferenceBackend, ModelSpec
+
+AESTHETIC_SCORE, NEGATIVE_AESTHETIC_SCORE = 6.0, 2.5  # diffusers' defaults
+SIZE_FIELDS = ("original_size", "target_size", "crops_coords_top_left")
+
+
+@dataclass(frozen=True)
+class TextEncoder:
+    model: str
+    tokenizer: PromptTokenizer
+    pooled: bool  # its `pooled` output is the U-Net's text_embeds
+
+
+def _floats(value: str | None) -> tuple[float, ...] | None:
+    return None if value is None else tuple(float(v) for v in value.split(","))
+
+
+def discover(models: dict[str, ModelSpec]) -> dict[str, tuple[DiffusionSpec, list[TextEncoder], dict]]:
+    """Groups the repository's `genserve.pipeline = stable_diffusion_xl` graphs by pipeline:
+    name -> (spec, text encoders in order, U-Net parameters)."""
+    groups: dict[str, dict[str, ModelSpec]] = {}
+    for spec in models.values():
+        p = spec.parameters
+        if p.get("genserve.pipeline") == "stable_diffusion_xl":
+            groups.setdefault(p["genserve.pipeline_name"], {})[p["genserve.component"]] = spec
+    found = {}
+    for name, parts in sorted(groups.items()):
+        missing = {"text_encoder_2", "unet", "vae_decoder"} - set(parts)
+        if missing:
+            raise ValueError(f"SDXL pipeline {name!r} lacks {sorted(missing)} in the repository")
+        encoders = []
+        for role in ("text_encoder", "text_encoder_2"):
+            if role in parts:
+                te = parts[role].parameters
+                encoders.append(TextEncoder(parts[role].name, PromptTokenizer(
+                    parts[role].model_dir / "tokenizer.json", int(te["genserve.max_length"]),
+                    int(te["genserve.pad_token_id"])), te.get("genserve.pooled") == "1"))
+        unet, dec = parts["unet"], parts["vae_decoder"]
+        u, d = unet.parameters, dec.parameters
+        scale = int(d["genserve.vae_scale_factor"])
+        spec = DiffusionSpec(
+            name=name, family="stable_diffusion_xl", denoiser=unet.name,
+            scheduler_config=json.loads((unet.model_dir / "scheduler_config.json").read_text()),
+            latent_channels=int(d["genserve.latent_channels"]), image_channels=int(d["genserve.image_channels"]),
+            vae_scale_factor=scale, native_height=int(u["genserve.sample_height"]) * scale,
+            native_width=int(u["genserve.sample_width"]) * scale, size_multiple=int(u["genserve.size_multiple"]),
+            vae_decoder=dec.name, vae_encoder=parts["vae_encoder"].name if "vae_encoder" in parts else None,
+            scaling_factor=float(d["genserve.scaling_factor"]),
+            latents_mean=_floats(d.get("genserve.latents_mean")), latents_std=_floats(d.get("genserve.latents_std")),
+            extra_fields=SIZE_FIELDS, components=tuple(p.name for _, p in sorted(parts.items())))
+        found[name] = (spec, encoders, u)
+    return found
+
+
+class SDXLConditioner:
+    def __init__(self, backend: InferenceBackend, spec: DiffusionSpec, encoders: list[TextEncoder],
+                 unet_parameters: dict):
+        self.backend = backend
+        self.native = (spec.native_height, spec.native_width)
+        self.encoders = encoders
+        self.num_time_ids = int(unet_parameters["genserve.num_time_ids"])
+        self.force_zeros = unet_parameters.get("genserve.force_zeros_for_empty_prompt", "1") == "1"
+        self.max_tokens = min(e.tokenizer.max_length for e in encoders)
+        self.empty_key = self._key("", "prompt")
+
+    def _key(self, text: str, field_name: str) -> np.ndarray:
+        """Every tokenizer's ids, end to end: one text's cache key and encoder inputs."""
+        return np.concatenate([e.tokenizer(text, field_name) for e in self.encoders])
+
+    def tokenize(self, req: DiffusionRequest) -> list[np.ndarray]:
+        keys = [self._key(req.prompt, "prompt")]
+        if req.guidance_scale > 1.0:
+            keys.insert(0, self._key(req.negative_prompt, "negative_prompt"))
+        return keys
+
+    async def encode(self, keys: list[np.ndarray]) -> list[dict[str, np.ndarray]]:
+        """Both encoders, one call each for all texts: hidden states concatenated, pooled."""
+        ids = np.stack(keys)
+        hidden, pooled, offset = [], None, 0
+        for e in self.encoders:
+            length = e.tokenizer.max_length
+            out = await self.backend.infer(e.model, {"input_ids": ids[:, offset:offset + length]})
+            offset += length
+            hidden.append(out["hidden_states"])
+            if e.pooled and pooled is None:
+                pooled = out["pooled"]
+        hidden = np.concatenate(hidden, axis=-1)
+        return [{"hidden": h, "pooled": p} for h, p in zip(hidden, pooled)]
+
+    def rows(self, req: DiffusionRequest, encoded: list[Any], guided: bool) -> dict[str, np.ndarray]:
+        hidden = np.stack([e["hidden"] for e in encoded])
+        pooled = np.stack([e["pooled"] for e in encoded])
+        if guided and self.force_zeros and not req.negative_prompt:
+            hidden[0], pooled[0] = 0.0, 0.0
+        time_ids = np.stack([self._time_ids(req, negative=guided and i == 0) for i in range(len(encoded))])
+        n = req.num_images
+        return {"encoder_hidden_states": np.repeat(hidden, n, axis=0), "text_embeds": np.repeat(pooled, n, axis=0),
+                "time_ids": np.repeat(time_ids, n, axis=0)}
+
+    def _time_ids(self, req: DiffusionRequest, negative: bool) -> np.ndarray:
+        size = (req.height or self.native[0], req.width or self.native[1])
+        original = req.extras.get("original_size", size)
+        crops = req.extras.get("crops_coords_top_left", (0, 0))
+        target = req.extras.get("target_size", size)
+        if self.num_time_ids == 5:
+            ids = [*original, *crops, NEGATIVE_AESTHETIC_SCORE if negative else AESTHETIC_SCORE]
+        else:
+            ids = [*original, *crops, *target]
+        return np.asarray(ids, dtype=np.float32)
+
+
+def pipelines(backend: InferenceBackend) -> dict[str, DiffusionPipeline]:
+    return {name: DiffusionPipeline(backend, spec, SDXLConditioner(backend, spec, encoders, unet_parameters))
+            for name, (spec, encoders, unet_parameters) in discover(backend.models()).items()}
