@@ -86,6 +86,8 @@ class Settings:
     ort_inter_op_threads: int = 0
     default_gan_model: str = "cgan_digits"
     default_diffusion_model: str = "sd_digits"
+    default_ddpm_model: str = "ddpm_digits"
+    default_vae_model: str = "vae_digits"
     # Engine: back-pressure bound (denoising steps x images still to run), deadlines.
     max_queued_steps: int = 4000
     request_timeout_s: int = 120
@@ -117,6 +119,8 @@ class Settings:
             ort_inter_op_threads=_int("GENSERVE_ORT_INTER_OP_THREADS", cls.ort_inter_op_threads),
             default_gan_model=os.environ.get("GENSERVE_DEFAULT_GAN_MODEL", cls.default_gan_model),
             default_diffusion_model=os.environ.get("GENSERVE_DEFAULT_DIFFUSION_MODEL", cls.default_diffusion_model),
+            default_ddpm_model=os.environ.get("GENSERVE_DEFAULT_DDPM_MODEL", cls.default_ddpm_model),
+            default_vae_model=os.environ.get("GENSERVE_DEFAULT_VAE_MODEL", cls.default_vae_model),
             max_queued_steps=_int("GENSERVE_MAX_QUEUED_STEPS", cls.max_queued_steps, minimum=1),
             request_timeout_s=_int("GENSERVE_REQUEST_TIMEOUT_S", cls.request_timeout_s, minimum=1),
             max_request_timeout_s=_int("GENSERVE_MAX_REQUEST_TIMEOUT_S", cls.max_request_timeout_s, minimum=1),

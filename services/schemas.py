@@ -156,6 +156,24 @@ class InpaintRequest(Img2ImgRequest):
     strength: float = Field(1.0, gt=0.0, le=1.0)
 
 
+class DDPMGenerateRequest(_Strict):
+    model: str | None = Field(None, description="Pixel-space DDPM/DDIM model; default: the service's default.")
+    seed: int | None = Field(None, ge=0, le=MAX_SEED, description="Seed of image 0; image i uses seed + i.")
+    num_images: int = Field(1, ge=1, le=MAX_IMAGES_PER_REQUEST)
+    class_label: int | None = Field(
+        None, ge=0, description="Class to generate (class-conditional models only; below the model's num_classes). "
+        "Absent: drawn per image, default_rng(seed + i).integers(num_classes).")
+    num_inference_steps: int = Field(20, ge=1, le=MAX_INFERENCE_STEPS)
+    scheduler: SchedulerName = "ddim"
+    output_format: OutputFormat = "png"
+    timeout_s: float | None = Field(None, ge=MIN_TIMEOUT_S, description="Deadline in seconds.")
+
+
+class DDPMGenerateStreamRequest(DDPMGenerateRequest):
+    preview_every: int = Field(0, ge=0, le=MAX_INFERENCE_STEPS,
+                               description="Send a preview of the current estimate every k steps (0: none).")
+
+
 class DiffusionResponse(BaseModel):
     model_config = ConfigDict(protected_namespaces=())
 

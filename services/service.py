@@ -7,6 +7,7 @@ endpoint shares one error shape, request ids, and typed bodies on the OpenAPI pa
 """
 
 import logging
+import os
 
 import bentoml
 from fastapi import FastAPI
@@ -14,12 +15,12 @@ from fastapi import FastAPI
 from services.config import Settings
 from services.gateway import Gateway, Route
 from services.http import install_error_handlers
-from services.routers import diffusion, gan, models
+from services.routers import ddpm, diffusion, gan, models
 
 log = logging.getLogger("genserve")
 
 # Each family router: its endpoints, and its entries for GET /v1/models.
-FAMILY_ROUTERS = (gan, diffusion)
+FAMILY_ROUTERS = (gan, diffusion, ddpm)
 
 app = FastAPI(
     title="genserve",
@@ -101,14 +102,25 @@ class GenServe:
 
     @staticmethod
     def _check_defaults(ctx) -> None:
+        """Each family's default model: the configured one, or the only one served when the
+        variable is not set; a default that is not served is an error said at start-up."""
+        import dataclasses
+
         s = ctx.settings
-        if ctx.gan and s.default_gan_model not in ctx.gan:
-            raise ValueError(f"GENSERVE_DEFAULT_GAN_MODEL={s.default_gan_model!r} is not in the repository "
-                             f"(GAN models: {', '.join(ctx.gan)})")
-        text = ctx.engines_of(*diffusion.TEXT_FAMILIES)
-        if text and s.default_diffusion_model not in text:
-            raise ValueError(f"GENSERVE_DEFAULT_DIFFUSION_MODEL={s.default_diffusion_model!r} is not in the "
-                             f"repository (text-to-image pipelines: {', '.join(text)})")
+        for variable, field, served in (
+                ("GENSERVE_DEFAULT_GAN_MODEL", "default_gan_model", ctx.gan),
+                ("GENSERVE_DEFAULT_DIFFUSION_MODEL", "default_diffusion_model",
+                 ctx.engines_of(*diffusion.TEXT_FAMILIES)),
+                ("GENSERVE_DEFAULT_DDPM_MODEL", "default_ddpm_model", ctx.engines_of("ddpm")),
+                ("GENSERVE_DEFAULT_VAE_MODEL", "default_vae_model", ctx.vae)):
+            default = getattr(s, field)
+            if not served or default in served:
+                continue
+            if variable not in os.environ and len(served) == 1:
+                s = dataclasses.replace(s, **{field: next(iter(served))})
+                continue
+            raise ValueError(f"{variable}={default!r} is not in the repository (served: {', '.join(served)})")
+        ctx.settings = s
 
     def _document_api(self) -> None:
         """The OpenAPI page states the served models' limits, and has working examples."""

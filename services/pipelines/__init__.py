@@ -13,6 +13,7 @@ import importlib
 DIFFUSION_FAMILIES = (
     "services.pipelines.pipeline_stable_diffusion",
     "services.pipelines.pipeline_stable_diffusion_xl",
+    "services.pipelines.pipeline_ddpm",
 )
 
 

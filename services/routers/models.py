@@ -16,5 +16,6 @@ router = APIRouter()
 async def list_models(ctx: ServiceContext = Depends(context)) -> ModelList:
     """What is served: each model's pipeline, endpoint, tensors and request limits."""
     models = [m for describe in ctx.describers for m in describe(ctx)]
-    return ModelList(default_models={"gan": ctx.settings.default_gan_model,
-                                     "diffusion": ctx.settings.default_diffusion_model}, models=models)
+    s = ctx.settings
+    return ModelList(default_models={"gan": s.default_gan_model, "diffusion": s.default_diffusion_model,
+                                     "ddpm": s.default_ddpm_model, "vae": s.default_vae_model}, models=models)
