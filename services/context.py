@@ -40,7 +40,7 @@ class ServiceContext:
         for i, (pixels, meta) in enumerate(zip(to_uint8(images, *value_range), metas)):
             data = encode_image(pixels, fmt, meta)
             out.append(GeneratedImage(
-                index=i, seed=meta.get("seed", 0), media_type=FORMATS[fmt], width=pixels.shape[1],
+                index=i, seed=meta.get("seed"), media_type=FORMATS[fmt], width=pixels.shape[1],
                 height=pixels.shape[0], data=base64.b64encode(data).decode("ascii")))
         return out
 

@@ -50,7 +50,8 @@ class GANGenerateRequest(_Strict):
 
 class GeneratedImage(BaseModel):
     index: int
-    seed: int = Field(description="Reproduces this image alone with num_images 1.")
+    seed: int | None = Field(None, description="Reproduces this image alone with num_images 1 (None: the image "
+                             "came from given latents, not from a seed).")
     class_label: int | None = None
     media_type: str
     width: int
@@ -211,3 +212,58 @@ class ErrorResponse(BaseModel):
 def tensors(items) -> list[TensorDescription]:
     """A model config's tensors (services.runtime TensorInfo) as the API describes them."""
     return [TensorDescription(name=t.name, datatype=str(t.dtype), shape=list(t.dims)) for t in items]
+
+
+MAX_LATENT_BASE64_CHARS = 16 * 1024 * 1024
+MAX_FRAMES = 32
+
+
+class LatentTensor(BaseModel):
+    """A tensor as KServe v2 names its fields, the payload base64 (little-endian float32)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    shape: list[Annotated[int, Field(ge=1, le=4096)]] = Field(min_length=4, max_length=4,
+                                                               description="[N, C, h, w]")
+    datatype: Literal["FP32"] = "FP32"
+    data: str = Field(max_length=MAX_LATENT_BASE64_CHARS, description="Base64 of N*C*h*w little-endian float32.")
+
+
+class VAEEncodeRequest(_Strict):
+    model: str | None = Field(None, description="A VAE or a latent diffusion pipeline; default: the service's default VAE.")
+    image: str = Field(max_length=MAX_IMAGE_BASE64_CHARS, description="Base64 PNG/JPEG/WebP.")
+    sample: bool = Field(False, description="false: the posterior mean; true: a sample drawn with `seed`.")
+    seed: int | None = Field(None, ge=0, le=MAX_SEED, description="Seed of the posterior sample (sample: true).")
+
+
+class VAEEncodeResponse(BaseModel):
+    model_config = ConfigDict(protected_namespaces=())
+
+    request_id: str
+    model: str
+    backend: str
+    parameters: dict
+    latent: LatentTensor = Field(description="In the VAE's own latent space (not scaled by scaling_factor).")
+    timings: dict[str, float]
+
+
+class VAEDecodeRequest(_Strict):
+    model: str | None = None
+    latent: LatentTensor
+    output_format: OutputFormat = "png"
+
+
+class VAESampleRequest(_Strict):
+    model: str | None = Field(None, description="A standalone VAE; default: the service's default VAE.")
+    seed: int | None = Field(None, ge=0, le=MAX_SEED, description="Seed of image 0; image i uses seed + i.")
+    num_images: int = Field(1, ge=1, le=MAX_IMAGES_PER_REQUEST)
+    output_format: OutputFormat = "png"
+
+
+class VAEInterpolateRequest(_Strict):
+    model: str | None = None
+    image_a: str | None = Field(None, max_length=MAX_IMAGE_BASE64_CHARS, description="Start: an image (its posterior mean).")
+    image_b: str | None = Field(None, max_length=MAX_IMAGE_BASE64_CHARS, description="End: an image.")
+    seed_a: int | None = Field(None, ge=0, le=MAX_SEED, description="Start: N(0, I) latents of this seed (standalone VAEs).")
+    seed_b: int | None = Field(None, ge=0, le=MAX_SEED, description="End: N(0, I) latents of this seed.")
+    frames: int = Field(8, ge=2, le=MAX_FRAMES, description="Images along the line, both ends included.")
+    output_format: OutputFormat = "png"

@@ -15,12 +15,12 @@ from fastapi import FastAPI
 from services.config import Settings
 from services.gateway import Gateway, Route
 from services.http import install_error_handlers
-from services.routers import ddpm, diffusion, gan, models
+from services.routers import ddpm, diffusion, gan, models, vae
 
 log = logging.getLogger("genserve")
 
 # Each family router: its endpoints, and its entries for GET /v1/models.
-FAMILY_ROUTERS = (gan, diffusion, ddpm)
+FAMILY_ROUTERS = (gan, diffusion, ddpm, vae)
 
 app = FastAPI(
     title="genserve",
@@ -71,6 +71,7 @@ class GenServe:
         from services.engine.prompt_cache import PromptCache
         from services.metrics import service_metrics
         from services.pipelines import diffusion_pipelines, gan_pipelines
+        from services.pipelines.pipeline_vae import vae_pipelines
         from services.ratelimit import RateLimiter
         from services.runtime import create_backend
 
@@ -86,6 +87,7 @@ class GenServe:
 
         # 1. Single-pass pipelines.
         ctx.gan = gan_pipelines(backend)
+        ctx.vae = vae_pipelines(backend)
         # 2. One step-level engine per diffusion pipeline, whatever its family; its batch
         #    limit is its denoiser's.
         cache = PromptCache(settings.prompt_cache_size, on_lookup=metrics.observe_prompt_cache)
