@@ -1,0 +1,163 @@
+"""Export any diffusers AutoencoderKL folder into two Triton models.
+
+The folder is either a bare AutoencoderKL folder (config.json with `_class_name`
+"AutoencoderKL" + weights) or a pipeline folder whose `vae/` holds one (that VAE is
+exported alone). The graphs are the same as the Stable Diffusion exporter's VAE graphs
+(the wrappers are shared with export.stable_diffusion), so a pipeline can use either:
+
+  <name>_vae_encoder   sample FP32 [B, C_img, H, W]  (H, W dynamic, multiples of size_multiple)
+                       -> latent_parameters FP32 [B, 2*C_lat, H/f, W/f]
+                       the posterior's mean and log-variance concatenated on channels
+                       (`vae.encode(x).latent_dist.parameters`): the caller takes the mean,
+                       or samples mean + exp(0.5 * logvar) * eps with the request's own
+                       generator, so encoding stays reproducible per request.
+  <name>_vae_decoder   latent_sample FP32 [B, C_lat, h, w] -> sample FP32 [B, C_img, h*f, w*f]
+                       (images in about [-1, 1]; the caller clips)
+
+Both graphs take latents in the VAE's own latent space: nothing multiplies by
+scaling_factor (or subtracts shift_factor) inside them; a latent diffusion pipeline does
+that itself with the parameters below. Images are [-1, 1], channels first.
+
+Parameters in both configs (strings, as Triton stores them):
+  genserve.pipeline          "vae"
+  genserve.pipeline_name     NAME
+  genserve.component         "vae_encoder" / "vae_decoder"
+  genserve.vae_scale_factor  f = 2 ** (len(block_out_channels) - 1)
+  genserve.size_multiple     f (image sides must be multiples of it)
+  genserve.scaling_factor    config.scaling_factor, e.g. "0.18215"
+  genserve.shift_factor      config.shift_factor, only when it is not null
+  genserve.image_channels    C_img (config.in_channels = out_channels)
+  genserve.latent_channels   C_lat (config.latent_channels)
+  genserve.sample_size       native image side (config.sample_size, first entry of a pair)
+  genserve.force_upcast      "True" / "False" (config.force_upcast: the VAE wants fp32)
+
+Each graph is traced at batch 2 and the native size and verified against PyTorch at
+batch 3 and twice the native size (export.onnx_export.verify_onnx), so the dynamic
+batch and spatial axes are exercised before anything is written to the config.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from export.onnx_export import export_onnx, verify_onnx
+from export.stable_diffusion import (
+    EXTERNAL_DATA_THRESHOLD,
+    ComponentReport,
+    _VAEDecoder,
+    _VAEEncoder,
+    save_with_external_data_if_large,
+)
+from export.triton_config import (
+    DeploymentTarget,
+    ModelConfigSpec,
+    TensorSpec,
+    build_model_config,
+    default_batching,
+    write_model_config,
+)
+
+ATOL = 1e-3  # fp32 VAE graphs on ONNX Runtime vs PyTorch; measured errors are ~1e-6
+QUEUE_DELAY_US = 2000
+
+
+def vae_folder(folder: Path) -> Path:
+    """The folder holding the AutoencoderKL's config.json: `folder` itself or `folder/vae`."""
+    from export.diffusers_folder import UnsupportedFolder
+
+    folder = Path(folder)
+    for candidate in (folder, folder / "vae"):
+        config = candidate / "config.json"
+        if config.exists():
+            name = json.loads(config.read_text()).get("_class_name")
+            if name == "AutoencoderKL":
+                return candidate
+            if candidate == folder and not (folder / "vae" / "config.json").exists():
+                raise UnsupportedFolder(f"{config}: a {name!r}, not an AutoencoderKL")
+    raise UnsupportedFolder(f"{folder}: no AutoencoderKL config.json here or in vae/")
+
+
+def vae_parameters(config) -> dict:
+    """The genserve.* parameters (without the prefix) both graphs carry."""
+    scale = 2 ** (len(config.block_out_channels) - 1)
+    side = config.sample_size
+    side = side[0] if isinstance(side, (list, tuple)) else side
+    params = {"vae_scale_factor": scale, "size_multiple": scale, "scaling_factor": config.scaling_factor}
+    if getattr(config, "shift_factor", None) is not None:
+        params["shift_factor"] = config.shift_factor
+    params.update(image_channels=config.in_channels, latent_channels=config.latent_channels,
+                  sample_size=int(side), force_upcast=bool(getattr(config, "force_upcast", True)))
+    return params
+
+
+def export_vae(
+    folder: Path,
+    repository: Path,
+    name: str,
+    version: int = 1,
+    max_batch_size: int = 16,
+    target: DeploymentTarget = DeploymentTarget(),
+    progress: Callable[[str], None] = print,
+    external_data_threshold: int = EXTERNAL_DATA_THRESHOLD,
+) -> list[ComponentReport]:
+    """Writes <name>_vae_encoder and <name>_vae_decoder into `repository`; one report each."""
+    from diffusers import AutoencoderKL
+
+    source = vae_folder(folder)
+    repository = Path(repository)
+    progress(f"[{name}] loading {source}")
+    vae = AutoencoderKL.from_pretrained(str(source), local_files_only=True).eval()
+    config = vae.config
+    if config.in_channels != config.out_channels:
+        raise ValueError(f"{source}: in_channels {config.in_channels} != out_channels {config.out_channels}; "
+                         "the VAE graphs assume one image channel count")
+    params = vae_parameters(config)
+    scale, c_img, c_lat, side = (params["vae_scale_factor"], params["image_channels"],
+                                 params["latent_channels"], params["sample_size"])
+    if side % scale:
+        raise ValueError(f"{source}: sample_size {side} is not a multiple of the VAE scale factor {scale}")
+    h = side // scale  # native latent side
+    base = {"genserve.pipeline": "vae", "genserve.pipeline_name": name}
+    rng = np.random.default_rng(0)
+    reports: list[ComponentReport] = []
+
+    def component(role, module, make_inputs, inputs, outputs, dynamic):
+        model_name = f"{name}_{role}"
+        progress(f"[{name}] exporting {role} ...")
+        model_dir = repository / model_name
+        onnx_path = model_dir / str(version) / "model.onnx"
+        example = {k: torch.from_numpy(v) for k, v in make_inputs(2, 1).items()}
+        export_onnx(module, example, [t.name for t in outputs], onnx_path, dynamic)
+        external = save_with_external_data_if_large(onnx_path, external_data_threshold)
+        err = verify_onnx(module, onnx_path, make_inputs(3, 2), atol=ATOL)
+        spec = ModelConfigSpec(
+            name=model_name, inputs=inputs, outputs=outputs,
+            batching=default_batching(max_batch_size, QUEUE_DELAY_US), target=target,
+            parameters={**base, "genserve.component": role, **{f"genserve.{k}": str(v) for k, v in params.items()}},
+            warmup_dims={k: tuple(v.shape[1:]) for k, v in make_inputs(1, 1).items()},
+        )
+        write_model_config(build_model_config(spec), model_dir)
+        progress(f"[{name}] {role}: verified, max abs error {err:.2e}{' (external data)' if external else ''}")
+        reports.append(ComponentReport(model_name, onnx_path, err, external))
+
+    spatial = {0: "batch", 2: "height", 3: "width"}
+    component(
+        "vae_encoder", _VAEEncoder(vae),
+        lambda b, k: {"sample": rng.uniform(-1, 1, (b, c_img, k * side, k * side)).astype(np.float32)},
+        [TensorSpec("sample", "float32", (c_img, -1, -1))],
+        [TensorSpec("latent_parameters", "float32", (2 * c_lat, -1, -1))],
+        {"sample": spatial, "latent_parameters": spatial},
+    )
+    component(
+        "vae_decoder", _VAEDecoder(vae),
+        lambda b, k: {"latent_sample": rng.standard_normal((b, c_lat, k * h, k * h), dtype=np.float32)},
+        [TensorSpec("latent_sample", "float32", (c_lat, -1, -1))],
+        [TensorSpec("sample", "float32", (c_img, -1, -1))],
+        {"latent_sample": spatial, "sample": spatial},
+    )
+    return reports
