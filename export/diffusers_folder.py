@@ -53,6 +53,8 @@ def export_folder(folder: Path, repository: Path, name: str, version: int = 1, m
                   tensorrt: bool = False, progress=print):
     """Exports the folder with its family's exporter: (family, reports)."""
     detected = detect_family(folder)
+    if family == "vae" and (Path(folder) / "vae" / "config.json").exists():
+        detected = "vae"  # a pipeline folder: its VAE alone, served as a standalone VAE
     if family is not None and detected != family:
         raise UnsupportedFolder(f"{folder} holds a {detected} model, not a {family} one")
     kwargs = dict(version=version, max_batch_size=max_batch_size, target=target, progress=progress)
