@@ -124,9 +124,37 @@ def image_examples(doc: dict, spec) -> dict:
     return doc
 
 
-def install(app: FastAPI, image_example=None, **limits) -> None:
+def vae_examples(doc: dict, info) -> dict:
+    """Working JSON examples for the VAE endpoints, from the default VAE's shapes."""
+    import base64
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    side = info.native_size
+    buffer = io.BytesIO()
+    Image.fromarray(np.full((side, side) if info.image_channels == 1 else (side, side, 3), 128, np.uint8)).save(
+        buffer, format="PNG")
+    image = base64.b64encode(buffer.getvalue()).decode("ascii")
+    latent = np.zeros((1, *info.native_latent), "<f4")
+    bodies = {
+        "/vae/encode": {"image": image},
+        "/vae/decode": {"latent": {"shape": list(latent.shape), "datatype": "FP32",
+                                   "data": base64.b64encode(latent.tobytes()).decode("ascii")}},
+        "/vae/interpolate": ({"seed_a": 1, "seed_b": 2, "frames": 4} if info.standalone
+                             else {"image_a": image, "image_b": image, "frames": 4}),
+    }
+    for path, body in bodies.items():
+        content = doc.get("paths", {}).get(path, {}).get("post", {}).get("requestBody", {}).get("content", {})
+        if "application/json" in content:
+            content["application/json"]["example"] = {"model": info.name, **body}
+    return doc
+
+
+def install(app: FastAPI, image_example=None, vae_example=None, **limits) -> None:
     """Replaces the app's OpenAPI generator with one that documents `limits` (and, given
-    the default diffusion model, examples for the image endpoints)."""
+    the default diffusion model and VAE, examples for the image and VAE endpoints)."""
 
     def openapi() -> dict:
         if app.openapi_schema is None:
@@ -135,6 +163,8 @@ def install(app: FastAPI, image_example=None, **limits) -> None:
             doc = document_limits(doc, **limits)
             if image_example is not None:
                 doc = image_examples(doc, image_example)
+            if vae_example is not None:
+                doc = vae_examples(doc, vae_example)
             app.openapi_schema = doc
         return app.openapi_schema
 

@@ -128,13 +128,14 @@ class GenServe:
         """The OpenAPI page states the served models' limits, and has working examples."""
         from services.openapi import install
 
-        specs = [e.pipeline.spec for e in self.ctx.engines.values()]
         text = self.ctx.engines_of(*diffusion.TEXT_FAMILIES)
+        specs = [e.pipeline.spec for e in text.values()]  # the request bodies with sizes are theirs
         default = text.get(self.ctx.settings.default_diffusion_model)
         install(app, sides=[lim for s in specs for lim in s.side_limits().values()],
                 num_classes=[p.info.num_classes for p in self.ctx.gan.values() if p.info.num_classes],
                 prompt_tokens=[t for e in text.values() if (t := getattr(e.pipeline.conditioner, "max_tokens", None))],
-                image_example=default and default.pipeline.spec)
+                image_example=default and default.pipeline.spec,
+                vae_example=(vae := self.ctx.vae.get(self.ctx.settings.default_vae_model)) and vae.info)
 
     @bentoml.on_startup
     async def _warm_up(self) -> None:

@@ -109,6 +109,10 @@ class DiffusionEngine:
         and returns its handle; await `handle.done`."""
         self.pipeline.tokenize(request)  # reject bad prompts before they queue
         check_denoising_steps(request)
+        if request.scheduler not in self.pipeline.schedulers:
+            raise InvalidRequest(f"scheduler {request.scheduler!r} cannot be built from model {self.model!r}'s "
+                                 f"scheduler config; choose one of {', '.join(self.pipeline.schedulers)}",
+                                 field="scheduler", allowed=self.pipeline.schedulers)
         req = EngineRequest(request, deadline=time.monotonic() + timeout_s, preview_every=preview_every)
         self.scheduler.add_request(req)
         self._report_queue()

@@ -29,7 +29,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from services.runtime import InferenceBackend
-from services.schedulers import make_scheduler
+from services.schedulers import make_scheduler, supported_schedulers
 
 
 class PromptTooLong(ValueError):
@@ -265,6 +265,9 @@ class DiffusionPipeline:
         self.spec = spec
         self.name = spec.name
         self.conditioner = conditioner
+        self.schedulers = supported_schedulers(spec.scheduler_config)  # what a request may pick
+        if not self.schedulers:
+            raise ValueError(f"pipeline {spec.name!r}: no scheduler here can be built from its scheduler config")
 
     # -- what the engine calls -----------------------------------------------------------
     def tokenize(self, req: DiffusionRequest) -> list[np.ndarray]:

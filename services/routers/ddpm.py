@@ -16,7 +16,6 @@ from services.imaging import FORMATS
 from services.openapi import SSE_RESPONSE, error_responses
 from services.pipelines.diffusion import DiffusionRequest
 from services.routers import engine_calls
-from services.schedulers import SCHEDULERS
 from services.schemas import (
     MAX_IMAGES_PER_REQUEST,
     MAX_INFERENCE_STEPS,
@@ -106,7 +105,7 @@ def describe(ctx: ServiceContext) -> list[ModelDescription]:
         spec = engine.pipeline.spec
         unet = ctx.backend.models()[spec.denoiser]
         params = {
-            "schedulers": sorted(SCHEDULERS),
+            "schedulers": engine.pipeline.schedulers,
             "num_images": {"min": 1, "max": MAX_IMAGES_PER_REQUEST},
             "num_inference_steps": {"min": 1, "max": MAX_INFERENCE_STEPS},
             "seed": {"min": 0, "max": MAX_SEED}, "output_format": sorted(FORMATS),

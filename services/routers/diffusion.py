@@ -17,7 +17,6 @@ from services.http import parse_body
 from services.imaging import FORMATS
 from services.openapi import SSE_RESPONSE, body_schema, error_responses
 from services.routers import engine_calls
-from services.schedulers import SCHEDULERS
 from services.schemas import (
     MAX_DIFFUSION_IMAGES,
     MAX_GUIDANCE_SCALE,
@@ -117,7 +116,7 @@ def describe(ctx: ServiceContext) -> list[ModelDescription]:
         sides = spec.side_limits()
         params = {
             "components": list(spec.components),
-            "schedulers": sorted(SCHEDULERS),
+            "schedulers": engine.pipeline.schedulers,
             "prompt_max_tokens": getattr(engine.pipeline.conditioner, "max_tokens", None),
             "num_images": {"min": 1, "max": MAX_DIFFUSION_IMAGES},
             "num_inference_steps": {"min": 1, "max": MAX_INFERENCE_STEPS},

@@ -43,6 +43,19 @@ def make_scheduler(name: str, config: Mapping[str, Any], **overrides: Any) -> Sc
     return SCHEDULERS[name].from_config(config, **{**_PINNED.get(name, {}), **overrides})
 
 
+def supported_schedulers(config: Mapping[str, Any]) -> list[str]:
+    """The scheduler names that can be built from a model's config (some options of a config
+    have no port here, e.g. a learned variance for DPM-Solver): what a request may pick."""
+    names = []
+    for name in SCHEDULERS:
+        try:
+            make_scheduler(name, config)
+        except ValueError:
+            continue
+        names.append(name)
+    return names
+
+
 __all__ = [
     "SCHEDULERS",
     "DDIMScheduler",
@@ -52,4 +65,5 @@ __all__ = [
     "EulerDiscreteScheduler",
     "SchedulerOutput",
     "make_scheduler",
+    "supported_schedulers",
 ]

@@ -82,7 +82,10 @@ class DPMSolverMultistepScheduler(StepIndexMixin, SchedulerMixin):
         check_supported(name, "final_sigmas_type", final_sigmas_type, ["zero", "sigma_min"])
         check_supported(name, "timestep_spacing", timestep_spacing, TIMESTEP_SPACINGS)
         check_supported(name, "lambda_min_clipped", lambda_min_clipped, [-float("inf")])
-        check_supported(name, "variance_type", variance_type, [None])
+        # diffusers acts on "learned"/"learned_range" only; any other value (a DDPM config's
+        # "fixed_small", switched here with from_config) behaves as None there, and here.
+        if variance_type in ("learned", "learned_range"):
+            check_supported(name, "variance_type", variance_type, [None])
         for flag in ("thresholding", "use_exponential_sigmas", "use_beta_sigmas", "use_lu_lambdas",
                      "use_flow_sigmas", "use_dynamic_shifting"):
             check_supported(name, flag, bool(self.config[flag]), [False])

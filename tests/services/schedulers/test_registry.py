@@ -60,3 +60,14 @@ def test_overrides_win(configs):
     assert make_scheduler("dpmpp_2m", configs["sd15"], use_karras_sigmas=True).config.use_karras_sigmas is True
     with pytest.raises(ValueError, match="prediction_type"):
         make_scheduler("euler", {**configs["sd15"], "prediction_type": "flow_prediction"})
+
+
+def test_supported_schedulers_follow_what_the_config_allows():
+    from services.schedulers import supported_schedulers
+
+    # A DDPM config's "fixed_small" variance reaches DPM-Solver through from_config, where
+    # diffusers ignores it: every scheduler can be built.
+    ddpm = {"beta_schedule": "squaredcos_cap_v2", "variance_type": "fixed_small", "clip_sample": True}
+    assert supported_schedulers(ddpm) == ["ddim", "euler", "euler_ancestral", "dpmpp_2m", "ddpm"]
+    # A learned variance has no port in DPM-Solver here: a request cannot pick it.
+    assert "dpmpp_2m" not in supported_schedulers({**ddpm, "variance_type": "learned_range"})

@@ -1,0 +1,128 @@
+"""One line per model family over real HTTP: requests/s and latency at concurrency 1 and 8.
+
+    .venv/bin/python bench/bench_families.py --seconds 8     # starts its own service
+
+The service serves the demo repository plus a random-weight SDXL-format pipeline exported
+into a copy of it (no SDXL demo is trained here: its line measures the pipeline's
+overhead on a tiny model, not SDXL's cost). All families run in one process run, one
+after another, so their figures compare on a noisy machine; the table and the command
+are appended to bench/results/families.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import io
+import platform
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from services.local_server import LocalServer  # noqa: E402
+
+
+def digit_png() -> str:
+    import numpy as np
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(np.full((32, 32), 128, np.uint8)).save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+def workloads(image: str) -> list[tuple[str, str, callable]]:
+    """(family, path, body for request i)."""
+    return [
+        ("gan", "/v1/gan/generate", lambda i: {"seed": i, "class_label": i % 10}),
+        ("sd (txt2img, 20 steps)", "/v1/txt2img", lambda i: {"prompt": "a handwritten digit seven", "seed": i}),
+        ("sd (img2img, 20 x 0.8)", "/v1/img2img", lambda i: {"prompt": "seven", "image": image, "seed": i}),
+        ("sdxl random (txt2img, 20 steps)", "/v1/txt2img", lambda i: {"model": "xl_bench", "prompt": "a red cat",
+                                                                     "seed": i}),
+        ("ddpm (20 ddim steps)", "/v1/ddpm/generate", lambda i: {"seed": i, "class_label": i % 10}),
+        ("vae encode", "/v1/vae/encode", lambda i: {"image": image}),
+        ("vae sample", "/v1/vae/sample", lambda i: {"seed": i}),
+    ]
+
+
+async def run(url: str, path: str, body, concurrency: int, seconds: float) -> dict:
+    latencies: list[float] = []
+    errors = 0
+    deadline = time.perf_counter() + seconds
+
+    async def client(worker: int, http: httpx.AsyncClient) -> None:
+        nonlocal errors
+        i = 0
+        while time.perf_counter() < deadline:
+            t0 = time.perf_counter()
+            r = await http.post(f"{url}{path}", json=body(worker * 100_000 + i))
+            latencies.append(time.perf_counter() - t0)
+            errors += r.status_code != 200
+            i += 1
+
+    async with httpx.AsyncClient(timeout=120) as http:
+        await http.post(f"{url}{path}", json=body(0))  # warm-up
+        start = time.perf_counter()
+        await asyncio.gather(*(client(w, http) for w in range(concurrency)))
+        wall = time.perf_counter() - start
+    latencies.sort()
+    return {"requests": len(latencies), "errors": errors, "rps": len(latencies) / wall,
+            "p50_ms": 1000 * statistics.median(latencies), "p95_ms": 1000 * latencies[int(0.95 * (len(latencies) - 1))]}
+
+
+def repository_with_sdxl(workdir: Path) -> Path:
+    from export.stable_diffusion_xl import export_stable_diffusion_xl
+    from tests.fixtures.sdxl_folder import build_random_sdxl_folder
+
+    repo = workdir / "repository"
+    shutil.copytree(ROOT / "model_repository", repo)
+    folder = build_random_sdxl_folder(workdir / "sdxl", seed=0, sample_size=16)
+    export_stable_diffusion_xl(folder, repo, "xl_bench", progress=lambda _: None)
+    return repo
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--seconds", type=float, default=8.0, help="seconds per (family, concurrency) (default 8)")
+    p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "families.md")
+    args = p.parse_args(argv)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        repo = repository_with_sdxl(Path(tmp))
+        server = LocalServer({"GENSERVE_MODEL_REPOSITORY": str(repo)}, Path(tmp) / "bentoml.log")
+        try:
+            server.wait_ready()
+            for family, path, body in workloads(digit_png()):
+                for concurrency in (1, 8):
+                    r = asyncio.run(run(server.url, path, body, concurrency, args.seconds))
+                    rows.append((family, concurrency, r))
+                    print(f"{family:34} c={concurrency}: {r['rps']:7.1f} req/s  p50 {r['p50_ms']:7.1f} ms  "
+                          f"p95 {r['p95_ms']:7.1f} ms  errors {r['errors']}", flush=True)
+        finally:
+            server.stop()
+    lines = [f"\n## {time.strftime('%Y-%m-%d %H:%M')} on {platform.node()} ({platform.machine()})\n",
+             f"`python bench/bench_families.py --seconds {args.seconds:g}`\n",
+             "| family | concurrency | requests | errors | req/s | x req/s vs c=1 | p50 ms | p95 ms |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    base = {}
+    for family, concurrency, r in rows:
+        base.setdefault(family, r["rps"])
+        lines.append(f"| {family} | {concurrency} | {r['requests']} | {r['errors']} | {r['rps']:.1f} | "
+                     f"{r['rps'] / base[family]:.2f} | {r['p50_ms']:.1f} | {r['p95_ms']:.1f} |")
+    with open(args.out, "a") as f:
+        f.write("\n".join(lines) + "\n")
+    print(f"appended to {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
