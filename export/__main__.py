@@ -1,6 +1,8 @@
 """Command line: `python -m export <command>`.
 
   python -m export gan --checkpoint zoo/checkpoints/cgan_digits.json --name cgan_digits
+  python -m export gan --module gen.py:Generator --weights G.safetensors --name NAME --latent-dim 128
+                       [--num-classes K] [--init-args '{"ngf": 64}'] [--output-range=-1,1]
   python -m export diffusers --folder PATH --name NAME   # family from model_index.json (alias: sd)
   python -m export ddpm --folder PATH --name NAME        # a UNet2DModel folder (+ scheduler config)
   python -m export vae --folder PATH --name NAME         # an AutoencoderKL folder
@@ -10,9 +12,11 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 from export.onnx_export import ParityError
@@ -37,13 +41,66 @@ def _add_common(p: argparse.ArgumentParser) -> None:
                         "write platform: tensorrt_plan configs")
 
 
+def _glue_negative_values(argv: list[str]) -> list[str]:
+    """`--output-range -1,1` -> `--output-range=-1,1`: argparse takes a value that starts with '-'
+    (and is no plain negative number) for an option and would refuse the range."""
+    out = []
+    for arg in argv:
+        if out and out[-1] == "--output-range" and arg.startswith("-"):
+            out[-1] = f"--output-range={arg}"
+        else:
+            out.append(arg)
+    return out
+
+
+def _check_gan_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """--weights and --latent-dim come with --module; the facts a zoo checkpoint knows are not given twice."""
+    byo = {"--weights": args.weights, "--latent-dim": args.latent_dim, "--num-classes": args.num_classes,
+           "--init-args": args.init_args, "--output-range": args.output_range}
+    if args.checkpoint is not None:
+        given = [flag for flag, value in byo.items() if value is not None]
+        if given:
+            parser.error(f"{', '.join(given)}: only with --module (a zoo checkpoint describes itself)")
+        return
+    missing = [flag for flag in ("--weights", "--latent-dim") if byo[flag] is None]
+    if missing:
+        parser.error(f"--module needs {' and '.join(missing)}")
+    if args.init_args is not None:
+        try:
+            args.init_args = json.loads(args.init_args)
+        except json.JSONDecodeError as exc:
+            parser.error(f"--init-args is not valid JSON ({exc}): give an object such as '{{\"ngf\": 64}}'")
+        if not isinstance(args.init_args, dict):
+            parser.error(f"--init-args must be a JSON object of keyword arguments, got {type(args.init_args).__name__}")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m export", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
-    gan = sub.add_parser("gan", help="export one GAN generator checkpoint")
-    gan.add_argument("--checkpoint", required=True, help="zoo checkpoint name or .json/.safetensors path")
+    gan = sub.add_parser(
+        "gan", help="export one GAN generator: a zoo checkpoint, or your own module and weights",
+        description="Export one GAN generator. Either a zoo checkpoint (--checkpoint), or a generator as you "
+                    "have it (--module FILE.py:NAME --weights PATH --latent-dim N): NAME is an nn.Module class "
+                    "or a factory function returning one, built with --init-args; forward(z) or, with "
+                    "--num-classes K, forward(z, class_label) returns NCHW images in --output-range. Image "
+                    "channels and size are learned by running it once; the graph is verified against PyTorch.")
+    source = gan.add_mutually_exclusive_group(required=True)
+    source.add_argument("--checkpoint", help="zoo checkpoint name or .json/.safetensors path")
+    source.add_argument("--module", metavar="FILE.py:NAME",
+                        help="your generator: a Python file (need not be on sys.path) and the class or factory in it")
     gan.add_argument("--name", required=True, help="model name in the repository")
+    byo = gan.add_argument_group("with --module")
+    byo.add_argument("--weights", metavar="PATH",
+                     help="state dict: .safetensors, or .pt/.pth read with torch.load(weights_only=True) "
+                          "(pickled modules are refused)")
+    byo.add_argument("--latent-dim", type=int, metavar="N", help="width of z, the generator's first input")
+    byo.add_argument("--num-classes", type=int, metavar="K",
+                     help="class-conditional: forward(z, class_label) with int64 labels in [0, K) (default: 0, "
+                          "unconditional)")
+    byo.add_argument("--init-args", metavar="JSON", help="keyword arguments for NAME, a JSON object (default: {})")
+    byo.add_argument("--output-range", metavar="LOW,HIGH",
+                     help="range of the generator's output, e.g. --output-range=-1,1 (default) or 0,1")
     gan.add_argument("--version", type=int, default=1)
     gan.add_argument("--max-batch-size", type=int, default=16)
     _add_common(gan)
@@ -61,11 +118,13 @@ def main(argv: list[str] | None = None) -> int:
         _add_common(folder_cmd)
     demo = sub.add_parser("demo", help="export every committed demo model")
     _add_common(demo)
-    args = parser.parse_args(argv)
+    args = parser.parse_args(_glue_negative_values(sys.argv[1:] if argv is None else list(argv)))
+    if args.command == "gan":
+        _check_gan_args(gan, args)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
     from export.diffusers_folder import UnsupportedFolder, export_folder
-    from export.gan import export_gan
+    from export.gan import GANExportError, export_gan, export_gan_module
 
     target = DeploymentTarget(args.target, args.instances)
     if args.tensorrt:
@@ -77,19 +136,26 @@ def main(argv: list[str] | None = None) -> int:
             print(f"--tensorrt: {exc}", file=sys.stderr)
             return 2
     gans, pipelines = [], []  # pipelines: (folder, name, version, max batch, family or None to detect)
-    if args.command == "gan":
-        gans = [(args.checkpoint, args.name, args.version, args.max_batch_size)]
+    if args.command == "gan" and args.module is not None:
+        gans = [(args.name, partial(
+            export_gan_module, args.module, args.weights, args.repository, args.name, args.latent_dim,
+            num_classes=args.num_classes or 0, init_args=args.init_args, output_range=args.output_range or "-1,1",
+            version=args.version, max_batch_size=args.max_batch_size, target=target, tensorrt=args.tensorrt))]
+    elif args.command == "gan":
+        gans = [(args.name, partial(export_gan, args.checkpoint, args.repository, args.name, args.version,
+                                    args.max_batch_size, target, tensorrt=args.tensorrt))]
     elif args.command in ("sd", "diffusers", "ddpm", "vae"):
         family = {"ddpm": "ddpm", "vae": "vae"}.get(args.command)
         pipelines = [(args.folder, args.name, args.version, args.max_batch_size, family)]
     else:
-        gans = [(ckpt, name, 1, 16) for ckpt, name in DEMO_GANS.items()]
+        gans = [(name, partial(export_gan, ckpt, args.repository, name, 1, 16, target, tensorrt=args.tensorrt))
+                for ckpt, name in DEMO_GANS.items()]
         for demos, family in ((DEMO_DIFFUSION, None), (DEMO_DDPM, "ddpm"), (DEMO_VAE, "vae")):
             pipelines += [(folder, name, 1, 16, family) for folder, name in demos.items() if folder.exists()]
     try:
-        for checkpoint, name, version, max_batch in gans:
+        for name, export in gans:
             start = time.perf_counter()
-            report = export_gan(checkpoint, args.repository, name, version, max_batch, target, tensorrt=args.tensorrt)
+            report = export()
             print(f"{name}: {report.onnx_path} verified, max abs error {report.max_abs_error:.2e} "
                   f"({time.perf_counter() - start:.1f}s)")
         for folder, name, version, max_batch, family in pipelines:
@@ -102,6 +168,9 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except UnsupportedFolder as exc:
         print(f"export: {exc}", file=sys.stderr)
+        return 2
+    except GANExportError as exc:
+        print(f"export gan: {exc}", file=sys.stderr)
         return 2
     return 0
 

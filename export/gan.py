@@ -1,25 +1,45 @@
-"""Export a GAN generator checkpoint into a Triton model directory.
+"""Export a GAN generator into a Triton model directory.
+
+Two ways in, one way out:
+  export_gan(checkpoint, ...)           a zoo checkpoint (<name>.json + .safetensors)
+  export_gan_module("gen.py:Name", ...) a generator as users bring it: their Python file,
+                                        a class or factory in it, a safetensors or
+                                        .pt/.pth state dict
+Both hand an eval-mode nn.Module and its GeneratorFacts to export_generator, which
+traces it, verifies ONNX Runtime against PyTorch and writes the Triton config.
 
 Graph contract (what services/pipelines/pipeline_gan.py relies on):
   inputs   z            FP32 [batch, latent_dim]   latent, already truncated by the caller
            class_label  INT64 [batch, 1] -> [batch] (conditional models only)
-  outputs  image        FP32 [batch, C, H, W]      in [-1, 1]
+  outputs  image        FP32 [batch, C, H, W]      in the output range (default [-1, 1])
 The generator's shape facts travel in the config's `parameters`, so a service learns
 them from the repository alone (embedded) or from Triton's config API (Triton).
+`genserve.image_size` is the height (what older readers take as the side);
+`genserve.image_height` and `genserve.image_width` say both sides.
 """
 
 from __future__ import annotations
 
 import hashlib
+import importlib.util
+import inspect
+import json
 import logging
+import math
+import pickle
+import re
 import shutil
+import sys
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Mapping
 
 import numpy as np
 import torch
+import torch.nn as nn
 
-from export.onnx_export import export_onnx, verify_onnx
+from export.onnx_export import ParityError, export_onnx, verify_onnx
 from export.triton_config import (
     DeploymentTarget,
     ModelConfigSpec,
@@ -31,16 +51,142 @@ from export.triton_config import (
 
 log = logging.getLogger(__name__)
 
+# Channel counts the service can encode as images (grey, RGB, RGBA).
+SERVABLE_CHANNELS = (1, 3, 4)
+WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth")
+TRACE_BATCH, VERIFY_BATCH = 2, 5  # the graph is traced at one batch size and verified at another
+
+
+class GANExportError(ValueError):
+    """The generator, its weights or the arguments cannot be exported as given (a user error)."""
+
+
+@dataclass(frozen=True)
+class GeneratorFacts:
+    """What the service needs to know about a generator (written to the config's parameters)."""
+
+    latent_dim: int
+    num_classes: int  # 0 = unconditional
+    image_channels: int
+    image_height: int
+    image_width: int
+    output_range: tuple[float, float] = (-1.0, 1.0)
+
+    @property
+    def conditional(self) -> bool:
+        return self.num_classes > 0
+
 
 @dataclass
 class ExportReport:
     model_dir: Path
     onnx_path: Path
     max_abs_error: float
+    facts: GeneratorFacts | None = None
 
 
 def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+class _GraphContract(nn.Module):
+    """Calls the generator positionally, whatever its forward's parameters are named, so
+    the graph's inputs are `z` (and `class_label`) and its one output is FP32 `image`."""
+
+    def __init__(self, generator: nn.Module, conditional: bool, cast_to_float32: bool = False):
+        super().__init__()
+        self.generator = generator
+        self.conditional = conditional
+        self.cast_to_float32 = cast_to_float32
+
+    def forward(self, z: torch.Tensor, class_label: torch.Tensor | None = None) -> torch.Tensor:
+        image = self.generator(z, class_label) if self.conditional else self.generator(z)
+        return image.float() if self.cast_to_float32 else image
+
+
+def export_generator(
+    generator: nn.Module,
+    facts: GeneratorFacts,
+    repository: Path,
+    name: str,
+    version: int = 1,
+    max_batch_size: int = 16,
+    target: DeploymentTarget = DeploymentTarget(),
+    atol: float = 1e-4,
+    tensorrt: bool = False,
+    parameters: Mapping[str, str] | None = None,
+) -> ExportReport:
+    """Exports an eval-mode generator under the graph contract, verifies it, writes the config.
+
+    `parameters` are extra config parameters (provenance such as the weights' sha256).
+    """
+    latent_dim, conditional = facts.latent_dim, facts.conditional
+    module = generator if isinstance(generator, _GraphContract) else _GraphContract(generator, conditional)
+    module.eval()
+
+    # 1. Export with a dynamic batch axis (traced at one batch size, verified at another).
+    def inputs(batch: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
+        feeds = {"z": rng.standard_normal((batch, latent_dim), dtype=np.float32)}
+        if conditional:
+            feeds["class_label"] = rng.integers(0, facts.num_classes, batch).astype(np.int64)
+        return feeds
+
+    rng = np.random.default_rng(0)
+    model_dir = Path(repository) / name
+    onnx_path = model_dir / str(version) / "model.onnx"
+    example = {k: torch.from_numpy(v) for k, v in inputs(TRACE_BATCH, rng).items()}
+    dynamic = {k: {0: "batch"} for k in example} | {"image": {0: "batch"}}
+    try:
+        export_onnx(module, example, ["image"], onnx_path, dynamic)
+    except Exception as exc:  # unsupported op, data-dependent control flow, ...
+        raise GANExportError(f"torch.onnx.export failed for {name!r}: {type(exc).__name__}: {exc}") from exc
+
+    # 2. Verify ONNX Runtime against PyTorch on fresh inputs of another batch size.
+    try:
+        max_err = verify_onnx(module, onnx_path, inputs(VERIFY_BATCH, rng), atol=atol)
+    except ParityError:
+        raise
+    except Exception as exc:  # ONNX Runtime could not run the graph at another batch size
+        raise ParityError(
+            f"{onnx_path}: the graph traced at batch {TRACE_BATCH} failed at batch {VERIFY_BATCH} "
+            f"(is the batch size fixed somewhere in forward, e.g. view({TRACE_BATCH}, ...)? "
+            f"use view(z.shape[0], ...) or view(-1, ...)): {type(exc).__name__}: {exc}"
+        ) from exc
+
+    # 3. Write the Triton config beside the version folder.
+    tensor_inputs = [TensorSpec("z", "float32", (latent_dim,))]
+    if conditional:
+        tensor_inputs.append(TensorSpec("class_label", "int64", (1,), reshape=()))
+    c, h, w = facts.image_channels, facts.image_height, facts.image_width
+    low, high = facts.output_range
+    spec = ModelConfigSpec(
+        name=name,
+        inputs=tensor_inputs,
+        outputs=[TensorSpec("image", "float32", (c, h, w))],
+        # A GAN forward pass takes milliseconds: wait at most 2 ms to form a batch.
+        batching=default_batching(max_batch_size, max_queue_delay_microseconds=2000),
+        target=target,
+        parameters={
+            "genserve.pipeline": "gan",
+            "genserve.latent_dim": str(latent_dim),
+            "genserve.num_classes": str(facts.num_classes),
+            "genserve.image_channels": str(c),
+            "genserve.image_size": str(h),
+            "genserve.image_height": str(h),
+            "genserve.image_width": str(w),
+            "genserve.output_range": f"{low:g},{high:g}",
+            **(parameters or {}),
+        },
+    )
+    if tensorrt:  # 4. A TensorRT plan beside the ONNX graph, served by Triton's TensorRT platform.
+        from export.tensorrt import build_plan, gan_profile, tensorrt_config
+
+        plan = build_plan(onnx_path, gan_profile(latent_dim, conditional, max_batch_size), "fp16")
+        shutil.copy(plan, onnx_path.with_name("model.plan"))
+        spec = tensorrt_config(spec, target.instance_count)
+    write_model_config(build_model_config(spec), model_dir)
+    log.debug("exported %s v%d (max abs error %.2e)", name, version, max_err)
+    return ExportReport(model_dir, onnx_path, max_err, facts)
 
 
 def export_gan(
@@ -53,58 +199,293 @@ def export_gan(
     atol: float = 1e-4,
     tensorrt: bool = False,
 ) -> ExportReport:
+    """Exports a zoo checkpoint (<name>.json + <name>.safetensors); the module knows its facts."""
     from zoo.checkpoint import _stem, load_checkpoint
 
-    # 1. Load the generator.
     generator = load_checkpoint(checkpoint)
-    conditional = generator.num_classes > 0
-    latent_dim = generator.latent_dim
+    s = generator.image_size
+    facts = GeneratorFacts(generator.latent_dim, generator.num_classes, generator.image_channels, s, s)
+    source = {"genserve.source_sha256": _sha256(_stem(checkpoint).with_suffix(".safetensors"))}
+    return export_generator(generator, facts, repository, name, version, max_batch_size, target, atol,
+                            tensorrt, parameters=source)
 
-    # 2. Export with a dynamic batch axis (traced at batch 2, verified at batch 5).
-    def inputs(batch: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
-        feeds = {"z": rng.standard_normal((batch, latent_dim), dtype=np.float32)}
-        if conditional:
-            feeds["class_label"] = rng.integers(0, generator.num_classes, batch).astype(np.int64)
-        return feeds
 
-    rng = np.random.default_rng(0)
-    model_dir = repository / name
-    onnx_path = model_dir / str(version) / "model.onnx"
-    example = {k: torch.from_numpy(v) for k, v in inputs(2, rng).items()}
-    dynamic = {k: {0: "batch"} for k in example} | {"image": {0: "batch"}}
-    export_onnx(generator, example, ["image"], onnx_path, dynamic)
+# --- generators as users bring them -------------------------------------------------------
 
-    # 3. Verify ONNX Runtime against PyTorch on fresh inputs of another batch size.
-    max_err = verify_onnx(generator, onnx_path, inputs(5, rng), atol=atol)
 
-    # 4. Write the Triton config beside the version folder.
-    tensor_inputs = [TensorSpec("z", "float32", (latent_dim,))]
-    if conditional:
-        tensor_inputs.append(TensorSpec("class_label", "int64", (1,), reshape=()))
-    c, s = generator.image_channels, generator.image_size
-    spec = ModelConfigSpec(
-        name=name,
-        inputs=tensor_inputs,
-        outputs=[TensorSpec("image", "float32", (c, s, s))],
-        # A GAN forward pass takes milliseconds: wait at most 2 ms to form a batch.
-        batching=default_batching(max_batch_size, max_queue_delay_microseconds=2000),
-        target=target,
-        parameters={
-            "genserve.pipeline": "gan",
-            "genserve.latent_dim": str(latent_dim),
-            "genserve.num_classes": str(generator.num_classes),
-            "genserve.image_channels": str(c),
-            "genserve.image_size": str(s),
-            "genserve.output_range": "-1,1",
-            "genserve.source_sha256": _sha256(_stem(checkpoint).with_suffix(".safetensors")),
-        },
-    )
-    if tensorrt:  # 5. A TensorRT plan beside the ONNX graph, served by Triton's TensorRT platform.
-        from export.tensorrt import build_plan, gan_profile, tensorrt_config
+def parse_module_ref(ref: str) -> tuple[Path, str]:
+    """'path/to/gen.py:Generator' -> (path, 'Generator'); a clear error for anything else."""
+    path, sep, attr = str(ref).rpartition(":")
+    if not sep or not path or not attr.isidentifier():
+        raise GANExportError(
+            f"--module {ref!r}: expected FILE.py:NAME, the Python file and the generator class or "
+            f"factory function in it (e.g. --module models/gen.py:Generator)")
+    file = Path(path)
+    if file.suffix != ".py":
+        raise GANExportError(f"--module {ref!r}: {path!r} is not a .py file")
+    if not file.is_file():
+        raise GANExportError(f"--module {ref!r}: no such file {path!r}")
+    return file, attr
 
-        plan = build_plan(onnx_path, gan_profile(latent_dim, conditional, max_batch_size), "fp16")
-        shutil.copy(plan, onnx_path.with_name("model.plan"))
-        spec = tensorrt_config(spec, target.instance_count)
-    write_model_config(build_model_config(spec), model_dir)
-    log.debug("exported %s v%d (max abs error %.2e)", name, version, max_err)
-    return ExportReport(model_dir, onnx_path, max_err)
+
+def load_user_module(file: Path):
+    """Imports a Python file by path (it need not be on sys.path). Its folder is appended to
+    sys.path while it runs, so it can import its siblings as it would when run as a script."""
+    file = Path(file).resolve()
+    stem = re.sub(r"\W", "_", file.stem)
+    module_name = f"_genserve_user_{stem}_{hashlib.sha256(str(file).encode()).hexdigest()[:8]}"
+    spec = importlib.util.spec_from_file_location(module_name, file)
+    if spec is None or spec.loader is None:
+        raise GANExportError(f"cannot import {file}")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[module_name] = module  # dataclasses, typing and pickle look modules up here
+    folder = str(file.parent)
+    added = folder not in sys.path
+    if added:
+        sys.path.append(folder)
+    try:
+        spec.loader.exec_module(module)
+    except Exception as exc:
+        sys.modules.pop(module_name, None)
+        raise GANExportError(f"importing {file} failed: {type(exc).__name__}: {exc}") from exc
+    finally:
+        if added:
+            sys.path.remove(folder)
+    return module
+
+
+def build_user_generator(ref: str, init_args: Mapping[str, Any] | None = None) -> nn.Module:
+    """Builds NAME(**init_args) from FILE.py:NAME; NAME is an nn.Module class or a factory."""
+    file, attr = parse_module_ref(ref)
+    module = load_user_module(file)
+    if not hasattr(module, attr):
+        found = sorted(n for n, v in vars(module).items()
+                       if not n.startswith("_") and (inspect.isclass(v) or inspect.isfunction(v))
+                       and getattr(v, "__module__", None) == module.__name__)
+        raise GANExportError(
+            f"{file} has no {attr!r}; classes and functions defined there: {', '.join(found) or 'none'}")
+    factory = getattr(module, attr)
+    if not callable(factory):
+        raise GANExportError(f"{file}:{attr} is a {type(factory).__name__}, not an nn.Module class or a function")
+    kwargs = dict(init_args or {})
+    try:
+        generator = factory(**kwargs)
+    except Exception as exc:
+        raise GANExportError(
+            f"building {attr}(**{json.dumps(kwargs)}) failed: {type(exc).__name__}: {exc} "
+            f"(pass its keyword arguments with --init-args '{{\"name\": value}}')") from exc
+    if not isinstance(generator, nn.Module):
+        raise GANExportError(f"{file}:{attr}(...) returned a {type(generator).__name__}, not a torch.nn.Module")
+    return generator
+
+
+_CONVERT_HINT = (
+    "Convert it once, in a trusted environment (full unpickling runs the file's code), to a state dict:\n"
+    "    torch.save(torch.load(p, weights_only=False).state_dict(), 'generator.pt')\n"
+    "or to safetensors:\n"
+    "    from safetensors.torch import save_file\n"
+    "    state = torch.load(p, weights_only=False).state_dict()\n"
+    "    save_file({k: v.contiguous() for k, v in state.items()}, 'generator.safetensors')"
+)
+
+
+def _torch_load_reason(exc: Exception) -> str:
+    """The line of torch.load's long refusal that says what it met (e.g. 'Unsupported global: ...')."""
+    lines = [re.sub(r"\x1b\[[0-9;]*m", "", line).strip() for line in str(exc).splitlines()]
+    lines = [line for line in lines if line]
+    for line in lines:
+        if "Unsupported global" in line or "Unsupported operand" in line or "TorchScript" in line:
+            return line.removeprefix("WeightsUnpickler error:").strip().split(". ")[0][:200]
+    return (lines[0] if lines else type(exc).__name__)[:200]
+
+
+def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
+    """A state dict from .safetensors or a .pt/.pth state dict; never unpickles code."""
+    path = Path(path)
+    if path.suffix not in WEIGHT_SUFFIXES:
+        raise GANExportError(
+            f"--weights {str(path)!r}: {path.suffix or 'no extension'} is not a weight format read here; "
+            f"give a .safetensors file or a .pt/.pth state dict.\n{_CONVERT_HINT}")
+    if not path.is_file():
+        raise GANExportError(f"--weights {str(path)!r}: no such file")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(path))
+        except Exception as exc:
+            raise GANExportError(f"--weights {str(path)!r} is not a readable safetensors file: {exc}") from exc
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "looks like a TorchScript archive": refused below
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError) as exc:
+        raise GANExportError(
+            f"--weights {str(path)!r} is not a plain state dict: torch.load(weights_only=True) refused it "
+            f"({_torch_load_reason(exc)}). A file holding a pickled module or other objects runs code when "
+            f"loaded, so it is not read here.\n{_CONVERT_HINT}") from exc
+    except Exception as exc:
+        raise GANExportError(f"--weights {str(path)!r} could not be read by torch.load: {exc}") from exc
+    if not isinstance(state, Mapping):
+        raise GANExportError(
+            f"--weights {str(path)!r} holds a {type(state).__name__}, not a state dict.\n{_CONVERT_HINT}")
+    not_tensors = [k for k, v in state.items() if not isinstance(v, torch.Tensor)]
+    if not_tensors:
+        nested = [k for k in not_tensors if isinstance(state[k], Mapping)]
+        where = (f" The weights may be under {nested[0]!r}: save torch.load(p)[{nested[0]!r}] alone."
+                 if nested else "")
+        raise GANExportError(
+            f"--weights {str(path)!r} is a dict but not a state dict: {_few(not_tensors)} "
+            f"{'is not a tensor' if len(not_tensors) == 1 else 'are not tensors'}.{where}")
+    return dict(state)
+
+
+def _few(keys, n: int = 5) -> str:
+    keys = sorted(keys)
+    shown = ", ".join(repr(k) for k in keys[:n])
+    return shown + (f" and {len(keys) - n} more" if len(keys) > n else "")
+
+
+def load_weights(generator: nn.Module, state: Mapping[str, torch.Tensor], source: str = "the weights") -> None:
+    """load_state_dict(strict=True), with missing, unexpected and mis-shaped keys named."""
+    expected = generator.state_dict()
+    missing = set(expected) - set(state)
+    unexpected = set(state) - set(expected)
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} missing: {_few(missing)}")
+    if unexpected:
+        problems.append(f"{len(unexpected)} unexpected: {_few(unexpected)}")
+    shapes = [k for k in set(expected) & set(state) if tuple(expected[k].shape) != tuple(state[k].shape)]
+    if shapes:
+        problems.append("shapes differ: " + ", ".join(
+            f"{k!r} {tuple(state[k].shape)} in the file, {tuple(expected[k].shape)} in the model"
+            for k in sorted(shapes)[:5]))
+    if problems:
+        hint = ""
+        if unexpected and all(k.startswith("module.") for k in unexpected):
+            hint = " (the file's keys start with 'module.', as DataParallel saves them: strip that prefix)"
+        elif missing or shapes:
+            hint = " (do --init-args match the architecture the weights were trained with?)"
+        raise GANExportError(f"{source} do not fit the model: {'; '.join(problems)}{hint}")
+    try:
+        generator.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise GANExportError(f"{source} do not fit the model: {exc}") from exc
+
+
+def probe_generator(
+    generator: nn.Module, latent_dim: int, num_classes: int, output_range: tuple[float, float] = (-1.0, 1.0),
+    batch: int = 3,
+) -> tuple[GeneratorFacts, bool]:
+    """Runs the eval-mode generator once; returns its facts and whether its output needs a cast
+    to float32. Refuses outputs the service cannot serve: not one 4-D NCHW float tensor, not
+    finite, a channel count that is no image, or samples that depend on their batch-mates."""
+    conditional = num_classes > 0
+    gen = torch.Generator().manual_seed(0)
+    z = torch.randn(batch, latent_dim, generator=gen)
+    labels = torch.arange(batch, dtype=torch.int64) % num_classes if conditional else None
+    call = "forward(z, class_label)" if conditional else "forward(z)"
+
+    def run(z: torch.Tensor, labels: torch.Tensor | None) -> Any:
+        with torch.no_grad():
+            return generator(z, labels) if conditional else generator(z)
+
+    try:
+        out = run(z, labels)
+    except Exception as exc:
+        hint = ("; a model that takes no class label is exported without --num-classes" if conditional else
+                "; a class-conditional model needs --num-classes K")
+        raise GANExportError(
+            f"{call} with z float32 {list(z.shape)}"
+            f"{f' and class_label int64 [{batch}]' if conditional else ''} failed: {type(exc).__name__}: {exc} "
+            f"(is --latent-dim {latent_dim} right{hint}?)") from exc
+    if not isinstance(out, torch.Tensor):
+        raise GANExportError(f"{call} returned a {type(out).__name__}; it must return one image tensor [N, C, H, W]")
+    shape = tuple(out.shape)
+    if out.dim() != 4:
+        raise GANExportError(f"{call} returned shape {list(shape)} ({out.dim()}-D) for a batch of {batch}; "
+                             f"images must be 4-D NCHW [batch, channels, height, width]")
+    if shape[0] != batch:
+        raise GANExportError(f"{call} returned {shape[0]} images for a batch of {batch} latents")
+    if not out.dtype.is_floating_point:
+        raise GANExportError(f"{call} returned {out.dtype}; images must be floating point")
+    if not torch.isfinite(out).all():
+        raise GANExportError(f"{call} returned non-finite values (NaN or inf) for standard normal z")
+    _, c, h, w = shape
+    if c not in SERVABLE_CHANNELS:
+        nhwc = f" (it looks like NHWC: permute(0, 3, 1, 2) in forward)" if w in SERVABLE_CHANNELS else ""
+        raise GANExportError(f"{call} returned {c} channels (shape {list(shape)}); served images have "
+                             f"1 (grey), 3 (RGB) or 4 (RGBA) channels in NCHW{nhwc}")
+    alone = run(z[:1], None if labels is None else labels[:1])
+    if not torch.allclose(alone.float(), out[:1].float(), atol=1e-4, rtol=1e-3):
+        raise GANExportError(
+            f"{call}: an image depends on the other latents in its batch or on hidden randomness "
+            f"(max difference {float((alone.float() - out[:1].float()).abs().max()):.3g} between a latent alone and in "
+            f"a batch of {batch}); served images must depend on their own z and label only (batch norm in "
+            f"eval mode, no torch.randn in forward)")
+    low, high = output_range
+    span = high - low
+    lo_seen, hi_seen = float(out.min()), float(out.max())
+    if lo_seen < low - 0.01 * span or hi_seen > high + 0.01 * span:
+        log.warning("%s returned values in [%.3g, %.3g], outside the output range [%g, %g]: the service "
+                    "clips them (is --output-range right?)", call, lo_seen, hi_seen, low, high)
+    facts = GeneratorFacts(latent_dim, num_classes, c, h, w, (float(low), float(high)))
+    return facts, out.dtype != torch.float32
+
+
+def parse_output_range(text: str | tuple[float, float]) -> tuple[float, float]:
+    if isinstance(text, tuple):
+        low, high = text
+    else:
+        parts = str(text).split(",")
+        try:
+            low, high = (float(p) for p in parts)
+        except ValueError:
+            raise GANExportError(f"--output-range {text!r}: expected LOW,HIGH such as -1,1 or 0,1") from None
+    if not (math.isfinite(low) and math.isfinite(high) and low < high):
+        raise GANExportError(f"--output-range {text!r}: need finite LOW < HIGH")
+    return float(low), float(high)
+
+
+def export_gan_module(
+    module: str,
+    weights: str | Path,
+    repository: Path,
+    name: str,
+    latent_dim: int,
+    num_classes: int = 0,
+    init_args: Mapping[str, Any] | None = None,
+    output_range: str | tuple[float, float] = (-1.0, 1.0),
+    version: int = 1,
+    max_batch_size: int = 16,
+    target: DeploymentTarget = DeploymentTarget(),
+    atol: float = 1e-4,
+    tensorrt: bool = False,
+) -> ExportReport:
+    """Exports a generator as users bring it: `module` is "FILE.py:NAME" (an nn.Module class or a
+    factory returning one, built with **init_args), `weights` a .safetensors file or a .pt/.pth
+    state dict. forward(z) or, when num_classes > 0, forward(z, class_label) returns NCHW images
+    in `output_range`; channels and size are learned by running it once."""
+    if latent_dim < 1:
+        raise GANExportError(f"--latent-dim must be at least 1, got {latent_dim}")
+    if num_classes < 0:
+        raise GANExportError(f"--num-classes must be 0 (unconditional) or more, got {num_classes}")
+    if init_args is not None and not isinstance(init_args, Mapping):
+        raise GANExportError(f"--init-args must be a JSON object of keyword arguments, got {init_args!r}")
+    low_high = parse_output_range(output_range)
+    file, attr = parse_module_ref(module)
+    state = load_state_dict_file(weights)  # before running any of the user's code on them
+    generator = build_user_generator(module, init_args)
+    load_weights(generator, state, f"--weights {str(weights)!r}")
+    generator.eval()  # batch norm uses its running statistics, dropout is off
+    facts, cast = probe_generator(generator, latent_dim, num_classes, low_high)
+    log.info("%s: %s, latent %d, %s, %dx%dx%d images in [%g, %g]", name, module, latent_dim,
+             f"{num_classes} classes" if num_classes else "unconditional",
+             facts.image_channels, facts.image_height, facts.image_width, *low_high)
+    provenance = {
+        "genserve.source_sha256": _sha256(Path(weights)),
+        "genserve.source_module": f"{file.name}:{attr}",
+    }
+    return export_generator(_GraphContract(generator, facts.conditional, cast), facts, repository, name, version,
+                            max_batch_size, target, atol, tensorrt, parameters=provenance)
