@@ -6,6 +6,8 @@
   python -m export diffusers --folder PATH --name NAME   # family from model_index.json (alias: sd)
   python -m export ddpm --folder PATH --name NAME        # a UNet2DModel folder (+ scheduler config)
   python -m export vae --folder PATH --name NAME         # an AutoencoderKL folder
+  python -m export stylegan --module FILE.py:NAME --weights PATH --name NAME [--init-args JSON]
+                                       # NVIDIA-style G.mapping/G.synthesis -> NAME_mapping + NAME_synthesis
   python -m export demo                # every demo model in zoo/ -> model_repository/
 """
 
@@ -28,6 +30,7 @@ DEMO_GANS = {"dcgan_digits": "dcgan_digits", "cgan_digits": "cgan_digits"}
 DEMO_DIFFUSION = {CHECKPOINTS / "sd_digits": "sd_digits"}
 DEMO_DDPM = {CHECKPOINTS / "ddpm_digits": "ddpm_digits"}
 DEMO_VAE = {CHECKPOINTS / "vae_digits": "vae_digits"}
+DEMO_STYLEGAN = {CHECKPOINTS / "stylegan_digits": "stylegan_digits"}
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
@@ -116,15 +119,39 @@ def main(argv: list[str] | None = None) -> int:
         folder_cmd.add_argument("--version", type=int, default=1)
         folder_cmd.add_argument("--max-batch-size", type=int, default=16)
         _add_common(folder_cmd)
+    stylegan = sub.add_parser(
+        "stylegan", help="export a StyleGAN generator (NVIDIA interface) as <name>_mapping + <name>_synthesis",
+        description="Export a StyleGAN-style generator with NVIDIA's interface (z_dim, c_dim, w_dim, num_ws, "
+                    "img_resolution, img_channels, mapping(z, c), synthesis(ws)) as two verified graphs, "
+                    "<name>_mapping (z[, c] -> w) and <name>_synthesis (ws -> image), with w_avg.json and "
+                    "directions.json beside the mapping config. See export/stylegan.py for the contract.")
+    stylegan.add_argument("--module", required=True, metavar="FILE.py:NAME",
+                          help="the generator: a Python file and the nn.Module class or factory in it")
+    stylegan.add_argument("--weights", required=True, metavar="PATH",
+                          help="state dict: .safetensors, or .pt/.pth read with torch.load(weights_only=True)")
+    stylegan.add_argument("--name", required=True, help="pipeline name; graphs are <name>_mapping, <name>_synthesis")
+    stylegan.add_argument("--init-args", metavar="JSON", help="keyword arguments for NAME, a JSON object")
+    stylegan.add_argument("--version", type=int, default=1)
+    stylegan.add_argument("--max-batch-size", type=int, default=16)
+    _add_common(stylegan)
     demo = sub.add_parser("demo", help="export every committed demo model")
     _add_common(demo)
     args = parser.parse_args(_glue_negative_values(sys.argv[1:] if argv is None else list(argv)))
     if args.command == "gan":
         _check_gan_args(gan, args)
+    if args.command == "stylegan" and args.init_args is not None:
+        try:
+            args.init_args = json.loads(args.init_args)
+        except json.JSONDecodeError as exc:
+            stylegan.error(f"--init-args is not valid JSON ({exc}): give an object such as '{{\"w_dim\": 512}}'")
+        if not isinstance(args.init_args, dict):
+            stylegan.error(f"--init-args must be a JSON object of keyword arguments, got "
+                           f"{type(args.init_args).__name__}")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
     from export.diffusers_folder import UnsupportedFolder, export_folder
     from export.gan import GANExportError, export_gan, export_gan_module
+    from export.stylegan import export_stylegan_checkpoint, export_stylegan_module
 
     target = DeploymentTarget(args.target, args.instances)
     if args.tensorrt:
@@ -136,6 +163,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"--tensorrt: {exc}", file=sys.stderr)
             return 2
     gans, pipelines = [], []  # pipelines: (folder, name, version, max batch, family or None to detect)
+    stylegans = []  # (name, export callable) -> StyleGANExportReport
     if args.command == "gan" and args.module is not None:
         gans = [(args.name, partial(
             export_gan_module, args.module, args.weights, args.repository, args.name, args.latent_dim,
@@ -144,6 +172,11 @@ def main(argv: list[str] | None = None) -> int:
     elif args.command == "gan":
         gans = [(args.name, partial(export_gan, args.checkpoint, args.repository, args.name, args.version,
                                     args.max_batch_size, target, tensorrt=args.tensorrt))]
+    elif args.command == "stylegan":
+        stylegans = [(args.name, partial(
+            export_stylegan_module, args.module, args.weights, args.repository, args.name,
+            init_args=args.init_args, version=args.version, max_batch_size=args.max_batch_size, target=target,
+            tensorrt=args.tensorrt))]
     elif args.command in ("sd", "diffusers", "ddpm", "vae"):
         family = {"ddpm": "ddpm", "vae": "vae"}.get(args.command)
         pipelines = [(args.folder, args.name, args.version, args.max_batch_size, family)]
@@ -152,12 +185,21 @@ def main(argv: list[str] | None = None) -> int:
                 for ckpt, name in DEMO_GANS.items()]
         for demos, family in ((DEMO_DIFFUSION, None), (DEMO_DDPM, "ddpm"), (DEMO_VAE, "vae")):
             pipelines += [(folder, name, 1, 16, family) for folder, name in demos.items() if folder.exists()]
+        stylegans = [(name, partial(export_stylegan_checkpoint, stem, args.repository, name, 1, 16, target,
+                                    tensorrt=args.tensorrt))
+                     for stem, name in DEMO_STYLEGAN.items() if stem.with_suffix(".json").exists()]
     try:
         for name, export in gans:
             start = time.perf_counter()
             report = export()
             print(f"{name}: {report.onnx_path} verified, max abs error {report.max_abs_error:.2e} "
                   f"({time.perf_counter() - start:.1f}s)")
+        for name, export in stylegans:
+            start = time.perf_counter()
+            report = export()
+            errors = ", ".join(f"{k} {v:.2e}" for k, v in report.max_abs_error.items())
+            print(f"{name}: {report.mapping_dir.name} + {report.synthesis_dir.name} verified, max abs error "
+                  f"{errors} ({time.perf_counter() - start:.1f}s)")
         for folder, name, version, max_batch, family in pipelines:
             start = time.perf_counter()
             found, reports = export_folder(folder, args.repository, name, version, max_batch, target,
@@ -170,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"export: {exc}", file=sys.stderr)
         return 2
     except GANExportError as exc:
-        print(f"export gan: {exc}", file=sys.stderr)
+        print(f"export {args.command if args.command != 'demo' else 'gan'}: {exc}", file=sys.stderr)
         return 2
     return 0
 
