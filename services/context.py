@@ -27,6 +27,7 @@ class ServiceContext:
     gan: dict = field(default_factory=dict)  # name -> GANPipeline
     engines: dict = field(default_factory=dict)  # name -> DiffusionEngine (every diffusion family)
     vae: dict = field(default_factory=dict)  # name -> VAEPipeline (standalone and every SD pipeline's)
+    stylegan: dict = field(default_factory=dict)  # name -> StyleGANPipeline (served on /v1/gan/*)
     image_step_limiter: object = None  # services.ratelimit.RateLimiter or None
     describers: list[Callable[["ServiceContext"], list[ModelDescription]]] = field(default_factory=list)
 

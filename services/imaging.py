@@ -74,3 +74,26 @@ def decode_image(data: bytes, channels: int, field: str, max_side: int) -> np.nd
     image = image.convert("L" if channels == 1 else "RGB")
     pixels = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
     return pixels[None] if channels == 1 else pixels.transpose(2, 0, 1)
+
+
+ANIMATIONS = {"gif": "image/gif", "webp_animated": "image/webp"}
+
+
+def encode_animation(frames: np.ndarray, fmt: str, metadata: Mapping[str, object], frame_ms: int = 80) -> bytes:
+    """[N, H, W, C] uint8 frames -> one animated GIF or WebP (looping), saying in its
+    metadata (GIF comment, WebP EXIF) that it was generated, and how."""
+    if fmt not in ANIMATIONS:
+        raise ValueError(f"unknown animation format {fmt!r}")
+    images = [Image.fromarray(f[..., 0] if f.shape[-1] == 1 else f) for f in frames]
+    description = json.dumps({"generated": True, **metadata}, sort_keys=True, default=str)
+    buffer = io.BytesIO()
+    if fmt == "gif":
+        images[0].save(buffer, format="GIF", save_all=True, append_images=images[1:], duration=frame_ms, loop=0,
+                       comment=description.encode())
+    else:
+        exif = Image.Exif()
+        exif[_EXIF_SOFTWARE] = SOFTWARE
+        exif[_EXIF_IMAGE_DESCRIPTION] = description
+        images[0].save(buffer, format="WEBP", save_all=True, append_images=images[1:], duration=frame_ms, loop=0,
+                       lossless=True, exif=exif)
+    return buffer.getvalue()

@@ -267,3 +267,74 @@ class VAEInterpolateRequest(_Strict):
     seed_b: int | None = Field(None, ge=0, le=MAX_SEED, description="End: N(0, I) latents of this seed.")
     frames: int = Field(8, ge=2, le=MAX_FRAMES, description="Images along the line, both ends included.")
     output_format: OutputFormat = "png"
+
+
+# -- StyleGAN W space ---------------------------------------------------------------------
+MAX_INTERPOLATION_SEEDS = 8
+
+
+class WTensor(BaseModel):
+    """w [N, w_dim] or per-layer ws [N, num_ws, w_dim], KServe v2 field names, base64 FP32."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    shape: list[Annotated[int, Field(ge=1, le=4096)]] = Field(min_length=2, max_length=3)
+    datatype: Literal["FP32"] = "FP32"
+    data: str = Field(max_length=MAX_LATENT_BASE64_CHARS)
+
+
+class GANMixRequest(_Strict):
+    model: str | None = Field(None, description="A StyleGAN model; default: the service's default GAN model.")
+    seed: int = Field(ge=0, le=MAX_SEED, description="Source of the coarse styles (layers before crossover).")
+    style_seed: int = Field(ge=0, le=MAX_SEED, description="Source of the fine styles (layers from crossover on).")
+    class_label: int | None = Field(None, ge=0, description="Class of `seed` (drawn from it when absent).")
+    style_class_label: int | None = Field(None, ge=0, description="Class of `style_seed` (drawn when absent).")
+    crossover: int | None = Field(None, ge=0, description="First ws layer taken from style_seed; default num_ws // 2. "
+                                  "num_ws gives the seed image, 0 the style_seed image.")
+    truncation_psi: float = Field(1.0, ge=0.0, le=1.0)
+    include_sources: bool = Field(False, description="Also return both source images.")
+    output_format: OutputFormat = "png"
+
+
+class GANInterpolateRequest(_Strict):
+    model: str | None = None
+    seeds: list[Annotated[int, Field(ge=0, le=MAX_SEED)]] = Field(min_length=2, max_length=MAX_INTERPOLATION_SEEDS)
+    class_labels: list[Annotated[int, Field(ge=0)]] | None = Field(None, description="One per seed (conditional "
+                                                                   "models); drawn per seed when absent.")
+    frames: int = Field(8, ge=2, le=MAX_FRAMES, description="Frames per segment, both ends included.")
+    space: Literal["z", "w"] = Field("w", description="z: slerp between the seeds' z; w: lerp between their w.")
+    truncation_psi: float = Field(1.0, ge=0.0, le=1.0)
+    output_format: Literal["png", "jpeg", "webp", "gif", "webp_animated"] = Field(
+        "png", description="Frames as images, or one animated GIF/WebP holding them all.")
+
+
+class GANLatentsRequest(_Strict):
+    model: str | None = None
+    seeds: list[Annotated[int, Field(ge=0, le=MAX_SEED)]] = Field(min_length=1, max_length=MAX_IMAGES_PER_REQUEST)
+    class_labels: list[Annotated[int, Field(ge=0)]] | None = None
+    truncation_psi: float = Field(1.0, ge=0.0, le=1.0)
+
+
+class GANLatentsResponse(BaseModel):
+    model_config = ConfigDict(protected_namespaces=())
+
+    request_id: str
+    model: str
+    backend: str
+    parameters: dict
+    w: WTensor = Field(description="[N, w_dim], truncated as asked; send it (or edited) to /v1/gan/synthesize.")
+
+
+class GANSynthesizeRequest(_Strict):
+    model: str | None = None
+    w: WTensor = Field(description="[N, w_dim] (the same w for every layer) or [N, num_ws, w_dim].")
+    output_format: OutputFormat = "png"
+
+
+class GANEditRequest(_Strict):
+    model: str | None = None
+    seed: int = Field(ge=0, le=MAX_SEED)
+    class_label: int | None = Field(None, ge=0)
+    direction: str = Field(max_length=128, description="A direction named in GET /v1/models.")
+    strength: float = Field(1.0, ge=-10.0, le=10.0, description="w + strength * direction.")
+    truncation_psi: float = Field(1.0, ge=0.0, le=1.0)
+    output_format: OutputFormat = "png"

@@ -15,12 +15,12 @@ from fastapi import FastAPI
 from services.config import Settings
 from services.gateway import Gateway, Route
 from services.http import install_error_handlers
-from services.routers import ddpm, diffusion, gan, models, vae
+from services.routers import ddpm, diffusion, gan, models, stylegan, vae
 
 log = logging.getLogger("genserve")
 
 # Each family router: its endpoints, and its entries for GET /v1/models.
-FAMILY_ROUTERS = (gan, diffusion, ddpm, vae)
+FAMILY_ROUTERS = (gan, stylegan, diffusion, ddpm, vae)
 
 app = FastAPI(
     title="genserve",
@@ -71,6 +71,7 @@ class GenServe:
         from services.engine.prompt_cache import PromptCache
         from services.metrics import service_metrics
         from services.pipelines import diffusion_pipelines, gan_pipelines
+        from services.pipelines.pipeline_stylegan import stylegan_pipelines
         from services.pipelines.pipeline_vae import vae_pipelines
         from services.ratelimit import RateLimiter
         from services.runtime import create_backend
@@ -88,6 +89,7 @@ class GenServe:
         # 1. Single-pass pipelines.
         ctx.gan = gan_pipelines(backend)
         ctx.vae = vae_pipelines(backend)
+        ctx.stylegan = stylegan_pipelines(backend)
         # 2. One step-level engine per diffusion pipeline, whatever its family; its batch
         #    limit is its denoiser's.
         cache = PromptCache(settings.prompt_cache_size, on_lookup=metrics.observe_prompt_cache)
@@ -110,7 +112,7 @@ class GenServe:
 
         s = ctx.settings
         for variable, field, served in (
-                ("GENSERVE_DEFAULT_GAN_MODEL", "default_gan_model", ctx.gan),
+                ("GENSERVE_DEFAULT_GAN_MODEL", "default_gan_model", {**ctx.gan, **ctx.stylegan}),
                 ("GENSERVE_DEFAULT_DIFFUSION_MODEL", "default_diffusion_model",
                  ctx.engines_of(*diffusion.TEXT_FAMILIES)),
                 ("GENSERVE_DEFAULT_DDPM_MODEL", "default_ddpm_model", ctx.engines_of("ddpm")),
@@ -132,7 +134,8 @@ class GenServe:
         specs = [e.pipeline.spec for e in text.values()]  # the request bodies with sizes are theirs
         default = text.get(self.ctx.settings.default_diffusion_model)
         install(app, sides=[lim for s in specs for lim in s.side_limits().values()],
-                num_classes=[p.info.num_classes for p in self.ctx.gan.values() if p.info.num_classes],
+                num_classes=[p.info.num_classes for p in self.ctx.gan.values() if p.info.num_classes]
+                + [g.info.c_dim for g in self.ctx.stylegan.values() if g.info.c_dim],
                 prompt_tokens=[t for e in text.values() if (t := getattr(e.pipeline.conditioner, "max_tokens", None))],
                 image_example=default and default.pipeline.spec,
                 vae_example=(vae := self.ctx.vae.get(self.ctx.settings.default_vae_model)) and vae.info)

@@ -30,8 +30,13 @@ async def gan_generate(body: GANGenerateRequest, ctx: ServiceContext = Depends(c
     start = time.perf_counter()
     # 1. Check inputs against the chosen model.
     name = body.model or ctx.settings.default_gan_model
+    if name in ctx.stylegan:
+        from services.routers import stylegan
+
+        return await stylegan.generate(ctx, name, body)
     if name not in ctx.gan:
-        raise ModelNotFound(f"model {name!r} is not a GAN served here", field="model", allowed=sorted(ctx.gan))
+        raise ModelNotFound(f"model {name!r} is not a GAN served here", field="model",
+                            allowed=sorted([*ctx.gan, *ctx.stylegan]))
     pipeline = ctx.gan[name]
     num_classes = pipeline.info.num_classes
     if body.class_label is not None and num_classes == 0:

@@ -7,8 +7,6 @@ little-endian float32}, in the VAE's own latent space."""
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import time
 
 import numpy as np
@@ -21,6 +19,7 @@ from services.gateway import request_id_var
 from services.http import parse_body
 from services.imaging import FORMATS
 from services.openapi import body_schema, error_responses
+from services.tensors import decode_tensor, encode_tensor
 from services.schemas import (
     MAX_FRAMES,
     MAX_IMAGES_PER_REQUEST,
@@ -134,8 +133,7 @@ def _image(vae, data: str, field: str) -> np.ndarray:
 
 
 def to_tensor(x: np.ndarray) -> LatentTensor:
-    return LatentTensor(shape=list(x.shape), datatype="FP32",
-                        data=base64.b64encode(x.astype("<f4").tobytes()).decode("ascii"))
+    return LatentTensor(**encode_tensor(x))
 
 
 def from_tensor(t: LatentTensor, vae) -> np.ndarray:
@@ -151,17 +149,7 @@ def from_tensor(t: LatentTensor, vae) -> np.ndarray:
     most = info.max_side // info.scale_factor
     if max(h, w) > most:
         raise InvalidRequest(f"latent sides may be at most {most}, got {h}x{w}", field="latent.shape", limit=most)
-    try:
-        raw = base64.b64decode(t.data, validate=True)
-    except (binascii.Error, ValueError):
-        raise InvalidRequest("latent.data is not valid base64", field="latent.data") from None
-    if len(raw) != n * c * h * w * 4:
-        raise InvalidRequest(f"latent.data holds {len(raw)} bytes; shape {t.shape} of FP32 needs {n * c * h * w * 4}",
-                             field="latent.data")
-    x = np.frombuffer(raw, dtype="<f4").reshape(n, c, h, w).astype(np.float32)
-    if not np.isfinite(x).all():
-        raise InvalidRequest("latent.data holds NaN or infinite values", field="latent.data")
-    return x
+    return decode_tensor(t.shape, t.data, "latent")
 
 
 def _images(ctx: ServiceContext, task: str, name: str, images: np.ndarray, seeds: list, fmt: str, start: float,
