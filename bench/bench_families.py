@@ -44,6 +44,11 @@ def workloads(image: str) -> list[tuple[str, str, callable]]:
     """(family, path, body for request i)."""
     return [
         ("gan", "/v1/gan/generate", lambda i: {"seed": i, "class_label": i % 10}),
+        ("stylegan generate", "/v1/gan/generate", lambda i: {"model": "stylegan_digits", "seed": i,
+                                                             "class_label": i % 10, "truncation_psi": 0.7}),
+        ("stylegan mix", "/v1/gan/mix", lambda i: {"model": "stylegan_digits", "seed": i, "style_seed": i + 1}),
+        ("stylegan interpolate (w, 8 frames)", "/v1/gan/interpolate",
+         lambda i: {"model": "stylegan_digits", "seeds": [i, i + 1], "frames": 8}),
         ("sd (txt2img, 20 steps)", "/v1/txt2img", lambda i: {"prompt": "a handwritten digit seven", "seed": i}),
         ("sd (img2img, 20 x 0.8)", "/v1/img2img", lambda i: {"prompt": "seven", "image": image, "seed": i}),
         ("sdxl random (txt2img, 20 steps)", "/v1/txt2img", lambda i: {"model": "xl_bench", "prompt": "a red cat",
