@@ -68,10 +68,10 @@ class Timeline:
         self.note(f"triton: ready again after {self.triton.wait_ready():.1f}s")
 
 
-def send_witnesses(url: str, seeds: list[int], out: dict, started: threading.Event | None = None):
-    """Witness requests over the stream endpoint: its progress events say when a witness is
-    part-way (then `started` is set, and the outage may begin); its result event is the
-    txt2img response, compared with the one sent before the chaos."""
+def send_witnesses(url: str, seeds: list[int], out: dict, started: list[threading.Event] | None = None):
+    """Witness requests over the stream endpoint: their progress events say when each
+    witness is part-way (then its event in `started` is set; the outage begins once all
+    are); the result event is the txt2img response, compared with the one before the chaos."""
     import json
 
     def one(seed):
@@ -89,7 +89,7 @@ def send_witnesses(url: str, seeds: list[int], out: dict, started: threading.Eve
                     elif line.startswith("data: "):
                         data = json.loads(line[6:])
                         if event == "progress" and data["step"] >= 5 and started is not None:
-                            started.set()
+                            started[seeds.index(seed)].set()
                         elif event in ("result", "error"):
                             out[seed] = (event, data)
         except Exception as exc:  # reported as a failed witness
@@ -155,10 +155,11 @@ def main(argv=None) -> int:
         def chaos():
             for seeds, how, at in (([11, 12], "stop", 0.25), ([21, 22], "kill", 0.6)):
                 time.sleep(max(0.0, timeline.t0 + at * args.duration - time.monotonic()))
-                started = threading.Event()
+                started = [threading.Event() for _ in seeds]
                 threads.extend(send_witnesses(url, seeds, witnesses, started))
-                if not started.wait(timeout=60):
-                    timeline.note("witnesses did not start within 60 s")
+                deadline = time.monotonic() + 60
+                if not all(e.wait(timeout=max(0.0, deadline - time.monotonic())) for e in started):
+                    timeline.note("witnesses did not all start within 60 s")
                 timeline.note(f"witnesses {seeds} part-way")
                 timeline.outage(how, args.down_s)
         os.environ["LOADTEST_ACCEPT"] = "429,503"

@@ -152,7 +152,31 @@ def vae_examples(doc: dict, info) -> dict:
     return doc
 
 
-def install(app: FastAPI, image_example=None, vae_example=None, **limits) -> None:
+def stylegan_examples(doc: dict, info) -> dict:
+    """Working JSON examples for the W-space endpoints of one StyleGAN model."""
+    import base64
+
+    import numpy as np
+
+    w = np.zeros((1, info.w_dim), "<f4")
+    labels = {"class_label": 0} if info.c_dim else {}
+    bodies = {
+        "/gan/mix": {"seed": 1, "style_seed": 2, **labels},
+        "/gan/interpolate": {"seeds": [1, 2], "frames": 4},
+        "/gan/latents": {"seeds": [1, 2]},
+        "/gan/synthesize": {"w": {"shape": [1, info.w_dim], "datatype": "FP32",
+                                  "data": base64.b64encode(w.tobytes()).decode("ascii")}},
+    }
+    if info.directions:
+        bodies["/gan/edit"] = {"seed": 1, "direction": sorted(info.directions)[0], "strength": 1.0, **labels}
+    for path, body in bodies.items():
+        content = doc.get("paths", {}).get(path, {}).get("post", {}).get("requestBody", {}).get("content", {})
+        if "application/json" in content:
+            content["application/json"]["example"] = {"model": info.name, **body}
+    return doc
+
+
+def install(app: FastAPI, image_example=None, vae_example=None, stylegan_example=None, **limits) -> None:
     """Replaces the app's OpenAPI generator with one that documents `limits` (and, given
     the default diffusion model and VAE, examples for the image and VAE endpoints)."""
 
@@ -165,6 +189,8 @@ def install(app: FastAPI, image_example=None, vae_example=None, **limits) -> Non
                 doc = image_examples(doc, image_example)
             if vae_example is not None:
                 doc = vae_examples(doc, vae_example)
+            if stylegan_example is not None:
+                doc = stylegan_examples(doc, stylegan_example)
             app.openapi_schema = doc
         return app.openapi_schema
 

@@ -138,7 +138,8 @@ class GenServe:
                 + [g.info.c_dim for g in self.ctx.stylegan.values() if g.info.c_dim],
                 prompt_tokens=[t for e in text.values() if (t := getattr(e.pipeline.conditioner, "max_tokens", None))],
                 image_example=default and default.pipeline.spec,
-                vae_example=(vae := self.ctx.vae.get(self.ctx.settings.default_vae_model)) and vae.info)
+                vae_example=(vae := self.ctx.vae.get(self.ctx.settings.default_vae_model)) and vae.info,
+                stylegan_example=next((g.info for g in self.ctx.stylegan.values()), None))
 
     @bentoml.on_startup
     async def _warm_up(self) -> None:
