@@ -56,6 +56,7 @@ def test_classifier_recognises_the_asked_digit(g):
     stats = class_accuracy(g, load_classifier())
     assert stats["overall"] >= 0.9, stats
     assert min(stats["per_class"]) >= 0.7, stats
+    assert stats["diversity_ratio"] >= 0.4, stats  # not one template per digit (was 0.09 before the init fix)
 
 
 @pytest.mark.slow

@@ -18,7 +18,11 @@ not demodulated, 1x1 toRGB: each consumes one ws entry, so num_ws = 2 * log2(res
 (8 for 32x32). Deliberate simplifications against NVIDIA's: no per-pixel noise inputs
 (the generator is a deterministic function of z and c, which serving relies on), bilinear
 upsampling instead of FIR filtering, a single toRGB at the end instead of skip outputs,
-plain (not equalised) learning rates. The modulated conv uses NVIDIA's non-fused path
+plain (not equalised) learning rates, but initialised as NVIDIA's equalised layers start:
+mapping weights N(0, 2 / (1.04 fan_in)) with zero bias (w keeps a 2nd moment ~1, so it
+depends on z; PyTorch's default Linear init shrank the z-part of w ~30x over four layers,
+leaving biases to dominate and G drawing one template per digit) and affine weights
+N(0, 1 / w_dim) (styles 1 +- O(1) per sample). The modulated conv uses NVIDIA's non-fused path
 (scale activations by the style, shared-weight conv, scale by the demodulation
 coefficients), which is mathematically the fused grouped conv but keeps the ONNX graph's
 batch axis dynamic (a grouped conv would fix groups = batch at trace time).
@@ -46,6 +50,9 @@ class MappingNetwork(nn.Module):
         self.embed = nn.Linear(c_dim, w_dim) if c_dim > 0 else None
         dims = [(z_dim if z_dim > 0 else 0) + (w_dim if c_dim > 0 else 0)] + [w_dim] * num_layers
         self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(dims[:-1], dims[1:]))
+        for layer in self.layers:  # keeps w's 2nd moment ~1 through leaky ReLU(0.2); see the module docstring
+            nn.init.normal_(layer.weight, std=math.sqrt(2 / (1 + 0.2 ** 2) / layer.in_features))
+            nn.init.zeros_(layer.bias)
         self.register_buffer("w_avg", torch.zeros(w_dim))
 
     def forward(self, z: torch.Tensor, c: torch.Tensor | None = None, truncation_psi: float = 1,
@@ -75,6 +82,7 @@ class ModulatedConv(nn.Module):
                  up: bool = False, activate: bool = True) -> None:
         super().__init__()
         self.affine = nn.Linear(w_dim, c_in)
+        nn.init.normal_(self.affine.weight, std=1 / math.sqrt(w_dim))  # as NVIDIA's equalised affine at init
         nn.init.ones_(self.affine.bias)
         self.weight = nn.Parameter(torch.randn(c_out, c_in, kernel, kernel))
         self.bias = nn.Parameter(torch.zeros(c_out))
