@@ -32,34 +32,14 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import math
 import time
 from pathlib import Path
 
 import torch
-import torch.nn as nn
 
 from zoo.data import load_digit_images
+from zoo.latent_diffusion.train import batches, cosine_lr, ema_update
 from zoo.ddpm import CHECKPOINT, SCHEDULER_CONFIG, build_unet
-
-
-def cosine_lr(step: int, total: int, warmup: int) -> float:
-    if step < warmup:
-        return (step + 1) / warmup
-    return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
-
-
-@torch.no_grad()
-def ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
-    for p_ema, p in zip(ema.parameters(), model.parameters()):
-        p_ema.lerp_(p, 1.0 - decay)
-
-
-def batches(n: int, batch_size: int, gen: torch.Generator):
-    while True:
-        order = torch.randperm(n, generator=gen)
-        for i in range(0, n - batch_size + 1, batch_size):
-            yield order[i : i + batch_size]
 
 
 def save_folder(unet, out: Path, training: dict) -> None:
