@@ -52,7 +52,6 @@ class labels), before the config is written.
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 from typing import Callable
 
@@ -60,16 +59,8 @@ import numpy as np
 import torch
 
 from export.diffusers_folder import UnsupportedFolder
-from export.onnx_export import export_onnx, verify_onnx
-from export.stable_diffusion import ComponentReport, save_with_external_data_if_large
-from export.triton_config import (
-    DeploymentTarget,
-    ModelConfigSpec,
-    TensorSpec,
-    build_model_config,
-    default_batching,
-    write_model_config,
-)
+from export.stable_diffusion import ComponentReport, GraphExporter
+from export.triton_config import DeploymentTarget, TensorSpec
 
 OUTPUT_RANGE = "-1,1"
 
@@ -168,36 +159,15 @@ def export_ddpm(
         dynamic["class_labels"] = {0: "batch"}
     outputs = [TensorSpec("noise_pred", "float32", (c_out, -1, -1))]
 
-    model_name = f"{name}_unet"
-    model_dir = repository / model_name
-    onnx_path = model_dir / str(version) / "model.onnx"
-    progress(f"[{name}] exporting unet ({'%d classes' % num_classes if num_classes else 'unconditional'}, "
-             f"{c_in}->{c_out} channels, {h}x{w}) ...")
-    export_onnx(module, {k: torch.from_numpy(v) for k, v in make_inputs(2, 1).items()}, ["noise_pred"],
-                onnx_path, dynamic)
-    external = save_with_external_data_if_large(onnx_path)
-    # Another batch size and twice the size: exercises the dynamic axes.
-    err = verify_onnx(module, onnx_path, make_inputs(3, 2), atol=1e-3)
-
+    progress(f"[{name}] unet: {'%d classes' % num_classes if num_classes else 'unconditional'}, "
+             f"{c_in}->{c_out} channels, {h}x{w}")
     parameters = {
-        "genserve.pipeline": "ddpm",
-        "genserve.pipeline_name": name,
-        "genserve.component": "unet",
-        "genserve.in_channels": str(c_in),
-        "genserve.out_channels": str(c_out),
-        "genserve.sample_height": str(h),
-        "genserve.sample_width": str(w),
-        **({"genserve.sample_size": str(h)} if h == w else {}),
-        "genserve.size_multiple": str(size_multiple),
-        "genserve.num_classes": str(num_classes),
-        "genserve.output_range": OUTPUT_RANGE,
+        "in_channels": c_in, "out_channels": c_out, "sample_height": h, "sample_width": w,
+        **({"sample_size": h} if h == w else {}),
+        "size_multiple": size_multiple, "num_classes": num_classes, "output_range": OUTPUT_RANGE,
     }
-    spec = ModelConfigSpec(
-        name=model_name, inputs=inputs, outputs=outputs,
-        batching=default_batching(max_batch_size, 1000), target=target, parameters=parameters,
-        warmup_dims={"sample": (c_in, h, w)},
-    )
-    write_model_config(build_model_config(spec), model_dir)
-    shutil.copy(scheduler_config, model_dir / "scheduler_config.json")
-    progress(f"[{name}] unet: verified, max abs error {err:.2e}{' (external data)' if external else ''}")
-    return [ComponentReport(model_name, onnx_path, err, external)]
+    export_graph = GraphExporter(repository, name, "ddpm", version=version, max_batch_size=max_batch_size,
+                                 target=target, progress=progress)
+    export_graph("unet", module, make_inputs, inputs, outputs, dynamic, parameters, atol=1e-3, delay_us=1000,
+                 files=[(scheduler_config, "scheduler_config.json")])
+    return export_graph.reports

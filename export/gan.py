@@ -414,7 +414,7 @@ def probe_generator(
         raise GANExportError(f"{call} returned non-finite values (NaN or inf) for standard normal z")
     _, c, h, w = shape
     if c not in SERVABLE_CHANNELS:
-        nhwc = f" (it looks like NHWC: permute(0, 3, 1, 2) in forward)" if w in SERVABLE_CHANNELS else ""
+        nhwc = " (it looks like NHWC: permute(0, 3, 1, 2) in forward)" if w in SERVABLE_CHANNELS else ""
         raise GANExportError(f"{call} returned {c} channels (shape {list(shape)}); served images have "
                              f"1 (grey), 3 (RGB) or 4 (RGBA) channels in NCHW{nhwc}")
     alone = run(z[:1], None if labels is None else labels[:1])

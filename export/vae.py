@@ -43,24 +43,15 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
-import torch
 
-from export.onnx_export import export_onnx, verify_onnx
 from export.stable_diffusion import (
     EXTERNAL_DATA_THRESHOLD,
     ComponentReport,
+    GraphExporter,
     _VAEDecoder,
     _VAEEncoder,
-    save_with_external_data_if_large,
 )
-from export.triton_config import (
-    DeploymentTarget,
-    ModelConfigSpec,
-    TensorSpec,
-    build_model_config,
-    default_batching,
-    write_model_config,
-)
+from export.triton_config import DeploymentTarget, TensorSpec
 
 ATOL = 1e-3  # fp32 VAE graphs on ONNX Runtime vs PyTorch; measured errors are ~1e-6
 QUEUE_DELAY_US = 2000
@@ -122,28 +113,9 @@ def export_vae(
     if side % scale:
         raise ValueError(f"{source}: sample_size {side} is not a multiple of the VAE scale factor {scale}")
     h = side // scale  # native latent side
-    base = {"genserve.pipeline": "vae", "genserve.pipeline_name": name}
     rng = np.random.default_rng(0)
-    reports: list[ComponentReport] = []
-
-    def component(role, module, make_inputs, inputs, outputs, dynamic):
-        model_name = f"{name}_{role}"
-        progress(f"[{name}] exporting {role} ...")
-        model_dir = repository / model_name
-        onnx_path = model_dir / str(version) / "model.onnx"
-        example = {k: torch.from_numpy(v) for k, v in make_inputs(2, 1).items()}
-        export_onnx(module, example, [t.name for t in outputs], onnx_path, dynamic)
-        external = save_with_external_data_if_large(onnx_path, external_data_threshold)
-        err = verify_onnx(module, onnx_path, make_inputs(3, 2), atol=ATOL)
-        spec = ModelConfigSpec(
-            name=model_name, inputs=inputs, outputs=outputs,
-            batching=default_batching(max_batch_size, QUEUE_DELAY_US), target=target,
-            parameters={**base, "genserve.component": role, **{f"genserve.{k}": str(v) for k, v in params.items()}},
-            warmup_dims={k: tuple(v.shape[1:]) for k, v in make_inputs(1, 1).items()},
-        )
-        write_model_config(build_model_config(spec), model_dir)
-        progress(f"[{name}] {role}: verified, max abs error {err:.2e}{' (external data)' if external else ''}")
-        reports.append(ComponentReport(model_name, onnx_path, err, external))
+    component = GraphExporter(repository, name, "vae", version=version, max_batch_size=max_batch_size, target=target,
+                              progress=progress, external_data_threshold=external_data_threshold)
 
     spatial = {0: "batch", 2: "height", 3: "width"}
     component(
@@ -151,13 +123,13 @@ def export_vae(
         lambda b, k: {"sample": rng.uniform(-1, 1, (b, c_img, k * side, k * side)).astype(np.float32)},
         [TensorSpec("sample", "float32", (c_img, -1, -1))],
         [TensorSpec("latent_parameters", "float32", (2 * c_lat, -1, -1))],
-        {"sample": spatial, "latent_parameters": spatial},
+        {"sample": spatial, "latent_parameters": spatial}, params, ATOL, QUEUE_DELAY_US,
     )
     component(
         "vae_decoder", _VAEDecoder(vae),
         lambda b, k: {"latent_sample": rng.standard_normal((b, c_lat, k * h, k * h), dtype=np.float32)},
         [TensorSpec("latent_sample", "float32", (c_lat, -1, -1))],
         [TensorSpec("sample", "float32", (c_img, -1, -1))],
-        {"latent_sample": spatial, "sample": spatial},
+        {"latent_sample": spatial, "sample": spatial}, params, ATOL, QUEUE_DELAY_US,
     )
-    return reports
+    return component.reports

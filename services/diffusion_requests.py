@@ -10,7 +10,8 @@ import numpy as np
 
 from services.errors import InvalidRequest
 from services.imaging import ImageTooLarge, decode_image
-from services.pipelines.diffusion import DiffusionRequest, DiffusionSpec
+from services.engine.engine import check_denoising_steps
+from services.pipelines.diffusion import DiffusionRequest, DiffusionSpec, denoising_steps
 from services.schemas import resolve_seed
 
 
@@ -27,25 +28,9 @@ def decode_field(data: str, channels: int, field: str, max_side: int) -> np.ndar
         raise InvalidRequest(str(exc), field=field) from None
 
 
-def effective_steps(num_inference_steps: int, strength: float) -> int:
-    """Denoising steps an image-to-image request runs (diffusers' get_timesteps)."""
-    return min(int(num_inference_steps * strength), num_inference_steps)
-
-
-def min_strength(num_inference_steps: int) -> float:
-    """The smallest strength that still runs one step."""
-    s = 1.0 / num_inference_steps
-    while effective_steps(num_inference_steps, s) < 1:
-        s = float(np.nextafter(s, 2.0))
-    return s
-
-
 def image_steps(request: DiffusionRequest) -> int:
     """What a request costs the engine: denoising steps x images (the queue's unit)."""
-    steps = request.num_inference_steps
-    if request.init_image is not None:
-        steps = effective_steps(steps, request.strength)
-    return steps * request.num_images
+    return denoising_steps(request) * request.num_images
 
 
 def check_sides(spec: DiffusionSpec, height: int, width: int, field: str | None = None) -> None:
@@ -94,12 +79,8 @@ def build_request(task: str, body, spec: DiffusionSpec) -> tuple[DiffusionReques
     else:
         if spec.vae_encoder is None:
             raise InvalidRequest(f"model {spec.name!r} has no VAE encoder: {task} is not available", field="model")
-        if effective_steps(body.num_inference_steps, body.strength) < 1:
-            least = min_strength(body.num_inference_steps)
-            raise InvalidRequest(
-                f"strength x num_inference_steps must give at least one denoising step: with "
-                f"num_inference_steps={body.num_inference_steps}, strength must be at least {least:.6g}",
-                field="strength", limit=least)
+        # the engine's own check, before any image is decoded
+        check_denoising_steps(body.num_inference_steps, body.strength, from_image=True)
         init_image = decode_field(body.image, spec.image_channels, "image", max_side)
         params["height"], params["width"] = init_image.shape[1:]
         check_sides(spec, *init_image.shape[1:], field="image")

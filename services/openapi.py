@@ -95,20 +95,24 @@ def document_limits(doc: dict, *, sides: list[dict], num_classes: list[int], pro
     return doc
 
 
-def image_examples(doc: dict, spec) -> dict:
-    """Working JSON examples for the image endpoints: a grey image and a half mask of the
-    model's native size, so clients (and fuzzers) see a request that succeeds."""
+def _png_base64(pixels) -> str:
+    """uint8 pixels -> base64 PNG, for example bodies."""
     import base64
     import io
 
-    import numpy as np
     from PIL import Image
 
-    def png(pixels: np.ndarray) -> str:
-        buffer = io.BytesIO()
-        Image.fromarray(pixels).save(buffer, format="PNG")
-        return base64.b64encode(buffer.getvalue()).decode("ascii")
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
 
+
+def image_examples(doc: dict, spec) -> dict:
+    """Working JSON examples for the image endpoints: a grey image and a half mask of the
+    model's native size, so clients (and fuzzers) see a request that succeeds."""
+    import numpy as np
+
+    png = _png_base64
     h, w = spec.native_height, spec.native_width
     image = png(np.full((h, w) if spec.image_channels == 1 else (h, w, 3), 128, np.uint8))
     mask = np.zeros((h, w), np.uint8)
@@ -127,16 +131,11 @@ def image_examples(doc: dict, spec) -> dict:
 def vae_examples(doc: dict, info) -> dict:
     """Working JSON examples for the VAE endpoints, from the default VAE's shapes."""
     import base64
-    import io
 
     import numpy as np
-    from PIL import Image
 
     side = info.native_size
-    buffer = io.BytesIO()
-    Image.fromarray(np.full((side, side) if info.image_channels == 1 else (side, side, 3), 128, np.uint8)).save(
-        buffer, format="PNG")
-    image = base64.b64encode(buffer.getvalue()).decode("ascii")
+    image = _png_base64(np.full((side, side) if info.image_channels == 1 else (side, side, 3), 128, np.uint8))
     latent = np.zeros((1, *info.native_latent), "<f4")
     bodies = {
         "/vae/encode": {"image": image},

@@ -17,6 +17,19 @@ OutputFormat = Literal["png", "jpeg", "webp"]
 MIN_TIMEOUT_S = 1.0  # a deadline shorter than one step is a client bug, not a 504
 
 
+def check_class_label(model: str, label: int | None, num_classes: int, field: str = "class_label") -> None:
+    """A label given to a model: refused for an unconditional one, bounded by num_classes."""
+    from services.errors import InvalidRequest
+
+    if label is None:
+        return
+    if not num_classes:
+        raise InvalidRequest(f"model {model!r} is unconditional: omit {field}", field=field)
+    if label >= num_classes:
+        raise InvalidRequest(f"{field} must be below {num_classes} for model {model!r}", field=field,
+                             limit=num_classes - 1)
+
+
 def resolve_seed(seed: int | None, num_images: int) -> int:
     """The request's seed: image i uses seed + i, so every listed seed must itself be a
     valid seed (at most MAX_SEED). A random seed is drawn so that it is."""

@@ -30,10 +30,10 @@ from typing import Awaitable, TypeVar
 import numpy as np
 
 from services.engine.prompt_cache import PromptCache
-from services.engine.request import FINISH_REASONS, EngineRequest, RequestStatus, denoising_steps
+from services.engine.request import FINISH_REASONS, EngineRequest, RequestStatus
 from services.engine.scheduler import StepBatch, StepScheduler
 from services.errors import BackendUnavailable, InvalidRequest, NonFiniteOutput
-from services.pipelines.diffusion import DiffusionOutput, DiffusionPipeline, DiffusionRequest
+from services.pipelines.diffusion import DiffusionOutput, DiffusionPipeline, DiffusionRequest, effective_steps
 
 log = logging.getLogger("genserve.engine")
 
@@ -50,19 +50,20 @@ class EngineObserver:
     def finished(self, model: str, reason: str) -> None: ...
 
 
-def check_denoising_steps(request: DiffusionRequest) -> None:
-    """Refuses a request that would run no denoising step (InvalidRequest, 422)."""
-    n = request.num_inference_steps
+def check_denoising_steps(num_inference_steps: int, strength: float, from_image: bool) -> None:
+    """Refuses a request that would run no denoising step (InvalidRequest, 422), naming the
+    smallest strength that runs one (1/n rounded up to 4 decimals)."""
+    n = num_inference_steps
     if n < 1:
         raise InvalidRequest("num_inference_steps must be at least 1", field="num_inference_steps", limit=1)
-    if denoising_steps(request) >= 1:
+    if not from_image or effective_steps(n, strength) >= 1:
         return
-    minimum = -(-10_000 // n) / 10_000  # 1/n rounded up to 4 decimals
-    while int(n * minimum) < 1:  # guard float rounding (n * (1/n) can be 0.999...)
+    minimum = -(-10_000 // n) / 10_000
+    while effective_steps(n, minimum) < 1:  # guard float rounding (n * (1/n) can be 0.999...)
         minimum = round(minimum + 0.0001, 4)
     raise InvalidRequest(
         f"strength x num_inference_steps must give at least 1 denoising step: with "
-        f"num_inference_steps={n}, strength must be at least {minimum:g} (got {request.strength:g})",
+        f"num_inference_steps={n}, strength must be at least {minimum:g} (got {strength:g})",
         field="strength", limit=minimum)
 
 
@@ -108,7 +109,7 @@ class DiffusionEngine:
         for a prompt that does not fit, InvalidRequest for one that would run no step)
         and returns its handle; await `handle.done`."""
         self.pipeline.tokenize(request)  # reject bad prompts before they queue
-        check_denoising_steps(request)
+        check_denoising_steps(request.num_inference_steps, request.strength, request.init_image is not None)
         if request.scheduler not in self.pipeline.schedulers:
             raise InvalidRequest(f"scheduler {request.scheduler!r} cannot be built from model {self.model!r}'s "
                                  f"scheduler config; choose one of {', '.join(self.pipeline.schedulers)}",

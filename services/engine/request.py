@@ -9,7 +9,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from services.pipelines.diffusion import DiffusionOutput, DiffusionRequest, Trajectory
+from services.pipelines.diffusion import DiffusionOutput, DiffusionRequest, Trajectory, denoising_steps
 
 
 class RequestStatus(enum.IntEnum):
@@ -35,15 +35,6 @@ FINISH_REASONS = {
 }
 
 _ids = itertools.count()
-
-
-def denoising_steps(request: DiffusionRequest) -> int:
-    """Steps the request's trajectory will run: image-to-image and inpainting start
-    part-way, at `strength` (as Trajectory / diffusers' get_timesteps count them)."""
-    steps = request.num_inference_steps
-    if request.init_image is not None:
-        steps = min(int(steps * request.strength), steps)
-    return steps
 
 
 @dataclass(eq=False)

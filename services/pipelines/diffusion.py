@@ -155,9 +155,27 @@ def initial_latents(seed: int, num_images: int, shape: tuple[int, ...]) -> list[
     return [np.random.default_rng(seed + i).standard_normal(shape, dtype=np.float32) for i in range(num_images)]
 
 
+def effective_steps(num_inference_steps: int, strength: float) -> int:
+    """Denoising steps an image-to-image request of `strength` runs (diffusers' get_timesteps)."""
+    return min(int(num_inference_steps * strength), num_inference_steps)
+
+
+def denoising_steps(req: DiffusionRequest) -> int:
+    """Steps the request's trajectory will run: image-to-image and inpainting start part-way."""
+    if req.init_image is None:
+        return req.num_inference_steps
+    return effective_steps(req.num_inference_steps, req.strength)
+
+
+def gaussian_posterior(latent_parameters: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """A VAE encoder's [2C, h, w] output -> (mean, std), as diffusers' DiagonalGaussianDistribution."""
+    mean, logvar = np.split(latent_parameters, 2, axis=0)
+    return mean, np.exp(0.5 * np.clip(logvar, -30.0, 20.0))
+
+
 def img2img_timesteps(scheduler, num_inference_steps: int, strength: float) -> np.ndarray:
     """The tail of the schedule an image of `strength` starts from (diffusers' get_timesteps)."""
-    init_timestep = min(int(num_inference_steps * strength), num_inference_steps)
+    init_timestep = effective_steps(num_inference_steps, strength)
     t_start = max(num_inference_steps - init_timestep, 0) * scheduler.order
     if hasattr(scheduler, "set_begin_index"):
         scheduler.set_begin_index(t_start)
@@ -310,8 +328,7 @@ class DiffusionPipeline:
             raise ValueError(f"pipeline {self.name!r} has no VAE encoder")
         params = (await self.backend.infer(self.spec.vae_encoder, {"sample": image[None].astype(np.float32)}))[
             "latent_parameters"][0]
-        mean, logvar = np.split(params, 2, axis=0)
-        std = np.exp(0.5 * np.clip(logvar, -30.0, 20.0))  # diffusers' DiagonalGaussianDistribution
+        mean, std = gaussian_posterior(params)
         samples = np.stack([mean + std * rng.standard_normal(mean.shape, dtype=np.float32) for rng in rngs])
         return self.spec.from_vae(samples)
 

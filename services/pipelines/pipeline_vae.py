@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from services.pipelines.diffusion import gaussian_posterior
 from services.runtime import InferenceBackend, ModelSpec
 
 LATENT_FAMILIES = ("vae", "stable_diffusion", "stable_diffusion_xl")
@@ -93,8 +94,7 @@ class VAEPipeline:
             raise ValueError(f"{self.info.name!r} has no VAE encoder")
         params = (await self.backend.infer(self.info.encoder, {"sample": image[None].astype(np.float32)}))[
             "latent_parameters"][0]
-        mean, logvar = np.split(params, 2, axis=0)
-        return mean, np.exp(0.5 * np.clip(logvar, -30.0, 20.0))  # diffusers' DiagonalGaussianDistribution
+        return gaussian_posterior(params)
 
     async def encode(self, image: np.ndarray, seed: int | None = None) -> np.ndarray:
         """The posterior mean, or with a seed a sample drawn from it: [1, C_lat, h, w]."""

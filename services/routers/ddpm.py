@@ -10,7 +10,7 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import StreamingResponse
 
 from services.context import ServiceContext, context
-from services.errors import InvalidRequest, ModelNotFound
+from services.errors import ModelNotFound
 from services.gateway import request_id_var
 from services.imaging import FORMATS
 from services.openapi import SSE_RESPONSE, error_responses
@@ -25,6 +25,7 @@ from services.schemas import (
     DDPMGenerateStreamRequest,
     DiffusionResponse,
     ModelDescription,
+    check_class_label,
     resolve_seed,
     tensors,
 )
@@ -62,11 +63,7 @@ def _submit(ctx: ServiceContext, body):
                             allowed=sorted(engines))
     engine = engines[name]
     num_classes = engine.pipeline.num_classes
-    if body.class_label is not None and not num_classes:
-        raise InvalidRequest(f"model {name!r} is unconditional: omit class_label", field="class_label")
-    if body.class_label is not None and body.class_label >= num_classes:
-        raise InvalidRequest(f"class_label must be below {num_classes} for model {name!r}",
-                             field="class_label", limit=num_classes - 1)
+    check_class_label(name, body.class_label, num_classes)
     seed = resolve_seed(body.seed, body.num_images)
     labels = None
     if num_classes:  # a label not given is drawn per image from a generator of its own

@@ -7,7 +7,7 @@ import time
 from fastapi import APIRouter, Depends
 
 from services.context import ServiceContext, context
-from services.errors import InvalidRequest, ModelNotFound
+from services.errors import ModelNotFound
 from services.gateway import request_id_var
 from services.imaging import FORMATS
 from services.openapi import error_responses
@@ -17,6 +17,7 @@ from services.schemas import (
     GANGenerateRequest,
     GANGenerateResponse,
     ModelDescription,
+    check_class_label,
     resolve_seed,
     tensors,
 )
@@ -38,12 +39,7 @@ async def gan_generate(body: GANGenerateRequest, ctx: ServiceContext = Depends(c
         raise ModelNotFound(f"model {name!r} is not a GAN served here", field="model",
                             allowed=sorted([*ctx.gan, *ctx.stylegan]))
     pipeline = ctx.gan[name]
-    num_classes = pipeline.info.num_classes
-    if body.class_label is not None and num_classes == 0:
-        raise InvalidRequest(f"model {name!r} is unconditional: omit class_label", field="class_label")
-    if body.class_label is not None and body.class_label >= num_classes:
-        raise InvalidRequest(f"class_label must be below {num_classes} for model {name!r}",
-                             field="class_label", limit=num_classes - 1)
+    check_class_label(name, body.class_label, pipeline.info.num_classes)
     seed = resolve_seed(body.seed, body.num_images)
 
     # 2. Generate.

@@ -31,6 +31,7 @@ from services.schemas import (
     GeneratedImage,
     ModelDescription,
     WTensor,
+    check_class_label,
     resolve_seed,
     tensors,
 )
@@ -43,7 +44,7 @@ async def generate(ctx: ServiceContext, name: str, body: GANGenerateRequest) -> 
     """`/v1/gan/generate` on a StyleGAN model (the gan router hands it over)."""
     start = time.perf_counter()
     g = ctx.stylegan[name]
-    _check_label(g, name, body.class_label, "class_label")
+    check_class_label(name, body.class_label, g.info.c_dim, "class_label")
     seed = resolve_seed(body.seed, body.num_images)
     seeds = [seed + i for i in range(body.num_images)]
     w, labels = await g.seeds_to_w(seeds, [body.class_label] * body.num_images, body.truncation_psi)
@@ -58,8 +59,8 @@ async def mix(body: GANMixRequest, ctx: ServiceContext = Depends(context)) -> GA
     """Style mixing: layers before `crossover` from `seed`, the rest from `style_seed`."""
     start = time.perf_counter()
     name, g = _model(ctx, body.model)
-    _check_label(g, name, body.class_label, "class_label")
-    _check_label(g, name, body.style_class_label, "style_class_label")
+    check_class_label(name, body.class_label, g.info.c_dim, "class_label")
+    check_class_label(name, body.style_class_label, g.info.c_dim, "style_class_label")
     crossover = g.info.num_ws // 2 if body.crossover is None else body.crossover
     if crossover > g.info.num_ws:
         raise InvalidRequest(f"crossover must be at most num_ws={g.info.num_ws}", field="crossover",
@@ -149,7 +150,7 @@ async def edit(body: GANEditRequest, ctx: ServiceContext = Depends(context)) -> 
     if body.direction not in g.info.directions:
         raise InvalidRequest(f"model {name!r} has no direction {body.direction!r}", field="direction",
                              allowed=sorted(g.info.directions))
-    _check_label(g, name, body.class_label, "class_label")
+    check_class_label(name, body.class_label, g.info.c_dim, "class_label")
     w, labels = await g.seeds_to_w([body.seed], [body.class_label], body.truncation_psi)
     edited = (w + np.float32(body.strength) * g.info.directions[body.direction]).astype(np.float32)
     images = await g.synthesis(g.broadcast(edited))
@@ -171,16 +172,6 @@ def _model(ctx: ServiceContext, model: str | None):
     return name, ctx.stylegan[name]
 
 
-def _check_label(g, name: str, label: int | None, field: str) -> None:
-    if label is None:
-        return
-    if not g.info.c_dim:
-        raise InvalidRequest(f"model {name!r} is unconditional: omit {field}", field=field)
-    if label >= g.info.c_dim:
-        raise InvalidRequest(f"{field} must be below {g.info.c_dim} for model {name!r}", field=field,
-                             limit=g.info.c_dim - 1)
-
-
 def _labels(g, name: str, labels: list[int] | None, count: int) -> list[int | None]:
     if labels is None:
         return [None] * count
@@ -188,7 +179,7 @@ def _labels(g, name: str, labels: list[int] | None, count: int) -> list[int | No
         raise InvalidRequest(f"class_labels has {len(labels)} entries for {count} seeds: one per seed",
                              field="class_labels")
     for label in labels:
-        _check_label(g, name, label, "class_labels")
+        check_class_label(name, label, g.info.c_dim, "class_labels")
     return list(labels)
 
 
