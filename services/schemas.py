@@ -311,7 +311,8 @@ class GANMixRequest(_Strict):
 class GANInterpolateRequest(_Strict):
     model: str | None = None
     seeds: list[Annotated[int, Field(ge=0, le=MAX_SEED)]] = Field(min_length=2, max_length=MAX_INTERPOLATION_SEEDS)
-    class_labels: list[Annotated[int, Field(ge=0)]] | None = Field(None, description="One per seed (conditional "
+    class_labels: list[Annotated[int, Field(ge=0)]] | None = Field(None, max_length=MAX_INTERPOLATION_SEEDS,
+                                                                   description="One per seed (conditional "
                                                                    "models); drawn per seed when absent.")
     frames: int = Field(8, ge=2, le=MAX_FRAMES, description="Frames per segment, both ends included.")
     space: Literal["z", "w"] = Field("w", description="z: slerp between the seeds' z; w: lerp between their w.")
@@ -323,7 +324,8 @@ class GANInterpolateRequest(_Strict):
 class GANLatentsRequest(_Strict):
     model: str | None = None
     seeds: list[Annotated[int, Field(ge=0, le=MAX_SEED)]] = Field(min_length=1, max_length=MAX_IMAGES_PER_REQUEST)
-    class_labels: list[Annotated[int, Field(ge=0)]] | None = None
+    class_labels: list[Annotated[int, Field(ge=0)]] | None = Field(None, max_length=MAX_IMAGES_PER_REQUEST,
+                                                                   description="One per seed.")
     truncation_psi: float = Field(1.0, ge=0.0, le=1.0)
 
 
