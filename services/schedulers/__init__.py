@@ -16,6 +16,7 @@ from .scheduling_ddpm import DDPMScheduler
 from .scheduling_dpmsolver_multistep import DPMSolverMultistepScheduler
 from .scheduling_euler_ancestral_discrete import EulerAncestralDiscreteScheduler
 from .scheduling_euler_discrete import EulerDiscreteScheduler
+from .scheduling_flow_match_euler_discrete import FlowMatchEulerDiscreteScheduler
 from .scheduling_utils import SchedulerMixin, SchedulerOutput
 
 SCHEDULERS: dict[str, type[SchedulerMixin]] = {
@@ -24,7 +25,15 @@ SCHEDULERS: dict[str, type[SchedulerMixin]] = {
     "euler_ancestral": EulerAncestralDiscreteScheduler,
     "dpmpp_2m": DPMSolverMultistepScheduler,
     "ddpm": DDPMScheduler,
+    "flow_match_euler": FlowMatchEulerDiscreteScheduler,
 }
+# Flow-matching models (velocity prediction on x = (1 - sigma) x0 + sigma noise) and noise-schedule
+# models (betas, epsilon/v/sample prediction) take different samplers; a config's class says which.
+FLOW_SCHEDULERS = frozenset({"flow_match_euler"})
+
+
+def is_flow_matching(config: Mapping[str, Any]) -> bool:
+    return str(config.get("_class_name", "")).startswith("FlowMatch")
 
 # Options a name promises, applied over the model's config (which may come from another algorithm).
 _PINNED: dict[str, dict[str, Any]] = {
@@ -40,6 +49,9 @@ def make_scheduler(name: str, config: Mapping[str, Any], **overrides: Any) -> Sc
     (e.g. use_karras_sigmas=True for "DPM++ 2M Karras")."""
     if name not in SCHEDULERS:
         raise ValueError(f"unknown scheduler {name!r}; available: {sorted(SCHEDULERS)}")
+    if (name in FLOW_SCHEDULERS) != is_flow_matching(config):
+        kind = "a flow-matching" if is_flow_matching(config) else "a noise-schedule (beta)"
+        raise ValueError(f"scheduler {name!r} cannot sample {kind} model")
     return SCHEDULERS[name].from_config(config, **{**_PINNED.get(name, {}), **overrides})
 
 
@@ -63,7 +75,9 @@ __all__ = [
     "DPMSolverMultistepScheduler",
     "EulerAncestralDiscreteScheduler",
     "EulerDiscreteScheduler",
+    "FlowMatchEulerDiscreteScheduler",
     "SchedulerOutput",
+    "is_flow_matching",
     "make_scheduler",
     "supported_schedulers",
 ]

@@ -6,7 +6,7 @@ import diffusers.schedulers.scheduling_ddpm
 import diffusers.schedulers.scheduling_euler_ancestral_discrete
 import pytest
 
-from services.schedulers import SCHEDULERS, make_scheduler
+from services.schedulers import FLOW_SCHEDULERS, SCHEDULERS, make_scheduler, supported_schedulers
 
 REFERENCES = {
     "ddim": (diffusers.DDIMScheduler, None),
@@ -25,7 +25,7 @@ def test_unknown_name_lists_the_names():
         make_scheduler("plms", {})
 
 
-@pytest.mark.parametrize("name", sorted(SCHEDULERS))
+@pytest.mark.parametrize("name", sorted(set(SCHEDULERS) - FLOW_SCHEDULERS))
 @pytest.mark.parametrize("config", ["sd15", "linear_trailing"])
 def test_builds_each_name_like_diffusers_from_config(check_parity, configs, name, config):
     reference_cls, noise_module = REFERENCES[name]
@@ -71,3 +71,15 @@ def test_supported_schedulers_follow_what_the_config_allows():
     assert supported_schedulers(ddpm) == ["ddim", "euler", "euler_ancestral", "dpmpp_2m", "ddpm"]
     # A learned variance has no port in DPM-Solver here: a request cannot pick it.
     assert "dpmpp_2m" not in supported_schedulers({**ddpm, "variance_type": "learned_range"})
+
+
+def test_flow_matching_and_noise_schedule_models_take_their_own_samplers(configs):
+    """A beta-schedule sampler on a flow-matching model (or the reverse) would run without error
+    and produce noise; the config's class decides which samplers a model offers."""
+    flux = {"_class_name": "FlowMatchEulerDiscreteScheduler", "shift": 3.0, "use_dynamic_shifting": True}
+    assert supported_schedulers(flux) == ["flow_match_euler"]
+    assert "flow_match_euler" not in supported_schedulers(configs["sd15"])
+    with pytest.raises(ValueError, match="cannot sample a flow-matching model"):
+        make_scheduler("ddim", flux)
+    with pytest.raises(ValueError, match="cannot sample a noise-schedule"):
+        make_scheduler("flow_match_euler", configs["sd15"])
