@@ -120,7 +120,8 @@ def image_examples(doc: dict, spec) -> dict:
     bodies = {"/img2img": {"prompt": "a handwritten digit seven", "image": image, "strength": 0.8,
                            "num_inference_steps": 10, "seed": 1},
               "/inpaint": {"prompt": "a handwritten digit seven", "image": image, "mask": png(mask),
-                           "num_inference_steps": 10, "seed": 1}}
+                           "num_inference_steps": 10, "seed": 1},
+              "/images/edits": {"prompt": "a handwritten digit seven", "image": image, "quality": "low", "seed": 1}}
     for path, body in bodies.items():
         content = doc.get("paths", {}).get(path, {}).get("post", {}).get("requestBody", {}).get("content", {})
         if "application/json" in content:

@@ -15,7 +15,7 @@ from fastapi import FastAPI
 from services.config import Settings
 from services.gateway import Gateway, Route
 from services.http import install_error_handlers
-from services.routers import ddpm, diffusion, gan, models, stylegan, vae
+from services.routers import ddpm, diffusion, gan, models, openai_images, stylegan, vae
 
 log = logging.getLogger("genserve")
 
@@ -28,7 +28,7 @@ app = FastAPI(
                 "With API keys on, send `Authorization: Bearer <key>` or `X-API-Key: <key>`.",
     version="1",
 )
-for _module in (*FAMILY_ROUTERS, models):
+for _module in (*FAMILY_ROUTERS, models, openai_images):
     app.include_router(_module.router)
 
 
@@ -55,9 +55,11 @@ class GenServeService(bentoml.Service):
     def to_asgi(self, is_main: bool = True):
         from services.metrics import service_metrics
 
-        return Gateway(super().to_asgi(is_main), Settings.from_env(), edge_routes(app),
-                       on_error=lambda endpoint, code: service_metrics().errors.labels(endpoint, code).inc(),
-                       on_rate_limited=lambda client, limit: service_metrics().observe_rate_limited(client, limit))
+        # /v1/images/* (the OpenAI Images API) answers errors in OpenAI's shape, the gateway's too.
+        return openai_images.openai_error_shape(Gateway(
+            super().to_asgi(is_main), Settings.from_env(), edge_routes(app),
+            on_error=lambda endpoint, code: service_metrics().errors.labels(endpoint, code).inc(),
+            on_rate_limited=lambda client, limit: service_metrics().observe_rate_limited(client, limit)))
 
 
 @bentoml.service(name="genserve", workers=1, traffic={"timeout": 900}, service_class=GenServeService)

@@ -87,3 +87,19 @@ def random_sd(tmp_path_factory):
     repo = tmp_path_factory.mktemp("sd_random_repository")
     export_stable_diffusion(folder, repo, "sd_random", progress=lambda _: None)
     return folder, repo
+
+
+# API keys of the shared keyed server: one per test module that spends its rate limit.
+SERVER_KEYS = ("key-openai", "key-openai-rate", "key-client", "key-client-rate", "key-playground")
+KEYED_RATE_LIMIT = "30/min"
+
+
+@pytest.fixture(scope="session")
+def keyed_server(repository, tmp_path_factory):
+    """A live service with API keys on (SERVER_KEYS) and GENSERVE_RATE_LIMIT=30/min per key:
+    shared by the OpenAI SDK, client and playground tests."""
+    folder = tmp_path_factory.mktemp("keyed_server")
+    keys = folder / "keys.txt"
+    keys.write_text("\n".join(SERVER_KEYS) + "\n")
+    yield from running_server({"GENSERVE_MODEL_REPOSITORY": str(repository), "GENSERVE_BACKEND": "onnxruntime",
+                               "GENSERVE_API_KEYS_FILE": str(keys), "GENSERVE_RATE_LIMIT": KEYED_RATE_LIMIT}, folder)
