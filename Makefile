@@ -18,9 +18,10 @@ export HF_HUB_OFFLINE := 1
 
 .PHONY: install serve serve-triton triton test model-repository clean
 
-$(INSTALLED): pyproject.toml
+$(INSTALLED): pyproject.toml clients/python/pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[export,triton-local,deploy,test]'
+	$(PY) -m pip install --quiet --disable-pip-version-check -e 'clients/python[pil]'  # the Python client, tested here
 	touch $@
 
 install: $(INSTALLED)
