@@ -12,6 +12,7 @@ import os
 import bentoml
 from fastapi import FastAPI
 
+from services import playground
 from services.config import Settings
 from services.gateway import Gateway, Route
 from services.http import install_error_handlers
@@ -27,6 +28,8 @@ app = FastAPI(
     description="Image generation endpoints. Every error: {'error': {code, message, field?, limit?, request_id}}. "
                 "With API keys on, send `Authorization: Bearer <key>` or `X-API-Key: <key>`.",
     version="1",
+    docs_url=None,  # /v1/docs is services.playground's: Swagger UI from local files (FastAPI's loads a CDN)
+    redoc_url=None,
 )
 for _module in (*FAMILY_ROUTERS, models, openai_images):
     app.include_router(_module.router)
@@ -57,7 +60,8 @@ class GenServeService(bentoml.Service):
 
         # /v1/images/* (the OpenAI Images API) answers errors in OpenAI's shape, the gateway's too.
         return openai_images.openai_error_shape(Gateway(
-            super().to_asgi(is_main), Settings.from_env(), edge_routes(app),
+            playground.Playground(super().to_asgi(is_main)), Settings.from_env(),
+            {**edge_routes(app), **playground.routes()},
             on_error=lambda endpoint, code: service_metrics().errors.labels(endpoint, code).inc(),
             on_rate_limited=lambda client, limit: service_metrics().observe_rate_limited(client, limit)))
 

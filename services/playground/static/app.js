@@ -1,0 +1,460 @@
+// genserve playground: plain browser JavaScript, no build step, no third-party code.
+// Every request goes to this origin's /v1 API, the same endpoints applications call
+// (so the playground's traffic shows in the metrics and dashboards like any other).
+"use strict";
+
+const $ = (id) => document.getElementById(id);
+const TEXT_FAMILIES = ["stable_diffusion", "stable_diffusion_xl"];
+const GAN_FAMILIES = ["gan", "stylegan"];
+const INTEGER_FIELDS = new Set(["num_inference_steps", "seed", "width", "height", "num_images", "preview_every",
+  "class_label"]);
+const KEY_STORAGE = "genserve-playground-key";
+let models = null; // GET /v1/models
+
+class ApiError extends Error {
+  constructor(status, error) {
+    super(error.message || `HTTP ${status}`);
+    this.status = status;
+    this.code = error.code;
+    this.field = error.field;
+    this.limit = error.limit;
+    this.requestId = error.request_id;
+  }
+}
+
+// -- HTTP ----------------------------------------------------------------------------------
+function headers() {
+  const h = { "Content-Type": "application/json" };
+  const key = $("api-key").value.trim();
+  if (key) h.Authorization = `Bearer ${key}`;
+  return h;
+}
+
+async function failure(response) {
+  let error = { message: `HTTP ${response.status}` };
+  try { error = (await response.json()).error || error; } catch (_) { /* not JSON */ }
+  return new ApiError(response.status, error);
+}
+
+async function postJSON(path, body) {
+  const response = await fetch(path, { method: "POST", headers: headers(), body: JSON.stringify(body) });
+  if (!response.ok) throw await failure(response);
+  return response.json();
+}
+
+// Server-sent events over fetch (EventSource cannot POST): yields {event, data}.
+async function* sse(response) {
+  const reader = response.body.getReader();
+  const decoder = new TextDecoder();
+  let buffer = "";
+  for (;;) {
+    const { value, done } = await reader.read();
+    if (done) return;
+    buffer += decoder.decode(value, { stream: true });
+    let cut;
+    while ((cut = buffer.indexOf("\n\n")) >= 0) {
+      const block = buffer.slice(0, cut);
+      buffer = buffer.slice(cut + 2);
+      let event = "message";
+      const data = [];
+      for (const line of block.split("\n")) {
+        if (line.startsWith("event:")) event = line.slice(6).trim();
+        else if (line.startsWith("data:")) data.push(line.slice(5).trimStart());
+      }
+      if (data.length) yield { event, data: JSON.parse(data.join("\n")) };
+    }
+  }
+}
+
+// -- forms and errors ------------------------------------------------------------------------
+function formBody(form) {
+  const body = {};
+  for (const el of form.querySelectorAll("[name]")) {
+    const value = el.value.trim();
+    if (value === "") continue;
+    if (el.type === "number") body[el.name] = INTEGER_FIELDS.has(el.name) ? Number.parseInt(value, 10) : Number(value);
+    else body[el.name] = value;
+  }
+  return body;
+}
+
+function clearError(box, form) {
+  box.hidden = true;
+  box.textContent = "";
+  for (const el of form.querySelectorAll("[aria-invalid]")) {
+    el.removeAttribute("aria-invalid");
+    el.removeAttribute("aria-errormessage");
+  }
+}
+
+function showError(box, form, err) {
+  let text = err.message;
+  if (err.field) text = `${err.field}: ${text.replace(new RegExp(`^${err.field}: `), "")}`;
+  if (err.limit !== undefined && err.limit !== null) text += ` (limit: ${err.limit})`;
+  if (err.requestId) text += ` — request ${err.requestId}`;
+  box.textContent = text;
+  box.hidden = false;
+  const input = err.field && form.querySelector(`[name="${CSS.escape(err.field.split(".")[0])}"]`);
+  if (input) {
+    input.setAttribute("aria-invalid", "true");
+    input.setAttribute("aria-errormessage", box.id);
+    input.focus();
+  }
+}
+
+// -- models --------------------------------------------------------------------------------
+function fillSelect(select, names, preferred) {
+  select.replaceChildren(...names.map((name) => new Option(name, name, false, name === preferred)));
+}
+
+function applyLimits(model) {
+  const p = model.parameters;
+  const set = (id, lim) => { if (lim && typeof lim === "object") { $(id).min = lim.min; $(id).max = lim.max; } };
+  set("t-steps", p.num_inference_steps);
+  set("t-count", p.num_images);
+  for (const axis of ["width", "height"]) {
+    const lim = p[axis];
+    if (lim && typeof lim === "object") {
+      const input = $(`t-${axis}`);
+      Object.assign(input, { min: lim.min, max: lim.max, step: lim.multiple_of, placeholder: `${lim.default} (native)` });
+    }
+  }
+  const scheduler = $("t-scheduler");
+  const current = scheduler.value;
+  fillSelect(scheduler, p.schedulers || ["ddim"], current || "ddim");
+}
+
+async function loadModels() {
+  const status = $("server-status");
+  try {
+    const response = await fetch("/v1/models", { headers: headers() });
+    if (response.status === 401) {
+      status.textContent = "This server needs an API key: enter it above.";
+      return;
+    }
+    if (!response.ok) throw await failure(response);
+    models = await response.json();
+  } catch (err) {
+    status.textContent = `Models could not be listed: ${err.message}`;
+    return;
+  }
+  const all = models.models;
+  const text = all.filter((m) => TEXT_FAMILIES.includes(m.pipeline)).map((m) => m.name);
+  const edit = all.filter((m) => TEXT_FAMILIES.includes(m.pipeline) && m.endpoint.includes("/v1/inpaint"))
+    .map((m) => m.name);
+  const gan = all.filter((m) => GAN_FAMILIES.includes(m.pipeline)).map((m) => m.name);
+  fillSelect($("t-model"), text, models.default_models.diffusion);
+  fillSelect($("e-model"), edit, models.default_models.diffusion);
+  fillSelect($("g-model"), gan, models.default_models.gan);
+  const chosen = all.find((m) => m.name === $("t-model").value);
+  if (chosen) applyLimits(chosen);
+  resetCanvas();
+  status.textContent = `Connected: ${all.length} models on the ${all[0] ? all[0].backend : "?"} backend.`;
+}
+
+// -- gallery -------------------------------------------------------------------------------
+function blobOf(image) {
+  const bytes = Uint8Array.from(atob(image.data), (c) => c.charCodeAt(0));
+  return new Blob([bytes], { type: image.media_type });
+}
+
+function addToGallery(result, task, request) {
+  const gallery = $("gallery");
+  for (const image of result.images) {
+    const params = { ...result.parameters, seed: image.seed, num_images: 1 };
+    const url = URL.createObjectURL(blobOf(image));
+    const item = document.createElement("li");
+    const img = new Image();
+    img.src = url;
+    img.alt = `${task} by ${result.model}, seed ${image.seed}${params.prompt ? `: ${params.prompt}` : ""}`;
+    const list = document.createElement("dl");
+    const shown = { task, model: result.model, seed: image.seed, size: `${image.width}x${image.height}` };
+    for (const key of ["prompt", "negative_prompt", "num_inference_steps", "guidance_scale", "scheduler", "strength",
+      "class_label", "truncation_psi"]) {
+      if (params[key] !== undefined && params[key] !== null && params[key] !== "") shown[key] = params[key];
+    }
+    if (image.class_label !== undefined && image.class_label !== null) shown.class_label = image.class_label;
+    for (const [key, value] of Object.entries(shown)) {
+      const dt = document.createElement("dt");
+      dt.textContent = key;
+      const dd = document.createElement("dd");
+      dd.textContent = String(value);
+      list.append(dt, dd);
+    }
+    const download = document.createElement("a");
+    download.href = url;
+    download.download = `genserve-${result.model}-${image.seed}.${image.media_type.split("/")[1]}`;
+    download.textContent = "Download";
+    const reproduce = document.createElement("button");
+    reproduce.type = "button";
+    reproduce.textContent = "Reproduce";
+    reproduce.setAttribute("aria-label", `Put the parameters of seed ${image.seed} into the form`);
+    reproduce.addEventListener("click", () => fillForm(task, result.model, params, image));
+    item.append(img, list, download, document.createTextNode(" "), reproduce);
+    // the request body that reproduces this image alone (tests and curious users read it)
+    item.dataset.request = JSON.stringify({ ...request, ...pick(params, request), model: result.model,
+      seed: image.seed, num_images: 1 });
+    gallery.prepend(item);
+  }
+}
+
+function pick(params, request) {
+  const out = {};
+  for (const key of Object.keys(request)) if (params[key] !== undefined) out[key] = params[key];
+  return out;
+}
+
+function fillForm(task, model, params, image) {
+  const prefix = task === "txt2img" ? "t" : task === "gan" ? "g" : "e";
+  const form = $(prefix === "t" ? "txt2img-form" : prefix === "g" ? "gan-form" : "edit-form");
+  for (const el of form.querySelectorAll("[name]")) {
+    if (el.name === "model") el.value = model;
+    else if (el.name === "width") el.value = image.width;
+    else if (el.name === "height") el.value = image.height;
+    else if (params[el.name] !== undefined && params[el.name] !== null) el.value = params[el.name];
+  }
+  selectTab($(prefix === "t" ? "tab-txt2img" : prefix === "g" ? "tab-gan" : "tab-edit"));
+  $(`${prefix}-generate`).focus();
+}
+
+// -- text to image (streamed) --------------------------------------------------------------
+let running = null; // the AbortController of the request in flight
+
+async function txt2img(event) {
+  event.preventDefault();
+  const form = $("txt2img-form");
+  const box = $("t-error");
+  clearError(box, form);
+  const body = formBody(form);
+  const progress = $("t-progress");
+  const status = $("t-status");
+  const previews = $("t-previews");
+  previews.replaceChildren();
+  progress.value = 0;
+  running = new AbortController();
+  $("t-generate").disabled = true;
+  $("t-cancel").disabled = false;
+  status.textContent = "Queued…";
+  const started = performance.now();
+  try {
+    const response = await fetch("/v1/txt2img/stream", {
+      method: "POST", headers: headers(), body: JSON.stringify(body), signal: running.signal,
+    });
+    if (!response.ok) throw await failure(response);
+    for await (const { event: name, data } of sse(response)) {
+      if (name === "progress") {
+        progress.max = data.total;
+        progress.value = data.step;
+        status.textContent = `Step ${data.step} of ${data.total}`;
+      } else if (name === "preview") {
+        previews.replaceChildren(...data.images.map((image, i) => {
+          const img = new Image();
+          img.src = `data:${image.media_type};base64,${image.data}`;
+          img.alt = `Preview of image ${i + 1} at step ${data.step}`;
+          img.dataset.step = data.step;
+          return img;
+        }));
+      } else if (name === "result") {
+        progress.value = progress.max;
+        addToGallery(data, "txt2img", body);
+        status.textContent = `Done: ${data.images.length} image(s) in ${((performance.now() - started) / 1000).toFixed(1)} s`;
+      } else if (name === "error") {
+        throw new ApiError(data.status, data.error || {});
+      }
+    }
+  } catch (err) {
+    if (err.name === "AbortError") status.textContent = "Cancelled";
+    else {
+      status.textContent = "Failed";
+      showError(box, form, err);
+    }
+  } finally {
+    running = null;
+    $("t-generate").disabled = false;
+    $("t-cancel").disabled = true;
+  }
+}
+
+function cancel() {
+  // Aborting closes the connection; the server takes that as a cancellation and the
+  // request leaves the engine's batch at its next step.
+  if (running) running.abort();
+}
+
+// -- image to image / inpaint --------------------------------------------------------------
+const base = document.createElement("canvas"); // the image, at the model's size
+const mask = document.createElement("canvas"); // white = repaint
+let hasImage = false;
+
+function modelSize() {
+  const model = models && models.models.find((m) => m.name === $("e-model").value);
+  const p = model ? model.parameters : {};
+  const side = (lim) => (lim && typeof lim === "object" ? lim.default : 32);
+  return [side(p.width), side(p.height)];
+}
+
+function resetCanvas() {
+  const [w, h] = modelSize();
+  for (const c of [base, mask, $("e-canvas")]) { c.width = w; c.height = h; }
+  const ctx = base.getContext("2d");
+  ctx.fillStyle = "#000";
+  ctx.fillRect(0, 0, w, h);
+  clearMask();
+  hasImage = false;
+}
+
+function clearMask() {
+  const ctx = mask.getContext("2d");
+  ctx.fillStyle = "#000";
+  ctx.fillRect(0, 0, mask.width, mask.height);
+  redraw();
+}
+
+function redraw() {
+  const view = $("e-canvas");
+  const ctx = view.getContext("2d");
+  ctx.globalAlpha = 1;
+  ctx.drawImage(base, 0, 0);
+  ctx.globalAlpha = 0.55;
+  const tint = document.createElement("canvas");
+  tint.width = mask.width;
+  tint.height = mask.height;
+  const t = tint.getContext("2d");
+  t.drawImage(mask, 0, 0);
+  t.globalCompositeOperation = "multiply";
+  t.fillStyle = "#ff3030";
+  t.fillRect(0, 0, tint.width, tint.height);
+  ctx.globalCompositeOperation = "screen";
+  ctx.drawImage(tint, 0, 0);
+  ctx.globalCompositeOperation = "source-over";
+  ctx.globalAlpha = 1;
+}
+
+async function drawFile(file, target) {
+  const bitmap = await createImageBitmap(file);
+  target.getContext("2d").drawImage(bitmap, 0, 0, target.width, target.height);
+  redraw();
+}
+
+function paint(event) {
+  if (!(event.buttons & 1)) return;
+  const view = $("e-canvas");
+  const rect = view.getBoundingClientRect();
+  const x = ((event.clientX - rect.left) / rect.width) * mask.width;
+  const y = ((event.clientY - rect.top) / rect.height) * mask.height;
+  const ctx = mask.getContext("2d");
+  ctx.fillStyle = "#fff";
+  ctx.beginPath();
+  ctx.arc(x, y, Number($("e-brush").value) / 2, 0, 2 * Math.PI);
+  ctx.fill();
+  redraw();
+}
+
+function maskIsEmpty() {
+  const pixels = mask.getContext("2d").getImageData(0, 0, mask.width, mask.height).data;
+  for (let i = 0; i < pixels.length; i += 4) if (pixels[i] > 127) return false;
+  return true;
+}
+
+const base64Of = (canvas) => canvas.toDataURL("image/png").split(",")[1];
+
+async function edit(event) {
+  event.preventDefault();
+  const form = $("edit-form");
+  const box = $("e-error");
+  clearError(box, form);
+  const status = $("e-status");
+  if (!hasImage) {
+    showError(box, form, { message: "choose an image first", field: null });
+    $("e-image").focus();
+    return;
+  }
+  const inpaint = !maskIsEmpty();
+  const body = { ...formBody(form), image: base64Of(base) };
+  if (inpaint) body.mask = base64Of(mask);
+  status.textContent = inpaint ? "Inpainting…" : "Image to image…";
+  $("e-generate").disabled = true;
+  try {
+    const result = await postJSON(inpaint ? "/v1/inpaint" : "/v1/img2img", body);
+    const { image: _i, mask: _m, ...shown } = body;
+    addToGallery(result, inpaint ? "inpaint" : "img2img", shown);
+    status.textContent = `Done: ${result.images.length} image(s)`;
+  } catch (err) {
+    status.textContent = "Failed";
+    showError(box, form, err);
+  } finally {
+    $("e-generate").disabled = false;
+  }
+}
+
+// -- GAN -----------------------------------------------------------------------------------
+async function gan(event) {
+  event.preventDefault();
+  const form = $("gan-form");
+  const box = $("g-error");
+  clearError(box, form);
+  const body = formBody(form);
+  $("g-status").textContent = "Generating…";
+  try {
+    const result = await postJSON("/v1/gan/generate", body);
+    addToGallery(result, "gan", body);
+    $("g-status").textContent = `Done: ${result.images.length} image(s)`;
+  } catch (err) {
+    $("g-status").textContent = "Failed";
+    showError(box, form, err);
+  }
+}
+
+// -- tabs (WAI-ARIA tabs pattern: arrows, Home and End move between tabs) -------------------
+function selectTab(tab) {
+  for (const t of document.querySelectorAll("[role=tab]")) {
+    const selected = t === tab;
+    t.setAttribute("aria-selected", String(selected));
+    t.tabIndex = selected ? 0 : -1;
+    $(t.getAttribute("aria-controls")).hidden = !selected;
+  }
+}
+
+function tabKeys(event) {
+  const tabs = [...document.querySelectorAll("[role=tab]")];
+  const i = tabs.indexOf(document.activeElement);
+  const next = { ArrowRight: i + 1, ArrowLeft: i - 1, Home: 0, End: tabs.length - 1 }[event.key];
+  if (next === undefined || i < 0) return;
+  event.preventDefault();
+  const tab = tabs[(next + tabs.length) % tabs.length];
+  selectTab(tab);
+  tab.focus();
+}
+
+// -- wiring --------------------------------------------------------------------------------
+window.addEventListener("DOMContentLoaded", () => {
+  const key = $("api-key");
+  key.value = sessionStorage.getItem(KEY_STORAGE) || "";
+  key.addEventListener("change", () => {
+    sessionStorage.setItem(KEY_STORAGE, key.value.trim());
+    loadModels();
+  });
+  for (const tab of document.querySelectorAll("[role=tab]")) tab.addEventListener("click", () => selectTab(tab));
+  $("tabs").addEventListener("keydown", tabKeys);
+  $("txt2img-form").addEventListener("submit", txt2img);
+  $("t-cancel").addEventListener("click", cancel);
+  $("t-model").addEventListener("change", () => {
+    const chosen = models && models.models.find((m) => m.name === $("t-model").value);
+    if (chosen) applyLimits(chosen);
+  });
+  $("edit-form").addEventListener("submit", edit);
+  $("e-model").addEventListener("change", resetCanvas);
+  $("e-clear").addEventListener("click", clearMask);
+  $("e-image").addEventListener("change", async (e) => {
+    if (e.target.files[0]) { await drawFile(e.target.files[0], base); hasImage = true; }
+  });
+  $("e-mask-file").addEventListener("change", async (e) => {
+    if (e.target.files[0]) await drawFile(e.target.files[0], mask);
+  });
+  const view = $("e-canvas");
+  view.addEventListener("pointerdown", (e) => { view.setPointerCapture(e.pointerId); paint(e); });
+  view.addEventListener("pointermove", paint);
+  $("gan-form").addEventListener("submit", gan);
+  resetCanvas();
+  loadModels();
+});

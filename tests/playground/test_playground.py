@@ -1,0 +1,224 @@
+"""The browser playground at `/` in real headless Chromium (Debian's `chromium`, installed by
+.ci/run; Playwright drives it through `executable_path`). Each test saves a screenshot
+under test-artifacts/playground/. Every page is checked for Content-Security-Policy
+violations and for requests leaving the service's origin."""
+
+import io
+import re
+import time
+from html.parser import HTMLParser
+from pathlib import Path
+
+import httpx
+import pytest
+from PIL import Image
+
+pytestmark = pytest.mark.server
+
+ROOT = Path(__file__).resolve().parents[2]
+ARTIFACTS = ROOT / "test-artifacts" / "playground"
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+KEY = "key-playground"
+
+
+def cancelled(url: str) -> float:
+    text = httpx.get(f"{url}/metrics").text
+    match = re.search(r'genserve_engine_requests_finished_total\{model="sd_digits",reason="cancelled"\} (\S+)', text)
+    return float(match[1]) if match else 0.0
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if not Path(CHROMIUM).exists():
+        pytest.fail(f"{CHROMIUM} is missing: install Debian's chromium package (.ci/run does)", pytrace=False)
+    from playwright.sync_api import sync_playwright
+
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        yield browser
+        browser.close()
+
+
+class Watched:
+    """A page, with what it logged and every request it made."""
+
+    def __init__(self, page, origin: str):
+        self.page, self.origin = page, origin
+        self.console, self.outside = [], []
+        page.on("console", lambda m: self.console.append(f"{m.type}: {m.text}"))
+        page.on("pageerror", lambda e: self.console.append(f"pageerror: {e}"))
+        page.on("request", self._request)
+
+    def _request(self, request):
+        url = request.url
+        if not (url.startswith(self.origin + "/") or url.startswith(("blob:", "data:"))):
+            self.outside.append(url)
+
+    def check(self):
+        violations = [m for m in self.console if "Content Security Policy" in m or m.startswith("pageerror")]
+        assert not violations, violations
+        assert not self.outside, f"requests leaving the service: {self.outside}"
+
+
+@pytest.fixture
+def playground(browser, keyed_server):
+    from playwright.sync_api import expect
+
+    context = browser.new_context(viewport={"width": 1200, "height": 1000})
+    page = context.new_page()
+    page.set_default_timeout(30_000)
+    watched = Watched(page, keyed_server.url)
+    page.goto(f"{keyed_server.url}/")
+    expect(page.locator("#server-status")).to_contain_text("API key")  # keys are on: the page asks for one
+    page.get_by_label("API key").fill(KEY)
+    page.get_by_label("API key").press("Tab")
+    expect(page.locator("#server-status")).to_contain_text("Connected")
+    yield page
+    watched.check()
+    context.close()
+
+
+def test_generate_shows_previews_then_the_final_image(playground):
+    from playwright.sync_api import expect
+
+    page = playground
+    page.get_by_label("Prompt").first.fill("a handwritten digit three")
+    page.get_by_label("Steps").first.fill("30")
+    page.get_by_label("Preview every (steps)").fill("3")
+    page.get_by_label("Seed").first.fill("42")
+    page.get_by_role("button", name="Generate").first.click()
+    expect(page.locator("#t-status")).to_contain_text("Done", timeout=60_000)
+    previews = page.locator("#t-previews img")
+    expect(previews).to_have_count(1)
+    assert 3 <= int(previews.get_attribute("data-step")) < 30  # a preview of the stream, before the end
+    final = page.locator("#gallery li img").first
+    expect(final).to_have_js_property("naturalWidth", 32)  # decoded: the image rendered
+    item = page.locator("#gallery li").first
+    expect(item).to_contain_text("42")
+    assert page.locator("#gallery li a", has_text="Download").first.get_attribute("href").startswith("blob:")
+    assert '"seed":42' in item.get_attribute("data-request")
+    page.screenshot(path=ARTIFACTS / "generate.png", full_page=True)
+    page.get_by_label("Seed").first.fill("")
+    item.get_by_role("button", name=re.compile("parameters of seed 42")).click()  # Reproduce
+    expect(page.get_by_label("Seed").first).to_have_value("42")
+    expect(page.get_by_role("button", name="Generate").first).to_be_focused()
+
+
+def test_cancel_stops_the_request_on_the_server(playground, keyed_server):
+    from playwright.sync_api import expect
+
+    page = playground
+    before = cancelled(keyed_server.url)
+    page.get_by_label("Steps").first.fill("150")
+    page.get_by_label("Images").first.fill("8")
+    page.get_by_label("Preview every (steps)").fill("0")
+    page.get_by_role("button", name="Generate").first.click()
+    expect(page.locator("#t-status")).to_contain_text("Step")
+    page.get_by_role("button", name="Cancel").click()
+    expect(page.locator("#t-status")).to_have_text("Cancelled")
+    deadline = time.monotonic() + 10
+    while cancelled(keyed_server.url) <= before and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert cancelled(keyed_server.url) == before + 1  # the server counted the cancellation
+    expect(page.locator("#gallery li")).to_have_count(0)
+    page.screenshot(path=ARTIFACTS / "cancel.png", full_page=True)
+
+
+def test_a_bad_field_is_shown_and_marked(playground):
+    from playwright.sync_api import expect
+
+    page = playground
+    steps = page.get_by_label("Steps").first
+    steps.fill("500")
+    page.get_by_role("button", name="Generate").first.click()
+    alert = page.locator("#t-error")
+    expect(alert).to_be_visible()
+    expect(alert).to_contain_text("num_inference_steps")
+    expect(alert).to_contain_text("150")  # the limit, from the server's error
+    expect(steps).to_have_attribute("aria-invalid", "true")
+    expect(steps).to_be_focused()
+    page.screenshot(path=ARTIFACTS / "error.png", full_page=True)
+
+
+def test_inpaint_with_a_drawn_mask_and_the_gan_tab(playground):
+    from playwright.sync_api import expect
+
+    page = playground
+    page.get_by_role("tab", name="Text to image").focus()
+    page.keyboard.press("ArrowRight")  # keyboard: the tabs move with the arrows
+    expect(page.get_by_role("tab", name="Image to image / inpaint")).to_have_attribute("aria-selected", "true")
+    buffer = io.BytesIO()
+    Image.new("L", (32, 32), 40).save(buffer, format="PNG")
+    page.get_by_label("Image", exact=True).set_input_files(
+        files=[{"name": "start.png", "mimeType": "image/png", "buffer": buffer.getvalue()}])
+    box = page.locator("#e-canvas").bounding_box()
+    page.mouse.move(box["x"] + box["width"] * 0.6, box["y"] + 10)
+    page.mouse.down()
+    page.mouse.move(box["x"] + box["width"] * 0.6, box["y"] + box["height"] - 10, steps=8)
+    page.mouse.up()
+    page.locator("#e-steps").fill("10")
+    page.locator("#e-seed").fill("7")
+    page.locator("#e-generate").click()
+    expect(page.locator("#e-status")).to_contain_text("Done")
+    expect(page.locator("#gallery li").first).to_contain_text("inpaint")
+    page.screenshot(path=ARTIFACTS / "inpaint.png", full_page=True)
+
+    page.get_by_role("tab", name="GAN").click()
+    page.locator("#g-seed").fill("3")
+    page.locator("#g-count").fill("4")
+    page.locator("#g-generate").click()
+    expect(page.locator("#g-status")).to_contain_text("Done")
+    expect(page.locator("#gallery li")).to_have_count(5)
+    page.screenshot(path=ARTIFACTS / "gan.png", full_page=True)
+
+
+def test_the_api_page_renders_from_local_files(browser, keyed_server):
+    from playwright.sync_api import expect
+
+    page = browser.new_page()
+    watched = Watched(page, keyed_server.url)
+    page.goto(f"{keyed_server.url}/v1/docs")
+    expect(page.locator(".swagger-ui .info")).to_contain_text("genserve", timeout=30_000)
+    expect(page.locator(".opblock-summary-path", has_text="/images/generations")).to_be_visible()
+    page.screenshot(path=ARTIFACTS / "docs.png")
+    watched.check()
+    page.close()
+
+
+class _Fields(HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.controls, self.labels, self.sources = [], set(), []
+
+    def handle_starttag(self, tag, attrs):
+        a = dict(attrs)
+        if tag in ("input", "select", "textarea"):
+            self.controls.append(a.get("id"))
+        if tag == "label":
+            self.labels.add(a.get("for"))
+        if tag == "canvas":
+            assert a.get("aria-label")
+        self.sources += [a[k] for k in ("src", "href") if k in a]
+
+
+def test_pages_are_local_labelled_and_locked_down(keyed_server):
+    u = keyed_server.url
+    for path in ("/", "/v1/docs"):
+        r = httpx.get(u + path)
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/html")
+        csp = r.headers["content-security-policy"]
+        assert "default-src 'none'" in csp and "script-src 'self';" in csp and "connect-src 'self'" in csp
+        parser = _Fields()
+        parser.feed(r.text)
+        assert all(s.startswith("/") for s in parser.sources), parser.sources  # nothing from another origin
+        if path == "/":
+            assert parser.controls and all(c in parser.labels for c in parser.controls)  # every control labelled
+    for path in ("/playground/app.js", "/playground/style.css", "/playground/swagger/swagger-ui-bundle.js"):
+        assert httpx.get(u + path).status_code == 200
+    # BentoML's own Swagger page and its assets (which load Google Tag Manager) are not served
+    for path in ("/docs.json", "/static_content/swagger-ui-bundle.js", "/static_content/index.css", "/v1/redoc"):
+        assert httpx.get(u + path).status_code == 404, path
+
