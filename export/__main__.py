@@ -8,6 +8,8 @@
   python -m export vae --folder PATH --name NAME         # an AutoencoderKL folder
   python -m export stylegan --module FILE.py:NAME --weights PATH --name NAME [--init-args JSON]
                                        # NVIDIA-style G.mapping/G.synthesis -> NAME_mapping + NAME_synthesis
+  python -m export sr --weights PATH --name NAME   # a super-resolution .pth/.safetensors (spandrel)
+  python -m export translator --module FILE.py:NAME --weights PATH --name NAME [--init-args JSON]
   python -m export demo                # every demo model in zoo/ -> model_repository/
 """
 
@@ -21,6 +23,7 @@ import time
 from functools import partial
 from pathlib import Path
 
+from export import image_to_image_cli
 from export.onnx_export import ParityError
 from export.triton_config import DeploymentTarget
 
@@ -134,6 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     stylegan.add_argument("--version", type=int, default=1)
     stylegan.add_argument("--max-batch-size", type=int, default=16)
     _add_common(stylegan)
+    image_to_image_cli.add_parsers(sub, _add_common)
     demo = sub.add_parser("demo", help="export every committed demo model")
     _add_common(demo)
     args = parser.parse_args(_glue_negative_values(sys.argv[1:] if argv is None else list(argv)))
@@ -148,6 +152,8 @@ def main(argv: list[str] | None = None) -> int:
             stylegan.error(f"--init-args must be a JSON object of keyword arguments, got "
                            f"{type(args.init_args).__name__}")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if args.command in ("sr", "translator"):
+        return image_to_image_cli.run(sub.choices[args.command], args)
 
     from export.diffusers_folder import UnsupportedFolder, export_folder
     from export.gan import GANExportError, export_gan, export_gan_module
@@ -205,6 +211,9 @@ def main(argv: list[str] | None = None) -> int:
             found, reports = export_folder(folder, args.repository, name, version, max_batch, target,
                                            family=family, tensorrt=args.tensorrt)
             print(f"{name}: {found}, {len(reports)} graphs verified ({time.perf_counter() - start:.1f}s)")
+        if args.command == "demo":
+            for line in image_to_image_cli.export_demos(args.repository, target):
+                print(line)
     except ParityError as exc:
         print(f"export FAILED parity check: {exc}", file=sys.stderr)
         return 1

@@ -1,0 +1,113 @@
+"""The `sr` and `translator` commands of `python -m export`, and the image-to-image demos
+`python -m export demo` writes (kept here so the CLI module only wires them in)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from export.triton_config import DeploymentTarget
+
+CHECKPOINTS = Path(__file__).resolve().parents[1] / "zoo" / "checkpoints"
+# Demo checkpoint -> model name; exported only when the checkpoint is committed.
+DEMO_SR = {CHECKPOINTS / "esrgan_x4_photos.safetensors": "esrgan_x4_photos"}
+DEMO_TRANSLATORS = {CHECKPOINTS / "pix2pix_edges2digits.safetensors": "pix2pix_edges2digits"}
+
+
+def add_parsers(sub, add_common) -> None:
+    sr = sub.add_parser(
+        "sr", help="export a super-resolution checkpoint (ESRGAN, Real-ESRGAN, SPAN, SwinIR, ...) recognised by spandrel",
+        description="Export a super-resolution checkpoint as users bring it (.pth or .safetensors). spandrel reads "
+                    "the architecture, scale, channels and size requirements from the state dict; the graph takes "
+                    "any batch and size and is verified against PyTorch at odd sides. Served on /v1/upscale.")
+    sr.add_argument("--weights", required=True, metavar="PATH", help=".pth (restricted unpickler) or .safetensors")
+    sr.add_argument("--name", required=True, help="model name in the repository")
+    sr.add_argument("--tile", type=int, help="default tile side in input pixels (default 128, rounded up to the "
+                                             "architecture's multiple)")
+    sr.add_argument("--tile-overlap", type=int, default=16, help="default overlap between tiles (default 16)")
+    sr.add_argument("--version", type=int, default=1)
+    sr.add_argument("--max-batch-size", type=int, default=8, help="tiles per model call (default 8)")
+    add_common(sr)
+    tr = sub.add_parser(
+        "translator", help="export an image -> image generator (Pix2Pix, CycleGAN, style transfer) from your module",
+        description="Export an image-to-image generator: FILE.py:NAME (a class or factory, built with --init-args) "
+                    "and a state dict. forward(image [N, C, H, W] in --input-range) returns [N, C', kH, kW] in "
+                    "--output-range. Served on /v1/translate.")
+    tr.add_argument("--module", required=True, metavar="FILE.py:NAME")
+    tr.add_argument("--weights", required=True, metavar="PATH")
+    tr.add_argument("--name", required=True)
+    tr.add_argument("--init-args", metavar="JSON", help="keyword arguments for NAME, a JSON object")
+    tr.add_argument("--input-range", default="-1,1", metavar="LOW,HIGH", help="default -1,1")
+    tr.add_argument("--output-range", default="-1,1", metavar="LOW,HIGH", help="default -1,1")
+    tr.add_argument("--size-multiple", type=int, help="sides must be multiples of this (default: probed)")
+    tr.add_argument("--tile", type=int, help="default tile side (default 512)")
+    tr.add_argument("--version", type=int, default=1)
+    tr.add_argument("--max-batch-size", type=int, default=8)
+    add_common(tr)
+
+
+def run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    from export.onnx_export import ParityError
+    from export.super_resolution import ImageExportError, export_sr
+    from export.translator import export_translator
+
+    target = DeploymentTarget(args.target, args.instances)
+    if args.tensorrt:
+        print(f"{args.command}: --tensorrt is not supported for image-to-image graphs yet (the ONNX graph is served "
+              "by ONNX Runtime, with its TensorRT accelerator on GPUs)", file=sys.stderr)
+        return 2
+    start = time.perf_counter()
+    try:
+        if args.command == "sr":
+            report = export_sr(args.weights, args.repository, args.name, args.version, args.max_batch_size, target,
+                               tile=args.tile, tile_overlap=args.tile_overlap)
+        else:
+            init_args = None
+            if args.init_args is not None:
+                try:
+                    init_args = json.loads(args.init_args)
+                except json.JSONDecodeError as exc:
+                    parser.error(f"--init-args is not valid JSON ({exc})")
+                if not isinstance(init_args, dict):
+                    parser.error("--init-args must be a JSON object of keyword arguments")
+            report = export_translator(args.module, args.weights, args.repository, args.name, init_args,
+                                       args.input_range, args.output_range, args.size_multiple, args.version,
+                                       args.max_batch_size, target, tile=args.tile)
+    except ParityError as exc:
+        print(f"export FAILED parity check: {exc}", file=sys.stderr)
+        return 1
+    except ImageExportError as exc:
+        print(f"export {args.command}: {exc}", file=sys.stderr)
+        return 2
+    f = report.facts
+    print(f"{args.name}: {f.architecture} x{f.scale} ({f.task}) {report.onnx_path} verified, max abs error "
+          f"{report.max_abs_error:.2e} ({time.perf_counter() - start:.1f}s)")
+    return 0
+
+
+def export_demos(repository: Path, target: DeploymentTarget) -> list[str]:
+    """The committed image-to-image demos -> repository; one line per model."""
+    from export.super_resolution import export_sr
+    from export.translator import export_translator
+
+    lines = []
+    for checkpoint, name in DEMO_SR.items():
+        if checkpoint.exists():
+            start = time.perf_counter()
+            report = export_sr(checkpoint, repository, name, target=target)
+            lines.append(f"{name}: {report.facts.architecture} x{report.facts.scale} verified, max abs error "
+                         f"{report.max_abs_error:.2e} ({time.perf_counter() - start:.1f}s)")
+    for checkpoint, name in DEMO_TRANSLATORS.items():
+        meta = checkpoint.with_suffix(".json")
+        if checkpoint.exists() and meta.exists():
+            start = time.perf_counter()
+            info = json.loads(meta.read_text())
+            module = str(Path(__file__).resolve().parents[1] / info["module"])
+            report = export_translator(module, checkpoint, repository, name, info.get("config"),
+                                       size_multiple=info.get("size_multiple"), target=target)
+            lines.append(f"{name}: translator verified, max abs error {report.max_abs_error:.2e} "
+                         f"({time.perf_counter() - start:.1f}s)")
+    return lines

@@ -1,0 +1,270 @@
+"""Export image -> image graphs: super-resolution checkpoints as users bring them, and the
+one graph contract every image-to-image model is served under.
+
+  python -m export sr --weights RealESRGAN_x4plus.pth --name realesrgan_x4
+
+The checkpoint is recognised by spandrel (ESRGAN / Real-ESRGAN, Real-ESRGAN Compact, SPAN,
+SwinIR, HAT, ... from the shapes and names in the state dict; `.pth` through its
+restricted unpickler, `.safetensors`), which says the architecture, scale, channels and
+size requirements. Those travel in the config, so the service needs nothing else.
+
+Graph contract (what services/pipelines/pipeline_image_to_image.py relies on):
+  input   image         FP32 [batch, C_in, H, W]       H, W dynamic, multiples of size_multiple
+  output  output_image  FP32 [batch, C_out, s*H, s*W]  s = genserve.scale
+
+Parameters in the config (strings, as Triton stores them):
+  genserve.pipeline        "image_to_image"
+  genserve.task            "super_resolution" or "translation"
+  genserve.scale           s (1 for translators)
+  genserve.input_channels  C_in;  genserve.output_channels  C_out
+  genserve.input_range     "0,1" (spandrel models) or the translator's, e.g. "-1,1"
+  genserve.output_range    likewise
+  genserve.size_multiple   sides must be multiples of it (the service pads by reflection)
+  genserve.size_minimum    smallest side the architecture takes (the service pads up to it)
+  genserve.tile            default tile side in input pixels (requests may ask another)
+  genserve.tile_overlap    default overlap between tiles, input pixels
+  genserve.architecture    e.g. "ESRGAN"; genserve.source_sha256 of the weights
+
+Each graph is traced at one batch size and side and verified against PyTorch at another
+batch size and at odd, unequal sides (export.onnx_export.verify_onnx), so an architecture
+that bakes the traced size into its graph fails here, named, not in serving.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Mapping
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from export.onnx_export import ParityError, export_onnx, verify_onnx
+from export.triton_config import (
+    DeploymentTarget,
+    ModelConfigSpec,
+    TensorSpec,
+    build_model_config,
+    default_batching,
+    write_model_config,
+)
+
+log = logging.getLogger(__name__)
+
+SR_SUFFIXES = (".pth", ".ckpt", ".safetensors")
+SERVABLE_CHANNELS = (1, 3, 4)
+DEFAULT_TILE = 128  # input pixels: a 4x model's tile is 512x512 out, ~3 MB of float32 per channel
+DEFAULT_TILE_OVERLAP = 16
+ATOL = 2e-3  # outputs in [0, 1]; deep conv stacks differ by ~1e-5 between ORT and PyTorch
+
+
+class ImageExportError(ValueError):
+    """The checkpoint, architecture or arguments cannot be exported as given (a user error)."""
+
+
+@dataclass(frozen=True)
+class ImageModelFacts:
+    """What the service needs to know about an image -> image graph."""
+
+    task: str  # "super_resolution" or "translation"
+    scale: int
+    input_channels: int
+    output_channels: int
+    size_multiple: int = 1
+    size_minimum: int = 1
+    input_range: tuple[float, float] = (0.0, 1.0)
+    output_range: tuple[float, float] = (0.0, 1.0)
+    architecture: str = ""
+    extra: Mapping[str, str] = field(default_factory=dict)
+
+    def side(self, wanted: int) -> int:
+        """The smallest side >= wanted (and >= the minimum) that is a multiple of size_multiple."""
+        m = self.size_multiple
+        return max(self.size_minimum, math.ceil(wanted / m) * m)
+
+    def parameters(self, tile: int, tile_overlap: int) -> dict[str, str]:
+        fmt = lambda r: f"{r[0]:g},{r[1]:g}"  # noqa: E731
+        return {
+            "genserve.pipeline": "image_to_image",
+            "genserve.task": self.task,
+            "genserve.scale": str(self.scale),
+            "genserve.input_channels": str(self.input_channels),
+            "genserve.output_channels": str(self.output_channels),
+            "genserve.input_range": fmt(self.input_range),
+            "genserve.output_range": fmt(self.output_range),
+            "genserve.size_multiple": str(self.size_multiple),
+            "genserve.size_minimum": str(self.size_minimum),
+            "genserve.tile": str(tile),
+            "genserve.tile_overlap": str(tile_overlap),
+            **({"genserve.architecture": self.architecture} if self.architecture else {}),
+            **dict(self.extra),
+        }
+
+
+@dataclass
+class ImageExportReport:
+    model_dir: Path
+    onnx_path: Path
+    max_abs_error: float
+    facts: ImageModelFacts
+
+
+class _Clamped(nn.Module):
+    """The model under the graph contract: one FP32 output, clamped to the output range
+    (spandrel's own call clamps to [0, 1] the same way)."""
+
+    def __init__(self, model: nn.Module, output_range: tuple[float, float]):
+        super().__init__()
+        self.model = model
+        self.low, self.high = output_range
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        out = self.model(image)
+        if isinstance(out, (tuple, list)):
+            out = out[0]
+        return out.float().clamp(self.low, self.high)
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def export_image_graph(
+    model: nn.Module,
+    facts: ImageModelFacts,
+    repository: Path,
+    name: str,
+    version: int = 1,
+    max_batch_size: int = 8,
+    target: DeploymentTarget = DeploymentTarget(),
+    tile: int = DEFAULT_TILE,
+    tile_overlap: int = DEFAULT_TILE_OVERLAP,
+    atol: float = ATOL,
+) -> ImageExportReport:
+    """Traces `model` (eval mode, [B, C_in, H, W] -> [B, C_out, sH, sW]) with dynamic batch and
+    sides, verifies it against PyTorch at another batch and odd unequal sides, writes the config."""
+    if tile < 1 or tile % facts.size_multiple or tile < facts.size_minimum:
+        raise ImageExportError(f"--tile {tile}: must be a multiple of {facts.size_multiple} and at least "
+                               f"{facts.size_minimum} for this architecture")
+    if not 0 <= tile_overlap < tile // 2:
+        raise ImageExportError(f"--tile-overlap {tile_overlap}: must be from 0 to less than half the tile ({tile})")
+    module = _Clamped(model.eval(), facts.output_range).eval()
+    rng = np.random.default_rng(0)
+    low, high = facts.input_range
+
+    def feeds(batch: int, h: int, w: int) -> dict[str, np.ndarray]:
+        return {"image": rng.uniform(low, high, (batch, facts.input_channels, h, w)).astype(np.float32)}
+
+    # 1. Trace at batch 1 and a square side; dynamic batch and spatial axes.
+    model_dir = Path(repository) / name
+    onnx_path = model_dir / str(version) / "model.onnx"
+    trace = facts.side(32)
+    example = {k: torch.from_numpy(v) for k, v in feeds(1, trace, trace).items()}
+    spatial = {0: "batch", 2: "height", 3: "width"}
+    try:
+        export_onnx(module, example, ["output_image"], onnx_path, {"image": spatial, "output_image": spatial})
+    except Exception as exc:
+        raise ImageExportError(f"{facts.architecture or 'the model'} does not export to ONNX: "
+                               f"{type(exc).__name__}: {str(exc)[:500]}") from exc
+
+    # 2. Verify at batch 2 and unequal sides that are not the traced ones (odd where the
+    #    architecture allows), so a size baked into the graph is caught here.
+    h, w = facts.side(37), facts.side(53)
+    if (h, w) == (trace, trace):
+        h, w = facts.side(trace + 1), facts.side(trace + facts.size_multiple + 1)
+    try:
+        max_err = verify_onnx(module, onnx_path, feeds(2, h, w), atol=atol)
+    except ParityError:
+        raise
+    except Exception as exc:
+        raise ParityError(
+            f"{onnx_path}: {facts.architecture or 'the graph'} traced at {trace}x{trace} failed at {h}x{w} "
+            f"(the traced size is fixed somewhere in the graph): {type(exc).__name__}: {str(exc)[:300]}") from exc
+
+    # 3. The Triton config: the facts in its parameters.
+    c_in, c_out = facts.input_channels, facts.output_channels
+    spec = ModelConfigSpec(
+        name=name,
+        inputs=[TensorSpec("image", "float32", (c_in, -1, -1))],
+        outputs=[TensorSpec("output_image", "float32", (c_out, -1, -1))],
+        # Tiles of one image and of concurrent requests share calls: wait at most 5 ms for them.
+        batching=default_batching(max_batch_size, max_queue_delay_microseconds=5000),
+        target=target,
+        parameters=facts.parameters(tile, tile_overlap),
+        warmup_dims={"image": (c_in, trace, trace)},
+    )
+    write_model_config(build_model_config(spec), model_dir)
+    log.info("%s: %s x%d, %d -> %d channels, verified at %dx%d (max abs error %.2e)", name,
+             facts.architecture or facts.task, facts.scale, c_in, c_out, h, w, max_err)
+    return ImageExportReport(model_dir, onnx_path, max_err, facts)
+
+
+# --- super-resolution checkpoints through spandrel ------------------------------------------
+
+
+def load_sr_checkpoint(weights: str | Path):
+    """A spandrel ImageModelDescriptor from a .pth (restricted unpickler) or .safetensors file."""
+    from export.torchvision_compat import import_spandrel
+
+    path = Path(weights)
+    if path.suffix.lower() not in SR_SUFFIXES:
+        raise ImageExportError(f"--weights {str(path)!r}: give a .pth or .safetensors state dict "
+                               f"(a .pt may be TorchScript, which is not read here)")
+    if not path.is_file():
+        raise ImageExportError(f"--weights {str(path)!r}: no such file")
+    spandrel = import_spandrel()
+    try:
+        descriptor = spandrel.ModelLoader(device="cpu").load_from_file(path)
+    except spandrel.UnsupportedModelError as exc:
+        raise ImageExportError(f"--weights {str(path)!r}: spandrel recognises no architecture in this state dict "
+                               f"({exc or 'no match'}); supported: ESRGAN/Real-ESRGAN, Compact, SPAN, SwinIR, HAT, "
+                               f"DAT, OmniSR, ... (spandrel {getattr(spandrel, '__version__', '')})") from exc
+    except Exception as exc:
+        raise ImageExportError(f"--weights {str(path)!r} could not be loaded: {type(exc).__name__}: "
+                               f"{str(exc)[:300]}") from exc
+    if not isinstance(descriptor, spandrel.ImageModelDescriptor):
+        raise ImageExportError(f"--weights {str(path)!r} is a {descriptor.architecture.name} "
+                               f"({type(descriptor).__name__}, e.g. inpainting with a mask): not an image -> image "
+                               f"model /v1/upscale can serve")
+    return descriptor
+
+
+def sr_facts(descriptor) -> ImageModelFacts:
+    arch = descriptor.architecture.name
+    req = descriptor.size_requirements
+    if req.square:
+        raise ImageExportError(f"{arch} needs square inputs: not served (tiles of any shape are cut from images)")
+    if descriptor.input_channels not in SERVABLE_CHANNELS or descriptor.output_channels not in SERVABLE_CHANNELS:
+        raise ImageExportError(f"{arch}: {descriptor.input_channels} -> {descriptor.output_channels} channels; "
+                               f"served images have 1, 3 or 4")
+    return ImageModelFacts(
+        task="super_resolution" if descriptor.scale > 1 else "restoration", scale=int(descriptor.scale),
+        input_channels=int(descriptor.input_channels), output_channels=int(descriptor.output_channels),
+        size_multiple=int(req.multiple_of), size_minimum=max(1, int(req.minimum)),
+        architecture=arch, extra={"genserve.purpose": descriptor.purpose, "genserve.tags": ",".join(descriptor.tags)})
+
+
+def export_sr(
+    weights: str | Path,
+    repository: Path,
+    name: str,
+    version: int = 1,
+    max_batch_size: int = 8,
+    target: DeploymentTarget = DeploymentTarget(),
+    tile: int | None = None,
+    tile_overlap: int = DEFAULT_TILE_OVERLAP,
+) -> ImageExportReport:
+    """A super-resolution checkpoint as users bring it -> a verified graph in the repository."""
+    descriptor = load_sr_checkpoint(weights)
+    facts = sr_facts(descriptor)
+    facts = ImageModelFacts(**{**facts.__dict__, "extra": {**facts.extra, "genserve.source_sha256": sha256(weights)}})
+    tile = tile or facts.side(DEFAULT_TILE)
+    try:
+        return export_image_graph(descriptor.model, facts, repository, name, version, max_batch_size, target,
+                                  tile, tile_overlap)
+    except ParityError as exc:
+        raise ParityError(f"{facts.architecture} does not export faithfully: {exc}") from exc
