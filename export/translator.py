@@ -60,12 +60,12 @@ def _run(model: nn.Module, x: torch.Tensor):
     return out
 
 
-def probe_channels(model: nn.Module, side: int) -> tuple[int, torch.Tensor]:
+def probe_channels(model: nn.Module, side: int, batch: int = 2) -> tuple[int, torch.Tensor]:
     """(C_in, output) for the first channel count in 3, 1, 4 the module takes at `side`."""
     errors = []
     for c in (3, 1, 4):
         try:
-            out = _run(model, torch.zeros(2, c, side, side))
+            out = _run(model, torch.zeros(batch, c, side, side))
         except Exception as exc:
             errors.append(f"{c} channels: {type(exc).__name__}: {str(exc)[:120]}")
             continue
@@ -119,7 +119,7 @@ def export_translator(
     m = size_multiple or 1
     side = max(PROBE_SIDE, -(-PROBE_SIDE // m) * m)
     if size_multiple is None:
-        c_in, _ = probe_channels(model, 256)  # 256: any U-Net depth up to 8 runs there
+        c_in, _ = probe_channels(model, 256, batch=1)  # 256: any U-Net depth up to 8 runs there
         m = probe_size_multiple(model, c_in)
         side = -(-PROBE_SIDE // m) * m
     c_in, out = probe_channels(model, side)

@@ -95,6 +95,9 @@ class Settings:
     prompt_cache_size: int = 1024
     # Adaptive batching of single-pass models (GAN, VAE) on the embedded backend.
     batch_wait_ms: int = 2
+    # /v1/upscale, /v1/translate and chained upscaling: the most output pixels per image
+    # (checked from the input's header before decoding; memory is ~16 bytes per output pixel).
+    max_upscale_pixels: int = 4096 * 4096
     # The public edge (services.gateway): body limits, keys, rate limits, CORS, shutdown.
     max_body_bytes: int = 20 * 1024 * 1024
     body_read_timeout_s: int = 30
@@ -126,6 +129,7 @@ class Settings:
             max_request_timeout_s=_int("GENSERVE_MAX_REQUEST_TIMEOUT_S", cls.max_request_timeout_s, minimum=1),
             prompt_cache_size=_int("GENSERVE_PROMPT_CACHE_SIZE", cls.prompt_cache_size),
             batch_wait_ms=_int("GENSERVE_BATCH_WAIT_MS", cls.batch_wait_ms),
+            max_upscale_pixels=_int("GENSERVE_MAX_UPSCALE_PIXELS", cls.max_upscale_pixels, minimum=1),
             max_body_bytes=_int("GENSERVE_MAX_BODY_BYTES", cls.max_body_bytes, minimum=1024),
             body_read_timeout_s=_int("GENSERVE_BODY_READ_TIMEOUT_S", cls.body_read_timeout_s, minimum=1),
             api_keys_file=Path(keys) if (keys := os.environ.get("GENSERVE_API_KEYS_FILE", "").strip()) else None,

@@ -353,3 +353,26 @@ class GANEditRequest(_Strict):
     strength: float = Field(1.0, ge=-10.0, le=10.0, description="w + strength * direction.")
     truncation_psi: float = Field(1.0, ge=0.0, le=1.0)
     output_format: OutputFormat = "png"
+
+
+# -- image -> image: /v1/upscale, /v1/translate ---------------------------------------------
+MIN_TILE, MAX_TILE = 16, 1024
+MAX_TILE_OVERLAP = 256
+
+
+class UpscaleRequest(_Strict):
+    model: str | None = Field(None, description="Super-resolution model; default: the only one served.")
+    image: str = Field(max_length=MAX_IMAGE_BASE64_CHARS,
+                       description="Base64 PNG/JPEG/WebP, any size up to the output limit (see /v1/models). "
+                       "Alpha is upscaled apart from the colour (bicubic); grey images come back grey.")
+    output_format: OutputFormat = "png"
+    tile: int | None = Field(None, ge=MIN_TILE, le=MAX_TILE,
+                             description="Tile side in input pixels (a multiple of the model's size multiple); "
+                             "default: the model's. Larger images are processed in overlapping tiles.")
+    tile_overlap: int | None = Field(None, ge=0, le=MAX_TILE_OVERLAP,
+                                     description="Overlap between tiles, input pixels, less than half the tile; "
+                                     "default: the model's.")
+
+
+class TranslateRequest(UpscaleRequest):
+    model: str | None = Field(None, description="Image-to-image translator; default: the only one served.")

@@ -16,12 +16,12 @@ from services import playground
 from services.config import Settings
 from services.gateway import Gateway, Route
 from services.http import install_error_handlers
-from services.routers import ddpm, diffusion, gan, models, openai_images, stylegan, vae
+from services.routers import ddpm, diffusion, gan, image_to_image, models, openai_images, stylegan, vae
 
 log = logging.getLogger("genserve")
 
 # Each family router: its endpoints, and its entries for GET /v1/models.
-FAMILY_ROUTERS = (gan, stylegan, diffusion, ddpm, vae)
+FAMILY_ROUTERS = (gan, stylegan, diffusion, ddpm, vae, image_to_image)
 
 app = FastAPI(
     title="genserve",
@@ -77,6 +77,7 @@ class GenServe:
         from services.engine.prompt_cache import PromptCache
         from services.metrics import service_metrics
         from services.pipelines import diffusion_pipelines, gan_pipelines
+        from services.pipelines.pipeline_image_to_image import image_to_image_pipelines
         from services.pipelines.pipeline_stylegan import stylegan_pipelines
         from services.pipelines.pipeline_vae import vae_pipelines
         from services.ratelimit import RateLimiter
@@ -96,6 +97,7 @@ class GenServe:
         ctx.gan = gan_pipelines(backend)
         ctx.vae = vae_pipelines(backend)
         ctx.stylegan = stylegan_pipelines(backend)
+        ctx.image_to_image = image_to_image_pipelines(backend)  # name -> ImageToImagePipeline (SR, translators)
         # 2. One step-level engine per diffusion pipeline, whatever its family; its batch
         #    limit is its denoiser's.
         cache = PromptCache(settings.prompt_cache_size, on_lookup=metrics.observe_prompt_cache)

@@ -22,7 +22,7 @@ def create_backend(settings: Settings) -> InferenceBackend:
         )
         # Single-pass models get request merging here; Triton's dynamic batcher does it there.
         single_pass = {name for name, spec in backend.models().items()
-                       if spec.parameters.get("genserve.pipeline") in ("gan", "stylegan")}
+                       if spec.parameters.get("genserve.pipeline") in ("gan", "stylegan", "image_to_image")}
         return AdaptiveBatcher(backend, single_pass, settings.batch_wait_ms / 1000)
     if settings.backend == "triton":
         from services.runtime.triton_backend import TritonBackend

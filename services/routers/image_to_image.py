@@ -1,0 +1,219 @@
+"""Image -> image endpoints: `POST /v1/upscale` (super-resolution, any size, tiled) and
+`POST /v1/translate` (Pix2Pix/CycleGAN-style translators), JSON (image as base64) or
+multipart (image as a file); and `upscale_generated`, the super-resolution stage other
+endpoints chain after generation (`"upscale": {"model": ...}`).
+
+Images in:
+- The output size (input pixels x scale^2) is checked against GENSERVE_MAX_UPSCALE_PIXELS
+  from the header, before any pixel is decoded; PIL's decompression-bomb guard refuses
+  absurd headers before that.
+- Modes: 1/L/P/RGB/CMYK/YCbCr, with or without alpha (LA, PA, RGBA, P with transparency).
+  16-bit and float modes (I, I;16, F) and other colour spaces are refused: their scaling
+  to 8 bits is a choice the client should make. Animated images: the first frame.
+- Alpha: the colour goes through the model; the alpha channel is resized on its own
+  (bicubic, PIL) to the output size and put back (a model trained on photos has not seen
+  alpha; upscaling it as colour would invent edges). A 4-channel model gets RGBA as is.
+- Grey in, grey out: a grey image goes through an RGB model as three equal channels and
+  comes back as the luma (ITU-R 601) of the output.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import time
+from dataclasses import dataclass
+
+import numpy as np
+from fastapi import APIRouter, Depends, Request
+
+from services.context import ServiceContext, context
+from services.errors import InvalidRequest, ModelNotFound
+from services.gateway import request_id_var
+from services.http import parse_body
+from services.imaging import FORMATS
+from services.openapi import body_schema, error_responses
+from services.schemas import (
+    MAX_TILE,
+    MAX_TILE_OVERLAP,
+    MIN_TILE,
+    DiffusionResponse,
+    ModelDescription,
+    TranslateRequest,
+    UpscaleRequest,
+    tensors,
+)
+
+router = APIRouter()
+
+ACCEPTED_MODES = ("1", "L", "LA", "La", "P", "PA", "RGB", "RGBA", "RGBa", "RGBX", "CMYK", "YCbCr")
+ENDPOINTS = {"super_resolution": "/v1/upscale", "restoration": "/v1/upscale", "translation": "/v1/translate"}
+
+
+@router.post("/upscale", response_model=DiffusionResponse, responses=error_responses(),
+             openapi_extra=body_schema(UpscaleRequest))
+async def upscale(request: Request, ctx: ServiceContext = Depends(context)) -> DiffusionResponse:
+    """An image of any size (up to the output limit) x the model's scale, in overlapping tiles."""
+    body = await parse_body(request, UpscaleRequest)
+    return await _serve(ctx, body, "/v1/upscale")
+
+
+@router.post("/translate", response_model=DiffusionResponse, responses=error_responses(),
+             openapi_extra=body_schema(TranslateRequest))
+async def translate(request: Request, ctx: ServiceContext = Depends(context)) -> DiffusionResponse:
+    """An image through an image-to-image translator (Pix2Pix, CycleGAN, style transfer)."""
+    body = await parse_body(request, TranslateRequest)
+    return await _serve(ctx, body, "/v1/translate")
+
+
+async def _serve(ctx: ServiceContext, body: UpscaleRequest, endpoint: str) -> DiffusionResponse:
+    start = time.perf_counter()
+    # 1. Check inputs: the model, the tiling, then the image's header (before decoding).
+    name, pipeline = pick_model(ctx, body.model, endpoint)
+    info = pipeline.info
+    tile, overlap = check_tiling(info, body.tile, body.tile_overlap)
+    decoded = await asyncio.to_thread(decode_upload, body.image, "image", info, ctx.settings.max_upscale_pixels)
+    if decoded.alpha is not None and body.output_format == "jpeg":
+        raise InvalidRequest("the image has an alpha channel and JPEG has none: ask for png or webp",
+                             field="output_format", allowed=["png", "webp"])
+    # 2. The model, in tiles.
+    out = await pipeline(decoded.pixels, tile, overlap)
+    image = await asyncio.to_thread(compose, out.image, decoded, info)
+    # 3. Encode with provenance.
+    h, w = decoded.pixels.shape[1:]
+    meta = {"model": name, "version": pipeline.spec.version, "task": info.task, "scale": info.scale,
+            "source_size": [w, h]}
+    images = await asyncio.to_thread(ctx.encode_images, image[None], info.output_range, body.output_format, [meta])
+    task = "upscale" if endpoint == "/v1/upscale" else "translate"
+    total = ctx.record(task, name, 1, start)
+    return DiffusionResponse(
+        request_id=request_id_var.get(), model=name, backend=ctx.backend.name,
+        parameters={"output_format": body.output_format, "tile": tile, "tile_overlap": overlap, "scale": info.scale,
+                    "tiles": out.tiles, "input_size": [w, h], "output_size": [w * info.scale, h * info.scale],
+                    "model_version": pipeline.spec.version},
+        images=images,
+        timings={"inference_seconds": round(out.inference_seconds, 6), "total_seconds": round(total, 6)})
+
+
+# -- helpers ---------------------------------------------------------------------------
+def served(ctx: ServiceContext, endpoint: str) -> dict:
+    return {n: p for n, p in getattr(ctx, "image_to_image", {}).items() if ENDPOINTS.get(p.info.task) == endpoint}
+
+
+def pick_model(ctx: ServiceContext, model: str | None, endpoint: str, field: str = "model"):
+    models = served(ctx, endpoint)
+    kind = "super-resolution model" if endpoint == "/v1/upscale" else "image-to-image translator"
+    if model is None:
+        if len(models) == 1:
+            return next(iter(models.items()))
+        raise InvalidRequest(f"name the {kind} to use ({len(models)} served)", field=field, allowed=sorted(models))
+    if model not in models:
+        raise ModelNotFound(f"model {model!r} is not a {kind} served here", field=field, allowed=sorted(models))
+    return model, models[model]
+
+
+def check_tiling(info, tile: int | None, overlap: int | None) -> tuple[int, int]:
+    tile = info.tile if tile is None else tile
+    overlap = info.tile_overlap if overlap is None else overlap
+    if not info.tile_ok(tile):
+        raise InvalidRequest(f"tile must be a multiple of {info.size_multiple} and at least {info.size_minimum} for "
+                             f"this model (and {MIN_TILE} to {MAX_TILE}), got {tile}", field="tile",
+                             limit=info.size_multiple)
+    most = min(MAX_TILE_OVERLAP, (tile - 1) // 2)
+    if overlap > most:
+        raise InvalidRequest(f"tile_overlap must be less than half the tile ({tile}), got {overlap}",
+                             field="tile_overlap", limit=most)
+    return tile, overlap
+
+
+@dataclass
+class DecodedImage:
+    pixels: np.ndarray  # [C_in, H, W] float32 in the model's input range
+    alpha: np.ndarray | None  # [H, W] uint8, when the image had alpha and the model takes none
+    grey: bool  # the image was grey (no colour): the output goes back to grey
+
+
+def decode_upload(data: str, field: str, info, max_output_pixels: int) -> DecodedImage:
+    """Base64 image -> model input. Refuses, naming `field`: bad base64, undecodable bytes,
+    an output past `max_output_pixels` (from the header, before decoding), unsupported modes."""
+    from PIL import Image
+
+    try:
+        raw = base64.b64decode(data, validate=True)
+    except ValueError:
+        raise InvalidRequest(f"{field} is not valid base64", field=field) from None
+    try:
+        image = Image.open(io.BytesIO(raw))
+    except Image.DecompressionBombError:
+        raise InvalidRequest(f"{field} claims more pixels than any output allowed here "
+                             f"({max_output_pixels} output pixels)", field=field, limit=max_output_pixels) from None
+    except Exception as exc:  # PIL raises many types for bad data
+        raise InvalidRequest(f"{field} is not a decodable PNG/JPEG/WebP image ({type(exc).__name__})",
+                             field=field) from None
+    w, h = image.size
+    s = info.scale
+    if w * h * s * s > max_output_pixels:
+        most = int((max_output_pixels / (s * s)) ** 0.5)
+        raise InvalidRequest(f"{field} is {w}x{h}: x{s} gives {w * s}x{h * s} = {w * h * s * s} pixels, more than "
+                             f"the {max_output_pixels} allowed (GENSERVE_MAX_UPSCALE_PIXELS; e.g. at most "
+                             f"{most}x{most} in)", field=field, limit=max_output_pixels)
+    if image.mode not in ACCEPTED_MODES:
+        raise InvalidRequest(f"{field} has pixel mode {image.mode!r} (16-bit, float or another colour space): send "
+                             f"8-bit grey, RGB or RGBA (with or without alpha)", field=field, allowed=list(ACCEPTED_MODES))
+    try:
+        image.seek(0)
+        image.load()
+    except Exception as exc:
+        raise InvalidRequest(f"{field} is not a decodable PNG/JPEG/WebP image ({type(exc).__name__})",
+                             field=field) from None
+    has_alpha = image.mode in ("LA", "La", "PA", "RGBA", "RGBa") or (image.mode == "P" and "transparency" in image.info)
+    grey = image.mode in ("1", "L", "LA", "La")
+    alpha = None
+    if has_alpha and info.input_channels != 4:
+        alpha = np.asarray(image.convert("RGBA"))[..., 3].copy()
+    mode = {1: "L", 3: "RGB", 4: "RGBA"}[info.input_channels]
+    pixels = np.asarray(image.convert(mode), dtype=np.float32)
+    pixels = pixels[None] if pixels.ndim == 2 else pixels.transpose(2, 0, 1)
+    low, high = info.input_range
+    return DecodedImage(pixels * ((high - low) / 255.0) + low, alpha, grey and info.input_channels != 1)
+
+
+def compose(out: np.ndarray, decoded: DecodedImage, info) -> np.ndarray:
+    """The model's output [C_out, sH, sW] -> what is sent back: grey again for a grey input,
+    with the input's alpha resized beside it (both in the model's output range)."""
+    if decoded.grey and out.shape[0] == 3 and decoded.alpha is None:
+        out = (0.299 * out[0] + 0.587 * out[1] + 0.114 * out[2])[None]
+    if decoded.alpha is not None:
+        out = with_alpha(out, decoded.alpha, info.output_range)
+    return out
+
+
+def with_alpha(out: np.ndarray, alpha: np.ndarray, value_range) -> np.ndarray:
+    from PIL import Image
+
+    _, h, w = out.shape
+    if out.shape[0] == 1:
+        out = np.repeat(out, 3, axis=0)
+    resized = np.asarray(Image.fromarray(alpha).resize((w, h), Image.BICUBIC), dtype=np.float32)
+    low, high = value_range
+    return np.concatenate([out, (resized * ((high - low) / 255.0) + low)[None]])
+
+
+def describe(ctx: ServiceContext) -> list[ModelDescription]:
+    models = []
+    for name, pipeline in getattr(ctx, "image_to_image", {}).items():
+        spec, info = pipeline.spec, pipeline.info
+        models.append(ModelDescription(
+            name=name, version=spec.version, pipeline=f"image_to_image/{info.task}",
+            endpoint=ENDPOINTS.get(info.task, "/v1/upscale"), backend=ctx.backend.name,
+            max_batch_size=spec.max_batch_size, inputs=tensors(spec.inputs), outputs=tensors(spec.outputs),
+            parameters={"scale": info.scale, "architecture": info.architecture,
+                        "input_channels": info.input_channels, "output_channels": info.output_channels,
+                        "max_output_pixels": ctx.settings.max_upscale_pixels,
+                        "tile": {"default": info.tile, "min": max(MIN_TILE, info.size_minimum), "max": MAX_TILE,
+                                 "multiple_of": info.size_multiple},
+                        "tile_overlap": {"default": info.tile_overlap, "min": 0, "max": MAX_TILE_OVERLAP},
+                        "output_format": sorted(FORMATS)},
+        ))
+    return models
