@@ -195,9 +195,18 @@ def _edit_body() -> dict:
 
 
 # -- endpoints -------------------------------------------------------------------------
-@router.post("/generations", response_model=ImagesResponse, responses=_responses())
-async def generations(body: ImageGenerationRequest, request: Request, ctx: ServiceContext = Depends(context)):
+def _generation_body() -> dict:
+    # Parsed by the handler (not a typed parameter): FastAPI would document a 422, and
+    # invalid input is a 400 on these routes.
+    schema = ImageGenerationRequest.model_json_schema(ref_template="#/components/schemas/{model}")
+    return {"requestBody": {"required": True, "content": {"application/json": {
+        "schema": schema, "example": schema.get("example")}}}}
+
+
+@router.post("/generations", response_model=ImagesResponse, responses=_responses(), openapi_extra=_generation_body())
+async def generations(request: Request, ctx: ServiceContext = Depends(context)):
     """OpenAI's image generation: text to image on a genserve diffusion pipeline."""
+    body = await parse_body(request, ImageGenerationRequest)
     _check_common(body)
     name, spec = _pipeline(ctx, body.model)
     height, width = _size(body.size, spec)
