@@ -121,7 +121,8 @@ function applyLimits(model) {
   }
   const scheduler = $("t-scheduler");
   const current = scheduler.value;
-  fillSelect(scheduler, p.schedulers || ["ddim"], current || "ddim");
+  fillSelect(scheduler, p.schedulers || [], current);
+  scheduler.prepend(new Option("model default", "", false, !current));
 }
 
 async function loadModels() {
