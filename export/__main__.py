@@ -121,6 +121,12 @@ def main(argv: list[str] | None = None) -> int:
                                 help="pipeline name; graphs are <name>_unet, <name>_vae_decoder, ...")
         folder_cmd.add_argument("--version", type=int, default=1)
         folder_cmd.add_argument("--max-batch-size", type=int, default=16)
+        if command in ("diffusers", "sd"):
+            folder_cmd.add_argument("--max-sequence-length", type=int, metavar="TOKENS",
+                                    help="FLUX: the T5 length prompts are padded to (default 512, as FluxPipeline); "
+                                         "longer prompts are refused")
+            folder_cmd.add_argument("--native-size", type=int, metavar="PIXELS",
+                                    help="FLUX: the default image side (default FluxPipeline's: 128 x the VAE factor)")
         _add_common(folder_cmd)
     stylegan = sub.add_parser(
         "stylegan", help="export a StyleGAN generator (NVIDIA interface) as <name>_mapping + <name>_synthesis",
@@ -208,8 +214,9 @@ def main(argv: list[str] | None = None) -> int:
                   f"{errors} ({time.perf_counter() - start:.1f}s)")
         for folder, name, version, max_batch, family in pipelines:
             start = time.perf_counter()
+            options = {k: getattr(args, k, None) for k in ("max_sequence_length", "native_size")}
             found, reports = export_folder(folder, args.repository, name, version, max_batch, target,
-                                           family=family, tensorrt=args.tensorrt)
+                                           family=family, tensorrt=args.tensorrt, **options)
             print(f"{name}: {found}, {len(reports)} graphs verified ({time.perf_counter() - start:.1f}s)")
         if args.command == "demo":
             for line in image_to_image_cli.export_demos(args.repository, target):

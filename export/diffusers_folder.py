@@ -17,6 +17,9 @@ PIPELINE_FAMILIES = {
     "StableDiffusionXLPipeline": "stable_diffusion_xl",
     "StableDiffusionXLImg2ImgPipeline": "stable_diffusion_xl",
     "StableDiffusionXLInpaintPipeline": "stable_diffusion_xl",
+    "FluxPipeline": "flux",
+    "FluxImg2ImgPipeline": "flux",
+    "FluxInpaintPipeline": "flux",
     "DDPMPipeline": "ddpm",
     "DDIMPipeline": "ddpm",
 }
@@ -50,14 +53,24 @@ def detect_family(folder: Path) -> str:
 
 def export_folder(folder: Path, repository: Path, name: str, version: int = 1, max_batch_size: int = 16,
                   target: DeploymentTarget = DeploymentTarget(), family: str | None = None,
-                  tensorrt: bool = False, progress=print):
-    """Exports the folder with its family's exporter: (family, reports)."""
+                  tensorrt: bool = False, progress=print, max_sequence_length: int | None = None,
+                  native_size: int | None = None):
+    """Exports the folder with its family's exporter: (family, reports). `max_sequence_length`
+    and `native_size` are FLUX's options (the T5 length prompts are padded to; the default
+    size), refused for families that have no such choice."""
     detected = detect_family(folder)
     if family == "vae" and (Path(folder) / "vae" / "config.json").exists():
         detected = "vae"  # a pipeline folder: its VAE alone, served as a standalone VAE
     if family is not None and detected != family:
         raise UnsupportedFolder(f"{folder} holds a {detected} model, not a {family} one")
     kwargs = dict(version=version, max_batch_size=max_batch_size, target=target, progress=progress)
+    if detected == "flux":
+        from export.flux import export_flux
+        return detected, export_flux(folder, repository, name, tensorrt=tensorrt, max_sequence_length=max_sequence_length,
+                                     native_size=native_size, **kwargs)
+    for option, value in (("max_sequence_length", max_sequence_length), ("native_size", native_size)):
+        if value is not None:
+            raise UnsupportedFolder(f"--{option.replace('_', '-')} applies to FLUX folders; {folder} is {detected}")
     if detected == "stable_diffusion":
         from export.stable_diffusion import export_stable_diffusion
         return detected, export_stable_diffusion(folder, repository, name, tensorrt=tensorrt, **kwargs)

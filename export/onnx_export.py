@@ -19,6 +19,23 @@ log = logging.getLogger(__name__)
 OPSET = 17
 
 
+def _rms_norm_symbolic(g, input, normalized_shape, weight, eps):
+    """aten::rms_norm (diffusers' RMSNorm on torch >= 2.4: FLUX's q/k norms) as opset-17 ops:
+    x / sqrt(mean(x^2) + eps) * weight. ONNX's own RMSNormalization arrives only in opset 23."""
+    from torch.onnx import symbolic_helper as sh
+
+    dims = sh._get_const(normalized_shape, "is", "normalized_shape")
+    eps = sh._maybe_get_const(eps, "f")
+    if sh._is_none(eps) or not isinstance(eps, float):
+        eps = float(torch.finfo(torch.float32).eps)
+    mean = g.op("ReduceMean", g.op("Mul", input, input), axes_i=list(range(-len(dims), 0)), keepdims_i=1)
+    out = g.op("Div", input, g.op("Sqrt", g.op("Add", mean, g.op("Constant", value_t=torch.tensor(eps)))))
+    return out if sh._is_none(weight) else g.op("Mul", out, weight)
+
+
+torch.onnx.register_custom_op_symbolic("aten::rms_norm", _rms_norm_symbolic, OPSET)
+
+
 class ParityError(RuntimeError):
     """ONNX Runtime's output differs from PyTorch's by more than the tolerance."""
 
@@ -29,15 +46,33 @@ def export_onnx(
     output_names: Sequence[str],
     path: Path,
     dynamic_axes: Mapping[str, Mapping[int, str]],
+    dynamo: bool = False,
 ) -> Path:
     """Exports `module(**example_inputs)` to `path` with the given dynamic axes.
 
-    The TorchScript-based exporter is used: it is fast, deterministic and handles the
-    static-control-flow generators we export; inputs keep the names given here so the
-    Triton config and the graph agree by construction.
+    The TorchScript-based exporter is the default: it is fast, deterministic and handles the
+    static-control-flow generators we export. `dynamo=True` takes the torch.export-based one
+    (opset 18), for models whose Python shape arithmetic the tracer would freeze into
+    constants (FLUX's rotary embeddings): axes sharing a name share one symbolic size.
+    Inputs keep the names given here so the Triton config and the graph agree by construction.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
+    # Inference mode for the whole tree: a wrapper module starts in training mode, and the
+    # exporter restores the mode it found (recursively), which would re-enable dropout in
+    # the wrapped model for the parity check that follows (T5 has dropout 0.1).
+    module.eval()
     names = list(example_inputs)
+    if dynamo:
+        dims: dict[str, torch.export.Dim] = {}
+        shapes = {n: {axis: dims.setdefault(label, torch.export.Dim(label)) for axis, label in
+                      dynamic_axes.get(n, {}).items()} for n in names}
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")
+            program = torch.onnx.export(module, (), kwargs=dict(example_inputs), dynamo=True, dynamic_shapes=shapes,
+                                        input_names=names, output_names=list(output_names),
+                                        opset_version=max(OPSET, 18), verbose=False)
+        program.save(str(path))
+        return path
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")  # the exporter's deprecation chatter
         torch.onnx.export(
@@ -68,6 +103,7 @@ def verify_onnx(
     """
     import onnxruntime as ort
 
+    module.eval()
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     onnx_outputs = session.run(None, dict(inputs))
     with torch.no_grad():

@@ -128,7 +128,7 @@ class GraphExporter:
         return self.repository / f"{self.name}_{role}"
 
     def __call__(self, role, module, make_inputs, inputs, outputs, dynamic, parameters, atol, delay_us, files=(),
-                 tensorrt_profile=None) -> Path:
+                 tensorrt_profile=None, tensorrt_precision: str | None = None, dynamo: bool = False) -> Path:
         name, progress = self.name, self.progress
         native = {k: v.shape[1:] for k, v in make_inputs(1, 1).items()}  # warm up at the native size
         model_name = f"{name}_{role}"
@@ -138,7 +138,7 @@ class GraphExporter:
         # Traced at batch 2 and the native size; verified at batch 3 and twice the size,
         # which exercises the dynamic axes.
         example = {k: torch.from_numpy(v) for k, v in make_inputs(2, 1).items()}
-        export_onnx(module, example, [t.name for t in outputs], onnx_path, dynamic)
+        export_onnx(module, example, [t.name for t in outputs], onnx_path, dynamic, dynamo=dynamo)
         external = save_with_external_data_if_large(onnx_path, self.external_data_threshold)
         err = verify_onnx(module, onnx_path, make_inputs(3, 2), atol=atol)
         spec = ModelConfigSpec(
@@ -151,8 +151,9 @@ class GraphExporter:
         if tensorrt_profile is not None:  # a plan beside the graph; the VAE stays fp32 (see export.tensorrt)
             from export.tensorrt import build_plan, precision_for, tensorrt_config
 
-            progress(f"[{name}] building TensorRT plan for {role} ({precision_for(role)}) ...")
-            shutil.copy(build_plan(onnx_path, tensorrt_profile, precision_for(role)), onnx_path.with_name("model.plan"))
+            precision = tensorrt_precision or precision_for(role)
+            progress(f"[{name}] building TensorRT plan for {role} ({precision}) ...")
+            shutil.copy(build_plan(onnx_path, tensorrt_profile, precision), onnx_path.with_name("model.plan"))
             spec = tensorrt_config(spec, self.target.instance_count)
         write_model_config(build_model_config(spec), model_dir)
         for src, dst in files:

@@ -76,6 +76,32 @@ def stable_diffusion_profile(component: str, *, max_rows: int, seq_len: int, hid
     raise ValueError(f"unknown component {component!r}")
 
 
+def flux_profile(component: str, max_batch: int, *, length: int = 0, hidden: int = 0, pooled: int = 0,
+                 channels: int = 0, native: int = 0, guided: bool = False) -> Profile:
+    """FLUX's ranges. Guidance-distilled models run one row per image (no doubled batch), so
+    the optimum is batch 1; sides range from a quarter to twice the native one. `native` is
+    in patches for the transformer (S = side^2 tokens of 4C features), in latents for the VAE
+    decoder, in pixels for the encoder."""
+    if component in ("text_encoder", "text_encoder_2"):
+        return {"input_ids": ShapeRange((1, length), (1, length), (max_batch, length))}
+    if component == "transformer":
+        lo, mid, hi = max(1, native // 4) ** 2, native**2, (2 * native) ** 2
+        rows = {"txt_ids": (length, 3), "encoder_hidden_states": (length, hidden), "pooled_projections": (pooled,),
+                "timestep": (), **({"guidance": ()} if guided else {})}
+        profile = {name: ShapeRange((1, *s), (1, *s), (max_batch, *s)) for name, s in rows.items()}
+        profile["hidden_states"] = ShapeRange((1, lo, channels), (1, mid, channels), (max_batch, hi, channels))
+        profile["img_ids"] = ShapeRange((1, lo, 3), (1, mid, 3), (max_batch, hi, 3))
+        return profile
+    lo, mid, hi = max(1, native // 4), native, 2 * native
+    name = "latent_sample" if component == "vae_decoder" else "sample"
+    images = max(1, max_batch // 2)
+    return {name: ShapeRange((1, channels, lo, lo), (1, channels, mid, mid), (images, channels, hi, hi))}
+
+
+# FLUX runs its transformer and T5 in bf16 (what it was trained in; fp16 overflows there).
+FLUX_PRECISION = {"transformer": "bf16", "text_encoder_2": "bf16"}
+
+
 def precision_for(component: str) -> str:
     return "fp32" if component in FP32_COMPONENTS else "fp16"
 
@@ -134,6 +160,8 @@ def build_plan(onnx_path: Path, profile: Profile, precision: str, cache_dir: Pat
     config = builder.create_builder_config()
     if precision == "fp16":
         config.set_flag(trt.BuilderFlag.FP16)
+    elif precision == "bf16":  # fp16's range overflows in T5 and FLUX's transformer; bf16 keeps fp32's
+        config.set_flag(trt.BuilderFlag.BF16)
     optimization = builder.create_optimization_profile()
     for name, r in profile.items():
         optimization.set_shape(name, r.min, r.opt, r.max)

@@ -64,11 +64,15 @@ def family_extras(body, spec: DiffusionSpec, height: int, width: int) -> dict:
     return extras
 
 
-def build_request(task: str, body, spec: DiffusionSpec) -> tuple[DiffusionRequest, dict]:
+def build_request(task: str, body, pipeline) -> tuple[DiffusionRequest, dict]:
     """(the pipeline request, every parameter after defaults for the response)."""
+    spec = pipeline.spec
     if not body.prompt.strip():
         raise InvalidRequest("prompt must not be blank", field="prompt")
     params = body.model_dump(exclude={"model", "image", "mask"}, exclude_none=False)
+    # The model's own defaults: a flow-matching model has no "ddim", a distilled one's guidance is ~3.5.
+    params["guidance_scale"] = spec.default_guidance_scale if body.guidance_scale is None else body.guidance_scale
+    params["scheduler"] = body.scheduler or pipeline.default_scheduler
     params["seed"] = resolve_seed(body.seed, body.num_images)
     max_side = max(lim["max"] for lim in spec.side_limits().values())
     init_image = mask = None
@@ -79,6 +83,9 @@ def build_request(task: str, body, spec: DiffusionSpec) -> tuple[DiffusionReques
     else:
         if spec.vae_encoder is None:
             raise InvalidRequest(f"model {spec.name!r} has no VAE encoder: {task} is not available", field="model")
+        if not spec.image_to_image:
+            raise InvalidRequest(f"{task} is not served for {spec.family} models (model {spec.name!r}) yet; "
+                                 f"/v1/txt2img is", field="model")
         # the engine's own check, before any image is decoded
         check_denoising_steps(body.num_inference_steps, body.strength, from_image=True)
         init_image = decode_field(body.image, spec.image_channels, "image", max_side)
@@ -97,8 +104,8 @@ def build_request(task: str, body, spec: DiffusionSpec) -> tuple[DiffusionReques
     params.update({k: list(v) for k, v in extras.items()})
     request = DiffusionRequest(
         prompt=body.prompt, negative_prompt=body.negative_prompt, num_images=body.num_images,
-        num_inference_steps=body.num_inference_steps, guidance_scale=body.guidance_scale,
-        scheduler=body.scheduler, height=params["height"], width=params["width"], seed=params["seed"],
+        num_inference_steps=body.num_inference_steps, guidance_scale=params["guidance_scale"],
+        scheduler=params["scheduler"], height=params["height"], width=params["width"], seed=params["seed"],
         init_image=init_image, strength=getattr(body, "strength", 1.0), mask=mask, extras=extras,
     )
     return request, params

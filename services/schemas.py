@@ -136,8 +136,13 @@ class Txt2ImgRequest(_Strict, _SizeConditioning):
     negative_prompt: str = Field("", max_length=MAX_PROMPT_CHARS, description="What to steer away from (with guidance > 1).")
     num_images: int = Field(1, ge=1, le=MAX_DIFFUSION_IMAGES)
     num_inference_steps: int = Field(20, ge=1, le=MAX_INFERENCE_STEPS)
-    guidance_scale: float = Field(7.5, ge=0.0, le=MAX_GUIDANCE_SCALE, description="Classifier-free guidance; <= 1 disables it.")
-    scheduler: SchedulerName = "ddim"
+    guidance_scale: float | None = Field(
+        None, ge=0.0, le=MAX_GUIDANCE_SCALE,
+        description="Classifier-free guidance (<= 1 disables it), or the guidance input of guidance-distilled "
+                    "models (FLUX.1-dev). Default: the model's (GET /v1/models; 7.5 for SD-style models).")
+    scheduler: SchedulerName | None = Field(
+        None, description="Sampler; default: the model's (ddim where it can be built; flow_match_euler for "
+                          "flow-matching models). GET /v1/models lists each model's.")
     height: int | None = Field(None, ge=8, description="Pixels, a multiple of 8; default: the model's native size.")
     width: int | None = Field(None, ge=8, description="Pixels, a multiple of 8; default: the model's native size.")
     seed: int | None = Field(None, ge=0, le=MAX_SEED, description="Seed of image 0; image i uses seed + i.")
@@ -158,8 +163,8 @@ class Img2ImgRequest(_Strict, _SizeConditioning):
     strength: float = Field(0.8, gt=0.0, le=1.0, description="How far from the input: 1 = ignore it.")
     num_images: int = Field(1, ge=1, le=MAX_DIFFUSION_IMAGES)
     num_inference_steps: int = Field(20, ge=1, le=MAX_INFERENCE_STEPS)
-    guidance_scale: float = Field(7.5, ge=0.0, le=MAX_GUIDANCE_SCALE)
-    scheduler: SchedulerName = "ddim"
+    guidance_scale: float | None = Field(None, ge=0.0, le=MAX_GUIDANCE_SCALE, description="Default: the model's.")
+    scheduler: SchedulerName | None = Field(None, description="Default: the model's.")
     seed: int | None = Field(None, ge=0, le=MAX_SEED)
     output_format: OutputFormat = "png"
     timeout_s: float | None = Field(None, ge=MIN_TIMEOUT_S)

@@ -14,6 +14,7 @@ DIFFUSION_FAMILIES = (
     "services.pipelines.pipeline_stable_diffusion",
     "services.pipelines.pipeline_stable_diffusion_xl",
     "services.pipelines.pipeline_ddpm",
+    "services.pipelines.pipeline_flux",
 )
 
 

@@ -64,6 +64,19 @@ class DiffusionSpec:
     conditioning: str = "text"  # text (prompts), class (labels), none
     extra_fields: tuple[str, ...] = ()  # request fields only this family takes (SDXL's sizes)
     components: tuple[str, ...] = ()  # every graph of the pipeline, for GET /v1/models
+    # What guidance_scale means: "classifier_free" (a negative half per image, combined after
+    # the denoiser; > 1 turns it on) or "embedded" (guidance-distilled models: a denoiser input).
+    guidance: str = "classifier_free"
+    default_guidance_scale: float = 7.5
+    image_to_image: bool = True  # img2img and inpainting, where there is a VAE encoder
+
+    def classifier_free(self, req: "DiffusionRequest") -> bool:
+        """Whether the request runs a negative half per image (as diffusers: scale 1 is the
+        conditional model alone)."""
+        return self.guidance == "classifier_free" and req.guidance_scale > 1.0
+
+    def default_scheduler(self, supported: list[str]) -> str:
+        return "ddim" if "ddim" in supported else supported[0]
 
     def to_vae(self, z: np.ndarray) -> np.ndarray:
         """Denoiser latents -> the VAE's own latent space (what its decoder takes)."""
@@ -91,12 +104,17 @@ class PromptTokenizer:
     bos, tokens, eos, then padding to max_length, exactly what diffusers feeds its text
     encoder. A prompt that does not fit is refused, never silently truncated."""
 
-    def __init__(self, path: Path, max_length: int, pad_token_id: int):
+    def __init__(self, path: Path, max_length: int, pad_token_id: int, truncate: bool = False):
         from tokenizers import Tokenizer
 
         self.tokenizer = Tokenizer.from_file(str(path))
-        self.tokenizer.no_truncation()
         self.tokenizer.no_padding()
+        # truncate: for an encoder that, as in its reference pipeline, sees only the start of a
+        # prompt another encoder carries whole (FLUX's CLIP beside T5); special tokens are kept.
+        if truncate:
+            self.tokenizer.enable_truncation(max_length)
+        else:
+            self.tokenizer.no_truncation()
         self.max_length = max_length
         self.pad_token_id = pad_token_id
 
@@ -150,6 +168,25 @@ class Conditioner(Protocol):
         guided), as they are sent alongside `sample` and `timestep`."""
 
 
+class UNetDenoiser:
+    """How the generic loop talks to its denoiser. This default is the U-Net's: `sample`
+    [R, C, h, w] and a per-row `timestep` in, the prediction in the latents' layout out, and the
+    scheduler's own timestep spacing. A family whose denoiser differs (FLUX: 2x2-packed latents,
+    sigma timesteps, a resolution-dependent schedule) brings its own in its module."""
+
+    def set_timesteps(self, scheduler, num_inference_steps: int, latent_shape: tuple[int, ...]) -> None:
+        scheduler.set_timesteps(num_inference_steps)
+
+    def inputs(self, sample: np.ndarray, timestep) -> dict[str, np.ndarray]:
+        return {"sample": sample, "timestep": np.full((len(sample), 1), timestep, dtype=np.float32)}
+
+    def prediction(self, output: np.ndarray, latent_shape: tuple[int, ...]) -> np.ndarray:
+        return output
+
+
+UNET = UNetDenoiser()
+
+
 def initial_latents(seed: int, num_images: int, shape: tuple[int, ...]) -> list[np.ndarray]:
     """The documented per-image starting noise, before scaling by init_noise_sigma."""
     return [np.random.default_rng(seed + i).standard_normal(shape, dtype=np.float32) for i in range(num_images)]
@@ -198,18 +235,21 @@ class Trajectory:
     """
 
     def __init__(self, spec: DiffusionSpec, req: DiffusionRequest, cond: dict[str, np.ndarray],
-                 rngs: list[np.random.Generator], image_latents: np.ndarray | None = None):
+                 rngs: list[np.random.Generator], image_latents: np.ndarray | None = None,
+                 denoiser: UNetDenoiser = UNET):
         self.req = req
         self.rngs = rngs
-        self.do_cfg = req.guidance_scale > 1.0  # as diffusers: guidance 1 is the conditional model alone
+        self.do_cfg = spec.classifier_free(req)
         self.cond = cond  # conditioning rows, negative half first with guidance
         self.spec = spec
+        self.denoiser = denoiser
         height, width = req.height or spec.native_height, req.width or spec.native_width
         latent_shape = (spec.latent_channels, height // spec.vae_scale_factor, width // spec.vae_scale_factor)
+        self.latent_shape = latent_shape
 
         # Timesteps (img2img and inpainting start part-way, at `strength`).
         self.scheduler = make_scheduler(req.scheduler, spec.scheduler_config)
-        self.scheduler.set_timesteps(req.num_inference_steps)
+        denoiser.set_timesteps(self.scheduler, req.num_inference_steps, latent_shape)
         self.timesteps = self.scheduler.timesteps
         if req.init_image is not None:
             self.timesteps = img2img_timesteps(self.scheduler, req.num_inference_steps, req.strength)
@@ -248,10 +288,11 @@ class Trajectory:
         t = self.timesteps[self.steps_done]
         sample = np.concatenate([self.latents, self.latents]) if self.do_cfg else self.latents
         sample = self.scheduler.scale_model_input(sample, t).astype(np.float32)
-        return {"sample": sample, "timestep": np.full((len(sample), 1), t, dtype=np.float32), **self.cond}
+        return {**self.denoiser.inputs(sample, t), **self.cond}
 
     def advance(self, noise_pred: np.ndarray) -> None:
         i, t = self.steps_done, self.timesteps[self.steps_done]
+        noise_pred = self.denoiser.prediction(noise_pred, self.latent_shape)
         if self.do_cfg:
             n = len(self.latents)
             uncond, cond = noise_pred[:n], noise_pred[n:]
@@ -278,14 +319,17 @@ class DiffusionPipeline:
     """Tokenize -> encode -> denoising loop with classifier-free guidance -> decode, for any
     family: `spec` says what the graphs are, `conditioner` what the denoiser is conditioned on."""
 
-    def __init__(self, backend: InferenceBackend, spec: DiffusionSpec, conditioner: Conditioner):
+    def __init__(self, backend: InferenceBackend, spec: DiffusionSpec, conditioner: Conditioner,
+                 denoiser: UNetDenoiser = UNET):
         self.backend = backend
         self.spec = spec
         self.name = spec.name
         self.conditioner = conditioner
+        self.denoiser = denoiser
         self.schedulers = supported_schedulers(spec.scheduler_config)  # what a request may pick
         if not self.schedulers:
             raise ValueError(f"pipeline {spec.name!r}: no scheduler here can be built from its scheduler config")
+        self.default_scheduler = spec.default_scheduler(self.schedulers)
 
     # -- what the engine calls -----------------------------------------------------------
     def tokenize(self, req: DiffusionRequest) -> list[np.ndarray]:
@@ -304,8 +348,8 @@ class DiffusionPipeline:
         image_latents = None
         if req.init_image is not None:
             image_latents = await self.encode_image(req.init_image, req.num_images, rngs)
-        cond = self.conditioner.rows(req, encoded, guided=req.guidance_scale > 1.0)
-        return Trajectory(self.spec, req, cond, rngs, image_latents)
+        cond = self.conditioner.rows(req, encoded, guided=self.spec.classifier_free(req))
+        return Trajectory(self.spec, req, cond, rngs, image_latents, self.denoiser)
 
     async def denoise(self, inputs: dict[str, np.ndarray]) -> np.ndarray:
         """One denoiser call over the rows of any number of trajectories."""
@@ -319,7 +363,7 @@ class DiffusionPipeline:
 
     def warmup_request(self) -> DiffusionRequest:
         """A one-step request at the native size (with guidance where the family has text)."""
-        return DiffusionRequest(prompt="", num_inference_steps=1,
+        return DiffusionRequest(prompt="", num_inference_steps=1, scheduler=self.default_scheduler,
                                 guidance_scale=2.0 if self.conditioner.empty_key is not None else 0.0)
 
     async def encode_image(self, image: np.ndarray, n: int, rngs: list[np.random.Generator]) -> np.ndarray:

@@ -1,4 +1,4 @@
-"""Text-conditioned diffusion, any family that takes prompts (SD 1/2, SDXL):
+"""Text-conditioned diffusion, any family that takes prompts (SD 1/2, SDXL, FLUX):
 `POST /v1/txt2img`, `/v1/txt2img/stream`, `/v1/img2img`, `/v1/inpaint`."""
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ from services.schemas import (
 )
 
 router = APIRouter()
-TEXT_FAMILIES = ("stable_diffusion", "stable_diffusion_xl")
+TEXT_FAMILIES = ("stable_diffusion", "stable_diffusion_xl", "flux")
 
 
 @router.post("/txt2img", response_model=DiffusionResponse, responses=error_responses())
@@ -87,9 +87,9 @@ async def _submit(ctx: ServiceContext, task: str, body):
     engine = engines[name]
     timeout_s = ctx.timeout_s(body.timeout_s)
     if task == "txt2img":
-        request, params = build_request(task, body, engine.pipeline.spec)
+        request, params = build_request(task, body, engine.pipeline)
     else:  # decoding images is CPU work: off the event loop
-        request, params = await asyncio.to_thread(build_request, task, body, engine.pipeline.spec)
+        request, params = await asyncio.to_thread(build_request, task, body, engine.pipeline)
     params["timeout_s"] = timeout_s
     handle = engine_calls.submit(ctx, engine, request, timeout_s, getattr(body, "preview_every", 0))
     return name, engine, handle, params
@@ -99,8 +99,8 @@ def _respond(ctx: ServiceContext, task: str, name: str, body, params: dict, hand
     out = engine_calls.result(handle, params["timeout_s"])
     images = ctx.encode_images(out.images, (-1.0, 1.0), body.output_format, [
         {"model": name, "task": task, "seed": seed, "prompt": body.prompt,
-         "num_inference_steps": body.num_inference_steps, "guidance_scale": body.guidance_scale,
-         "scheduler": body.scheduler} for seed in out.seeds])
+         "num_inference_steps": body.num_inference_steps, "guidance_scale": params["guidance_scale"],
+         "scheduler": params["scheduler"]} for seed in out.seeds])
     total = ctx.record(task, name, len(images), start)
     return DiffusionResponse(
         request_id=request_id_var.get(), model=name, backend=ctx.backend.name, parameters=params, images=images,
@@ -117,10 +117,12 @@ def describe(ctx: ServiceContext) -> list[ModelDescription]:
         params = {
             "components": list(spec.components),
             "schedulers": engine.pipeline.schedulers,
+            "default_scheduler": engine.pipeline.default_scheduler,
             "prompt_max_tokens": getattr(engine.pipeline.conditioner, "max_tokens", None),
             "num_images": {"min": 1, "max": MAX_DIFFUSION_IMAGES},
             "num_inference_steps": {"min": 1, "max": MAX_INFERENCE_STEPS},
-            "guidance_scale": {"min": 0.0, "max": MAX_GUIDANCE_SCALE},
+            "guidance_scale": {"min": 0.0, "max": MAX_GUIDANCE_SCALE, "default": spec.default_guidance_scale,
+                               "meaning": spec.guidance},
             "height": sides["height"], "width": sides["width"],
             "strength": {"min": 0.0, "max": 1.0, "exclusive_min": True},
             "seed": {"min": 0, "max": MAX_SEED}, "output_format": sorted(FORMATS),
@@ -130,7 +132,8 @@ def describe(ctx: ServiceContext) -> list[ModelDescription]:
         params.update({key: "optional [2 ints]" for key in spec.extra_fields})
         models.append(ModelDescription(
             name=name, version=denoiser.version, pipeline=spec.family,
-            endpoint="/v1/txt2img, /v1/txt2img/stream" + (", /v1/img2img, /v1/inpaint" if spec.vae_encoder else "")
+            endpoint="/v1/txt2img, /v1/txt2img/stream"
+            + (", /v1/img2img, /v1/inpaint" if spec.vae_encoder and spec.image_to_image else "")
             + ", /v1/vae/decode" + (", /v1/vae/encode, /v1/vae/interpolate" if spec.vae_encoder else ""),
             backend=ctx.backend.name, max_batch_size=denoiser.max_batch_size,
             inputs=tensors(denoiser.inputs), outputs=tensors(denoiser.outputs), parameters=params,

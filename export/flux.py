@@ -1,0 +1,271 @@
+"""Export a FLUX-format diffusers folder (FluxPipeline: FLUX.1-dev/schnell and their kin) into
+Triton models.
+
+The contract with the serving side (services/pipelines/pipeline_flux.py reads exactly this):
+every config carries genserve.pipeline = "flux", genserve.pipeline_name = NAME and
+genserve.component = the role below. B is the batch axis (dynamic, up to max_batch_size).
+
+  <NAME>_text_encoder    (CLIPTextModel)
+      input   input_ids   INT64 [B, L1]
+      output  pooled      FP32  [B, P]     pooler_output: the transformer's pooled_projections
+      files   tokenizer.json   params genserve.max_length (L1), genserve.pad_token_id
+      Prompts longer than L1 CLIP tokens are truncated for this encoder only, as FluxPipeline
+      does (the T5 encoder below carries the long prompt and refuses past its length).
+  <NAME>_text_encoder_2  (T5EncoderModel)
+      input   input_ids      INT64 [B, L2]   ids, </s>, then <pad> to L2 (no attention mask:
+                                             FLUX attends to the padding, so L2 is fixed)
+      output  hidden_states  FP32  [B, L2, D]
+      files   tokenizer.json   params genserve.max_length (L2 = max_sequence_length),
+              genserve.pad_token_id, genserve.hidden_size (D)
+  <NAME>_transformer     (FluxTransformer2DModel)
+      inputs  hidden_states          FP32 [B, S, 4C]  latents packed in 2x2 patches (S = h/2 * w/2)
+              img_ids                FP32 [B, S, 3]   (0, row, column) of each patch
+              txt_ids                FP32 [B, L2, 3]  zeros
+              timestep               FP32 [B]         sigma (FluxPipeline's t / 1000), per sample
+              guidance               FP32 [B]         guidance-distilled models only
+              encoder_hidden_states  FP32 [B, L2, D]
+              pooled_projections     FP32 [B, P]
+      output  noise_pred             FP32 [B, S, 4C]  the velocity, packed
+      The ids are per sample for the batch axis; rows of one call share them (one size per
+      call), and the graph uses row 0's, as diffusers' transformer does with 3-D ids.
+      files   scheduler_config.json
+      params  genserve.in_channels (4C), genserve.guidance_embeds (1/0), genserve.native_height,
+              genserve.native_width (pixels; FluxPipeline's default_sample_size x the VAE
+              factor unless --native-size), genserve.vae_scale_factor, genserve.size_multiple
+              (2 x the VAE factor: a latent side must split into 2x2 patches)
+  <NAME>_vae_decoder / <NAME>_vae_encoder  as SD's, with genserve.shift_factor: latents =
+      (z - shift_factor) * scaling_factor.
+
+Graphs past 2 GB (a real T5-XXL, a 12B transformer) keep their weights in model.onnx_data
+beside model.onnx (export.stable_diffusion.save_with_external_data_if_large).
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from export.diffusers_folder import UnsupportedFolder
+from export.stable_diffusion import (
+    EXTERNAL_DATA_THRESHOLD,
+    ComponentReport,
+    GraphExporter,
+    _fast_tokenizer_json,
+    _VAEDecoder,
+    _VAEEncoder,
+)
+from export.triton_config import DeploymentTarget, TensorSpec
+from services.pipelines.pipeline_flux import image_ids  # the serving side's ids, verified here
+
+PIPELINE = "flux"
+DEFAULT_SAMPLE_SIZE = 128  # FluxPipeline.default_sample_size: 1024 pixels with FLUX's VAE
+DEFAULT_MAX_SEQUENCE_LENGTH = 512  # FluxPipeline's max_sequence_length default
+
+
+class _ClipPooled(torch.nn.Module):
+    def __init__(self, text_encoder):
+        super().__init__()
+        self.text_encoder = text_encoder
+
+    def forward(self, input_ids):
+        return self.text_encoder(input_ids=input_ids, output_hidden_states=False).pooler_output
+
+
+class _T5Hidden(torch.nn.Module):
+    def __init__(self, text_encoder):
+        super().__init__()
+        self.text_encoder = text_encoder
+
+    def forward(self, input_ids):
+        return self.text_encoder(input_ids=input_ids, output_hidden_states=False)[0]
+
+
+class _FluxTransformer(torch.nn.Module):
+    def __init__(self, transformer):
+        super().__init__()
+        self.transformer = transformer
+
+    def forward(self, hidden_states, img_ids, txt_ids, timestep, encoder_hidden_states, pooled_projections,
+                guidance=None):
+        return self.transformer(hidden_states=hidden_states, timestep=timestep, guidance=guidance,
+                                pooled_projections=pooled_projections, encoder_hidden_states=encoder_hidden_states,
+                                txt_ids=txt_ids[0], img_ids=img_ids[0], return_dict=False)[0]
+
+
+def _t5_tokenizer_json(folder: Path, dest: Path) -> dict:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(folder / "tokenizer_2")
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer.save_pretrained(tmp)
+        if not (Path(tmp) / "tokenizer.json").exists():
+            raise UnsupportedFolder(f"{folder}/tokenizer_2 cannot be written as a fast tokenizer.json")
+        shutil.copy(Path(tmp) / "tokenizer.json", dest / "tokenizer.json")
+    return {"pad_token_id": tokenizer.pad_token_id, "eos_token_id": tokenizer.eos_token_id,
+            "model_max_length": tokenizer.model_max_length}
+
+
+def export_flux(
+    folder: Path,
+    repository: Path,
+    name: str,
+    version: int = 1,
+    max_batch_size: int = 16,
+    target: DeploymentTarget = DeploymentTarget(),
+    progress: Callable[[str], None] = print,
+    external_data_threshold: int = EXTERNAL_DATA_THRESHOLD,
+    tensorrt: bool = False,
+    max_sequence_length: int | None = None,
+    native_size: int | None = None,
+) -> list[ComponentReport]:
+    from diffusers import AutoencoderKL, FluxTransformer2DModel
+    from transformers import CLIPTextModel, T5EncoderModel
+
+    folder, repository = Path(folder), Path(repository)
+    progress(f"[{name}] loading {folder}")
+    clip = CLIPTextModel.from_pretrained(folder / "text_encoder").eval()
+    t5 = T5EncoderModel.from_pretrained(folder / "text_encoder_2").eval()
+    transformer = FluxTransformer2DModel.from_pretrained(folder / "transformer").eval()
+    vae = AutoencoderKL.from_pretrained(folder / "vae").eval()
+    cfg = transformer.config
+    if cfg.patch_size != 1:
+        raise UnsupportedFolder(f"{folder}: transformer patch_size {cfg.patch_size}; FluxPipeline's 2x2 packing "
+                                f"assumes 1")
+    latent_c = cfg.in_channels // 4
+    if latent_c * 4 != cfg.in_channels or latent_c != vae.config.latent_channels:
+        raise UnsupportedFolder(f"{folder}: the transformer takes {cfg.in_channels} packed channels but the VAE has "
+                                f"{vae.config.latent_channels} latent channels (4 x latent channels expected)")
+    vae_scale = 2 ** (len(vae.config.block_out_channels) - 1)
+    multiple = 2 * vae_scale
+    native = native_size or DEFAULT_SAMPLE_SIZE * vae_scale
+    if native % multiple:
+        raise UnsupportedFolder(f"native size {native} is not a multiple of {multiple} (2 x the VAE factor)")
+    h = w = native // vae_scale  # latent side
+
+    rng = np.random.default_rng(0)
+    export_graph = GraphExporter(repository, name, PIPELINE, version=version, max_batch_size=max_batch_size,
+                                 target=target, progress=progress, external_data_threshold=external_data_threshold)
+    if tensorrt:
+        from export.tensorrt import FLUX_PRECISION, flux_profile, require_tensorrt
+
+        require_tensorrt()  # before minutes of export, not after
+
+    def plan(role: str, **shape) -> dict:
+        """The TensorRT profile and precision of a graph (nothing without --tensorrt)."""
+        if not tensorrt:
+            return {}
+        return {"tensorrt_profile": flux_profile(role, max_batch_size, **shape),
+                "tensorrt_precision": FLUX_PRECISION.get(role)}
+
+    # 1. CLIP: pooled output only.
+    clip_dir = export_graph.model_dir("text_encoder")
+    clip_dir.mkdir(parents=True, exist_ok=True)
+    tok = _fast_tokenizer_json(folder, clip_dir, "tokenizer")
+    length1, pooled_dim = tok["max_length"], clip.config.hidden_size
+    if pooled_dim != cfg.pooled_projection_dim:
+        raise UnsupportedFolder(f"{folder}: CLIP gives {pooled_dim} pooled features, the transformer takes "
+                                f"{cfg.pooled_projection_dim}")
+
+    def clip_ids(b, _k):
+        ids = np.full((b, length1), tok["pad_token_id"], np.int64)
+        for row in range(b):
+            n = int(rng.integers(1, length1 - 1))
+            ids[row, 0] = tok["bos_token_id"]
+            ids[row, 1:n + 1] = rng.integers(0, clip.config.vocab_size - 2, n)
+            ids[row, n + 1] = tok["eos_token_id"]
+        return {"input_ids": ids}
+
+    export_graph("text_encoder", _ClipPooled(clip), clip_ids, [TensorSpec("input_ids", "int64", (length1,))],
+                 [TensorSpec("pooled", "float32", (pooled_dim,))],
+                 {"input_ids": {0: "batch"}, "pooled": {0: "batch"}},
+                 {"max_length": length1, "pad_token_id": tok["pad_token_id"], "pooled_dim": pooled_dim,
+                  "truncate": "1"}, atol=1e-4, delay_us=1000,
+                 **plan("text_encoder", length=length1))
+
+    # 2. T5: hidden states at a fixed sequence length.
+    t5_dir = export_graph.model_dir("text_encoder_2")
+    t5_dir.mkdir(parents=True, exist_ok=True)
+    tok2 = _t5_tokenizer_json(folder, t5_dir)
+    length2 = max_sequence_length or min(DEFAULT_MAX_SEQUENCE_LENGTH, tok2["model_max_length"])
+    hidden = t5.config.d_model
+    if hidden != cfg.joint_attention_dim:
+        raise UnsupportedFolder(f"{folder}: T5 gives {hidden} features, the transformer attends to "
+                                f"{cfg.joint_attention_dim}")
+
+    def t5_ids(b, _k):
+        ids = np.full((b, length2), tok2["pad_token_id"], np.int64)
+        for row in range(b):
+            n = int(rng.integers(1, length2))
+            ids[row, :n - 1] = rng.integers(3, t5.config.vocab_size, n - 1)
+            ids[row, n - 1] = tok2["eos_token_id"]
+        return {"input_ids": ids}
+
+    export_graph("text_encoder_2", _T5Hidden(t5), t5_ids, [TensorSpec("input_ids", "int64", (length2,))],
+                 [TensorSpec("hidden_states", "float32", (length2, hidden))],
+                 {"input_ids": {0: "batch"}, "hidden_states": {0: "batch"}},
+                 {"max_length": length2, "pad_token_id": tok2["pad_token_id"], "hidden_size": hidden},
+                 atol=1e-4, delay_us=1000, **plan("text_encoder_2", length=length2))
+
+    # 3. The transformer over packed latents, per-sample timestep (and guidance).
+    guided = bool(cfg.guidance_embeds)
+
+    def transformer_inputs(b, k):
+        ph, pw = k * h // 2, k * w // 2
+        inputs = {"hidden_states": rng.standard_normal((b, ph * pw, cfg.in_channels), dtype=np.float32),
+                  "img_ids": image_ids(b, ph, pw), "txt_ids": np.zeros((b, length2, 3), np.float32),
+                  "timestep": rng.uniform(0.05, 1.0, b).astype(np.float32),
+                  "encoder_hidden_states": rng.standard_normal((b, length2, hidden), dtype=np.float32),
+                  "pooled_projections": rng.standard_normal((b, pooled_dim), dtype=np.float32)}
+        if guided:
+            inputs["guidance"] = rng.uniform(1.0, 5.0, b).astype(np.float32)
+        return inputs
+
+    inputs = [TensorSpec("hidden_states", "float32", (-1, cfg.in_channels)),
+              TensorSpec("img_ids", "float32", (-1, 3)),
+              TensorSpec("txt_ids", "float32", (length2, 3)),
+              TensorSpec("timestep", "float32", (1,), reshape=()),
+              TensorSpec("encoder_hidden_states", "float32", (length2, hidden)),
+              TensorSpec("pooled_projections", "float32", (pooled_dim,))]
+    dynamic = {"hidden_states": {0: "batch", 1: "patches"}, "img_ids": {0: "batch", 1: "patches"},
+               "txt_ids": {0: "batch"}, "timestep": {0: "batch"}, "encoder_hidden_states": {0: "batch"},
+               "pooled_projections": {0: "batch"}, "noise_pred": {0: "batch", 1: "patches"}}
+    if guided:
+        inputs.append(TensorSpec("guidance", "float32", (1,), reshape=()))
+        dynamic["guidance"] = {0: "batch"}
+    export_graph(
+        "transformer", _FluxTransformer(transformer), transformer_inputs, inputs,
+        [TensorSpec("noise_pred", "float32", (-1, cfg.in_channels))], dynamic,
+        {"in_channels": cfg.in_channels, "guidance_embeds": "1" if guided else "0", "native_height": native,
+         "native_width": native, "vae_scale_factor": vae_scale, "size_multiple": multiple},
+        atol=1e-3, delay_us=1000, files=[(folder / "scheduler" / "scheduler_config.json", "scheduler_config.json")],
+        dynamo=True,  # the tracer freezes the rotary embedding's reshapes to the traced sequence length
+        **plan("transformer", length=length2, hidden=hidden, pooled=pooled_dim, channels=cfg.in_channels,
+               native=native // multiple, guided=guided))
+
+    # 4. VAE with FLUX's shift.
+    image_c = vae.config.in_channels
+    vae_params = {"vae_scale_factor": vae_scale, "scaling_factor": vae.config.scaling_factor,
+                  "shift_factor": getattr(vae.config, "shift_factor", None) or 0.0,
+                  "image_channels": image_c, "latent_channels": latent_c}
+    export_graph(
+        "vae_decoder", _VAEDecoder(vae),
+        lambda b, k: {"latent_sample": rng.standard_normal((b, latent_c, k * h, k * w), dtype=np.float32)},
+        [TensorSpec("latent_sample", "float32", (latent_c, -1, -1))],
+        [TensorSpec("sample", "float32", (image_c, -1, -1))],
+        {"latent_sample": {0: "batch", 2: "height", 3: "width"}, "sample": {0: "batch", 2: "height", 3: "width"}},
+        vae_params, atol=1e-3, delay_us=2000,
+        **plan("vae_decoder", channels=latent_c, native=h))
+    export_graph(
+        "vae_encoder", _VAEEncoder(vae),
+        lambda b, k: {"sample": rng.uniform(-1, 1, (b, image_c, k * native, k * native)).astype(np.float32)},
+        [TensorSpec("sample", "float32", (image_c, -1, -1))],
+        [TensorSpec("latent_parameters", "float32", (2 * latent_c, -1, -1))],
+        {"sample": {0: "batch", 2: "height", 3: "width"}, "latent_parameters": {0: "batch", 2: "height", 3: "width"}},
+        vae_params, atol=1e-3, delay_us=2000,
+        **plan("vae_encoder", channels=image_c, native=native))
+    return export_graph.reports
