@@ -59,7 +59,7 @@ class GenServeService(bentoml.Service):
         from services.metrics import service_metrics
 
         # /v1/images/* (the OpenAI Images API) answers errors in OpenAI's shape, the gateway's too.
-        return openai_images.openai_error_shape(Gateway(
+        return openai_images.OpenAIErrorShape(Gateway(
             playground.Playground(super().to_asgi(is_main)), Settings.from_env(),
             {**edge_routes(app), **playground.routes()},
             on_error=lambda endpoint, code: service_metrics().errors.labels(endpoint, code).inc(),

@@ -26,7 +26,7 @@ Translation rules (README "OpenAI-compatible Images API"):
 
 Errors on /v1/images/* leave in OpenAI's shape, {"error": {"message", "type", "param",
 "code"}} (plus genserve's `limit` and `request_id`), with 400 for invalid input, so the
-SDK raises its typed exceptions; `openai_error_shape` rewrites every error answer on these
+SDK raises its typed exceptions; `OpenAIErrorShape` rewrites every error answer on these
 paths, the gateway's 401/413/415/429 included. Every other path keeps genserve's shape.
 """
 
@@ -409,7 +409,7 @@ def openai_error(status: int, body: dict) -> dict:
     return {"error": out}
 
 
-class openai_error_shape:  # noqa: N801 (an ASGI wrapper, used like a function)
+class OpenAIErrorShape:
     """ASGI layer: error answers on /v1/images/* (from the app, the framework or the
     gateway in front of it) rewritten into OpenAI's shape; every other path untouched."""
 

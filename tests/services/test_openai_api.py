@@ -113,6 +113,9 @@ def test_edits_inpaint_with_an_openai_mask_and_img2img_without(client):
     assert np.abs(out[:, :12]).mean() < np.abs(out[:, 20:]).mean()  # the kept half stays black, the edit does not
     r = client.images.edit(image=("digit.png", png(image), "image/png"), prompt=PROMPT, n=2, quality="low")
     assert r.genserve["task"] == "img2img" and r.genserve["parameters"]["strength"] == 0.8 and len(r.data) == 2
+    events = list(client.images.edit(image=("digit.png", png(image), "image/png"), prompt=PROMPT, quality="low",
+                                     stream=True, partial_images=1))
+    assert [e.type for e in events] == ["image_edit.partial_image", "image_edit.completed"]
 
 
 def test_openai_masks_become_genserve_masks():
