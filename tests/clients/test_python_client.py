@@ -60,7 +60,7 @@ def test_stream_events_are_typed_and_breaking_out_cancels(client, keyed_server):
     assert kinds.count("Progress") == 6 and kinds.count("Preview") == 2 and kinds[-1] == "Result"
     assert events[-1].result.images[0].seed == 9 and events[1].total == 6
     before = cancelled(keyed_server.url)
-    for event in client.txt2img_stream(PROMPT, num_inference_steps=150, seed=1):
+    for event in client.txt2img_stream(PROMPT, num_inference_steps=150, num_images=4, seed=1):
         if isinstance(event, gc.Progress) and event.step >= 2:
             break  # the generator closes the response: the server cancels the request
     deadline = time.monotonic() + 10

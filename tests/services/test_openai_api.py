@@ -91,7 +91,7 @@ def test_streaming_partial_images_then_completed(client):
 
 def test_closing_a_stream_cancels_the_request_on_the_server(client, keyed_server):
     before = cancelled(keyed_server.url)
-    stream = client.images.generate(prompt=PROMPT, stream=True, partial_images=3,
+    stream = client.images.generate(prompt=PROMPT, stream=True, partial_images=3, n=4,  # seconds of work left
                                     extra_body={"num_inference_steps": 150, "seed": 1})
     first = next(iter(stream))
     assert first.type == "image_generation.partial_image"
