@@ -1,0 +1,121 @@
+"""Export of FLUX-format folders: the detecting command picks the family, five verified graphs
+whose configs state export/flux.py's contract, external data past a size threshold (the path
+a real T5-XXL and 12B transformer take, tested here with a low threshold), options refused for
+other families, and the TensorRT profiles the export would build on a GPU."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+from google.protobuf import text_format
+from tritonclient.grpc import model_config_pb2 as mc
+
+from export.diffusers_folder import UnsupportedFolder, export_folder
+from export.stable_diffusion import EXTERNAL_DATA_FILE
+from tests.fixtures.flux_folder import build_random_flux_folder
+from tests.fixtures.sd_folder import build_random_sd_folder
+
+pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def config(repo: Path, model: str) -> mc.ModelConfig:
+    return text_format.Parse((repo / model / "config.pbtxt").read_text(), mc.ModelConfig())
+
+
+@pytest.fixture(scope="module")
+def cli_export(tmp_path_factory):
+    folder = build_random_flux_folder(tmp_path_factory.mktemp("flux"), seed=2, t5_max_length=64)
+    repo = tmp_path_factory.mktemp("flux_repo")
+    run = subprocess.run([sys.executable, "-m", "export", "sd", "--folder", str(folder), "--name", "fx",
+                          "--repository", str(repo), "--max-sequence-length", "16", "--native-size", "24"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "fx: flux, 5 graphs verified" in run.stdout
+    return folder, repo
+
+
+def test_the_detecting_command_writes_five_graphs_with_the_contract(cli_export):
+    _, repo = cli_export
+    assert sorted(p.name for p in repo.iterdir() if p.is_dir()) == [
+        "fx_text_encoder", "fx_text_encoder_2", "fx_transformer", "fx_vae_decoder", "fx_vae_encoder"]
+    t = config(repo, "fx_transformer")
+    params = {k: v.string_value for k, v in t.parameters.items()}
+    assert params["genserve.pipeline"] == "flux" and params["genserve.guidance_embeds"] == "1"
+    assert (params["genserve.native_height"], params["genserve.size_multiple"]) == ("24", "4")
+    assert {i.name: list(i.dims) for i in t.input} == {
+        "hidden_states": [-1, 16], "img_ids": [-1, 3], "txt_ids": [16, 3], "timestep": [1], "guidance": [1],
+        "encoder_hidden_states": [16, 24], "pooled_projections": [32]}
+    t5 = config(repo, "fx_text_encoder_2")
+    assert {k: v.string_value for k, v in t5.parameters.items()}["genserve.max_length"] == "16"
+    assert (repo / "fx_text_encoder_2" / "tokenizer.json").exists()
+    assert (repo / "fx_transformer" / "scheduler_config.json").exists()
+    dec = {k: v.string_value for k, v in config(repo, "fx_vae_decoder").parameters.items()}
+    assert float(dec["genserve.shift_factor"]) == pytest.approx(0.1159)
+
+
+def test_the_transformer_takes_other_sizes_and_batches(cli_export):
+    """The dynamic patch axis: a graph traced at one size runs at others and at batch 1."""
+    _, repo = cli_export
+    session = ort.InferenceSession(str(repo / "fx_transformer" / "1" / "model.onnx"))
+    from services.pipelines.pipeline_flux import image_ids
+
+    for b, ph, pw in ((1, 3, 5), (4, 6, 2)):
+        feeds = {"hidden_states": np.zeros((b, ph * pw, 16), np.float32), "img_ids": image_ids(b, ph, pw),
+                 "txt_ids": np.zeros((b, 16, 3), np.float32), "timestep": np.full(b, 0.5, np.float32),
+                 "guidance": np.full(b, 3.5, np.float32), "encoder_hidden_states": np.zeros((b, 16, 24), np.float32),
+                 "pooled_projections": np.zeros((b, 32), np.float32)}
+        assert session.run(None, feeds)[0].shape == (b, ph * pw, 16)
+
+
+def test_graphs_past_the_threshold_keep_their_weights_beside_them_and_still_serve(cli_export, tmp_path):
+    import asyncio
+
+    from services.pipelines.diffusion import DiffusionRequest
+    from services.pipelines.pipeline_flux import pipelines
+    from services.runtime.onnxruntime_backend import OnnxRuntimeBackend
+    from services.runtime.repository import ModelRepository
+
+    folder, repo = cli_export
+    from export.flux import export_flux
+
+    reports = export_flux(folder, tmp_path, "fx", progress=lambda _: None, max_sequence_length=16, native_size=24,
+                          external_data_threshold=64 * 1024)
+    big = {r.name for r in reports if r.external_data}
+    assert {"fx_transformer", "fx_text_encoder_2"} <= big
+    for name in big:  # the weights moved out: the graph file shrank by what the data file holds
+        graph, whole = tmp_path / name / "1" / "model.onnx", repo / name / "1" / "model.onnx"
+        assert (graph.parent / EXTERNAL_DATA_FILE).stat().st_size > 0
+        assert graph.stat().st_size < whole.stat().st_size
+
+    def images(repository):
+        pipeline = pipelines(OnnxRuntimeBackend(ModelRepository(repository)))["fx"]
+        req = DiffusionRequest(prompt="a small digit", num_inference_steps=2, guidance_scale=3.5,
+                               scheduler="flow_match_euler", height=24, width=24, seed=3)
+        return asyncio.run(pipeline(req)).images
+
+    np.testing.assert_allclose(images(tmp_path), images(repo), atol=1e-5)
+
+
+def test_flux_options_are_refused_for_other_families(tmp_path):
+    folder = build_random_sd_folder(tmp_path / "sd")
+    with pytest.raises(UnsupportedFolder, match="--max-sequence-length applies to FLUX folders"):
+        export_folder(folder, tmp_path / "repo", "sd", max_sequence_length=77, progress=lambda _: None)
+
+
+def test_tensorrt_profiles_cover_a_quarter_to_twice_the_native_size_in_patches():
+    from export.tensorrt import FLUX_PRECISION, flux_profile
+
+    p = flux_profile("transformer", 4, length=512, hidden=4096, pooled=768, channels=64, native=64, guided=True)
+    assert p["hidden_states"].min == (1, 16**2, 64) and p["hidden_states"].opt == (1, 64**2, 64)
+    assert p["hidden_states"].max == (4, 128**2, 64) and p["img_ids"].max == (4, 128**2, 3)
+    assert p["encoder_hidden_states"].max == (4, 512, 4096) and p["guidance"].max == (4,)
+    assert "guidance" not in flux_profile("transformer", 4, length=256, hidden=4096, pooled=768, channels=64,
+                                          native=64)
+    assert flux_profile("vae_decoder", 4, channels=16, native=128)["latent_sample"].max == (2, 16, 256, 256)
+    assert FLUX_PRECISION == {"transformer": "bf16", "text_encoder_2": "bf16"}

@@ -1,0 +1,97 @@
+"""A FLUX-format folder exported with `python -m export sd` and served over HTTP: listed with
+its family, sampler and guidance meaning, its own defaults applied and echoed, the same bytes as
+the pipeline alone, streaming with previews, and clear refusals (img2img not served for FLUX yet,
+a beta-schedule sampler, a prompt past T5's length)."""
+
+import asyncio
+import base64
+import io
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+
+from tests.conftest import running_server
+from tests.fixtures.flux_folder import build_random_flux_folder
+
+pytestmark = [pytest.mark.server, pytest.mark.slow]
+
+ROOT = Path(__file__).resolve().parents[2]
+NAME = "flux_tiny"
+T5_LENGTH = 16
+
+
+@pytest.fixture(scope="module")
+def flux_repository(tmp_path_factory):
+    folder = build_random_flux_folder(tmp_path_factory.mktemp("flux"), seed=6, t5_max_length=32)
+    repo = tmp_path_factory.mktemp("flux_repo")
+    done = subprocess.run([sys.executable, "-m", "export", "sd", "--folder", str(folder), "--name", NAME,
+                           "--repository", str(repo), "--max-sequence-length", str(T5_LENGTH), "--native-size", "16"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return repo
+
+
+@pytest.fixture(scope="module")
+def flux_server(flux_repository, tmp_path_factory):
+    yield from running_server({"GENSERVE_MODEL_REPOSITORY": str(flux_repository)},
+                              tmp_path_factory.mktemp("flux_server"))
+
+
+def test_listed_as_flux_with_its_sampler_and_guidance(flux_server):
+    [model] = httpx.get(f"{flux_server.url}/v1/models").json()["models"]
+    assert model["name"] == NAME and model["pipeline"] == "flux"
+    p = model["parameters"]
+    assert p["schedulers"] == ["flow_match_euler"] and p["default_scheduler"] == "flow_match_euler"
+    assert p["guidance_scale"]["default"] == 3.5 and p["guidance_scale"]["meaning"] == "embedded"
+    assert p["prompt_max_tokens"] == T5_LENGTH
+    assert p["height"]["default"] == 16 and p["height"]["multiple_of"] == 4
+    assert "/v1/img2img" not in model["endpoint"]
+    assert {t["name"] for t in model["inputs"]} >= {"hidden_states", "img_ids", "guidance", "pooled_projections"}
+
+
+def test_txt2img_applies_the_models_defaults_and_equals_the_pipeline(flux_server, flux_repository):
+    from PIL import Image
+
+    from services.pipelines.diffusion import DiffusionRequest
+    from services.pipelines.pipeline_flux import pipelines
+    from services.runtime.onnxruntime_backend import OnnxRuntimeBackend
+    from services.runtime.repository import ModelRepository
+
+    body = {"prompt": "a photo of a red cat", "seed": 4, "num_images": 2, "num_inference_steps": 3,
+            "height": 16, "width": 24}
+    r = httpx.post(f"{flux_server.url}/v1/txt2img", json=body, timeout=120)
+    assert r.status_code == 200, r.text
+    out = r.json()
+    assert out["parameters"]["guidance_scale"] == 3.5 and out["parameters"]["scheduler"] == "flow_match_euler"
+    pipeline = pipelines(OnnxRuntimeBackend(ModelRepository(flux_repository)))[NAME]
+    alone = asyncio.run(pipeline(DiffusionRequest(prompt=body["prompt"], num_images=2, num_inference_steps=3,
+                                                  guidance_scale=3.5, scheduler="flow_match_euler", seed=4,
+                                                  height=16, width=24)))
+    served = np.stack([np.asarray(Image.open(io.BytesIO(base64.b64decode(i["data"])))) for i in out["images"]])
+    expected = np.clip(np.rint((alone.images.transpose(0, 2, 3, 1) / 2 + 0.5) * 255), 0, 255).astype(np.uint8)
+    assert np.array_equal(served, expected)
+
+
+def test_stream_sends_progress_previews_and_the_result(flux_server):
+    with httpx.stream("POST", f"{flux_server.url}/v1/txt2img/stream", timeout=120,
+                      json={"prompt": "a small digit", "seed": 1, "num_inference_steps": 4, "preview_every": 2}) as s:
+        events = [line for line in s.iter_lines() if line.startswith("event: ")]
+    # a preview after step 2; after step 4 comes the result itself
+    assert events.count("event: progress") == 4 and events.count("event: preview") == 1
+    assert events[-1] == "event: result"
+
+
+@pytest.mark.parametrize("path, body, field", [
+    ("/v1/txt2img", {"prompt": "a cat", "scheduler": "ddim"}, "scheduler"),
+    ("/v1/txt2img", {"prompt": " ".join(["red"] * 40)}, "prompt"),
+    ("/v1/txt2img", {"prompt": "a cat", "height": 18}, "height"),
+    ("/v1/img2img", {"prompt": "a cat", "image": base64.b64encode(b"x" * 10).decode()}, "model"),
+])
+def test_refusals_name_the_field(flux_server, path, body, field):
+    r = httpx.post(f"{flux_server.url}{path}", json=body, timeout=60)
+    assert r.status_code == 422, r.text
+    assert r.json()["error"]["field"] == field
