@@ -95,3 +95,34 @@ def test_refusals_name_the_field(flux_server, path, body, field):
     r = httpx.post(f"{flux_server.url}{path}", json=body, timeout=60)
     assert r.status_code == 422, r.text
     assert r.json()["error"]["field"] == field
+
+
+@pytest.fixture(scope="module")
+def flux_on_triton(flux_repository, tmp_path_factory):
+    """A real tritonserver serving the FLUX graphs (the transformer is an opset-18 graph from
+    torch.export), and the service on GENSERVE_BACKEND=triton in front of it."""
+    from tests.fixtures.triton import start_triton
+
+    triton = start_triton(flux_repository, tmp_path_factory.mktemp("flux_triton"))
+    try:
+        yield from running_server(
+            {"GENSERVE_MODEL_REPOSITORY": str(flux_repository), "GENSERVE_BACKEND": "triton",
+             "GENSERVE_TRITON_URL": f"127.0.0.1:{triton.grpc_port}", "GENSERVE_TRITON_TIMEOUT_S": "20"},
+            tmp_path_factory.mktemp("flux_service_triton"))
+    finally:
+        triton.terminate()
+
+
+def test_triton_serves_the_same_images_as_the_embedded_backend(flux_server, flux_on_triton):
+    from PIL import Image
+
+    body = {"prompt": "the big blue number", "seed": 8, "num_images": 2, "num_inference_steps": 4}
+    images = []
+    for service in (flux_server, flux_on_triton):
+        r = httpx.post(f"{service.url}/v1/txt2img", json=body, timeout=120)
+        assert r.status_code == 200, r.text
+        images.append(np.stack([np.asarray(Image.open(io.BytesIO(base64.b64decode(i["data"]))), np.float64)
+                                for i in r.json()["images"]]))
+    assert r.json()["backend"] == "triton"
+    mse = float(np.mean((images[0] - images[1]) ** 2))
+    assert mse == 0 or 10 * np.log10(255.0**2 / mse) >= 45
