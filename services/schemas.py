@@ -50,6 +50,18 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, protected_namespaces=())
 
 
+class UpscaleStage(_Strict):
+    """Super-resolution chained after generation, inside the same request."""
+
+    model: str = Field(max_length=256, description="A super-resolution model served on /v1/upscale.")
+    output_format: OutputFormat | None = Field(None, description="Format of the upscaled images; default: the "
+                                               "request's output_format.")
+
+
+UPSCALE_FIELD = Field(None, description="Run a super-resolution model on the generated images in the same request "
+                      "(one response; timings per stage; each image's metadata names both models).")
+
+
 class GANGenerateRequest(_Strict):
     model: str | None = Field(None, description="Generator to sample; default: the service's default GAN model.")
     seed: int | None = Field(None, ge=0, le=MAX_SEED, description="Seed of image 0; image i uses seed + i. Random when absent.")
@@ -59,6 +71,7 @@ class GANGenerateRequest(_Strict):
         "Absent: drawn per image from that image's generator.")
     truncation_psi: float = Field(1.0, ge=0.0, le=1.0, description="z <- psi * z; 1 = no truncation.")
     output_format: OutputFormat = "png"
+    upscale: UpscaleStage | None = UPSCALE_FIELD
 
 
 class GeneratedImage(BaseModel):
@@ -148,6 +161,7 @@ class Txt2ImgRequest(_Strict, _SizeConditioning):
     seed: int | None = Field(None, ge=0, le=MAX_SEED, description="Seed of image 0; image i uses seed + i.")
     output_format: OutputFormat = "png"
     timeout_s: float | None = Field(None, ge=MIN_TIMEOUT_S, description="Deadline in seconds; default and maximum: see /v1/models.")
+    upscale: UpscaleStage | None = UPSCALE_FIELD
 
 
 class Txt2ImgStreamRequest(Txt2ImgRequest):
@@ -186,6 +200,7 @@ class DDPMGenerateRequest(_Strict):
     scheduler: SchedulerName = "ddim"
     output_format: OutputFormat = "png"
     timeout_s: float | None = Field(None, ge=MIN_TIMEOUT_S, description="Deadline in seconds.")
+    upscale: UpscaleStage | None = UPSCALE_FIELD
 
 
 class DDPMGenerateStreamRequest(DDPMGenerateRequest):

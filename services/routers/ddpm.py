@@ -15,7 +15,7 @@ from services.gateway import request_id_var
 from services.imaging import FORMATS
 from services.openapi import SSE_RESPONSE, error_responses
 from services.pipelines.diffusion import DiffusionRequest
-from services.routers import engine_calls
+from services.routers import engine_calls, image_to_image
 from services.schemas import (
     MAX_IMAGES_PER_REQUEST,
     MAX_INFERENCE_STEPS,
@@ -40,7 +40,7 @@ async def ddpm_generate(body: DDPMGenerateRequest, request: Request,
     start = time.perf_counter()
     name, engine, handle, params = _submit(ctx, body)
     await engine_calls.wait(engine, handle, request)
-    return _respond(ctx, name, body, params, handle, start)
+    return await _respond(ctx, name, body, params, handle, start)
 
 
 @router.post("/ddpm/generate/stream", response_class=StreamingResponse,
@@ -76,23 +76,28 @@ def _submit(ctx: ServiceContext, body):
                                width=spec.native_width, seed=seed, class_labels=labels)
     params = {**body.model_dump(exclude={"model"}), "seed": seed, "class_labels": labels, "timeout_s": timeout_s,
               "height": spec.native_height, "width": spec.native_width}
+    if body.upscale is not None:  # refused before queuing, not after denoising
+        image_to_image.check_upscale(ctx, body.upscale, spec.native_height, spec.native_width)
     handle = engine_calls.submit(ctx, engine, request, timeout_s, getattr(body, "preview_every", 0))
     return name, engine, handle, params
 
 
-def _respond(ctx: ServiceContext, name: str, body, params: dict, handle, start: float) -> DiffusionResponse:
+async def _respond(ctx: ServiceContext, name: str, body, params: dict, handle, start: float) -> DiffusionResponse:
     out = engine_calls.result(handle, params["timeout_s"])
     labels = params["class_labels"] or [None] * len(out.seeds)
-    images = ctx.encode_images(out.images, (-1.0, 1.0), body.output_format, [
-        {"model": name, "task": "ddpm", "seed": seed, "class_label": label,
-         "num_inference_steps": body.num_inference_steps, "scheduler": body.scheduler}
-        for seed, label in zip(out.seeds, labels)])
+    metas = [{"model": name, "task": "ddpm", "seed": seed, "class_label": label,
+              "num_inference_steps": body.num_inference_steps, "scheduler": body.scheduler}
+             for seed, label in zip(out.seeds, labels)]
+    timings = {k: round(v, 6) for k, v in out.timings.items()}
+    pixels, value_range, fmt = await image_to_image.chain(ctx, body.upscale, out.images, (-1.0, 1.0),
+                                                          body.output_format, metas, params, timings)
+    images = ctx.encode_images(pixels, value_range, fmt, metas)
     for image, label in zip(images, labels):
         image.class_label = label
     total = ctx.record("ddpm", name, len(images), start)
     return DiffusionResponse(
         request_id=request_id_var.get(), model=name, backend=ctx.backend.name, parameters=params, images=images,
-        timings={**{k: round(v, 6) for k, v in out.timings.items()}, "total_seconds": round(total, 6)},
+        timings={**timings, "total_seconds": round(total, 6)},
     )
 
 

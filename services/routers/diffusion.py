@@ -16,7 +16,7 @@ from services.gateway import request_id_var
 from services.http import parse_body
 from services.imaging import FORMATS
 from services.openapi import SSE_RESPONSE, body_schema, error_responses
-from services.routers import engine_calls
+from services.routers import engine_calls, image_to_image
 from services.schemas import (
     MAX_DIFFUSION_IMAGES,
     MAX_GUIDANCE_SCALE,
@@ -65,7 +65,7 @@ async def txt2img_stream(body: Txt2ImgStreamRequest, ctx: ServiceContext = Depen
     start = time.perf_counter()
     name, engine, handle, params = await _submit(ctx, "txt2img", body)
     return engine_calls.stream(
-        ctx, engine, handle, lambda: _respond(ctx, "txt2img", name, body, params, handle, start),
+        ctx, engine, handle, lambda: _respond_chained(ctx, "txt2img", name, body, params, handle, start),
         lambda i: {"model": name, "seed": params["seed"] + i})
 
 
@@ -75,7 +75,7 @@ async def _diffuse(ctx: ServiceContext, task: str, body, request: Request) -> Di
     start = time.perf_counter()
     name, engine, handle, params = await _submit(ctx, task, body)
     await engine_calls.wait(engine, handle, request)
-    return _respond(ctx, task, name, body, params, handle, start)
+    return await _respond_chained(ctx, task, name, body, params, handle, start)
 
 
 async def _submit(ctx: ServiceContext, task: str, body):
@@ -91,20 +91,45 @@ async def _submit(ctx: ServiceContext, task: str, body):
     else:  # decoding images is CPU work: off the event loop
         request, params = await asyncio.to_thread(build_request, task, body, engine.pipeline)
     params["timeout_s"] = timeout_s
+    if getattr(body, "upscale", None) is not None:  # refused before queuing, not after denoising
+        image_to_image.check_upscale(ctx, body.upscale, params["height"], params["width"])
     handle = engine_calls.submit(ctx, engine, request, timeout_s, getattr(body, "preview_every", 0))
     return name, engine, handle, params
 
 
 def _respond(ctx: ServiceContext, task: str, name: str, body, params: dict, handle, start: float) -> DiffusionResponse:
+    """The finished request's response (synchronous: /v1/images/* builds on it too)."""
     out = engine_calls.result(handle, params["timeout_s"])
-    images = ctx.encode_images(out.images, (-1.0, 1.0), body.output_format, [
-        {"model": name, "task": task, "seed": seed, "prompt": body.prompt,
-         "num_inference_steps": body.num_inference_steps, "guidance_scale": params["guidance_scale"],
-         "scheduler": params["scheduler"]} for seed in out.seeds])
+    timings = {k: round(v, 6) for k, v in out.timings.items()}
+    return _encode(ctx, task, name, params, out.images, (-1.0, 1.0), body.output_format,
+                   _metas(task, name, body, params, out.seeds), timings, start)
+
+
+async def _respond_chained(ctx: ServiceContext, task: str, name: str, body, params: dict, handle,
+                           start: float) -> DiffusionResponse:
+    """_respond, with the super-resolution stage run first when the request asks for one."""
+    if getattr(body, "upscale", None) is None:
+        return _respond(ctx, task, name, body, params, handle, start)
+    out = engine_calls.result(handle, params["timeout_s"])
+    metas, timings = _metas(task, name, body, params, out.seeds), {k: round(v, 6) for k, v in out.timings.items()}
+    pixels, value_range, fmt = await image_to_image.chain(ctx, body.upscale, out.images, (-1.0, 1.0),
+                                                          body.output_format, metas, params, timings)
+    return _encode(ctx, task, name, params, pixels, value_range, fmt, metas, timings, start)
+
+
+def _metas(task: str, name: str, body, params: dict, seeds) -> list[dict]:
+    return [{"model": name, "task": task, "seed": seed, "prompt": body.prompt,
+             "num_inference_steps": body.num_inference_steps, "guidance_scale": params["guidance_scale"],
+             "scheduler": params["scheduler"]} for seed in seeds]
+
+
+def _encode(ctx: ServiceContext, task: str, name: str, params: dict, pixels, value_range, fmt: str, metas: list,
+            timings: dict, start: float) -> DiffusionResponse:
+    images = ctx.encode_images(pixels, value_range, fmt, metas)
     total = ctx.record(task, name, len(images), start)
     return DiffusionResponse(
         request_id=request_id_var.get(), model=name, backend=ctx.backend.name, parameters=params, images=images,
-        timings={**{k: round(v, 6) for k, v in out.timings.items()}, "total_seconds": round(total, 6)},
+        timings={**timings, "total_seconds": round(total, 6)},
     )
 
 

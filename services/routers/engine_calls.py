@@ -5,6 +5,7 @@ into its result or its error, and stream progress as server-sent events."""
 from __future__ import annotations
 
 import asyncio
+import inspect
 import json
 from typing import Callable
 
@@ -91,7 +92,10 @@ def stream(ctx: ServiceContext, engine, handle, respond: Callable[[], object], p
                     [{**preview_meta(i), "preview_step": event["step"]} for i in range(len(event["images"]))])]
             yield sse(event.pop("event"), event)
         try:
-            yield sse("result", respond().model_dump())
+            response = respond()
+            if inspect.isawaitable(response):  # a response with stages after denoising (upscale)
+                response = await response
+            yield sse("result", response.model_dump())
         except ServiceError as exc:
             yield sse("error", {**exc.body(request_id_var.get()), "status": exc.status})
 

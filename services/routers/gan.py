@@ -7,10 +7,11 @@ import time
 from fastapi import APIRouter, Depends
 
 from services.context import ServiceContext, context
-from services.errors import ModelNotFound
+from services.errors import InvalidRequest, ModelNotFound
 from services.gateway import request_id_var
 from services.imaging import FORMATS
 from services.openapi import error_responses
+from services.routers import image_to_image
 from services.schemas import (
     MAX_IMAGES_PER_REQUEST,
     MAX_SEED,
@@ -34,6 +35,9 @@ async def gan_generate(body: GANGenerateRequest, ctx: ServiceContext = Depends(c
     if name in ctx.stylegan:
         from services.routers import stylegan
 
+        if body.upscale is not None:
+            raise InvalidRequest(f"upscale is not available for StyleGAN models ({name!r}) yet: generate, then "
+                                 "POST the images to /v1/upscale", field="upscale")
         return await stylegan.generate(ctx, name, body)
     if name not in ctx.gan:
         raise ModelNotFound(f"model {name!r} is not a GAN served here", field="model",
@@ -41,24 +45,28 @@ async def gan_generate(body: GANGenerateRequest, ctx: ServiceContext = Depends(c
     pipeline = ctx.gan[name]
     check_class_label(name, body.class_label, pipeline.info.num_classes)
     seed = resolve_seed(body.seed, body.num_images)
+    if body.upscale is not None:  # refused before generating, not after
+        image_to_image.check_upscale(ctx, body.upscale, pipeline.info.image_size, pipeline.info.image_size)
 
-    # 2. Generate.
+    # 2. Generate (and upscale, when asked).
     out = await pipeline(seed, body.num_images, body.truncation_psi, body.class_label)
 
     # 3. Encode, with provenance in each image's metadata.
     labels = out.class_labels or [None] * len(out.seeds)
-    images = ctx.encode_images(
-        out.images, pipeline.info.output_range, body.output_format,
-        [{"model": name, "version": pipeline.spec.version, "seed": seed, "class_label": label,
-          "truncation_psi": body.truncation_psi} for seed, label in zip(out.seeds, labels)],
-    )
+    metas = [{"model": name, "version": pipeline.spec.version, "seed": seed, "class_label": label,
+              "truncation_psi": body.truncation_psi} for seed, label in zip(out.seeds, labels)]
+    parameters = {**body.model_dump(exclude={"model"}), "seed": seed}
+    timings = {"inference_seconds": round(out.inference_seconds, 6)}
+    pixels, value_range, fmt = await image_to_image.chain(ctx, body.upscale, out.images, pipeline.info.output_range,
+                                                          body.output_format, metas, parameters, timings)
+    images = ctx.encode_images(pixels, value_range, fmt, metas)
     for image, label in zip(images, labels):
         image.class_label = label
     total = ctx.record("gan", name, len(images), start)
     return GANGenerateResponse(
         request_id=request_id_var.get(), model=name, model_version=pipeline.spec.version,
-        backend=ctx.backend.name, parameters={**body.model_dump(exclude={"model"}), "seed": seed}, images=images,
-        timings={"inference_seconds": round(out.inference_seconds, 6), "total_seconds": round(total, 6)},
+        backend=ctx.backend.name, parameters=parameters, images=images,
+        timings={**timings, "total_seconds": round(total, 6)},
     )
 
 

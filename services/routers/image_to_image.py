@@ -217,3 +217,59 @@ def describe(ctx: ServiceContext) -> list[ModelDescription]:
                         "output_format": sorted(FORMATS)},
         ))
     return models
+
+
+# -- chained after generation: "upscale": {"model": ...} on the generating endpoints -------
+def check_upscale(ctx: ServiceContext, stage, height: int, width: int):
+    """Before anything is generated: the stage's model is served and the upscaled size fits
+    GENSERVE_MAX_UPSCALE_PIXELS. Returns (name, pipeline)."""
+    name, pipeline = pick_model(ctx, stage.model, "/v1/upscale", field="upscale.model")
+    s, most = pipeline.info.scale, ctx.settings.max_upscale_pixels
+    if height * width * s * s > most:
+        raise InvalidRequest(f"{width}x{height} images x{s} ({name}) would be {width * s}x{height * s} = "
+                             f"{height * width * s * s} pixels, more than the {most} allowed "
+                             f"(GENSERVE_MAX_UPSCALE_PIXELS)", field="upscale.model", limit=most)
+    return name, pipeline
+
+
+async def upscale_generated(pipeline, images: np.ndarray, value_range) -> tuple[np.ndarray, float]:
+    """Generated [N, C, H, W] in `value_range` -> [N, C, sH, sW] in the SR model's output range,
+    all images at once (their tiles share model calls). Grey images go through an RGB model
+    as three equal channels and come back grey, as on /v1/upscale."""
+    info = pipeline.info
+    low, high = value_range
+    x = np.clip((images.astype(np.float32) - low) / (high - low), 0.0, 1.0)
+    c = x.shape[1]
+    if info.input_channels == 3 and c == 1:
+        x = np.repeat(x, 3, axis=1)
+    elif info.input_channels == 1 and c == 3:
+        x = (0.299 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2])[:, None]
+    elif info.input_channels != x.shape[1]:
+        raise InvalidRequest(f"the generator makes {c}-channel images; the super-resolution model takes "
+                             f"{info.input_channels}", field="upscale.model")
+    in_low, in_high = info.input_range
+    x = x * (in_high - in_low) + in_low
+    t0 = time.perf_counter()
+    outs = await asyncio.gather(*(pipeline(image) for image in x))
+    seconds = time.perf_counter() - t0
+    out = np.stack([o.image for o in outs])
+    if c == 1 and out.shape[1] == 3:
+        out = (0.299 * out[:, 0] + 0.587 * out[:, 1] + 0.114 * out[:, 2])[:, None]
+    return out, seconds
+
+
+async def chain(ctx: ServiceContext, stage, images: np.ndarray, value_range, fmt: str, metas: list[dict],
+                params: dict, timings: dict):
+    """Runs the upscale stage when asked: returns (images, value range, output format) to encode,
+    with provenance naming both models in `metas`, the stage in `params`, its seconds in `timings`."""
+    if stage is None:
+        return images, value_range, fmt
+    name, pipeline = check_upscale(ctx, stage, *images.shape[2:])
+    images, seconds = await upscale_generated(pipeline, images, value_range)
+    fmt = stage.output_format or fmt
+    for meta in metas:
+        meta.update(upscaled_by=name, upscaled_by_version=pipeline.spec.version, upscale=pipeline.info.scale)
+    params["upscale"] = {"model": name, "scale": pipeline.info.scale, "output_format": fmt}
+    timings["upscale_seconds"] = round(seconds, 6)
+    ctx.record("upscale", name, len(images), time.perf_counter() - seconds)
+    return images, pipeline.info.output_range, fmt

@@ -52,6 +52,9 @@ def served(tmp_path_factory):
     spec.loader.exec_module(module)
     save_file({k: v.contiguous() for k, v in module.invert().state_dict().items()}, str(root / "t.safetensors"))
     export_translator(f"{root / 'translator.py'}:invert", root / "t.safetensors", repo, "translator_random")
+    from export.gan import export_gan
+
+    export_gan("cgan_digits", repo, "cgan_digits")  # a generator to chain after
     env = {"GENSERVE_MODEL_REPOSITORY": str(repo), "GENSERVE_BACKEND": "onnxruntime",
            "GENSERVE_MAX_UPSCALE_PIXELS": str(MAX_PIXELS)}
     yield from running_server(env, root)
@@ -165,3 +168,22 @@ def test_translate_and_models_list(served):
     assert models["esrgan_random"]["parameters"]["scale"] == 4
     assert models["esrgan_random"]["parameters"]["max_output_pixels"] == MAX_PIXELS
     assert models["translator_random"]["endpoint"] == "/v1/translate"
+
+
+def test_gan_generate_chains_an_upscale(served):
+    plain = post(served, "gan/generate", {"seed": 11, "num_images": 2, "class_label": 3}).json()
+    r = post(served, "gan/generate", {"seed": 11, "num_images": 2, "class_label": 3,
+                                      "upscale": {"model": "esrgan_random", "output_format": "webp"}})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["parameters"]["upscale"] == {"model": "esrgan_random", "scale": 4, "output_format": "webp"}
+    assert set(body["timings"]) >= {"inference_seconds", "upscale_seconds", "total_seconds"}
+    for small, big in zip(plain["images"], body["images"]):
+        assert (big["width"], big["height"]) == (4 * small["width"], 4 * small["height"])
+        assert big["media_type"] == "image/webp" and big["seed"] == small["seed"]
+        meta = decoded(big).getexif()[0x010E]
+        assert '"upscaled_by": "esrgan_random"' in meta and '"model": "cgan_digits"' in meta
+        # The same pixels as generating, then posting the image to /v1/upscale.
+        again = post(served, "upscale", {"model": "esrgan_random", "image": small["data"]}).json()["images"][0]
+        assert psnr(np.asarray(decoded(big).convert("L")), np.asarray(decoded(again))) > 40
+    error_of(post(served, "gan/generate", {"upscale": {"model": "translator_random"}}), 404, "upscale.model")
