@@ -59,6 +59,8 @@ def import_torchvision():
     global _library
     if "torchvision" in sys.modules:
         return sys.modules["torchvision"]
+    if importlib.util.find_spec("torchvision") is None:
+        return None
     import torch
 
     if _library is None and not _extension_loads():
