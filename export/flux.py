@@ -56,6 +56,7 @@ from export.stable_diffusion import (
     ComponentReport,
     GraphExporter,
     _fast_tokenizer_json,
+    _TextEncoder,
     _VAEDecoder,
     _VAEEncoder,
 )
@@ -74,15 +75,6 @@ class _ClipPooled(torch.nn.Module):
 
     def forward(self, input_ids):
         return self.text_encoder(input_ids=input_ids, output_hidden_states=False).pooler_output
-
-
-class _T5Hidden(torch.nn.Module):
-    def __init__(self, text_encoder):
-        super().__init__()
-        self.text_encoder = text_encoder
-
-    def forward(self, input_ids):
-        return self.text_encoder(input_ids=input_ids, output_hidden_states=False)[0]
 
 
 class _FluxTransformer(torch.nn.Module):
@@ -205,7 +197,7 @@ def export_flux(
             ids[row, n - 1] = tok2["eos_token_id"]
         return {"input_ids": ids}
 
-    export_graph("text_encoder_2", _T5Hidden(t5), t5_ids, [TensorSpec("input_ids", "int64", (length2,))],
+    export_graph("text_encoder_2", _TextEncoder(t5), t5_ids, [TensorSpec("input_ids", "int64", (length2,))],
                  [TensorSpec("hidden_states", "float32", (length2, hidden))],
                  {"input_ids": {0: "batch"}, "hidden_states": {0: "batch"}},
                  {"max_length": length2, "pad_token_id": tok2["pad_token_id"], "hidden_size": hidden},

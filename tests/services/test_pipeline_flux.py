@@ -14,6 +14,7 @@ from services.pipelines.pipeline_flux import image_ids, pack, pipelines, unpack
 from services.runtime.onnxruntime_backend import OnnxRuntimeBackend
 from services.runtime.repository import ModelRepository
 from tests.fixtures.flux_folder import build_random_flux_folder
+from tests.fixtures.images import psnr, to_uint8
 
 pytestmark = pytest.mark.slow
 
@@ -25,15 +26,6 @@ VARIANTS = {
                     latent_channels=8),
 }
 PROMPT = "a photo of a red cat"
-
-
-def psnr(a: np.ndarray, b: np.ndarray) -> float:
-    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
-    return float("inf") if mse == 0 else 10 * np.log10(255.0**2 / mse)
-
-
-def to_uint8(images: np.ndarray) -> np.ndarray:
-    return np.clip(np.rint((images / 2 + 0.5) * 255), 0, 255).astype(np.uint8)
 
 
 @pytest.fixture(scope="module", params=sorted(VARIANTS))

@@ -14,6 +14,7 @@ from services.pipelines.pipeline_stable_diffusion_xl import pipelines
 from services.runtime.onnxruntime_backend import OnnxRuntimeBackend
 from services.runtime.repository import ModelRepository
 from tests.fixtures.sdxl_folder import build_random_sdxl_folder
+from tests.fixtures.images import psnr, to_uint8
 
 pytestmark = pytest.mark.slow
 
@@ -23,16 +24,6 @@ VARIANTS = {
                  projection_dim=16, addition_time_embed_dim=4, sample_size=(8, 12), force_upcast=False,
                  latents_mean_std=True, scheduler="ddim", force_zeros_for_empty_prompt=False),
 }
-
-
-def psnr(a: np.ndarray, b: np.ndarray) -> float:
-    """8-bit images."""
-    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
-    return float("inf") if mse == 0 else 10 * np.log10(255.0**2 / mse)
-
-
-def to_uint8(images: np.ndarray) -> np.ndarray:
-    return np.clip(np.rint((images / 2 + 0.5) * 255), 0, 255).astype(np.uint8)
 
 
 @pytest.fixture(scope="module", params=sorted(VARIANTS))
