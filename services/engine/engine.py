@@ -29,6 +29,7 @@ from typing import Awaitable, TypeVar
 
 import numpy as np
 
+from services.engine.cost_model import CostModel, row_ladder
 from services.engine.prompt_cache import PromptCache
 from services.engine.request import FINISH_REASONS, EngineRequest, RequestStatus
 from services.engine.scheduler import StepBatch, StepScheduler
@@ -40,12 +41,16 @@ log = logging.getLogger("genserve.engine")
 T = TypeVar("T")
 BACKOFF_MIN_S = 0.25  # first pause after an outage; doubles per failed try
 BACKOFF_MAX_S = 2.0
+# Start-up timing of the denoiser by batch rows stops adding sizes past this many seconds
+# (a large model on a CPU): sizes not timed then are learned from live calls.
+COST_MEASURE_BUDGET_S = 20.0
 
 
 class EngineObserver:
     """Hooks for metrics; the default does nothing."""
 
     def iteration(self, model: str, rows: int, requests: int, images: int) -> None: ...
+    def cost(self, model: str, table: dict) -> None: ...  # the cost model's describe(), when it changes
     def queue(self, model: str, requests: int, image_steps: int) -> None: ...
     def finished(self, model: str, reason: str) -> None: ...
 
@@ -76,12 +81,17 @@ def check_finite(x: np.ndarray, what: str) -> None:
 class DiffusionEngine:
     def __init__(self, pipeline: DiffusionPipeline, max_batch_rows: int, max_queued_image_steps: int,
                  prompt_cache: PromptCache | None = None, observer: EngineObserver | None = None,
-                 start_loop: bool = True):
+                 start_loop: bool = True, latency_budget_s: float = 0.0, max_queue_seconds: float = 0.0):
         """`start_loop=False` leaves the loop to the caller (`await engine.step()`), which
-        tests use to reason in iterations rather than in time."""
+        tests use to reason in iterations rather than in time. `latency_budget_s` bounds one
+        denoiser call in the cost model's choice of rows; `max_queue_seconds` bounds the
+        queue by its estimated drain time (both 0: off)."""
         self.pipeline = pipeline
         self.model = pipeline.name
-        self.scheduler = StepScheduler(max_batch_rows, max_queued_image_steps)
+        spec = pipeline.spec
+        self.cost = CostModel(max_batch_rows, latency_budget_s, native=(spec.native_height, spec.native_width))
+        self.scheduler = StepScheduler(max_batch_rows, max_queued_image_steps, cost=self.cost,
+                                       max_queue_seconds=max_queue_seconds)
         self.cache = prompt_cache if prompt_cache is not None else PromptCache(0)
         self.observer = observer or EngineObserver()
         self.iterations = 0  # U-Net iterations run: a step counter tests can assert on
@@ -114,7 +124,8 @@ class DiffusionEngine:
             raise InvalidRequest(f"scheduler {request.scheduler!r} cannot be built from model {self.model!r}'s "
                                  f"scheduler config; choose one of {', '.join(self.pipeline.schedulers)}",
                                  field="scheduler", allowed=self.pipeline.schedulers)
-        req = EngineRequest(request, deadline=time.monotonic() + timeout_s, preview_every=preview_every)
+        req = EngineRequest(request, deadline=time.monotonic() + timeout_s, preview_every=preview_every,
+                            rows_hint=2 if self.pipeline.spec.classifier_free(request) else 1)
         self.scheduler.add_request(req)
         self._report_queue()
         self._ensure_running()
@@ -138,26 +149,41 @@ class DiffusionEngine:
         return req.result
 
     async def warmup(self) -> float | None:
-        """Times one U-Net call at the native size (2 rows: one image with guidance) and
-        seeds the scheduler's rate with it, so the first 429 carries a real Retry-After.
-        Returns the rate in image-steps/s, or None when skipped (backend down, or any
+        """Times the denoiser at the native size for a ladder of batch rows (1, 2, 4, ...
+        up to the model's max, within COST_MEASURE_BUDGET_S) and seeds the cost model with
+        it, so the first iteration already runs the best size and the first 429 carries a
+        real Retry-After. Returns the rate at the warm-up request's own rows (one image
+        with guidance), in image-steps/s, or None when skipped (backend down, or any
         failure: warm-up is an optimisation, never a reason not to start)."""
         try:
             request = self.pipeline.warmup_request()
             keys = self.pipeline.tokenize(request)
             encoded = await self.pipeline.encode_prompts(keys) if keys else []
             inputs = (await self.pipeline.start(request, encoded)).model_inputs()
-            best = float("inf")
-            for _ in range(2):  # the best of two: the first call may pay for lazy initialisation
-                t0 = time.perf_counter()
-                await self.pipeline.denoise(inputs)
-                best = min(best, time.perf_counter() - t0)
+            own_rows = len(next(iter(inputs.values())))
+            await self.pipeline.denoise(inputs)  # the first call may pay for lazy initialisation
+            table, spent = {}, 0.0
+            for rows in sorted({own_rows, *row_ladder(self.scheduler.max_batch_rows)}):
+                feeds = {k: np.concatenate([v] * -(-rows // len(v)))[:rows] for k, v in inputs.items()}
+                best = float("inf")
+                for _ in range(2):  # the best of two
+                    t0 = time.perf_counter()
+                    await self.pipeline.denoise(feeds)
+                    took = time.perf_counter() - t0
+                    best, spent = min(best, took), spent + took
+                table[rows] = best
+                if spent > COST_MEASURE_BUDGET_S:
+                    break
         except Exception as exc:
             log.warning("engine %s: warm-up skipped (%s: %s)", self.model, type(exc).__name__, exc)
             return None
-        rate = 1.0 / max(best, 1e-6)  # one image-step per call
+        self.cost.seed(self.cost.native, table)
+        rate = 1.0 / max(table[own_rows], 1e-6)  # one image-step per call
         self.scheduler.seed_rate(rate)
-        log.info("engine %s: warm-up U-Net step %.4fs -> %.1f image-steps/s", self.model, best, rate)
+        described = self.cost.describe()
+        self.observer.cost(self.model, described)
+        log.info("engine %s: denoiser ms per call by rows %s -> best %d rows (%.1f rows/s)", self.model,
+                 described["ms_per_call"], described["best_rows"], described["rows_per_second"])
         return rate
 
     async def close(self) -> None:
@@ -375,7 +401,9 @@ class DiffusionEngine:
             return {}
         merged = {k: np.concatenate([inputs[r][k] for r in requests]) for k in inputs[requests[0]]}
         try:
+            t0 = time.perf_counter()
             noise_pred = await self._backend(self.pipeline.denoise(merged))
+            self._observe_cost(requests[0].shape, len(next(iter(merged.values()))), time.perf_counter() - t0)
         except BackendUnavailable:
             raise
         except Exception as exc:
@@ -391,6 +419,12 @@ class DiffusionEngine:
             result[r] = noise_pred[offset:offset + r.trajectory.rows]
             offset += r.trajectory.rows
         return result
+
+    def _observe_cost(self, bucket, rows: int, seconds: float) -> None:
+        """A live denoiser call refreshes the cost model (reported every 50 iterations)."""
+        self.cost.observe(bucket, rows, seconds)
+        if self.iterations % 50 == 0:
+            self.observer.cost(self.model, self.cost.describe())
 
     async def _previews(self, batch: StepBatch) -> None:
         """The x0 estimate, decoded, every `preview_every` steps for streaming clients.

@@ -53,11 +53,19 @@ class EngineRequest:
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     done: asyncio.Event = field(default_factory=asyncio.Event)
     timings: dict[str, float] = field(default_factory=dict)
+    rows_hint: int = 1  # rows per image before the trajectory exists (the engine sets it)
 
     @property
     def shape(self) -> tuple[int, int]:
         """The shape bucket: requests of one bucket can share a U-Net call."""
         return (self.request.height, self.request.width)
+
+    @property
+    def rows_per_image(self) -> int:
+        """Denoiser rows per image per step: 2 with classifier-free guidance."""
+        if self.trajectory is not None:
+            return self.trajectory.rows // max(1, self.request.num_images)
+        return self.rows_hint
 
     @property
     def image_steps_left(self) -> int:

@@ -13,6 +13,7 @@ import math
 import time
 from dataclasses import dataclass, field
 
+from services.engine.cost_model import CostModel
 from services.engine.request import EngineRequest, RequestStatus
 from services.errors import BackendUnavailable
 
@@ -24,10 +25,11 @@ MAX_RETRY_AFTER_S = 60
 
 
 class QueueFull(Exception):
-    """Admitting the request would pass the bound on queued denoising steps."""
+    """Admitting the request would pass the bound on queued denoising steps (or on the
+    queue's estimated drain time, when that bound is set)."""
 
-    def __init__(self, pending: int, limit: int, retry_after_s: int):
-        super().__init__(f"{pending} image-steps already queued; the limit is {limit}")
+    def __init__(self, pending: int, limit: int, retry_after_s: int, message: str | None = None):
+        super().__init__(message or f"{pending} image-steps already queued; the limit is {limit}")
         self.pending, self.limit, self.retry_after_s = pending, limit, retry_after_s
 
 
@@ -40,9 +42,14 @@ class StepBatch:
 
 
 class StepScheduler:
-    def __init__(self, max_batch_rows: int, max_queued_image_steps: int):
+    def __init__(self, max_batch_rows: int, max_queued_image_steps: int, cost: CostModel | None = None,
+                 max_queue_seconds: float = 0.0):
+        """`cost` prices rows (a fresh, unmeasured model: "as many as fit" until it learns);
+        `max_queue_seconds` (0: off) also bounds the queue by its estimated drain time."""
         self.max_batch_rows = max_batch_rows
         self.max_queued_image_steps = max_queued_image_steps
+        self.max_queue_seconds = max_queue_seconds
+        self.cost = cost if cost is not None else CostModel(max_batch_rows)
         self.requests: list[EngineRequest] = []  # unfinished, in arrival order
         self._steps_per_second = 0.0  # image-steps per second, moving average (0: not measured yet)
 
@@ -61,33 +68,68 @@ class StepScheduler:
         if image_steps_per_second > 0 and not self._steps_per_second:
             self._steps_per_second = image_steps_per_second
 
+    def work_seconds(self, req: EngineRequest) -> float | None:
+        """The request's remaining denoiser work priced by the cost model: row-steps left x
+        seconds per row at its bucket's best size (None before any measure)."""
+        per_row = self.cost.seconds_per_row(req.shape)
+        if per_row is None:
+            return None
+        return req.image_steps_left * req.rows_per_image * per_row
+
+    def queue_seconds(self) -> float | None:
+        """Estimated seconds to drain everything queued (None before any measure)."""
+        total = 0.0
+        for r in self.requests:
+            seconds = self.work_seconds(r)
+            if seconds is None:
+                return None
+            total += seconds
+        return total
+
     def retry_after_s(self, pending: int, wanted: int) -> int:
         """Seconds until `wanted` more image-steps fit under the bound: the excess drained
-        at the measured rate (never more than the whole queue's drain time), in [1, 60]."""
+        at the measured cost (never more than the whole queue's drain time), in [1, 60].
+        The drain time is the queue's rows priced by the cost model; before it has a
+        measure, the image-step rate (measured, or the default) stands in."""
         excess = min(max(pending + wanted - self.max_queued_image_steps, 1), max(pending, 1))
-        return int(min(MAX_RETRY_AFTER_S, max(1, math.ceil(excess / self.steps_per_second))))
+        drain = self.queue_seconds()
+        if drain is not None and pending > 0:
+            seconds = drain * excess / pending
+        else:
+            seconds = excess / self.steps_per_second
+        return int(min(MAX_RETRY_AFTER_S, max(1, math.ceil(seconds - 1e-9))))  # 22.000000001 is 22
 
     def add_request(self, req: EngineRequest) -> None:
         """Admits `req`, or raises QueueFull (never blocks: the caller answers 429)."""
         pending, wanted = self.queued_image_steps, req.image_steps_left
         if self.requests and pending + wanted > self.max_queued_image_steps:
             raise QueueFull(pending, self.max_queued_image_steps, self.retry_after_s(pending, wanted))
+        if self.requests and self.max_queue_seconds > 0:
+            drain, own = self.queue_seconds(), self.work_seconds(req)
+            if drain is not None and own is not None and drain + own > self.max_queue_seconds:
+                wait = int(min(MAX_RETRY_AFTER_S, max(1, math.ceil(drain + own - self.max_queue_seconds))))
+                raise QueueFull(pending, self.max_queued_image_steps, wait, message=(
+                    f"the queue already holds {drain:.1f}s of denoising work (measured cost); "
+                    f"the limit is {self.max_queue_seconds:g}s"))
         self.requests.append(req)
 
     # -- policy ----------------------------------------------------------------------
     def schedule(self) -> StepBatch:
         """Oldest RUNNING request first; it fixes the shape bucket; then every younger
-        request of that bucket that still fits under max_batch_rows. The oldest always
-        runs, so no request starves; one larger than the limit runs alone (the backend
-        splits its rows)."""
+        request of that bucket that still fits under the target rows: the size with the
+        most rows per second by the cost model (never past max_batch_rows; all of them
+        before anything was measured). The oldest always runs, so no request starves;
+        one larger than the target runs alone (the backend splits past the model's max)."""
         batch = StepBatch()
         running = [r for r in self.requests if r.status == RequestStatus.RUNNING]
         if not running:
             return batch
         bucket = running[0].shape
+        waiting = sum(r.trajectory.rows for r in running if r.shape == bucket)
+        target = min(self.max_batch_rows, self.cost.target_rows(bucket, waiting))
         for r in running:
             rows = r.trajectory.rows
-            if r.shape == bucket and (not batch.requests or batch.rows + rows <= self.max_batch_rows):
+            if r.shape == bucket and (not batch.requests or batch.rows + rows <= target):
                 batch.requests.append(r)
                 batch.rows += rows
         return batch
