@@ -90,6 +90,10 @@ class Settings:
     default_vae_model: str = "vae_digits"
     # Engine: back-pressure bound (denoising steps x images still to run), deadlines.
     max_queued_steps: int = 4000
+    # ... and by its drain time priced by the measured cost model (0: off).
+    max_queue_seconds: int = 0
+    # The most milliseconds one denoiser call may take when the engine picks its rows (0: off).
+    engine_step_budget_ms: int = 0
     request_timeout_s: int = 120
     max_request_timeout_s: int = 600
     prompt_cache_size: int = 1024
@@ -125,6 +129,8 @@ class Settings:
             default_ddpm_model=os.environ.get("GENSERVE_DEFAULT_DDPM_MODEL", cls.default_ddpm_model),
             default_vae_model=os.environ.get("GENSERVE_DEFAULT_VAE_MODEL", cls.default_vae_model),
             max_queued_steps=_int("GENSERVE_MAX_QUEUED_STEPS", cls.max_queued_steps, minimum=1),
+            max_queue_seconds=_int("GENSERVE_MAX_QUEUE_SECONDS", cls.max_queue_seconds),
+            engine_step_budget_ms=_int("GENSERVE_ENGINE_STEP_BUDGET_MS", cls.engine_step_budget_ms),
             request_timeout_s=_int("GENSERVE_REQUEST_TIMEOUT_S", cls.request_timeout_s, minimum=1),
             max_request_timeout_s=_int("GENSERVE_MAX_REQUEST_TIMEOUT_S", cls.max_request_timeout_s, minimum=1),
             prompt_cache_size=_int("GENSERVE_PROMPT_CACHE_SIZE", cls.prompt_cache_size),

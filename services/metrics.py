@@ -57,6 +57,17 @@ class ServiceMetrics:
         self.engine_requests_finished = prom.Counter(
             "genserve_engine_requests_finished", "Diffusion requests leaving the engine, by reason "
             "(done, cancelled, timeout, error).", ["model", "reason"], **kw)
+        self.engine_cost_seconds = prom.Gauge(
+            "genserve_engine_cost_seconds", "The engine's cost model: seconds per denoiser call by batch "
+            "rows at the native size (start-up timing, refreshed by live calls).",
+            ["model", "rows"], multiprocess_mode="livemax", **kw)
+        self.engine_best_rows = prom.Gauge(
+            "genserve_engine_best_rows", "Rows per iteration the engine fills to: the most rows per second "
+            "by its cost model within the latency budget.", ["model"], multiprocess_mode="livemax", **kw)
+        self.engine_rows_per_second = prom.Gauge(
+            "genserve_engine_rows_per_second", "Denoiser rows per second at the best size, by the cost model "
+            "(what Retry-After and the drain-time bound are priced with).",
+            ["model"], multiprocess_mode="livemax", **kw)
         self.prompt_cache_lookups = prom.Counter(
             "genserve_prompt_cache_lookups", "Prompt-embedding cache lookups by result (hit, miss).",
             ["model", "result"], **kw)
@@ -85,6 +96,14 @@ class ServiceMetrics:
 
             def finished(self, model, reason):
                 metrics.engine_requests_finished.labels(model, reason).inc()
+
+            def cost(self, model, table):
+                if not table.get("measured"):
+                    return
+                for rows, ms in table["ms_per_call"].items():
+                    metrics.engine_cost_seconds.labels(model, rows).set(ms / 1000)
+                metrics.engine_best_rows.labels(model).set(table["best_rows"])
+                metrics.engine_rows_per_second.labels(model).set(table["rows_per_second"])
 
         return Observer()
 

@@ -115,6 +115,10 @@ class ModelDescription(BaseModel):
     inputs: list[TensorDescription]
     outputs: list[TensorDescription]
     parameters: dict = Field(description="Request parameters this model accepts, with their limits.")
+    cost_model: dict | None = Field(None, description=(
+        "Step engines only: the denoiser's measured milliseconds per call by batch rows at the native "
+        "size (start-up timing refreshed by live calls), the rows per iteration the engine runs "
+        "(most rows per second within the latency budget) and the throughput there."))
 
 
 class ModelList(BaseModel):

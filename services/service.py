@@ -105,7 +105,8 @@ class GenServe:
             ctx.engines[name] = DiffusionEngine(
                 pipeline, max_batch_rows=backend.models()[pipeline.spec.denoiser].max_batch_size,
                 max_queued_image_steps=settings.max_queued_steps, prompt_cache=cache,
-                observer=metrics.engine_observer())
+                observer=metrics.engine_observer(), latency_budget_s=settings.engine_step_budget_ms / 1000,
+                max_queue_seconds=settings.max_queue_seconds)
         self._check_defaults(ctx)
         self.ctx = ctx
         set_context(ctx)
@@ -151,7 +152,8 @@ class GenServe:
 
     @bentoml.on_startup
     async def _warm_up(self) -> None:
-        """Times one denoising step per engine, so the first Retry-After is an estimate."""
+        """Times each engine's denoiser by batch rows (its cost model), so the first
+        iteration runs the best size and the first Retry-After is an estimate."""
         for engine in self.ctx.engines.values():
             await engine.warmup()
 

@@ -121,5 +121,6 @@ def describe(ctx: ServiceContext) -> list[ModelDescription]:
             name=name, version=unet.version, pipeline="ddpm", endpoint="/v1/ddpm/generate, /v1/ddpm/generate/stream",
             backend=ctx.backend.name, max_batch_size=unet.max_batch_size,
             inputs=tensors(unet.inputs), outputs=tensors(unet.outputs), parameters=params,
+            cost_model=engine.cost.describe(),
         ))
     return models

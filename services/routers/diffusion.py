@@ -162,5 +162,6 @@ def describe(ctx: ServiceContext) -> list[ModelDescription]:
             + ", /v1/vae/decode" + (", /v1/vae/encode, /v1/vae/interpolate" if spec.vae_encoder else ""),
             backend=ctx.backend.name, max_batch_size=denoiser.max_batch_size,
             inputs=tensors(denoiser.inputs), outputs=tensors(denoiser.outputs), parameters=params,
+            cost_model=engine.cost.describe(),
         ))
     return models

@@ -163,3 +163,10 @@ def test_a_full_queue_answers_429_at_once(small_queue_server):
     # estimate of the drain, not a guess: never far above the time the queue really took.
     drained = time.monotonic() - t0
     assert 1 <= retry_after <= max(3, 3 * drained), (retry_after, drained)
+    # The cost model behind it is published: GET /v1/models and the metrics.
+    described = {m["name"]: m for m in httpx.get(f"{small_queue_server.url}/v1/models").json()["models"]}
+    cost = described["sd_digits"]["cost_model"]
+    assert cost["measured"] and set(cost["ms_per_call"]) >= {"1", "2", "4", "8", "16"}
+    assert 1 <= cost["best_rows"] <= described["sd_digits"]["max_batch_size"] and cost["rows_per_second"] > 0
+    assert metric(small_queue_server, "genserve_engine_best_rows", model="sd_digits") >= 1
+    assert metric(small_queue_server, "genserve_engine_cost_seconds", model="sd_digits", rows="16") > 0
