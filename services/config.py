@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 BACKENDS = ("onnxruntime", "triton")
+TRITON_SHARED_MEMORY = ("auto", "off", "required")
 
 
 def _rate(name: str) -> "Rate | None":
@@ -81,6 +82,8 @@ class Settings:
     model_repository: Path = Path("model_repository")
     triton_url: str = "localhost:8001"  # gRPC
     triton_timeout_s: int = 60
+    # Tensors to a same-host Triton through /dev/shm: negotiated (auto), never, or must.
+    triton_shared_memory: str = "auto"
     # ONNX Runtime threads per session; 0 lets ONNX Runtime pick (all cores).
     ort_intra_op_threads: int = 0
     ort_inter_op_threads: int = 0
@@ -117,11 +120,16 @@ class Settings:
         backend = os.environ.get("GENSERVE_BACKEND", cls.backend).strip().lower()
         if backend not in BACKENDS:
             raise ValueError(f"GENSERVE_BACKEND must be one of {', '.join(BACKENDS)}, got {backend!r}")
+        shared_memory = os.environ.get("GENSERVE_TRITON_SHARED_MEMORY", cls.triton_shared_memory).strip().lower()
+        if shared_memory not in TRITON_SHARED_MEMORY:
+            raise ValueError(f"GENSERVE_TRITON_SHARED_MEMORY must be one of {', '.join(TRITON_SHARED_MEMORY)}, "
+                             f"got {shared_memory!r}")
         return cls(
             backend=backend,
             model_repository=Path(os.environ.get("GENSERVE_MODEL_REPOSITORY", str(cls.model_repository))),
             triton_url=os.environ.get("GENSERVE_TRITON_URL", cls.triton_url),
             triton_timeout_s=_int("GENSERVE_TRITON_TIMEOUT_S", cls.triton_timeout_s, minimum=1),
+            triton_shared_memory=shared_memory,
             ort_intra_op_threads=_int("GENSERVE_ORT_INTRA_OP_THREADS", cls.ort_intra_op_threads),
             ort_inter_op_threads=_int("GENSERVE_ORT_INTER_OP_THREADS", cls.ort_inter_op_threads),
             default_gan_model=os.environ.get("GENSERVE_DEFAULT_GAN_MODEL", cls.default_gan_model),

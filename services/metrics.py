@@ -72,6 +72,24 @@ class ServiceMetrics:
             "genserve_prompt_cache_lookups", "Prompt-embedding cache lookups by result (hit, miss).",
             ["model", "result"], **kw)
 
+        self.triton_calls = prom.Counter(
+            "genserve_triton_calls", "Calls to Triton by how their tensors travelled (shared_memory: "
+            "regions in /dev/shm; socket: inside the gRPC messages).", ["model", "transport"], **kw)
+        self.triton_shared_memory_active = prom.Gauge(
+            "genserve_triton_shared_memory_active", "1 while tensors go to Triton through shared memory, "
+            "0 while they go through the socket (GENSERVE_TRITON_SHARED_MEMORY off, or a fallback).",
+            multiprocess_mode="livemin", **kw)
+        self.triton_shared_memory_bytes = prom.Gauge(
+            "genserve_triton_shared_memory_bytes", "Bytes of shared-memory regions mapped and registered "
+            "with Triton.", multiprocess_mode="livesum", **kw)
+
+    def observe_triton_call(self, model: str, transport: str) -> None:
+        self.triton_calls.labels(model, transport).inc()
+
+    def observe_triton_shared_memory(self, active: bool, region_bytes: int) -> None:
+        self.triton_shared_memory_active.set(1 if active else 0)
+        self.triton_shared_memory_bytes.set(region_bytes)
+
     def observe_rate_limited(self, client: str, limit: str) -> None:
         key = client[4:] if client.startswith("key:") else "anonymous"
         self.rate_limited.labels(key, limit).inc()

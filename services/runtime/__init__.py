@@ -25,8 +25,10 @@ def create_backend(settings: Settings) -> InferenceBackend:
                        if spec.parameters.get("genserve.pipeline") in ("gan", "stylegan", "image_to_image")}
         return AdaptiveBatcher(backend, single_pass, settings.batch_wait_ms / 1000)
     if settings.backend == "triton":
+        from services.metrics import service_metrics
         from services.runtime.triton_backend import TritonBackend
 
         return TritonBackend(ModelRepository(settings.model_repository), settings.triton_url,
-                             settings.triton_timeout_s)
+                             settings.triton_timeout_s, shared_memory=settings.triton_shared_memory,
+                             metrics=service_metrics())
     raise ValueError(f"unknown backend {settings.backend!r}")

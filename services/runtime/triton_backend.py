@@ -5,12 +5,28 @@ the files pipelines need (tokenizer, scheduler config); Triton serves the graphs
 the same repository. An unreachable Triton becomes BackendUnavailable (HTTP 503 naming
 Triton), never a hang: every call has a deadline, and gRPC's reconnect backoff is kept
 short so the service recovers by itself within seconds of Triton coming back.
+
+Same host, no socket copies: with shared memory on (`auto`, the default, or `required`),
+tensors travel through system shared-memory regions (services.runtime.triton_shm) and
+the gRPC request carries only where they lie. Whether Triton can open this process's
+regions is negotiated, not assumed: a probe region is registered at start-up (and again
+after a failure); if Triton cannot open it -- another host, or a container without the
+shared /dev/shm -- `auto` falls back to the socket, logged and counted in the metrics,
+and `required` refuses to start. A region Triton stops knowing mid-run (Triton restarted)
+is re-registered and the call retried; if that fails too the call goes over the socket
+(`auto`) or fails as unavailable (`required`). Which way tensors travel never changes the
+numbers: the same bytes reach the same graph.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import re
+import time
+import weakref
+from collections import OrderedDict
+from pathlib import Path
 from typing import Mapping
 
 import grpc
@@ -23,6 +39,14 @@ from tritonclient.utils import InferenceServerException, np_to_triton_dtype
 from services.errors import BackendUnavailable, InferenceFailed, ServiceError
 from services.runtime.base import InferenceBackend
 from services.runtime.repository import ModelRepository, ModelSpec
+from services.runtime.triton_shm import (SHM_DIR, SHM_ERROR, Region, RegionPool, aligned, is_stale,
+                                         process_prefix, region_prefix, sweep_stale)
+
+log = logging.getLogger("genserve.triton")
+
+SHARED_MEMORY_MODES = ("auto", "off", "required")
+# Transports, as GET-able state and metric labels.
+SHARED_MEMORY, SOCKET, PENDING = "shared_memory", "socket", "pending"
 
 # gRPC status codes that mean "Triton cannot serve right now", not "your request is wrong".
 _UNAVAILABLE = {"StatusCode.UNAVAILABLE", "StatusCode.DEADLINE_EXCEEDED", "StatusCode.CANCELLED",
@@ -60,17 +84,192 @@ def classify_error(exc: BaseException, url: str, model: str) -> tuple[ServiceErr
 _TRANSPORT_ERRORS = (grpc.RpcError, grpc.aio.BaseError, OSError, asyncio.TimeoutError)
 
 
+class SharedMemoryFailure(Exception):
+    """Triton could not use a region named in a request (unknown to it, or too small)."""
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.output_too_small = "to hold the results" in message
+
+
+class TritonUnreachable(Exception):
+    """The negotiation could not reach Triton (nothing was learnt about shared memory)."""
+
+
 class TritonBackend(InferenceBackend):
     name = "triton"
 
-    def __init__(self, repository: ModelRepository, url: str, timeout_s: float = 60.0):
+    def __init__(self, repository: ModelRepository, url: str, timeout_s: float = 60.0,
+                 shared_memory: str = "auto", shm_dir: Path = SHM_DIR, max_regions: int = 32,
+                 reprobe_s: float = 60.0, metrics=None):
+        """`shared_memory`: auto | off | required (see the module doc). `shm_dir`: where this
+        process creates regions, which must be the directory Triton's shm_open sees
+        (/dev/shm); `max_regions` bounds concurrent shared-memory calls (more wait for
+        nothing: they take the socket). `reprobe_s`: after a fallback, how often `auto`
+        asks again. `metrics`: a services.metrics.ServiceMetrics, or None."""
         super().__init__()
+        if shared_memory not in SHARED_MEMORY_MODES:
+            raise ValueError(f"shared_memory must be one of {', '.join(SHARED_MEMORY_MODES)}, got {shared_memory!r}")
         self.url = url
         self.timeout_s = timeout_s
         self._specs = dict(repository.models)
         self._client: grpcaio.InferenceServerClient | None = None
         # Channels dropped after connection errors, each with the task that closes it later.
         self._retired: dict[asyncio.Task, grpcaio.InferenceServerClient] = {}
+
+        self.shared_memory = shared_memory
+        self.transport = SOCKET if shared_memory == "off" else PENDING
+        self.transport_reason = "GENSERVE_TRITON_SHARED_MEMORY=off" if shared_memory == "off" else \
+            "not negotiated yet (Triton not reached)"
+        self.reprobe_s = reprobe_s
+        self._host_prefix = region_prefix()
+        self._pool = RegionPool(Path(shm_dir), process_prefix(self._host_prefix), max_regions)
+        self._generation = 0  # bumped whenever the pool is dropped after a failure
+        self._next_probe = 0.0
+        self._lock: asyncio.Lock | None = None
+        # (model, input shapes) -> [(output, dtype, shape)]: what a call's outputs will take.
+        self._output_shapes: OrderedDict[tuple, list[tuple[str, np.dtype, tuple]]] = OrderedDict()
+        self.counters = {"shared_memory_calls": 0, "socket_calls": 0, "fallbacks": 0, "recoveries": 0}
+        self._metrics = metrics
+        # A process that exits without close() still removes its files (Triton's mappings
+        # of them are unregistered by the next service on this host: _sweep_triton).
+        weakref.finalize(self, RegionPool.clear, self._pool)
+        if shared_memory != "off":
+            self._negotiate_at_start()
+
+    # -- shared-memory negotiation ---------------------------------------------------------
+    def shared_memory_status(self) -> dict:
+        """What GET /v1/models and the logs tell: mode, transport in use and why."""
+        return {"mode": self.shared_memory, "transport": self.transport, "reason": self.transport_reason,
+                "regions": len(self._pool.regions), "region_bytes": self._pool.bytes,
+                "region_allocations": self._pool.allocations, **self.counters}
+
+    def _negotiate_at_start(self) -> None:
+        """Start-up: `required` waits up to the call timeout for Triton, then negotiates
+        and raises if shared memory does not work; `auto` tries once, briefly, and leaves
+        the rest to the first call (Triton may still be loading models)."""
+        deadline = time.monotonic() + (self.timeout_s if self.shared_memory == "required" else 0)
+        while True:
+            try:
+                self._apply_probe(self._probe())
+                break
+            except TritonUnreachable as exc:
+                if time.monotonic() >= deadline:
+                    if self.shared_memory == "required":
+                        raise RuntimeError(f"GENSERVE_TRITON_SHARED_MEMORY=required: Triton at {self.url} "
+                                           f"was not reachable to negotiate shared memory: {exc}") from None
+                    log.info("Triton at %s not reachable at start-up: shared memory negotiated on first use",
+                             self.url)
+                    return
+                time.sleep(1.0)
+        if self.shared_memory == "required" and self.transport != SHARED_MEMORY:
+            raise RuntimeError(f"GENSERVE_TRITON_SHARED_MEMORY=required, but Triton at {self.url} cannot use "
+                               f"this process's shared memory: {self.transport_reason}")
+
+    def _probe(self) -> str | None:
+        """Registers a small probe region with Triton, checks Triton lists it, unregisters
+        it. None when Triton opened it; else Triton's reason. Blocking (sync client): runs
+        at start-up and, later, in a worker thread. Also unregisters regions that dead
+        service processes of this host left registered, and removes their files."""
+        client = grpcclient.InferenceServerClient(self.url)
+        timeout = min(5.0, self.timeout_s)
+        probe = None
+        try:
+            try:
+                self._sweep_triton(client, timeout)
+                probe = Region.create(self._pool.directory, f"{self._pool.prefix}probe", 4096)
+            except OSError as exc:
+                return f"cannot create a region in {self._pool.directory}: {exc}"
+            try:
+                client.register_system_shared_memory(probe.name, probe.key, probe.size, client_timeout=timeout)
+                listed = client.get_system_shared_memory_status(probe.name, as_json=True,
+                                                                client_timeout=timeout).get("regions", {})
+                client.unregister_system_shared_memory(probe.name, client_timeout=timeout)
+            except InferenceServerException as exc:
+                error, _ = classify_error(exc, self.url, "shared memory probe")
+                if isinstance(error, BackendUnavailable):
+                    raise TritonUnreachable(str(exc)) from None
+                return f"Triton could not register region {probe.key}: {exc.message() or exc}"
+            if probe.name not in listed or listed[probe.name].get("key") != probe.key:
+                return f"Triton registered the probe region but does not list it ({listed})"
+            return None
+        finally:
+            if probe is not None:
+                probe.destroy()
+            client.close()
+
+    def _sweep_triton(self, client, timeout: float) -> None:
+        sweep_stale(self._pool.directory, self._host_prefix)
+        try:
+            regions = client.get_system_shared_memory_status(as_json=True, client_timeout=timeout).get("regions", {})
+        except InferenceServerException as exc:
+            if isinstance(classify_error(exc, self.url, "shared memory status")[0], BackendUnavailable):
+                raise TritonUnreachable(str(exc)) from None
+            return
+        for name in regions:
+            if is_stale(name, self._host_prefix):
+                client.unregister_system_shared_memory(name, client_timeout=timeout)
+                log.info("unregistered shared-memory region %s left in Triton by a process that is gone", name)
+
+    def _apply_probe(self, failure: str | None) -> None:
+        before = self.transport
+        if failure is None:
+            self.transport, self.transport_reason = SHARED_MEMORY, \
+                f"Triton opened a probe region in {self._pool.directory}"
+            if before != SHARED_MEMORY:
+                log.info("Triton at %s: tensors through shared memory (%s)", self.url, self._pool.directory)
+        else:
+            self.transport, self.transport_reason = SOCKET, failure
+            self._next_probe = time.monotonic() + self.reprobe_s
+            self.counters["fallbacks"] += 1
+            log.warning("Triton at %s: shared memory unusable, tensors through the gRPC socket "
+                        "(GENSERVE_TRITON_SHARED_MEMORY=%s): %s", self.url, self.shared_memory, failure)
+        self._report()
+
+    async def _ensure_negotiated(self) -> None:
+        """Negotiates when pending, or when a fallback's re-probe is due (`auto`)."""
+        if self.transport == SHARED_MEMORY or self.shared_memory == "off":
+            return
+        if self.transport == SOCKET and time.monotonic() < self._next_probe:
+            return
+        if self._lock is None:
+            self._lock = asyncio.Lock()
+        async with self._lock:
+            if self.transport == SHARED_MEMORY or (self.transport == SOCKET and time.monotonic() < self._next_probe):
+                return
+            try:
+                failure = await asyncio.to_thread(self._probe)
+            except TritonUnreachable as exc:
+                self._next_probe = time.monotonic() + 1.0
+                if self.shared_memory == "required":
+                    raise BackendUnavailable(f"Triton at {self.url} is unreachable ({exc})") from None
+                return  # the call itself will say so (or succeed: Triton just came back)
+            self._apply_probe(failure)
+
+    async def _shared_memory_failed(self, generation: int, message: str) -> None:
+        """A region failed mid-run: drop them all (unregistering what Triton still knows)
+        and negotiate again now. Concurrent failures of one generation do this once."""
+        if self._lock is None:
+            self._lock = asyncio.Lock()
+        async with self._lock:
+            if generation != self._generation:
+                return
+            self._generation += 1
+            log.warning("Triton at %s: a shared-memory call failed (%s); re-negotiating", self.url, message)
+            for region in self._pool.clear():
+                try:
+                    await self.client.unregister_system_shared_memory(region.name, client_timeout=2)
+                except (InferenceServerException, *_TRANSPORT_ERRORS):
+                    pass
+            self.transport, self.transport_reason = PENDING, f"re-negotiating after: {message}"
+            self._next_probe = 0.0
+        await self._ensure_negotiated()
+        if self.transport == SHARED_MEMORY:
+            self.counters["recoveries"] += 1
+
+    def _report(self) -> None:
+        if self._metrics is not None:
+            self._metrics.observe_triton_shared_memory(self.transport == SHARED_MEMORY, self._pool.bytes)
 
     @property
     def client(self) -> grpcaio.InferenceServerClient:
@@ -89,18 +288,30 @@ class TritonBackend(InferenceBackend):
         return self._specs
 
     async def is_ready(self) -> bool:
-        """Ready when Triton is, and every model the service needs is loaded there."""
+        """Ready when Triton is, and every model the service needs is loaded there (and,
+        with shared memory `required`, when Triton can use this process's regions)."""
         try:
             if not await self.client.is_server_ready(client_timeout=2):
                 return False
             for name in self._specs:
                 if not await self.client.is_model_ready(name, client_timeout=2):
                     return False
-            return True
-        except (InferenceServerException, *_TRANSPORT_ERRORS):
+            await self._ensure_negotiated()  # Triton just became reachable: decide now
+        except (InferenceServerException, BackendUnavailable, *_TRANSPORT_ERRORS):
             return False
+        return self.shared_memory != "required" or self.transport == SHARED_MEMORY
 
     async def close(self) -> None:
+        """Unregisters this process's regions from Triton and removes them, then closes
+        the channels."""
+        regions = self._pool.clear()
+        if regions and self._client is not None:
+            for region in regions:
+                try:
+                    await self._client.unregister_system_shared_memory(region.name, client_timeout=2)
+                except (InferenceServerException, *_TRANSPORT_ERRORS):
+                    pass  # Triton down: a restarted one knows none; a live one is swept later
+        self._report()
         for task, old in list(self._retired.items()):
             task.cancel()
             await old.close()
@@ -110,6 +321,27 @@ class TritonBackend(InferenceBackend):
             self._client = None
 
     async def _execute(self, spec: ModelSpec, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if self.shared_memory != "off":
+            await self._ensure_negotiated()
+            for attempt in range(2):
+                if self.transport != SHARED_MEMORY:
+                    break
+                generation = self._generation
+                try:
+                    return await self._execute_shared(spec, inputs)
+                except SharedMemoryFailure as exc:
+                    if exc.output_too_small:  # an output shape guessed wrong: this call by socket
+                        break
+                    if attempt == 0:
+                        await self._shared_memory_failed(generation, str(exc))
+                    else:
+                        self._apply_probe(f"a call failed again after re-registering: {exc}")
+            if self.shared_memory == "required" and self.transport != SHARED_MEMORY:
+                raise BackendUnavailable(f"Triton at {self.url} cannot use shared memory (required): "
+                                         f"{self.transport_reason}")
+        return await self._execute_socket(spec, inputs)
+
+    async def _execute_socket(self, spec: ModelSpec, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         infer_inputs = []
         for t in spec.inputs:
             x = np.ascontiguousarray(inputs[t.name])
@@ -117,15 +349,121 @@ class TritonBackend(InferenceBackend):
             item.set_data_from_numpy(x)
             infer_inputs.append(item)
         outputs = [grpcclient.InferRequestedOutput(t.name) for t in spec.outputs]
+        result = await self._infer(spec, infer_inputs, outputs)
+        values = {t.name: result.as_numpy(t.name) for t in spec.outputs}
+        self._learn_outputs(spec, inputs, values)
+        self._count(spec.name, SOCKET)
+        return values
+
+    async def _execute_shared(self, spec: ModelSpec, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """One call through a region of its own: inputs written at aligned offsets, the
+        outputs (when their shapes are known from an earlier call with the same input
+        shapes) placed after them; outputs of a first-seen shape come by socket once."""
+        arrays = [(t.name, np.ascontiguousarray(inputs[t.name])) for t in spec.inputs]
+        known = self._output_shapes.get(self._shape_key(spec, inputs))
+        needed = sum(aligned(a.nbytes) for _, a in arrays)
+        if known is not None:
+            needed += sum(aligned(int(np.prod(shape)) * dtype.itemsize) for _, dtype, shape in known)
+        region = await self._take_region(needed)
+        if region is None:  # every region is out on a call and the pool is at its bound
+            return await self._execute_socket(spec, inputs)
         try:
-            result = await self.client.infer(spec.name, infer_inputs, outputs=outputs,
-                                             client_timeout=self.timeout_s)
+            offset, infer_inputs = 0, []
+            for name, x in arrays:
+                region.write(offset, x)
+                item = grpcclient.InferInput(name, list(x.shape), np_to_triton_dtype(x.dtype))
+                item.set_shared_memory(region.name, x.nbytes, offset)
+                infer_inputs.append(item)
+                offset += aligned(x.nbytes)
+            outputs, placed = [], {}
+            for t in spec.outputs:
+                item = grpcclient.InferRequestedOutput(t.name)
+                outputs.append(item)
+            if known is not None:
+                for item, (name, dtype, shape) in zip(outputs, known):
+                    nbytes = int(np.prod(shape)) * dtype.itemsize
+                    item.set_shared_memory(region.name, nbytes, offset)
+                    placed[name] = (offset, dtype)
+                    offset += aligned(nbytes)
+            result = await self._infer(spec, infer_inputs, outputs, shared=True)
+            values = {}
+            for t in spec.outputs:
+                if t.name in placed:
+                    shape = tuple(result.get_output(t.name).shape)  # as Triton wrote it
+                    values[t.name] = region.read(placed[t.name][0], placed[t.name][1], shape)
+                else:
+                    values[t.name] = result.as_numpy(t.name)
+        finally:
+            self._pool.give_back(region)
+        if known is None:
+            self._learn_outputs(spec, inputs, values)
+        self._count(spec.name, SHARED_MEMORY)
+        return values
+
+    async def _take_region(self, nbytes: int) -> Region | None:
+        region = self._pool.take()
+        if region is not None and region.size >= nbytes:
+            return region
+        if region is not None:  # too small: replaced by a larger one
+            self._pool.drop(region)
+            try:
+                await self.client.unregister_system_shared_memory(region.name, client_timeout=self.timeout_s)
+            except (InferenceServerException, *_TRANSPORT_ERRORS):
+                pass  # Triton restarted (it knows none) or is down: the next call says which
+        if not self._pool.can_grow():
+            return None
+        try:
+            region = self._pool.create(nbytes)
+        except OSError as exc:  # /dev/shm full (its sizeLimit) or gone
+            raise SharedMemoryFailure(f"cannot create a {nbytes}-byte region: {exc}") from None
+        try:
+            await self.client.register_system_shared_memory(region.name, region.key, region.size,
+                                                            client_timeout=self.timeout_s)
         except (InferenceServerException, *_TRANSPORT_ERRORS) as exc:
+            self._pool.drop(region)
+            if isinstance(exc, InferenceServerException) and SHM_ERROR.search(exc.message() or ""):
+                raise SharedMemoryFailure(exc.message()) from None
+            error, reconnect = classify_error(exc, self.url, "shared memory registration")
+            if reconnect:
+                self._reset_client()
+            raise error from None
+        self._report()
+        return region
+
+    async def _infer(self, spec: ModelSpec, infer_inputs, outputs, shared: bool = False):
+        try:
+            return await self.client.infer(spec.name, infer_inputs, outputs=outputs, client_timeout=self.timeout_s)
+        except (InferenceServerException, *_TRANSPORT_ERRORS) as exc:
+            if shared and isinstance(exc, InferenceServerException) and SHM_ERROR.search(exc.message() or ""):
+                if "to hold the results" in (exc.message() or ""):
+                    self._output_shapes.pop(self._shape_key_of(spec, infer_inputs), None)
+                raise SharedMemoryFailure(exc.message()) from None
             error, reconnect = classify_error(exc, self.url, spec.name)
             if reconnect:
                 self._reset_client()
             raise error from None
-        return {t.name: result.as_numpy(t.name) for t in spec.outputs}
+
+    @staticmethod
+    def _shape_key(spec: ModelSpec, inputs: Mapping[str, np.ndarray]) -> tuple:
+        return (spec.name, *(tuple(inputs[t.name].shape) for t in spec.inputs))
+
+    @staticmethod
+    def _shape_key_of(spec: ModelSpec, infer_inputs) -> tuple:
+        return (spec.name, *(tuple(item.shape()) for item in infer_inputs))
+
+    def _learn_outputs(self, spec: ModelSpec, inputs: Mapping[str, np.ndarray], values: dict) -> None:
+        if self.shared_memory == "off":
+            return
+        key = self._shape_key(spec, inputs)
+        self._output_shapes[key] = [(t.name, values[t.name].dtype, values[t.name].shape) for t in spec.outputs]
+        self._output_shapes.move_to_end(key)
+        while len(self._output_shapes) > 1024:
+            self._output_shapes.popitem(last=False)
+
+    def _count(self, model: str, transport: str) -> None:
+        self.counters[f"{transport}_calls"] += 1
+        if self._metrics is not None:
+            self._metrics.observe_triton_call(model, transport)
 
     def _reset_client(self) -> None:
         """The next call opens a fresh channel. The old one is closed after a grace period

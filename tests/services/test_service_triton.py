@@ -50,6 +50,26 @@ def test_txt2img_equals_the_embedded_backend(server, triton_service):
     assert psnr(pixels(embedded.json()), pixels(remote.json())) >= 50
 
 
+def test_the_service_sends_tensors_through_shared_memory(triton, triton_service):
+    """Same host, GENSERVE_TRITON_SHARED_MEMORY unset (auto): negotiated at start-up, the
+    denoiser's calls go through regions Triton holds (the images above equal the embedded
+    backend's), and /metrics says so."""
+    body = {"prompt": "a handwritten digit one", "seed": 1, "num_inference_steps": 4}
+    assert post(triton_service, "/v1/txt2img", body).status_code == 200
+    metrics = httpx.get(f"{triton_service.url}/metrics", timeout=10).text
+    assert re.search(r"^genserve_triton_shared_memory_active(\{[^}]*\})? 1\.0$", metrics, re.MULTILINE), metrics
+    calls = re.search(r'^genserve_triton_calls_total\{model="sd_digits_unet",transport="shared_memory"\} (\S+)$',
+                      metrics, re.MULTILINE)
+    assert calls and float(calls.group(1)) >= 4
+    assert 'transport="socket"' not in metrics
+    client = triton.grpc()
+    try:
+        regions = client.get_system_shared_memory_status(as_json=True).get("regions", {})
+    finally:
+        client.close()
+    assert any(name.startswith("genserve-") for name in regions)
+
+
 def _counter(text: str, name: str, model: str) -> float:
     match = re.search(rf'^{name}{{model="{model}",version="1"}} (\S+)$', text, re.MULTILINE)
     assert match, f"{name} for {model} missing from Triton's metrics"
