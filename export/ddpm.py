@@ -59,7 +59,7 @@ import numpy as np
 import torch
 
 from export.diffusers_folder import UnsupportedFolder
-from export.stable_diffusion import ComponentReport, GraphExporter
+from export.stable_diffusion import ComponentReport, GraphExporter, load_fp32
 from export.triton_config import DeploymentTarget, TensorSpec
 
 OUTPUT_RANGE = "-1,1"
@@ -106,7 +106,7 @@ def locate(folder: Path) -> tuple[Path, Path]:
 def load_unet(unet_dir: Path):
     from diffusers import UNet2DModel
 
-    return UNet2DModel.from_pretrained(str(unet_dir), torch_dtype=torch.float32, local_files_only=True).eval()
+    return load_fp32(UNet2DModel, unet_dir)
 
 
 def native_size(sample_size) -> tuple[int, int]:

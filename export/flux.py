@@ -59,6 +59,7 @@ from export.stable_diffusion import (
     _TextEncoder,
     _VAEDecoder,
     _VAEEncoder,
+    load_fp32,
 )
 from export.triton_config import DeploymentTarget, TensorSpec
 from services.pipelines.pipeline_flux import image_ids  # the serving side's ids, verified here
@@ -120,10 +121,9 @@ def export_flux(
 
     folder, repository = Path(folder), Path(repository)
     progress(f"[{name}] loading {folder}")
-    clip = CLIPTextModel.from_pretrained(folder / "text_encoder").eval()
-    t5 = T5EncoderModel.from_pretrained(folder / "text_encoder_2").eval()
-    transformer = FluxTransformer2DModel.from_pretrained(folder / "transformer").eval()
-    vae = AutoencoderKL.from_pretrained(folder / "vae").eval()
+    clip, t5 = load_fp32(CLIPTextModel, folder / "text_encoder"), load_fp32(T5EncoderModel, folder / "text_encoder_2")
+    transformer = load_fp32(FluxTransformer2DModel, folder / "transformer")
+    vae = load_fp32(AutoencoderKL, folder / "vae")
     cfg = transformer.config
     if cfg.patch_size != 1:
         raise UnsupportedFolder(f"{folder}: transformer patch_size {cfg.patch_size}; FluxPipeline's 2x2 packing "

@@ -164,14 +164,21 @@ class GraphExporter:
         return model_dir
 
 
+def load_fp32(cls, path: Path):
+    """A diffusers or transformers model in float32, in eval mode, whatever dtype its weights
+    were saved in: graphs are exported and verified in fp32 (reduced precision is TensorRT's
+    choice, per component), and transformers 5 would otherwise keep a bf16/fp16 checkpoint's
+    dtype (FLUX's text encoders ship in bf16)."""
+    kwargs = {"dtype": torch.float32} if cls.__module__.startswith("transformers") else {"torch_dtype": torch.float32}
+    return cls.from_pretrained(path, local_files_only=True, **kwargs).eval()
+
+
 def load_pipeline_components(folder: Path):
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel
 
-    text_encoder = CLIPTextModel.from_pretrained(folder / "text_encoder").eval()
-    unet = UNet2DConditionModel.from_pretrained(folder / "unet").eval()
-    vae = AutoencoderKL.from_pretrained(folder / "vae").eval()
-    return text_encoder, unet, vae
+    return (load_fp32(CLIPTextModel, folder / "text_encoder"), load_fp32(UNet2DConditionModel, folder / "unet"),
+            load_fp32(AutoencoderKL, folder / "vae"))
 
 
 def _fast_tokenizer_json(folder: Path, dest: Path, subfolder: str = "tokenizer") -> dict:

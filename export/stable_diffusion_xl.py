@@ -84,6 +84,7 @@ from export.stable_diffusion import (
     _fast_tokenizer_json,
     _VAEDecoder,
     _VAEEncoder,
+    load_fp32,
 )
 from export.triton_config import DeploymentTarget, TensorSpec
 
@@ -159,13 +160,13 @@ def export_stable_diffusion_xl(
 
     encoders = []  # (role, tokenizer subfolder, model)
     if _present(folder, index, "text_encoder"):
-        encoders.append(("text_encoder", "tokenizer", CLIPTextModel.from_pretrained(folder / "text_encoder").eval()))
+        encoders.append(("text_encoder", "tokenizer", load_fp32(CLIPTextModel, folder / "text_encoder")))
     if not _present(folder, index, "text_encoder_2"):
         raise UnsupportedFolder(f"{folder}: no text_encoder_2; SDXL's pooled text embedding comes from it")
     encoders.append(("text_encoder_2", "tokenizer_2",
-                     CLIPTextModelWithProjection.from_pretrained(folder / "text_encoder_2").eval()))
-    unet = UNet2DConditionModel.from_pretrained(folder / "unet").eval()
-    vae = AutoencoderKL.from_pretrained(folder / "vae").eval()
+                     load_fp32(CLIPTextModelWithProjection, folder / "text_encoder_2")))
+    unet = load_fp32(UNet2DConditionModel, folder / "unet")
+    vae = load_fp32(AutoencoderKL, folder / "vae")
     if unet.config.addition_embed_type != "text_time":
         raise UnsupportedFolder(f"{folder}: the U-Net's addition_embed_type is "
                                 f"{unet.config.addition_embed_type!r}, not SDXL's 'text_time'")

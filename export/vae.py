@@ -50,6 +50,7 @@ from export.stable_diffusion import (
     GraphExporter,
     _VAEDecoder,
     _VAEEncoder,
+    load_fp32,
 )
 from export.triton_config import DeploymentTarget, TensorSpec
 
@@ -102,7 +103,7 @@ def export_vae(
     source = vae_folder(folder)
     repository = Path(repository)
     progress(f"[{name}] loading {source}")
-    vae = AutoencoderKL.from_pretrained(str(source), local_files_only=True).eval()
+    vae = load_fp32(AutoencoderKL, source)
     config = vae.config
     if config.in_channels != config.out_channels:
         raise ValueError(f"{source}: in_channels {config.in_channels} != out_channels {config.out_channels}; "

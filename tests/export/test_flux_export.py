@@ -30,7 +30,9 @@ def config(repo: Path, model: str) -> mc.ModelConfig:
 
 @pytest.fixture(scope="module")
 def cli_export(tmp_path_factory):
-    folder = build_random_flux_folder(tmp_path_factory.mktemp("flux"), seed=2, t5_max_length=64)
+    # text encoders saved in bfloat16, as FLUX.1's are: exported and verified in float32 all the same
+    folder = build_random_flux_folder(tmp_path_factory.mktemp("flux"), seed=2, t5_max_length=64,
+                                      text_encoder_dtype="bfloat16")
     repo = tmp_path_factory.mktemp("flux_repo")
     run = subprocess.run([sys.executable, "-m", "export", "sd", "--folder", str(folder), "--name", "fx",
                           "--repository", str(repo), "--max-sequence-length", "16", "--native-size", "24"],
@@ -52,6 +54,9 @@ def test_the_detecting_command_writes_five_graphs_with_the_contract(cli_export):
         "hidden_states": [-1, 16], "img_ids": [-1, 3], "txt_ids": [16, 3], "timestep": [1], "guidance": [1],
         "encoder_hidden_states": [16, 24], "pooled_projections": [32]}
     t5 = config(repo, "fx_text_encoder_2")
+    for encoder in ("fx_text_encoder", "fx_text_encoder_2"):  # fp32 graphs from bf16 weights
+        session = ort.InferenceSession(str(repo / encoder / "1" / "model.onnx"))
+        assert [o.type for o in session.get_outputs()] == ["tensor(float)"]
     assert {k: v.string_value for k, v in t5.parameters.items()}["genserve.max_length"] == "16"
     assert (repo / "fx_text_encoder_2" / "tokenizer.json").exists()
     assert (repo / "fx_transformer" / "scheduler_config.json").exists()
