@@ -87,6 +87,8 @@ class Settings:
     # ONNX Runtime threads per session; 0 lets ONNX Runtime pick (all cores).
     ort_intra_op_threads: int = 0
     ort_inter_op_threads: int = 0
+    # Calls expected to take at most this many ms run on the event loop, not in a worker thread.
+    ort_inline_ms: int = 5
     default_gan_model: str = "cgan_digits"
     default_diffusion_model: str = "sd_digits"
     default_ddpm_model: str = "ddpm_digits"
@@ -132,6 +134,7 @@ class Settings:
             triton_shared_memory=shared_memory,
             ort_intra_op_threads=_int("GENSERVE_ORT_INTRA_OP_THREADS", cls.ort_intra_op_threads),
             ort_inter_op_threads=_int("GENSERVE_ORT_INTER_OP_THREADS", cls.ort_inter_op_threads),
+            ort_inline_ms=_int("GENSERVE_ORT_INLINE_MS", cls.ort_inline_ms),
             default_gan_model=os.environ.get("GENSERVE_DEFAULT_GAN_MODEL", cls.default_gan_model),
             default_diffusion_model=os.environ.get("GENSERVE_DEFAULT_DIFFUSION_MODEL", cls.default_diffusion_model),
             default_ddpm_model=os.environ.get("GENSERVE_DEFAULT_DDPM_MODEL", cls.default_ddpm_model),
