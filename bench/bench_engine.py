@@ -12,8 +12,17 @@ seeded). Modes, all in this process on the embedded ONNX Runtime backend:
                   its answer when the group ends; newcomers wait for the next group — how
                   request-batching servers treat multi-step pipelines
   step-level      the DiffusionEngine: requests join and leave between denoising steps
-Prints images/s, p50/p95 latency and the ratios, and appends them with the command to
-bench/results/engine.md.
+  step-level, threaded calls   the same, with every ONNX Runtime call handed to a worker
+                  thread (GENSERVE_ORT_INLINE_MS=0: how calls ran before short ones went inline)
+  step-level c=1  the engine with one client, one request at a time: its latency against
+                  the sum of its model executions (the engine's own cost at concurrency 1)
+The headline is *efficiency*: the U-Net rows a mode executed, priced at the best cost per
+row measured in the same run (a table of ms per call for every batch size, timed before
+and after the modes; the lower of the two per size), divided by the mode's wall time.
+1.0 would be a machine doing nothing but U-Net work at its best batch size. Beside it:
+images/s, p50/p95 latency, the ratios, the share of wall time spent in model executions,
+and the non-model time per engine iteration. Appends the table with the command to
+bench/results/engine.md; say with it whether the machine was quiet (`--note`).
 """
 
 from __future__ import annotations
@@ -122,32 +131,52 @@ class RequestLevel:
 
 class StepLevel:
     def __init__(self, pipeline, max_rows: int):
-        self.engine = DiffusionEngine(pipeline, max_batch_rows=max_rows, max_queued_image_steps=10**9)
+        self.pipeline, self.max_rows, self.engine = pipeline, max_rows, None
+
+    async def prepare(self):
+        """Inside the mode's event loop, before its clock starts: warmed like the service."""
+        self.engine = DiffusionEngine(self.pipeline, max_batch_rows=self.max_rows, max_queued_image_steps=10**9)
+        await self.engine.warmup()
 
     async def __call__(self, req):
         return (await self.engine.generate(req, timeout_s=3600)).images
 
+    @property
+    def iterations(self) -> int:
+        return self.engine.iterations if self.engine else 0
 
-def unet_cost(pipeline, rows=(1, 4, 8, 16), repeats=30) -> dict[int, float]:
-    """Milliseconds per U-Net call by batch rows: how much batching can save here."""
+
+def unet_cost(pipeline, rows, repeats=15) -> dict[int, float]:
+    """Milliseconds per U-Net call by batch rows (median of `repeats`, one event loop): how
+    much batching can save here, and the price list efficiency is computed against."""
     m = pipeline.models
     spec = pipeline.backend.models()[m.unet]
     side = m.native_size // m.vae_scale_factor
     seq, hidden = spec.input("encoder_hidden_states").dims
-    cost = {}
-    for n in rows:
-        feeds = {"sample": np.zeros((n, m.latent_channels, side, side), np.float32),
-                 "timestep": np.ones((n, 1), np.float32), "encoder_hidden_states": np.zeros((n, seq, hidden), np.float32)}
-        asyncio.run(pipeline.backend.infer(m.unet, feeds))
-        start = time.perf_counter()
-        for _ in range(repeats):
-            asyncio.run(pipeline.backend.infer(m.unet, feeds))
-        cost[n] = 1000 * (time.perf_counter() - start) / repeats
-    return cost
+
+    async def measure():
+        cost = {}
+        for n in rows:
+            feeds = {"sample": np.zeros((n, m.latent_channels, side, side), np.float32),
+                     "timestep": np.ones((n, 1), np.float32),
+                     "encoder_hidden_states": np.zeros((n, seq, hidden), np.float32)}
+            await pipeline.backend.infer(m.unet, feeds)
+            times = []
+            for _ in range(repeats):
+                t0 = time.perf_counter()
+                await pipeline.backend.infer(m.unet, feeds)
+                times.append(time.perf_counter() - t0)
+            cost[n] = 1000 * statistics.median(times)
+        return cost
+
+    return asyncio.run(measure())
 
 
-async def run_mode(mode, jobs) -> dict:
+async def run_mode(mode, jobs, reset=lambda: None) -> dict:
     latencies, images = [], 0
+    if hasattr(mode, "prepare"):
+        await mode.prepare()
+    reset()
 
     async def client(reqs):
         nonlocal images
@@ -172,6 +201,8 @@ def main() -> int:
     parser.add_argument("--clients", type=int, default=16)
     parser.add_argument("--requests-per-client", type=int, default=3)
     parser.add_argument("--prompt", default="a handwritten digit {digit}", help="{digit} becomes a digit's name")
+    parser.add_argument("--single", type=int, default=8, help="requests for the step-level c=1 mode")
+    parser.add_argument("--note", default="", help="written under the table: was the machine quiet?")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "engine.md")
     args = parser.parse_args()
 
@@ -181,35 +212,82 @@ def main() -> int:
     max_rows = backend.models()[models.unet].max_batch_size
     jobs = workload(args.clients, args.requests_per_client, args.prompt)
     asyncio.run(pipeline(jobs[0][0]))  # warm-up: first ONNX Runtime runs allocate
+    sizes = sorted(set(range(1, max_rows + 1)))
+    cost_before = unet_cost(pipeline, sizes)
     modes = {"sequential": Sequential(pipeline), "request-level": RequestLevel(pipeline, max_rows),
-             "step-level": StepLevel(pipeline, max_rows)}
-    unet_work = {"calls": 0, "rows": 0}
+             "step-level": StepLevel(pipeline, max_rows), "step-level, threaded calls": StepLevel(pipeline, max_rows),
+             "step-level c=1": StepLevel(pipeline, max_rows)}
+    inline_s = getattr(backend, "inline_max_s", 0.0)
+    single = [[r for reqs in jobs for r in reqs][:args.single]]
+    work = {"calls": 0, "rows": 0, "unet_s": 0.0, "model_s": 0.0, "run_s": 0.0}
 
-    def count(model, _backend, batch, _seconds):
+    def count(model, _backend, batch, seconds):
+        work["model_s"] += seconds
         if model == models.unet:
-            unet_work["calls"] += 1
-            unet_work["rows"] += batch
+            work["calls"] += 1
+            work["rows"] += batch
+            work["unet_s"] += seconds
 
     backend.add_observer(count)
+
+    class Timed:
+        """A session whose run() adds its own duration to work["run_s"]: the model's time
+        without the thread hand-off or anything else around it."""
+
+        def __init__(self, session):
+            self.session = session
+
+        def run(self, names, feeds):
+            t0 = time.perf_counter()
+            try:
+                return self.session.run(names, feeds)
+            finally:
+                work["run_s"] += time.perf_counter() - t0
+
+    backend._sessions = {name: Timed(session) for name, session in backend._sessions.items()}
     rows = {}
     for name, mode in modes.items():
-        unet_work.update(calls=0, rows=0)
-        rows[name] = {**asyncio.run(run_mode(mode, jobs)), **{f"unet_{k}": v for k, v in unet_work.items()}}
+        backend.inline_max_s = 0.0 if "threaded" in name else inline_s
+        rows[name] = {**asyncio.run(run_mode(mode, single if name.endswith("c=1") else jobs,
+                                             reset=lambda: work.update(calls=0, rows=0, unet_s=0.0, model_s=0.0, run_s=0.0))),
+                      **{f"unet_{k}": v for k, v in work.items()}}
+        rows[name]["iterations"] = getattr(mode, "iterations", None)
+    cost_after = unet_cost(pipeline, sizes)
+    cost = {n: min(cost_before[n], cost_after[n]) for n in sizes}
+    best_n = min(sizes, key=lambda n: cost[n] / n)
+    per_row_s = cost[best_n] / best_n / 1000
 
     base, req = rows["sequential"]["images_per_s"], rows["request-level"]["images_per_s"]
     lines = [
         f"## {time.strftime('%Y-%m-%d %H:%M')} on {platform.node()} ({platform.machine()}, {__import__('os').cpu_count()} cores)",
         "", f"`{' '.join([Path(sys.executable).name, *sys.argv])}`", "",
         f"{args.clients} clients x {args.requests_per_client} requests, steps 10-30, guidance {{1, 3, 5, 7.5}}, "
-        f"DDIM, U-Net max batch {max_rows} rows", "",
-        "| mode | requests | images/s | x sequential | x request-level | p50 s | p95 s | U-Net calls | U-Net rows |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        f"DDIM, U-Net max batch {max_rows} rows; step-level c=1: the first {args.single} requests one after another", "",
+        "| mode | requests | efficiency | images/s | x sequential | x request-level | p50 s | p95 s | U-Net calls "
+        "| U-Net rows | U-Net time / wall | all models / wall | non-model ms / iteration |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for name, r in rows.items():
-        lines.append(f"| {name} | {r['requests']} | {r['images_per_s']:.2f} | {r['images_per_s'] / base:.2f} | "
-                     f"{r['images_per_s'] / req:.2f} | {r['p50_s']:.2f} | {r['p95_s']:.2f} | {r['unet_calls']} | {r['unet_rows']} |")
-    cost = unet_cost(pipeline)
-    lines += ["", "U-Net ms per call by rows: " + ", ".join(f"{n}: {ms:.2f}" for n, ms in cost.items())]
+        eff = r["unet_rows"] * per_row_s / r["wall_s"]
+        its = r["iterations"] or r["unet_calls"]
+        overhead = 1000 * (r["wall_s"] - r["unet_run_s"]) / its if its else float("nan")
+        lines.append(f"| {name} | {r['requests']} | **{eff:.2f}** | {r['images_per_s']:.2f} | {r['images_per_s'] / base:.2f} | "
+                     f"{r['images_per_s'] / req:.2f} | {r['p50_s']:.3f} | {r['p95_s']:.3f} | {r['unet_calls']} | "
+                     f"{r['unet_rows']} | {r['unet_unet_s'] / r['wall_s']:.2f} | {r['unet_model_s'] / r['wall_s']:.2f} | "
+                     f"{overhead:.2f} |")
+    c1 = rows["step-level c=1"]
+    lines += ["", "U-Net time and all models: the backend's timing of each call (a worker-thread hand-off "
+              "counts in it); non-model ms per iteration: wall minus the time inside ONNX Runtime's "
+              "session.run (every model), per U-Net call: everything the engine, the event loop and the "
+              "thread hand-offs add.",
+              "", f"Best cost per row: {1000 * per_row_s:.3f} ms at {best_n} rows. "
+              f"step-level c=1: client latency / sum of model executions = {c1['wall_s'] / c1['unet_model_s']:.3f} "
+              f"({c1['wall_s']:.3f} s wall, {c1['unet_model_s']:.3f} s in backend calls, "
+              f"{c1['unet_run_s']:.3f} s inside session.run: {c1['wall_s'] / c1['unet_run_s']:.3f}).",
+              "", "U-Net ms per call by rows (before modes / after modes): "
+              + ", ".join(f"{n}: {cost_before[n]:.2f}/{cost_after[n]:.2f}" for n in sizes)]
+    if args.note:
+        lines += ["", args.note]
     table = "\n".join(lines) + "\n\n"
     print(table)
     args.out.parent.mkdir(parents=True, exist_ok=True)
