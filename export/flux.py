@@ -120,6 +120,10 @@ def export_flux(
     from transformers import CLIPTextModel, T5EncoderModel
 
     folder, repository = Path(folder), Path(repository)
+    missing = [c for c in ("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "transformer", "vae",
+                           "scheduler") if not (folder / c).is_dir()]
+    if missing:
+        raise UnsupportedFolder(f"{folder}: a FluxPipeline folder needs the subfolders {', '.join(missing)}")
     progress(f"[{name}] loading {folder}")
     clip, t5 = load_fp32(CLIPTextModel, folder / "text_encoder"), load_fp32(T5EncoderModel, folder / "text_encoder_2")
     transformer = load_fp32(FluxTransformer2DModel, folder / "transformer")

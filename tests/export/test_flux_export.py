@@ -107,6 +107,16 @@ def test_graphs_past_the_threshold_keep_their_weights_beside_them_and_still_serv
     np.testing.assert_allclose(images(tmp_path), images(repo), atol=1e-5)
 
 
+def test_a_flux_folder_missing_components_is_refused_by_name(tmp_path):
+    import json
+
+    (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "FluxPipeline"}))
+    (tmp_path / "vae").mkdir()
+    run = subprocess.run([sys.executable, "-m", "export", "sd", "--folder", str(tmp_path), "--name", "x",
+                          "--repository", str(tmp_path / "repo")], cwd=ROOT, capture_output=True, text=True)
+    assert run.returncode == 2 and "needs the subfolders text_encoder, text_encoder_2" in run.stderr
+
+
 def test_flux_options_are_refused_for_other_families(tmp_path):
     folder = build_random_sd_folder(tmp_path / "sd")
     with pytest.raises(UnsupportedFolder, match="--max-sequence-length applies to FLUX folders"):

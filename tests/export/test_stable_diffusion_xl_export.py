@@ -244,10 +244,10 @@ def test_diffusers_loads_the_fixture_and_runs_two_steps(exported, variant):
 
 
 def test_other_pipelines_are_refused_by_name(tmp_path):
-    (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "FluxPipeline"}))
+    (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusion3Pipeline"}))
     run = subprocess.run([sys.executable, "-m", "export", "sd", "--folder", str(tmp_path), "--name", "x",
                           "--repository", str(tmp_path / "repo")], cwd=ROOT, capture_output=True, text=True)
-    assert run.returncode == 2 and "FluxPipeline" in run.stderr
+    assert run.returncode == 2 and "StableDiffusion3Pipeline" in run.stderr
     assert not (tmp_path / "repo").exists()
 
 
