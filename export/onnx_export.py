@@ -47,6 +47,7 @@ def export_onnx(
     path: Path,
     dynamic_axes: Mapping[str, Mapping[int, str]],
     dynamo: bool = False,
+    large: bool = False,
 ) -> Path:
     """Exports `module(**example_inputs)` to `path` with the given dynamic axes.
 
@@ -55,6 +56,8 @@ def export_onnx(
     (opset 18), for models whose Python shape arithmetic the tracer would freeze into
     constants (FLUX's rotary embeddings): axes sharing a name share one symbolic size.
     Inputs keep the names given here so the Triton config and the graph agree by construction.
+    `large`: the weights pass protobuf's 2 GB (the dynamo exporter then writes them beside the
+    graph; the TorchScript one does so by itself).
     """
     path.parent.mkdir(parents=True, exist_ok=True)
     # Inference mode for the whole tree: a wrapper module starts in training mode, and the
@@ -71,7 +74,7 @@ def export_onnx(
             program = torch.onnx.export(module, (), kwargs=dict(example_inputs), dynamo=True, dynamic_shapes=shapes,
                                         input_names=names, output_names=list(output_names),
                                         opset_version=max(OPSET, 18), verbose=False)
-        program.save(str(path))
+        program.save(str(path), external_data=large)
         return path
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")  # the exporter's deprecation chatter

@@ -88,18 +88,26 @@ class ComponentReport:
 
 
 def save_with_external_data_if_large(path: Path, threshold: int = EXTERNAL_DATA_THRESHOLD) -> bool:
-    """Moves weights into `model.onnx_data` beside the graph when the file passes `threshold`.
+    """Moves weights into `model.onnx_data` beside the graph when graph and weights together
+    pass `threshold` (weights an exporter already wrote elsewhere, such as torch.export's
+    `model.onnx.data`, are gathered into it and their old file removed).
 
     Triton's ONNX Runtime backend and ONNX Runtime itself resolve the external file
     relative to the graph, so the version folder stays self-contained.
     """
     import onnx
+    from onnx.external_data_helper import _get_all_tensors, uses_external_data
 
-    if path.stat().st_size < threshold:
+    header = onnx.load(str(path), load_external_data=False)
+    written = {entry.value for t in _get_all_tensors(header) if uses_external_data(t)
+               for entry in t.external_data if entry.key == "location"}
+    if path.stat().st_size + sum((path.parent / f).stat().st_size for f in written) < threshold:
         return False
     model = onnx.load(str(path), load_external_data=True)
     onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
                     location=EXTERNAL_DATA_FILE, size_threshold=1024)
+    for stale in written - {EXTERNAL_DATA_FILE}:
+        (path.parent / stale).unlink()
     return True
 
 
@@ -138,7 +146,9 @@ class GraphExporter:
         # Traced at batch 2 and the native size; verified at batch 3 and twice the size,
         # which exercises the dynamic axes.
         example = {k: torch.from_numpy(v) for k, v in make_inputs(2, 1).items()}
-        export_onnx(module, example, [t.name for t in outputs], onnx_path, dynamic, dynamo=dynamo)
+        weight_bytes = sum(t.numel() * t.element_size() for t in (*module.parameters(), *module.buffers()))
+        export_onnx(module, example, [t.name for t in outputs], onnx_path, dynamic, dynamo=dynamo,
+                    large=weight_bytes >= self.external_data_threshold)
         external = save_with_external_data_if_large(onnx_path, self.external_data_threshold)
         err = verify_onnx(module, onnx_path, make_inputs(3, 2), atol=atol)
         spec = ModelConfigSpec(

@@ -97,6 +97,9 @@ def test_graphs_past_the_threshold_keep_their_weights_beside_them_and_still_serv
         graph, whole = tmp_path / name / "1" / "model.onnx", repo / name / "1" / "model.onnx"
         assert (graph.parent / EXTERNAL_DATA_FILE).stat().st_size > 0
         assert graph.stat().st_size < whole.stat().st_size
+        # one data file, under the name Triton configs and docs state (torch.export's own
+        # `model.onnx.data` for the transformer gathered into it)
+        assert sorted(p.name for p in graph.parent.iterdir()) == ["model.onnx", EXTERNAL_DATA_FILE]
 
     def images(repository):
         pipeline = pipelines(OnnxRuntimeBackend(ModelRepository(repository)))["fx"]
