@@ -91,6 +91,7 @@ async def _submit(ctx: ServiceContext, task: str, body):
     else:  # decoding images is CPU work: off the event loop
         request, params = await asyncio.to_thread(build_request, task, body, engine.pipeline)
     params["timeout_s"] = timeout_s
+    params.pop("upscale", None)  # echoed by the upscale stage, when there is one
     if getattr(body, "upscale", None) is not None:  # refused before queuing, not after denoising
         image_to_image.check_upscale(ctx, body.upscale, params["height"], params["width"])
     handle = engine_calls.submit(ctx, engine, request, timeout_s, getattr(body, "preview_every", 0))

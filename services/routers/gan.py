@@ -55,7 +55,7 @@ async def gan_generate(body: GANGenerateRequest, ctx: ServiceContext = Depends(c
     labels = out.class_labels or [None] * len(out.seeds)
     metas = [{"model": name, "version": pipeline.spec.version, "seed": seed, "class_label": label,
               "truncation_psi": body.truncation_psi} for seed, label in zip(out.seeds, labels)]
-    parameters = {**body.model_dump(exclude={"model"}), "seed": seed}
+    parameters = {**body.model_dump(exclude={"model", "upscale"}), "seed": seed}  # upscale: set by the stage
     timings = {"inference_seconds": round(out.inference_seconds, 6)}
     pixels, value_range, fmt = await image_to_image.chain(ctx, body.upscale, out.images, pipeline.info.output_range,
                                                           body.output_format, metas, parameters, timings)
