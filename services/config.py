@@ -63,6 +63,13 @@ class Rate:
         return f"{self.count:g}/{unit}"
 
 
+def _choice(name: str, default: str, allowed: tuple[str, ...]) -> str:
+    value = os.environ.get(name, default).strip().lower() or default
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {', '.join(allowed)}, got {value!r}")
+    return value
+
+
 def _int(name: str, default: int, minimum: int = 0) -> int:
     raw = os.environ.get(name)
     if raw is None or raw == "":
@@ -99,6 +106,8 @@ class Settings:
     max_queue_seconds: int = 0
     # The most milliseconds one denoiser call may take when the engine picks its rows (0: off).
     engine_step_budget_ms: int = 0
+    # The step engine's order: fair (deadlines, remaining work with aging, turns per API key) or fcfs.
+    engine_policy: str = "fair"
     request_timeout_s: int = 120
     max_request_timeout_s: int = 600
     prompt_cache_size: int = 1024
@@ -142,6 +151,7 @@ class Settings:
             max_queued_steps=_int("GENSERVE_MAX_QUEUED_STEPS", cls.max_queued_steps, minimum=1),
             max_queue_seconds=_int("GENSERVE_MAX_QUEUE_SECONDS", cls.max_queue_seconds),
             engine_step_budget_ms=_int("GENSERVE_ENGINE_STEP_BUDGET_MS", cls.engine_step_budget_ms),
+            engine_policy=_choice("GENSERVE_ENGINE_POLICY", cls.engine_policy, ("fair", "fcfs")),
             request_timeout_s=_int("GENSERVE_REQUEST_TIMEOUT_S", cls.request_timeout_s, minimum=1),
             max_request_timeout_s=_int("GENSERVE_MAX_REQUEST_TIMEOUT_S", cls.max_request_timeout_s, minimum=1),
             prompt_cache_size=_int("GENSERVE_PROMPT_CACHE_SIZE", cls.prompt_cache_size),

@@ -106,7 +106,7 @@ class GenServe:
                 pipeline, max_batch_rows=backend.models()[pipeline.spec.denoiser].max_batch_size,
                 max_queued_image_steps=settings.max_queued_steps, prompt_cache=cache,
                 observer=metrics.engine_observer(), latency_budget_s=settings.engine_step_budget_ms / 1000,
-                max_queue_seconds=settings.max_queue_seconds)
+                max_queue_seconds=settings.max_queue_seconds, policy=settings.engine_policy)
         self._check_defaults(ctx)
         self.ctx = ctx
         set_context(ctx)

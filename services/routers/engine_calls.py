@@ -22,7 +22,7 @@ from services.errors import (
     ServiceError,
     TooManyRequests,
 )
-from services.gateway import request_id_var
+from services.gateway import client_var, request_id_var
 from services.http import EventStream
 
 # How often a waiting request checks whether its client went away.
@@ -44,7 +44,7 @@ def submit(ctx: ServiceContext, engine, request, timeout_s: float, preview_every
                                  "when it is back", retry_after_s=2)
     ctx.charge_image_steps(image_steps(request))
     try:
-        return engine.submit(request, timeout_s, preview_every)
+        return engine.submit(request, timeout_s, preview_every, tenant=client_var.get())  # fair turns per key
     except PromptTooLong as exc:
         raise InvalidRequest(str(exc), field=exc.field_name, limit=exc.limit) from None
     except QueueFull as exc:
