@@ -1,8 +1,10 @@
 """Diffusion, whatever the family: the generic pipeline the step engine drives.
 
-A family (SD 1/2, SDXL, pixel-space DDPM, ...) is a `DiffusionSpec` read from the
+A family (SD 1/2, SDXL, FLUX, pixel-space DDPM, ...) is a `DiffusionSpec` read from the
 repository plus a `Conditioner`: what the denoiser is conditioned on (text encoders and
-their outputs, pooled embeddings, micro-conditioning, class labels). Everything else —
+their outputs, pooled embeddings, micro-conditioning, class labels, guidance inputs), and,
+when its denoiser is not U-Net-shaped, a denoiser interface (`UNetDenoiser` is the default;
+FLUX packs latents into patches and sets its own shifted schedule). Everything else —
 timesteps, latents, classifier-free guidance, the scheduler step, img2img and
 inpainting, VAE encode/decode or none in pixel space — is here once.
 
