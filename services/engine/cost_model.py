@@ -54,10 +54,13 @@ class Entry:
 
 
 class CostModel:
-    def __init__(self, max_rows: int, latency_budget_s: float = 0.0, native: Bucket | None = None):
+    def __init__(self, max_rows: int, latency_budget_s: float = 0.0, native: Bucket | None = None,
+                 learn: bool = True):
         """`latency_budget_s` (0: none) bounds one denoiser call: sizes slower than that are
-        not chosen (the smallest size always is, if nothing fits)."""
+        not chosen (the smallest size always is, if nothing fits). `learn=False` ignores live
+        timings (tests that count iterations: the table stays what they gave it)."""
         self.max_rows = max(1, max_rows)
+        self.learn = learn
         self.latency_budget_s = latency_budget_s
         self.native = native
         self.tables: dict[Bucket, dict[int, Entry]] = {}
@@ -83,7 +86,7 @@ class CostModel:
 
     def observe(self, bucket: Bucket, rows: int, seconds: float, now: float | None = None) -> None:
         """One live call's duration refreshes its entry (a new size gets its own)."""
-        if rows < 1 or seconds <= 0:
+        if rows < 1 or seconds <= 0 or not self.learn:
             return
         now = time.monotonic() if now is None else now
         bucket = self._key(bucket)

@@ -81,17 +81,20 @@ def check_finite(x: np.ndarray, what: str) -> None:
 class DiffusionEngine:
     def __init__(self, pipeline: DiffusionPipeline, max_batch_rows: int, max_queued_image_steps: int,
                  prompt_cache: PromptCache | None = None, observer: EngineObserver | None = None,
-                 start_loop: bool = True, latency_budget_s: float = 0.0, max_queue_seconds: float = 0.0):
+                 start_loop: bool = True, latency_budget_s: float = 0.0, max_queue_seconds: float = 0.0,
+                 policy: str = "fair", cost: CostModel | None = None):
         """`start_loop=False` leaves the loop to the caller (`await engine.step()`), which
         tests use to reason in iterations rather than in time. `latency_budget_s` bounds one
         denoiser call in the cost model's choice of rows; `max_queue_seconds` bounds the
-        queue by its estimated drain time (both 0: off)."""
+        queue by its estimated drain time (both 0: off); `policy` is the scheduler's order
+        (fair: deadline- and work-aware with aging, shared across tenants; fcfs: arrival);
+        `cost` replaces the measured cost model (tests)."""
         self.pipeline = pipeline
         self.model = pipeline.name
         spec = pipeline.spec
-        self.cost = CostModel(max_batch_rows, latency_budget_s, native=(spec.native_height, spec.native_width))
+        self.cost = cost or CostModel(max_batch_rows, latency_budget_s, native=(spec.native_height, spec.native_width))
         self.scheduler = StepScheduler(max_batch_rows, max_queued_image_steps, cost=self.cost,
-                                       max_queue_seconds=max_queue_seconds)
+                                       max_queue_seconds=max_queue_seconds, policy=policy)
         self.cache = prompt_cache if prompt_cache is not None else PromptCache(0)
         self.observer = observer or EngineObserver()
         self.iterations = 0  # U-Net iterations run: a step counter tests can assert on
@@ -114,7 +117,8 @@ class DiffusionEngine:
         return self._outage is not None
 
     # -- client side -------------------------------------------------------------------
-    def submit(self, request: DiffusionRequest, timeout_s: float, preview_every: int = 0) -> EngineRequest:
+    def submit(self, request: DiffusionRequest, timeout_s: float, preview_every: int = 0,
+               tenant: str = "") -> EngineRequest:
         """Admits a request (raises QueueFull when the step queue is full, PromptTooLong
         for a prompt that does not fit, InvalidRequest for one that would run no step)
         and returns its handle; await `handle.done`."""
@@ -125,7 +129,7 @@ class DiffusionEngine:
                                  f"scheduler config; choose one of {', '.join(self.pipeline.schedulers)}",
                                  field="scheduler", allowed=self.pipeline.schedulers)
         req = EngineRequest(request, deadline=time.monotonic() + timeout_s, preview_every=preview_every,
-                            rows_hint=2 if self.pipeline.spec.classifier_free(request) else 1)
+                            rows_hint=2 if self.pipeline.spec.classifier_free(request) else 1, tenant=tenant)
         self.scheduler.add_request(req)
         self._report_queue()
         self._ensure_running()

@@ -54,6 +54,7 @@ class EngineRequest:
     done: asyncio.Event = field(default_factory=asyncio.Event)
     timings: dict[str, float] = field(default_factory=dict)
     rows_hint: int = 1  # rows per image before the trajectory exists (the engine sets it)
+    tenant: str = ""  # who asked (the API key's client id): the fair policy shares steps across tenants
 
     @property
     def shape(self) -> tuple[int, int]:

@@ -23,6 +23,16 @@ from services.errors import BackendUnavailable
 DEFAULT_IMAGE_STEPS_PER_SECOND = 10.0
 MAX_RETRY_AFTER_S = 60
 
+POLICIES = ("fair", "fcfs")
+# The fair policy's virtual deadline: arrival + STRETCH x (the request's steps left x one
+# iteration's measured time). A request may be passed by shorter ones that arrived up to
+# STRETCH x the difference in work later, never by more: short requests finish first,
+# long ones age into the front (no starvation).
+STRETCH = 8.0
+# At most this share of an iteration's rows goes to requests taking their first step
+# ahead of the others (a fresh request's first progress event does not wait for the queue).
+FIRST_STEP_SHARE = 0.5
+
 
 class QueueFull(Exception):
     """Admitting the request would pass the bound on queued denoising steps (or on the
@@ -43,9 +53,14 @@ class StepBatch:
 
 class StepScheduler:
     def __init__(self, max_batch_rows: int, max_queued_image_steps: int, cost: CostModel | None = None,
-                 max_queue_seconds: float = 0.0):
+                 max_queue_seconds: float = 0.0, policy: str = "fair"):
         """`cost` prices rows (a fresh, unmeasured model: "as many as fit" until it learns);
-        `max_queue_seconds` (0: off) also bounds the queue by its estimated drain time."""
+        `max_queue_seconds` (0: off) also bounds the queue by its estimated drain time;
+        `policy` orders the running requests (see schedule())."""
+        if policy not in POLICIES:
+            raise ValueError(f"policy must be one of {', '.join(POLICIES)}, got {policy!r}")
+        self.policy = policy
+        self.served: dict[str, float] = {}  # rows run per tenant (API key) while it has requests
         self.max_batch_rows = max_batch_rows
         self.max_queued_image_steps = max_queued_image_steps
         self.max_queue_seconds = max_queue_seconds
@@ -114,25 +129,81 @@ class StepScheduler:
         self.requests.append(req)
 
     # -- policy ----------------------------------------------------------------------
-    def schedule(self) -> StepBatch:
-        """Oldest RUNNING request first; it fixes the shape bucket; then every younger
-        request of that bucket that still fits under the target rows: the size with the
-        most rows per second by the cost model (never past max_batch_rows; all of them
-        before anything was measured). The oldest always runs, so no request starves;
-        one larger than the target runs alone (the backend splits past the model's max)."""
+    def schedule(self, now: float | None = None) -> StepBatch:
+        """Which RUNNING requests advance one step together. The first in the policy's order
+        fixes the shape bucket; then every later request of that bucket that still fits under
+        the target rows: the size with the most rows per second by the cost model (never past
+        max_batch_rows; all of them before anything was measured). The first always runs;
+        one larger than the target runs alone (the backend splits past the model's max).
+
+        Orders:
+          fcfs  arrival order: the oldest requests run to completion first
+          fair  requests taking their first step first (arrival order, at most
+                FIRST_STEP_SHARE of the rows); then urgent ones, whose deadline leaves less
+                than their remaining steps would take, by deadline; then by virtual deadline
+                (arrival + STRETCH x remaining work), so short requests finish first and long
+                ones age to the front. Across tenants (API keys), turns: the tenant served
+                least so far picks first, then the next, and so on.
+        """
         batch = StepBatch()
         running = [r for r in self.requests if r.status == RequestStatus.RUNNING]
         if not running:
             return batch
-        bucket = running[0].shape
+        now = time.monotonic() if now is None else now
+        order = running if self.policy == "fcfs" else self._fair_order(running, now)
+        bucket = order[0].shape
         waiting = sum(r.trajectory.rows for r in running if r.shape == bucket)
         target = min(self.max_batch_rows, self.cost.target_rows(bucket, waiting))
-        for r in running:
+        first_step_rows, first_step_cap = 0, max(1, int(target * FIRST_STEP_SHARE))
+        for r in order:
             rows = r.trajectory.rows
-            if r.shape == bucket and (not batch.requests or batch.rows + rows <= target):
-                batch.requests.append(r)
-                batch.rows += rows
+            if r.shape != bucket or (batch.requests and batch.rows + rows > target):
+                continue
+            if self.policy == "fair" and r.trajectory.steps_done == 0:
+                if batch.requests and first_step_rows + rows > first_step_cap:
+                    continue  # waits for its turn by virtual deadline, or the next iteration
+                first_step_rows += rows
+            batch.requests.append(r)
+            batch.rows += rows
+        if self.policy == "fair":
+            for r in batch.requests:
+                self.served[r.tenant] = self.served.get(r.tenant, 0.0) + r.trajectory.rows
         return batch
+
+    def _fair_order(self, running: list[EngineRequest], now: float) -> list[EngineRequest]:
+        iteration_s = {}
+
+        def step_s(r):  # one iteration's measured time at the request's bucket (0: unmeasured)
+            if r.shape not in iteration_s:
+                rows = self.cost.best_rows(r.shape)
+                iteration_s[r.shape] = self.cost.latency(r.shape, rows) or 0.0
+            return iteration_s[r.shape]
+
+        def key(r):
+            t = r.trajectory
+            left = t.num_steps - t.steps_done
+            if t.steps_done == 0:
+                return (0, r.arrival)
+            alone = left * step_s(r)
+            if r.deadline - now < 2 * alone:  # the deadline is near: earliest deadline first
+                return (1, r.deadline)
+            return (2, r.arrival + STRETCH * alone)
+
+        by_tenant: dict[str, list[EngineRequest]] = {}
+        for r in sorted(running, key=key):
+            by_tenant.setdefault(r.tenant, []).append(r)
+        if len(by_tenant) == 1:
+            self.served = {t: v for t, v in self.served.items() if t in by_tenant}
+            return next(iter(by_tenant.values()))
+        self.served = {t: self.served.get(t, 0.0) for t in by_tenant}  # a tenant that left starts over
+        turns = sorted(by_tenant, key=lambda t: (self.served[t], t))
+        order, depth = [], 0
+        while len(order) < len(running):
+            for t in turns:
+                if depth < len(by_tenant[t]):
+                    order.append(by_tenant[t][depth])
+            depth += 1
+        return order
 
     def update_from_output(self, batch: StepBatch, seconds: float) -> list[EngineRequest]:
         """After a U-Net step: moves finished trajectories to DECODING; returns them."""

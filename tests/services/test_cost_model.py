@@ -96,7 +96,7 @@ def test_exploration_retimes_the_stalest_size_now_and_then(monkeypatch):
 
 def test_the_scheduler_fills_to_the_best_size_not_to_the_max():
     s = StepScheduler(max_batch_rows=16, max_queued_image_steps=10_000, cost=model(CPU))
-    reqs = [running(arrival=i) for i in range(8)]  # 16 rows waiting, 2 each
+    reqs = [running(arrival=i, done=1) for i in range(8)]  # 16 rows waiting, 2 each
     s.requests = list(reqs)
     batch = s.schedule()
     assert batch.rows == 8 and batch.requests == reqs[:4]
@@ -104,7 +104,7 @@ def test_the_scheduler_fills_to_the_best_size_not_to_the_max():
 
 def test_the_scheduler_runs_everything_before_anything_is_measured():
     s = StepScheduler(max_batch_rows=16, max_queued_image_steps=10_000)
-    s.requests = [running(arrival=i) for i in range(8)]
+    s.requests = [running(arrival=i, done=1) for i in range(8)]
     assert s.schedule().rows == 16
 
 

@@ -5,6 +5,7 @@ import asyncio
 import numpy as np
 import pytest
 
+from services.engine.cost_model import CostModel
 from services.engine.engine import DiffusionEngine
 from services.engine.prompt_cache import PromptCache
 from services.engine.request import RequestStatus
@@ -62,9 +63,16 @@ def test_an_image_is_the_same_alone_or_among_seven_others(pipeline):
     assert psnr(alone, batched) >= 50
 
 
+def as_many_as_fit(rows=16):
+    """A cost model that never learns: every iteration takes all the rows that fit (tests
+    counting iterations must not depend on how fast this machine ran a call)."""
+    return CostModel(rows, learn=False)
+
+
 def test_a_short_request_joins_and_leaves_before_a_long_one(pipeline):
     async def main():
-        engine = DiffusionEngine(pipeline, max_batch_rows=16, max_queued_image_steps=10_000, start_loop=False)
+        engine = DiffusionEngine(pipeline, max_batch_rows=16, max_queued_image_steps=10_000, start_loop=False,
+                                 cost=as_many_as_fit())
         long = engine.submit(req(steps=50, seed=1), timeout_s=600)
         for _ in range(3):
             await engine.step()
@@ -134,7 +142,7 @@ def test_prompt_cache_hits_and_the_unconditional_embedding_is_pinned(pipeline):
 
 def test_the_background_loop_serves_concurrent_callers(pipeline):
     async def main():
-        engine = DiffusionEngine(pipeline, max_batch_rows=16, max_queued_image_steps=10_000)
+        engine = DiffusionEngine(pipeline, max_batch_rows=16, max_queued_image_steps=10_000, cost=as_many_as_fit())
         outs = await asyncio.gather(*(engine.generate(req(steps=s, seed=s), timeout_s=600) for s in (3, 6, 9)))
         await engine.close()
         return outs, engine.iterations
