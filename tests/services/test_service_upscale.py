@@ -119,6 +119,9 @@ def test_multipart_grey_and_alpha(served):
     assert r.status_code == 200, r.text
     out = decoded(r.json()["images"][0])
     assert out.format == "PNG" and out.size == (60, 40) and out.mode == "L"  # grey in, grey out
+    twice = httpx.post(f"{served.url}/v1/upscale", data={"model": "compact_random", "tile": ["32", "48"]},
+                       files={"image": ("g.png", base64.b64decode(png(grey)), "image/png")}, timeout=60)
+    error_of(twice, 422, "tile")  # a form would keep the last one silently
     rgba = np.dstack([photo(20, 30), np.tile(np.linspace(0, 255, 30, dtype=np.uint8), (20, 1))])
     r = post(served, "upscale", {"model": "compact_random", "image": png(rgba)})
     out = np.asarray(decoded(r.json()["images"][0]))
