@@ -1,12 +1,13 @@
 """Embedded backend: ONNX Runtime sessions in this process, read from the repository.
 
-Sessions are opened once at start-up. `session.run` releases the GIL, so long calls run
-in worker threads and the event loop stays free for other requests. Short calls run on the
-event loop's own thread: handing a call to a worker and back costs two thread wake-ups,
-measured at 1-9 ms on average on a 2-core machine under load (a 2-row demo U-Net call
-itself takes ~1.5 ms), more than the call. A call is short when the model's measured
-seconds per row times its rows is at most `inline_max_s` (GENSERVE_ORT_INLINE_MS): the
-loop is then blocked for about that long at most.
+Sessions are opened once at start-up. `session.run` releases the GIL, so calls run in
+worker threads and the event loop stays free for other requests. Optionally, short calls
+run on the event loop's own thread: handing a call to a worker and back costs two thread
+wake-ups, measured at 1-9 ms on average on a 2-core machine under load (a 2-row demo U-Net
+call itself takes ~1.5 ms). A call is short when the model's measured seconds per row times
+its rows is at most `inline_max_s` (GENSERVE_ORT_INLINE_MS; 0, the default: never). It
+helps the step engine in process; over HTTP under mixed load it blocked the loop's other
+work (parsing, PNG encoding) that a worker-thread call overlaps, and cost throughput.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ class OnnxRuntimeBackend(InferenceBackend):
     name = "onnxruntime"
 
     def __init__(self, repository: ModelRepository, intra_op_threads: int = 0, inter_op_threads: int = 0,
-                 inline_max_s: float = 0.005):
+                 inline_max_s: float = 0.0):
         super().__init__()
         self.repository = repository
         self.inline_max_s = inline_max_s
