@@ -3,11 +3,12 @@
     .venv/bin/python bench/bench_triton_transport.py --calls 100
 
 The demo U-Net's tensors are a few KiB, too small for the transport to show. This builds a
-throw-away repository with pass-through denoisers at real latent and text-embedding sizes
+throw-away repository with the demo U-Net (model_repository/sd_digits_unet, linked) beside
+pass-through denoisers at real latent and text-embedding sizes
 (SD 1.5: 64x64 latents, 77x768 text; SDXL: 128x128 latents, 77x2048 text), starts a real
 Triton on it (deploy/triton_cpu/launch.py), and times the service's own TritonBackend on
 the same inputs with GENSERVE_TRITON_SHARED_MEMORY=off and =required, calls interleaved
-so that both see the same machine. Outputs are checked equal (bit for bit) across the two.
+so that both see the same machine (alternating which goes first). Outputs are checked equal (bit for bit) across the two.
 The graph only copies `sample` to `noise_pred`: what is timed is the transport, Triton's
 request handling and, on this CPU server, the Python backend's own copy to its stub
 (a native backend on the NGC image does not have that copy). Appends the table, with the
@@ -38,7 +39,9 @@ from services.runtime.triton_backend import TritonBackend  # noqa: E402
 
 LAUNCH = ROOT / "deploy" / "triton_cpu" / "launch.py"
 # name -> (latent channels, latent side, text tokens, text width)
-MODELS = {"passthrough_sd15": (4, 64, 77, 768), "passthrough_sdxl": (4, 128, 77, 2048)}
+MODELS = {"sd_digits_unet": (4, 8, 16, 64),  # the demo U-Net itself (a real graph)
+          "passthrough_sd15": (4, 64, 77, 768), "passthrough_sdxl": (4, 128, 77, 2048)}
+DEMO = ROOT / "model_repository" / "sd_digits_unet"
 CONFIG = """name: "{name}"
 backend: "onnxruntime"
 max_batch_size: 16
@@ -56,7 +59,11 @@ def build_repository(root: Path) -> None:
     import onnx
     from onnx import TensorProto, helper
 
+    (root / DEMO.name).parent.mkdir(parents=True, exist_ok=True)
+    (root / DEMO.name).symlink_to(DEMO.resolve(), target_is_directory=True)
     for name, (c, side, tokens, width) in MODELS.items():
+        if name == DEMO.name:
+            continue
         graph = helper.make_graph(
             [helper.make_node("Identity", ["sample"], ["noise_pred"])], name,
             [helper.make_tensor_value_info("sample", TensorProto.FLOAT, ["batch", c, side, side]),
@@ -78,21 +85,22 @@ def inputs(name: str, rows: int, seed: int) -> dict[str, np.ndarray]:
             "encoder_hidden_states": rng.standard_normal((rows, tokens, width), dtype=np.float32)}
 
 
-async def measure(url: str, repository: Path, rows_list: list[int], calls: int) -> list[dict]:
+async def measure(url: str, repository: Path, rows_list: list[int], calls: int, models: list[str]) -> list[dict]:
     specs = ModelRepository(repository)
     backends = {"socket": TritonBackend(specs, url, shared_memory="off"),
                 "shm": TritonBackend(specs, url, shared_memory="required")}
     results = []
     try:
-        for name in MODELS:
+        for name in models:
             for rows in rows_list:
                 x = inputs(name, rows, seed=rows)
                 outs = {k: await b.infer(name, x) for k, b in backends.items()}  # warm-up, learns shapes
                 assert np.array_equal(outs["socket"]["noise_pred"], outs["shm"]["noise_pred"])
-                assert np.array_equal(outs["shm"]["noise_pred"], x["sample"])
+                if name != DEMO.name:  # the pass-through graphs return their input
+                    assert np.array_equal(outs["shm"]["noise_pred"], x["sample"])
                 times = {k: [] for k in backends}
-                for _ in range(calls):
-                    for k, b in backends.items():
+                for i in range(calls):  # alternating which goes first
+                    for k, b in (list(backends.items()) if i % 2 == 0 else list(backends.items())[::-1]):
                         t0 = time.perf_counter()
                         await b.infer(name, x)
                         times[k].append(time.perf_counter() - t0)
@@ -112,6 +120,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--calls", type=int, default=100, help="timed calls per transport, size and batch")
     parser.add_argument("--rows", type=int, nargs="+", default=[1, 2, 8, 16])
+    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "triton_transport.md")
     args = parser.parse_args()
     load = " ".join(f"{x:.2f}" for x in os.getloadavg())
@@ -125,17 +134,17 @@ def main() -> int:
                     "--metrics-port", str(metrics_port), "--workdir", str(work), "--wait-ready", "180"],
                    check=True, stdout=subprocess.DEVNULL)
     try:
-        results = asyncio.run(measure(f"127.0.0.1:{grpc_port}", repository, args.rows, args.calls))
+        results = asyncio.run(measure(f"127.0.0.1:{grpc_port}", repository, args.rows, args.calls, args.models))
     finally:
         subprocess.run([sys.executable, str(LAUNCH), "stop", "--workdir", str(work)], stdout=subprocess.DEVNULL)
 
     lines = [f"## {time.strftime('%Y-%m-%d %H:%M')} on {platform.node()} ({platform.machine()}, "
              f"{os.cpu_count()} cores, load average {load})", "",
              f"`{' '.join([Path(sys.executable).name, *sys.argv])}`", "",
-             "| model | rows | MiB per call (in + out) | socket ms | shm ms | socket / shm |",
+             "| model | rows | KiB per call (in + out) | socket ms | shm ms | socket / shm |",
              "|---|---:|---:|---:|---:|---:|"]
     for r in results:
-        lines.append(f"| {r['model']} | {r['rows']} | {r['mib']:.2f} | {r['socket']:.2f} | {r['shm']:.2f} | "
+        lines.append(f"| {r['model']} | {r['rows']} | {r['mib'] * 1024:,.0f} | {r['socket']:.2f} | {r['shm']:.2f} | "
                      f"{r['socket'] / r['shm']:.2f} |")
     table = "\n".join(lines) + "\n\n"
     print(table)
