@@ -42,6 +42,7 @@ beside model.onnx (export.stable_diffusion.save_with_external_data_if_large).
 
 from __future__ import annotations
 
+import json
 import shutil
 import tempfile
 from pathlib import Path
@@ -63,10 +64,11 @@ from export.stable_diffusion import (
 )
 from export.triton_config import DeploymentTarget, TensorSpec
 from services.pipelines.pipeline_flux import image_ids  # the serving side's ids, verified here
+from services.schedulers import is_flow_matching
 
 PIPELINE = "flux"
 DEFAULT_SAMPLE_SIZE = 128  # FluxPipeline.default_sample_size: 1024 pixels with FLUX's VAE
-DEFAULT_MAX_SEQUENCE_LENGTH = 512  # FluxPipeline's max_sequence_length default
+DEFAULT_MAX_SEQUENCE_LENGTH = 512  # FluxPipeline's max_sequence_length default and bound (schnell: 256)
 
 
 class _ClipPooled(torch.nn.Module):
@@ -124,6 +126,10 @@ def export_flux(
                            "scheduler") if not (folder / c).is_dir()]
     if missing:
         raise UnsupportedFolder(f"{folder}: a FluxPipeline folder needs the subfolders {', '.join(missing)}")
+    scheduler_config = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
+    if not is_flow_matching(scheduler_config):
+        raise UnsupportedFolder(f"{folder}: FLUX is a flow-matching model but its scheduler is "
+                                f"{scheduler_config.get('_class_name')!r}; a FlowMatch* scheduler config is needed")
     progress(f"[{name}] loading {folder}")
     clip, t5 = load_fp32(CLIPTextModel, folder / "text_encoder"), load_fp32(T5EncoderModel, folder / "text_encoder_2")
     transformer = load_fp32(FluxTransformer2DModel, folder / "transformer")
@@ -188,6 +194,8 @@ def export_flux(
     t5_dir.mkdir(parents=True, exist_ok=True)
     tok2 = _t5_tokenizer_json(folder, t5_dir)
     length2 = max_sequence_length or min(DEFAULT_MAX_SEQUENCE_LENGTH, tok2["model_max_length"])
+    if not 1 <= length2 <= DEFAULT_MAX_SEQUENCE_LENGTH:  # FluxPipeline's own bound
+        raise UnsupportedFolder(f"--max-sequence-length must be 1 ... {DEFAULT_MAX_SEQUENCE_LENGTH}, got {length2}")
     hidden = t5.config.d_model
     if hidden != cfg.joint_attention_dim:
         raise UnsupportedFolder(f"{folder}: T5 gives {hidden} features, the transformer attends to "
@@ -240,6 +248,9 @@ def export_flux(
          "native_width": native, "vae_scale_factor": vae_scale, "size_multiple": multiple},
         atol=1e-3, delay_us=1000, files=[(folder / "scheduler" / "scheduler_config.json", "scheduler_config.json")],
         dynamo=True,  # the tracer freezes the rotary embedding's reshapes to the traced sequence length
+        # The graph takes row 0's position ids for the whole call: Triton must not merge calls of
+        # equal patch counts but other layouts (1024x1024 and 512x2048). The step engine batches.
+        dynamic_batching=False,
         **plan("transformer", length=length2, hidden=hidden, pooled=pooled_dim, channels=cfg.in_channels,
                native=native // multiple, guided=guided))
 
@@ -263,5 +274,5 @@ def export_flux(
         [TensorSpec("latent_parameters", "float32", (2 * latent_c, -1, -1))],
         {"sample": {0: "batch", 2: "height", 3: "width"}, "latent_parameters": {0: "batch", 2: "height", 3: "width"}},
         vae_params, atol=1e-3, delay_us=2000,
-        **plan("vae_encoder", channels=image_c, native=native))
+        **plan("vae_encoder", channels=image_c, native=native, smallest=multiple))
     return export_graph.reports

@@ -19,23 +19,6 @@ log = logging.getLogger(__name__)
 OPSET = 17
 
 
-def _rms_norm_symbolic(g, input, normalized_shape, weight, eps):
-    """aten::rms_norm (diffusers' RMSNorm on torch >= 2.4: FLUX's q/k norms) as opset-17 ops:
-    x / sqrt(mean(x^2) + eps) * weight. ONNX's own RMSNormalization arrives only in opset 23."""
-    from torch.onnx import symbolic_helper as sh
-
-    dims = sh._get_const(normalized_shape, "is", "normalized_shape")
-    eps = sh._maybe_get_const(eps, "f")
-    if sh._is_none(eps) or not isinstance(eps, float):
-        eps = float(torch.finfo(torch.float32).eps)
-    mean = g.op("ReduceMean", g.op("Mul", input, input), axes_i=list(range(-len(dims), 0)), keepdims_i=1)
-    out = g.op("Div", input, g.op("Sqrt", g.op("Add", mean, g.op("Constant", value_t=torch.tensor(eps)))))
-    return out if sh._is_none(weight) else g.op("Mul", out, weight)
-
-
-torch.onnx.register_custom_op_symbolic("aten::rms_norm", _rms_norm_symbolic, OPSET)
-
-
 class ParityError(RuntimeError):
     """ONNX Runtime's output differs from PyTorch's by more than the tolerance."""
 

@@ -77,25 +77,25 @@ def stable_diffusion_profile(component: str, *, max_rows: int, seq_len: int, hid
 
 
 def flux_profile(component: str, max_batch: int, *, length: int = 0, hidden: int = 0, pooled: int = 0,
-                 channels: int = 0, native: int = 0, guided: bool = False) -> Profile:
+                 channels: int = 0, native: int = 0, smallest: int = 2, guided: bool = False) -> Profile:
     """FLUX's ranges. Guidance-distilled models run one row per image (no doubled batch), so
-    the optimum is batch 1; sides range from a quarter to twice the native one. `native` is
-    in patches for the transformer (S = side^2 tokens of 4C features), in latents for the VAE
-    decoder, in pixels for the encoder."""
+    the optimum is batch 1, and the VAE decodes as many images as the transformer has rows.
+    Sides range from the smallest the API accepts (one 2x2 patch of latents) to twice the
+    native one. `native` is in patches for the transformer (S = side^2 tokens of 4C features),
+    in latents for the VAE decoder, in pixels for the encoder (`smallest`: its least side)."""
     if component in ("text_encoder", "text_encoder_2"):
         return {"input_ids": ShapeRange((1, length), (1, length), (max_batch, length))}
     if component == "transformer":
-        lo, mid, hi = max(1, native // 4) ** 2, native**2, (2 * native) ** 2
+        lo, mid, hi = 1, native**2, (2 * native) ** 2
         rows = {"txt_ids": (length, 3), "encoder_hidden_states": (length, hidden), "pooled_projections": (pooled,),
                 "timestep": (), **({"guidance": ()} if guided else {})}
         profile = {name: ShapeRange((1, *s), (1, *s), (max_batch, *s)) for name, s in rows.items()}
         profile["hidden_states"] = ShapeRange((1, lo, channels), (1, mid, channels), (max_batch, hi, channels))
         profile["img_ids"] = ShapeRange((1, lo, 3), (1, mid, 3), (max_batch, hi, 3))
         return profile
-    lo, mid, hi = max(1, native // 4), native, 2 * native
+    lo, mid, hi = smallest, native, 2 * native
     name = "latent_sample" if component == "vae_decoder" else "sample"
-    images = max(1, max_batch // 2)
-    return {name: ShapeRange((1, channels, lo, lo), (1, channels, mid, mid), (images, channels, hi, hi))}
+    return {name: ShapeRange((1, channels, lo, lo), (1, channels, mid, mid), (max_batch, channels, hi, hi))}
 
 
 # FLUX runs its transformer and T5 in bf16 (what it was trained in; fp16 overflows there).
@@ -116,9 +116,16 @@ def engine_cache_key(onnx_sha256: str, compute_capability: str, tensorrt_version
     return hashlib.sha256(text.encode()).hexdigest()[:32]
 
 
-def tensorrt_config(spec: ModelConfigSpec, instance_count: int = 1) -> ModelConfigSpec:
-    """The same model, served from model.plan by Triton's TensorRT platform on GPUs."""
-    return replace(spec, platform="tensorrt_plan", target=DeploymentTarget("gpu", instance_count))
+def tensorrt_config(spec: ModelConfigSpec, instance_count: int = 1, profile: Profile | None = None) -> ModelConfigSpec:
+    """The same model, served from model.plan by Triton's TensorRT platform on GPUs. Its
+    max_batch_size is the plan's (the profile's largest batch; Triton refuses a larger one,
+    and the backends split calls past it)."""
+    batching = spec.batching
+    if profile:
+        largest = min(batching.max_batch_size, *(r.max[0] for r in profile.values()))
+        batching = replace(batching, max_batch_size=largest,
+                           preferred_batch_sizes=tuple(b for b in batching.preferred_batch_sizes if b <= largest))
+    return replace(spec, platform="tensorrt_plan", target=DeploymentTarget("gpu", instance_count), batching=batching)
 
 
 def require_tensorrt() -> tuple[str, str]:
@@ -141,12 +148,23 @@ def require_tensorrt() -> tuple[str, str]:
     return out[0], tensorrt.__version__
 
 
+def graph_sha256(onnx_path: Path) -> str:
+    """The graph and the weights beside it (external data): two fine-tunes of one architecture
+    have the same graph file, and must not share a plan."""
+    digest = hashlib.sha256(onnx_path.read_bytes())
+    for data in sorted(p for p in onnx_path.parent.iterdir() if p.name.startswith(("model.onnx_data", "model.onnx.data"))):
+        with open(data, "rb") as f:
+            while chunk := f.read(1 << 24):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
 def build_plan(onnx_path: Path, profile: Profile, precision: str, cache_dir: Path = DEFAULT_CACHE) -> Path:
     """Builds (or reuses from the cache) a serialized engine for `onnx_path`."""
     capability, version = require_tensorrt()
     import tensorrt as trt
 
-    sha = hashlib.sha256(onnx_path.read_bytes()).hexdigest()
+    sha = graph_sha256(onnx_path)
     cached = cache_dir / f"{engine_cache_key(sha, capability, version, profile, precision)}.plan"
     if cached.exists():
         return cached

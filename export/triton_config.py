@@ -82,6 +82,9 @@ class ModelConfigSpec:
     # Per-sample shapes for the warm-up request where dims are dynamic (-1); a graph
     # such as a U-Net cannot run at the 1x1 a dynamic axis would otherwise get.
     warmup_dims: Mapping[str, tuple[int, ...]] = field(default_factory=dict)
+    # Triton's dynamic batcher merges requests of equal shapes; off for graphs whose rows must
+    # not be merged blindly (FLUX's transformer takes one set of position ids per call).
+    dynamic_batching: bool = True
 
 
 def default_batching(max_batch_size: int, max_queue_delay_microseconds: int) -> BatchingPolicy:
@@ -121,7 +124,7 @@ def build_model_config(spec: ModelConfigSpec) -> mc.ModelConfig:
         _tensor(t, config.input.add())
     for t in spec.outputs:
         _tensor(t, config.output.add())
-    if spec.batching.max_batch_size > 0:
+    if spec.batching.max_batch_size > 0 and spec.dynamic_batching:
         dyn = config.dynamic_batching
         dyn.SetInParent()
         dyn.preferred_batch_size.extend(spec.batching.preferred_batch_sizes)

@@ -73,6 +73,9 @@ def build_request(task: str, body, pipeline) -> tuple[DiffusionRequest, dict]:
     # The model's own defaults: a flow-matching model has no "ddim", a distilled one's guidance is ~3.5.
     params["guidance_scale"] = spec.default_guidance_scale if body.guidance_scale is None else body.guidance_scale
     params["scheduler"] = body.scheduler or pipeline.default_scheduler
+    if spec.guidance == "embedded" and body.negative_prompt:
+        raise InvalidRequest(f"negative_prompt is not used by model {spec.name!r}: a guidance-distilled model takes "
+                             f"guidance_scale as an input, not classifier-free guidance; omit it", field="negative_prompt")
     params["seed"] = resolve_seed(body.seed, body.num_images)
     max_side = max(lim["max"] for lim in spec.side_limits().values())
     init_image = mask = None

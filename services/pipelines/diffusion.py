@@ -170,11 +170,24 @@ class Conditioner(Protocol):
         guided), as they are sent alongside `sample` and `timestep`."""
 
 
+class Denoiser(Protocol):
+    """How the generic loop talks to its denoiser graph. A family whose denoiser is not
+    U-Net-shaped (FLUX: 2x2-packed latents, sigma timesteps, a resolution-dependent schedule)
+    brings its own in its module."""
+
+    def set_timesteps(self, scheduler, num_inference_steps: int, latent_shape: tuple[int, ...]) -> None:
+        """The schedule of `num_inference_steps` for latents of `latent_shape` (C, h, w)."""
+
+    def inputs(self, sample: np.ndarray, timestep) -> dict[str, np.ndarray]:
+        """The graph's latent and timestep inputs for rows `sample` [R, C, h, w] at `timestep`."""
+
+    def prediction(self, output: np.ndarray, latent_shape: tuple[int, ...]) -> np.ndarray:
+        """The graph's output for those rows back in the latents' layout [R, C, h, w]."""
+
+
 class UNetDenoiser:
-    """How the generic loop talks to its denoiser. This default is the U-Net's: `sample`
-    [R, C, h, w] and a per-row `timestep` in, the prediction in the latents' layout out, and the
-    scheduler's own timestep spacing. A family whose denoiser differs (FLUX: 2x2-packed latents,
-    sigma timesteps, a resolution-dependent schedule) brings its own in its module."""
+    """The U-Net's interface: `sample` [R, C, h, w] and a per-row `timestep` in, the
+    prediction in the latents' layout out, and the scheduler's own timestep spacing."""
 
     def set_timesteps(self, scheduler, num_inference_steps: int, latent_shape: tuple[int, ...]) -> None:
         scheduler.set_timesteps(num_inference_steps)
@@ -238,7 +251,7 @@ class Trajectory:
 
     def __init__(self, spec: DiffusionSpec, req: DiffusionRequest, cond: dict[str, np.ndarray],
                  rngs: list[np.random.Generator], image_latents: np.ndarray | None = None,
-                 denoiser: UNetDenoiser = UNET):
+                 denoiser: Denoiser = UNET):
         self.req = req
         self.rngs = rngs
         self.do_cfg = spec.classifier_free(req)
@@ -322,7 +335,7 @@ class DiffusionPipeline:
     family: `spec` says what the graphs are, `conditioner` what the denoiser is conditioned on."""
 
     def __init__(self, backend: InferenceBackend, spec: DiffusionSpec, conditioner: Conditioner,
-                 denoiser: UNetDenoiser = UNET):
+                 denoiser: Denoiser = UNET):
         self.backend = backend
         self.spec = spec
         self.name = spec.name

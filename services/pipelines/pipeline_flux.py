@@ -27,6 +27,7 @@ import numpy as np
 
 from services.pipelines.diffusion import DiffusionPipeline, DiffusionRequest, DiffusionSpec, PromptTokenizer
 from services.runtime import InferenceBackend, ModelSpec
+from services.schedulers import is_flow_matching
 from services.schedulers.scheduling_flow_match_euler_discrete import calculate_shift
 
 FLUX_DEFAULT_GUIDANCE = 3.5  # FluxPipeline's guidance_scale default (guidance-distilled models)
@@ -133,9 +134,11 @@ def build(backend: InferenceBackend, name: str, parts: dict[str, ModelSpec]) -> 
     transformer, dec = parts["transformer"], parts["vae_decoder"]
     t, d = transformer.parameters, dec.parameters
     guidance_embeds = t["genserve.guidance_embeds"] == "1"
+    scheduler_config = json.loads((transformer.model_dir / "scheduler_config.json").read_text())
+    if not is_flow_matching(scheduler_config):
+        raise ValueError(f"FLUX pipeline {name!r}: its scheduler config is not a flow-matching one")
     spec = DiffusionSpec(
-        name=name, family="flux", denoiser=transformer.name,
-        scheduler_config=json.loads((transformer.model_dir / "scheduler_config.json").read_text()),
+        name=name, family="flux", denoiser=transformer.name, scheduler_config=scheduler_config,
         latent_channels=int(d["genserve.latent_channels"]), image_channels=int(d["genserve.image_channels"]),
         vae_scale_factor=int(d["genserve.vae_scale_factor"]), native_height=int(t["genserve.native_height"]),
         native_width=int(t["genserve.native_width"]), size_multiple=int(t["genserve.size_multiple"]),

@@ -102,8 +102,8 @@ class _OpenAIImageFields(BaseModel):
     num_inference_steps: int | None = Field(None, ge=1, le=MAX_INFERENCE_STEPS,
                                             description="genserve: denoising steps (overrides quality).")
     guidance_scale: float | None = Field(None, ge=0.0, le=MAX_GUIDANCE_SCALE,
-                                         description="genserve: classifier-free guidance; default 7.5.")
-    scheduler: SchedulerName | None = Field(None, description="genserve: sampler; default ddim.")
+                                         description="genserve: guidance; default the model's (GET /v1/models).")
+    scheduler: SchedulerName | None = Field(None, description="genserve: sampler; default the model's.")
     timeout_s: float | None = Field(None, ge=MIN_TIMEOUT_S, description="genserve: deadline in seconds.")
 
 

@@ -47,6 +47,8 @@ def test_the_detecting_command_writes_five_graphs_with_the_contract(cli_export):
     assert sorted(p.name for p in repo.iterdir() if p.is_dir()) == [
         "fx_text_encoder", "fx_text_encoder_2", "fx_transformer", "fx_vae_decoder", "fx_vae_encoder"]
     t = config(repo, "fx_transformer")
+    assert not t.HasField("dynamic_batching")  # rows of one call share position ids: the engine batches
+    assert config(repo, "fx_vae_decoder").HasField("dynamic_batching")
     params = {k: v.string_value for k, v in t.parameters.items()}
     assert params["genserve.pipeline"] == "flux" and params["genserve.guidance_embeds"] == "1"
     assert (params["genserve.native_height"], params["genserve.size_multiple"]) == ("24", "4")
@@ -126,14 +128,16 @@ def test_flux_options_are_refused_for_other_families(tmp_path):
         export_folder(folder, tmp_path / "repo", "sd", max_sequence_length=77, progress=lambda _: None)
 
 
-def test_tensorrt_profiles_cover_a_quarter_to_twice_the_native_size_in_patches():
+def test_tensorrt_profiles_cover_every_size_the_api_accepts_and_one_image_per_row():
     from export.tensorrt import FLUX_PRECISION, flux_profile
 
     p = flux_profile("transformer", 4, length=512, hidden=4096, pooled=768, channels=64, native=64, guided=True)
-    assert p["hidden_states"].min == (1, 16**2, 64) and p["hidden_states"].opt == (1, 64**2, 64)
+    assert p["hidden_states"].min == (1, 1, 64) and p["hidden_states"].opt == (1, 64**2, 64)
     assert p["hidden_states"].max == (4, 128**2, 64) and p["img_ids"].max == (4, 128**2, 3)
     assert p["encoder_hidden_states"].max == (4, 512, 4096) and p["guidance"].max == (4,)
     assert "guidance" not in flux_profile("transformer", 4, length=256, hidden=4096, pooled=768, channels=64,
                                           native=64)
-    assert flux_profile("vae_decoder", 4, channels=16, native=128)["latent_sample"].max == (2, 16, 256, 256)
+    decoder = flux_profile("vae_decoder", 4, channels=16, native=128)["latent_sample"]
+    assert decoder.min == (1, 16, 2, 2) and decoder.max == (4, 16, 256, 256)
+    assert flux_profile("vae_encoder", 4, channels=3, native=1024, smallest=16)["sample"].min == (1, 3, 16, 16)
     assert FLUX_PRECISION == {"transformer": "bf16", "text_encoder_2": "bf16"}

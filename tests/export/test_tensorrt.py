@@ -11,6 +11,7 @@ from export.__main__ import main
 from export.tensorrt import (
     engine_cache_key,
     gan_profile,
+    graph_sha256,
     precision_for,
     stable_diffusion_profile,
     tensorrt_config,
@@ -75,6 +76,24 @@ def test_tensorrt_and_gpu_onnxruntime_configs_parse():
     assert accelerator.parameters["precision_mode"] == "FP32"
     cpu = build_model_config(spec)
     assert not cpu.optimization.execution_accelerators.gpu_execution_accelerator
+
+
+def test_a_plan_config_takes_the_profiles_largest_batch():
+    """Triton refuses a max_batch_size past the plan's profile; the backends split larger calls."""
+    vae = stable_diffusion_profile("vae_decoder", **SD)  # images: half the U-Net's rows
+    spec = ModelConfigSpec("vae_decoder", [TensorSpec("latent_sample", "float32", (4, -1, -1))],
+                           [TensorSpec("sample", "float32", (1, -1, -1))], default_batching(16, 1000))
+    plan = build_model_config(tensorrt_config(spec, 1, vae))
+    assert plan.max_batch_size == 8 and list(plan.dynamic_batching.preferred_batch_size) == [4, 8]
+
+
+def test_the_cache_hash_covers_weights_kept_beside_the_graph(tmp_path):
+    """Fine-tunes of one architecture share the graph file when their weights are external data."""
+    (tmp_path / "model.onnx").write_bytes(b"graph")
+    (tmp_path / "model.onnx_data").write_bytes(b"weights a")
+    first = graph_sha256(tmp_path / "model.onnx")
+    (tmp_path / "model.onnx_data").write_bytes(b"weights b")
+    assert graph_sha256(tmp_path / "model.onnx") != first
 
 
 @pytest.mark.skipif(shutil.which("nvidia-smi") is not None, reason="this machine has a GPU: the plan would build")

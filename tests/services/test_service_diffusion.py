@@ -58,7 +58,12 @@ def test_same_request_same_bytes_and_img2img_inpaint_work(server):
     r = post(server, "/v1/img2img", {"prompt": "the number 8", "image": image, "strength": 0.6, "seed": 1,
                                      "num_inference_steps": 10})
     assert r.status_code == 200, r.text
-    assert r.json()["parameters"]["strength"] == 0.6
+    params = r.json()["parameters"]
+    assert params["strength"] == 0.6
+    # guidance and sampler left out: the SD model's own defaults, in parameters and in the PNG's provenance
+    provenance = json.loads(Image.open(io.BytesIO(base64.b64decode(r.json()["images"][0]["data"]))).text["Description"])
+    assert (params["guidance_scale"], params["scheduler"]) == (7.5, "ddim")
+    assert (provenance["guidance_scale"], provenance["scheduler"]) == (7.5, "ddim")
     mask = np.zeros((32, 32), np.uint8)
     mask[:, 16:] = 255
     buf = io.BytesIO()

@@ -89,6 +89,7 @@ def test_stream_sends_progress_previews_and_the_result(flux_server):
     ("/v1/txt2img", {"prompt": "a cat", "scheduler": "ddim"}, "scheduler"),
     ("/v1/txt2img", {"prompt": " ".join(["red"] * 40)}, "prompt"),
     ("/v1/txt2img", {"prompt": "a cat", "height": 18}, "height"),
+    ("/v1/txt2img", {"prompt": "a cat", "negative_prompt": "blue"}, "negative_prompt"),  # would be ignored
     ("/v1/img2img", {"prompt": "a cat", "image": base64.b64encode(b"x" * 10).decode()}, "model"),
 ])
 def test_refusals_name_the_field(flux_server, path, body, field):
