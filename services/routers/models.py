@@ -1,9 +1,12 @@
 """`GET /v1/models`: every served model with its pipeline, endpoint, tensors and limits,
-as each family's router describes them."""
+as each family's router describes them; the backend, and on Triton how tensors reach it."""
 
 from __future__ import annotations
 
+from typing import Literal
+
 from fastapi import APIRouter, Depends
+from pydantic import BaseModel, Field
 
 from services.context import ServiceContext, context
 from services.openapi import GET_ERRORS, error_responses
@@ -12,10 +15,33 @@ from services.schemas import ModelList
 router = APIRouter()
 
 
-@router.get("/models", response_model=ModelList, responses=error_responses(GET_ERRORS))
-async def list_models(ctx: ServiceContext = Depends(context)) -> ModelList:
+class SharedMemoryStatus(BaseModel):
+    """How tensors reach Triton (GENSERVE_TRITON_SHARED_MEMORY): through shared-memory
+    regions, or inside the gRPC messages, and why."""
+
+    mode: Literal["auto", "off", "required"]
+    transport: Literal["shared_memory", "socket", "pending"]
+    reason: str
+    regions: int = Field(description="regions mapped and registered with Triton now")
+    region_bytes: int
+    region_allocations: int = Field(description="regions ever created (flat once warm)")
+    shared_memory_calls: int
+    socket_calls: int
+    fallbacks: int = Field(description="times the service fell back to the socket")
+    recoveries: int = Field(description="times shared memory was re-established mid-run")
+
+
+class ServedModels(ModelList):
+    backend: str = Field(description="onnxruntime (embedded) or triton")
+    triton_shared_memory: SharedMemoryStatus | None = Field(None, description="on the Triton backend only")
+
+
+@router.get("/models", response_model=ServedModels, responses=error_responses(GET_ERRORS))
+async def list_models(ctx: ServiceContext = Depends(context)) -> ServedModels:
     """What is served: each model's pipeline, endpoint, tensors and request limits."""
     models = [m for describe in ctx.describers for m in describe(ctx)]
     s = ctx.settings
-    return ModelList(default_models={"gan": s.default_gan_model, "diffusion": s.default_diffusion_model,
-                                     "ddpm": s.default_ddpm_model, "vae": s.default_vae_model}, models=models)
+    status = getattr(ctx.backend, "shared_memory_status", None)
+    return ServedModels(default_models={"gan": s.default_gan_model, "diffusion": s.default_diffusion_model,
+                                        "ddpm": s.default_ddpm_model, "vae": s.default_vae_model}, models=models,
+                        backend=ctx.backend.name, triton_shared_memory=status and SharedMemoryStatus(**status()))

@@ -125,6 +125,7 @@ class TritonBackend(InferenceBackend):
         self._host_prefix = region_prefix()
         self._pool = RegionPool(Path(shm_dir), process_prefix(self._host_prefix), max_regions)
         self._generation = 0  # bumped whenever the pool is dropped after a failure
+        self._recovering = False  # regions dropped after a failure, none registered since
         self._next_probe = 0.0
         self._lock: asyncio.Lock | None = None
         # (model, input shapes) -> [(output, dtype, shape)]: what a call's outputs will take.
@@ -247,25 +248,31 @@ class TritonBackend(InferenceBackend):
             self._apply_probe(failure)
 
     async def _shared_memory_failed(self, generation: int, message: str) -> None:
-        """A region failed mid-run: drop them all (unregistering what Triton still knows)
-        and negotiate again now. Concurrent failures of one generation do this once."""
+        """A region failed mid-run (Triton restarted and knows none, or one was removed):
+        drop them all, unregistering what Triton may still hold. The retry registers a
+        fresh region, which is the probe: if Triton cannot open it, the caller falls back.
+        Concurrent failures of one generation do this once."""
         if self._lock is None:
             self._lock = asyncio.Lock()
         async with self._lock:
             if generation != self._generation:
                 return
             self._generation += 1
-            log.warning("Triton at %s: a shared-memory call failed (%s); re-negotiating", self.url, message)
-            for region in self._pool.clear():
-                try:
-                    await self.client.unregister_system_shared_memory(region.name, client_timeout=2)
-                except (InferenceServerException, *_TRANSPORT_ERRORS):
-                    pass
-            self.transport, self.transport_reason = PENDING, f"re-negotiating after: {message}"
-            self._next_probe = 0.0
-        await self._ensure_negotiated()
-        if self.transport == SHARED_MEMORY:
-            self.counters["recoveries"] += 1
+            log.warning("Triton at %s: a shared-memory call failed (%s); registering regions again",
+                        self.url, message)
+            await self._unregister(self._pool.clear())
+            self._recovering = True
+            self._report()
+
+    async def _unregister(self, regions: list[Region]) -> None:
+        """Best effort, all at once: Triton down means a restarted one knows none of them,
+        and a live one that missed this is swept by the next probe on this host."""
+        async def one(region: Region) -> None:
+            try:
+                await self.client.unregister_system_shared_memory(region.name, client_timeout=2)
+            except (InferenceServerException, *_TRANSPORT_ERRORS):
+                pass
+        await asyncio.gather(*(one(r) for r in regions))
 
     def _report(self) -> None:
         if self._metrics is not None:
@@ -306,11 +313,7 @@ class TritonBackend(InferenceBackend):
         the channels."""
         regions = self._pool.clear()
         if regions and self._client is not None:
-            for region in regions:
-                try:
-                    await self._client.unregister_system_shared_memory(region.name, client_timeout=2)
-                except (InferenceServerException, *_TRANSPORT_ERRORS):
-                    pass  # Triton down: a restarted one knows none; a live one is swept later
+            await self._unregister(regions)
         self._report()
         for task, old in list(self._retired.items()):
             task.cancel()
@@ -321,21 +324,27 @@ class TritonBackend(InferenceBackend):
             self._client = None
 
     async def _execute(self, spec: ModelSpec, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        if self.shared_memory != "off":
+        if self.shared_memory != "off" and not any(inputs[t.name].dtype == object for t in spec.inputs):
             await self._ensure_negotiated()
             for attempt in range(2):
                 if self.transport != SHARED_MEMORY:
                     break
                 generation = self._generation
                 try:
-                    return await self._execute_shared(spec, inputs)
+                    values = await self._execute_shared(spec, inputs)
+                    if self._recovering:
+                        self._recovering = False
+                        self.counters["recoveries"] += 1
+                        log.info("Triton at %s: shared memory registered again", self.url)
+                    return values
                 except SharedMemoryFailure as exc:
                     if exc.output_too_small:  # an output shape guessed wrong: this call by socket
                         break
                     if attempt == 0:
                         await self._shared_memory_failed(generation, str(exc))
                     else:
-                        self._apply_probe(f"a call failed again after re-registering: {exc}")
+                        self._recovering = False
+                        self._apply_probe(f"a fresh region failed too: {exc}")
             if self.shared_memory == "required" and self.transport != SHARED_MEMORY:
                 raise BackendUnavailable(f"Triton at {self.url} cannot use shared memory (required): "
                                          f"{self.transport_reason}")

@@ -62,6 +62,11 @@ def test_the_service_sends_tensors_through_shared_memory(triton, triton_service)
                       metrics, re.MULTILINE)
     assert calls and float(calls.group(1)) >= 4
     assert 'transport="socket"' not in metrics
+    models = httpx.get(f"{triton_service.url}/v1/models", timeout=10).json()
+    assert models["backend"] == "triton"
+    status = models["triton_shared_memory"]
+    assert status["mode"] == "auto" and status["transport"] == "shared_memory", status
+    assert status["regions"] >= 1 and status["shared_memory_calls"] >= 4 and status["socket_calls"] == 0
     client = triton.grpc()
     try:
         regions = client.get_system_shared_memory_status(as_json=True).get("regions", {})
