@@ -104,3 +104,25 @@ def keyed_server(repository, tmp_path_factory):
     keys.write_text("\n".join(SERVER_KEYS) + "\n")
     yield from running_server({"GENSERVE_MODEL_REPOSITORY": str(repository), "GENSERVE_BACKEND": "onnxruntime",
                                "GENSERVE_API_KEYS_FILE": str(keys), "GENSERVE_RATE_LIMIT": KEYED_RATE_LIMIT}, folder)
+
+
+@pytest.fixture(scope="session")
+def flux_export(tmp_path_factory):
+    """(folder, repository) of a random FLUX-format folder exported by the detecting command, as
+    users run it: `python -m export sd --folder F --name fx --max-sequence-length 16
+    --native-size 24`. Its text encoders are saved in bfloat16, as FLUX.1's are. Shared by the
+    export and service tests (an export takes ~25 s)."""
+    import subprocess
+    import sys
+
+    from tests.fixtures.flux_folder import build_random_flux_folder
+
+    folder = build_random_flux_folder(tmp_path_factory.mktemp("flux"), seed=2, t5_max_length=64,
+                                      text_encoder_dtype="bfloat16")
+    repo = tmp_path_factory.mktemp("flux_repo")
+    run = subprocess.run([sys.executable, "-m", "export", "sd", "--folder", str(folder), "--name", "fx",
+                          "--repository", str(repo), "--max-sequence-length", "16", "--native-size", "24"],
+                         cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "fx: flux, 5 graphs verified" in run.stdout
+    return folder, repo

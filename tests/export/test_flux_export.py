@@ -17,7 +17,6 @@ from tritonclient.grpc import model_config_pb2 as mc
 
 from export.diffusers_folder import UnsupportedFolder, export_folder
 from export.stable_diffusion import EXTERNAL_DATA_FILE
-from tests.fixtures.flux_folder import build_random_flux_folder
 from tests.fixtures.sd_folder import build_random_sd_folder
 
 pytestmark = pytest.mark.slow
@@ -28,22 +27,9 @@ def config(repo: Path, model: str) -> mc.ModelConfig:
     return text_format.Parse((repo / model / "config.pbtxt").read_text(), mc.ModelConfig())
 
 
-@pytest.fixture(scope="module")
-def cli_export(tmp_path_factory):
-    # text encoders saved in bfloat16, as FLUX.1's are: exported and verified in float32 all the same
-    folder = build_random_flux_folder(tmp_path_factory.mktemp("flux"), seed=2, t5_max_length=64,
-                                      text_encoder_dtype="bfloat16")
-    repo = tmp_path_factory.mktemp("flux_repo")
-    run = subprocess.run([sys.executable, "-m", "export", "sd", "--folder", str(folder), "--name", "fx",
-                          "--repository", str(repo), "--max-sequence-length", "16", "--native-size", "24"],
-                         cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert run.returncode == 0, run.stderr[-3000:]
-    assert "fx: flux, 5 graphs verified" in run.stdout
-    return folder, repo
-
-
-def test_the_detecting_command_writes_five_graphs_with_the_contract(cli_export):
-    _, repo = cli_export
+def test_the_detecting_command_writes_five_graphs_with_the_contract(flux_export):
+    """The folder (text encoders in bf16) as `python -m export sd` wrote it (tests/conftest.py)."""
+    _, repo = flux_export
     assert sorted(p.name for p in repo.iterdir() if p.is_dir()) == [
         "fx_text_encoder", "fx_text_encoder_2", "fx_transformer", "fx_vae_decoder", "fx_vae_encoder"]
     t = config(repo, "fx_transformer")
@@ -66,9 +52,9 @@ def test_the_detecting_command_writes_five_graphs_with_the_contract(cli_export):
     assert float(dec["genserve.shift_factor"]) == pytest.approx(0.1159)
 
 
-def test_the_transformer_takes_other_sizes_and_batches(cli_export):
+def test_the_transformer_takes_other_sizes_and_batches(flux_export):
     """The dynamic patch axis: a graph traced at one size runs at others and at batch 1."""
-    _, repo = cli_export
+    _, repo = flux_export
     session = ort.InferenceSession(str(repo / "fx_transformer" / "1" / "model.onnx"))
     from services.pipelines.pipeline_flux import image_ids
 
@@ -80,7 +66,7 @@ def test_the_transformer_takes_other_sizes_and_batches(cli_export):
         assert session.run(None, feeds)[0].shape == (b, ph * pw, 16)
 
 
-def test_graphs_past_the_threshold_keep_their_weights_beside_them_and_still_serve(cli_export, tmp_path):
+def test_graphs_past_the_threshold_keep_their_weights_beside_them_and_still_serve(flux_export, tmp_path):
     import asyncio
 
     from services.pipelines.diffusion import DiffusionRequest
@@ -88,7 +74,7 @@ def test_graphs_past_the_threshold_keep_their_weights_beside_them_and_still_serv
     from services.runtime.onnxruntime_backend import OnnxRuntimeBackend
     from services.runtime.repository import ModelRepository
 
-    folder, repo = cli_export
+    folder, repo = flux_export
     from export.flux import export_flux
 
     reports = export_flux(folder, tmp_path, "fx", progress=lambda _: None, max_sequence_length=16, native_size=24,

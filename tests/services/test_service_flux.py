@@ -6,33 +6,22 @@ a beta-schedule sampler, a prompt past T5's length)."""
 import asyncio
 import base64
 import io
-import subprocess
-import sys
-from pathlib import Path
 
 import httpx
 import numpy as np
 import pytest
 
 from tests.conftest import running_server
-from tests.fixtures.flux_folder import build_random_flux_folder
 
 pytestmark = [pytest.mark.server, pytest.mark.slow]
 
-ROOT = Path(__file__).resolve().parents[2]
-NAME = "flux_tiny"
+NAME = "fx"
 T5_LENGTH = 16
 
 
 @pytest.fixture(scope="module")
-def flux_repository(tmp_path_factory):
-    folder = build_random_flux_folder(tmp_path_factory.mktemp("flux"), seed=6, t5_max_length=32)
-    repo = tmp_path_factory.mktemp("flux_repo")
-    done = subprocess.run([sys.executable, "-m", "export", "sd", "--folder", str(folder), "--name", NAME,
-                           "--repository", str(repo), "--max-sequence-length", str(T5_LENGTH), "--native-size", "16"],
-                          cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    return repo
+def flux_repository(flux_export):
+    return flux_export[1]  # tests/conftest.py: `python -m export sd ... --native-size 24`
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +37,7 @@ def test_listed_as_flux_with_its_sampler_and_guidance(flux_server):
     assert p["schedulers"] == ["flow_match_euler"] and p["default_scheduler"] == "flow_match_euler"
     assert p["guidance_scale"]["default"] == 3.5 and p["guidance_scale"]["meaning"] == "embedded"
     assert p["prompt_max_tokens"] == T5_LENGTH
-    assert p["height"]["default"] == 16 and p["height"]["multiple_of"] == 4
+    assert p["height"]["default"] == 24 and p["height"]["multiple_of"] == 4
     assert "/v1/img2img" not in model["endpoint"]
     assert {t["name"] for t in model["inputs"]} >= {"hidden_states", "img_ids", "guidance", "pooled_projections"}
 
