@@ -22,7 +22,8 @@ from zoo.super_resolution.data import HELD_OUT, bicubic_down, bicubic_up, crop_t
 
 
 def psnr(a: np.ndarray, b: np.ndarray, shave: int = SCALE) -> float:
-    a, b = (x[shave:-shave, shave:-shave].astype(np.float64) for x in (a, b))
+    h, w = a.shape[:2]
+    a, b = (x[shave:h - shave, shave:w - shave].astype(np.float64) for x in (a, b))
     mse = np.mean((a - b) ** 2)
     return float(10 * np.log10(255.0**2 / mse)) if mse > 0 else float("inf")
 
@@ -30,7 +31,8 @@ def psnr(a: np.ndarray, b: np.ndarray, shave: int = SCALE) -> float:
 def ssim(a: np.ndarray, b: np.ndarray, shave: int = SCALE) -> float:
     from skimage.metrics import structural_similarity
 
-    a, b = (x[shave:-shave, shave:-shave] for x in (a, b))
+    h, w = a.shape[:2]
+    a, b = (x[shave:h - shave, shave:w - shave] for x in (a, b))
     return float(structural_similarity(a, b, channel_axis=2, data_range=255))
 
 
