@@ -58,6 +58,12 @@ async def parse_body(request: Request, model: type[BaseModel]) -> BaseModel:
                                       max_part_size=MAX_FORM_FIELD_BYTES)
             fields = {}
             for key, value in form.multi_items():
+                # `image[]` is array syntax (OpenAI's SDK sends its files so): one value here. A field
+                # given twice is refused: a form would otherwise keep one of them silently.
+                key = key[:-2] if key.endswith("[]") else key
+                if key in fields:
+                    raise RequestValidationError([{"loc": ("body", key), "type": "value_error",
+                                                   "msg": f"{key} is given more than once: send one"}])
                 if hasattr(value, "read"):  # an uploaded file
                     fields[key] = base64.b64encode(await value.read()).decode("ascii")
                 else:

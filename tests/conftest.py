@@ -91,7 +91,8 @@ def random_sd(tmp_path_factory):
 
 
 # API keys of the shared keyed server: one per test module that spends its rate limit.
-SERVER_KEYS = ("key-openai", "key-openai-rate", "key-client", "key-client-rate", "key-playground")
+SERVER_KEYS = ("key-openai", "key-openai-rate", "key-openai-compat", "key-client", "key-client-rate",
+               "key-playground")
 KEYED_RATE_LIMIT = "30/min"
 
 

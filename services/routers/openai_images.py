@@ -9,7 +9,7 @@ through the same code as /v1/txt2img, /v1/img2img and /v1/inpaint (services.rout
 diffusion), so limits, seeds, metrics, cancellation and provenance are theirs.
 
 Translation rules (README "OpenAI-compatible Images API"):
-  - `quality` -> denoising steps: low 10, medium/auto/standard 20, high/hd 40; the
+  - `quality` -> denoising steps: low 10, medium/auto/standard 20, high/hd 40, xhigh 60, max 80; the
     genserve extension `num_inference_steps` (SDK: `extra_body`) wins over `quality`.
   - `size` "WxH" (or "auto": the model's native size) within the model's side limits.
   - `n` -> num_images (1..8), image i uses seed + i as everywhere in genserve.
@@ -68,8 +68,10 @@ from services.schemas import (
 router = APIRouter(prefix="/images", tags=["OpenAI-compatible"])
 
 PATH_PREFIX = "/v1/images/"
-QUALITY_STEPS = {"low": 10, "medium": 20, "auto": 20, "standard": 20, "high": 40, "hd": 40}
-Quality = Literal["auto", "low", "medium", "high", "standard", "hd"]
+QUALITY_STEPS = {"low": 10, "medium": 20, "auto": 20, "standard": 20, "high": 40, "hd": 40, "xhigh": 60, "max": 80}
+Quality = Literal["auto", "low", "medium", "high", "standard", "hd", "xhigh", "max"]
+# What responses say: OpenAI's response `quality` takes only these (dall-e-3's names map on).
+ECHOED_QUALITY = {"auto": "medium", "standard": "medium", "hd": "high"}
 MAX_PARTIAL_IMAGES = 3
 EDIT_STRENGTH = 0.8  # an edit without a mask: img2img this far from the input
 _SIZE = re.compile(r"^([1-9][0-9]{0,4})x([1-9][0-9]{0,4})$")
@@ -86,13 +88,16 @@ class _OpenAIImageFields(BaseModel):
     size: str | None = Field("auto", max_length=16, description="`WIDTHxHEIGHT` in pixels within the model's "
                              "side limits (GET /v1/models), or `auto`: the model's native size.")
     quality: Quality | None = Field("auto", description="Denoising steps: low 10, medium/auto/standard 20, "
-                                    "high/hd 40 (num_inference_steps overrides).")
+                                    "high/hd 40, xhigh 60, max 80 (num_inference_steps overrides).")
     response_format: Literal["url", "b64_json"] | None = Field(
         "b64_json", description="b64_json only: `url` is refused (no images are kept to link to).")
     output_format: OutputFormat | None = "png"
     output_compression: int | None = Field(None, ge=0, le=100, description="JPEG/WebP quality, 0-100.")
     background: Literal["auto", "opaque"] | None = Field(None, description="Images are opaque.")
     user: str | None = Field(None, max_length=256, description="Accepted for compatibility; not stored.")
+    safety_identifier: str | None = Field(None, max_length=256, description="Accepted (user's successor); not "
+                                          "stored.")
+    moderation: Literal["auto", "low"] | None = Field(None, description="Accepted; no moderation runs here.")
     stream: bool | None = Field(False, description="Server-sent events: partial images, then the result.")
     partial_images: int | None = Field(None, ge=0, le=MAX_PARTIAL_IMAGES,
                                        description="Previews sent while streaming (0-3).")
@@ -119,6 +124,8 @@ class ImageEditRequest(_OpenAIImageFields):
                              "size: transparent = edit (OpenAI's convention). Absent: img2img on the whole image.")
     strength: float | None = Field(None, gt=0.0, le=1.0, description="genserve: how far from the input "
                                    "(default 0.8 without a mask, 1.0 with one).")
+    input_fidelity: Literal["high", "low"] | None = Field(None, description="Accepted; `strength` is the "
+                                                          "control here.")
 
 
 class ImageData(BaseModel):
@@ -319,7 +326,9 @@ async def _run(ctx, task, body, model, fields, request: Request, event_prefix: s
         engine.cancel(handle)
         raise InvalidRequest(f"size {body.size} differs from the image's {params['width']}x{params['height']}: "
                              "an edit keeps the image's size (omit size or pass 'auto')", field="size")
-    meta = dict(created=int(time.time()), quality=body.quality or "auto", output_format=genserve_body.output_format,
+    quality = body.quality or "auto"
+    meta = dict(created=int(time.time()), quality=ECHOED_QUALITY.get(quality, quality),
+                output_format=genserve_body.output_format,
                 size=f"{params['width']}x{params['height']}")
 
     def respond() -> dict:
@@ -439,6 +448,8 @@ class OpenAIErrorShape:
                 status = openai_status(start["status"])
                 body = json.dumps(openai_error(status, payload)).encode()
                 headers = [(k, v) for k, v in start.get("headers", []) if k.lower() != b"content-length"]
+                if status >= 500 and status != 503:  # the SDK retries 5xx unless told: a 504 would run thrice
+                    headers.append((b"x-should-retry", b"false"))
                 await send({**start, "status": status, "headers": [*headers,
                                                                   (b"content-length", str(len(body)).encode())]})
                 await send({"type": "http.response.body", "body": body})

@@ -124,3 +124,28 @@ def test_retry_waits_are_the_servers(monkeypatch):
     answers[:] = [httpx.Response(503, json={"error": {"code": "backend_unavailable", "message": "down"}})] * 3
     with pytest.raises(gc.ServiceUnavailableError):
         c.models()
+
+
+def test_a_generation_is_not_sent_twice_after_the_server_may_have_started_it(monkeypatch):
+    """A read timeout or dropped connection can follow work the server did: a POST is sent again
+    only when it never left (connection refused), a GET after any transport error."""
+    monkeypatch.setattr(time, "sleep", lambda s: None)
+    sent = []
+
+    def failing(error):
+        def handler(request):
+            sent.append(request.method)
+            raise error("boom", request=request)
+        return handler
+
+    for error, posts in ((httpx.ReadTimeout, 1), (httpx.RemoteProtocolError, 1), (httpx.ConnectError, 3)):
+        sent.clear()
+        with gc.Client("http://test", transport=httpx.MockTransport(failing(error))) as c:
+            with pytest.raises(gc.APIConnectionError):
+                c.txt2img("a cat")
+        assert sent == ["POST"] * posts, error
+    sent.clear()
+    with gc.Client("http://test", transport=httpx.MockTransport(failing(httpx.ReadTimeout))) as c:
+        with pytest.raises(gc.APIConnectionError):
+            c.models()
+    assert sent == ["GET"] * 3

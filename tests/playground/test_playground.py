@@ -5,6 +5,7 @@ violations and for requests leaving the service's origin."""
 
 import io
 import re
+import shutil
 import time
 from html.parser import HTMLParser
 from pathlib import Path
@@ -17,7 +18,7 @@ pytestmark = pytest.mark.server
 
 ROOT = Path(__file__).resolve().parents[2]
 ARTIFACTS = ROOT / "test-artifacts" / "playground"
-CHROMIUM = "/usr/bin/chromium"
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"  # Debian's package, installed by .ci/run
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 KEY = "key-playground"

@@ -13,7 +13,7 @@ import openai
 import pytest
 from PIL import Image
 
-from services.routers.openai_images import openai_mask_to_genserve
+from services.routers.openai_images import OpenAIErrorShape, openai_mask_to_genserve
 from tests.conftest import KEYED_RATE_LIMIT
 
 pytestmark = pytest.mark.server
@@ -174,3 +174,45 @@ def test_rate_limits_are_the_sdks_rate_limit_error(keyed_server):
     e = bad(lambda: c.images.generate(prompt=PROMPT))
     assert isinstance(e, openai.RateLimitError) and e.body["type"] == "rate_limit_error"
     assert int(e.response.headers["retry-after"]) >= 1
+
+
+def test_what_other_openai_clients_send_is_understood(keyed_server):
+    """The SDK's array form for edit images (`image[]`), fields it documents that have no effect
+    here (accepted, as `user` is), and responses whose `quality` is within OpenAI's values.
+    Its own key: the other tests spend most of theirs."""
+    sdk = openai.OpenAI(base_url=f"{keyed_server.url}/v1", api_key="key-openai-compat", max_retries=0, timeout=60)
+    image = ("digit.png", png(Image.new("L", (32, 32), 0)), "image/png")
+    r = sdk.images.edit(image=[image], prompt=PROMPT, quality="low", input_fidelity="high")
+    assert r.genserve["task"] == "img2img" and r.size == "32x32"
+    e = bad(lambda: sdk.images.edit(image=[image, image], prompt=PROMPT))
+    assert isinstance(e, openai.BadRequestError) and e.body["param"] == "image" and "more than once" in e.body["message"]
+    r = sdk.images.generate(prompt=PROMPT, quality="standard", moderation="low", safety_identifier="u-1",
+                            extra_body={"num_inference_steps": 2})
+    assert r.quality == "medium" and len(r.data) == 1
+    assert sdk.images.generate(prompt=PROMPT, quality="xhigh", extra_body={"num_inference_steps": 2}).quality == "xhigh"
+
+
+def test_model_failures_and_deadlines_tell_the_sdk_not_to_retry():
+    """The SDK retries every 5xx unless told: a request past its deadline would run three times."""
+    import json
+
+    async def app(status):
+        async def inner(scope, receive, send):
+            body = json.dumps({"error": {"code": "x", "message": "m"}}).encode()
+            await send({"type": "http.response.start", "status": status,
+                        "headers": [(b"content-type", b"application/json")]})
+            await send({"type": "http.response.body", "body": body})
+        return inner
+
+    async def headers_for(status):
+        sent = []
+
+        async def send(message):
+            sent.append(message)
+
+        await OpenAIErrorShape(await app(status))({"type": "http", "path": "/v1/images/generations"}, None, send)
+        return dict(sent[0]["headers"])
+
+    assert asyncio.run(headers_for(504))[b"x-should-retry"] == b"false"
+    assert asyncio.run(headers_for(500))[b"x-should-retry"] == b"false"
+    assert b"x-should-retry" not in asyncio.run(headers_for(503))  # an outage: retry after Retry-After

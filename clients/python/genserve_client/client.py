@@ -27,6 +27,14 @@ from genserve_client.types import Event, GenerationResult, LatentResult, ModelIn
 
 ImageInput = Union[bytes, str, Path, Any]  # encoded bytes, a file path, or a PIL image
 RETRY_STATUSES = (429, 503)
+# Transport errors after which a request certainly never reached the server: the only ones a
+# POST is sent again after (a read timeout or a dropped connection may follow work the server
+# did, and generation is not idempotent).
+NOT_SENT = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout)
+
+
+def _retry_after_error(method: str, exc: httpx.TransportError) -> bool:
+    return method == "GET" or isinstance(exc, NOT_SENT)
 DEFAULT_TIMEOUT_S = 300.0
 
 
@@ -303,7 +311,7 @@ class Client(_Endpoints):
                     return response
                 response.close()
             except httpx.TransportError as exc:
-                if attempt >= self._s.max_retries:
+                if attempt >= self._s.max_retries or not _retry_after_error(method, exc):
                     raise APIConnectionError(f"{method} {path}: {exc}") from exc
             time.sleep(self._s.wait_s(attempt, response))
             attempt += 1
@@ -363,7 +371,7 @@ class AsyncClient(_Endpoints):
                     return response
                 await response.aclose()
             except httpx.TransportError as exc:
-                if attempt >= self._s.max_retries:
+                if attempt >= self._s.max_retries or not _retry_after_error(method, exc):
                     raise APIConnectionError(f"{method} {path}: {exc}") from exc
             await asyncio.sleep(self._s.wait_s(attempt, response))
             attempt += 1

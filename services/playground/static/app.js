@@ -4,7 +4,6 @@
 "use strict";
 
 const $ = (id) => document.getElementById(id);
-const TEXT_FAMILIES = ["stable_diffusion", "stable_diffusion_xl"];
 const GAN_FAMILIES = ["gan", "stylegan"];
 const INTEGER_FIELDS = new Set(["num_inference_steps", "seed", "width", "height", "num_images", "preview_every",
   "class_label"]);
@@ -140,8 +139,10 @@ async function loadModels() {
     return;
   }
   const all = models.models;
-  const text = all.filter((m) => TEXT_FAMILIES.includes(m.pipeline)).map((m) => m.name);
-  const edit = all.filter((m) => TEXT_FAMILIES.includes(m.pipeline) && m.endpoint.includes("/v1/inpaint"))
+  // whatever the family (SD, SDXL, FLUX, ...): the models that say they serve the endpoint
+  const serves = (m, path) => m.endpoint.split(", ").includes(path);
+  const text = all.filter((m) => serves(m, "/v1/txt2img")).map((m) => m.name);
+  const edit = all.filter((m) => serves(m, "/v1/txt2img") && serves(m, "/v1/inpaint"))
     .map((m) => m.name);
   const gan = all.filter((m) => GAN_FAMILIES.includes(m.pipeline)).map((m) => m.name);
   fillSelect($("t-model"), text, models.default_models.diffusion);
