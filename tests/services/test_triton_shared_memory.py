@@ -246,3 +246,26 @@ def test_a_service_with_required_and_no_triton_does_not_start(repository, tmp_pa
         assert ready != 200
     finally:
         server.stop()
+
+
+def test_regions_of_a_process_that_died_are_swept_at_the_next_start(specs, url, triton):
+    """A service killed without close() leaves its files in /dev/shm and its regions
+    registered in Triton; the next service on this host removes both (and only those)."""
+    from services.runtime.triton_shm import Region, region_prefix
+
+    dead = Region.create(SHM_DIR, f"{region_prefix()}999999999.1-abcdef-deadbeef0000", 4096)  # no such pid
+    client = triton.grpc()
+    try:
+        client.register_system_shared_memory(dead.name, dead.key, dead.size)
+        dead.mm.close()  # the "dead" process's mapping; the file stays, as after a SIGKILL
+        backend = TritonBackend(specs, url, shared_memory="auto")
+        try:
+            assert backend.transport == "shared_memory"
+            assert dead.name not in registered(triton)
+            assert not dead.path.exists()
+        finally:
+            run(backend.close())
+    finally:
+        client.unregister_system_shared_memory(dead.name)
+        dead.path.unlink(missing_ok=True)
+        client.close()
