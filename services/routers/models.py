@@ -3,6 +3,7 @@ as each family's router describes them; the backend, and on Triton how tensors r
 
 from __future__ import annotations
 
+import time
 from typing import Literal
 
 from fastapi import APIRouter, Depends
@@ -13,6 +14,17 @@ from services.openapi import GET_ERRORS, error_responses
 from services.schemas import ModelList
 
 router = APIRouter()
+STARTED = int(time.time())  # OpenAI's `created` for the served models: when this process loaded them
+
+
+class OpenAIModel(BaseModel):
+    """An entry of OpenAI's model list, so tools that discover models with the OpenAI SDK's
+    `models.list()` (and the Images API's `model` field) see what is served."""
+
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "genserve"
 
 
 class SharedMemoryStatus(BaseModel):
@@ -32,6 +44,8 @@ class SharedMemoryStatus(BaseModel):
 
 
 class ServedModels(ModelList):
+    object: Literal["list"] = "list"
+    data: list[OpenAIModel] = Field(description="The same models in OpenAI's list shape (id = name).")
     backend: str = Field(description="onnxruntime (embedded) or triton")
     triton_shared_memory: SharedMemoryStatus | None = Field(None, description="on the Triton backend only")
 
@@ -44,4 +58,5 @@ async def list_models(ctx: ServiceContext = Depends(context)) -> ServedModels:
     status = getattr(ctx.backend, "shared_memory_status", None)
     return ServedModels(default_models={"gan": s.default_gan_model, "diffusion": s.default_diffusion_model,
                                         "ddpm": s.default_ddpm_model, "vae": s.default_vae_model}, models=models,
+                        data=[OpenAIModel(id=m.name, created=STARTED) for m in models],
                         backend=ctx.backend.name, triton_shared_memory=status and SharedMemoryStatus(**status()))

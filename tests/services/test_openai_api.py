@@ -190,6 +190,8 @@ def test_what_other_openai_clients_send_is_understood(keyed_server):
                             extra_body={"num_inference_steps": 2})
     assert r.quality == "medium" and len(r.data) == 1
     assert sdk.images.generate(prompt=PROMPT, quality="xhigh", extra_body={"num_inference_steps": 2}).quality == "xhigh"
+    # tools discover models with the SDK's models.list()
+    assert "sd_digits" in {m.id for m in sdk.models.list()}
 
 
 def test_model_failures_and_deadlines_tell_the_sdk_not_to_retry():
