@@ -29,7 +29,7 @@ def add_parsers(sub, add_common) -> None:
                                              "architecture's multiple)")
     sr.add_argument("--tile-overlap", type=int, default=16, help="default overlap between tiles (default 16)")
     sr.add_argument("--version", type=int, default=1)
-    sr.add_argument("--max-batch-size", type=int, default=8, help="tiles per model call (default 8)")
+    sr.add_argument("--max-batch-size", type=int, default=16, help="tiles per model call (default 16)")
     add_common(sr)
     tr = sub.add_parser(
         "translator", help="export an image -> image generator (Pix2Pix, CycleGAN, style transfer) from your module",
@@ -45,7 +45,7 @@ def add_parsers(sub, add_common) -> None:
     tr.add_argument("--size-multiple", type=int, help="sides must be multiples of this (default: probed)")
     tr.add_argument("--tile", type=int, help="default tile side (default 512)")
     tr.add_argument("--version", type=int, default=1)
-    tr.add_argument("--max-batch-size", type=int, default=8)
+    tr.add_argument("--max-batch-size", type=int, default=16)
     add_common(tr)
 
 

@@ -100,7 +100,7 @@ def export_translator(
     output_range: str | tuple[float, float] = (-1.0, 1.0),
     size_multiple: int | None = None,
     version: int = 1,
-    max_batch_size: int = 8,
+    max_batch_size: int = 16,
     target: DeploymentTarget = DeploymentTarget(),
     tile: int | None = None,
     tile_overlap: int = 32,
