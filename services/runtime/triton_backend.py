@@ -84,6 +84,21 @@ def classify_error(exc: BaseException, url: str, model: str) -> tuple[ServiceErr
 _TRANSPORT_ERRORS = (grpc.RpcError, grpc.aio.BaseError, OSError, asyncio.TimeoutError)
 
 
+def _release_at_exit(pool: RegionPool, url: str) -> None:
+    regions = pool.clear()
+    if not regions:
+        return
+    try:
+        client = grpcclient.InferenceServerClient(url)
+        try:
+            for region in regions:
+                client.unregister_system_shared_memory(region.name, client_timeout=1)
+        finally:
+            client.close()
+    except Exception:  # noqa: BLE001 - exiting: Triton down or gone is fine
+        pass
+
+
 class SharedMemoryFailure(Exception):
     """Triton could not use a region named in a request (unknown to it, or too small)."""
 
@@ -132,9 +147,10 @@ class TritonBackend(InferenceBackend):
         self._output_shapes: OrderedDict[tuple, list[tuple[str, np.dtype, tuple]]] = OrderedDict()
         self.counters = {"shared_memory_calls": 0, "socket_calls": 0, "fallbacks": 0, "recoveries": 0}
         self._metrics = metrics
-        # A process that exits without close() still removes its files (Triton's mappings
-        # of them are unregistered by the next service on this host: _sweep_triton).
-        weakref.finalize(self, RegionPool.clear, self._pool)
+        # A process that exits without close() (BentoML's worker does) still unregisters
+        # its regions and removes their files; one that is killed leaves both to the next
+        # service on this host (_sweep_triton).
+        weakref.finalize(self, _release_at_exit, self._pool, url)
         if shared_memory != "off":
             self._negotiate_at_start()
 
