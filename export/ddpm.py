@@ -59,7 +59,7 @@ import numpy as np
 import torch
 
 from export.diffusers_folder import UnsupportedFolder
-from export.stable_diffusion import ComponentReport, GraphExporter, load_fp32
+from export.stable_diffusion import DENOISER_QUEUE_DELAY_US, ComponentReport, GraphExporter, load_fp32
 from export.triton_config import DeploymentTarget, TensorSpec
 
 OUTPUT_RANGE = "-1,1"
@@ -168,6 +168,7 @@ def export_ddpm(
     }
     export_graph = GraphExporter(repository, name, "ddpm", version=version, max_batch_size=max_batch_size,
                                  target=target, progress=progress)
-    export_graph("unet", module, make_inputs, inputs, outputs, dynamic, parameters, atol=1e-3, delay_us=1000,
+    export_graph("unet", module, make_inputs, inputs, outputs, dynamic, parameters, atol=1e-3,
+                 delay_us=DENOISER_QUEUE_DELAY_US,
                  files=[(scheduler_config, "scheduler_config.json")])
     return export_graph.reports

@@ -53,6 +53,7 @@ import torch
 
 from export.diffusers_folder import UnsupportedFolder
 from export.stable_diffusion import (
+    DENOISER_QUEUE_DELAY_US,
     EXTERNAL_DATA_THRESHOLD,
     ComponentReport,
     GraphExporter,
@@ -246,7 +247,8 @@ def export_flux(
         [TensorSpec("noise_pred", "float32", (-1, cfg.in_channels))], dynamic,
         {"in_channels": cfg.in_channels, "guidance_embeds": "1" if guided else "0", "native_height": native,
          "native_width": native, "vae_scale_factor": vae_scale, "size_multiple": multiple},
-        atol=1e-3, delay_us=1000, files=[(folder / "scheduler" / "scheduler_config.json", "scheduler_config.json")],
+        atol=1e-3, delay_us=DENOISER_QUEUE_DELAY_US,
+        files=[(folder / "scheduler" / "scheduler_config.json", "scheduler_config.json")],
         dynamo=True,  # the tracer freezes the rotary embedding's reshapes to the traced sequence length
         # The graph takes row 0's position ids for the whole call: Triton must not merge calls of
         # equal patch counts but other layouts (1024x1024 and 512x2048). The step engine batches.

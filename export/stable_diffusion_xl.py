@@ -78,6 +78,7 @@ import torch
 
 from export.diffusers_folder import UnsupportedFolder
 from export.stable_diffusion import (
+    DENOISER_QUEUE_DELAY_US,
     EXTERNAL_DATA_THRESHOLD,
     ComponentReport,
     GraphExporter,
@@ -259,7 +260,7 @@ def export_stable_diffusion_xl(
          "num_time_ids": n_time_ids, "text_embeds_dim": pooled_dim, "cross_attention_dim": context,
          "force_zeros_for_empty_prompt": _flag(index.get("force_zeros_for_empty_prompt", True)),
          "requires_aesthetics_score": _flag(index.get("requires_aesthetics_score", False))},
-        atol=1e-3, delay_us=1000,
+        atol=1e-3, delay_us=DENOISER_QUEUE_DELAY_US,
         files=[(folder / "scheduler" / "scheduler_config.json", "scheduler_config.json")],
     )
 

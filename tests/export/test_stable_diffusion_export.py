@@ -58,3 +58,16 @@ def test_large_graphs_move_weights_to_external_data(random_sd, tmp_path):
     original = ort.InferenceSession(str(repo / "sd_random_vae_decoder" / "1" / "model.onnx"))
     np.testing.assert_array_equal(ort.InferenceSession(str(path)).run(None, {"latent_sample": x})[0],
                                   original.run(None, {"latent_sample": x})[0])
+
+
+def test_the_unet_is_batched_by_the_engine_so_triton_does_not_wait_for_rows(random_sd):
+    """The step engine already sends one call per iteration with every request's rows; Triton
+    still merges what queues while busy (delay 0), but never holds a call back for more."""
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2 as mc
+
+    _, repo = random_sd
+    unet, text = (text_format.Parse((repo / m / "config.pbtxt").read_text(), mc.ModelConfig())
+                  for m in ("sd_random_unet", "sd_random_text_encoder"))
+    assert unet.HasField("dynamic_batching") and unet.dynamic_batching.max_queue_delay_microseconds == 0
+    assert text.dynamic_batching.max_queue_delay_microseconds == 1000
