@@ -308,9 +308,11 @@ def test_retry_after_is_the_measured_drain_time_from_the_first_request(faulty):
         engine.submit(req(steps=50, num_images=8), timeout_s=600)  # 400 image-steps queued
         with pytest.raises(QueueFull) as info:
             engine.submit(req(steps=50, num_images=2), timeout_s=600)
-        # Room for 100 more image-steps frees up at the measured rate (the demo: a fraction of a second).
-        assert info.value.retry_after_s == min(60, max(1, int(np.ceil(100 / rate))))
-        assert info.value.retry_after_s <= max(1, np.ceil(400 / rate))
+        # Room for 100 more image-steps frees up in a quarter of the queue's drain time: its rows
+        # priced by the cost model the warm-up measured (the demo: a fraction of a second).
+        drain = engine.scheduler.queue_seconds()
+        assert engine.cost.measured and drain > 0
+        assert info.value.retry_after_s == min(60, max(1, int(np.ceil(drain * 100 / 400 - 1e-9))))
     asyncio.run(main())
 
 
