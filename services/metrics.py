@@ -57,6 +57,10 @@ class ServiceMetrics:
         self.engine_requests_finished = prom.Counter(
             "genserve_engine_requests_finished", "Diffusion requests leaving the engine, by reason "
             "(done, cancelled, timeout, error).", ["model", "reason"], **kw)
+        self.engine_first_step_seconds = prom.Histogram(
+            "genserve_engine_first_step_seconds", "Time from a diffusion request's admission to the end of "
+            "its first denoising step (a stream's first progress event): the wait the step order decides.",
+            ["model"], buckets=LATENCY_BUCKETS, **kw)
         self.engine_cost_seconds = prom.Gauge(
             "genserve_engine_cost_seconds", "The engine's cost model: seconds per denoiser call by batch "
             "rows at the native size (start-up timing, refreshed by live calls).",
@@ -109,11 +113,15 @@ class ServiceMetrics:
                 metrics.engine_denoising_steps.labels(model).inc(images)
 
             def queue(self, model, requests, image_steps):
+                metrics.engine_first_step_seconds.labels(model)  # the series exists from start-up
                 metrics.engine_queue_requests.labels(model).set(requests)
                 metrics.engine_queue_steps.labels(model).set(image_steps)
 
             def finished(self, model, reason):
                 metrics.engine_requests_finished.labels(model, reason).inc()
+
+            def first_step(self, model, seconds):
+                metrics.engine_first_step_seconds.labels(model).observe(seconds)
 
             def cost(self, model, table):
                 if not table.get("measured"):

@@ -53,6 +53,7 @@ class EngineObserver:
     def cost(self, model: str, table: dict) -> None: ...  # the cost model's describe(), when it changes
     def queue(self, model: str, requests: int, image_steps: int) -> None: ...
     def finished(self, model: str, reason: str) -> None: ...
+    def first_step(self, model: str, seconds: float) -> None: ...  # arrival to the end of its first step
 
 
 def check_denoising_steps(num_inference_steps: int, strength: float, from_image: bool) -> None:
@@ -390,6 +391,8 @@ class DiffusionEngine:
                 self._fail(r, exc)
                 continue
             r.timings["denoising_seconds"] += time.perf_counter() - start
+            if r.trajectory.steps_done == 1:
+                self.observer.first_step(self.model, time.monotonic() - r.arrival)
             r.emit("progress", step=r.trajectory.steps_done, total=r.trajectory.num_steps,
                    elapsed=round(time.monotonic() - r.arrival, 6))
         self.scheduler.update_from_output(batch, seconds)

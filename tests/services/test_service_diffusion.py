@@ -175,3 +175,4 @@ def test_a_full_queue_answers_429_at_once(small_queue_server):
     assert 1 <= cost["best_rows"] <= described["sd_digits"]["max_batch_size"] and cost["rows_per_second"] > 0
     assert metric(small_queue_server, "genserve_engine_best_rows", model="sd_digits") >= 1
     assert metric(small_queue_server, "genserve_engine_cost_seconds", model="sd_digits", rows="16") > 0
+    assert metric(small_queue_server, "genserve_engine_first_step_seconds_count", model="sd_digits") >= 1
