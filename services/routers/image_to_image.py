@@ -52,7 +52,16 @@ def _documented(model) -> dict:
     """The JSON-or-multipart body, with a working JSON example: a small grey PNG for the
     model served by default (clients and the fuzzer see a request that succeeds)."""
     extra = body_schema(model)
-    extra["requestBody"]["content"]["application/json"]["example"] = {"image": _EXAMPLE_PNG}
+    content = extra["requestBody"]["content"]
+    content["application/json"]["example"] = {"image": _EXAMPLE_PNG}
+    # The form documents the file only: an optional form field sent as an empty list is no
+    # field at all on the wire, so a schema fuzzer's "invalid" value for it is a valid request
+    # (the defaults). The other fields are the JSON body's, sent as form fields.
+    form = content["multipart/form-data"]["schema"]
+    content["multipart/form-data"]["schema"] = {
+        "type": "object", "required": ["image"], "properties": {"image": form["properties"]["image"]},
+        "description": "The image as a file; model, output_format, tile and tile_overlap as form fields, as in "
+                       "the JSON body."}
     return extra
 
 
