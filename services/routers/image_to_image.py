@@ -76,7 +76,7 @@ ENDPOINTS = {"super_resolution": "/v1/upscale", "restoration": "/v1/upscale", "t
              openapi_extra=_documented(UpscaleRequest))
 async def upscale(request: Request, ctx: ServiceContext = Depends(context)) -> DiffusionResponse:
     """An image of any size (up to the output limit) x the model's scale, in overlapping tiles."""
-    body = await _parse(request, UpscaleRequest)
+    body = await parse_body(request, UpscaleRequest)
     return await _serve(ctx, body, "/v1/upscale")
 
 
@@ -84,22 +84,8 @@ async def upscale(request: Request, ctx: ServiceContext = Depends(context)) -> D
              openapi_extra=_documented(TranslateRequest))
 async def translate(request: Request, ctx: ServiceContext = Depends(context)) -> DiffusionResponse:
     """An image through an image-to-image translator (Pix2Pix, CycleGAN, style transfer)."""
-    body = await _parse(request, TranslateRequest)
+    body = await parse_body(request, TranslateRequest)
     return await _serve(ctx, body, "/v1/translate")
-
-
-async def _parse(request: Request, model):
-    """parse_body, refusing a multipart field given twice (a form would keep only the last)."""
-    if request.headers.get("content-type", "").startswith("multipart/form-data"):
-        from services.http import MAX_FORM_FIELD_BYTES, MAX_FORM_FIELDS, MAX_FORM_FILES
-
-        form = await request.form(max_files=MAX_FORM_FILES, max_fields=MAX_FORM_FIELDS,
-                                  max_part_size=MAX_FORM_FIELD_BYTES)  # cached: parse_body reads the same form
-        keys = [key for key, _ in form.multi_items()]
-        repeated = sorted({key for key in keys if keys.count(key) > 1})
-        if repeated:
-            raise InvalidRequest(f"{repeated[0]} is given more than once: send each field once", field=repeated[0])
-    return await parse_body(request, model)
 
 
 async def _serve(ctx: ServiceContext, body: UpscaleRequest, endpoint: str) -> DiffusionResponse:
