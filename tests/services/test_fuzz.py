@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import collections
 import json
+import re
 import subprocess
 import sys
 import urllib.request
@@ -102,7 +103,15 @@ def test_schemathesis_finds_nothing(server, tmp_path):
     summary = "\n".join([f"  {m} {p}: {dict(sorted(c.items()))}" for (m, p), c in sorted(statuses.items())
                          if set(c) != {405}] + [f"  405 only: {len(refused_methods)} method/path pairs"])
 
-    if run.returncode != 0:  # Schemathesis' report: each distinct failure, with a curl line to reproduce it
+    # A 504 for a deadline the request itself set (timeout_s can be 1 s) is the documented
+    # answer, not a server fault; on a slow machine the generator's smallest deadlines meet it.
+    # Schemathesis counts every 5xx, so a run whose only failures are such 504s passes here.
+    deadlines = [e for e in entries if (e.get("response") or {}).get("status") == 504
+                 and '"deadline_exceeded"' in (e["response"].get("content") or {}).get("text", "")]
+    kinds = set(re.findall(r"^- (ST\d+) ", output, re.MULTILINE))
+    only_deadlines = deadlines and kinds == {"ST101"} and "[504] Gateway Timeout" in output and all(
+        line.strip().startswith("[504]") for line in output.splitlines() if re.match(r"\s*\[5\d\d\]", line))
+    if run.returncode != 0 and not only_deadlines:  # Schemathesis' report: each failure, with a curl line
         pytest.fail(f"schemathesis exited with {run.returncode} (reports in {report_dir}):\n{output[-20000:]}"
                     f"\n--- statuses per operation ---\n{summary}", pytrace=False)
 
@@ -110,6 +119,9 @@ def test_schemathesis_finds_nothing(server, tmp_path):
     # the document reached, each (img2img and inpaint included, thanks to the document's
     # examples) answered 200 at least once.
     server_errors = {op: {s: n for s, n in c.items() if s >= 500 or s <= 0} for op, c in statuses.items()}
+    for entry in deadlines:  # the request's own deadline (above), not a server error
+        server_errors[(entry["request"]["method"], _operation(entry["request"]["url"]))][504] -= 1
+    server_errors = {op: {s: n for s, n in c.items() if n} for op, c in server_errors.items()}
     assert not any(server_errors.values()), f"responses >= 500 (or none):\n{summary}"
     with urllib.request.urlopen(f"{base}/openapi.json", timeout=30) as response:
         document = json.load(response)
