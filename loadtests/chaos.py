@@ -74,24 +74,35 @@ def send_witnesses(url: str, seeds: list[int], out: dict, started: list[threadin
     are); the result event is the txt2img response, compared with the one before the chaos."""
     import json
 
+    def read(seed, r):
+        if r.status_code != 200:
+            r.read()
+            out[seed] = f"HTTP {r.status_code}: {r.text[:200]}"
+            return
+        event = None
+        for line in r.iter_lines():
+            if line.startswith("event: "):
+                event = line[7:]
+            elif line.startswith("data: "):
+                data = json.loads(line[6:])
+                if event == "progress" and data["step"] >= 5 and started is not None:
+                    started[seeds.index(seed)].set()
+                elif event in ("result", "error"):
+                    out[seed] = (event, data)
+
     def one(seed):
+        # As a client does, a 429/503 is retried after its Retry-After (for up to 60 s): right
+        # after Triton is back the service may still answer 503 until its next call finds it up.
+        give_up = time.monotonic() + 60
         try:
-            with httpx.stream("POST", f"{url}/v1/txt2img/stream", json=dict(WITNESS, seed=seed),
-                              timeout=WITNESS["timeout_s"] + 30) as r:
-                if r.status_code != 200:
+            while True:
+                with httpx.stream("POST", f"{url}/v1/txt2img/stream", json=dict(WITNESS, seed=seed),
+                                  timeout=WITNESS["timeout_s"] + 30) as r:
+                    if r.status_code not in (429, 503) or time.monotonic() > give_up:
+                        return read(seed, r)
                     r.read()
-                    out[seed] = f"HTTP {r.status_code}: {r.text[:200]}"
-                    return
-                event = None
-                for line in r.iter_lines():
-                    if line.startswith("event: "):
-                        event = line[7:]
-                    elif line.startswith("data: "):
-                        data = json.loads(line[6:])
-                        if event == "progress" and data["step"] >= 5 and started is not None:
-                            started[seeds.index(seed)].set()
-                        elif event in ("result", "error"):
-                            out[seed] = (event, data)
+                    wait = float(r.headers.get("retry-after", "1"))
+                time.sleep(wait)
         except Exception as exc:  # reported as a failed witness
             out[seed] = exc
     threads = [threading.Thread(target=one, args=(s,)) for s in seeds]

@@ -112,10 +112,12 @@ class DiffusionEngine:
 
     @property
     def backend_down(self) -> bool:
-        """True while the backend is unavailable (the last iteration hit BackendUnavailable):
-        requests in flight are paused, new ones would wait. The HTTP layer may answer new
-        submissions 503 at once instead."""
-        return self._outage is not None
+        """True while the backend is unavailable (the last iteration hit BackendUnavailable)
+        and requests are paused in flight: new ones would wait, so the HTTP layer answers them
+        503 at once. The paused requests are the loop's probe of the backend; once none is
+        left (deadlines, cancellations), the next submission is admitted to be that probe,
+        or nothing would ever find out that the backend is back."""
+        return self._outage is not None and bool(self.scheduler.requests)
 
     # -- client side -------------------------------------------------------------------
     def submit(self, request: DiffusionRequest, timeout_s: float, preview_every: int = 0,

@@ -264,7 +264,28 @@ def test_a_deadline_that_passes_during_an_outage_answers_503(faulty):
         assert isinstance(handle.error, BackendUnavailable) and handle.error.status == 503
         assert handle.error.headers["Retry-After"] == "2"
         assert 0.6 <= waited < 1.5  # the back-off wakes up for the deadline
-        assert engine.backend_down and faulty.calls.count("sd_random_text_encoder") < 10  # backed off
+        assert faulty.calls.count("sd_random_text_encoder") < 10  # backed off
+    asyncio.run(main())
+
+
+def test_after_an_outage_that_emptied_the_queue_the_next_request_probes_and_runs(faulty):
+    """Every paused request left during the outage: no iteration remains to notice the
+    backend's return, so new requests are admitted again (the first one probes) instead of
+    being refused 503 forever."""
+    async def main():
+        engine = make_engine(faulty, start_loop=True)
+        faulty.down = True
+        lost = engine.submit(req(), timeout_s=0.5)
+        paused = engine.submit(req(), timeout_s=0.5)
+        await asyncio.sleep(0.2)
+        assert engine.backend_down  # requests paused in flight: new ones are refused at once
+        await asyncio.wait_for(asyncio.gather(lost.done.wait(), paused.done.wait()), timeout=5)
+        assert not engine.scheduler.requests and not engine.backend_down
+        faulty.down = False
+        handle = engine.submit(req(steps=3), timeout_s=30)
+        await asyncio.wait_for(handle.done.wait(), timeout=10)
+        await engine.close()
+        assert handle.status == RequestStatus.FINISHED_DONE
     asyncio.run(main())
 
 
