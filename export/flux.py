@@ -59,8 +59,7 @@ from export.stable_diffusion import (
     GraphExporter,
     _fast_tokenizer_json,
     _TextEncoder,
-    _VAEDecoder,
-    _VAEEncoder,
+    export_vae_graphs,
     load_fp32,
 )
 from export.triton_config import DeploymentTarget, TensorSpec
@@ -261,20 +260,7 @@ def export_flux(
     vae_params = {"vae_scale_factor": vae_scale, "scaling_factor": vae.config.scaling_factor,
                   "shift_factor": getattr(vae.config, "shift_factor", None) or 0.0,
                   "image_channels": image_c, "latent_channels": latent_c}
-    export_graph(
-        "vae_decoder", _VAEDecoder(vae),
-        lambda b, k: {"latent_sample": rng.standard_normal((b, latent_c, k * h, k * w), dtype=np.float32)},
-        [TensorSpec("latent_sample", "float32", (latent_c, -1, -1))],
-        [TensorSpec("sample", "float32", (image_c, -1, -1))],
-        {"latent_sample": {0: "batch", 2: "height", 3: "width"}, "sample": {0: "batch", 2: "height", 3: "width"}},
-        vae_params, atol=1e-3, delay_us=2000,
-        **plan("vae_decoder", channels=latent_c, native=h))
-    export_graph(
-        "vae_encoder", _VAEEncoder(vae),
-        lambda b, k: {"sample": rng.uniform(-1, 1, (b, image_c, k * native, k * native)).astype(np.float32)},
-        [TensorSpec("sample", "float32", (image_c, -1, -1))],
-        [TensorSpec("latent_parameters", "float32", (2 * latent_c, -1, -1))],
-        {"sample": {0: "batch", 2: "height", 3: "width"}, "latent_parameters": {0: "batch", 2: "height", 3: "width"}},
-        vae_params, atol=1e-3, delay_us=2000,
-        **plan("vae_encoder", channels=image_c, native=native, smallest=multiple))
+    export_vae_graphs(export_graph, vae, rng, latent_c, image_c, h, w, vae_scale, vae_params,
+                      extra={"vae_decoder": plan("vae_decoder", channels=latent_c, native=h),
+                             "vae_encoder": plan("vae_encoder", channels=image_c, native=native, smallest=multiple)})
     return export_graph.reports

@@ -209,6 +209,27 @@ def load_pipeline_components(folder: Path):
             load_fp32(AutoencoderKL, folder / "vae"))
 
 
+def export_vae_graphs(export, vae, rng, latent_channels: int, image_channels: int, height: int, width: int,
+                      scale: int, parameters: dict, extra: dict | None = None) -> None:
+    """A latent pipeline's VAE decoder and encoder graphs (SD's, SDXL's, FLUX's: the same
+    contract, each family's own `parameters`), traced at the native latent size. `export` is
+    the family's GraphExporter (or a wrapper of it); `extra[role]`: more keyword arguments for
+    that role's call (TensorRT plans)."""
+    c, ic, extra = latent_channels, image_channels, extra or {}
+    spatial = {0: "batch", 2: "height", 3: "width"}
+    export("vae_decoder", _VAEDecoder(vae),
+           lambda b, k: {"latent_sample": rng.standard_normal((b, c, k * height, k * width), dtype=np.float32)},
+           [TensorSpec("latent_sample", "float32", (c, -1, -1))], [TensorSpec("sample", "float32", (ic, -1, -1))],
+           {"latent_sample": spatial, "sample": spatial}, parameters, atol=1e-3, delay_us=2000,
+           **extra.get("vae_decoder", {}))
+    export("vae_encoder", _VAEEncoder(vae),
+           lambda b, k: {"sample": rng.uniform(-1, 1, (b, ic, k * height * scale, k * width * scale))
+                         .astype(np.float32)},
+           [TensorSpec("sample", "float32", (ic, -1, -1))], [TensorSpec("latent_parameters", "float32", (2 * c, -1, -1))],
+           {"sample": spatial, "latent_parameters": spatial}, parameters, atol=1e-3, delay_us=2000,
+           **extra.get("vae_encoder", {}))
+
+
 def _fast_tokenizer_json(folder: Path, dest: Path, subfolder: str = "tokenizer") -> dict:
     """Writes tokenizer.json (the folder's, or converted from vocab.json/merges.txt) and
     returns the facts the pipeline needs (max length, pad/bos/eos ids)."""
@@ -304,21 +325,5 @@ def export_stable_diffusion(
     # 3. VAE decoder and encoder.
     vae_params = {"vae_scale_factor": vae_scale, "scaling_factor": vae.config.scaling_factor,
                   "image_channels": image_c, "latent_channels": latent_c}
-    component(
-        "vae_decoder", _VAEDecoder(vae),
-        lambda b, k: {"latent_sample": rng.standard_normal((b, latent_c, k * h, k * w), dtype=np.float32)},
-        [TensorSpec("latent_sample", "float32", (latent_c, -1, -1))],
-        [TensorSpec("sample", "float32", (image_c, -1, -1))],
-        {"latent_sample": {0: "batch", 2: "height", 3: "width"}, "sample": {0: "batch", 2: "height", 3: "width"}},
-        vae_params, atol=1e-3, delay_us=2000,
-    )
-    component(
-        "vae_encoder", _VAEEncoder(vae),
-        lambda b, k: {"sample": rng.uniform(-1, 1, (b, image_c, k * h * vae_scale, k * w * vae_scale)).astype(np.float32)},
-        [TensorSpec("sample", "float32", (image_c, -1, -1))],
-        [TensorSpec("latent_parameters", "float32", (2 * latent_c, -1, -1))],
-        {"sample": {0: "batch", 2: "height", 3: "width"},
-         "latent_parameters": {0: "batch", 2: "height", 3: "width"}},
-        vae_params, atol=1e-3, delay_us=2000,
-    )
+    export_vae_graphs(component, vae, rng, latent_c, image_c, h, w, vae_scale, vae_params)
     return export_graph.reports

@@ -83,8 +83,7 @@ from export.stable_diffusion import (
     ComponentReport,
     GraphExporter,
     _fast_tokenizer_json,
-    _VAEDecoder,
-    _VAEEncoder,
+    export_vae_graphs,
     load_fp32,
 )
 from export.triton_config import DeploymentTarget, TensorSpec
@@ -274,21 +273,5 @@ def export_stable_diffusion_xl(
     if mean is not None and std is not None:
         vae_params["latents_mean"] = ",".join(repr(float(v)) for v in mean)
         vae_params["latents_std"] = ",".join(repr(float(v)) for v in std)
-    export_graph(
-        "vae_decoder", _VAEDecoder(vae),
-        lambda b, k: {"latent_sample": rng.standard_normal((b, latent_c, k * h, k * w), dtype=np.float32)},
-        [TensorSpec("latent_sample", "float32", (latent_c, -1, -1))],
-        [TensorSpec("sample", "float32", (image_c, -1, -1))],
-        {"latent_sample": {0: "batch", 2: "height", 3: "width"}, "sample": {0: "batch", 2: "height", 3: "width"}},
-        vae_params, atol=1e-3, delay_us=2000,
-    )
-    export_graph(
-        "vae_encoder", _VAEEncoder(vae),
-        lambda b, k: {"sample": rng.uniform(-1, 1, (b, image_c, k * h * vae_scale, k * w * vae_scale))
-                      .astype(np.float32)},
-        [TensorSpec("sample", "float32", (image_c, -1, -1))],
-        [TensorSpec("latent_parameters", "float32", (2 * latent_c, -1, -1))],
-        {"sample": {0: "batch", 2: "height", 3: "width"}, "latent_parameters": {0: "batch", 2: "height", 3: "width"}},
-        vae_params, atol=1e-3, delay_us=2000,
-    )
+    export_vae_graphs(export_graph, vae, rng, latent_c, image_c, h, w, vae_scale, vae_params)
     return export_graph.reports
