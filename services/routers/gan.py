@@ -7,7 +7,7 @@ import time
 from fastapi import APIRouter, Depends
 
 from services.context import ServiceContext, context
-from services.errors import InvalidRequest, ModelNotFound
+from services.errors import ModelNotFound
 from services.gateway import request_id_var
 from services.imaging import FORMATS
 from services.openapi import error_responses
@@ -35,9 +35,6 @@ async def gan_generate(body: GANGenerateRequest, ctx: ServiceContext = Depends(c
     if name in ctx.stylegan:
         from services.routers import stylegan
 
-        if body.upscale is not None:
-            raise InvalidRequest(f"upscale is not available for StyleGAN models ({name!r}) yet: generate, then "
-                                 "POST the images to /v1/upscale", field="upscale")
         return await stylegan.generate(ctx, name, body)
     if name not in ctx.gan:
         raise ModelNotFound(f"model {name!r} is not a GAN served here", field="model",

@@ -15,6 +15,7 @@ from services.errors import InvalidRequest, ModelNotFound
 from services.gateway import request_id_var
 from services.imaging import ANIMATIONS, FORMATS, encode_animation, to_uint8
 from services.openapi import error_responses
+from services.routers import image_to_image
 from services.schemas import (
     MAX_FRAMES,
     MAX_IMAGES_PER_REQUEST,
@@ -46,12 +47,16 @@ async def generate(ctx: ServiceContext, name: str, body: GANGenerateRequest) -> 
     g = ctx.stylegan[name]
     check_class_label(name, body.class_label, g.info.c_dim, "class_label")
     seed = resolve_seed(body.seed, body.num_images)
+    if body.upscale is not None:  # refused before generating, not after
+        image_to_image.check_upscale(ctx, body.upscale, g.info.image_height, g.info.image_width)
     seeds = [seed + i for i in range(body.num_images)]
     w, labels = await g.seeds_to_w(seeds, [body.class_label] * body.num_images, body.truncation_psi)
     images = await g.synthesis(g.broadcast(w))
     metas = [{"seed": s, "class_label": label, "truncation_psi": body.truncation_psi} for s, label in zip(seeds, labels)]
-    return _respond(ctx, "gan", name, images, metas, body.output_format, start,
-                    {**body.model_dump(exclude={"model"}), "seed": seed})
+    params, timings = {**body.model_dump(exclude={"model", "upscale"}), "seed": seed}, {}
+    images, value_range, fmt = await image_to_image.chain(ctx, body.upscale, images, g.info.output_range,
+                                                          body.output_format, metas, params, timings)
+    return _respond(ctx, "gan", name, images, metas, fmt, start, params, value_range, timings)
 
 
 @router.post("/gan/mix", response_model=GANGenerateResponse, responses=error_responses())
@@ -184,16 +189,17 @@ def _labels(g, name: str, labels: list[int] | None, count: int) -> list[int | No
 
 
 def _respond(ctx: ServiceContext, task: str, name: str, images: np.ndarray, metas: list[dict], fmt: str,
-             start: float, params: dict) -> GANGenerateResponse:
+             start: float, params: dict, value_range=None, timings: dict | None = None) -> GANGenerateResponse:
+    """`value_range`: the images' (the generator's output range unless an upscale stage ran)."""
     g = ctx.stylegan[name]
-    encoded = ctx.encode_images(images, g.info.output_range, fmt,
+    encoded = ctx.encode_images(images, value_range or g.info.output_range, fmt,
                                 [{"model": name, "version": g.info.version, **m} for m in metas])
     for image, meta in zip(encoded, metas):
         image.class_label = meta.get("class_label")
     total = ctx.record(task, name, len(encoded), start)
     return GANGenerateResponse(request_id=request_id_var.get(), model=name, model_version=g.info.version,
                                backend=ctx.backend.name, parameters=params, images=encoded,
-                               timings={"total_seconds": round(total, 6)})
+                               timings={**(timings or {}), "total_seconds": round(total, 6)})
 
 
 def describe(ctx: ServiceContext) -> list[ModelDescription]:

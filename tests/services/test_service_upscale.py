@@ -54,7 +54,11 @@ def served(tmp_path_factory):
     export_translator(f"{root / 'translator.py'}:invert", root / "t.safetensors", repo, "translator_random")
     from export.gan import export_gan
 
-    export_gan("cgan_digits", repo, "cgan_digits")  # a generator to chain after
+    export_gan("cgan_digits", repo, "cgan_digits")  # generators to chain after: a GAN and a StyleGAN
+    from export.__main__ import CHECKPOINTS
+    from export.stylegan import export_stylegan_checkpoint
+
+    export_stylegan_checkpoint(CHECKPOINTS / "stylegan_digits", repo, "stylegan_digits")
     env = {"GENSERVE_MODEL_REPOSITORY": str(repo), "GENSERVE_BACKEND": "onnxruntime",
            "GENSERVE_MAX_UPSCALE_PIXELS": str(MAX_PIXELS)}
     yield from running_server(env, root)
@@ -190,3 +194,15 @@ def test_gan_generate_chains_an_upscale(served):
         again = post(served, "upscale", {"model": "esrgan_random", "image": small["data"]}).json()["images"][0]
         assert psnr(np.asarray(decoded(big).convert("L")), np.asarray(decoded(again))) > 40
     error_of(post(served, "gan/generate", {"upscale": {"model": "translator_random"}}), 404, "upscale.model")
+
+
+def test_stylegan_models_on_gan_generate_chain_an_upscale_too(served):
+    body = {"model": "stylegan_digits", "seed": 4, "num_images": 2, "class_label": 7}
+    plain = post(served, "gan/generate", body).json()
+    r = post(served, "gan/generate", {**body, "upscale": {"model": "esrgan_random"}})
+    assert r.status_code == 200, r.text
+    assert r.json()["parameters"]["upscale"]["scale"] == 4 and "upscale_seconds" in r.json()["timings"]
+    for small, big in zip(plain["images"], r.json()["images"]):
+        assert (big["width"], big["height"]) == (4 * small["width"], 4 * small["height"])
+        assert big["seed"] == small["seed"] and big["class_label"] == small["class_label"] == 7
+        assert '"upscaled_by": "esrgan_random"' in decoded(big).text["Description"]
