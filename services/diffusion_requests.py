@@ -28,9 +28,10 @@ def decode_field(data: str, channels: int, field: str, max_side: int) -> np.ndar
         raise InvalidRequest(str(exc), field=field) from None
 
 
-def image_steps(request: DiffusionRequest) -> int:
-    """What a request costs the engine: denoising steps x images (the queue's unit)."""
-    return denoising_steps(request) * request.num_images
+def image_steps(request: DiffusionRequest, rounding: str = "steps") -> int:
+    """What a request costs the engine: denoising steps x images (the queue's unit);
+    `rounding`: its model's (DiffusionSpec.strength_rounding)."""
+    return denoising_steps(request, rounding) * request.num_images
 
 
 def check_sides(spec: DiffusionSpec, height: int, width: int, field: str | None = None) -> None:
@@ -86,11 +87,9 @@ def build_request(task: str, body, pipeline) -> tuple[DiffusionRequest, dict]:
     else:
         if spec.vae_encoder is None:
             raise InvalidRequest(f"model {spec.name!r} has no VAE encoder: {task} is not available", field="model")
-        if not spec.image_to_image:
-            raise InvalidRequest(f"{task} is not served for {spec.family} models (model {spec.name!r}) yet; "
-                                 f"/v1/txt2img is", field="model")
         # the engine's own check, before any image is decoded
-        check_denoising_steps(body.num_inference_steps, body.strength, from_image=True)
+        check_denoising_steps(body.num_inference_steps, body.strength, from_image=True,
+                              rounding=spec.strength_rounding)
         init_image = decode_field(body.image, spec.image_channels, "image", max_side)
         params["height"], params["width"] = init_image.shape[1:]
         check_sides(spec, *init_image.shape[1:], field="image")

@@ -34,7 +34,13 @@ from services.engine.prompt_cache import PromptCache
 from services.engine.request import FINISH_REASONS, EngineRequest, RequestStatus
 from services.engine.scheduler import StepBatch, StepScheduler
 from services.errors import BackendUnavailable, InvalidRequest, NonFiniteOutput
-from services.pipelines.diffusion import DiffusionOutput, DiffusionPipeline, DiffusionRequest, effective_steps
+from services.pipelines.diffusion import (
+    DiffusionOutput,
+    DiffusionPipeline,
+    DiffusionRequest,
+    denoising_steps,
+    effective_steps,
+)
 
 log = logging.getLogger("genserve.engine")
 
@@ -56,16 +62,18 @@ class EngineObserver:
     def first_step(self, model: str, seconds: float) -> None: ...  # arrival to the end of its first step
 
 
-def check_denoising_steps(num_inference_steps: int, strength: float, from_image: bool) -> None:
+def check_denoising_steps(num_inference_steps: int, strength: float, from_image: bool,
+                          rounding: str = "steps") -> None:
     """Refuses a request that would run no denoising step (InvalidRequest, 422), naming the
-    smallest strength that runs one (1/n rounded up to 4 decimals)."""
+    smallest strength that runs one (1/n rounded up to 4 decimals). `rounding`: the model's
+    (DiffusionSpec.strength_rounding)."""
     n = num_inference_steps
     if n < 1:
         raise InvalidRequest("num_inference_steps must be at least 1", field="num_inference_steps", limit=1)
-    if not from_image or effective_steps(n, strength) >= 1:
+    if not from_image or effective_steps(n, strength, rounding) >= 1:
         return
     minimum = -(-10_000 // n) / 10_000
-    while effective_steps(n, minimum) < 1:  # guard float rounding (n * (1/n) can be 0.999...)
+    while effective_steps(n, minimum, rounding) < 1:  # guard float rounding (n * (1/n) can be 0.999...)
         minimum = round(minimum + 0.0001, 4)
     raise InvalidRequest(
         f"strength x num_inference_steps must give at least 1 denoising step: with "
@@ -126,13 +134,15 @@ class DiffusionEngine:
         for a prompt that does not fit, InvalidRequest for one that would run no step)
         and returns its handle; await `handle.done`."""
         self.pipeline.tokenize(request)  # reject bad prompts before they queue
-        check_denoising_steps(request.num_inference_steps, request.strength, request.init_image is not None)
+        rounding = self.pipeline.spec.strength_rounding
+        check_denoising_steps(request.num_inference_steps, request.strength, request.init_image is not None, rounding)
         if request.scheduler not in self.pipeline.schedulers:
             raise InvalidRequest(f"scheduler {request.scheduler!r} cannot be built from model {self.model!r}'s "
                                  f"scheduler config; choose one of {', '.join(self.pipeline.schedulers)}",
                                  field="scheduler", allowed=self.pipeline.schedulers)
         req = EngineRequest(request, deadline=time.monotonic() + timeout_s, preview_every=preview_every,
-                            rows_hint=2 if self.pipeline.spec.classifier_free(request) else 1, tenant=tenant)
+                            rows_hint=2 if self.pipeline.spec.classifier_free(request) else 1, tenant=tenant,
+                            planned_steps=denoising_steps(request, rounding))
         self.scheduler.add_request(req)
         self._report_queue()
         self._ensure_running()

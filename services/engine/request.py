@@ -54,6 +54,7 @@ class EngineRequest:
     done: asyncio.Event = field(default_factory=asyncio.Event)
     timings: dict[str, float] = field(default_factory=dict)
     rows_hint: int = 1  # rows per image before the trajectory exists (the engine sets it)
+    planned_steps: int | None = None  # steps it will run, by its model's strength rounding (the engine sets it)
     tenant: str = ""  # who asked (the API key's client id): the fair policy shares steps across tenants
 
     @property
@@ -74,7 +75,7 @@ class EngineRequest:
         if self.status.finished:
             return 0
         if self.trajectory is None:
-            steps = denoising_steps(self.request)
+            steps = self.planned_steps if self.planned_steps is not None else denoising_steps(self.request)
         else:
             steps = self.trajectory.num_steps - self.trajectory.steps_done
         return steps * self.request.num_images

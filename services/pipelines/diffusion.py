@@ -70,7 +70,8 @@ class DiffusionSpec:
     # the denoiser; > 1 turns it on) or "embedded" (guidance-distilled models: a denoiser input).
     guidance: str = "classifier_free"
     default_guidance_scale: float = 7.5
-    image_to_image: bool = True  # img2img and inpainting, where there is a VAE encoder
+    # How `strength` becomes steps (see effective_steps): "steps" as SD's pipelines, "start" as FLUX's.
+    strength_rounding: str = "steps"
 
     def classifier_free(self, req: "DiffusionRequest") -> bool:
         """Whether the request runs a negative half per image (as diffusers: scale 1 is the
@@ -207,16 +208,21 @@ def initial_latents(seed: int, num_images: int, shape: tuple[int, ...]) -> list[
     return [np.random.default_rng(seed + i).standard_normal(shape, dtype=np.float32) for i in range(num_images)]
 
 
-def effective_steps(num_inference_steps: int, strength: float) -> int:
-    """Denoising steps an image-to-image request of `strength` runs (diffusers' get_timesteps)."""
-    return min(int(num_inference_steps * strength), num_inference_steps)
+def effective_steps(num_inference_steps: int, strength: float, rounding: str = "steps") -> int:
+    """Denoising steps an image-to-image request of `strength` runs, as the family's diffusers
+    pipeline counts them (its get_timesteps): "steps", SD's, runs int(n * strength) steps;
+    "start", FLUX's, starts at int(n - n * strength), so a fractional n * strength rounds up."""
+    n = num_inference_steps
+    if rounding == "start":
+        return n - int(max(n - n * strength, 0))
+    return min(int(n * strength), n)
 
 
-def denoising_steps(req: DiffusionRequest) -> int:
+def denoising_steps(req: DiffusionRequest, rounding: str = "steps") -> int:
     """Steps the request's trajectory will run: image-to-image and inpainting start part-way."""
     if req.init_image is None:
         return req.num_inference_steps
-    return effective_steps(req.num_inference_steps, req.strength)
+    return effective_steps(req.num_inference_steps, req.strength, rounding)
 
 
 def gaussian_posterior(latent_parameters: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -225,9 +231,9 @@ def gaussian_posterior(latent_parameters: np.ndarray) -> tuple[np.ndarray, np.nd
     return mean, np.exp(0.5 * np.clip(logvar, -30.0, 20.0))
 
 
-def img2img_timesteps(scheduler, num_inference_steps: int, strength: float) -> np.ndarray:
+def img2img_timesteps(scheduler, num_inference_steps: int, strength: float, rounding: str = "steps") -> np.ndarray:
     """The tail of the schedule an image of `strength` starts from (diffusers' get_timesteps)."""
-    init_timestep = effective_steps(num_inference_steps, strength)
+    init_timestep = effective_steps(num_inference_steps, strength, rounding)
     t_start = max(num_inference_steps - init_timestep, 0) * scheduler.order
     if hasattr(scheduler, "set_begin_index"):
         scheduler.set_begin_index(t_start)
@@ -267,7 +273,8 @@ class Trajectory:
         denoiser.set_timesteps(self.scheduler, req.num_inference_steps, latent_shape)
         self.timesteps = self.scheduler.timesteps
         if req.init_image is not None:
-            self.timesteps = img2img_timesteps(self.scheduler, req.num_inference_steps, req.strength)
+            self.timesteps = img2img_timesteps(self.scheduler, req.num_inference_steps, req.strength,
+                                               spec.strength_rounding)
 
         # Latents, drawn in the documented order from each image's own generator.
         self.image_latents = image_latents

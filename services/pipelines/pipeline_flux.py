@@ -147,7 +147,7 @@ def build(backend: InferenceBackend, name: str, parts: dict[str, ModelSpec]) -> 
         components=tuple(p.name for _, p in sorted(parts.items())),
         guidance="embedded" if guidance_embeds else "classifier_free",
         default_guidance_scale=FLUX_DEFAULT_GUIDANCE if guidance_embeds else 1.0,
-        image_to_image=False)
+        strength_rounding="start")
     conditioner = FluxConditioner(backend, spec, parts["text_encoder"], parts["text_encoder_2"], guidance_embeds)
     return DiffusionPipeline(backend, spec, conditioner, FluxDenoiser())
 

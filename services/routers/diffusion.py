@@ -159,7 +159,7 @@ def describe(ctx: ServiceContext) -> list[ModelDescription]:
         models.append(ModelDescription(
             name=name, version=denoiser.version, pipeline=spec.family,
             endpoint="/v1/txt2img, /v1/txt2img/stream"
-            + (", /v1/img2img, /v1/inpaint" if spec.vae_encoder and spec.image_to_image else "")
+            + (", /v1/img2img, /v1/inpaint" if spec.vae_encoder else "")
             + ", /v1/vae/decode" + (", /v1/vae/encode, /v1/vae/interpolate" if spec.vae_encoder else ""),
             backend=ctx.backend.name, max_batch_size=denoiser.max_batch_size,
             inputs=tensors(denoiser.inputs), outputs=tensors(denoiser.outputs), parameters=params,

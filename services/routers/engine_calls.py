@@ -42,7 +42,7 @@ def submit(ctx: ServiceContext, engine, request, timeout_s: float, preview_every
     if engine.backend_down:  # requests in flight wait for it; new ones need not
         raise BackendUnavailable(f"the {ctx.backend.name} backend is unavailable; requests in flight resume "
                                  "when it is back", retry_after_s=2)
-    ctx.charge_image_steps(image_steps(request))
+    ctx.charge_image_steps(image_steps(request, engine.pipeline.spec.strength_rounding))
     try:
         return engine.submit(request, timeout_s, preview_every, tenant=client_var.get())  # fair turns per key
     except PromptTooLong as exc:

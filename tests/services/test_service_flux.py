@@ -38,7 +38,7 @@ def test_listed_as_flux_with_its_sampler_and_guidance(flux_server):
     assert p["guidance_scale"]["default"] == 3.5 and p["guidance_scale"]["meaning"] == "embedded"
     assert p["prompt_max_tokens"] == T5_LENGTH
     assert p["height"]["default"] == 24 and p["height"]["multiple_of"] == 4
-    assert "/v1/img2img" not in model["endpoint"]
+    assert "/v1/img2img" in model["endpoint"] and "/v1/inpaint" in model["endpoint"]
     assert {t["name"] for t in model["inputs"]} >= {"hidden_states", "img_ids", "guidance", "pooled_projections"}
 
 
@@ -74,12 +74,36 @@ def test_stream_sends_progress_previews_and_the_result(flux_server):
     assert events[-1] == "event: result"
 
 
+def test_img2img_and_inpaint_serve_flux_with_its_strength_rounding(flux_server):
+    txt = httpx.post(f"{flux_server.url}/v1/txt2img", json={"prompt": "a small digit", "seed": 2,
+                                                           "num_inference_steps": 3}, timeout=120).json()
+    image = txt["images"][0]["data"]
+    # 4 x 0.1 = 0.4 steps: FLUX's pipelines still run one (SD's would refuse the request)
+    r = httpx.post(f"{flux_server.url}/v1/img2img", json={"prompt": "a small digit", "image": image, "strength": 0.1,
+                                                          "num_inference_steps": 4, "seed": 1}, timeout=120)
+    assert r.status_code == 200, r.text
+    from PIL import Image
+
+    mask = Image.new("L", (24, 24), 0)
+    mask.paste(255, (12, 0, 24, 24))
+    buffer = io.BytesIO()
+    mask.save(buffer, format="PNG")
+    r = httpx.post(f"{flux_server.url}/v1/inpaint", json={
+        "prompt": "a small digit", "image": image, "mask": base64.b64encode(buffer.getvalue()).decode(),
+        "num_inference_steps": 3, "seed": 1}, timeout=120)
+    assert r.status_code == 200, r.text
+    before = np.asarray(Image.open(io.BytesIO(base64.b64decode(image))), np.float64)
+    after = np.asarray(Image.open(io.BytesIO(base64.b64decode(r.json()["images"][0]["data"]))), np.float64)
+    # the kept half stays near the input (through the VAE), the repainted half does not
+    assert np.abs(after[:, :8] - before[:, :8]).mean() < np.abs(after[:, 16:] - before[:, 16:]).mean()
+
+
 @pytest.mark.parametrize("path, body, field", [
     ("/v1/txt2img", {"prompt": "a cat", "scheduler": "ddim"}, "scheduler"),
     ("/v1/txt2img", {"prompt": " ".join(["red"] * 40)}, "prompt"),
     ("/v1/txt2img", {"prompt": "a cat", "height": 18}, "height"),
     ("/v1/txt2img", {"prompt": "a cat", "negative_prompt": "blue"}, "negative_prompt"),  # would be ignored
-    ("/v1/img2img", {"prompt": "a cat", "image": base64.b64encode(b"x" * 10).decode()}, "model"),
+    ("/v1/img2img", {"prompt": "a cat", "image": base64.b64encode(b"x" * 10).decode()}, "image"),
 ])
 def test_refusals_name_the_field(flux_server, path, body, field):
     r = httpx.post(f"{flux_server.url}{path}", json=body, timeout=60)
