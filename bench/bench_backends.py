@@ -32,6 +32,8 @@ import tritonclient.grpc as grpcclient
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.report import append_report  # noqa: E402
+
 from services.local_server import LocalServer, free_port  # noqa: E402
 
 LAUNCH = ROOT / "deploy" / "triton_cpu" / "launch.py"
@@ -168,11 +170,7 @@ def main() -> int:
             f"{d[k] / n / 1e6:.2f}" for k in ("queue", "compute_input", "compute_infer", "compute_output", "success"))
             + " |")
     lines += ["", *(f"- {b}: `{t}`" for b, t in transports.items())]
-    table = "\n".join(lines) + "\n\n"
-    print(table)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    with args.out.open("a") as f:
-        f.write(table)
+    append_report(args.out, lines)
     return 1 if any(r["errors"] for _, res in rows for r in res.values()) else 0
 
 

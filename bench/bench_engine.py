@@ -40,6 +40,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.report import append_report  # noqa: E402
+
 from services.engine.engine import DiffusionEngine  # noqa: E402
 from services.pipelines.pipeline_stable_diffusion import (  # noqa: E402
     DiffusionRequest,
@@ -288,11 +290,7 @@ def main() -> int:
               + ", ".join(f"{n}: {cost_before[n]:.2f}/{cost_after[n]:.2f}" for n in sizes)]
     if args.note:
         lines += ["", args.note]
-    table = "\n".join(lines) + "\n\n"
-    print(table)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    with args.out.open("a") as f:
-        f.write(table)
+    append_report(args.out, lines)
     return 0
 
 

@@ -23,6 +23,8 @@ import httpx
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.report import append_report  # noqa: E402
+
 from services.local_server import LocalServer  # noqa: E402
 
 SETTINGS = [(1, 1), (4, 1), (1, 16), (4, 16)]  # (concurrency, num_images)
@@ -85,11 +87,7 @@ def main() -> int:
     for r in rows:
         lines.append(f"| {r['concurrency']} | {r['num_images']} | {r['requests']} | {r['errors']} | {r['rps']:.1f} | "
                      f"{r['images_per_s']:.1f} | {r['images_per_s'] / base:.2f} | {r['p50_ms']:.1f} | {r['p95_ms']:.1f} |")
-    table = "\n".join(lines) + "\n\n"
-    print(table)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    with args.out.open("a") as f:
-        f.write(table)
+    append_report(args.out, lines)
     return 1 if any(r["errors"] for r in rows) else 0
 
 

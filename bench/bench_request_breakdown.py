@@ -21,6 +21,8 @@ import httpx
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.report import append_report  # noqa: E402
+
 from services.local_server import LocalServer  # noqa: E402
 
 
@@ -67,11 +69,7 @@ def main() -> int:
     for i, (latency, timings, models) in enumerate(rows, 1):
         lines.append(f"| {i} | {1000 * latency:.1f} | {1000 * timings['total_seconds']:.1f} | "
                      f"{1000 * models:.1f} | {models / latency:.2f} |")
-    table = "\n".join(lines) + "\n\n"
-    print(table)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    with args.out.open("a") as f:
-        f.write(table)
+    append_report(args.out, lines)
     return 0
 
 

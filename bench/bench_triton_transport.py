@@ -33,6 +33,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.report import append_report  # noqa: E402
+
 from services.local_server import free_port  # noqa: E402
 from services.runtime.repository import ModelRepository  # noqa: E402
 from services.runtime.triton_backend import TritonBackend  # noqa: E402
@@ -146,11 +148,7 @@ def main() -> int:
     for r in results:
         lines.append(f"| {r['model']} | {r['rows']} | {r['mib'] * 1024:,.0f} | {r['socket']:.2f} | {r['shm']:.2f} | "
                      f"{r['socket'] / r['shm']:.2f} |")
-    table = "\n".join(lines) + "\n\n"
-    print(table)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    with args.out.open("a") as f:
-        f.write(table)
+    append_report(args.out, lines)
     return 0
 
 
