@@ -179,3 +179,37 @@ def test_img2img_matches_diffusers_flux_img2img_rounding_included(variant, monke
                     width=24, max_sequence_length=T5_LENGTH, output_type="np", **guidance).images
     got = to_uint8(out.images.transpose(0, 2, 3, 1))
     assert psnr(got, np.clip(np.rint(want * 255), 0, 255)) >= 35
+
+
+@pytest.mark.parametrize("strength", [1.0, 0.6])
+def test_inpaint_matches_diffusers_flux_inpaint(variant, monkeypatch, strength):
+    """As FluxInpaintPipeline: the mask taken at the latents' grid (nearest), the known area
+    re-noised to each next level with FLUX's forward process and blended back."""
+    import diffusers.models.autoencoders.vae as vae_module
+    import diffusers.pipelines.flux.pipeline_flux_inpaint as inpaint_module
+    from diffusers import FluxInpaintPipeline
+    from PIL import Image
+
+    from tests.services.schedulers.conftest import numpy_noise
+
+    ours, reference = variant
+    pixels = np.random.default_rng(6).integers(0, 256, (16, 24, 3), dtype=np.uint8)
+    mask = np.zeros((16, 24), np.uint8)
+    mask[:, 12:] = 255
+    req = DiffusionRequest(prompt=PROMPT, num_images=1, num_inference_steps=5, guidance_scale=3.0,
+                           scheduler="flow_match_euler", height=16, width=24, seed=8, strength=strength,
+                           init_image=(pixels.astype(np.float32) / 127.5 - 1.0).transpose(2, 0, 1),
+                           mask=(mask > 127).astype(np.float32))
+    got = to_uint8(asyncio.run(ours(req)).images.transpose(0, 2, 3, 1))
+    noise = numpy_noise([8])  # image posterior, then noise (then the masked image's, unused by FLUX)
+    for module in (vae_module, inpaint_module):
+        monkeypatch.setattr(module, "randn_tensor", noise)
+    pipe = FluxInpaintPipeline(**reference.components)
+    pipe.set_progress_bar_config(disable=True)
+    guidance = ({"guidance_scale": 3.0} if ours.spec.guidance == "embedded" else
+                {"true_cfg_scale": 3.0, "negative_prompt": ""})
+    with torch.no_grad():
+        want = pipe(PROMPT, image=Image.fromarray(pixels), mask_image=Image.fromarray(mask), strength=strength,
+                    num_inference_steps=5, height=16, width=24, max_sequence_length=T5_LENGTH, output_type="np",
+                    **guidance).images
+    assert psnr(got, np.clip(np.rint(want * 255), 0, 255)) >= 35
