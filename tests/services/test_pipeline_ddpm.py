@@ -15,6 +15,7 @@ from services.pipelines.pipeline_ddpm import pipelines
 from services.runtime.onnxruntime_backend import OnnxRuntimeBackend
 from services.runtime.repository import ModelRepository
 from tests.fixtures.ddpm_folder import build_random_ddpm_folder
+from tests.fixtures.images import psnr_signed as psnr
 
 pytestmark = pytest.mark.slow
 
@@ -23,13 +24,6 @@ VARIANTS = {
     "grey_unconditional_wide": dict(seed=2, conditional=False, channels=1, levels=3, sample_size=(16, 24),
                                     prediction_type="epsilon"),
 }
-
-
-def psnr(a: np.ndarray, b: np.ndarray) -> float:
-    """Images in [-1, 1], compared as 8-bit."""
-    a, b = (np.clip(np.rint((x / 2 + 0.5) * 255), 0, 255) for x in (a, b))
-    mse = float(np.mean((a - b) ** 2))
-    return float("inf") if mse == 0 else 10 * np.log10(255.0**2 / mse)
 
 
 @pytest.fixture(scope="module", params=sorted(VARIANTS))

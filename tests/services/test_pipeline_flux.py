@@ -49,12 +49,29 @@ def reference_images(ours, reference, req: DiffusionRequest) -> np.ndarray:
     spec = ours.spec
     shape = (spec.latent_channels, req.height // spec.vae_scale_factor, req.width // spec.vae_scale_factor)
     latents = torch.from_numpy(pack(np.stack(initial_latents(req.seed, req.num_images, shape))))
+    return run_diffusers(reference, spec, req, num_images_per_prompt=req.num_images, latents=latents)
+
+
+def run_diffusers(pipe, spec, req: DiffusionRequest, **call) -> np.ndarray:
+    """`pipe` on the request's prompt, steps and size, with guidance as the model takes it: the
+    embedded guidance input, or true classifier-free guidance with the negative prompt."""
     guidance = ({"guidance_scale": req.guidance_scale} if spec.guidance == "embedded" else
                 {"true_cfg_scale": req.guidance_scale, "negative_prompt": req.negative_prompt})
     with torch.no_grad():
-        return reference(req.prompt, num_images_per_prompt=req.num_images, num_inference_steps=req.num_inference_steps,
-                         height=req.height, width=req.width, latents=latents, max_sequence_length=T5_LENGTH,
-                         output_type="np", **guidance).images
+        return pipe(req.prompt, num_inference_steps=req.num_inference_steps, height=req.height, width=req.width,
+                    max_sequence_length=T5_LENGTH, output_type="np", **guidance, **call).images
+
+
+def with_our_noise(monkeypatch, pipeline_module, seed: int) -> None:
+    """diffusers draws our numbers, in our order, from one generator of `seed`: the VAE
+    posterior's, then the noise's (one image per request)."""
+    import diffusers.models.autoencoders.vae as vae_module
+
+    from tests.services.schedulers.conftest import numpy_noise
+
+    noise = numpy_noise([seed])
+    for module in (vae_module, pipeline_module):
+        monkeypatch.setattr(module, "randn_tensor", noise)
 
 
 @pytest.mark.parametrize("size, steps, guidance, negative", [
@@ -151,12 +168,9 @@ def test_img2img_matches_diffusers_flux_img2img_rounding_included(variant, monke
     """As FluxImg2ImgPipeline: the VAE posterior sample, then the noise, from the image's own
     generator; the schedule entered at int(n - n * strength) (0.55 x 10 runs 6 steps where SD's
     pipelines run 5; 0.3 x 3 runs 1 where SD's would refuse a zero-step request)."""
-    import diffusers.models.autoencoders.vae as vae_module
     import diffusers.pipelines.flux.pipeline_flux_img2img as img2img_module
     from diffusers import FluxImg2ImgPipeline
     from PIL import Image
-
-    from tests.services.schedulers.conftest import numpy_noise
 
     ours, reference = variant
     pixels = np.random.default_rng(5).integers(0, 256, (16, 24, 3), dtype=np.uint8)
@@ -167,16 +181,10 @@ def test_img2img_matches_diffusers_flux_img2img_rounding_included(variant, monke
     out = asyncio.run(ours(req))
     trajectory = asyncio.run(ours.start(req, asyncio.run(ours.encode_prompts(ours.tokenize(req)))))
     assert trajectory.num_steps == steps - int(steps - steps * strength)
-    noise = numpy_noise([21])  # one generator: the posterior's numbers, then the noise's, as ours draws them
-    for module in (vae_module, img2img_module):
-        monkeypatch.setattr(module, "randn_tensor", noise)
+    with_our_noise(monkeypatch, img2img_module, 21)
     pipe = FluxImg2ImgPipeline(**reference.components)
     pipe.set_progress_bar_config(disable=True)
-    guidance = ({"guidance_scale": 3.0} if ours.spec.guidance == "embedded" else
-                {"true_cfg_scale": 3.0, "negative_prompt": ""})
-    with torch.no_grad():
-        want = pipe(PROMPT, image=Image.fromarray(pixels), strength=strength, num_inference_steps=steps, height=16,
-                    width=24, max_sequence_length=T5_LENGTH, output_type="np", **guidance).images
+    want = run_diffusers(pipe, ours.spec, req, image=Image.fromarray(pixels), strength=strength)
     got = to_uint8(out.images.transpose(0, 2, 3, 1))
     assert psnr(got, np.clip(np.rint(want * 255), 0, 255)) >= 35
 
@@ -185,12 +193,9 @@ def test_img2img_matches_diffusers_flux_img2img_rounding_included(variant, monke
 def test_inpaint_matches_diffusers_flux_inpaint(variant, monkeypatch, strength):
     """As FluxInpaintPipeline: the mask taken at the latents' grid (nearest), the known area
     re-noised to each next level with FLUX's forward process and blended back."""
-    import diffusers.models.autoencoders.vae as vae_module
     import diffusers.pipelines.flux.pipeline_flux_inpaint as inpaint_module
     from diffusers import FluxInpaintPipeline
     from PIL import Image
-
-    from tests.services.schedulers.conftest import numpy_noise
 
     ours, reference = variant
     pixels = np.random.default_rng(6).integers(0, 256, (16, 24, 3), dtype=np.uint8)
@@ -201,15 +206,9 @@ def test_inpaint_matches_diffusers_flux_inpaint(variant, monkeypatch, strength):
                            init_image=(pixels.astype(np.float32) / 127.5 - 1.0).transpose(2, 0, 1),
                            mask=(mask > 127).astype(np.float32))
     got = to_uint8(asyncio.run(ours(req)).images.transpose(0, 2, 3, 1))
-    noise = numpy_noise([8])  # image posterior, then noise (then the masked image's, unused by FLUX)
-    for module in (vae_module, inpaint_module):
-        monkeypatch.setattr(module, "randn_tensor", noise)
+    with_our_noise(monkeypatch, inpaint_module, 8)  # (then the masked image's posterior, which FLUX leaves unused)
     pipe = FluxInpaintPipeline(**reference.components)
     pipe.set_progress_bar_config(disable=True)
-    guidance = ({"guidance_scale": 3.0} if ours.spec.guidance == "embedded" else
-                {"true_cfg_scale": 3.0, "negative_prompt": ""})
-    with torch.no_grad():
-        want = pipe(PROMPT, image=Image.fromarray(pixels), mask_image=Image.fromarray(mask), strength=strength,
-                    num_inference_steps=5, height=16, width=24, max_sequence_length=T5_LENGTH, output_type="np",
-                    **guidance).images
+    want = run_diffusers(pipe, ours.spec, req, image=Image.fromarray(pixels), mask_image=Image.fromarray(mask),
+                         strength=strength)
     assert psnr(got, np.clip(np.rint(want * 255), 0, 255)) >= 35

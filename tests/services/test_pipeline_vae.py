@@ -10,19 +10,13 @@ import torch
 from services.pipelines.pipeline_vae import vae_pipelines
 from services.runtime.onnxruntime_backend import OnnxRuntimeBackend
 from services.runtime.repository import ModelRepository
+from tests.fixtures.images import psnr_signed as psnr
 from tests.fixtures.vae_folder import build_random_vae_folder
 
 pytestmark = pytest.mark.slow
 
 VARIANTS = {"rgb": dict(seed=1, image_channels=3, latent_channels=4, levels=2),
             "grey_deep": dict(seed=2, image_channels=1, latent_channels=2, levels=3)}
-
-
-def psnr(a: np.ndarray, b: np.ndarray) -> float:
-    """Images in [-1, 1] as 8-bit."""
-    a, b = (np.clip(np.rint((x / 2 + 0.5) * 255), 0, 255) for x in (a, b))
-    mse = float(np.mean((a - b) ** 2))
-    return float("inf") if mse == 0 else 10 * np.log10(255.0**2 / mse)
 
 
 @pytest.fixture(scope="module", params=sorted(VARIANTS))
