@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import platform
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -32,42 +31,12 @@ import tritonclient.grpc as grpcclient
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.load import measure, summarise  # noqa: E402
 from bench.report import append_report  # noqa: E402
 
 from services.local_server import LocalServer, free_port  # noqa: E402
 
 LAUNCH = ROOT / "deploy" / "triton_cpu" / "launch.py"
-
-
-async def measure(url: str, path: str, make_body, concurrency: int, seconds: float) -> dict:
-    """One timed window: the raw latencies, errors and wall time (see `summarise`)."""
-    latencies, errors = [], 0
-    deadline = time.perf_counter() + seconds
-
-    async def client(worker: int, http: httpx.AsyncClient) -> None:
-        nonlocal errors
-        i = 0
-        while time.perf_counter() < deadline:
-            t0 = time.perf_counter()
-            r = await http.post(url + path, json=make_body(worker * 100_000 + i))
-            latencies.append(time.perf_counter() - t0)
-            errors += r.status_code != 200
-            i += 1
-
-    async with httpx.AsyncClient(timeout=120) as http:
-        await http.post(url + path, json=make_body(0))  # warm-up
-        start = time.perf_counter()
-        await asyncio.gather(*(client(w, http) for w in range(concurrency)))
-        wall = time.perf_counter() - start
-    return {"latencies": latencies, "errors": errors, "wall": wall}
-
-
-def summarise(windows: list[dict]) -> dict:
-    latencies = sorted(x for w in windows for x in w["latencies"])
-    wall = sum(w["wall"] for w in windows)
-    return {"rps": len(latencies) / wall, "p50_ms": 1000 * statistics.median(latencies),
-            "p95_ms": 1000 * latencies[int(0.95 * (len(latencies) - 1))], "requests": len(latencies),
-            "errors": sum(w["errors"] for w in windows)}
 
 
 SCENARIOS = [

@@ -19,17 +19,15 @@ import base64
 import io
 import platform
 import shutil
-import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import httpx
-
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.load import measure, summarise  # noqa: E402
 from services.local_server import LocalServer  # noqa: E402
 
 
@@ -68,31 +66,6 @@ def workloads(image: str) -> list[tuple[str, str, callable, int | None]]:
     ]]
 
 
-async def run(url: str, path: str, body, concurrency: int, seconds: float) -> dict:
-    latencies: list[float] = []
-    errors = 0
-    deadline = time.perf_counter() + seconds
-
-    async def client(worker: int, http: httpx.AsyncClient) -> None:
-        nonlocal errors
-        i = 0
-        while time.perf_counter() < deadline:
-            t0 = time.perf_counter()
-            r = await http.post(f"{url}{path}", json=body(worker * 100_000 + i))
-            latencies.append(time.perf_counter() - t0)
-            errors += r.status_code != 200
-            i += 1
-
-    async with httpx.AsyncClient(timeout=120) as http:
-        await http.post(f"{url}{path}", json=body(0))  # warm-up
-        start = time.perf_counter()
-        await asyncio.gather(*(client(w, http) for w in range(concurrency)))
-        wall = time.perf_counter() - start
-    latencies.sort()
-    return {"requests": len(latencies), "errors": errors, "rps": len(latencies) / wall,
-            "p50_ms": 1000 * statistics.median(latencies), "p95_ms": 1000 * latencies[int(0.95 * (len(latencies) - 1))]}
-
-
 def repository_with_random_families(workdir: Path) -> Path:
     from export.flux import export_flux
     from export.stable_diffusion_xl import export_stable_diffusion_xl
@@ -122,7 +95,7 @@ def main(argv=None) -> int:
             server.wait_ready()
             for family, path, body, steps in workloads(digit_png()):
                 for concurrency in (1, 8):
-                    r = asyncio.run(run(server.url, path, body, concurrency, args.seconds))
+                    r = summarise([asyncio.run(measure(server.url, path, body, concurrency, args.seconds))])
                     rows.append((family, concurrency, r, steps))
                     print(f"{family:34} c={concurrency}: {r['rps']:7.1f} req/s  p50 {r['p50_ms']:7.1f} ms  "
                           f"p95 {r['p95_ms']:7.1f} ms  errors {r['errors']}", flush=True)

@@ -13,51 +13,26 @@ from __future__ import annotations
 import argparse
 import asyncio
 import platform
-import statistics
 import sys
 import time
 from pathlib import Path
 
-import httpx
-
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.load import measure, summarise  # noqa: E402
 from bench.report import append_report  # noqa: E402
-
 from services.local_server import LocalServer  # noqa: E402
 
 SETTINGS = [(1, 1), (4, 1), (1, 16), (4, 16)]  # (concurrency, num_images)
 
 
-async def run_setting(url: str, concurrency: int, num_images: int, seconds: float) -> dict:
-    latencies: list[float] = []
-    errors = 0
-    deadline = time.perf_counter() + seconds
+def run_setting(url: str, concurrency: int, num_images: int, seconds: float) -> dict:
+    def body(i: int) -> dict:
+        return {"seed": i, "num_images": num_images, "class_label": i % 10}
 
-    async def client(worker: int, http: httpx.AsyncClient) -> None:
-        nonlocal errors
-        i = 0
-        while time.perf_counter() < deadline:
-            body = {"seed": worker * 100_000 + i, "num_images": num_images, "class_label": i % 10}
-            t0 = time.perf_counter()
-            r = await http.post(f"{url}/v1/gan/generate", json=body)
-            latencies.append(time.perf_counter() - t0)
-            errors += r.status_code != 200
-            i += 1
-
-    async with httpx.AsyncClient(timeout=60) as http:
-        await http.post(f"{url}/v1/gan/generate", json={"seed": 0})  # warm-up
-        start = time.perf_counter()
-        await asyncio.gather(*(client(w, http) for w in range(concurrency)))
-        wall = time.perf_counter() - start
-    latencies.sort()
-    return {
-        "concurrency": concurrency, "num_images": num_images, "requests": len(latencies), "errors": errors,
-        "rps": len(latencies) / wall, "images_per_s": len(latencies) * num_images / wall,
-        "p50_ms": 1000 * statistics.median(latencies),
-        "p95_ms": 1000 * latencies[int(0.95 * (len(latencies) - 1))],
-    }
+    r = summarise([asyncio.run(measure(url, "/v1/gan/generate", body, concurrency, seconds, timeout=60))])
+    return {"concurrency": concurrency, "num_images": num_images, **r, "images_per_s": r["rps"] * num_images}
 
 
 def main() -> int:
@@ -73,7 +48,7 @@ def main() -> int:
                              Path("/tmp/genserve-bench-gan.log"))
         server.wait_ready()
     try:
-        rows = [asyncio.run(run_setting(args.url or server.url, c, n, args.seconds)) for c, n in SETTINGS]
+        rows = [run_setting(args.url or server.url, c, n, args.seconds) for c, n in SETTINGS]
     finally:
         if server is not None:
             server.stop()
