@@ -107,7 +107,7 @@ def main(argv=None) -> int:
         try:
             server.wait_ready()
             for c in (1, 4):
-                rows.append((f"/v1/upscale (onnxruntime, tiled)", c,
+                rows.append(("/v1/upscale (onnxruntime, tiled)", c,
                              asyncio.run(bench_http(server.url, bodies, sizes, c, args.seconds))))
         finally:
             server.stop()
