@@ -1,13 +1,17 @@
 """Export a Stable-Diffusion-format diffusers folder (SD 1.x/2.x layout) into Triton models.
 
-One folder becomes four graphs, each verified against PyTorch, plus what the torch-free
+One folder becomes four graphs (five with DeepCache's shallow U-Net), each verified against PyTorch, plus what the torch-free
 pipeline needs beside them, as plain files Triton ignores:
 
   <name>_text_encoder   input_ids INT64 [B, L]            -> last_hidden_state FP32 [B, L, D]
                         + tokenizer.json (the `tokenizers` library loads it without torch)
   <name>_unet           sample FP32 [B, 4, h, w], timestep FP32 [B] (per sample),
                         encoder_hidden_states FP32 [B, L, D] -> noise_pred FP32 [B, 4, h, w]
+                        (and deep_features FP32 [B, C_f, h, w], for DeepCache)
                         + scheduler_config.json
+  <name>_unet_shallow   the U-Net's inputs + deep_features -> noise_pred: the shallowest level
+                        alone over cached deep features (export.deepcache; `deepcache=False`
+                        or a U-Net it cannot split leaves both out)
   <name>_vae_decoder    latent_sample FP32 [B, 4, h, w] -> sample FP32 [B, C, H, W] in [-1, 1]
   <name>_vae_encoder    sample FP32 [B, C, H, W] -> latent_parameters FP32 [B, 8, h, w]
                         (mean and log-variance: the pipeline samples from them with the
@@ -28,6 +32,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from export.deepcache import DEEP_FEATURES, FeatureCapturingUNet, ShallowUNet, check_shallow, supports_deepcache
 from export.onnx_export import export_onnx, verify_onnx
 from export.triton_config import (
     DeploymentTarget,
@@ -257,7 +262,10 @@ def export_stable_diffusion(
     progress: Callable[[str], None] = print,
     external_data_threshold: int = EXTERNAL_DATA_THRESHOLD,
     tensorrt: bool = False,
+    deepcache: bool = True,
 ) -> list[ComponentReport]:
+    """`deepcache`: also the shallow U-Net graph and the deep-features output (export.deepcache)
+    that requests' `cache_interval` uses."""
     folder = Path(folder)
     progress(f"[{name}] loading {folder}")
     text_encoder, unet, vae = load_pipeline_components(folder)
@@ -271,7 +279,8 @@ def export_stable_diffusion(
                                  max_batch_size=max_batch_size, target=target, progress=progress,
                                  external_data_threshold=external_data_threshold)
 
-    def component(role, module, make_inputs, inputs, outputs, dynamic, parameters, atol, delay_us, files=()):
+    def component(role, module, make_inputs, inputs, outputs, dynamic, parameters, atol, delay_us, files=(),
+                  deep_channels=0):
         profile = None
         if tensorrt:  # a plan beside the graph; the VAE stays fp32 (see export.tensorrt)
             from export.tensorrt import stable_diffusion_profile
@@ -279,7 +288,7 @@ def export_stable_diffusion(
             profile = stable_diffusion_profile(
                 role, max_rows=max_batch_size, seq_len=length, hidden=hidden, latent_channels=latent_c,
                 image_channels=image_c, vae_scale=vae_scale, native_latent=h, min_latent=size_multiple // vae_scale,
-                max_latent=2 * h)
+                max_latent=2 * h, deep_channels=deep_channels)
         return export_graph(role, module, make_inputs, inputs, outputs, dynamic, parameters, atol, delay_us,
                             files=files, tensorrt_profile=profile)
 
@@ -303,24 +312,52 @@ def export_stable_diffusion(
         atol=1e-4, delay_us=1000,
     )
 
-    # 2. U-Net with per-sample timesteps and dynamic spatial size.
-    component(
-        "unet", _UNet(unet),
-        lambda b, k: {"sample": rng.standard_normal((b, latent_c, k * h, k * w), dtype=np.float32),
-                   "timestep": rng.uniform(0, 999, b).astype(np.float32),
-                   "encoder_hidden_states": rng.standard_normal((b, length, hidden), dtype=np.float32)},
-        [TensorSpec("sample", "float32", (latent_c, -1, -1)),
-         TensorSpec("timestep", "float32", (1,), reshape=()),
-         TensorSpec("encoder_hidden_states", "float32", (length, hidden))],
-        [TensorSpec("noise_pred", "float32", (latent_c, -1, -1))],
-        {"sample": {0: "batch", 2: "height", 3: "width"}, "timestep": {0: "batch"},
-         "encoder_hidden_states": {0: "batch"}, "noise_pred": {0: "batch", 2: "height", 3: "width"}},
-        # Latent sides must survive every down block's halving: traced graphs bake in the
-        # upsampling sizes, so odd intermediate sizes cannot be served.
-        {"in_channels": latent_c, "sample_size": h, "vae_scale_factor": vae_scale, "size_multiple": size_multiple},
-        atol=1e-3, delay_us=DENOISER_QUEUE_DELAY_US,
-        files=[(folder / "scheduler" / "scheduler_config.json", "scheduler_config.json")],
-    )
+    # 2. U-Net with per-sample timesteps and dynamic spatial size; with DeepCache (export.deepcache)
+    #    it also returns its deep features, and a shallow graph reuses them.
+    def unet_inputs(b, k):
+        return {"sample": rng.standard_normal((b, latent_c, k * h, k * w), dtype=np.float32),
+                "timestep": rng.uniform(0, 999, b).astype(np.float32),
+                "encoder_hidden_states": rng.standard_normal((b, length, hidden), dtype=np.float32)}
+
+    spatial = {0: "batch", 2: "height", 3: "width"}
+    unet_tensors = [TensorSpec("sample", "float32", (latent_c, -1, -1)),
+                    TensorSpec("timestep", "float32", (1,), reshape=()),
+                    TensorSpec("encoder_hidden_states", "float32", (length, hidden))]
+    unet_axes = {"sample": spatial, "timestep": {0: "batch"}, "encoder_hidden_states": {0: "batch"},
+                 "noise_pred": spatial}
+    noise_pred = TensorSpec("noise_pred", "float32", (latent_c, -1, -1))
+    # Latent sides must survive every down block's halving: traced graphs bake in the
+    # upsampling sizes, so odd intermediate sizes cannot be served.
+    unet_params = {"in_channels": latent_c, "sample_size": h, "vae_scale_factor": vae_scale,
+                   "size_multiple": size_multiple}
+    scheduler_file = [(folder / "scheduler" / "scheduler_config.json", "scheduler_config.json")]
+    cached = deepcache and supports_deepcache(unet)
+    if not cached:
+        component("unet", _UNet(unet), unet_inputs, unet_tensors, [noise_pred], unet_axes, unet_params,
+                  atol=1e-3, delay_us=DENOISER_QUEUE_DELAY_US, files=scheduler_file)
+    else:
+        full, shallow = FeatureCapturingUNet(_UNet(unet), unet), ShallowUNet(unet)
+        example = {k: torch.from_numpy(v) for k, v in unet_inputs(1, 1).items()}
+        deep_c = full(**example)[1].shape[1]
+        check_shallow(full, shallow, example)
+        deep = TensorSpec(DEEP_FEATURES, "float32", (deep_c, -1, -1))
+        component("unet", full, unet_inputs, unet_tensors, [noise_pred, deep], {**unet_axes, DEEP_FEATURES: spatial},
+                  unet_params, atol=1e-3, delay_us=DENOISER_QUEUE_DELAY_US, files=scheduler_file)
+        # Inputs in the shallow module's order; without cross attention at the shallowest level
+        # the graph does not read the text, and has no such input.
+        text = ["encoder_hidden_states"] if shallow.uses_text else []
+
+        def shallow_inputs(b, k):
+            x = unet_inputs(b, k)
+            return {"sample": x["sample"], "timestep": x["timestep"],
+                    DEEP_FEATURES: rng.standard_normal((b, deep_c, k * h, k * w), dtype=np.float32),
+                    **{n: x[n] for n in text}}
+
+        component("unet_shallow", shallow, shallow_inputs,
+                  [*unet_tensors[:2], deep, *unet_tensors[2:2 + len(text)]], [noise_pred],
+                  {**unet_axes, DEEP_FEATURES: spatial},
+                  {**unet_params, "deep_channels": deep_c}, atol=1e-3, delay_us=DENOISER_QUEUE_DELAY_US,
+                  deep_channels=deep_c)
 
     # 3. VAE decoder and encoder.
     vae_params = {"vae_scale_factor": vae_scale, "scaling_factor": vae.config.scaling_factor,

@@ -51,8 +51,9 @@ def gan_profile(latent_dim: int, conditional: bool, max_batch: int) -> Profile:
 
 def stable_diffusion_profile(component: str, *, max_rows: int, seq_len: int, hidden: int, latent_channels: int,
                              image_channels: int, vae_scale: int, native_latent: int, min_latent: int,
-                             max_latent: int) -> Profile:
-    """Batch and spatial ranges per component.
+                             max_latent: int, deep_channels: int = 0) -> Profile:
+    """Batch and spatial ranges per component (`deep_channels`: the DeepCache features'
+    channels, for the shallow U-Net; see export.deepcache).
 
     With classifier-free guidance every image is two U-Net (and text-encoder) rows, so
     the optimum is 2 rows (one guided image) and the maximum the model's max batch; the
@@ -62,12 +63,16 @@ def stable_diffusion_profile(component: str, *, max_rows: int, seq_len: int, hid
     images = max(1, max_rows // 2)
     if component == "text_encoder":
         return {"input_ids": ShapeRange((1, seq_len), (2, seq_len), (max_rows, seq_len))}
-    if component == "unet":
-        return {
+    if component in ("unet", "unet_shallow"):
+        profile = {
             "sample": ShapeRange((1, c, lo, lo), (2, c, mid, mid), (max_rows, c, hi, hi)),
             "timestep": ShapeRange((1,), (2,), (max_rows,)),
             "encoder_hidden_states": ShapeRange((1, seq_len, hidden), (2, seq_len, hidden), (max_rows, seq_len, hidden)),
         }
+        if component == "unet_shallow":
+            d = deep_channels
+            profile["deep_features"] = ShapeRange((1, d, lo, lo), (2, d, mid, mid), (max_rows, d, hi, hi))
+        return profile
     if component == "vae_decoder":
         return {"latent_sample": ShapeRange((1, c, lo, lo), (1, c, mid, mid), (images, c, hi, hi))}
     if component == "vae_encoder":

@@ -10,7 +10,7 @@ import numpy as np
 
 from services.errors import InvalidRequest
 from services.imaging import ImageTooLarge, decode_image
-from services.engine.engine import check_denoising_steps
+from services.engine.engine import check_cache_interval, check_denoising_steps
 from services.pipelines.diffusion import DiffusionRequest, DiffusionSpec, denoising_steps
 from services.schemas import resolve_seed
 
@@ -78,6 +78,7 @@ def build_request(task: str, body, pipeline) -> tuple[DiffusionRequest, dict]:
         raise InvalidRequest(f"negative_prompt is not used by model {spec.name!r}: a guidance-distilled model takes "
                              f"guidance_scale as an input, not classifier-free guidance; omit it", field="negative_prompt")
     params["seed"] = resolve_seed(body.seed, body.num_images)
+    check_cache_interval(spec, body.cache_interval)
     max_side = max(lim["max"] for lim in spec.side_limits().values())
     init_image = mask = None
     if task == "txt2img":
@@ -109,5 +110,6 @@ def build_request(task: str, body, pipeline) -> tuple[DiffusionRequest, dict]:
         num_inference_steps=body.num_inference_steps, guidance_scale=params["guidance_scale"],
         scheduler=params["scheduler"], height=params["height"], width=params["width"], seed=params["seed"],
         init_image=init_image, strength=getattr(body, "strength", 1.0), mask=mask, extras=extras,
+        cache_interval=body.cache_interval,
     )
     return request, params

@@ -163,6 +163,9 @@ class Txt2ImgRequest(_Strict, _SizeConditioning):
     height: int | None = Field(None, ge=8, description="Pixels, a multiple of 8; default: the model's native size.")
     width: int | None = Field(None, ge=8, description="Pixels, a multiple of 8; default: the model's native size.")
     seed: int | None = Field(None, ge=0, le=MAX_SEED, description="Seed of image 0; image i uses seed + i.")
+    cache_interval: int = Field(1, ge=1, description="DeepCache: a full U-Net step every N steps, the steps between "
+                                "reuse its deep features through the shallow U-Net (faster, an approximation; 1 = off, "
+                                "the exact image). Maximum and availability per model: GET /v1/models.")
     output_format: OutputFormat = "png"
     timeout_s: float | None = Field(None, ge=MIN_TIMEOUT_S, description="Deadline in seconds; default and maximum: see /v1/models.")
     upscale: UpscaleStage | None = UPSCALE_FIELD
@@ -184,6 +187,9 @@ class Img2ImgRequest(_Strict, _SizeConditioning):
     guidance_scale: float | None = Field(None, ge=0.0, le=MAX_GUIDANCE_SCALE, description="Default: the model's.")
     scheduler: SchedulerName | None = Field(None, description="Default: the model's.")
     seed: int | None = Field(None, ge=0, le=MAX_SEED)
+    cache_interval: int = Field(1, ge=1, description="DeepCache: a full U-Net step every N steps, the steps between "
+                                "reuse its deep features through the shallow U-Net (faster, an approximation; 1 = off, "
+                                "the exact image). Maximum and availability per model: GET /v1/models.")
     output_format: OutputFormat = "png"
     timeout_s: float | None = Field(None, ge=MIN_TIMEOUT_S)
 

@@ -35,9 +35,12 @@ from services.engine.request import FINISH_REASONS, EngineRequest, RequestStatus
 from services.engine.scheduler import StepBatch, StepScheduler
 from services.errors import BackendUnavailable, InvalidRequest, NonFiniteOutput
 from services.pipelines.diffusion import (
+    DEEP_FEATURES,
+    MAX_CACHE_INTERVAL,
     DiffusionOutput,
     DiffusionPipeline,
     DiffusionRequest,
+    DiffusionSpec,
     denoising_steps,
     effective_steps,
 )
@@ -79,6 +82,20 @@ def check_denoising_steps(num_inference_steps: int, strength: float, from_image:
         f"strength x num_inference_steps must give at least 1 denoising step: with "
         f"num_inference_steps={n}, strength must be at least {minimum:g} (got {strength:g})",
         field="strength", limit=minimum)
+
+
+def check_cache_interval(spec: DiffusionSpec, cache_interval: int) -> None:
+    """Refuses a DeepCache interval outside 1..MAX_CACHE_INTERVAL, or above 1 for a model
+    exported without the shallow denoiser graph (InvalidRequest, 422, naming the limit)."""
+    limit = MAX_CACHE_INTERVAL if spec.shallow_denoiser is not None else 1
+    if 1 <= cache_interval <= limit:
+        return
+    if limit == 1 and cache_interval > 1:
+        raise InvalidRequest(f"cache_interval must be 1 for model {spec.name!r}: it has no shallow denoiser graph "
+                             f"(DeepCache needs a U-Net exported with it; see export/deepcache.py)",
+                             field="cache_interval", limit=1)
+    raise InvalidRequest(f"cache_interval must be from 1 to {limit}, got {cache_interval}",
+                         field="cache_interval", limit=limit)
 
 
 def check_finite(x: np.ndarray, what: str) -> None:
@@ -136,6 +153,7 @@ class DiffusionEngine:
         self.pipeline.tokenize(request)  # reject bad prompts before they queue
         rounding = self.pipeline.spec.strength_rounding
         check_denoising_steps(request.num_inference_steps, request.strength, request.init_image is not None, rounding)
+        check_cache_interval(self.pipeline.spec, request.cache_interval)
         if request.scheduler not in self.pipeline.schedulers:
             raise InvalidRequest(f"scheduler {request.scheduler!r} cannot be built from model {self.model!r}'s "
                                  f"scheduler config; choose one of {', '.join(self.pipeline.schedulers)}",
@@ -376,7 +394,8 @@ class DiffusionEngine:
 
     # -- stage 3: one denoising step -----------------------------------------------------
     async def _denoise(self) -> bool:
-        """One U-Net call for every scheduled request, then each advances its own state."""
+        """One U-Net call for every scheduled request, then each advances its own state.
+        With DeepCache, rows taking a shallow step this iteration share a second call."""
         batch = self.scheduler.schedule()
         if not batch.requests:
             return False
@@ -388,16 +407,25 @@ class DiffusionEngine:
                 inputs[r] = r.trajectory.model_inputs()
             except Exception as exc:  # e.g. no timestep left to run
                 self._fail(r, exc)
-        # b. The shared U-Net call (an outage raises from here with every trajectory untouched).
-        noise_preds = await self._unet(list(inputs), inputs)
+        # b. The shared calls: full rows, then shallow ones. A call that meets an outage leaves
+        #    its trajectories untouched (the other call's requests still advance), then raises.
+        outputs, outage = {}, None
+        for group in (list(r for r in inputs if DEEP_FEATURES not in inputs[r]),
+                      list(r for r in inputs if DEEP_FEATURES in inputs[r])):
+            try:
+                outputs.update(await self._unet(group, inputs))
+            except BackendUnavailable as exc:
+                outage = exc
+        if outage is not None and not outputs:
+            raise outage
         seconds = time.perf_counter() - start
         self.iterations += 1
         self.observer.iteration(self.model, batch.rows, len(batch.requests),
                                 sum(r.request.num_images for r in batch.requests))
         # c. Guidance and the scheduler step, per request; non-finite latents fail their request.
-        for r, noise_pred in noise_preds.items():
+        for r, (noise_pred, features) in outputs.items():
             try:
-                r.trajectory.advance(noise_pred)
+                r.trajectory.advance(noise_pred, features)
                 check_finite(r.trajectory.latents, f"the latents after step {r.trajectory.steps_done}")
             except Exception as exc:
                 self._fail(r, exc)
@@ -408,21 +436,26 @@ class DiffusionEngine:
             r.emit("progress", step=r.trajectory.steps_done, total=r.trajectory.num_steps,
                    elapsed=round(time.monotonic() - r.arrival, 6))
         self.scheduler.update_from_output(batch, seconds)
+        if outage is not None:
+            raise outage
         await self._previews(batch)
         return True
 
-    async def _unet(self, requests: list[EngineRequest],
-                    inputs: dict[EngineRequest, dict[str, np.ndarray]]) -> dict[EngineRequest, np.ndarray]:
-        """noise_pred per request from one U-Net call. A call that fails for a reason other
-        than an outage is bisected: each half is retried, so a request that poisons the
+    async def _unet(self, requests: list[EngineRequest], inputs: dict[EngineRequest, dict[str, np.ndarray]]
+                    ) -> dict[EngineRequest, tuple[np.ndarray, np.ndarray | None]]:
+        """(noise_pred, deep features or None) per request from one U-Net call (the full graph,
+        or the shallow one for rows that carry deep features). A call that fails for a reason
+        other than an outage is bisected: each half is retried, so a request that poisons the
         call fails alone (about 2 log2(n) extra calls) and its batch-mates get their step."""
         if not requests:
             return {}
         merged = {k: np.concatenate([inputs[r][k] for r in requests]) for k in inputs[requests[0]]}
+        keep = any(r.trajectory.caching for r in requests)  # the full graph's features, for requests that cache
         try:
             t0 = time.perf_counter()
-            noise_pred = await self._backend(self.pipeline.denoise(merged))
-            self._observe_cost(requests[0].shape, len(next(iter(merged.values()))), time.perf_counter() - t0)
+            noise_pred, features = await self._backend(self.pipeline.denoise(merged, keep))
+            if DEEP_FEATURES not in merged:  # the cost model prices full calls
+                self._observe_cost(requests[0].shape, len(next(iter(merged.values()))), time.perf_counter() - t0)
         except BackendUnavailable:
             raise
         except Exception as exc:
@@ -435,7 +468,8 @@ class DiffusionEngine:
             return {**await self._unet(requests[:half], inputs), **await self._unet(requests[half:], inputs)}
         offset, result = 0, {}
         for r in requests:
-            result[r] = noise_pred[offset:offset + r.trajectory.rows]
+            rows = slice(offset, offset + r.trajectory.rows)
+            result[r] = (noise_pred[rows], None if features is None else features[rows])
             offset += r.trajectory.rows
         return result
 

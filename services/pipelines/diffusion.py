@@ -31,6 +31,9 @@ from typing import Any, Protocol
 import numpy as np
 
 from services.runtime import InferenceBackend
+
+DEEP_FEATURES = "deep_features"  # the full U-Net's cached output and the shallow one's input
+MAX_CACHE_INTERVAL = 10  # DeepCache's paper goes to N = 10 (quality falls past a few; bench/README.md)
 from services.schedulers import make_scheduler, supported_schedulers
 
 
@@ -72,6 +75,9 @@ class DiffusionSpec:
     default_guidance_scale: float = 7.5
     # How `strength` becomes steps (see effective_steps): "steps" as SD's pipelines, "start" as FLUX's.
     strength_rounding: str = "steps"
+    # DeepCache (export/deepcache.py): the graph that runs the denoiser's shallowest level over
+    # the deep features its full graph returned as DEEP_FEATURES; None: requests cannot cache.
+    shallow_denoiser: str | None = None
 
     def classifier_free(self, req: "DiffusionRequest") -> bool:
         """Whether the request runs a negative half per image (as diffusers: scale 1 is the
@@ -144,6 +150,7 @@ class DiffusionRequest:
     strength: float = 0.8
     mask: np.ndarray | None = None
     class_labels: list[int] | None = None  # per image, class-conditional denoisers
+    cache_interval: int = 1  # DeepCache: a full denoiser step every N steps, shallow ones between (1: off)
     extras: dict[str, Any] = field(default_factory=dict)  # family conditioning (e.g. SDXL sizes)
 
 
@@ -292,6 +299,9 @@ class Trajectory:
                 self.mask = downsample_mask(req.mask, spec.vae_scale_factor)
         self.steps_done = 0
         self.pred_original_sample: np.ndarray | None = None  # latest x0 estimate, for previews
+        # DeepCache: the deep features of the last full step, one per row, while they are reused.
+        self.cache_interval = max(1, req.cache_interval)
+        self.deep_features: np.ndarray | None = None
 
     @property
     def num_steps(self) -> int:
@@ -306,14 +316,32 @@ class Trajectory:
         """Denoiser batch rows this trajectory needs per step."""
         return len(self.latents) * (2 if self.do_cfg else 1)
 
+    @property
+    def caching(self) -> bool:
+        """Whether full steps keep their deep features (the request asked for DeepCache)."""
+        return self.cache_interval > 1
+
+    @property
+    def shallow(self) -> bool:
+        """This step runs the shallow denoiser over the last full step's deep features:
+        every step but each cache_interval-th (step 0, N, 2N, ... are full)."""
+        return self.deep_features is not None and self.steps_done % self.cache_interval != 0
+
     def model_inputs(self) -> dict[str, np.ndarray]:
         t = self.timesteps[self.steps_done]
         sample = np.concatenate([self.latents, self.latents]) if self.do_cfg else self.latents
         sample = self.scheduler.scale_model_input(sample, t).astype(np.float32)
-        return {**self.denoiser.inputs(sample, t), **self.cond}
+        inputs = {**self.denoiser.inputs(sample, t), **self.cond}
+        if self.shallow:
+            inputs[DEEP_FEATURES] = self.deep_features
+        return inputs
 
-    def advance(self, noise_pred: np.ndarray) -> None:
+    def advance(self, noise_pred: np.ndarray, deep_features: np.ndarray | None = None) -> None:
+        """One step from the denoiser's output for this trajectory's rows; `deep_features`:
+        what a full step returned for them, kept for the shallow steps that follow."""
         i, t = self.steps_done, self.timesteps[self.steps_done]
+        if self.caching and deep_features is not None:
+            self.deep_features = deep_features
         noise_pred = self.denoiser.prediction(noise_pred, self.latent_shape)
         if self.do_cfg:
             n = len(self.latents)
@@ -328,6 +356,8 @@ class Trajectory:
                 known = self.scheduler.add_noise(self.image_latents, self.noise, self.timesteps[i + 1:i + 2])
             self.latents = (1 - self.mask) * known + self.mask * self.latents
         self.steps_done += 1
+        if self.done:
+            self.deep_features = None  # free them before the decode
 
     def decoder_input(self, latents: np.ndarray | None = None) -> np.ndarray:
         """Latents in the VAE decoder's scale (the final ones unless others are given)."""
@@ -373,9 +403,21 @@ class DiffusionPipeline:
         cond = self.conditioner.rows(req, encoded, guided=self.spec.classifier_free(req))
         return Trajectory(self.spec, req, cond, rngs, image_latents, self.denoiser)
 
-    async def denoise(self, inputs: dict[str, np.ndarray]) -> np.ndarray:
-        """One denoiser call over the rows of any number of trajectories."""
-        return (await self.backend.infer(self.spec.denoiser, inputs))[self.spec.output_name]
+    async def denoise(self, inputs: dict[str, np.ndarray],
+                      keep_features: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
+        """One denoiser call over the rows of any number of trajectories: the shallow graph
+        when the rows carry deep features (DeepCache), else the full one. Returns the
+        prediction and, with `keep_features`, the full graph's deep features (None otherwise:
+        they are not fetched)."""
+        shallow = DEEP_FEATURES in inputs
+        wanted = [self.spec.output_name]
+        if keep_features and not shallow:
+            wanted.append(DEEP_FEATURES)
+        model = self.spec.shallow_denoiser if shallow else self.spec.denoiser
+        if shallow:  # it may not read every input of the full graph (the text, without cross attention)
+            inputs = {t.name: inputs[t.name] for t in self.backend.models()[model].inputs}
+        out = await self.backend.infer(model, inputs, wanted)
+        return out[self.spec.output_name], out.get(DEEP_FEATURES)
 
     async def decode(self, latents: np.ndarray) -> np.ndarray:
         if self.spec.vae_decoder is None:
@@ -416,7 +458,7 @@ class DiffusionPipeline:
         # 3. Denoising loop: one denoiser call per step for every image, cond and uncond.
         t0 = time.perf_counter()
         while not trajectory.done:
-            trajectory.advance(await self.denoise(trajectory.model_inputs()))
+            trajectory.advance(*await self.denoise(trajectory.model_inputs(), trajectory.caching))
         timings["denoising_seconds"] = time.perf_counter() - t0
 
         # 4. Decode.

@@ -2,7 +2,8 @@
 conditions the U-Net; the rest is the generic pipeline (services.pipelines.diffusion).
 
 Graphs (export/stable_diffusion.py): <name>_text_encoder, <name>_unet, <name>_vae_decoder,
-<name>_vae_encoder, with tokenizer.json and scheduler_config.json beside them.
+<name>_vae_encoder, with tokenizer.json and scheduler_config.json beside them, and
+<name>_unet_shallow where the U-Net was exported for DeepCache (requests' cache_interval).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from services.pipelines.diffusion import (  # noqa: F401 - re-exported for the family's users
+    DEEP_FEATURES,
     DiffusionOutput,
     DiffusionPipeline,
     DiffusionRequest,
@@ -48,6 +50,7 @@ class StableDiffusionModels:
     scaling_factor: float
     native_size: int  # pixels: the U-Net's sample_size times the VAE factor
     size_multiple: int  # output sides must be multiples of this (VAE and U-Net downsampling)
+    unet_shallow: str | None = None  # DeepCache's shallow U-Net (export/deepcache.py), when exported
 
     def spec(self) -> DiffusionSpec:
         return DiffusionSpec(
@@ -55,8 +58,9 @@ class StableDiffusionModels:
             latent_channels=self.latent_channels, image_channels=self.image_channels,
             vae_scale_factor=self.vae_scale_factor, native_height=self.native_size, native_width=self.native_size,
             size_multiple=self.size_multiple, vae_decoder=self.vae_decoder, vae_encoder=self.vae_encoder,
-            scaling_factor=self.scaling_factor,
-            components=tuple(c for c in (self.text_encoder, self.unet, self.vae_decoder, self.vae_encoder) if c))
+            scaling_factor=self.scaling_factor, shallow_denoiser=self.unet_shallow,
+            components=tuple(c for c in (self.text_encoder, self.unet, self.unet_shallow, self.vae_decoder,
+                                         self.vae_encoder) if c))
 
 
 def discover_stable_diffusion(models: dict[str, ModelSpec]) -> dict[str, StableDiffusionModels]:
@@ -86,8 +90,17 @@ def discover_stable_diffusion(models: dict[str, ModelSpec]) -> dict[str, StableD
             scaling_factor=float(dec.parameters["genserve.scaling_factor"]),
             native_size=int(unet.parameters["genserve.sample_size"]) * int(dec.parameters["genserve.vae_scale_factor"]),
             size_multiple=int(unet.parameters["genserve.size_multiple"]),
+            unet_shallow=shallow_denoiser(unet, parts.get("unet_shallow")),
         )
     return found
+
+
+def shallow_denoiser(unet: ModelSpec, shallow: ModelSpec | None) -> str | None:
+    """The DeepCache shallow graph's name when the repository has it and the full U-Net
+    returns the deep features it takes (a repository exported before DeepCache has neither)."""
+    if shallow is None or DEEP_FEATURES not in {t.name for t in unet.outputs}:
+        return None
+    return shallow.name
 
 
 class ClipConditioner:

@@ -16,6 +16,7 @@ from services.gateway import request_id_var
 from services.http import parse_body
 from services.imaging import FORMATS
 from services.openapi import SSE_RESPONSE, body_schema, error_responses
+from services.pipelines.diffusion import MAX_CACHE_INTERVAL
 from services.routers import engine_calls, image_to_image
 from services.schemas import (
     MAX_DIFFUSION_IMAGES,
@@ -151,6 +152,7 @@ def describe(ctx: ServiceContext) -> list[ModelDescription]:
                                "meaning": spec.guidance},
             "height": sides["height"], "width": sides["width"],
             "strength": {"min": 0.0, "max": 1.0, "exclusive_min": True},
+            "cache_interval": {"min": 1, "max": MAX_CACHE_INTERVAL if spec.shallow_denoiser else 1, "default": 1},
             "seed": {"min": 0, "max": MAX_SEED}, "output_format": sorted(FORMATS),
             "timeout_s": {"default": ctx.settings.request_timeout_s, "min": MIN_TIMEOUT_S,
                           "max": ctx.settings.max_request_timeout_s},

@@ -8,8 +8,9 @@ runs in this process (ONNX Runtime) or in a Triton server is configuration, not 
 from __future__ import annotations
 
 import abc
+import dataclasses
 import time
-from typing import Callable, Mapping
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -42,10 +43,12 @@ class InferenceBackend(abc.ABC):
     async def close(self) -> None:
         return None
 
-    async def infer(self, model: str, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    async def infer(self, model: str, inputs: Mapping[str, np.ndarray],
+                    outputs: Sequence[str] | None = None) -> dict[str, np.ndarray]:
         """Runs the model on a batch of any size: batches past the model's max_batch_size
-        are split into executions the model accepts, and the outputs concatenated."""
-        spec = self.models()[model]
+        are split into executions the model accepts, and the outputs concatenated.
+        `outputs`: the outputs to fetch (default all); Triton sends back only those."""
+        spec = select_outputs(self.models()[model], outputs)
         limit = spec.max_batch_size
         batch = len(next(iter(inputs.values()))) if limit > 0 else 1
         if limit <= 0 or batch <= limit:
@@ -62,6 +65,18 @@ class InferenceBackend(abc.ABC):
         for observe in self._observers:
             observe(spec.name, self.name, batch, seconds)
         return outputs
+
+
+def select_outputs(spec: ModelSpec, names: Sequence[str] | None) -> ModelSpec:
+    """`spec` narrowed to the outputs `names` (all of them for None): backends fetch what
+    their spec lists."""
+    if names is None:
+        return spec
+    known = {t.name: t for t in spec.outputs}
+    missing = [n for n in names if n not in known]
+    if missing:
+        raise ValueError(f"{spec.name}: no output {missing}; it has {sorted(known)}")
+    return dataclasses.replace(spec, outputs=tuple(known[n] for n in names))
 
 
 def validate_inputs(spec: ModelSpec, inputs: Mapping[str, np.ndarray]) -> int:

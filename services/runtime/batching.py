@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import time
 from dataclasses import dataclass, field
-from typing import Mapping
+from typing import Mapping, Sequence
 
 import numpy as np
 
@@ -59,10 +59,11 @@ class AdaptiveBatcher(InferenceBackend):
             task.cancel()
         await self.inner.close()
 
-    async def infer(self, model: str, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    async def infer(self, model: str, inputs: Mapping[str, np.ndarray],
+                    outputs: Sequence[str] | None = None) -> dict[str, np.ndarray]:
         limit = self.models()[model].max_batch_size
-        if model not in self.batched_models or limit <= 0 or self.max_wait_s <= 0:
-            return await self.inner.infer(model, inputs)
+        if model not in self.batched_models or limit <= 0 or self.max_wait_s <= 0 or outputs is not None:
+            return await self.inner.infer(model, inputs, outputs)
         item = _Pending(inputs, len(next(iter(inputs.values()))))
         if item.rows >= limit:
             return await self.inner.infer(model, inputs)

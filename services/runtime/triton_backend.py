@@ -470,11 +470,12 @@ class TritonBackend(InferenceBackend):
 
     @staticmethod
     def _shape_key(spec: ModelSpec, inputs: Mapping[str, np.ndarray]) -> tuple:
-        return (spec.name, *(tuple(inputs[t.name].shape) for t in spec.inputs))
+        # The outputs fetched are part of the key: a call may ask for a subset of them.
+        return (spec.name, tuple(t.name for t in spec.outputs), *(tuple(inputs[t.name].shape) for t in spec.inputs))
 
     @staticmethod
     def _shape_key_of(spec: ModelSpec, infer_inputs) -> tuple:
-        return (spec.name, *(tuple(item.shape()) for item in infer_inputs))
+        return (spec.name, tuple(t.name for t in spec.outputs), *(tuple(item.shape()) for item in infer_inputs))
 
     def _learn_outputs(self, spec: ModelSpec, inputs: Mapping[str, np.ndarray], values: dict) -> None:
         if self.shared_memory == "off":

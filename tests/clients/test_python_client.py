@@ -40,6 +40,8 @@ def test_models_and_one_call_per_family(client):
     assert r.parameters["num_inference_steps"] == 8 and r.request_id
     again = client.txt2img(PROMPT, num_inference_steps=8, seed=5, height=32, width=48)
     assert again.images[0].data == r.images[1].data  # the response says how to reproduce each image
+    cached = client.txt2img(PROMPT, num_inference_steps=8, seed=5, height=32, width=48, cache_interval=2)
+    assert cached.parameters["cache_interval"] == 2 and cached.images[0].data != again.images[0].data
     source = r.images[0].to_pil()
     assert client.img2img(source.resize((32, 32)), PROMPT, strength=0.5, num_inference_steps=8).images[0].width == 32
     mask = PILImage.new("L", (32, 32), 0)

@@ -13,12 +13,14 @@ from services.runtime.repository import ModelRepository
 pytestmark = pytest.mark.slow
 
 
-def test_four_graphs_with_their_pipeline_files(random_sd):
+def test_five_graphs_with_their_pipeline_files(random_sd):
     folder, repo = random_sd
     models = ModelRepository(repo).models
-    assert set(models) == {f"sd_random_{c}" for c in ("text_encoder", "unet", "vae_decoder", "vae_encoder")}
+    assert set(models) == {f"sd_random_{c}" for c in
+                           ("text_encoder", "unet", "unet_shallow", "vae_decoder", "vae_encoder")}
     unet = models["sd_random_unet"]
     assert [t.name for t in unet.inputs] == ["sample", "timestep", "encoder_hidden_states"]
+    assert [t.name for t in unet.outputs] == ["noise_pred", "deep_features"]  # DeepCache's
     assert unet.inputs[0].dims == (4, -1, -1) and unet.input("timestep").reshape == ()
     assert unet.parameters["genserve.size_multiple"] == "8"  # VAE factor 2 x two U-Net halvings
     te = models["sd_random_text_encoder"]

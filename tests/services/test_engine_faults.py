@@ -46,16 +46,16 @@ class Faulty(InferenceBackend):
     async def _execute(self, spec, inputs):  # pragma: no cover - infer() is overridden
         raise NotImplementedError
 
-    async def infer(self, model, inputs):
+    async def infer(self, model, inputs, outputs=None):
         self.calls.append(model)
         if self.down is True or (self.down and model in self.down):
             raise BackendUnavailable(f"fake outage of {model}")
         exc = self.fault(model, inputs)
         if exc is not None:
             raise exc
-        outputs = await self.inner.infer(model, inputs)
-        self.corrupt(model, inputs, outputs)
-        return outputs
+        values = await self.inner.infer(model, inputs, outputs)
+        self.corrupt(model, inputs, values)
+        return values
 
 
 @pytest.fixture(scope="module")
@@ -109,7 +109,7 @@ def test_an_exception_in_one_requests_scheduler_step_fails_it_alone(faulty):
         for _ in range(2):
             await engine.step()
 
-        def broken(noise_pred):
+        def broken(noise_pred, deep_features=None):
             raise RuntimeError("scheduler exploded")
         bad.trajectory.advance = broken
         await drain(engine, [*handles, bad])

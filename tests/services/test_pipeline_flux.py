@@ -130,9 +130,9 @@ def test_engine_batches_steps_sizes_of_one_bucket_and_guidance_and_equals_each_a
         engine = DiffusionEngine(ours, max_batch_rows=16, max_queued_image_steps=10_000, start_loop=False)
         denoise = ours.denoise
 
-        async def counting(inputs):
+        async def counting(inputs, keep_features=False):
             calls.append(len(inputs["hidden_states"]))
-            return await denoise(inputs)
+            return await denoise(inputs, keep_features)
 
         ours.denoise = counting
         try:

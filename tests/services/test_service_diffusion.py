@@ -78,6 +78,24 @@ def test_same_request_same_bytes_and_img2img_inpaint_work(server):
     assert np.abs(out[:, :12] - original[:, :12]).mean() < np.abs(out[:, 20:] - original[:, 20:]).mean()
 
 
+def test_deepcache_over_http(server):
+    """cache_interval is listed per model, echoed, deterministic, and changes the image (a
+    shallow step is an approximation); img2img takes it too."""
+    models = httpx.get(f"{server.url}/v1/models", timeout=30).json()["models"]
+    sd = next(m for m in models if m["name"] == "sd_digits")
+    assert sd["parameters"]["cache_interval"] == {"min": 1, "max": 10, "default": 1}
+    assert "sd_digits_unet_shallow" in sd["parameters"]["components"]
+    body = {"prompt": "a handwritten digit four", "seed": 8, "num_inference_steps": 12}
+    exact = post(server, "/v1/txt2img", body).json()
+    cached = [post(server, "/v1/txt2img", {**body, "cache_interval": 3}).json() for _ in range(2)]
+    assert cached[0]["parameters"]["cache_interval"] == 3 and exact["parameters"]["cache_interval"] == 1
+    assert cached[0]["images"][0]["data"] == cached[1]["images"][0]["data"]
+    assert cached[0]["images"][0]["data"] != exact["images"][0]["data"]
+    r = post(server, "/v1/img2img", {"prompt": "the number 8", "image": exact["images"][0]["data"], "strength": 0.7,
+                                     "num_inference_steps": 10, "cache_interval": 2})
+    assert r.status_code == 200, r.text
+
+
 @pytest.mark.parametrize("path, body, field", [
     ("/v1/txt2img", {"prompt": ""}, "prompt"),
     ("/v1/txt2img", {"prompt": "   "}, "prompt"),
@@ -92,6 +110,9 @@ def test_same_request_same_bytes_and_img2img_inpaint_work(server):
     ("/v1/img2img", {"prompt": "7", "image": "aGVsbG8="}, "image"),
     ("/v1/img2img", {"prompt": "7", "image": "not base64!"}, "image"),
     ("/v1/txt2img", {"prompt": "7", "model": "nope"}, "model"),
+    ("/v1/txt2img", {"prompt": "7", "cache_interval": 0}, "cache_interval"),
+    ("/v1/txt2img", {"prompt": "7", "cache_interval": 11}, "cache_interval"),
+    ("/v1/img2img", {"prompt": "7", "image": "aGVsbG8=", "cache_interval": 11}, "cache_interval"),
 ])
 def test_bad_input_gets_a_4xx_naming_the_field(server, path, body, field):
     r = post(server, path, body)

@@ -113,12 +113,13 @@ class _Endpoints:
                 guidance_scale: Optional[float] = None, scheduler: Optional[str] = None,
                 height: Optional[int] = None, width: Optional[int] = None, seed: Optional[int] = None,
                 output_format: Optional[str] = None, timeout_s: Optional[float] = None,
-                extra: Optional[dict] = None) -> GenerationResult:
-        """POST /v1/txt2img."""
+                cache_interval: Optional[int] = None, extra: Optional[dict] = None) -> GenerationResult:
+        """POST /v1/txt2img. `cache_interval` > 1: DeepCache (faster, approximate; see GET /v1/models)."""
         return self._call("POST", "/v1/txt2img", _body(
             prompt=prompt, model=model, negative_prompt=negative_prompt, num_images=num_images,
             num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, scheduler=scheduler,
-            height=height, width=width, seed=seed, output_format=output_format, timeout_s=timeout_s, extra=extra),
+            height=height, width=width, seed=seed, output_format=output_format, timeout_s=timeout_s,
+            cache_interval=cache_interval, extra=extra),
             GenerationResult.from_json)
 
     def txt2img_stream(self, prompt: str, *, preview_every: Optional[int] = None, model: Optional[str] = None,
@@ -126,38 +127,42 @@ class _Endpoints:
                        num_inference_steps: Optional[int] = None, guidance_scale: Optional[float] = None,
                        scheduler: Optional[str] = None, height: Optional[int] = None, width: Optional[int] = None,
                        seed: Optional[int] = None, output_format: Optional[str] = None,
-                       timeout_s: Optional[float] = None, extra: Optional[dict] = None) -> Iterator[Event]:
+                       timeout_s: Optional[float] = None, cache_interval: Optional[int] = None,
+                       extra: Optional[dict] = None) -> Iterator[Event]:
         """POST /v1/txt2img/stream: Progress per step, Preview every `preview_every` steps, then
         Result. Leaving the loop early (break, or closing the iterator) cancels the request."""
         return self._stream("/v1/txt2img/stream", _body(
             prompt=prompt, preview_every=preview_every, model=model, negative_prompt=negative_prompt,
             num_images=num_images, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
             scheduler=scheduler, height=height, width=width, seed=seed, output_format=output_format,
-            timeout_s=timeout_s, extra=extra))
+            timeout_s=timeout_s, cache_interval=cache_interval, extra=extra))
 
     def img2img(self, image: ImageInput, prompt: str, *, strength: Optional[float] = None,
                 model: Optional[str] = None, negative_prompt: Optional[str] = None, num_images: Optional[int] = None,
                 num_inference_steps: Optional[int] = None, guidance_scale: Optional[float] = None,
                 scheduler: Optional[str] = None, seed: Optional[int] = None, output_format: Optional[str] = None,
-                timeout_s: Optional[float] = None, extra: Optional[dict] = None) -> GenerationResult:
+                timeout_s: Optional[float] = None, cache_interval: Optional[int] = None,
+                extra: Optional[dict] = None) -> GenerationResult:
         """POST /v1/img2img: `image` noised to `strength`, then denoised toward the prompt."""
         return self._call("POST", "/v1/img2img", _body(
             image=encode_image(image), prompt=prompt, strength=strength, model=model, negative_prompt=negative_prompt,
             num_images=num_images, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
-            scheduler=scheduler, seed=seed, output_format=output_format, timeout_s=timeout_s, extra=extra),
+            scheduler=scheduler, seed=seed, output_format=output_format, timeout_s=timeout_s,
+            cache_interval=cache_interval, extra=extra),
             GenerationResult.from_json)
 
     def inpaint(self, image: ImageInput, mask: ImageInput, prompt: str, *, strength: Optional[float] = None,
                 model: Optional[str] = None, negative_prompt: Optional[str] = None, num_images: Optional[int] = None,
                 num_inference_steps: Optional[int] = None, guidance_scale: Optional[float] = None,
                 scheduler: Optional[str] = None, seed: Optional[int] = None, output_format: Optional[str] = None,
-                timeout_s: Optional[float] = None, extra: Optional[dict] = None) -> GenerationResult:
+                timeout_s: Optional[float] = None, cache_interval: Optional[int] = None,
+                extra: Optional[dict] = None) -> GenerationResult:
         """POST /v1/inpaint: repaints the white area of `mask` (same size as `image`)."""
         return self._call("POST", "/v1/inpaint", _body(
             image=encode_image(image), mask=encode_image(mask), prompt=prompt, strength=strength, model=model,
             negative_prompt=negative_prompt, num_images=num_images, num_inference_steps=num_inference_steps,
             guidance_scale=guidance_scale, scheduler=scheduler, seed=seed, output_format=output_format,
-            timeout_s=timeout_s, extra=extra), GenerationResult.from_json)
+            timeout_s=timeout_s, cache_interval=cache_interval, extra=extra), GenerationResult.from_json)
 
     # -- pixel-space diffusion --------------------------------------------------------------
     def ddpm_generate(self, *, model: Optional[str] = None, seed: Optional[int] = None,

@@ -1,0 +1,132 @@
+"""DeepCache graphs for U-Net denoisers (Ma et al., "DeepCache: Accelerating Diffusion
+Models for Free", 2023): the high-level features a U-Net computes change slowly from one
+denoising step to the next, so a full step can leave its deep features behind and the steps
+after it run only the shallowest level, reusing them.
+
+Two graphs per U-Net, for any `UNet2DConditionModel` (SD 1/2, SDXL):
+
+  <name>_unet          the full U-Net, exported as before, with one more output:
+                       deep_features [B, C_f, h, w], the input of its last up block (the
+                       deep path's result at full latent resolution). The graph is the same
+                       graph: noise_pred is bit-equal to a graph without the extra output
+                       (tested), and callers that do not cache do not fetch it.
+  <name>_unet_shallow  the same inputs plus deep_features -> noise_pred: conv_in, the time
+                       embedding, the first down block (its skip outputs, not its downsampler)
+                       and the last up block over the cached features. Its weights are the
+                       shallow level's only.
+
+A shallow call on the features its full call left equals the full call at the same inputs
+(the exporter checks this in PyTorch before writing the graphs).
+"""
+
+from __future__ import annotations
+
+import torch
+
+DEEP_FEATURES = "deep_features"
+
+
+def _conditioning(unet, sample, timestep, encoder_hidden_states, added_cond_kwargs):
+    """The time embedding and encoder states exactly as `UNet2DConditionModel.forward`
+    computes them before conv_in (class, SDXL's added and other embeddings included)."""
+    emb = unet.time_embedding(unet.get_time_embed(sample=sample, timestep=timestep), None)
+    class_emb = unet.get_class_embed(sample=sample, class_labels=None)
+    if class_emb is not None:
+        emb = torch.cat([emb, class_emb], dim=-1) if unet.config.class_embeddings_concat else emb + class_emb
+    aug_emb = unet.get_aug_embed(emb=emb, encoder_hidden_states=encoder_hidden_states,
+                                 added_cond_kwargs=added_cond_kwargs)
+    emb = emb + aug_emb if aug_emb is not None else emb
+    if unet.time_embed_act is not None:
+        emb = unet.time_embed_act(emb)
+    encoder_hidden_states = unet.process_encoder_hidden_states(
+        encoder_hidden_states=encoder_hidden_states, added_cond_kwargs=added_cond_kwargs)
+    return emb, encoder_hidden_states
+
+
+def _cross(block) -> bool:
+    return bool(getattr(block, "has_cross_attention", False))
+
+
+def shallow_forward(unet, sample, timestep, encoder_hidden_states, deep_features, added_cond_kwargs=None):
+    """noise_pred from the shallowest level of `unet` over `deep_features` (see the module)."""
+    if unet.config.center_input_sample:
+        sample = 2 * sample - 1.0
+    emb, encoder_hidden_states = _conditioning(unet, sample, timestep, encoder_hidden_states, added_cond_kwargs)
+    hidden = unet.conv_in(sample)
+    first, last = unet.down_blocks[0], unet.up_blocks[-1]
+    if _cross(first):
+        _, res = first(hidden_states=hidden, temb=emb, encoder_hidden_states=encoder_hidden_states)
+    else:
+        _, res = first(hidden_states=hidden, temb=emb)
+    # The last up block takes conv_in's output and the first down block's resnet outputs (its
+    # downsampler output feeds the deeper levels; the exporter drops that unused branch).
+    skips = ((hidden,) + tuple(res))[:len(last.resnets)]
+    if _cross(last):
+        out = last(hidden_states=deep_features, temb=emb, res_hidden_states_tuple=skips,
+                   encoder_hidden_states=encoder_hidden_states)
+    else:
+        out = last(hidden_states=deep_features, temb=emb, res_hidden_states_tuple=skips)
+    if unet.conv_norm_out is not None:
+        out = unet.conv_act(unet.conv_norm_out(out))
+    return unet.conv_out(out)
+
+
+class FeatureCapturingUNet(torch.nn.Module):
+    """A family's U-Net export wrapper with deep_features as a second output."""
+
+    def __init__(self, wrapper: torch.nn.Module, unet):
+        super().__init__()
+        self.wrapper, self.unet = wrapper, unet
+
+    def forward(self, *args, **kwargs):
+        captured = {}
+
+        def hook(_module, _args, block_kwargs):
+            captured[DEEP_FEATURES] = block_kwargs["hidden_states"]
+
+        handle = self.unet.up_blocks[-1].register_forward_pre_hook(hook, with_kwargs=True)
+        try:
+            noise_pred = self.wrapper(*args, **kwargs)
+        finally:
+            handle.remove()
+        return noise_pred, captured[DEEP_FEATURES]
+
+
+class ShallowUNet(torch.nn.Module):
+    """The shallow graph's module for U-Nets conditioned on text alone (SD 1/2). Its inputs are
+    ordered sample, timestep, deep_features, then the text: a shallowest level without cross
+    attention does not read encoder_hidden_states, and the graph then has no such input
+    (`uses_text`). A family with more inputs (SDXL's pooled embeddings and time ids) subclasses
+    it and passes them on as `added_cond_kwargs`."""
+
+    def __init__(self, unet):
+        super().__init__()
+        self.unet = unet
+
+    @property
+    def uses_text(self) -> bool:
+        return _cross(self.unet.down_blocks[0]) or _cross(self.unet.up_blocks[-1])
+
+    def forward(self, sample, timestep, deep_features, encoder_hidden_states=None):
+        return shallow_forward(self.unet, sample, timestep, encoder_hidden_states, deep_features)
+
+
+def supports_deepcache(unet) -> bool:
+    """A UNet2DConditionModel whose shallowest level can run alone: two levels or more and
+    no input hint (ControlNet-style image hints change conv_in's input)."""
+    return (len(unet.down_blocks) >= 2 and unet.config.addition_embed_type != "image_hint"
+            and hasattr(unet, "get_time_embed"))
+
+
+@torch.no_grad()
+def check_shallow(full: FeatureCapturingUNet, shallow: ShallowUNet, example: dict[str, torch.Tensor]) -> float:
+    """The shallow module on the features its full step left must give that step's output:
+    returns the largest difference (PyTorch, before any export) and raises past 1e-4."""
+    noise_pred, features = full(**example)
+    again = shallow(**example, deep_features=features)
+    err = float((noise_pred - again).abs().max())
+    if err > 1e-4:
+        raise RuntimeError(f"the shallow U-Net does not reproduce the full step on its own features "
+                           f"(max abs error {err:.2e}): this U-Net's blocks are not laid out as "
+                           f"UNet2DConditionModel's")
+    return err
