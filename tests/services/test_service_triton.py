@@ -42,9 +42,11 @@ def test_gan_images_equal_the_embedded_backend(server, triton_service, body):
     assert psnr(pixels(embedded.json()), pixels(remote.json())) >= 50
 
 
-def test_txt2img_equals_the_embedded_backend(server, triton_service):
+@pytest.mark.parametrize("cache_interval", [1, 3])
+def test_txt2img_equals_the_embedded_backend(server, triton_service, cache_interval):
+    """At 3, DeepCache: Triton serves the shallow U-Net and the full one's deep features too."""
     body = {"prompt": "a handwritten digit four", "seed": 4, "num_images": 2, "num_inference_steps": 10,
-            "guidance_scale": 4.0, "scheduler": "euler"}
+            "guidance_scale": 4.0, "scheduler": "euler", "cache_interval": cache_interval}
     embedded, remote = post(server, "/v1/txt2img", body), post(triton_service, "/v1/txt2img", body)
     assert embedded.status_code == remote.status_code == 200, remote.text
     assert psnr(pixels(embedded.json()), pixels(remote.json())) >= 50

@@ -23,6 +23,7 @@ from services.runtime.triton_shm import SHM_DIR
 pytestmark = pytest.mark.server
 
 UNET = "sd_digits_unet"
+OUT = ["noise_pred"]
 
 
 def unet_inputs(rows: int, seed: int) -> dict[str, np.ndarray]:
@@ -106,21 +107,22 @@ def test_shared_memory_is_negotiated_used_and_equals_the_socket_bit_for_bit(spec
 
 def test_concurrent_calls_each_get_their_own_region(specs, url):
     async def scenario():
+        # noise_pred alone, as the engine asks (the deep features are fetched only for DeepCache).
         shared = TritonBackend(specs, url, shared_memory="auto")
         socket = TritonBackend(specs, url, shared_memory="off")
         try:
             batches = [unet_inputs(1 + i % 4, seed=i) for i in range(12)]
             for inputs in batches[:4]:  # learn the output shapes (rows 1..4)
-                await shared.infer(UNET, inputs)
-            got = await asyncio.gather(*(shared.infer(UNET, x) for x in batches))
+                await shared.infer(UNET, inputs, OUT)
+            got = await asyncio.gather(*(shared.infer(UNET, x, OUT) for x in batches))
             for inputs, out in zip(batches, got):
-                want = await socket.infer(UNET, inputs)
+                want = await socket.infer(UNET, inputs, OUT)
                 assert np.array_equal(out["noise_pred"], want["noise_pred"])
             status = shared.shared_memory_status()
             assert status["shared_memory_calls"] == 16
             assert 1 < status["regions"] <= 12  # calls in flight together never share one
             allocations = status["region_allocations"]
-            await asyncio.gather(*(shared.infer(UNET, x) for x in batches))
+            await asyncio.gather(*(shared.infer(UNET, x, OUT) for x in batches))
             assert shared.shared_memory_status()["region_allocations"] == allocations
         finally:
             await shared.close()
