@@ -9,6 +9,7 @@ Numerical conventions, kept by every scheduler in this package:
 
 from __future__ import annotations
 
+import functools
 import inspect
 import math
 from collections.abc import Iterable, Mapping, Sequence
@@ -69,7 +70,7 @@ class SchedulerMixin:
         `_use_default_values` (left at their defaults by the config's own class) are dropped so this
         class's defaults apply, and `overrides` win over the config.
         """
-        params = set(inspect.signature(cls.__init__).parameters) - {"self"}
+        params = _init_parameters(cls)
         defaulted = set(config.get("_use_default_values", ()))
         kwargs = {k: v for k, v in config.items() if k in params and k not in defaulted}
         return cls(**{**kwargs, **overrides})
@@ -163,10 +164,29 @@ def make_alphas_cumprod(
     linear: DDPM (Ho et al. 2020, sec. 4); scaled_linear: linear in sqrt(beta), Stable Diffusion's;
     squaredcos_cap_v2: cosine alpha_bar(t) = cos^2((t/T + s)/(1 + s) * pi/2), s = 0.008
     (Nichol & Dhariwal 2021, eq. 17), betas capped at 0.999.
+
+    Every request builds a scheduler, and the cosine schedule is a Python loop over the
+    training steps (0.4 ms at T=1000): schedules from parameters are computed once per
+    parameters and each caller gets its own copy.
     """
     if trained_betas is not None:
         betas = np.asarray(trained_betas, dtype=np.float32)
-    elif beta_schedule == "linear":
+        return cumprod_alphas(rescale_zero_terminal_snr(betas) if rescale_betas_zero_snr else betas)
+    return _schedule(owner, int(num_train_timesteps), float(beta_start), float(beta_end), beta_schedule,
+                     bool(rescale_betas_zero_snr)).copy()
+
+
+@functools.lru_cache(maxsize=64)
+def _init_parameters(cls: type) -> frozenset[str]:
+    """The constructor's argument names (what `from_config` passes on)."""
+    return frozenset(inspect.signature(cls.__init__).parameters) - {"self"}
+
+
+@functools.lru_cache(maxsize=64)
+def _schedule(owner: str, num_train_timesteps: int, beta_start: float, beta_end: float, beta_schedule: str,
+              rescale_betas_zero_snr: bool) -> np.ndarray:
+    """make_alphas_cumprod's schedule from parameters, read-only (callers copy it)."""
+    if beta_schedule == "linear":
         betas = np.linspace(beta_start, beta_end, num_train_timesteps, dtype=np.float32)
     elif beta_schedule == "scaled_linear":
         betas = np.linspace(beta_start**0.5, beta_end**0.5, num_train_timesteps, dtype=np.float32) ** 2
@@ -181,7 +201,9 @@ def make_alphas_cumprod(
             f"{owner}: beta_schedule={beta_schedule!r} is not supported; "
             "supported: ['linear', 'scaled_linear', 'squaredcos_cap_v2'] or trained_betas"
         )
-    return cumprod_alphas(rescale_zero_terminal_snr(betas) if rescale_betas_zero_snr else betas)
+    alphas_cumprod = cumprod_alphas(rescale_zero_terminal_snr(betas) if rescale_betas_zero_snr else betas)
+    alphas_cumprod.flags.writeable = False
+    return alphas_cumprod
 
 
 def spaced_timesteps(
