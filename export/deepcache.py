@@ -21,6 +21,7 @@ A shallow call on the features its full call left equals the full call at the sa
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 DEEP_FEATURES = "deep_features"
@@ -93,22 +94,22 @@ class FeatureCapturingUNet(torch.nn.Module):
 
 
 class ShallowUNet(torch.nn.Module):
-    """The shallow graph's module for U-Nets conditioned on text alone (SD 1/2). Its inputs are
-    ordered sample, timestep, deep_features, then the text: a shallowest level without cross
-    attention does not read encoder_hidden_states, and the graph then has no such input
-    (`uses_text`). A family with more inputs (SDXL's pooled embeddings and time ids) subclasses
-    it and passes them on as `added_cond_kwargs`."""
+    """The shallow graph's module. Inputs, in order: sample, timestep, deep_features, then
+    encoder_hidden_states when the shallowest level has cross attention (without, the graph
+    does not read the text and has no such input: `input_names`), then `added`, the family's
+    added-conditioning inputs passed on as `added_cond_kwargs` (SDXL's text_embeds, time_ids).
+    Called positionally by the exporter and by name by the parity check."""
 
-    def __init__(self, unet):
+    def __init__(self, unet, added: tuple[str, ...] = ()):
         super().__init__()
-        self.unet = unet
+        self.unet, self.added = unet, tuple(added)
+        text = ("encoder_hidden_states",) if _cross(unet.down_blocks[0]) or _cross(unet.up_blocks[-1]) else ()
+        self.input_names = ("sample", "timestep", DEEP_FEATURES, *text, *self.added)
 
-    @property
-    def uses_text(self) -> bool:
-        return _cross(self.unet.down_blocks[0]) or _cross(self.unet.up_blocks[-1])
-
-    def forward(self, sample, timestep, deep_features, encoder_hidden_states=None):
-        return shallow_forward(self.unet, sample, timestep, encoder_hidden_states, deep_features)
+    def forward(self, sample, timestep, deep_features, *rest, **named):
+        named.update(zip(self.input_names[3:], rest))
+        added = {k: named[k] for k in self.added} or None
+        return shallow_forward(self.unet, sample, timestep, named.get("encoder_hidden_states"), deep_features, added)
 
 
 def supports_deepcache(unet) -> bool:
@@ -130,3 +131,41 @@ def check_shallow(full: FeatureCapturingUNet, shallow: ShallowUNet, example: dic
                            f"(max abs error {err:.2e}): this U-Net's blocks are not laid out as "
                            f"UNet2DConditionModel's")
     return err
+
+
+def export_unet(export, wrapper: torch.nn.Module, unet, make_inputs, tensors, noise_pred, axes: dict,
+                parameters: dict, *, deepcache: bool, rng, added: tuple[str, ...] = (),
+                shallow_options=lambda deep_channels: {}, **options) -> None:
+    """A family's U-Net graph through `export` (its GraphExporter, or a wrapper of it) and, with
+    `deepcache` and a U-Net that allows it, the deep-features output and the shallow graph.
+    `wrapper`: the family's export module over `unet`, taking `tensors` (TensorSpecs, in order,
+    as `make_inputs(batch, scale)` makes them); `added`: which of them are added conditioning
+    (the shallow graph needs them); `options`: the U-Net call's keyword arguments (atol,
+    delay_us, files, ...), also the shallow call's but for files; `shallow_options(C_f)`:
+    more for the shallow call (TensorRT profiles)."""
+    from export.triton_config import TensorSpec
+
+    if not (deepcache and supports_deepcache(unet)):
+        export("unet", wrapper, make_inputs, tensors, [noise_pred], axes, parameters, **options)
+        return
+    full, shallow = FeatureCapturingUNet(wrapper, unet), ShallowUNet(unet, added)
+    example = {k: torch.from_numpy(v) for k, v in make_inputs(1, 1).items()}
+    channels = full(**example)[1].shape[1]
+    check_shallow(full, shallow, example)
+    deep = TensorSpec(DEEP_FEATURES, "float32", (channels, -1, -1))
+    spatial = {0: "batch", 2: "height", 3: "width"}
+    axes = {**axes, DEEP_FEATURES: spatial}
+    export("unet", full, make_inputs, tensors, [noise_pred, deep], axes, parameters, **options)
+
+    by_name = {t.name: t for t in [*tensors, deep]}
+
+    def shallow_inputs(b, k):
+        x = make_inputs(b, k)
+        sample = x["sample"]
+        x[DEEP_FEATURES] = rng.standard_normal((b, channels, *sample.shape[2:]), dtype=np.float32)
+        return {n: x[n] for n in shallow.input_names}
+
+    options = {k: v for k, v in options.items() if k != "files"}
+    export("unet_shallow", shallow, shallow_inputs, [by_name[n] for n in shallow.input_names], [noise_pred],
+           {n: axes[n] for n in (*shallow.input_names, noise_pred.name) if n in axes},
+           {**parameters, "deep_channels": channels}, **options, **shallow_options(channels))

@@ -32,7 +32,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from export.deepcache import DEEP_FEATURES, FeatureCapturingUNet, ShallowUNet, check_shallow, supports_deepcache
+from export.deepcache import export_unet
 from export.onnx_export import export_onnx, verify_onnx
 from export.triton_config import (
     DeploymentTarget,
@@ -330,34 +330,10 @@ def export_stable_diffusion(
     # upsampling sizes, so odd intermediate sizes cannot be served.
     unet_params = {"in_channels": latent_c, "sample_size": h, "vae_scale_factor": vae_scale,
                    "size_multiple": size_multiple}
-    scheduler_file = [(folder / "scheduler" / "scheduler_config.json", "scheduler_config.json")]
-    cached = deepcache and supports_deepcache(unet)
-    if not cached:
-        component("unet", _UNet(unet), unet_inputs, unet_tensors, [noise_pred], unet_axes, unet_params,
-                  atol=1e-3, delay_us=DENOISER_QUEUE_DELAY_US, files=scheduler_file)
-    else:
-        full, shallow = FeatureCapturingUNet(_UNet(unet), unet), ShallowUNet(unet)
-        example = {k: torch.from_numpy(v) for k, v in unet_inputs(1, 1).items()}
-        deep_c = full(**example)[1].shape[1]
-        check_shallow(full, shallow, example)
-        deep = TensorSpec(DEEP_FEATURES, "float32", (deep_c, -1, -1))
-        component("unet", full, unet_inputs, unet_tensors, [noise_pred, deep], {**unet_axes, DEEP_FEATURES: spatial},
-                  unet_params, atol=1e-3, delay_us=DENOISER_QUEUE_DELAY_US, files=scheduler_file)
-        # Inputs in the shallow module's order; without cross attention at the shallowest level
-        # the graph does not read the text, and has no such input.
-        text = ["encoder_hidden_states"] if shallow.uses_text else []
-
-        def shallow_inputs(b, k):
-            x = unet_inputs(b, k)
-            return {"sample": x["sample"], "timestep": x["timestep"],
-                    DEEP_FEATURES: rng.standard_normal((b, deep_c, k * h, k * w), dtype=np.float32),
-                    **{n: x[n] for n in text}}
-
-        component("unet_shallow", shallow, shallow_inputs,
-                  [*unet_tensors[:2], deep, *unet_tensors[2:2 + len(text)]], [noise_pred],
-                  {**unet_axes, DEEP_FEATURES: spatial},
-                  {**unet_params, "deep_channels": deep_c}, atol=1e-3, delay_us=DENOISER_QUEUE_DELAY_US,
-                  deep_channels=deep_c)
+    export_unet(component, _UNet(unet), unet, unet_inputs, unet_tensors, noise_pred, unet_axes, unet_params,
+                deepcache=deepcache, rng=rng, shallow_options=lambda c: {"deep_channels": c}, atol=1e-3,
+                delay_us=DENOISER_QUEUE_DELAY_US,
+                files=[(folder / "scheduler" / "scheduler_config.json", "scheduler_config.json")])
 
     # 3. VAE decoder and encoder.
     vae_params = {"vae_scale_factor": vae_scale, "scaling_factor": vae.config.scaling_factor,

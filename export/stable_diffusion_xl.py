@@ -37,7 +37,13 @@ written "1" / "0". B is the batch axis (dynamic, up to max_batch_size); h, w are
                                      N is derived from the weights: add_embedding.linear_1
                                      .in_features = P + N * addition_time_embed_dim.
       output  noise_pred             FP32 [B, C, h, w]
+              deep_features          FP32 [B, C_f, h, w], for DeepCache (export.deepcache)
       files   scheduler_config.json (folder/scheduler's)
+
+  <NAME>_unet_shallow (DeepCache; not with deepcache=False)
+      inputs  sample, timestep, deep_features, text_embeds, time_ids (and encoder_hidden_states
+              where the shallowest blocks have cross attention; SDXL's have none)
+      output  noise_pred
       params  genserve.in_channels (C), genserve.sample_height, genserve.sample_width (native
               latent size, always written), genserve.sample_size (only when the native size is
               square: a reader that assumes squares fails loudly on a non-square model instead
@@ -76,6 +82,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from export.deepcache import export_unet
 from export.diffusers_folder import UnsupportedFolder
 from export.stable_diffusion import (
     DENOISER_QUEUE_DELAY_US,
@@ -146,7 +153,9 @@ def export_stable_diffusion_xl(
     progress: Callable[[str], None] = print,
     external_data_threshold: int = EXTERNAL_DATA_THRESHOLD,
     tensorrt: bool = False,
+    deepcache: bool = True,
 ) -> list[ComponentReport]:
+    """`deepcache`: also the shallow U-Net graph and the deep-features output (export.deepcache)."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
@@ -239,8 +248,9 @@ def export_stable_diffusion_xl(
     h, w = _latent_size(unet.config.sample_size)
     size_multiple = vae_scale * 2 ** (len(unet.config.down_block_types) - 1)
     sizes = {"sample_height": h, "sample_width": w, **({"sample_size": h} if h == w else {})}
-    export_graph(
-        "unet", _SDXLUNet(unet),
+    spatial = {0: "batch", 2: "height", 3: "width"}
+    export_unet(
+        export_graph, _SDXLUNet(unet), unet,
         lambda b, k: {"sample": rng.standard_normal((b, latent_c, k * h, k * w), dtype=np.float32),
                       "timestep": rng.uniform(0, 999, b).astype(np.float32),
                       "encoder_hidden_states": rng.standard_normal((b, length, context), dtype=np.float32),
@@ -251,15 +261,14 @@ def export_stable_diffusion_xl(
          TensorSpec("encoder_hidden_states", "float32", (length, context)),
          TensorSpec("text_embeds", "float32", (pooled_dim,)),
          TensorSpec("time_ids", "float32", (n_time_ids,))],
-        [TensorSpec("noise_pred", "float32", (latent_c, -1, -1))],
-        {"sample": {0: "batch", 2: "height", 3: "width"}, "timestep": {0: "batch"},
-         "encoder_hidden_states": {0: "batch"}, "text_embeds": {0: "batch"}, "time_ids": {0: "batch"},
-         "noise_pred": {0: "batch", 2: "height", 3: "width"}},
+        TensorSpec("noise_pred", "float32", (latent_c, -1, -1)),
+        {"sample": spatial, "timestep": {0: "batch"}, "encoder_hidden_states": {0: "batch"},
+         "text_embeds": {0: "batch"}, "time_ids": {0: "batch"}, "noise_pred": spatial},
         {"in_channels": latent_c, **sizes, "vae_scale_factor": vae_scale, "size_multiple": size_multiple,
          "num_time_ids": n_time_ids, "text_embeds_dim": pooled_dim, "cross_attention_dim": context,
          "force_zeros_for_empty_prompt": _flag(index.get("force_zeros_for_empty_prompt", True)),
          "requires_aesthetics_score": _flag(index.get("requires_aesthetics_score", False))},
-        atol=1e-3, delay_us=DENOISER_QUEUE_DELAY_US,
+        deepcache=deepcache, rng=rng, added=("text_embeds", "time_ids"), atol=1e-3, delay_us=DENOISER_QUEUE_DELAY_US,
         files=[(folder / "scheduler" / "scheduler_config.json", "scheduler_config.json")],
     )
 

@@ -30,7 +30,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from services.runtime import InferenceBackend
+from services.runtime import InferenceBackend, ModelSpec
 
 DEEP_FEATURES = "deep_features"  # the full U-Net's cached output and the shallow one's input
 MAX_CACHE_INTERVAL = 10  # DeepCache's paper goes to N = 10 (quality falls past a few; bench/README.md)
@@ -106,6 +106,14 @@ class DiffusionSpec:
         return {axis: {"multiple_of": self.size_multiple, "min": self.size_multiple,
                        "max": self.max_side_factor * native, "default": native}
                 for axis, native in (("height", self.native_height), ("width", self.native_width))}
+
+
+def shallow_denoiser(unet: ModelSpec, shallow: ModelSpec | None) -> str | None:
+    """The DeepCache shallow graph's name when the repository has it and the full U-Net
+    returns the deep features it takes (a repository exported before DeepCache has neither)."""
+    if shallow is None or DEEP_FEATURES not in {t.name for t in unet.outputs}:
+        return None
+    return shallow.name
 
 
 class PromptTokenizer:

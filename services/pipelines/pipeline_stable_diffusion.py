@@ -16,7 +16,6 @@ from typing import Any
 import numpy as np
 
 from services.pipelines.diffusion import (  # noqa: F401 - re-exported for the family's users
-    DEEP_FEATURES,
     DiffusionOutput,
     DiffusionPipeline,
     DiffusionRequest,
@@ -27,6 +26,7 @@ from services.pipelines.diffusion import (  # noqa: F401 - re-exported for the f
     downsample_mask,
     img2img_timesteps,
     initial_latents,
+    shallow_denoiser,
 )
 from services.runtime import InferenceBackend, ModelSpec
 
@@ -93,14 +93,6 @@ def discover_stable_diffusion(models: dict[str, ModelSpec]) -> dict[str, StableD
             unet_shallow=shallow_denoiser(unet, parts.get("unet_shallow")),
         )
     return found
-
-
-def shallow_denoiser(unet: ModelSpec, shallow: ModelSpec | None) -> str | None:
-    """The DeepCache shallow graph's name when the repository has it and the full U-Net
-    returns the deep features it takes (a repository exported before DeepCache has neither)."""
-    if shallow is None or DEEP_FEATURES not in {t.name for t in unet.outputs}:
-        return None
-    return shallow.name
 
 
 class ClipConditioner:

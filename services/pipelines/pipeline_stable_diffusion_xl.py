@@ -24,7 +24,13 @@ from typing import Any
 
 import numpy as np
 
-from services.pipelines.diffusion import DiffusionPipeline, DiffusionRequest, DiffusionSpec, PromptTokenizer
+from services.pipelines.diffusion import (
+    DiffusionPipeline,
+    DiffusionRequest,
+    DiffusionSpec,
+    PromptTokenizer,
+    shallow_denoiser,
+)
 from services.runtime import InferenceBackend, ModelSpec
 
 AESTHETIC_SCORE, NEGATIVE_AESTHETIC_SCORE = 6.0, 2.5  # diffusers' defaults
@@ -74,7 +80,8 @@ def discover(models: dict[str, ModelSpec]) -> dict[str, tuple[DiffusionSpec, lis
             vae_decoder=dec.name, vae_encoder=parts["vae_encoder"].name if "vae_encoder" in parts else None,
             scaling_factor=float(d["genserve.scaling_factor"]),
             latents_mean=_floats(d.get("genserve.latents_mean")), latents_std=_floats(d.get("genserve.latents_std")),
-            extra_fields=SIZE_FIELDS, components=tuple(p.name for _, p in sorted(parts.items())))
+            extra_fields=SIZE_FIELDS, components=tuple(p.name for _, p in sorted(parts.items())),
+            shallow_denoiser=shallow_denoiser(unet, parts.get("unet_shallow")))
         found[name] = (spec, encoders, u)
     return found
 

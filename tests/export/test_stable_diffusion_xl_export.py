@@ -50,7 +50,7 @@ def exported(tmp_path_factory):
                 [sys.executable, "-m", "export", "diffusers", "--folder", str(folder), "--name", name,
                  "--repository", str(repo)], cwd=ROOT, capture_output=True, text=True, timeout=600)
             assert run.returncode == 0, run.stderr[-3000:]
-            assert "base: stable_diffusion_xl, 5 graphs verified" in run.stdout
+            assert "base: stable_diffusion_xl, 6 graphs verified" in run.stdout
         else:
             reports = export_stable_diffusion_xl(folder, repo, name, progress=lambda _: None)
             assert all(r.max_abs_error < 1e-3 for r in reports)
@@ -77,7 +77,7 @@ def session(repo: Path, model: str) -> ort.InferenceSession:
 
 def test_repository_layout_and_configs(exported):
     folder, repo = exported["base"]
-    roles = ["text_encoder", "text_encoder_2", "unet", "vae_decoder", "vae_encoder"]
+    roles = ["text_encoder", "text_encoder_2", "unet", "unet_shallow", "vae_decoder", "vae_encoder"]
     assert sorted(p.name for p in repo.iterdir()) == [f"base_{r}" for r in roles]
     for role in roles:
         cfg = config(repo, f"base_{role}")
@@ -108,7 +108,14 @@ def test_repository_layout_and_configs(exported):
         "sample": (fp32, (4, -1, -1), None), "timestep": (fp32, (1,), ()),
         "encoder_hidden_states": (fp32, (MAX_LENGTH, 80), None), "text_embeds": (fp32, (40,), None),
         "time_ids": (fp32, (6,), None)}
-    assert tensors(unet.output) == {"noise_pred": (fp32, (4, -1, -1), None)}
+    shallow = config(repo, "base_unet_shallow")
+    deep = int(params(shallow)["genserve.deep_channels"])
+    assert tensors(unet.output) == {"noise_pred": (fp32, (4, -1, -1), None), "deep_features": (fp32, (deep, -1, -1), None)}
+    # DeepCache's shallow U-Net: SDXL's shallowest blocks have no cross attention, so no text input.
+    assert tensors(shallow.input) == {"sample": (fp32, (4, -1, -1), None), "timestep": (fp32, (1,), ()),
+                                      "deep_features": (fp32, (deep, -1, -1), None),
+                                      "text_embeds": (fp32, (40,), None), "time_ids": (fp32, (6,), None)}
+    assert tensors(shallow.output) == {"noise_pred": (fp32, (4, -1, -1), None)}
     p = params(unet)
     assert {k: p[f"genserve.{k}"] for k in (
         "in_channels", "sample_size", "sample_height", "sample_width", "vae_scale_factor", "size_multiple",
@@ -154,7 +161,7 @@ def test_variant_configs_follow_the_folder(exported):
 
     _, repo = exported["refiner"]
     assert sorted(p.name for p in repo.iterdir()) == \
-        [f"refiner_{r}" for r in ("text_encoder_2", "unet", "vae_decoder", "vae_encoder")]
+        [f"refiner_{r}" for r in ("text_encoder_2", "unet", "unet_shallow", "vae_decoder", "vae_encoder")]
     unet_cfg = config(repo, "refiner_unet")
     unet = params(unet_cfg)
     assert (unet["genserve.num_time_ids"], unet["genserve.requires_aesthetics_score"]) == ("5", "1")

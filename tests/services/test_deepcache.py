@@ -20,6 +20,7 @@ from services.pipelines.pipeline_stable_diffusion import (
 )
 from services.runtime.onnxruntime_backend import OnnxRuntimeBackend
 from services.runtime.repository import ModelRepository
+from tests.fixtures.deepcache import diffusers_deepcache
 from tests.fixtures.images import psnr_signed
 
 pytestmark = pytest.mark.slow
@@ -93,26 +94,10 @@ def test_equals_diffusers_unet_with_its_deep_path_replaced_by_the_cache(random_s
 
     folder, _ = random_sd
     reference = DiffusersPipeline.from_pretrained(folder, safety_checker=None)
-    unet, state = reference.unet, {"step": -1, "features": None}
-
-    def count(_module, _args):
-        state["step"] += 1
-
-    def cached(_module, _args, kwargs):
-        if state["step"] % interval == 0:
-            state["features"] = kwargs["hidden_states"]
-            return None
-        return (), {**kwargs, "hidden_states": state["features"]}
-
-    handles = [unet.register_forward_pre_hook(count),
-               unet.up_blocks[-1].register_forward_pre_hook(cached, with_kwargs=True)]
     latents = torch.from_numpy(np.stack(initial_latents(11, 2, (4, 8, 8))))
-    try:
+    with diffusers_deepcache(reference.unet, interval):
         theirs = reference(PROMPT, negative_prompt=NEGATIVE, num_images_per_prompt=2, num_inference_steps=8,
                            guidance_scale=5.0, latents=latents, output_type="np").images
-    finally:
-        for h in handles:
-            h.remove()
     ours = generate(pipeline, prompt=PROMPT, negative_prompt=NEGATIVE, num_images=2, num_inference_steps=8,
                     guidance_scale=5.0, scheduler="ddim", seed=11, cache_interval=interval)
     theirs = theirs.transpose(0, 3, 1, 2) * 2 - 1

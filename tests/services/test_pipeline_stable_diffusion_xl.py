@@ -13,6 +13,7 @@ from services.pipelines.diffusion import DiffusionRequest, initial_latents
 from services.pipelines.pipeline_stable_diffusion_xl import pipelines
 from services.runtime.onnxruntime_backend import OnnxRuntimeBackend
 from services.runtime.repository import ModelRepository
+from tests.fixtures.deepcache import diffusers_deepcache
 from tests.fixtures.sdxl_folder import build_random_sdxl_folder
 from tests.fixtures.images import psnr, to_uint8
 
@@ -66,6 +67,23 @@ def test_txt2img_matches_diffusers_given_the_documented_latents(variant, schedul
     got = to_uint8(out.images.transpose(0, 2, 3, 1))
     assert got.shape == want.shape
     assert psnr(got, np.clip(np.rint(want * 255), 0, 255)) >= 35
+
+
+def test_deepcache_matches_diffusers_unet_with_its_deep_path_replaced_by_the_cache(variant):
+    """cache_interval=3: the shallow graph (SDXL's added conditioning, no text at the shallowest
+    level) against diffusers' U-Net handed the cached features (tests/fixtures/deepcache.py)."""
+    ours, reference, shape = variant
+    from diffusers import EulerDiscreteScheduler
+
+    reference.scheduler = EulerDiscreteScheduler.from_config(reference.scheduler.config)
+    out = asyncio.run(ours(DiffusionRequest(prompt="a photo of a red cat", num_images=2, num_inference_steps=7,
+                                            guidance_scale=4.0, scheduler="euler", seed=5, cache_interval=3)))
+    latents = torch.from_numpy(np.stack(initial_latents(5, 2, shape)))
+    with torch.no_grad(), diffusers_deepcache(reference.unet, 3):
+        want = reference("a photo of a red cat", num_images_per_prompt=2, num_inference_steps=7, guidance_scale=4.0,
+                         latents=latents, height=ours.spec.native_height, width=ours.spec.native_width,
+                         output_type="np").images
+    assert psnr(to_uint8(out.images.transpose(0, 2, 3, 1)), np.clip(np.rint(want * 255), 0, 255)) >= 35
 
 
 def test_size_conditioning_reaches_the_unet_as_diffusers_sends_it(variant):
