@@ -127,6 +127,9 @@ def main(argv: list[str] | None = None) -> int:
                                          "longer prompts are refused")
             folder_cmd.add_argument("--native-size", type=int, metavar="PIXELS",
                                     help="FLUX: the default image side (default FluxPipeline's: 128 x the VAE factor)")
+            folder_cmd.add_argument("--no-deepcache", dest="deepcache", action="store_false",
+                                    help="SD/SDXL: leave out DeepCache's shallow U-Net graph and the full U-Net's "
+                                         "deep_features output (requests' cache_interval is then limited to 1)")
         _add_common(folder_cmd)
     stylegan = sub.add_parser(
         "stylegan", help="export a StyleGAN generator (NVIDIA interface) as <name>_mapping + <name>_synthesis",
@@ -215,6 +218,7 @@ def main(argv: list[str] | None = None) -> int:
         for folder, name, version, max_batch, family in pipelines:
             start = time.perf_counter()
             options = {k: getattr(args, k, None) for k in ("max_sequence_length", "native_size")}
+            options["deepcache"] = getattr(args, "deepcache", True)
             found, reports = export_folder(folder, args.repository, name, version, max_batch, target,
                                            family=family, tensorrt=args.tensorrt, **options)
             print(f"{name}: {found}, {len(reports)} graphs verified ({time.perf_counter() - start:.1f}s)")
