@@ -27,7 +27,10 @@ def free_port() -> int:
 
 
 class LocalServer:
-    def __init__(self, env: dict[str, str], log_path: Path):
+    """`root`: the checkout whose services/ is served (default this one; benchmarks pass
+    another revision's to compare the two in one run)."""
+
+    def __init__(self, env: dict[str, str], log_path: Path, root: Path = ROOT):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = Path(log_path)
@@ -36,7 +39,7 @@ class LocalServer:
         self.proc = subprocess.Popen(
             [str(Path(sys.executable).parent / "bentoml"), "serve", "services.service:GenServe",
              "--host", "127.0.0.1", "--port", str(self.port)],
-            cwd=ROOT, env={**os.environ, "BENTOML_HOME": self._home.name, **env},
+            cwd=root, env={**os.environ, "BENTOML_HOME": self._home.name, **env},
             stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True,
         )
 
