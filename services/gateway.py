@@ -188,9 +188,10 @@ class Gateway:
         chunks, total = [], 0
         deadline = time.monotonic() + self.settings.body_read_timeout_s
         while True:
-            try:
-                message = await asyncio.wait_for(receive(), max(0.0, deadline - time.monotonic()))
-            except asyncio.TimeoutError:
+            try:  # asyncio.timeout, not wait_for: no task per message (Python 3.11's wait_for makes one)
+                async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
+                    message = await receive()
+            except TimeoutError:
                 raise _Refused(408, "request_timeout", f"the request body did not arrive within "
                                f"{self.settings.body_read_timeout_s}s", headers={"Connection": "close"},
                                limit=self.settings.body_read_timeout_s) from None
