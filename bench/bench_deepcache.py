@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import shlex
 import statistics
 import sys
 import time
@@ -117,7 +118,7 @@ def main() -> None:
     lines = [f"## {time.strftime('%Y-%m-%d %H:%M')} — {args.model}, {args.steps} DDIM steps, guidance 7.5, "
              f"{len(digits)} requests per run, load average {load} at the end"
              + (f" ({args.note})" if args.note else ""),
-             "", f"`{' '.join(['.venv/bin/python', 'bench/bench_deepcache.py', *sys.argv[1:]])}`", "",
+             "", f"`{shlex.join(['.venv/bin/python', 'bench/bench_deepcache.py', *sys.argv[1:]])}`", "",
              f"| cache_interval | images/s, {args.clients} clients (median of {args.rounds}) | x interval 1 | "
              "images/s, 1 client | x interval 1 | PSNR vs interval 1 (dB, mean / min) | judge accuracy |",
              "|---:|---:|---:|---:|---:|---:|---:|"]

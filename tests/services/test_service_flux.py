@@ -37,6 +37,7 @@ def test_listed_as_flux_with_its_sampler_and_guidance(flux_server):
     assert p["schedulers"] == ["flow_match_euler"] and p["default_scheduler"] == "flow_match_euler"
     assert p["guidance_scale"]["default"] == 3.5 and p["guidance_scale"]["meaning"] == "embedded"
     assert p["prompt_max_tokens"] == T5_LENGTH
+    assert p["cache_interval"]["max"] == 1  # DeepCache needs a U-Net's shallow graph
     assert p["height"]["default"] == 24 and p["height"]["multiple_of"] == 4
     assert "/v1/img2img" in model["endpoint"] and "/v1/inpaint" in model["endpoint"]
     assert {t["name"] for t in model["inputs"]} >= {"hidden_states", "img_ids", "guidance", "pooled_projections"}
@@ -103,6 +104,7 @@ def test_img2img_and_inpaint_serve_flux_with_its_strength_rounding(flux_server):
     ("/v1/txt2img", {"prompt": " ".join(["red"] * 40)}, "prompt"),
     ("/v1/txt2img", {"prompt": "a cat", "height": 18}, "height"),
     ("/v1/txt2img", {"prompt": "a cat", "negative_prompt": "blue"}, "negative_prompt"),  # would be ignored
+    ("/v1/txt2img", {"prompt": "a cat", "cache_interval": 2}, "cache_interval"),  # no shallow graph: DeepCache is U-Nets'
     ("/v1/img2img", {"prompt": "a cat", "image": base64.b64encode(b"x" * 10).decode()}, "image"),
 ])
 def test_refusals_name_the_field(flux_server, path, body, field):
