@@ -86,6 +86,15 @@ class ServiceMetrics:
         self.triton_shared_memory_bytes = prom.Gauge(
             "genserve_triton_shared_memory_bytes", "Bytes of shared-memory regions mapped and registered "
             "with Triton.", multiprocess_mode="livesum", **kw)
+        # Labelled children of the metrics observed on every model call and engine iteration,
+        # by label values: `labels()` costs a lock and a lookup each time (7 per iteration).
+        self._children: dict[tuple, tuple] = {}
+
+    def _labelled(self, key: tuple, *metrics) -> tuple:
+        children = self._children.get(key)
+        if children is None:
+            children = self._children[key] = tuple(m.labels(*key[1:]) for m in metrics)
+        return children
 
     def observe_triton_call(self, model: str, transport: str) -> None:
         self.triton_calls.labels(model, transport).inc()
@@ -108,14 +117,19 @@ class ServiceMetrics:
 
         class Observer(EngineObserver):
             def iteration(self, model, rows, requests, images):
-                metrics.engine_batch_rows.labels(model).observe(rows)
-                metrics.engine_batch_requests.labels(model).observe(requests)
-                metrics.engine_denoising_steps.labels(model).inc(images)
+                batch_rows, batch_requests, steps = metrics._labelled(
+                    ("iteration", model), metrics.engine_batch_rows, metrics.engine_batch_requests,
+                    metrics.engine_denoising_steps)
+                batch_rows.observe(rows)
+                batch_requests.observe(requests)
+                steps.inc(images)
 
             def queue(self, model, requests, image_steps):
-                metrics.engine_first_step_seconds.labels(model)  # the series exists from start-up
-                metrics.engine_queue_requests.labels(model).set(requests)
-                metrics.engine_queue_steps.labels(model).set(image_steps)
+                queue_requests, queue_steps, _ = metrics._labelled(
+                    ("queue", model), metrics.engine_queue_requests, metrics.engine_queue_steps,
+                    metrics.engine_first_step_seconds)  # the first-step series exists from start-up
+                queue_requests.set(requests)
+                queue_steps.set(image_steps)
 
             def finished(self, model, reason):
                 metrics.engine_requests_finished.labels(model, reason).inc()
@@ -135,8 +149,10 @@ class ServiceMetrics:
 
     def observe_execution(self, model: str, backend: str, batch: int, seconds: float) -> None:
         """An InferenceBackend observer (see services.runtime.base)."""
-        self.model_execution_seconds.labels(model, backend).observe(seconds)
-        self.model_batch_size.labels(model, backend).observe(batch)
+        execution, batch_size = self._labelled(("execution", model, backend), self.model_execution_seconds,
+                                               self.model_batch_size)
+        execution.observe(seconds)
+        batch_size.observe(batch)
 
 
 _metrics: ServiceMetrics | None = None
