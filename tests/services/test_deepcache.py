@@ -10,6 +10,7 @@ import onnxruntime as ort
 import pytest
 import torch
 
+from services.engine.cost_model import CostModel
 from services.engine.engine import DiffusionEngine
 from services.errors import InvalidRequest
 from services.pipelines.pipeline_stable_diffusion import (
@@ -142,7 +143,10 @@ def test_the_engine_batches_full_and_shallow_rows_of_different_requests(pipeline
         return await infer(model, inputs, outputs)
 
     async def run():
-        engine = DiffusionEngine(pipeline, max_batch_rows=16, max_queued_image_steps=10_000, start_loop=False)
+        # A cost model that never learns: every iteration takes all the rows that fit, whatever this
+        # machine's speed, so which requests share an iteration is the same everywhere.
+        engine = DiffusionEngine(pipeline, max_batch_rows=16, max_queued_image_steps=10_000, start_loop=False,
+                                 cost=CostModel(16, learn=False))
         handles = [engine.submit(r, timeout_s=600) for r in requests]
         backend.infer = recording
         try:
