@@ -239,6 +239,51 @@ def test_concurrent_batch1_requests_are_batched(triton):
     np.testing.assert_allclose(results, expected, atol=1e-6, rtol=1e-6)
 
 
+def test_each_request_gets_the_outputs_it_asked_for(triton):
+    """The U-Net has two outputs (noise_pred, and DeepCache's deep_features): concurrent
+    requests asking for one or both, batched together by Triton, each get exactly theirs."""
+    import onnxruntime as ort
+
+    model = "sd_digits_unet"
+    config = _config(triton, model)
+    assert [o["name"] for o in config["output"]] == ["noise_pred", "deep_features"]
+    rng = np.random.default_rng(5)
+    feeds = [{"sample": rng.standard_normal((1, 4, 8, 8), dtype=np.float32),
+              "timestep": rng.uniform(0, 999, (1, 1)).astype(np.float32),
+              "encoder_hidden_states": rng.standard_normal((1, 16, 64), dtype=np.float32)} for _ in range(12)]
+    session = ort.InferenceSession(str(triton.repository / model / "1" / "model.onnx"),
+                                   providers=["CPUExecutionProvider"])
+    wanted = [["noise_pred"] if i % 2 else ["noise_pred", "deep_features"] for i in range(12)]
+    got: dict[int, dict] = {}
+    errors: list[BaseException] = []
+
+    def call(i: int) -> None:
+        try:
+            inputs = []
+            for name, array in feeds[i].items():
+                tensor = grpcclient.InferInput(name, list(array.shape), _triton_dtype(array.dtype))
+                tensor.set_data_from_numpy(array)
+                inputs.append(tensor)
+            result = triton.grpc().infer(model, inputs, outputs=[grpcclient.InferRequestedOutput(n) for n in wanted[i]])
+            got[i] = {o.name: result.as_numpy(o.name) for o in result.get_response().outputs}
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=call, args=(i,)) for i in range(12)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert not errors, errors
+    for i, outputs in got.items():
+        assert sorted(outputs) == sorted(wanted[i])
+        graph = {**feeds[i], "timestep": feeds[i]["timestep"].reshape(1)}
+        for name, value in zip(["noise_pred", "deep_features"], session.run(["noise_pred", "deep_features"], graph)):
+            if name in outputs:
+                np.testing.assert_allclose(outputs[name], value, atol=1e-5)
+    assert len(got) == 12
+
+
 def test_sigterm_stops_it_cleanly(triton_repository, tmp_path_factory):
     """A server of its own, so stopping it does not depend on test order."""
     server = start_triton(triton_repository, tmp_path_factory.mktemp("triton_stop"))

@@ -113,9 +113,14 @@ class TritonPythonModel:
             feeds[name] = array
         return feeds
 
-    def _run(self, feeds):
-        """One ONNX Runtime call; outputs in the config's dims and dtypes."""
-        names = list(self.outputs)
+    def _wanted(self, request):
+        """The outputs the client asked for (all of them when it named none): a U-Net's
+        DeepCache features are fetched only by callers that cache, and not copied otherwise."""
+        names = set(request.requested_output_names() or ())
+        return [n for n in self.outputs if n in names] or list(self.outputs)
+
+    def _run(self, feeds, names):
+        """One ONNX Runtime call for `names`; outputs in the config's dims and dtypes."""
         arrays = self.session.run(names, feeds)
         result = {}
         for name, array in zip(names, arrays):
@@ -142,25 +147,26 @@ class TritonPythonModel:
         # Parse every request first: a malformed one gets its own error response
         # and does not spoil the batch for the others.
         responses = [None] * len(requests)
-        good = []  # (index, feeds)
+        good = []  # (index, feeds, wanted outputs)
         for i, request in enumerate(requests):
             try:
-                good.append((i, self._feeds(request)))
+                good.append((i, self._feeds(request), self._wanted(request)))
             except Exception as exc:  # noqa: BLE001 - any failure becomes a response
                 responses[i] = self._error(exc)
 
         if good and self.batching and len(good) > 1:
             try:
-                sizes = [feeds[next(iter(feeds))].shape[0] for _, feeds in good]
+                sizes = [feeds[next(iter(feeds))].shape[0] for _, feeds, _ in good]
                 batch = {
-                    name: np.concatenate([feeds[name] for _, feeds in good], axis=0)
+                    name: np.concatenate([feeds[name] for _, feeds, _ in good], axis=0)
                     for name in self.inputs
                 }
-                outputs = self._run(batch)
+                union = {n for _, _, wanted in good for n in wanted}
+                outputs = self._run(batch, [n for n in self.outputs if n in union])
                 splits = np.cumsum(sizes)[:-1]
                 per_request = {name: np.split(array, splits) for name, array in outputs.items()}
-                for k, (i, _) in enumerate(good):
-                    responses[i] = self._response({name: parts[k] for name, parts in per_request.items()})
+                for k, (i, _, wanted) in enumerate(good):
+                    responses[i] = self._response({name: per_request[name][k] for name in wanted})
                 return responses
             except Exception as exc:  # noqa: BLE001
                 # One bad request (e.g. a label the graph rejects) fails the whole
@@ -168,9 +174,9 @@ class TritonPythonModel:
                 pb_utils.Logger.log_warn(f"{self.name}: batch of {len(good)} failed ({exc}); "
                                          "running its requests one by one")
 
-        for i, feeds in good:
+        for i, feeds, wanted in good:
             try:
-                responses[i] = self._response(self._run(feeds))
+                responses[i] = self._response(self._run(feeds, wanted))
             except Exception as exc:  # noqa: BLE001
                 responses[i] = self._error(exc)
         return responses
