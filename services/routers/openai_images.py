@@ -21,7 +21,7 @@ Translation rules (README "OpenAI-compatible Images API"):
   - edits: OpenAI's mask marks the area to edit as *transparent* (alpha 0); genserve's
     inpaint mask marks it *white*. The alpha channel is converted: alpha < 128 -> white.
     Without a mask an edit is img2img at `strength` (extension, default 0.8).
-  - genserve extensions: negative_prompt, seed, num_inference_steps, guidance_scale,
+  - genserve extensions: negative_prompt, seed, num_inference_steps, guidance_scale, cache_interval,
     scheduler, strength (edits), timeout_s.
 
 Errors on /v1/images/* leave in OpenAI's shape, {"error": {"message", "type", "param",
@@ -110,6 +110,8 @@ class _OpenAIImageFields(BaseModel):
                                          description="genserve: guidance; default the model's (GET /v1/models).")
     scheduler: SchedulerName | None = Field(None, description="genserve: sampler; default the model's.")
     timeout_s: float | None = Field(None, ge=MIN_TIMEOUT_S, description="genserve: deadline in seconds.")
+    cache_interval: int | None = Field(None, ge=1, description="genserve: DeepCache interval (1 = exact; "
+                                       "GET /v1/models gives each model's maximum).")
 
 
 class ImageGenerationRequest(_OpenAIImageFields):
@@ -288,7 +290,7 @@ def _genserve_fields(body: _OpenAIImageFields, name: str) -> dict:
     fields = {"model": name, "prompt": body.prompt, "negative_prompt": body.negative_prompt,
               "num_images": body.n or 1, "output_format": body.output_format or "png",
               "num_inference_steps": body.num_inference_steps or QUALITY_STEPS[body.quality or "auto"]}
-    for key in ("seed", "guidance_scale", "scheduler", "timeout_s"):
+    for key in ("seed", "guidance_scale", "scheduler", "timeout_s", "cache_interval"):
         if getattr(body, key) is not None:
             fields[key] = getattr(body, key)
     return fields

@@ -60,6 +60,8 @@ def test_generate_with_the_sdk_sizes_seeds_and_extensions(client):
     assert high.genserve["parameters"]["num_inference_steps"] == 40 and high.size == "32x32"
     assert client.images.generate(prompt=PROMPT, quality="high", extra_body={"num_inference_steps": 3}
                                   ).genserve["parameters"]["num_inference_steps"] == 3
+    cached = client.images.generate(prompt=PROMPT, quality="low", extra_body={"seed": 1, "cache_interval": 2})
+    assert cached.genserve["parameters"]["cache_interval"] == 2
     jpeg = client.images.generate(prompt=PROMPT, quality="low", output_format="jpeg", output_compression=30)
     assert base64.b64decode(jpeg.data[0].b64_json)[:3] == b"\xff\xd8\xff" and jpeg.output_format == "jpeg"
 
@@ -140,6 +142,8 @@ def test_errors_are_openai_shaped_and_typed(client, keyed_server):
     assert isinstance(e, openai.BadRequestError) and e.body["param"] == "size"
     e = bad(lambda: client.images.generate(prompt=PROMPT, n=9))
     assert isinstance(e, openai.BadRequestError) and e.body["param"] == "n" and e.body["limit"] == 8
+    e = bad(lambda: client.images.generate(prompt=PROMPT, extra_body={"cache_interval": 11}))
+    assert isinstance(e, openai.BadRequestError) and e.body["param"] == "cache_interval" and e.body["limit"] == 10
     e = bad(lambda: client.images.generate(prompt=PROMPT, response_format="url"))
     assert isinstance(e, openai.BadRequestError) and e.body["param"] == "response_format"
     e = bad(lambda: client.images.generate(prompt=PROMPT, style="vivid"))  # OpenAI-only field
