@@ -90,6 +90,8 @@ def test_generate_shows_previews_then_the_final_image(playground):
     page.get_by_label("Steps").first.fill("30")
     page.get_by_label("Preview every (steps)").fill("3")
     page.get_by_label("Seed").first.fill("42")
+    expect(page.get_by_label("DeepCache interval")).to_have_attribute("max", "10")  # from GET /v1/models
+    page.get_by_label("DeepCache interval").fill("2")
     page.get_by_role("button", name="Generate").first.click()
     expect(page.locator("#t-status")).to_contain_text("Done", timeout=60_000)
     previews = page.locator("#t-previews img")
@@ -101,11 +103,15 @@ def test_generate_shows_previews_then_the_final_image(playground):
     expect(item).to_contain_text("42")
     assert page.locator("#gallery li a", has_text="Download").first.get_attribute("href").startswith("blob:")
     assert '"seed":42' in item.get_attribute("data-request")
+    assert '"cache_interval":2' in item.get_attribute("data-request")
+    expect(item).to_contain_text("cache_interval")
     page.screenshot(path=ARTIFACTS / "generate.png", full_page=True)
     page.get_by_label("Seed").first.fill("")
     item.get_by_role("button", name=re.compile("parameters of seed 42")).click()  # Reproduce
     expect(page.get_by_label("Seed").first).to_have_value("42")
+    expect(page.get_by_label("DeepCache interval")).to_have_value("2")
     expect(page.get_by_role("button", name="Generate").first).to_be_focused()
+    page.get_by_label("DeepCache interval").fill("1")
 
 
 def test_cancel_stops_the_request_on_the_server(playground, keyed_server):

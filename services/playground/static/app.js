@@ -6,7 +6,7 @@
 const $ = (id) => document.getElementById(id);
 const GAN_FAMILIES = ["gan", "stylegan"];
 const INTEGER_FIELDS = new Set(["num_inference_steps", "seed", "width", "height", "num_images", "preview_every",
-  "class_label"]);
+  "cache_interval", "class_label"]);
 const KEY_STORAGE = "genserve-playground-key";
 let models = null; // GET /v1/models
 
@@ -111,6 +111,7 @@ function applyLimits(model) {
   const set = (id, lim) => { if (lim && typeof lim === "object") { $(id).min = lim.min; $(id).max = lim.max; } };
   set("t-steps", p.num_inference_steps);
   set("t-count", p.num_images);
+  set("t-cache", p.cache_interval);  // max 1 where the model has no shallow U-Net (FLUX)
   for (const axis of ["width", "height"]) {
     const lim = p[axis];
     if (lim && typeof lim === "object") {
@@ -172,7 +173,7 @@ function addToGallery(result, task, request) {
     const list = document.createElement("dl");
     const shown = { task, model: result.model, seed: image.seed, size: `${image.width}x${image.height}` };
     for (const key of ["prompt", "negative_prompt", "num_inference_steps", "guidance_scale", "scheduler", "strength",
-      "class_label", "truncation_psi"]) {
+      "cache_interval", "class_label", "truncation_psi"]) {
       if (params[key] !== undefined && params[key] !== null && params[key] !== "") shown[key] = params[key];
     }
     if (image.class_label !== undefined && image.class_label !== null) shown.class_label = image.class_label;
