@@ -113,9 +113,11 @@ class ShallowUNet(torch.nn.Module):
 
 
 def supports_deepcache(unet) -> bool:
-    """A UNet2DConditionModel whose shallowest level can run alone: two levels or more and
-    no input hint (ControlNet-style image hints change conv_in's input)."""
-    return (len(unet.down_blocks) >= 2 and unet.config.addition_embed_type != "image_hint"
+    """A UNet2DConditionModel whose shallowest level can run alone: two levels or more, no
+    input hint (ControlNet-style image hints change conv_in's input), and no time embedding
+    made from the text (addition_embed_type "text"/"text_image"), which the shallow graph may
+    not take as an input."""
+    return (len(unet.down_blocks) >= 2 and unet.config.addition_embed_type in (None, "text_time")
             and hasattr(unet, "get_time_embed"))
 
 
@@ -124,7 +126,8 @@ def check_shallow(full: FeatureCapturingUNet, shallow: ShallowUNet, example: dic
     """The shallow module on the features its full step left must give that step's output:
     returns the largest difference (PyTorch, before any export) and raises past 1e-4."""
     noise_pred, features = full(**example)
-    again = shallow(**example, deep_features=features)
+    # The shallow graph's own inputs only, as the exported graph will take them.
+    again = shallow(**{k: v for k, v in example.items() if k in shallow.input_names}, deep_features=features)
     err = float((noise_pred - again).abs().max())
     if err > 1e-4:
         raise RuntimeError(f"the shallow U-Net does not reproduce the full step on its own features "

@@ -289,6 +289,8 @@ def export_stable_diffusion(
                 role, max_rows=max_batch_size, seq_len=length, hidden=hidden, latent_channels=latent_c,
                 image_channels=image_c, vae_scale=vae_scale, native_latent=h, min_latent=size_multiple // vae_scale,
                 max_latent=2 * h, deep_channels=deep_channels)
+            names = {t.name for t in inputs}  # a shallow graph may not take the text
+            profile = {k: v for k, v in profile.items() if k in names}
         return export_graph(role, module, make_inputs, inputs, outputs, dynamic, parameters, atol, delay_us,
                             files=files, tensorrt_profile=profile)
 

@@ -53,6 +53,9 @@ BACKOFF_MAX_S = 2.0
 # Start-up timing of the denoiser by batch rows stops adding sizes past this many seconds
 # (a large model on a CPU): sizes not timed then are learned from live calls.
 COST_MEASURE_BUDGET_S = 20.0
+# After the shallow U-Net (DeepCache) meets an outage, requests that cache run full steps for
+# this long before it is tried again.
+SHALLOW_RETRY_S = 30.0
 
 
 class EngineObserver:
@@ -133,6 +136,7 @@ class DiffusionEngine:
         self._step_outage: BackendUnavailable | None = None
         self._step_progress = False
         self._backoff_s = BACKOFF_MIN_S
+        self._shallow_retry_at = 0.0  # DeepCache's shallow graph is not tried before (monotonic)
         self._report_queue()  # gauges exist (at 0) from start-up, before the first request
 
     @property
@@ -213,6 +217,7 @@ class DiffusionEngine:
             log.warning("engine %s: warm-up skipped (%s: %s)", self.model, type(exc).__name__, exc)
             return None
         self.cost.seed(self.cost.native, table)
+        await self._warm_shallow(inputs)
         rate = 1.0 / max(table[own_rows], 1e-6)  # one image-step per call
         self.scheduler.seed_rate(rate)
         described = self.cost.describe()
@@ -220,6 +225,17 @@ class DiffusionEngine:
         log.info("engine %s: denoiser ms per call by rows %s -> best %d rows (%.1f rows/s)", self.model,
                  described["ms_per_call"], described["best_rows"], described["rows_per_second"])
         return rate
+
+    async def _warm_shallow(self, inputs: dict[str, np.ndarray]) -> None:
+        """One call of DeepCache's shallow graph, so its lazy initialisation is not paid inside
+        the first request that caches. A failure here is logged, never fatal."""
+        if self.pipeline.spec.shallow_denoiser is None:
+            return
+        try:
+            _, features = await self.pipeline.denoise(inputs, keep_features=True)
+            await self.pipeline.denoise({**inputs, DEEP_FEATURES: features})
+        except Exception as exc:
+            log.warning("engine %s: shallow U-Net warm-up failed (%s: %s)", self.model, type(exc).__name__, exc)
 
     async def close(self) -> None:
         if self._loop_task is not None:
@@ -400,28 +416,45 @@ class DiffusionEngine:
         if not batch.requests:
             return False
         start = time.perf_counter()
+        shallow_ok = time.monotonic() >= self._shallow_retry_at
         # a. Each request's rows; one whose inputs cannot be built fails alone.
         inputs: dict[EngineRequest, dict[str, np.ndarray]] = {}
         for r in batch.requests:
             try:
+                if not shallow_ok:  # the shallow graph is unavailable: a full (exact) step instead
+                    r.trajectory.deep_features = None
                 inputs[r] = r.trajectory.model_inputs()
             except Exception as exc:  # e.g. no timestep left to run
                 self._fail(r, exc)
         # b. The shared calls: full rows, then shallow ones. A call that meets an outage leaves
-        #    its trajectories untouched (the other call's requests still advance), then raises.
+        #    its trajectories untouched; after a full call's outage the shallow one is not tried.
+        full = [r for r in inputs if DEEP_FEATURES not in inputs[r]]
+        shallow = [r for r in inputs if DEEP_FEATURES in inputs[r]]
         outputs, outage = {}, None
-        for group in (list(r for r in inputs if DEEP_FEATURES not in inputs[r]),
-                      list(r for r in inputs if DEEP_FEATURES in inputs[r])):
+        try:
+            outputs.update(await self._unet(full, inputs))
+        except BackendUnavailable as exc:
+            outage = exc
+        if shallow and outage is None:
             try:
-                outputs.update(await self._unet(group, inputs))
+                outputs.update(await self._unet(shallow, inputs, record_outage=False))
             except BackendUnavailable as exc:
-                outage = exc
+                # The shallow graph alone is down (not loaded, reloading): its requests lose
+                # their cache and run full steps for a while. Nobody's request is held up, and
+                # the model is not reported down while its full graph answers.
+                log.warning("engine %s: shallow U-Net unavailable (%s); DeepCache requests run full steps "
+                            "for %.0f s", self.model, exc, SHALLOW_RETRY_S)
+                self._shallow_retry_at = time.monotonic() + SHALLOW_RETRY_S
+                for r in shallow:
+                    r.trajectory.deep_features = None
         if outage is not None and not outputs:
             raise outage
         seconds = time.perf_counter() - start
         self.iterations += 1
-        self.observer.iteration(self.model, batch.rows, len(batch.requests),
-                                sum(r.request.num_images for r in batch.requests))
+        advanced = StepBatch([r for r in batch.requests if r in outputs],
+                             sum(r.trajectory.rows for r in outputs))
+        self.observer.iteration(self.model, advanced.rows, len(advanced.requests),
+                                sum(r.request.num_images for r in advanced.requests))
         # c. Guidance and the scheduler step, per request; non-finite latents fail their request.
         for r, (noise_pred, features) in outputs.items():
             try:
@@ -435,25 +468,27 @@ class DiffusionEngine:
                 self.observer.first_step(self.model, time.monotonic() - r.arrival)
             r.emit("progress", step=r.trajectory.steps_done, total=r.trajectory.num_steps,
                    elapsed=round(time.monotonic() - r.arrival, 6))
-        self.scheduler.update_from_output(batch, seconds)
+        self.scheduler.update_from_output(advanced, seconds)
+        await self._previews(advanced)
         if outage is not None:
             raise outage
-        await self._previews(batch)
         return True
 
-    async def _unet(self, requests: list[EngineRequest], inputs: dict[EngineRequest, dict[str, np.ndarray]]
-                    ) -> dict[EngineRequest, tuple[np.ndarray, np.ndarray | None]]:
+    async def _unet(self, requests: list[EngineRequest], inputs: dict[EngineRequest, dict[str, np.ndarray]],
+                    record_outage: bool = True) -> dict[EngineRequest, tuple[np.ndarray, np.ndarray | None]]:
         """(noise_pred, deep features or None) per request from one U-Net call (the full graph,
         or the shallow one for rows that carry deep features). A call that fails for a reason
         other than an outage is bisected: each half is retried, so a request that poisons the
-        call fails alone (about 2 log2(n) extra calls) and its batch-mates get their step."""
+        call fails alone (about 2 log2(n) extra calls) and its batch-mates get their step.
+        `record_outage=False`: an outage is the caller's to handle (not the engine's state)."""
         if not requests:
             return {}
         merged = {k: np.concatenate([inputs[r][k] for r in requests]) for k in inputs[requests[0]]}
         keep = any(r.trajectory.caching for r in requests)  # the full graph's features, for requests that cache
         try:
             t0 = time.perf_counter()
-            noise_pred, features = await self._backend(self.pipeline.denoise(merged, keep))
+            call = self.pipeline.denoise(merged, keep)
+            noise_pred, features = await (self._backend(call) if record_outage else call)
             if DEEP_FEATURES not in merged:  # the cost model prices full calls
                 self._observe_cost(requests[0].shape, len(next(iter(merged.values()))), time.perf_counter() - t0)
         except BackendUnavailable:
@@ -465,11 +500,15 @@ class DiffusionEngine:
             log.warning("engine %s: U-Net call for %d requests failed (%s); retrying in halves",
                         self.model, len(requests), exc)
             half = len(requests) // 2
-            return {**await self._unet(requests[:half], inputs), **await self._unet(requests[half:], inputs)}
+            return {**await self._unet(requests[:half], inputs, record_outage),
+                    **await self._unet(requests[half:], inputs, record_outage)}
         offset, result = 0, {}
         for r in requests:
             rows = slice(offset, offset + r.trajectory.rows)
-            result[r] = (noise_pred[rows], None if features is None else features[rows])
+            # A caching request keeps a copy of its own rows: a view would keep the whole call's
+            # features (every row of it, [rows, C_f, h, w]) alive until its next full step.
+            own = features[rows].copy() if features is not None and r.trajectory.caching else None
+            result[r] = (noise_pred[rows], own)
             offset += r.trajectory.rows
         return result
 

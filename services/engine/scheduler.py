@@ -208,7 +208,7 @@ class StepScheduler:
     def update_from_output(self, batch: StepBatch, seconds: float) -> list[EngineRequest]:
         """After a U-Net step: moves finished trajectories to DECODING; returns them."""
         images = sum(r.request.num_images for r in batch.requests)
-        if seconds > 0:
+        if seconds > 0 and images:  # an iteration whose calls all met an outage measures nothing
             rate = images / seconds
             self._steps_per_second = rate if not self._steps_per_second else 0.8 * self._steps_per_second + 0.2 * rate
         finished = []

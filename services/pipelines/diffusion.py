@@ -31,10 +31,10 @@ from typing import Any, Protocol
 import numpy as np
 
 from services.runtime import InferenceBackend, ModelSpec
+from services.schedulers import make_scheduler, supported_schedulers
 
 DEEP_FEATURES = "deep_features"  # the full U-Net's cached output and the shallow one's input
 MAX_CACHE_INTERVAL = 10  # DeepCache's paper goes to N = 10 (quality falls past a few; bench/README.md)
-from services.schedulers import make_scheduler, supported_schedulers
 
 
 class PromptTooLong(ValueError):

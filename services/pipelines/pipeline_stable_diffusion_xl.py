@@ -80,8 +80,8 @@ def discover(models: dict[str, ModelSpec]) -> dict[str, tuple[DiffusionSpec, lis
             vae_decoder=dec.name, vae_encoder=parts["vae_encoder"].name if "vae_encoder" in parts else None,
             scaling_factor=float(d["genserve.scaling_factor"]),
             latents_mean=_floats(d.get("genserve.latents_mean")), latents_std=_floats(d.get("genserve.latents_std")),
-            extra_fields=SIZE_FIELDS, components=tuple(p.name for _, p in sorted(parts.items())),
-            shallow_denoiser=shallow_denoiser(unet, parts.get("unet_shallow")))
+            extra_fields=SIZE_FIELDS, shallow_denoiser=(shallow := shallow_denoiser(unet, parts.get("unet_shallow"))),
+            components=tuple(p.name for role, p in sorted(parts.items()) if role != "unet_shallow" or shallow))
         found[name] = (spec, encoders, u)
     return found
 

@@ -165,7 +165,57 @@ def test_the_engine_batches_full_and_shallow_rows_of_different_requests(pipeline
     assert mixed and all(len(c) == 2 for c in mixed)  # one full call and one shallow call
     # A shallow call carried rows of more than one request (iteration 2: requests 0 and 3, 3 + 2 rows = 6 rows).
     assert max(rows for c in calls for m, rows, _ in c if m.endswith("_shallow")) > 4
-    # Deep features are fetched only by full calls that have a caching request.
+    # Deep features are fetched only by full calls that have a caching request (the first
+    # iteration's has three), never by shallow calls, nor once only the exact request is left.
     assert all(outs == ("noise_pred",) for c in calls for m, _, outs in c if m.endswith("_shallow"))
+    [(model, _, outs)] = calls[0]  # nothing cached yet: one full call, which keeps the features
+    assert model == "sd_random_unet" and outs == ("noise_pred", "deep_features")
     for r, h in zip(requests, handles):
         assert np.array_equal(h.result.images, generate(pipeline, **vars(r)))
+    # A request that does not cache never fetches them.
+    calls.append([])
+    backend.infer = recording
+    try:
+        generate(pipeline, **{**vars(requests[2]), "cache_interval": 1})
+    finally:
+        del backend.infer
+    assert calls[-1] and all(call == ("sd_random_unet", 2, ("noise_pred",)) for call in calls[-1])
+
+
+def test_a_shallow_graph_outage_falls_back_to_full_steps(pipeline):
+    """The shallow graph unavailable (not loaded on Triton, reloading): requests that cache lose
+    their cache and run exact full steps; nobody waits, and the model is not reported down."""
+    from services.errors import BackendUnavailable
+
+    backend = pipeline.backend
+    infer = backend.infer
+    shallow_calls = []
+
+    async def no_shallow(model, inputs, outputs=None):
+        if model.endswith("_unet_shallow"):
+            shallow_calls.append(model)
+            raise BackendUnavailable("model 'sd_random_unet_shallow' is not ready")
+        return await infer(model, inputs, outputs)
+
+    kw = dict(prompt=PROMPT, negative_prompt=NEGATIVE, num_images=1, num_inference_steps=6, guidance_scale=4.0,
+              scheduler="ddim", seed=9)
+
+    async def run():
+        engine = DiffusionEngine(pipeline, max_batch_rows=16, max_queued_image_steps=10_000, start_loop=False,
+                                 cost=CostModel(16, learn=False))
+        backend.infer = no_shallow
+        try:
+            handle = engine.submit(DiffusionRequest(**kw, cache_interval=3), timeout_s=600)
+            for _ in range(20):
+                if handle.status.finished:
+                    break
+                await engine.step()
+                assert not engine.backend_down
+            return handle
+        finally:
+            del backend.infer
+
+    handle = asyncio.run(run())
+    assert handle.result is not None, handle.error
+    assert shallow_calls == ["sd_random_unet_shallow"]  # tried once, then not for a while
+    assert np.array_equal(handle.result.images, generate(pipeline, **kw))  # every step full: the exact image
