@@ -4,8 +4,9 @@
     .venv/bin/locust -f loadtests/locustfile.py --host http://127.0.0.1:3000   # web UI
 
 User classes (weights give the mix):
-  Txt2ImgUser    txt2img with varied steps, guidance and schedulers: the diffusion engine
-                 sees requests at different step counts joining and leaving its batch.
+  Txt2ImgUser    txt2img with varied steps, guidance, schedulers and DeepCache intervals:
+                 the diffusion engine sees requests at different step counts joining and
+                 leaving its batch, some of them taking shallow steps.
   GANBurstUser   bursts of back-to-back GAN requests of 1-16 images, then a pause:
                  exercises Triton's dynamic batcher and the service's adaptive batching.
   StreamingUser  txt2img over server-sent events, hanging up after a few progress
@@ -15,6 +16,8 @@ User classes (weights give the mix):
 
 Knobs (environment variables, read once):
   LOADTEST_STEPS      comma list of num_inference_steps to draw from (default 5,10,20,30)
+  LOADTEST_CACHE_INTERVALS  comma list of DeepCache cache_interval values to draw from
+                      (default 1,1,2,3: half the requests cache; "1" for models without it)
   LOADTEST_MAX_IMAGES most images per GAN request (default 16)
   LOADTEST_ACCEPT     comma list of statuses that count as a definite answer beside 200
                       (the chaos run accepts 429,503: refusals with Retry-After, never 500)
@@ -33,6 +36,7 @@ import time
 from locust import HttpUser, between, task
 
 STEPS = [int(s) for s in os.environ.get("LOADTEST_STEPS", "5,10,20,30").split(",")]
+CACHE_INTERVALS = [int(s) for s in os.environ.get("LOADTEST_CACHE_INTERVALS", "1,1,2,3").split(",")]
 GUIDANCE = [0.0, 1.0, 3.5, 7.5, 12.0]   # 0 and 1 skip classifier-free guidance
 SCHEDULERS = ["ddim", "euler", "euler_ancestral", "dpmpp_2m", "ddpm"]
 # Short phrasings the demo model was trained on (zoo/latent_diffusion/captions.py); they
@@ -60,6 +64,7 @@ def _txt2img_body() -> dict:
         "guidance_scale": random.choice(GUIDANCE),
         "scheduler": random.choice(SCHEDULERS),
         "seed": random.randrange(2**32),
+        "cache_interval": random.choice(CACHE_INTERVALS),  # full and shallow rows share iterations
     }
 
 
