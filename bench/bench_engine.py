@@ -14,8 +14,12 @@ seeded). Modes, all in this process on the embedded ONNX Runtime backend:
   step-level      the DiffusionEngine: requests join and leave between denoising steps
   step-level, inline calls   the same, with ONNX Runtime calls of at most 5 ms run on the
                   event loop's thread instead of a worker (GENSERVE_ORT_INLINE_MS=5)
+  step-level, ORT threads sleep / ORT 1 thread   the same on a backend whose ONNX Runtime
+                  pool threads sleep between calls instead of spinning
+                  (session.intra_op.allow_spinning=0), or that runs one intra-op thread
   step-level c=1  the engine with one client, one request at a time: its latency against
-                  the sum of its model executions (the engine's own cost at concurrency 1)
+                  the sum of its model executions (the engine's own cost at concurrency 1);
+                  also with the sleeping threads
 The headline is *efficiency*: the U-Net rows a mode executed, priced at the best cost per
 row measured in the same run (a table of ms per call for every batch size, timed before
 and after the modes; the lower of the two per size), divided by the mode's wall time.
@@ -208,29 +212,7 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "engine.md")
     args = parser.parse_args()
 
-    backend = OnnxRuntimeBackend(ModelRepository(args.repository))
-    models = discover_stable_diffusion(backend.models())[args.model]
-    pipeline = StableDiffusionPipeline(backend, models)
-    max_rows = backend.models()[models.unet].max_batch_size
-    jobs = workload(args.clients, args.requests_per_client, args.prompt)
-    asyncio.run(pipeline(jobs[0][0]))  # warm-up: first ONNX Runtime runs allocate
-    sizes = sorted(set(range(1, max_rows + 1)))
-    cost_before = unet_cost(pipeline, sizes)
-    modes = {"sequential": Sequential(pipeline), "request-level": RequestLevel(pipeline, max_rows),
-             "step-level": StepLevel(pipeline, max_rows), "step-level, inline calls": StepLevel(pipeline, max_rows),
-             "step-level c=1": StepLevel(pipeline, max_rows)}
-    inline_s = getattr(backend, "inline_max_s", 0.0)  # the service's default
-    single = [[r for reqs in jobs for r in reqs][:args.single]]
     work = {"calls": 0, "rows": 0, "unet_s": 0.0, "model_s": 0.0, "run_s": 0.0}
-
-    def count(model, _backend, batch, seconds):
-        work["model_s"] += seconds
-        if model == models.unet:
-            work["calls"] += 1
-            work["rows"] += batch
-            work["unet_s"] += seconds
-
-    backend.add_observer(count)
 
     class Timed:
         """A session whose run() adds its own duration to work["run_s"]: the model's time
@@ -246,11 +228,47 @@ def main() -> int:
             finally:
                 work["run_s"] += time.perf_counter() - t0
 
-    backend._sessions = {name: Timed(session) for name, session in backend._sessions.items()}
+    def make_pipeline(**options):
+        """The pipeline on its own embedded backend (ONNX Runtime `options`), its calls counted."""
+        backend = OnnxRuntimeBackend(ModelRepository(args.repository), **options)
+        models = discover_stable_diffusion(backend.models())[args.model]
+
+        def count(model, _backend, batch, seconds):
+            work["model_s"] += seconds
+            if model == models.unet:
+                work["calls"] += 1
+                work["rows"] += batch
+                work["unet_s"] += seconds
+
+        backend.add_observer(count)
+        pipeline = StableDiffusionPipeline(backend, models)
+        return pipeline
+
+    pipeline = make_pipeline()
+    backend, models = pipeline.backend, pipeline.models
+    max_rows = backend.models()[models.unet].max_batch_size
+    jobs = workload(args.clients, args.requests_per_client, args.prompt)
+    # ONNX Runtime's thread settings, chosen by measurement: its pool threads sleeping between
+    # calls rather than spinning, and one thread per session (each its own backend).
+    sleeping, one_thread = make_pipeline(allow_spinning=False), make_pipeline(intra_op_threads=1)
+    for p in (pipeline, sleeping, one_thread):
+        asyncio.run(p(jobs[0][0]))  # warm-up: first ONNX Runtime runs allocate
+    sizes = sorted(set(range(1, max_rows + 1)))
+    cost_before = unet_cost(pipeline, sizes)
+    modes = {"sequential": Sequential(pipeline), "request-level": RequestLevel(pipeline, max_rows),
+             "step-level": StepLevel(pipeline, max_rows), "step-level, inline calls": StepLevel(pipeline, max_rows),
+             "step-level, ORT threads sleep": StepLevel(sleeping, max_rows),
+             "step-level, ORT 1 thread": StepLevel(one_thread, max_rows),
+             "step-level c=1": StepLevel(pipeline, max_rows),
+             "step-level c=1, ORT threads sleep": StepLevel(sleeping, max_rows)}
+    inline_s = getattr(backend, "inline_max_s", 0.0)  # the service's default
+    single = [[r for reqs in jobs for r in reqs][:args.single]]
+    for p in (pipeline, sleeping, one_thread):
+        p.backend._sessions = {name: Timed(session) for name, session in p.backend._sessions.items()}
     rows = {}
     for name, mode in modes.items():
         backend.inline_max_s = 0.005 if "inline" in name else inline_s
-        rows[name] = {**asyncio.run(run_mode(mode, single if name.endswith("c=1") else jobs,
+        rows[name] = {**asyncio.run(run_mode(mode, single if "c=1" in name else jobs,
                                              reset=lambda: work.update(calls=0, rows=0, unet_s=0.0, model_s=0.0, run_s=0.0))),
                       **{f"unet_{k}": v for k, v in work.items()}}
         rows[name]["iterations"] = getattr(mode, "iterations", None)
@@ -277,7 +295,7 @@ def main() -> int:
                      f"{r['images_per_s'] / req:.2f} | {r['p50_s']:.3f} | {r['p95_s']:.3f} | {r['unet_calls']} | "
                      f"{r['unet_rows']} | {r['unet_unet_s'] / r['wall_s']:.2f} | {r['unet_model_s'] / r['wall_s']:.2f} | "
                      f"{overhead:.2f} |")
-    c1 = rows["step-level c=1"]
+    c1, c1s = rows["step-level c=1"], rows["step-level c=1, ORT threads sleep"]
     lines += ["", "U-Net time and all models: the backend's timing of each call (a worker-thread hand-off "
               "counts in it); non-model ms per iteration: wall minus the time inside ONNX Runtime's "
               "session.run (every model), per U-Net call: everything the engine, the event loop and the "
@@ -285,7 +303,8 @@ def main() -> int:
               "", f"Best cost per row: {1000 * per_row_s:.3f} ms at {best_n} rows. "
               f"step-level c=1: client latency / sum of model executions = {c1['wall_s'] / c1['unet_model_s']:.3f} "
               f"({c1['wall_s']:.3f} s wall, {c1['unet_model_s']:.3f} s in backend calls, "
-              f"{c1['unet_run_s']:.3f} s inside session.run: {c1['wall_s'] / c1['unet_run_s']:.3f}).",
+              f"{c1['unet_run_s']:.3f} s inside session.run: {c1['wall_s'] / c1['unet_run_s']:.3f}); "
+              f"with ORT threads sleeping {c1s['wall_s'] / c1s['unet_model_s']:.3f}.",
               "", "U-Net ms per call by rows (before modes / after modes): "
               + ", ".join(f"{n}: {cost_before[n]:.2f}/{cost_after[n]:.2f}" for n in sizes)]
     if args.note:

@@ -97,6 +97,10 @@ class Settings:
     # Calls expected to take at most this many ms run on the event loop, not in a worker thread
     # (0: never; in-process it saves the hand-off, over HTTP under load it cost throughput).
     ort_inline_ms: int = 0
+    # ONNX Runtime's pool threads spin between calls (its default) or sleep (0). Measured on 2
+    # cores (bench/README.md): sleeping gave concurrent load ~10% more images/s but made one
+    # request alone ~20% slower, so the default keeps spinning.
+    ort_allow_spinning: bool = True
     default_gan_model: str = "cgan_digits"
     default_diffusion_model: str = "sd_digits"
     default_ddpm_model: str = "ddpm_digits"
@@ -145,6 +149,7 @@ class Settings:
             ort_intra_op_threads=_int("GENSERVE_ORT_INTRA_OP_THREADS", cls.ort_intra_op_threads),
             ort_inter_op_threads=_int("GENSERVE_ORT_INTER_OP_THREADS", cls.ort_inter_op_threads),
             ort_inline_ms=_int("GENSERVE_ORT_INLINE_MS", cls.ort_inline_ms),
+            ort_allow_spinning=_choice("GENSERVE_ORT_ALLOW_SPINNING", "1", ("1", "0")) == "1",
             default_gan_model=os.environ.get("GENSERVE_DEFAULT_GAN_MODEL", cls.default_gan_model),
             default_diffusion_model=os.environ.get("GENSERVE_DEFAULT_DIFFUSION_MODEL", cls.default_diffusion_model),
             default_ddpm_model=os.environ.get("GENSERVE_DEFAULT_DDPM_MODEL", cls.default_ddpm_model),

@@ -20,6 +20,7 @@ def create_backend(settings: Settings) -> InferenceBackend:
             intra_op_threads=settings.ort_intra_op_threads,
             inter_op_threads=settings.ort_inter_op_threads,
             inline_max_s=settings.ort_inline_ms / 1000,
+            allow_spinning=settings.ort_allow_spinning,
         )
         # Single-pass models get request merging here; Triton's dynamic batcher does it there.
         single_pass = {name for name, spec in backend.models().items()

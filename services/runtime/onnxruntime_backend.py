@@ -27,7 +27,9 @@ class OnnxRuntimeBackend(InferenceBackend):
     name = "onnxruntime"
 
     def __init__(self, repository: ModelRepository, intra_op_threads: int = 0, inter_op_threads: int = 0,
-                 inline_max_s: float = 0.0):
+                 inline_max_s: float = 0.0, allow_spinning: bool = True):
+        """`allow_spinning=False`: ONNX Runtime's pool threads sleep between calls instead of
+        spinning on the cores, which the event loop, the HTTP layer and other sessions share."""
         super().__init__()
         self.repository = repository
         self.inline_max_s = inline_max_s
@@ -35,6 +37,9 @@ class OnnxRuntimeBackend(InferenceBackend):
         options = ort.SessionOptions()
         options.intra_op_num_threads = intra_op_threads
         options.inter_op_num_threads = inter_op_threads
+        spin = "1" if allow_spinning else "0"
+        options.add_session_config_entry("session.intra_op.allow_spinning", spin)
+        options.add_session_config_entry("session.inter_op.allow_spinning", spin)
         self._sessions: dict[str, ort.InferenceSession] = {}
         for name, spec in repository.models.items():
             if spec.model_file is None or spec.model_file.suffix != ".onnx":
