@@ -345,6 +345,31 @@ def test_retry_after_without_any_measure_is_bounded(faulty):
     assert 1 <= info.value.retry_after_s <= 60  # it used to say 2,000 s
 
 
+def test_warmup_times_every_size_in_interleaved_rounds_after_an_untimed_one(faulty):
+    """The cost table's start-up measure: each ladder size once untimed (its buffers), then
+    WARMUP_ROUNDS rounds over all sizes (a drift lands on every size), each size's median."""
+    from services.engine.engine import WARMUP_ROUNDS
+
+    async def main():
+        engine = make_engine(faulty, max_batch_rows=8)
+        faulty.calls.clear()
+        rows: list[int] = []
+        fault = faulty.fault
+
+        def record(model, inputs):
+            if model.endswith("_unet"):
+                rows.append(len(inputs["sample"]))
+            return fault(model, inputs)
+
+        faulty.fault = record
+        await engine.warmup()
+        ladder = [1, 2, 4, 8]  # the warm-up request's own 2 rows are on it
+        assert rows[1:] == ladder * (1 + WARMUP_ROUNDS) + [2]  # then the shallow graph's warm-up (its features)
+        assert sorted(int(n) for n in engine.cost.describe()["ms_per_call"]) == ladder
+        assert "sd_random_unet_shallow" in faulty.calls
+    asyncio.run(main())
+
+
 def test_warmup_is_skipped_when_the_backend_is_down(faulty):
     async def main():
         faulty.down = True
