@@ -98,8 +98,8 @@ class Settings:
     # (0: never; in-process it saves the hand-off, over HTTP under load it cost throughput).
     ort_inline_ms: int = 0
     # ONNX Runtime's pool threads spin between calls (its default) or sleep (0). Measured on 2
-    # cores (bench/README.md): sleeping gave concurrent load ~10% more images/s but made one
-    # request alone ~20% slower, so the default keeps spinning.
+    # cores (bench/README.md): sleeping gave concurrent load 11-23% more images/s but made one
+    # request alone 20-27% slower, so the default keeps spinning.
     ort_allow_spinning: bool = True
     default_gan_model: str = "cgan_digits"
     default_diffusion_model: str = "sd_digits"
