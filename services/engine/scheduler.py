@@ -150,7 +150,13 @@ class StepScheduler:
         if not running:
             return batch
         now = time.monotonic() if now is None else now
-        order = running if self.policy == "fcfs" else self._fair_order(running, now)
+        if self.policy == "fcfs":
+            order = running
+        elif len(running) == 1:  # nothing to order (the fair order's tenant bookkeeping, kept)
+            order = running
+            self.served = {running[0].tenant: self.served.get(running[0].tenant, 0.0)}
+        else:
+            order = self._fair_order(running, now)
         bucket = order[0].shape
         waiting = sum(r.trajectory.rows for r in running if r.shape == bucket)
         target = min(self.max_batch_rows, self.cost.target_rows(bucket, waiting))

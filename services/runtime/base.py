@@ -25,6 +25,7 @@ class InferenceBackend(abc.ABC):
 
     def __init__(self) -> None:
         self._observers: list[ExecutionObserver] = []
+        self._narrowed: dict[tuple, ModelSpec] = {}  # (model, outputs) -> its spec narrowed to them
 
     def add_observer(self, observer: ExecutionObserver) -> None:
         self._observers.append(observer)
@@ -48,7 +49,10 @@ class InferenceBackend(abc.ABC):
         """Runs the model on a batch of any size: batches past the model's max_batch_size
         are split into executions the model accepts, and the outputs concatenated.
         `outputs`: the outputs to fetch (default all); Triton sends back only those."""
-        spec = select_outputs(self.models()[model], outputs)
+        spec = self.models()[model]
+        if outputs is not None:  # once per (model, outputs): the step engine asks every iteration
+            key = (model, tuple(outputs))
+            spec = self._narrowed.get(key) or self._narrowed.setdefault(key, select_outputs(spec, outputs))
         limit = spec.max_batch_size
         batch = len(next(iter(inputs.values()))) if limit > 0 else 1
         if limit <= 0 or batch <= limit:
