@@ -12,6 +12,10 @@ inpainting, VAE encode/decode or none in pixel space — is here once.
     per step: Trajectory.model_inputs() -> denoise (one call shared by many requests) -> advance()
     decode
 
+DeepCache (`cache_interval` > 1, U-Net families exported with a shallow graph): the
+trajectory keeps the deep features its full steps return, and its other steps' inputs carry
+them, which sends those rows to the shallow graph (export/deepcache.py).
+
 Determinism rule (README, "Reproducing an image"): image i of a request with seed s
 draws everything random from its own `rng = numpy.random.default_rng(s + i)`, in order:
   text/class to image  x_T = rng.standard_normal((C, h, w), dtype=float32) * init_noise_sigma
