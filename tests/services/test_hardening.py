@@ -238,7 +238,9 @@ def test_sigterm_finishes_the_requests_in_flight(repository, tmp_path):
     proc = LocalServer({"GENSERVE_MODEL_REPOSITORY": str(repository)}, tmp_path / "bentoml.log")
     try:
         proc.wait_ready()
-        body = dict(TXT2IMG, num_inference_steps=80, num_images=2)
+        # Long enough to be in flight at SIGTERM on a quiet machine too (8 x 80 steps x 2 images
+        # finished in about 1.3 s there, and the service was gone before the checks below).
+        body = dict(TXT2IMG, num_inference_steps=150, num_images=3)  # 3,600 image-steps: under the queue bound
         threads, results = in_threads([lambda i=i: httpx.post(f"{proc.url}/v1/txt2img", json=dict(body, seed=i),
                                                               timeout=120) for i in range(8)])
         time.sleep(1.0)
