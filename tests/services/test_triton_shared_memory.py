@@ -55,6 +55,16 @@ def own(backend: TritonBackend, regions: dict) -> set[str]:
     return {name for name in regions if name.startswith(backend._pool.prefix)}
 
 
+def forget_regions(triton, backend: TritonBackend) -> None:
+    """Unregisters every region of `backend` behind its back: what a Triton restart does to it."""
+    client = triton.grpc()
+    try:
+        for name in own(backend, registered(triton)):
+            client.unregister_system_shared_memory(name)
+    finally:
+        client.close()
+
+
 def run(coro):
     return asyncio.run(coro)
 
@@ -170,10 +180,7 @@ def test_a_region_triton_forgot_is_registered_again_mid_run(specs, url, triton):
         try:
             inputs = unet_inputs(2, seed=9)
             await shared.infer(UNET, inputs)
-            client = triton.grpc()
-            for name in own(shared, registered(triton)):
-                client.unregister_system_shared_memory(name)
-            client.close()
+            forget_regions(triton, shared)
             got, want = await both(shared, socket, UNET, inputs)
             assert np.array_equal(got["noise_pred"], want["noise_pred"])
             status = shared.shared_memory_status()
@@ -197,10 +204,7 @@ def test_shared_memory_lost_for_good_mid_run(specs, url, triton, tmp_path, mode)
         try:
             inputs = unet_inputs(3, seed=11)
             await shared.infer(UNET, inputs)
-            client = triton.grpc()
-            for name in own(shared, registered(triton)):
-                client.unregister_system_shared_memory(name)
-            client.close()
+            forget_regions(triton, shared)
             shared._pool.directory = tmp_path  # from now on, regions Triton cannot open
             if mode == "required":
                 with pytest.raises(BackendUnavailable, match="shared memory"):
