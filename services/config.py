@@ -11,6 +11,7 @@ from pathlib import Path
 
 BACKENDS = ("onnxruntime", "triton")
 TRITON_SHARED_MEMORY = ("auto", "off", "required")
+ORT_THREAD_POOLS = ("shared", "per-session")
 
 
 def _rate(name: str) -> "Rate | None":
@@ -101,6 +102,10 @@ class Settings:
     # cores (bench/README.md): sleeping gave concurrent load 11-23% more images/s but made one
     # request alone 20-27% slower, so the default keeps spinning.
     ort_allow_spinning: bool = True
+    # One process-wide ONNX Runtime thread pool for every model (shared) or a pool per model's
+    # session (per-session): per-session pools keep spinning on the cores after their model's
+    # call; shared gave about 1.3x the step engine's images/s on 2 cores (bench/README.md).
+    ort_thread_pool: str = "shared"
     default_gan_model: str = "cgan_digits"
     default_diffusion_model: str = "sd_digits"
     default_ddpm_model: str = "ddpm_digits"
@@ -140,7 +145,7 @@ class Settings:
         if shared_memory not in TRITON_SHARED_MEMORY:
             raise ValueError(f"GENSERVE_TRITON_SHARED_MEMORY must be one of {', '.join(TRITON_SHARED_MEMORY)}, "
                              f"got {shared_memory!r}")
-        return cls(
+        settings = cls(
             backend=backend,
             model_repository=Path(os.environ.get("GENSERVE_MODEL_REPOSITORY", str(cls.model_repository))),
             triton_url=os.environ.get("GENSERVE_TRITON_URL", cls.triton_url),
@@ -150,6 +155,7 @@ class Settings:
             ort_inter_op_threads=_int("GENSERVE_ORT_INTER_OP_THREADS", cls.ort_inter_op_threads),
             ort_inline_ms=_int("GENSERVE_ORT_INLINE_MS", cls.ort_inline_ms),
             ort_allow_spinning=_choice("GENSERVE_ORT_ALLOW_SPINNING", "1", ("1", "0")) == "1",
+            ort_thread_pool=_choice("GENSERVE_ORT_THREAD_POOL", cls.ort_thread_pool, ORT_THREAD_POOLS),
             default_gan_model=os.environ.get("GENSERVE_DEFAULT_GAN_MODEL", cls.default_gan_model),
             default_diffusion_model=os.environ.get("GENSERVE_DEFAULT_DIFFUSION_MODEL", cls.default_diffusion_model),
             default_ddpm_model=os.environ.get("GENSERVE_DEFAULT_DDPM_MODEL", cls.default_ddpm_model),
@@ -173,3 +179,7 @@ class Settings:
                                if o.strip()),
             shutdown_grace_s=_int("GENSERVE_SHUTDOWN_GRACE_S", cls.shutdown_grace_s),
         )
+        if settings.ort_thread_pool == "shared" and not settings.ort_allow_spinning:
+            raise ValueError("GENSERVE_ORT_ALLOW_SPINNING=0 needs GENSERVE_ORT_THREAD_POOL=per-session: "
+                             "ONNX Runtime's shared thread pool always spins")
+        return settings

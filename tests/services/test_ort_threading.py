@@ -1,0 +1,99 @@
+"""The embedded backend's threading: where calls run, and ONNX Runtime's thread pools."""
+
+import asyncio
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from services.config import Settings
+
+from services.runtime.onnxruntime_backend import OnnxRuntimeBackend
+from services.runtime.repository import ModelRepository
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_short_calls_run_inline_and_long_ones_in_a_thread(repository):
+    backend = OnnxRuntimeBackend(ModelRepository(repository), inline_max_s=3600.0)
+    name = "cgan_digits"
+    spec = backend.models()[name]
+    session = backend._sessions[name]
+    threads = []
+    real_run = session.run
+
+    class Recording:
+        def run(self, names, feeds):
+            threads.append(threading.get_ident())
+            return real_run(names, feeds)
+
+    backend._sessions[name] = Recording()
+    feeds = {t.name: np.zeros((2, *t.dims), t.dtype) for t in spec.inputs}
+
+    async def main():
+        me = threading.get_ident()
+        first = await backend.infer(name, feeds)
+        again = await backend.infer(name, feeds)  # measured now, and well under an hour
+        assert backend.runs_inline(name, 2)
+        backend.inline_max_s = 0.0
+        threaded = await backend.infer(name, feeds)
+        assert not backend.runs_inline(name, 2)
+        for out in (again, threaded):
+            np.testing.assert_array_equal(out[spec.outputs[0].name], first[spec.outputs[0].name])
+        return me
+
+    me = asyncio.run(main())
+    assert threads[0] != me and threads[1] == me and threads[2] != me
+
+
+SAME_OUTPUTS = """
+import asyncio, sys
+import numpy as np
+from services.runtime.onnxruntime_backend import OnnxRuntimeBackend
+from services.runtime.repository import ModelRepository
+
+repository, name = sys.argv[1:]
+own = OnnxRuntimeBackend(ModelRepository(repository), shared_threads=False)  # before the shared pool exists
+shared = OnnxRuntimeBackend(ModelRepository(repository))
+spec = shared.models()[name]
+rng = np.random.default_rng(0)
+feeds = {t.name: rng.standard_normal((3, *[8 if d == -1 else d for d in t.dims])).astype(t.dtype)
+         for t in spec.inputs}
+a, b = (asyncio.run(backend.infer(name, feeds)) for backend in (shared, own))
+assert set(a) == set(b) == {t.name for t in spec.outputs}, (set(a), set(b))
+for k in a:
+    np.testing.assert_array_equal(a[k], b[k])
+print("same", sorted(a))
+"""
+
+
+@pytest.mark.parametrize("name", ["sd_digits_unet", "cgan_digits"])
+def test_shared_and_per_session_pools_give_the_same_outputs(repository, name):
+    """The thread pool is a performance setting: it must not change a single output bit.
+    In a fresh process: the shared pool is per process, and none exists there yet."""
+    done = subprocess.run([sys.executable, "-c", SAME_OUTPUTS, str(repository), name], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.startswith("same")
+
+
+def test_pool_settings_that_onnxruntime_cannot_honour_are_refused(repository, monkeypatch):
+    """Its shared pool always spins, and no per-session pool opens after it: both refused by name."""
+    with pytest.raises(ValueError, match="per-session pools"):
+        OnnxRuntimeBackend(ModelRepository(repository), allow_spinning=False)
+    OnnxRuntimeBackend(ModelRepository(repository))  # the shared pool exists from here on
+    with pytest.raises(ValueError, match="choice is per process"):
+        OnnxRuntimeBackend(ModelRepository(repository), shared_threads=False)
+
+    monkeypatch.setenv("GENSERVE_ORT_ALLOW_SPINNING", "0")
+    with pytest.raises(ValueError, match="GENSERVE_ORT_THREAD_POOL=per-session"):
+        Settings.from_env()
+    monkeypatch.setenv("GENSERVE_ORT_THREAD_POOL", "per-session")
+    settings = Settings.from_env()
+    assert (settings.ort_thread_pool, settings.ort_allow_spinning) == ("per-session", False)
+    monkeypatch.setenv("GENSERVE_ORT_THREAD_POOL", "global")
+    with pytest.raises(ValueError, match="GENSERVE_ORT_THREAD_POOL must be one of shared, per-session"):
+        Settings.from_env()
