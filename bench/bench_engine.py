@@ -59,6 +59,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench.report import append_report  # noqa: E402
 
+from services.config import Settings  # noqa: E402
 from services.engine.engine import DiffusionEngine  # noqa: E402
 from services.pipelines.pipeline_stable_diffusion import (  # noqa: E402
     DiffusionRequest,
@@ -180,22 +181,21 @@ def unet_feeds(pipeline, rows: int) -> dict[str, np.ndarray]:
 
 
 def unet_cost(pipeline, rows, repeats=15) -> dict[int, float]:
-    """Milliseconds per U-Net call by batch rows (median of `repeats`, one event loop): how
-    much batching can save here, and which batch size the probes use."""
+    """Milliseconds per U-Net call by batch rows: how much batching can save here, and which
+    batch size the probes use. `repeats` rounds over every size, each size's median: sizes
+    interleaved, so that a drift in the machine's speed lands on all of them alike."""
     m = pipeline.models
 
     async def measure():
-        cost = {}
-        for n in rows:
-            feeds = unet_feeds(pipeline, n)
-            await pipeline.backend.infer(m.unet, feeds, ["noise_pred"])
-            times = []
-            for _ in range(repeats):
+        feeds = {n: unet_feeds(pipeline, n) for n in rows}
+        times = {n: [] for n in rows}
+        for round_ in range(1 + repeats):  # the first round untimed: a size's first call allocates
+            for n in rows:
                 t0 = time.perf_counter()
-                await pipeline.backend.infer(m.unet, feeds, ["noise_pred"])
-                times.append(time.perf_counter() - t0)
-            cost[n] = 1000 * statistics.median(times)
-        return cost
+                await pipeline.backend.infer(m.unet, feeds[n], ["noise_pred"])
+                if round_:
+                    times[n].append(time.perf_counter() - t0)
+        return {n: 1000 * statistics.median(t) for n, t in times.items()}
 
     return asyncio.run(measure())
 
@@ -316,7 +316,7 @@ def main() -> int:
     per_session = make_pipeline(shared_threads=False)
     sleeping = make_pipeline(allow_spinning=False, shared_threads=False)
     one_thread = make_pipeline(intra_op_threads=1, shared_threads=False)
-    pipeline = make_pipeline()
+    pipeline = make_pipeline(shared_threads=Settings().ort_thread_pool == "shared")  # as the service runs
     backend, models = pipeline.backend, pipeline.models
     max_rows = backend.models()[models.unet].max_batch_size
     jobs = workload(args.clients, args.requests_per_client, args.prompt)

@@ -45,14 +45,17 @@ class OnnxRuntimeBackend(InferenceBackend):
     name = "onnxruntime"
 
     def __init__(self, repository: ModelRepository, intra_op_threads: int = 0, inter_op_threads: int = 0,
-                 inline_max_s: float = 0.0, allow_spinning: bool = True, shared_threads: bool = True):
-        """`shared_threads` (the default): every session runs on one process-wide pool (the
-        thread counts size it) instead of a pool of its own. Per-session pools are a spinning
-        thread per recently used model: a text-encoder or VAE call leaves its pool spinning
-        through the U-Net calls that follow it, on the cores those calls need (measured on
-        2 cores: the shared pool gave the step engine about 1.3x the images/s, at 16 clients
-        and at 1; bench/README.md). `allow_spinning=False`: pool threads sleep between calls
-        instead of spinning; per-session pools only (ONNX Runtime's shared pools always spin)."""
+                 inline_max_s: float = 0.0, allow_spinning: bool = True, shared_threads: bool = False):
+        """`shared_threads`: every session runs on ONNX Runtime's process-wide pool (the thread
+        counts size it) instead of a pool of its own. Per-session pools are a spinning thread
+        per recently used model: a text-encoder or VAE call leaves its pool spinning through
+        the U-Net calls that follow, on the cores they need (measured on 2 cores: the shared
+        pool gave the step engine 1.15-1.47x the images/s at 16 clients; bench/README.md).
+        The service turns it on (GENSERVE_ORT_THREAD_POOL); it is off by default here because
+        it is process-wide: once it exists, ONNX Runtime opens no session with a pool of its
+        own in the process, anyone's `ort.InferenceSession(path)` included. `allow_spinning=
+        False`: pool threads sleep between calls; per-session pools only (the shared pool
+        always spins)."""
         super().__init__()
         if shared_threads and not allow_spinning:
             raise ValueError("ONNX Runtime's shared thread pools always spin: sleeping pool threads "

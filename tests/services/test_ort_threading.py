@@ -49,6 +49,8 @@ def test_short_calls_run_inline_and_long_ones_in_a_thread(repository):
     assert threads[0] != me and threads[1] == me and threads[2] != me
 
 
+# Each in a fresh process: the shared pool is process-wide, and once it exists ONNX Runtime
+# opens no session with a pool of its own there (the exporters' and other tests' included).
 SAME_OUTPUTS = """
 import asyncio, sys
 import numpy as np
@@ -56,8 +58,8 @@ from services.runtime.onnxruntime_backend import OnnxRuntimeBackend
 from services.runtime.repository import ModelRepository
 
 repository, name = sys.argv[1:]
-own = OnnxRuntimeBackend(ModelRepository(repository), shared_threads=False)  # before the shared pool exists
-shared = OnnxRuntimeBackend(ModelRepository(repository))
+own = OnnxRuntimeBackend(ModelRepository(repository))  # before the shared pool exists
+shared = OnnxRuntimeBackend(ModelRepository(repository), shared_threads=True)
 spec = shared.models()[name]
 rng = np.random.default_rng(0)
 feeds = {t.name: rng.standard_normal((3, *[8 if d == -1 else d for d in t.dims])).astype(t.dtype)
@@ -69,25 +71,49 @@ for k in a:
 print("same", sorted(a))
 """
 
+REFUSED = """
+import sys
+import pytest
+from services.runtime.onnxruntime_backend import OnnxRuntimeBackend
+from services.runtime.repository import ModelRepository
+
+repository = ModelRepository(sys.argv[1])
+with pytest.raises(ValueError, match="per-session pools"):
+    OnnxRuntimeBackend(repository, shared_threads=True, allow_spinning=False)
+OnnxRuntimeBackend(repository, shared_threads=True)  # the shared pool exists from here on
+with pytest.raises(ValueError, match="choice is per process"):
+    OnnxRuntimeBackend(repository)
+print("refused")
+"""
+
+SERVICE_DEFAULT = """
+import sys
+from services.config import Settings
+from services.runtime import create_backend
+from services.runtime import onnxruntime_backend
+
+create_backend(Settings(model_repository=sys.argv[1]))
+print("pools", onnxruntime_backend._shared_pools)
+"""
+
+
+def run_alone(script: str, *args) -> str:
+    done = subprocess.run([sys.executable, "-c", script, *map(str, args)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout
+
 
 @pytest.mark.parametrize("name", ["sd_digits_unet", "cgan_digits"])
 def test_shared_and_per_session_pools_give_the_same_outputs(repository, name):
-    """The thread pool is a performance setting: it must not change a single output bit.
-    In a fresh process: the shared pool is per process, and none exists there yet."""
-    done = subprocess.run([sys.executable, "-c", SAME_OUTPUTS, str(repository), name], cwd=ROOT,
-                          capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert done.stdout.startswith("same")
+    """The thread pool is a performance setting: it must not change a single output bit."""
+    assert run_alone(SAME_OUTPUTS, repository, name).startswith("same")
 
 
 def test_pool_settings_that_onnxruntime_cannot_honour_are_refused(repository, monkeypatch):
-    """Its shared pool always spins, and no per-session pool opens after it: both refused by name."""
-    with pytest.raises(ValueError, match="per-session pools"):
-        OnnxRuntimeBackend(ModelRepository(repository), allow_spinning=False)
-    OnnxRuntimeBackend(ModelRepository(repository))  # the shared pool exists from here on
-    with pytest.raises(ValueError, match="choice is per process"):
-        OnnxRuntimeBackend(ModelRepository(repository), shared_threads=False)
-
+    """Its shared pool always spins, and no per-session pool opens after it: both refused by
+    name, by the backend and by the service's settings."""
+    assert run_alone(REFUSED, repository).startswith("refused")
     monkeypatch.setenv("GENSERVE_ORT_ALLOW_SPINNING", "0")
     with pytest.raises(ValueError, match="GENSERVE_ORT_THREAD_POOL=per-session"):
         Settings.from_env()
@@ -97,3 +123,8 @@ def test_pool_settings_that_onnxruntime_cannot_honour_are_refused(repository, mo
     monkeypatch.setenv("GENSERVE_ORT_THREAD_POOL", "global")
     with pytest.raises(ValueError, match="GENSERVE_ORT_THREAD_POOL must be one of shared, per-session"):
         Settings.from_env()
+
+
+def test_the_service_runs_the_shared_pool_by_default(repository):
+    assert Settings().ort_thread_pool == "shared"
+    assert run_alone(SERVICE_DEFAULT, repository).strip() == "pools (0, 0)"
