@@ -332,6 +332,7 @@ def main() -> int:
              "step-level, ORT threads sleep": StepLevel(sleeping, max_rows),
              "step-level, ORT 1 thread": StepLevel(one_thread, max_rows),
              "step-level c=1": StepLevel(pipeline, max_rows),
+             "step-level c=1, inline calls": StepLevel(pipeline, max_rows),
              "step-level c=1, ORT per-session pools": StepLevel(per_session, max_rows),
              "step-level c=1, ORT threads sleep": StepLevel(sleeping, max_rows)}
     inline_s = getattr(backend, "inline_max_s", 0.0)  # the service's default

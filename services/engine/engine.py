@@ -34,6 +34,7 @@ from services.engine.prompt_cache import PromptCache
 from services.engine.request import FINISH_REASONS, EngineRequest, RequestStatus
 from services.engine.scheduler import StepBatch, StepScheduler
 from services.errors import BackendUnavailable, InvalidRequest, NonFiniteOutput
+from services.runtime.base import latency_first
 from services.pipelines.diffusion import (
     DEEP_FEATURES,
     MAX_CACHE_INTERVAL,
@@ -286,6 +287,10 @@ class DiffusionEngine:
                         await asyncio.wait_for(self._wakeup.wait(), timeout=0.05)
                     except asyncio.TimeoutError:
                         pass
+            else:
+                # An iteration whose calls ran inline never suspended: the loop's other tasks
+                # (reading the next request, answering finished ones) get their turn here.
+                await asyncio.sleep(0)
 
     async def step(self) -> bool:
         """One iteration; returns whether anything ran (or was tried, in an outage).
@@ -296,12 +301,15 @@ class DiffusionEngine:
         self._step_outage, self._step_progress = None, False
         self._finish_leaving()  # 1. cancellations and deadlines
         worked = False
-        for stage in (self._admit, self._denoise, self._decode):  # 2. prompts, 3. one U-Net step, 4. VAE
-            try:
-                worked = await stage() or worked
-            except BackendUnavailable:
-                worked = True  # paused, not failed: _run backs off, the next iteration retries
-            self.scheduler.prune()
+        # Serving one request, its calls have nothing to overlap: the embedded backend may run
+        # them on this thread (measured at concurrency 1: half the non-model time per step).
+        with latency_first(len(self.scheduler.requests) == 1):
+            for stage in (self._admit, self._denoise, self._decode):  # 2. prompts, 3. one U-Net step, 4. VAE
+                try:
+                    worked = await stage() or worked
+                except BackendUnavailable:
+                    worked = True  # paused, not failed: _run backs off, the next iteration retries
+                self.scheduler.prune()
         if self._step_outage is not None:
             if self._outage is None:
                 log.warning("engine %s: backend unavailable, pausing the requests that need it: %s",

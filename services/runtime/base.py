@@ -8,9 +8,11 @@ runs in this process (ONNX Runtime) or in a Triton server is configuration, not 
 from __future__ import annotations
 
 import abc
+import contextlib
+import contextvars
 import dataclasses
 import time
-from typing import Callable, Mapping, Sequence
+from typing import Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 
@@ -18,6 +20,25 @@ from services.runtime.repository import ModelSpec
 
 # Called after each model execution with (model, backend, batch size, seconds).
 ExecutionObserver = Callable[[str, str, int, float], None]
+
+_latency_first: contextvars.ContextVar[bool] = contextvars.ContextVar("genserve_latency_first", default=False)
+
+
+@contextlib.contextmanager
+def latency_first(on: bool = True) -> Iterator[None]:
+    """Model calls made inside (in this task) put their own latency before overlapping other
+    work: the embedded backend runs short ones on the calling thread, sparing the hand-off to
+    a worker and back. For a caller that knows nothing else is waiting (the step engine
+    serving a single request)."""
+    token = _latency_first.set(on)
+    try:
+        yield
+    finally:
+        _latency_first.reset(token)
+
+
+def latency_first_requested() -> bool:
+    return _latency_first.get()
 
 
 class InferenceBackend(abc.ABC):

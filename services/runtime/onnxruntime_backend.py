@@ -1,13 +1,16 @@
 """Embedded backend: ONNX Runtime sessions in this process, read from the repository.
 
 Sessions are opened once at start-up. `session.run` releases the GIL, so calls run in
-worker threads and the event loop stays free for other requests. Optionally, short calls
-run on the event loop's own thread: handing a call to a worker and back costs two thread
-wake-ups, measured at 1-9 ms on average on a 2-core machine under load (a 2-row demo U-Net
-call itself takes ~1.5 ms). A call is short when the model's measured seconds per row times
-its rows is at most `inline_max_s` (GENSERVE_ORT_INLINE_MS; 0, the default: never). It
-helps the step engine in process; over HTTP under mixed load it blocked the loop's other
-work (parsing, PNG encoding) that a worker-thread call overlaps, and cost throughput.
+worker threads and the event loop stays free for other requests. Some calls run on the
+event loop's own thread instead, sparing the hand-off to a worker and back (two thread
+wake-ups: 0.1-0.3 ms per call measured on 2 cores, against a 2-row demo U-Net call of
+~1.5 ms), when the model's measured seconds per row times the call's rows is at most
+  - `inline_max_s` (GENSERVE_ORT_INLINE_MS; 0, the default: never), for every call: it
+    helped the step engine in process, but over HTTP under mixed load it blocked the loop's
+    other work (parsing, PNG encoding) that a worker-thread call overlaps, and cost throughput;
+  - `alone_inline_max_s` (INLINE_ALONE_MAX_S), for calls made under `latency_first()`: the
+    step engine serving a single request, where there is nothing else to overlap (a request
+    arriving meanwhile waits at most that long to be read).
 """
 
 from __future__ import annotations
@@ -20,10 +23,13 @@ from typing import Mapping
 import numpy as np
 import onnxruntime as ort
 
-from services.runtime.base import InferenceBackend
+from services.runtime.base import InferenceBackend, latency_first_requested
 from services.runtime.repository import ModelRepository, ModelSpec
 
 log = logging.getLogger("genserve.onnxruntime")
+
+# Under latency_first(), calls expected to take at most this long run on the calling thread.
+INLINE_ALONE_MAX_S = 0.02
 
 
 _shared_pools: tuple[int, int] | None = None  # (intra, inter) of the process-wide pools, once made
@@ -45,7 +51,8 @@ class OnnxRuntimeBackend(InferenceBackend):
     name = "onnxruntime"
 
     def __init__(self, repository: ModelRepository, intra_op_threads: int = 0, inter_op_threads: int = 0,
-                 inline_max_s: float = 0.0, allow_spinning: bool = True, shared_threads: bool = False):
+                 inline_max_s: float = 0.0, allow_spinning: bool = True, shared_threads: bool = False,
+                 alone_inline_max_s: float = INLINE_ALONE_MAX_S):
         """`shared_threads`: every session runs on ONNX Runtime's process-wide pool (the thread
         counts size it) instead of a pool of its own. Per-session pools are a spinning thread
         per recently used model: a text-encoder or VAE call leaves its pool spinning through
@@ -65,6 +72,7 @@ class OnnxRuntimeBackend(InferenceBackend):
                              "opens no session with a pool of its own after that: the choice is per process")
         self.repository = repository
         self.inline_max_s = inline_max_s
+        self.alone_inline_max_s = alone_inline_max_s
         self._seconds_per_row: dict[str, float] = {}  # moving average of session.run's own time
         options = ort.SessionOptions()
         if shared_threads:
@@ -104,7 +112,7 @@ class OnnxRuntimeBackend(InferenceBackend):
             out = session.run(names, feeds)
             return out, time.perf_counter() - t0
 
-        if per_row is not None and per_row * rows <= self.inline_max_s:
+        if self.runs_inline(spec.name, rows):
             values, seconds = run()
         else:  # the first call of a model, and long ones, in a worker thread
             values, seconds = await asyncio.to_thread(run)
@@ -113,6 +121,10 @@ class OnnxRuntimeBackend(InferenceBackend):
         return dict(zip(names, values))
 
     def runs_inline(self, model: str, rows: int) -> bool:
-        """Whether a call of `rows` rows would run on the calling thread now."""
+        """Whether a call of `rows` rows would run on the calling thread now (a model's first
+        call never does: its time is not known yet)."""
         per_row = self._seconds_per_row.get(model)
-        return per_row is not None and per_row * rows <= self.inline_max_s
+        if per_row is None:
+            return False
+        limit = max(self.inline_max_s, self.alone_inline_max_s if latency_first_requested() else 0.0)
+        return per_row * rows <= limit

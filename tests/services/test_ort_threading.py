@@ -128,3 +128,54 @@ def test_pool_settings_that_onnxruntime_cannot_honour_are_refused(repository, mo
 def test_the_service_runs_the_shared_pool_by_default(repository):
     assert Settings().ort_thread_pool == "shared"
     assert run_alone(SERVICE_DEFAULT, repository).strip() == "pools (0, 0)"
+
+
+def test_the_engine_runs_a_lone_request_s_calls_on_its_own_thread(repository):
+    """Serving one request, the step engine asks for latency first: the embedded backend runs
+    its calls on the event loop's thread (after each model's first, which measures it); with
+    two requests in flight, every call goes to a worker. Either way the images are the same."""
+    from services.engine.engine import DiffusionEngine
+    from services.pipelines.pipeline_stable_diffusion import (
+        DiffusionRequest,
+        StableDiffusionPipeline,
+        discover_stable_diffusion,
+    )
+
+    def run(alone_inline_max_s):
+        backend = OnnxRuntimeBackend(ModelRepository(repository), alone_inline_max_s=alone_inline_max_s)
+        models = discover_stable_diffusion(backend.models())["sd_digits"]
+        engine = DiffusionEngine(StableDiffusionPipeline(backend, models), 16, 10**6, start_loop=False)
+        calls = []  # (thread, requests in the engine) per U-Net call
+        real = backend._sessions[models.unet]
+
+        class Recording:
+            def run(self, names, feeds):
+                calls.append((threading.get_ident(), len(engine.scheduler.requests)))
+                return real.run(names, feeds)
+
+        backend._sessions[models.unet] = Recording()
+
+        async def main():
+            reqs = [DiffusionRequest(prompt="a handwritten digit seven", num_inference_steps=6,
+                                     guidance_scale=4.0, seed=s, scheduler="ddim") for s in (1, 2, 3)]
+            images = []
+            for group in ([reqs[0]], reqs[1:]):  # one alone, then two together
+                handles = [engine.submit(r, 60) for r in group]
+                while not all(h.status.finished for h in handles):
+                    await engine.step()
+                images += [h.result.images for h in handles]
+            return images, threading.get_ident()
+
+        images, me = asyncio.run(main())
+        return images, calls, me
+
+    images, calls, me = run(alone_inline_max_s=3600.0)
+    alone = [thread for thread, n in calls if n == 1]
+    together = [thread for thread, n in calls if n > 1]
+    assert len(alone) >= 6 and len(together) >= 5
+    assert alone[0] != me and set(alone[1:]) == {me}  # the model's first call measures it
+    assert me not in together
+    threaded, calls, me = run(alone_inline_max_s=0.0)  # never inline
+    assert me not in [thread for thread, _ in calls]
+    for a, b in zip(images, threaded):
+        np.testing.assert_array_equal(a, b)
