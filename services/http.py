@@ -30,7 +30,11 @@ _LIMIT_KEYS = ("le", "ge", "lt", "gt", "max_length", "min_length", "expected")
 class EventStream(StreamingResponse):
     """Server-sent events that call `on_close` however the stream ends: finished, or the
     client hung up. Starlette stops sending on a disconnect but leaves the generator to
-    the garbage collector, which could run its cleanup much later."""
+    the garbage collector, which could run its cleanup much later. A disconnect calls
+    `on_close` the moment it is read, not when Starlette's cancellation of the sending task
+    lands: anyio skips a task whose wake-up is already due, and a generator fed an event on
+    every loop pass (the engine's steps, run inline for a lone request) is always due, so
+    the cancellation waited for the end of the request."""
 
     def __init__(self, events, on_close):
         super().__init__(events, media_type="text/event-stream",
@@ -38,8 +42,14 @@ class EventStream(StreamingResponse):
         self.on_close = on_close
 
     async def __call__(self, scope, receive, send):
+        async def watched():
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                self.on_close()
+            return message
+
         try:
-            await super().__call__(scope, receive, send)
+            await super().__call__(scope, watched, send)
         finally:
             self.on_close()
             await self.body_iterator.aclose()
