@@ -34,7 +34,6 @@ from services.engine.prompt_cache import PromptCache
 from services.engine.request import FINISH_REASONS, EngineRequest, RequestStatus
 from services.engine.scheduler import StepBatch, StepScheduler
 from services.errors import BackendUnavailable, InvalidRequest, NonFiniteOutput
-from services.runtime.base import latency_first
 from services.pipelines.diffusion import (
     DEEP_FEATURES,
     MAX_CACHE_INTERVAL,
@@ -45,6 +44,7 @@ from services.pipelines.diffusion import (
     denoising_steps,
     effective_steps,
 )
+from services.runtime.base import latency_first
 
 log = logging.getLogger("genserve.engine")
 

@@ -39,7 +39,7 @@ def use_shared_thread_pools(intra_op_threads: int, inter_op_threads: int) -> Non
     """Creates ONNX Runtime's process-wide thread pools (once per process: ONNX Runtime cannot
     replace them). A second backend asking for other sizes gets the first one's, logged."""
     global _shared_pools
-    if _shared_pools is None:
+    if _shared_pools is None:  # ONNX Runtime's Python API has the global pools only here
         ort.capi._pybind_state.set_global_thread_pool_sizes(intra_op_threads, inter_op_threads)
         _shared_pools = (intra_op_threads, inter_op_threads)
     elif _shared_pools != (intra_op_threads, inter_op_threads):
@@ -62,7 +62,8 @@ class OnnxRuntimeBackend(InferenceBackend):
         it is process-wide: once it exists, ONNX Runtime opens no session with a pool of its
         own in the process, anyone's `ort.InferenceSession(path)` included. `allow_spinning=
         False`: pool threads sleep between calls; per-session pools only (the shared pool
-        always spins)."""
+        always spins). `inline_max_s`, `alone_inline_max_s`: which calls run on the calling
+        thread (the module's docstring)."""
         super().__init__()
         if shared_threads and not allow_spinning:
             raise ValueError("ONNX Runtime's shared thread pools always spin: sleeping pool threads "
