@@ -104,7 +104,7 @@ class Settings:
     ort_allow_spinning: bool = True
     # One process-wide ONNX Runtime thread pool for every model (shared) or a pool per model's
     # session (per-session): per-session pools keep spinning on the cores after their model's
-    # call; shared gave about 1.3x the step engine's images/s on 2 cores (bench/README.md).
+    # call; shared gave the step engine 1.15-1.47x the images/s at 16 clients on 2 cores (bench/README.md).
     ort_thread_pool: str = "shared"
     default_gan_model: str = "cgan_digits"
     default_diffusion_model: str = "sd_digits"
