@@ -42,7 +42,7 @@ class EventStream(StreamingResponse):
         self.on_close = on_close
 
     async def __call__(self, scope, receive, send):
-        async def watched():
+        async def watched():  # Starlette listens for the disconnect below ASGI 2.4 (uvicorn: 2.3)
             message = await receive()
             if message["type"] == "http.disconnect":
                 self.on_close()

@@ -303,13 +303,16 @@ class DiffusionEngine:
         worked = False
         # Serving one request, its calls have nothing to overlap: the embedded backend may run
         # them on this thread (measured at concurrency 1: half the non-model time per step).
-        with latency_first(len(self.scheduler.requests) == 1):
+        alone = len(self.scheduler.requests) == 1
+        with latency_first(alone):
             for stage in (self._admit, self._denoise, self._decode):  # 2. prompts, 3. one U-Net step, 4. VAE
                 try:
                     worked = await stage() or worked
                 except BackendUnavailable:
                     worked = True  # paused, not failed: _run backs off, the next iteration retries
                 self.scheduler.prune()
+                if alone:  # a stage's calls may have run inline: the loop's other tasks get a turn
+                    await asyncio.sleep(0)
         if self._step_outage is not None:
             if self._outage is None:
                 log.warning("engine %s: backend unavailable, pausing the requests that need it: %s",

@@ -22,6 +22,7 @@ def create_backend(settings: Settings) -> InferenceBackend:
             inline_max_s=settings.ort_inline_ms / 1000,
             allow_spinning=settings.ort_allow_spinning,
             shared_threads=settings.ort_thread_pool == "shared",
+            alone_inline_max_s=settings.ort_alone_inline_ms / 1000,
         )
         # Single-pass models get request merging here; Triton's dynamic batcher does it there.
         single_pass = {name for name, spec in backend.models().items()

@@ -8,9 +8,13 @@ wake-ups: 0.1-0.3 ms per call measured on 2 cores, against a 2-row demo U-Net ca
   - `inline_max_s` (GENSERVE_ORT_INLINE_MS; 0, the default: never), for every call: it
     helped the step engine in process, but over HTTP under mixed load it blocked the loop's
     other work (parsing, PNG encoding) that a worker-thread call overlaps, and cost throughput;
-  - `alone_inline_max_s` (INLINE_ALONE_MAX_S), for calls made under `latency_first()`: the
-    step engine serving a single request, where there is nothing else to overlap (a request
-    arriving meanwhile waits at most that long to be read).
+  - `alone_inline_max_s` (GENSERVE_ORT_ALONE_INLINE_MS, default 20; 0: never), for calls
+    made under `latency_first()` while no other call of this backend is in flight: the step
+    engine serving a single request, where there is nothing else to overlap. The engine
+    yields between the calls of such a step, so a request arriving meanwhile waits at most
+    one call to be read.
+The measured time is kept per model and per row shape: a request at another size is not
+priced at the native size, and a shape's first call always runs in a worker.
 """
 
 from __future__ import annotations
@@ -74,7 +78,9 @@ class OnnxRuntimeBackend(InferenceBackend):
         self.repository = repository
         self.inline_max_s = inline_max_s
         self.alone_inline_max_s = alone_inline_max_s
-        self._seconds_per_row: dict[str, float] = {}  # moving average of session.run's own time
+        # Moving average of session.run's own time per row, by (model, a row's input shape).
+        self._seconds_per_row: dict[tuple, float] = {}
+        self._in_flight = 0  # calls of this backend running now (in workers or inline)
         options = ort.SessionOptions()
         if shared_threads:
             use_shared_thread_pools(intra_op_threads, inter_op_threads)
@@ -105,27 +111,39 @@ class OnnxRuntimeBackend(InferenceBackend):
                 x = x.reshape((x.shape[0], *t.reshape) if spec.max_batch_size > 0 else t.reshape)
             feeds[t.name] = x
         names = [t.name for t in spec.outputs]
-        rows = max(1, len(next(iter(feeds.values()))) if spec.max_batch_size > 0 and feeds else 1)
-        per_row = self._seconds_per_row.get(spec.name)
+        batched = spec.max_batch_size > 0 and feeds
+        first = next(iter(feeds.values()), None)
+        rows = max(1, len(first)) if batched else 1
+        key = (spec.name, first.shape[1:] if batched else getattr(first, "shape", ()))
+        per_row = self._seconds_per_row.get(key)
 
         def run():
             t0 = time.perf_counter()
             out = session.run(names, feeds)
             return out, time.perf_counter() - t0
 
-        if self.runs_inline(spec.name, rows):
-            values, seconds = run()
-        else:  # the first call of a model, and long ones, in a worker thread
-            values, seconds = await asyncio.to_thread(run)
+        inline = self._runs_inline(per_row, rows)
+        self._in_flight += 1
+        try:
+            if inline:
+                values, seconds = run()
+            else:  # a shape's first call, long ones, and any beside another call: in a worker thread
+                values, seconds = await asyncio.to_thread(run)
+        finally:
+            self._in_flight -= 1
         took = seconds / rows
-        self._seconds_per_row[spec.name] = took if per_row is None else per_row + 0.2 * (took - per_row)
+        self._seconds_per_row[key] = took if per_row is None else per_row + 0.2 * (took - per_row)
         return dict(zip(names, values))
 
-    def runs_inline(self, model: str, rows: int) -> bool:
-        """Whether a call of `rows` rows would run on the calling thread now (a model's first
-        call never does: its time is not known yet)."""
-        per_row = self._seconds_per_row.get(model)
-        if per_row is None:
+    def _runs_inline(self, per_row: float | None, rows: int) -> bool:
+        if per_row is None:  # not measured at this shape yet
             return False
-        limit = max(self.inline_max_s, self.alone_inline_max_s if latency_first_requested() else 0.0)
+        limit = self.inline_max_s
+        if latency_first_requested() and self._in_flight == 0:
+            limit = max(limit, self.alone_inline_max_s)
         return per_row * rows <= limit
+
+    def runs_inline(self, model: str, rows: int, row_shape: tuple) -> bool:
+        """Whether a call of `rows` rows of `row_shape` (its first input's, without the batch)
+        would run on the calling thread now."""
+        return self._runs_inline(self._seconds_per_row.get((model, tuple(row_shape))), rows)

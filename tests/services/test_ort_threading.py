@@ -37,10 +37,11 @@ def test_short_calls_run_inline_and_long_ones_in_a_thread(repository):
         me = threading.get_ident()
         first = await backend.infer(name, feeds)
         again = await backend.infer(name, feeds)  # measured now, and well under an hour
-        assert backend.runs_inline(name, 2)
+        shape = next(row_shape for model, row_shape in backend._seconds_per_row if model == name)
+        assert backend.runs_inline(name, 2, shape)
         backend.inline_max_s = 0.0
         threaded = await backend.infer(name, feeds)
-        assert not backend.runs_inline(name, 2)
+        assert not backend.runs_inline(name, 2, shape)
         for out in (again, threaded):
             np.testing.assert_array_equal(out[spec.outputs[0].name], first[spec.outputs[0].name])
         return me
@@ -114,9 +115,17 @@ def test_pool_settings_that_onnxruntime_cannot_honour_are_refused(repository, mo
     """Its shared pool always spins, and no per-session pool opens after it: both refused by
     name, by the backend and by the service's settings."""
     assert run_alone(REFUSED, repository).startswith("refused")
-    monkeypatch.setenv("GENSERVE_ORT_ALLOW_SPINNING", "0")
+    monkeypatch.delenv("GENSERVE_ORT_THREAD_POOL", raising=False)
+    monkeypatch.delenv("GENSERVE_BACKEND", raising=False)
+    monkeypatch.setenv("GENSERVE_ORT_ALLOW_SPINNING", "0")  # alone: sleeping threads, so per-session pools
+    settings = Settings.from_env()
+    assert (settings.ort_thread_pool, settings.ort_allow_spinning) == ("per-session", False)
+    monkeypatch.setenv("GENSERVE_ORT_THREAD_POOL", "shared")  # both asked for: refused by name
     with pytest.raises(ValueError, match="GENSERVE_ORT_THREAD_POOL=per-session"):
         Settings.from_env()
+    monkeypatch.setenv("GENSERVE_BACKEND", "triton")  # ONNX Runtime settings do not apply there
+    Settings.from_env()
+    monkeypatch.delenv("GENSERVE_BACKEND")
     monkeypatch.setenv("GENSERVE_ORT_THREAD_POOL", "per-session")
     settings = Settings.from_env()
     assert (settings.ort_thread_pool, settings.ort_allow_spinning) == ("per-session", False)
