@@ -287,10 +287,6 @@ class DiffusionEngine:
                         await asyncio.wait_for(self._wakeup.wait(), timeout=0.05)
                     except asyncio.TimeoutError:
                         pass
-            else:
-                # An iteration whose calls ran inline never suspended: the loop's other tasks
-                # (reading the next request, answering finished ones) get their turn here.
-                await asyncio.sleep(0)
 
     async def step(self) -> bool:
         """One iteration; returns whether anything ran (or was tried, in an outage).
@@ -303,16 +299,16 @@ class DiffusionEngine:
         worked = False
         # Serving one request, its calls have nothing to overlap: the embedded backend may run
         # them on this thread (measured at concurrency 1: half the non-model time per step).
-        alone = len(self.scheduler.requests) == 1
-        with latency_first(alone):
+        with latency_first(len(self.scheduler.requests) == 1):
             for stage in (self._admit, self._denoise, self._decode):  # 2. prompts, 3. one U-Net step, 4. VAE
                 try:
                     worked = await stage() or worked
                 except BackendUnavailable:
                     worked = True  # paused, not failed: _run backs off, the next iteration retries
                 self.scheduler.prune()
-                if alone:  # a stage's calls may have run inline: the loop's other tasks get a turn
-                    await asyncio.sleep(0)
+                # A stage whose calls ran inline never suspended: the loop's other tasks (reading
+                # the next request, answering finished ones) get their turn between stages.
+                await asyncio.sleep(0)
         if self._step_outage is not None:
             if self._outage is None:
                 log.warning("engine %s: backend unavailable, pausing the requests that need it: %s",

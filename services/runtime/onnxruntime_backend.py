@@ -11,8 +11,9 @@ wake-ups: 0.1-0.3 ms per call measured on 2 cores, against a 2-row demo U-Net ca
   - `alone_inline_max_s` (GENSERVE_ORT_ALONE_INLINE_MS, default 20; 0: never), for calls
     made under `latency_first()` while no other call of this backend is in flight: the step
     engine serving a single request, where there is nothing else to overlap. The engine
-    yields between the calls of such a step, so a request arriving meanwhile waits at most
-    one call to be read.
+    yields between a step's stages, so a request arriving meanwhile waits at most one
+    stage's calls to be read (the text encoder; a U-Net step and its preview's decode; the
+    final decode).
 The measured time is kept per model and per row shape: a request at another size is not
 priced at the native size, and a shape's first call always runs in a worker.
 """
@@ -111,8 +112,8 @@ class OnnxRuntimeBackend(InferenceBackend):
                 x = x.reshape((x.shape[0], *t.reshape) if spec.max_batch_size > 0 else t.reshape)
             feeds[t.name] = x
         names = [t.name for t in spec.outputs]
-        batched = spec.max_batch_size > 0 and feeds
         first = next(iter(feeds.values()), None)
+        batched = spec.max_batch_size > 0 and first is not None
         rows = max(1, len(first)) if batched else 1
         key = (spec.name, first.shape[1:] if batched else getattr(first, "shape", ()))
         per_row = self._seconds_per_row.get(key)
