@@ -275,7 +275,7 @@ async def run_mode(mode, jobs, reset=lambda: None, probes=list) -> dict:
     end = time.perf_counter()
     latencies.sort()
     probing = sum(s for t, s in probes() if start <= t < end)  # not the mode's work
-    return {"images_per_s": images / (end - start - probing), "p50_s": statistics.median(latencies),
+    return {"images_per_s": images / (end - start - probing), "probe_s": probing, "p50_s": statistics.median(latencies),
             "p95_s": latencies[int(0.95 * (len(latencies) - 1))], "wall_s": end - start, "requests": len(latencies),
             "start": start, "end": end, "all_sending_until": min(client_done)}
 
@@ -366,7 +366,6 @@ def main() -> int:
                                  reset=lambda: work.update(fresh_work()), probes=lambda: work["probes"]))
         r["efficiency"] = efficiency(work, r["start"], r["end"], probe_rows)
         r["efficiency_all_sending"] = efficiency(work, r["start"], r["all_sending_until"], probe_rows)
-        r["probe_s"] = sum(s for _, s in work["probes"])
         rows[name] = {**r, **{f"unet_{k}": v for k, v in work.items()}}
         # The probes run inside the backend's timed calls: out of the model times as out of the wall.
         rows[name]["unet_unet_s"] -= r["probe_s"]
