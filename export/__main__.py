@@ -9,6 +9,7 @@
   python -m export stylegan --module FILE.py:NAME --weights PATH --name NAME [--init-args JSON]
                                        # NVIDIA-style G.mapping/G.synthesis -> NAME_mapping + NAME_synthesis
   python -m export sr --weights PATH --name NAME   # a super-resolution .pth/.safetensors (spandrel)
+  python -m export sr --ncnn MODEL.param --name NAME   # the same from ncnn files (ESRGAN, Real-ESRGAN Compact)
   python -m export translator --module FILE.py:NAME --weights PATH --name NAME [--init-args JSON]
   python -m export demo                # every demo model in zoo/ -> model_repository/
 """

@@ -20,10 +20,18 @@ DEMO_TRANSLATORS = {CHECKPOINTS / "pix2pix_edges2digits.safetensors": "pix2pix_e
 def add_parsers(sub, add_common) -> None:
     sr = sub.add_parser(
         "sr", help="export a super-resolution checkpoint (ESRGAN, Real-ESRGAN, SPAN, SwinIR, ...) recognised by spandrel",
-        description="Export a super-resolution checkpoint as users bring it (.pth or .safetensors). spandrel reads "
+        description="Export a super-resolution checkpoint as users bring it (.pth or .safetensors, or ncnn's "
+                    ".param/.bin). spandrel reads "
                     "the architecture, scale, channels and size requirements from the state dict; the graph takes "
                     "any batch and size and is verified against PyTorch at odd sides. Served on /v1/upscale.")
-    sr.add_argument("--weights", required=True, metavar="PATH", help=".pth (restricted unpickler) or .safetensors")
+    source = sr.add_mutually_exclusive_group(required=True)
+    source.add_argument("--weights", metavar="PATH", help=".pth (restricted unpickler) or .safetensors")
+    source.add_argument("--ncnn", metavar="MODEL.param",
+                        help="ncnn files (.param and the .bin beside it, float16 or float32): ESRGAN/RRDBNet and "
+                             "Real-ESRGAN Compact graphs are read into spandrel's state dict")
+    sr.add_argument("--ncnn-bin", metavar="MODEL.bin", help="with --ncnn: the weights, if not MODEL.bin beside it")
+    sr.add_argument("--license", metavar="TEXT", help="the weights' licence, recorded in the config "
+                                                      "(genserve.license)")
     sr.add_argument("--name", required=True, help="model name in the repository")
     sr.add_argument("--tile", type=int, help="default tile side in input pixels (default 128, rounded up to the "
                                              "architecture's multiple)")
@@ -62,8 +70,11 @@ def run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     start = time.perf_counter()
     try:
         if args.command == "sr":
-            report = export_sr(args.weights, args.repository, args.name, args.version, args.max_batch_size, target,
-                               tile=args.tile, tile_overlap=args.tile_overlap)
+            if args.ncnn_bin and not args.ncnn:
+                parser.error("--ncnn-bin goes with --ncnn")
+            report = export_sr(args.ncnn or args.weights, args.repository, args.name, args.version,
+                               args.max_batch_size, target, tile=args.tile, tile_overlap=args.tile_overlap,
+                               license=args.license, ncnn_bin=args.ncnn_bin)
         else:
             init_args = None
             if args.init_args is not None:

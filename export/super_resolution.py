@@ -2,6 +2,7 @@
 one graph contract every image-to-image model is served under.
 
   python -m export sr --weights RealESRGAN_x4plus.pth --name realesrgan_x4
+  python -m export sr --ncnn realesrgan-x4plus.param --name realesrgan_x4   # ncnn files (export/ncnn.py)
 
 The checkpoint is recognised by spandrel (ESRGAN / Real-ESRGAN, Real-ESRGAN Compact, SPAN,
 SwinIR, HAT, ... from the shapes and names in the state dict; `.pth` through its
@@ -24,6 +25,7 @@ Parameters in the config (strings, as Triton stores them):
   genserve.tile            default tile side in input pixels (requests may ask another)
   genserve.tile_overlap    default overlap between tiles, input pixels
   genserve.architecture    e.g. "ESRGAN"; genserve.source_sha256 of the weights
+  genserve.source_format   "ncnn" when read from ncnn files;  genserve.license  when given (--license)
 
 Each graph is traced at one batch size and side and verified against PyTorch at another
 batch size and at odd, unequal sides (export.onnx_export.verify_onnx), so an architecture
@@ -248,6 +250,25 @@ def sr_facts(descriptor) -> ImageModelFacts:
         architecture=arch, extra={"genserve.purpose": descriptor.purpose, "genserve.tags": ",".join(descriptor.tags)})
 
 
+def load_ncnn_model(param: str | Path, bin_path: str | Path | None = None):
+    """A spandrel ImageModelDescriptor from an ncnn .param/.bin pair (export/ncnn.py names the weights)."""
+    from export.ncnn import ncnn_state_dict, read_ncnn
+    from export.torchvision_compat import import_spandrel
+
+    graph = read_ncnn(param, bin_path)
+    architecture, state = ncnn_state_dict(graph)
+    spandrel = import_spandrel()
+    try:
+        descriptor = spandrel.ModelLoader(device="cpu").load_from_state_dict(state)
+    except Exception as exc:
+        raise ImageExportError(f"--ncnn {str(param)!r}: the weights read as {architecture} do not load into "
+                               f"spandrel's {architecture}: {type(exc).__name__}: {str(exc)[:300]}") from exc
+    if descriptor.architecture.id != architecture:
+        raise ImageExportError(f"--ncnn {str(param)!r}: read as {architecture}, but spandrel recognises "
+                               f"{descriptor.architecture.id} in the weights")
+    return descriptor, graph
+
+
 def export_sr(
     weights: str | Path,
     repository: Path,
@@ -257,11 +278,23 @@ def export_sr(
     target: DeploymentTarget = DeploymentTarget(),
     tile: int | None = None,
     tile_overlap: int = DEFAULT_TILE_OVERLAP,
+    license: str | None = None,
+    ncnn_bin: str | Path | None = None,
 ) -> ImageExportReport:
-    """A super-resolution checkpoint as users bring it -> a verified graph in the repository."""
-    descriptor = load_sr_checkpoint(weights)
+    """A super-resolution checkpoint as users bring it -> a verified graph in the repository.
+    `weights` is a state dict, or an ncnn `.param` (weights in `ncnn_bin`, default the .bin beside it)."""
+    if Path(weights).suffix.lower() == ".param":
+        from export.ncnn import sha256_of
+
+        descriptor, graph = load_ncnn_model(weights, ncnn_bin)
+        source = {"genserve.source_format": "ncnn",
+                  "genserve.source_sha256": sha256_of(graph.param_path, graph.bin_path)}
+    else:
+        descriptor = load_sr_checkpoint(weights)
+        source = {"genserve.source_sha256": sha256(weights)}
     facts = sr_facts(descriptor)
-    facts = ImageModelFacts(**{**facts.__dict__, "extra": {**facts.extra, "genserve.source_sha256": sha256(weights)}})
+    extra = {**facts.extra, **source, **({"genserve.license": license} if license else {})}
+    facts = ImageModelFacts(**{**facts.__dict__, "extra": extra})
     tile = tile or facts.side(DEFAULT_TILE)
     try:
         return export_image_graph(descriptor.model, facts, repository, name, version, max_batch_size, target,
