@@ -229,3 +229,125 @@ def test_pages_are_local_labelled_and_locked_down(keyed_server):
     for path in ("/docs.json", "/static_content/swagger-ui-bundle.js", "/static_content/index.css", "/v1/redoc"):
         assert httpx.get(u + path).status_code == 404, path
 
+
+
+def photo_png(side: int = 64) -> bytes:
+    """A real photo (a crop of scikit-image's astronaut) reduced to side x side, as PNG bytes."""
+    from skimage import data
+
+    buffer = io.BytesIO()
+    Image.fromarray(data.astronaut()[20:276, 126:382]).resize((side, side), Image.Resampling.BICUBIC).save(
+        buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_the_tabs_of_every_served_family(playground):
+    """The demo serves every family: StyleGAN mixing and interpolation, DDPM, VAE samples and
+    latent interpolation, and upscaling a photo with the input beside the output."""
+    from playwright.sync_api import expect
+
+    page = playground
+    tabs = page.get_by_role("tab")
+    expect(tabs).to_have_text(["Text to image", "Image to image / inpaint", "GAN", "Style mix / interpolate",
+                               "DDPM", "VAE", "Upscale / translate"])
+    gallery = page.locator("#gallery li")
+
+    page.get_by_role("tab", name="Upscale / translate").click()
+    page.get_by_label("Model").locator("visible=true").select_option("realesr_animevideov3_x4")
+    expect(page.locator("#u-run")).to_have_text("Upscale")
+    page.get_by_label("Input image").set_input_files(
+        files=[{"name": "astronaut.png", "mimeType": "image/png", "buffer": photo_png()}])
+    expect(page.locator("#u-status")).to_contain_text("Input: 64x64")
+    page.locator("#u-run").click()
+    expect(page.locator("#u-status")).to_contain_text("64x64 → 256x256", timeout=60_000)
+    expect(page.locator("#u-after")).to_have_js_property("naturalWidth", 256)  # decoded: the output rendered
+    expect(page.locator("#u-before")).to_have_js_property("naturalWidth", 64)
+    expect(page.locator("#u-after-caption")).to_contain_text("realesr_animevideov3_x4")
+    assert page.locator("#u-before").bounding_box()["width"] == page.locator("#u-after").bounding_box()["width"]
+    expect(gallery.first).to_contain_text("upscale")
+    page.screenshot(path=ARTIFACTS / "upscale.png", full_page=True)
+
+    page.get_by_role("tab", name="Style mix / interpolate").click()
+    expect(page.locator("#s-crossover")).to_have_attribute("max", "8")  # num_ws, from GET /v1/models
+    page.locator("#s-mix").click()
+    expect(page.locator("#s-status")).to_contain_text("crossover at layer 4")
+    expect(page.locator("#s-strip img")).to_have_count(3)
+    expect(page.locator("#s-strip figcaption").nth(2)).to_contain_text("mixed")
+    expect(gallery.first).to_contain_text("style mix")
+    page.locator("#s-seeds").fill("1, x")
+    page.locator("#s-interpolate").click()
+    expect(page.locator("#s-error")).to_contain_text("seeds")
+    expect(page.locator("#s-seeds")).to_have_attribute("aria-invalid", "true")
+    page.locator("#s-seeds").fill("4, 5, 6")
+    page.locator("#s-frames").fill("3")
+    page.locator("#s-interpolate").click()
+    expect(page.locator("#s-strip img")).to_have_count(5)  # 3 per segment, the shared middle frame once
+    expect(page.locator("#s-strip figcaption")).to_have_text(["seed 4", "frame 2 of 5", "seed 5", "frame 4 of 5",
+                                                              "seed 6"])
+    expect(page.locator("#s-error")).to_be_hidden()
+    page.screenshot(path=ARTIFACTS / "style.png", full_page=True)
+
+    page.get_by_role("tab", name="DDPM").click()
+    page.locator("#d-steps").fill("4")
+    page.locator("#d-seed").fill("9")
+    page.locator("#d-count").fill("2")
+    page.locator("#d-generate").click()
+    expect(page.locator("#d-status")).to_contain_text("Done: 2 image(s)", timeout=60_000)
+    expect(gallery.first).to_contain_text("ddpm")
+    assert '"seed":10' in gallery.first.get_attribute("data-request")  # image 1 of seed 9
+    page.locator("#d-steps").fill("20")
+    gallery.first.get_by_role("button", name=re.compile("parameters of seed 10")).click()  # Reproduce
+    expect(page.locator("#d-steps")).to_have_value("4")
+    expect(page.locator("#d-generate")).to_be_focused()
+
+    page.get_by_role("tab", name="VAE").click()
+    count = gallery.count()
+    page.locator("#v-sample").click()
+    expect(page.locator("#v-status")).to_contain_text("Done: 4 sample(s)")
+    expect(gallery).to_have_count(count + 4)
+    page.locator("#v-interpolate").click()
+    expect(page.locator("#v-strip img")).to_have_count(8)
+    expect(page.locator("#v-strip img").first).to_have_js_property("naturalWidth", 32)
+    page.screenshot(path=ARTIFACTS / "vae.png", full_page=True)
+
+    # Chained: the newest gallery image (a VAE sample, grey 32x32) through the translator.
+    page.get_by_role("tab", name="Upscale / translate").click()
+    page.get_by_label("Model").locator("visible=true").select_option("pix2pix_edges2digits")
+    expect(page.locator("#u-run")).to_have_text("Translate")
+    page.locator("#u-from-gallery").click()
+    expect(page.locator("#u-status")).to_contain_text("Input: 32x32")
+    page.locator("#u-run").click()
+    expect(page.locator("#u-status")).to_contain_text("32x32 → 32x32")
+    expect(gallery.first).to_contain_text("translate")
+
+
+@pytest.fixture(scope="module")
+def gan_and_upscaler_server(repository, tmp_path_factory):
+    """A service whose repository holds one GAN and one upscaler only."""
+    from tests.conftest import running_server
+
+    folder = tmp_path_factory.mktemp("two_families")
+    (folder / "repository").mkdir()
+    for name in ("dcgan_digits", "realesr_animevideov3_x4"):
+        (folder / "repository" / name).symlink_to(repository / name, target_is_directory=True)
+    yield from running_server({"GENSERVE_MODEL_REPOSITORY": str(folder / "repository"),
+                               "GENSERVE_BACKEND": "onnxruntime"}, folder)
+
+
+def test_tabs_appear_only_for_the_families_served(browser, gan_and_upscaler_server):
+    from playwright.sync_api import expect
+
+    page = browser.new_page()
+    watched = Watched(page, gan_and_upscaler_server.url)
+    page.goto(f"{gan_and_upscaler_server.url}/")
+    expect(page.locator("#server-status")).to_contain_text("Connected: 2 models")
+    expect(page.get_by_role("tab")).to_have_text(["GAN", "Upscale / translate"])
+    expect(page.get_by_role("tab", name="GAN")).to_have_attribute("aria-selected", "true")  # text to image is gone
+    expect(page.locator("#panel-txt2img")).to_be_hidden()
+    page.get_by_role("tab", name="GAN").focus()
+    page.keyboard.press("ArrowRight")  # the arrows skip the hidden tabs
+    expect(page.get_by_role("tab", name="Upscale / translate")).to_be_focused()
+    page.keyboard.press("ArrowRight")
+    expect(page.get_by_role("tab", name="GAN")).to_be_focused()
+    watched.check()
+    page.close()

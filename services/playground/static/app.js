@@ -6,7 +6,7 @@
 const $ = (id) => document.getElementById(id);
 const GAN_FAMILIES = ["gan", "stylegan"];
 const INTEGER_FIELDS = new Set(["num_inference_steps", "seed", "width", "height", "num_images", "preview_every",
-  "cache_interval", "class_label"]);
+  "cache_interval", "class_label", "style_seed", "crossover", "frames", "seed_b", "tile", "tile_overlap"]);
 const KEY_STORAGE = "genserve-playground-key";
 let models = null; // GET /v1/models
 
@@ -102,16 +102,24 @@ function showError(box, form, err) {
 }
 
 // -- models --------------------------------------------------------------------------------
+// whatever the family (SD, SDXL, FLUX, ...): the models that say they serve the endpoint
+const serves = (m, path) => m.endpoint.split(", ").includes(path);
+const modelNamed = (name) => models && models.models.find((m) => m.name === name);
+
 function fillSelect(select, names, preferred) {
   select.replaceChildren(...names.map((name) => new Option(name, name, false, name === preferred)));
 }
 
+// an input's min/max from a {min, max} limit of GET /v1/models (absent: left as they are)
+function setLimits(id, lim) {
+  if (lim && typeof lim === "object") { $(id).min = lim.min; $(id).max = lim.max; }
+}
+
 function applyLimits(model) {
   const p = model.parameters;
-  const set = (id, lim) => { if (lim && typeof lim === "object") { $(id).min = lim.min; $(id).max = lim.max; } };
-  set("t-steps", p.num_inference_steps);
-  set("t-count", p.num_images);
-  set("t-cache", p.cache_interval);  // max 1 where the model has no shallow U-Net (FLUX)
+  setLimits("t-steps", p.num_inference_steps);
+  setLimits("t-count", p.num_images);
+  setLimits("t-cache", p.cache_interval);  // max 1 where the model has no shallow U-Net (FLUX)
   for (const axis of ["width", "height"]) {
     const lim = p[axis];
     if (lim && typeof lim === "object") {
@@ -140,19 +148,59 @@ async function loadModels() {
     return;
   }
   const all = models.models;
-  // whatever the family (SD, SDXL, FLUX, ...): the models that say they serve the endpoint
-  const serves = (m, path) => m.endpoint.split(", ").includes(path);
-  const text = all.filter((m) => serves(m, "/v1/txt2img")).map((m) => m.name);
-  const edit = all.filter((m) => serves(m, "/v1/txt2img") && serves(m, "/v1/inpaint"))
-    .map((m) => m.name);
-  const gan = all.filter((m) => GAN_FAMILIES.includes(m.pipeline)).map((m) => m.name);
-  fillSelect($("t-model"), text, models.default_models.diffusion);
-  fillSelect($("e-model"), edit, models.default_models.diffusion);
-  fillSelect($("g-model"), gan, models.default_models.gan);
-  const chosen = all.find((m) => m.name === $("t-model").value);
+  const named = (test) => all.filter(test).map((m) => m.name);
+  const defaults = models.default_models;
+  const offered = {  // tab -> [its model select, the models it offers, the preferred one]
+    "tab-txt2img": ["t-model", named((m) => serves(m, "/v1/txt2img")), defaults.diffusion],
+    "tab-edit": ["e-model", named((m) => serves(m, "/v1/txt2img") && serves(m, "/v1/inpaint")), defaults.diffusion],
+    "tab-gan": ["g-model", named((m) => GAN_FAMILIES.includes(m.pipeline)), defaults.gan],
+    "tab-style": ["s-model", named((m) => serves(m, "/v1/gan/mix")), defaults.gan],
+    "tab-ddpm": ["d-model", named((m) => serves(m, "/v1/ddpm/generate")), defaults.ddpm],
+    "tab-vae": ["v-model", named((m) => serves(m, "/v1/vae/sample")), defaults.vae],
+    "tab-upscale": ["u-model", named((m) => serves(m, "/v1/upscale") || serves(m, "/v1/translate")), null],
+  };
+  // a tab for each family the repository serves, none for the others
+  for (const [tab, [select, names, preferred]] of Object.entries(offered)) {
+    fillSelect($(select), names, preferred);
+    $(tab).hidden = names.length === 0;
+  }
+  for (const option of $("u-model").options) {
+    const p = modelNamed(option.value).parameters;
+    option.textContent = `${option.value} (${p.scale > 1 ? `x${p.scale} upscale` : "translate"})`;
+  }
+  const selected = document.querySelector("[role=tab][aria-selected=true]");
+  if (selected.hidden && visibleTabs().length) selectTab(visibleTabs()[0]);
+  const chosen = modelNamed($("t-model").value);
   if (chosen) applyLimits(chosen);
+  applyFamilyLimits();
   resetCanvas();
   status.textContent = `Connected: ${all.length} models on the ${all[0] ? all[0].backend : "?"} backend.`;
+}
+
+// The limits of the newer tabs' models (StyleGAN, DDPM, VAE, image -> image).
+function applyFamilyLimits() {
+  const params = (select) => (modelNamed($(select).value) || { parameters: {} }).parameters;
+  const s = params("s-model");
+  setLimits("s-crossover", s.crossover);
+  setLimits("s-frames", s.frames);
+  const d = params("d-model");
+  setLimits("d-steps", d.num_inference_steps);
+  setLimits("d-count", d.num_images);
+  fillSelect($("d-scheduler"), d.schedulers || [], $("d-scheduler").value || "ddim");
+  $("d-class").disabled = !d.class_label;  // unconditional models take no class
+  if (!d.class_label) $("d-class").value = "";
+  setLimits("d-class", d.class_label);
+  const v = params("v-model");
+  setLimits("v-count", v.num_images);
+  setLimits("v-frames", v.frames);
+  const u = params("u-model");
+  $("u-run").textContent = u.scale > 1 ? "Upscale" : "Translate";
+  if (u.tile) {
+    setLimits("u-tile", u.tile);
+    Object.assign($("u-tile"), { step: u.tile.multiple_of, placeholder: `${u.tile.default} (model default)` });
+    setLimits("u-overlap", u.tile_overlap);
+    $("u-overlap").placeholder = `${u.tile_overlap.default} (model default)`;
+  }
 }
 
 // -- gallery -------------------------------------------------------------------------------
@@ -164,16 +212,18 @@ function blobOf(image) {
 function addToGallery(result, task, request) {
   const gallery = $("gallery");
   for (const image of result.images) {
+    const seeded = image.seed !== undefined && image.seed !== null;
     const params = { ...result.parameters, seed: image.seed, num_images: 1 };
     const url = URL.createObjectURL(blobOf(image));
     const item = document.createElement("li");
     const img = new Image();
     img.src = url;
-    img.alt = `${task} by ${result.model}, seed ${image.seed}${params.prompt ? `: ${params.prompt}` : ""}`;
+    img.alt = `${task} by ${result.model}${seeded ? `, seed ${image.seed}` : ""}${params.prompt ? `: ${params.prompt}` : ""}`;
     const list = document.createElement("dl");
-    const shown = { task, model: result.model, seed: image.seed, size: `${image.width}x${image.height}` };
+    const shown = { task, model: result.model, ...(seeded ? { seed: image.seed } : {}),
+      size: `${image.width}x${image.height}` };
     for (const key of ["prompt", "negative_prompt", "num_inference_steps", "guidance_scale", "scheduler", "strength",
-      "cache_interval", "class_label", "truncation_psi"]) {
+      "cache_interval", "class_label", "truncation_psi", "style_seed", "crossover", "scale", "tile"]) {
       if (params[key] !== undefined && params[key] !== null && params[key] !== "") shown[key] = params[key];
     }
     if (image.class_label !== undefined && image.class_label !== null) shown.class_label = image.class_label;
@@ -186,14 +236,17 @@ function addToGallery(result, task, request) {
     }
     const download = document.createElement("a");
     download.href = url;
-    download.download = `genserve-${result.model}-${image.seed}.${image.media_type.split("/")[1]}`;
+    download.download = `genserve-${result.model}-${seeded ? image.seed : task}.${image.media_type.split("/")[1]}`;
     download.textContent = "Download";
-    const reproduce = document.createElement("button");
-    reproduce.type = "button";
-    reproduce.textContent = "Reproduce";
-    reproduce.setAttribute("aria-label", `Put the parameters of seed ${image.seed} into the form`);
-    reproduce.addEventListener("click", () => fillForm(task, result.model, params, image));
-    item.append(img, list, download, document.createTextNode(" "), reproduce);
+    item.append(img, list, download);
+    if (FORMS[task] && seeded) {  // a form that takes these parameters back
+      const reproduce = document.createElement("button");
+      reproduce.type = "button";
+      reproduce.textContent = "Reproduce";
+      reproduce.setAttribute("aria-label", `Put the parameters of seed ${image.seed} into the form`);
+      reproduce.addEventListener("click", () => fillForm(task, result.model, params, image));
+      item.append(document.createTextNode(" "), reproduce);
+    }
     // the request body that reproduces this image alone (tests and curious users read it)
     item.dataset.request = JSON.stringify({ ...request, ...pick(params, request), model: result.model,
       seed: image.seed, num_images: 1 });
@@ -207,17 +260,25 @@ function pick(params, request) {
   return out;
 }
 
+// task -> [its form, its tab, its Generate button]: what "Reproduce" fills in
+const FORMS = {
+  txt2img: ["txt2img-form", "tab-txt2img", "t-generate"],
+  img2img: ["edit-form", "tab-edit", "e-generate"],
+  inpaint: ["edit-form", "tab-edit", "e-generate"],
+  gan: ["gan-form", "tab-gan", "g-generate"],
+  ddpm: ["ddpm-form", "tab-ddpm", "d-generate"],
+};
+
 function fillForm(task, model, params, image) {
-  const prefix = task === "txt2img" ? "t" : task === "gan" ? "g" : "e";
-  const form = $(prefix === "t" ? "txt2img-form" : prefix === "g" ? "gan-form" : "edit-form");
-  for (const el of form.querySelectorAll("[name]")) {
+  const [form, tab, button] = FORMS[task];
+  for (const el of $(form).querySelectorAll("[name]")) {
     if (el.name === "model") el.value = model;
     else if (el.name === "width") el.value = image.width;
     else if (el.name === "height") el.value = image.height;
     else if (params[el.name] !== undefined && params[el.name] !== null) el.value = params[el.name];
   }
-  selectTab($(prefix === "t" ? "tab-txt2img" : prefix === "g" ? "tab-gan" : "tab-edit"));
-  $(`${prefix}-generate`).focus();
+  selectTab($(tab));
+  $(button).focus();
 }
 
 // -- text to image (streamed) --------------------------------------------------------------
@@ -408,7 +469,163 @@ async function gan(event) {
   }
 }
 
+// -- the newer families: one request, the result shown in the tab and/or the gallery -------
+// Runs `request` with the tab's status line, error box and button; shows what it throws.
+async function run(prefix, form, button, working, request) {
+  const box = $(`${prefix}-error`);
+  clearError(box, $(form));
+  const status = $(`${prefix}-status`);
+  status.textContent = working;
+  $(button).disabled = true;
+  const started = performance.now();
+  try {
+    const done = await request();
+    status.textContent = `${done} in ${((performance.now() - started) / 1000).toFixed(1)} s`;
+  } catch (err) {
+    status.textContent = "Failed";
+    showError(box, $(form), err);
+  } finally {
+    $(button).disabled = false;
+  }
+}
+
+// A row of captioned images (interpolation frames, a style mix and its sources).
+function showStrip(container, images, captions) {
+  container.replaceChildren(...images.map((image, i) => {
+    const figure = document.createElement("figure");
+    const img = new Image();
+    img.src = URL.createObjectURL(blobOf(image));
+    img.alt = captions[i];
+    const caption = document.createElement("figcaption");
+    caption.textContent = captions[i];
+    figure.append(img, caption);
+    return figure;
+  }));
+}
+
+function ddpm(event) {
+  event.preventDefault();
+  const body = formBody($("ddpm-form"));
+  run("d", "ddpm-form", "d-generate", "Denoising…", async () => {
+    const result = await postJSON("/v1/ddpm/generate", body);
+    addToGallery(result, "ddpm", body);
+    return `Done: ${result.images.length} image(s)`;
+  });
+}
+
+function vaeSample(event) {
+  event.preventDefault();
+  const { model, seed, num_images: count } = formBody($("vae-form"));
+  const body = { model, seed, num_images: count };
+  run("v", "vae-form", "v-sample", "Decoding samples…", async () => {
+    const result = await postJSON("/v1/vae/sample", body);
+    addToGallery(result, "vae sample", body);
+    return `Done: ${result.images.length} sample(s)`;
+  });
+}
+
+function vaeInterpolate() {
+  const { model, seed, seed_b: seedB, frames } = formBody($("vae-form"));
+  run("v", "vae-form", "v-interpolate", "Interpolating…", async () => {
+    const result = await postJSON("/v1/vae/interpolate", { model, seed_a: seed, seed_b: seedB, frames });
+    showStrip($("v-strip"), result.images, result.images.map((_, i) => `frame ${i + 1} of ${result.images.length}`));
+    return `Done: seed ${seed} to seed ${seedB} in ${result.images.length} frames`;
+  });
+}
+
+function styleMix(event) {
+  event.preventDefault();
+  const { model, seed, style_seed: styleSeed, crossover, truncation_psi: psi } = formBody($("style-form"));
+  const body = { model, seed, style_seed: styleSeed, crossover, truncation_psi: psi, include_sources: true };
+  run("s", "style-form", "s-mix", "Mixing…", async () => {
+    const result = await postJSON("/v1/gan/mix", body);
+    const layer = result.parameters.crossover;
+    showStrip($("s-strip"), [result.images[1], result.images[2], result.images[0]],
+      [`seed ${seed}`, `style seed ${styleSeed}`, `mixed: layers from ${layer} on from seed ${styleSeed}`]);
+    addToGallery({ ...result, images: [result.images[0]] }, "style mix", body);
+    return `Done: crossover at layer ${layer}`;
+  });
+}
+
+function styleInterpolate() {
+  const { model, seeds: text, frames, space, truncation_psi: psi } = formBody($("style-form"));
+  const seeds = (text || "").split(",").map((s) => s.trim()).filter((s) => s !== "");
+  if (!seeds.length || seeds.some((s) => !/^\d+$/.test(s))) {
+    showError($("s-error"), $("style-form"), { message: "give whole seeds separated by commas, e.g. 1, 2, 3",
+      field: "seeds" });
+    return;
+  }
+  const body = { model, seeds: seeds.map(Number), frames, space, truncation_psi: psi };
+  run("s", "style-form", "s-interpolate", "Interpolating…", async () => {
+    const result = await postJSON("/v1/gan/interpolate", body);
+    const step = result.parameters.frames - 1; // segments share their end frames: seed k is frame k * step
+    showStrip($("s-strip"), result.images, result.images.map((_, i) => (
+      i % step === 0 ? `seed ${body.seeds[i / step]}` : `frame ${i + 1} of ${result.images.length}`)));
+    return `Done: ${result.images.length} frames in ${space.toUpperCase()}`;
+  });
+}
+
+// -- upscale / translate: the input beside the output ----------------------------------------
+let upscaleInput = null; // {data: base64 of the file as given, url, width, height}
+
+async function chooseUpscaleInput(blob) {
+  const data = await new Promise((resolve, reject) => {
+    const reader = new FileReader();
+    reader.onload = () => resolve(reader.result.split(",")[1]);
+    reader.onerror = () => reject(reader.error);
+    reader.readAsDataURL(blob);
+  });
+  const bitmap = await createImageBitmap(blob);
+  if (upscaleInput) URL.revokeObjectURL(upscaleInput.url);
+  upscaleInput = { data, url: URL.createObjectURL(blob), width: bitmap.width, height: bitmap.height };
+  $("u-status").textContent = `Input: ${bitmap.width}x${bitmap.height}`;
+}
+
+// The newest gallery image as input (a canvas copy: fetching its blob: URL would need connect-src blob:).
+function useNewestImage() {
+  const img = document.querySelector("#gallery li img");
+  if (!img) {
+    showError($("u-error"), $("upscale-form"), { message: "the gallery is empty: generate an image first" });
+    return;
+  }
+  const canvas = document.createElement("canvas");
+  canvas.width = img.naturalWidth;
+  canvas.height = img.naturalHeight;
+  canvas.getContext("2d").drawImage(img, 0, 0);
+  canvas.toBlob((blob) => chooseUpscaleInput(blob), "image/png");
+}
+
+function upscale(event) {
+  event.preventDefault();
+  const form = $("upscale-form");
+  if (!upscaleInput) {
+    showError($("u-error"), form, { message: "choose an input image first (or use the newest gallery image)" });
+    $("u-image").focus();
+    return;
+  }
+  const model = modelNamed($("u-model").value);
+  const translate = Boolean(model) && serves(model, "/v1/translate");
+  const body = { ...formBody(form), image: upscaleInput.data };
+  const input = upscaleInput;
+  run("u", "upscale-form", "u-run", translate ? "Translating…" : "Upscaling…", async () => {
+    const result = await postJSON(translate ? "/v1/translate" : "/v1/upscale", body);
+    const out = result.images[0];
+    const after = $("u-after");
+    if (after.src.startsWith("blob:")) URL.revokeObjectURL(after.src);
+    after.src = URL.createObjectURL(blobOf(out));
+    $("u-before").src = input.url;
+    $("u-before-caption").textContent = `Before: ${input.width}x${input.height} (enlarged without smoothing)`;
+    $("u-after-caption").textContent = `After: ${result.model}, ${out.width}x${out.height}`;
+    $("u-compare").hidden = false;
+    const { image: _i, ...shown } = body;
+    addToGallery(result, translate ? "translate" : "upscale", shown);
+    return `Done: ${input.width}x${input.height} → ${out.width}x${out.height}`;
+  });
+}
+
 // -- tabs (WAI-ARIA tabs pattern: arrows, Home and End move between tabs) -------------------
+const visibleTabs = () => [...document.querySelectorAll("[role=tab]")].filter((t) => !t.hidden);
+
 function selectTab(tab) {
   for (const t of document.querySelectorAll("[role=tab]")) {
     const selected = t === tab;
@@ -419,7 +636,7 @@ function selectTab(tab) {
 }
 
 function tabKeys(event) {
-  const tabs = [...document.querySelectorAll("[role=tab]")];
+  const tabs = visibleTabs();
   const i = tabs.indexOf(document.activeElement);
   const next = { ArrowRight: i + 1, ArrowLeft: i - 1, Home: 0, End: tabs.length - 1 }[event.key];
   if (next === undefined || i < 0) return;
@@ -458,6 +675,15 @@ window.addEventListener("DOMContentLoaded", () => {
   view.addEventListener("pointerdown", (e) => { view.setPointerCapture(e.pointerId); paint(e); });
   view.addEventListener("pointermove", paint);
   $("gan-form").addEventListener("submit", gan);
+  $("style-form").addEventListener("submit", styleMix);
+  $("s-interpolate").addEventListener("click", styleInterpolate);
+  $("ddpm-form").addEventListener("submit", ddpm);
+  $("vae-form").addEventListener("submit", vaeSample);
+  $("v-interpolate").addEventListener("click", vaeInterpolate);
+  $("upscale-form").addEventListener("submit", upscale);
+  $("u-from-gallery").addEventListener("click", useNewestImage);
+  $("u-image").addEventListener("change", (e) => { if (e.target.files[0]) chooseUpscaleInput(e.target.files[0]); });
+  for (const id of ["s-model", "d-model", "v-model", "u-model"]) $(id).addEventListener("change", applyFamilyLimits);
   resetCanvas();
   loadModels();
 });
