@@ -62,6 +62,7 @@ class ImageToImageInfo:
     tile: int  # default tile side, input pixels
     tile_overlap: int
     architecture: str
+    license: str = ""  # the weights' licence, as the export recorded it
 
     @classmethod
     def from_spec(cls, spec: ModelSpec) -> "ImageToImageInfo":
@@ -74,7 +75,7 @@ class ImageToImageInfo:
             size_multiple=int(p.get("genserve.size_multiple", "1")),
             size_minimum=max(1, int(p.get("genserve.size_minimum", "1"))),
             tile=int(p.get("genserve.tile", "128")), tile_overlap=int(p.get("genserve.tile_overlap", "16")),
-            architecture=p.get("genserve.architecture", ""))
+            architecture=p.get("genserve.architecture", ""), license=p.get("genserve.license", ""))
 
     def padded(self, side: int) -> int:
         """The side the graph is run at: >= side and the minimum, a multiple of size_multiple."""

@@ -235,7 +235,8 @@ def describe(ctx: ServiceContext) -> list[ModelDescription]:
                         "tile": {"default": info.tile, "min": max(MIN_TILE, info.size_minimum), "max": MAX_TILE,
                                  "multiple_of": info.size_multiple},
                         "tile_overlap": {"default": info.tile_overlap, "min": 0, "max": MAX_TILE_OVERLAP},
-                        "output_format": sorted(FORMATS)},
+                        "output_format": sorted(FORMATS),
+                        **({"license": info.license} if info.license else {})},
         ))
     return models
 

@@ -120,4 +120,5 @@ def test_served_real_esrgan_matches_the_ncnn_runtime(server):
     assert np.abs(served - want)[band:-band, band:-band].max() <= 1
     assert np.abs(served - want).mean() < 1.0
     models = {m["name"]: m for m in httpx.get(f"{server.url}/v1/models").json()["models"]}
-    assert models["realesr_animevideov3_x4"]["parameters"]["architecture"] == "RealESRGAN Compact"
+    p = models["realesr_animevideov3_x4"]["parameters"]
+    assert p["architecture"] == "RealESRGAN Compact" and p["license"].startswith("BSD-3-Clause: Real-ESRGAN")
