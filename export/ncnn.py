@@ -157,8 +157,8 @@ def _load_convolution(layer: Layer, reader: _BinReader) -> None:
     size = int(layer.param(6))
     if layer.param(8):
         raise NcnnError(f"layer {layer.name}: int8 convolution (int8_scale_term) is not read")
-    if int(layer.param(7, 1)) != 1:
-        raise NcnnError(f"layer {layer.name}: grouped convolution is not read")
+    if layer.param(19):
+        raise NcnnError(f"layer {layer.name}: weights given as an input blob (dynamic_weight) are not read")
     if not out_ch or size % (out_ch * kernel_h * kernel_w):
         raise NcnnError(f"layer {layer.name}: weight_data_size {size} does not divide into {out_ch} outputs of "
                         f"{kernel_h}x{kernel_w}")
@@ -180,8 +180,9 @@ def _load_convolution(layer: Layer, reader: _BinReader) -> None:
 def read_ncnn(param_path: str | Path, bin_path: str | Path | None = None) -> NcnnGraph:
     """The graph of `param_path` with every layer's weights from `bin_path` (default: beside it, .bin)."""
     param_path = Path(param_path)
+    bin_flag = "--ncnn-bin" if bin_path else "the .bin beside it"
     bin_path = Path(bin_path) if bin_path else param_path.with_suffix(".bin")
-    for path, flag in ((param_path, "--ncnn"), (bin_path, "the .bin beside it")):
+    for path, flag in ((param_path, "--ncnn"), (bin_path, bin_flag)):
         if not path.is_file():
             raise NcnnError(f"{flag} {str(path)!r}: no such file")
     layers = parse_param(param_path)
