@@ -2,6 +2,7 @@
 
   python -m export gan --checkpoint zoo/checkpoints/cgan_digits.json --name cgan_digits
   python -m export gan --module gen.py:Generator --weights G.safetensors --name NAME --latent-dim 128
+                       [--latent-shape 100,1,1 instead of --latent-dim] [--state-dict-key KEY]
                        [--num-classes K] [--init-args '{"ngf": 64}'] [--output-range=-1,1]
   python -m export diffusers --folder PATH --name NAME   # family from model_index.json (alias: sd)
   python -m export ddpm --folder PATH --name NAME        # a UNet2DModel folder (+ scheduler config)
@@ -11,6 +12,10 @@
   python -m export sr --weights PATH --name NAME   # a super-resolution .pth/.safetensors (spandrel)
   python -m export translator --module FILE.py:NAME --weights PATH --name NAME [--init-args JSON]
   python -m export demo                # every demo model in zoo/ -> model_repository/
+
+Every --weights is read from its content (safetensors, torch zip or legacy torch file, whatever
+the extension), never unpickling code; --state-dict-key picks the state dict inside a training
+checkpoint that holds several (see export/weights.py).
 """
 
 from __future__ import annotations
@@ -34,6 +39,17 @@ DEMO_DIFFUSION = {CHECKPOINTS / "sd_digits": "sd_digits"}
 DEMO_DDPM = {CHECKPOINTS / "ddpm_digits": "ddpm_digits"}
 DEMO_VAE = {CHECKPOINTS / "vae_digits": "vae_digits"}
 DEMO_STYLEGAN = {CHECKPOINTS / "stylegan_digits": "stylegan_digits"}
+
+
+WEIGHTS_HELP = ("the weight file as published: safetensors, or a torch file (.pt .pth .bin .ckpt .tar ...) read "
+                "with torch.load(weights_only=True, map_location='cpu'); pickled modules are refused")
+
+
+def add_state_dict_key(p) -> None:
+    p.add_argument("--state-dict-key", metavar="KEY[/KEY...]",
+                   help="the state dict inside a checkpoint that holds several (e.g. g_ema, params_ema, "
+                        "netG_state_dict); a last part that names no dict selects the tensors under that "
+                        "prefix (state_dict/generator). Default: the only dict of tensors in the file")
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
@@ -61,14 +77,19 @@ def _glue_negative_values(argv: list[str]) -> list[str]:
 
 def _check_gan_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """--weights and --latent-dim come with --module; the facts a zoo checkpoint knows are not given twice."""
-    byo = {"--weights": args.weights, "--latent-dim": args.latent_dim, "--num-classes": args.num_classes,
+    byo = {"--weights": args.weights, "--latent-dim": args.latent_dim, "--latent-shape": args.latent_shape,
+           "--state-dict-key": args.state_dict_key, "--num-classes": args.num_classes,
            "--init-args": args.init_args, "--output-range": args.output_range}
     if args.checkpoint is not None:
         given = [flag for flag, value in byo.items() if value is not None]
         if given:
             parser.error(f"{', '.join(given)}: only with --module (a zoo checkpoint describes itself)")
         return
-    missing = [flag for flag in ("--weights", "--latent-dim") if byo[flag] is None]
+    shape = "z's shape: --latent-dim N (a vector) or --latent-shape C,H,W (a map)"
+    if args.latent_dim is not None and args.latent_shape is not None:
+        parser.error(f"give {shape}, not both")
+    given_shape = args.latent_shape if args.latent_dim is None else args.latent_dim
+    missing = [flag for flag, value in (("--weights", args.weights), (shape, given_shape)) if value is None]
     if missing:
         parser.error(f"--module needs {' and '.join(missing)}")
     if args.init_args is not None:
@@ -97,10 +118,12 @@ def main(argv: list[str] | None = None) -> int:
                         help="your generator: a Python file (need not be on sys.path) and the class or factory in it")
     gan.add_argument("--name", required=True, help="model name in the repository")
     byo = gan.add_argument_group("with --module")
-    byo.add_argument("--weights", metavar="PATH",
-                     help="state dict: .safetensors, or .pt/.pth read with torch.load(weights_only=True) "
-                          "(pickled modules are refused)")
+    byo.add_argument("--weights", metavar="PATH", help=WEIGHTS_HELP)
+    add_state_dict_key(byo)
     byo.add_argument("--latent-dim", type=int, metavar="N", help="width of z, the generator's first input")
+    byo.add_argument("--latent-shape", metavar="C,H,W",
+                     help="z's shape per image when it is not a vector, e.g. 100,1,1 for a DCGAN taking "
+                          "[N, 100, 1, 1] (instead of --latent-dim)")
     byo.add_argument("--num-classes", type=int, metavar="K",
                      help="class-conditional: forward(z, class_label) with int64 labels in [0, K) (default: 0, "
                           "unconditional)")
@@ -139,14 +162,14 @@ def main(argv: list[str] | None = None) -> int:
                     "directions.json beside the mapping config. See export/stylegan.py for the contract.")
     stylegan.add_argument("--module", required=True, metavar="FILE.py:NAME",
                           help="the generator: a Python file and the nn.Module class or factory in it")
-    stylegan.add_argument("--weights", required=True, metavar="PATH",
-                          help="state dict: .safetensors, or .pt/.pth read with torch.load(weights_only=True)")
+    stylegan.add_argument("--weights", required=True, metavar="PATH", help=WEIGHTS_HELP)
+    add_state_dict_key(stylegan)
     stylegan.add_argument("--name", required=True, help="pipeline name; graphs are <name>_mapping, <name>_synthesis")
     stylegan.add_argument("--init-args", metavar="JSON", help="keyword arguments for NAME, a JSON object")
     stylegan.add_argument("--version", type=int, default=1)
     stylegan.add_argument("--max-batch-size", type=int, default=16)
     _add_common(stylegan)
-    image_to_image_cli.add_parsers(sub, _add_common)
+    image_to_image_cli.add_parsers(sub, _add_common, add_state_dict_key)
     demo = sub.add_parser("demo", help="export every committed demo model")
     _add_common(demo)
     args = parser.parse_args(_glue_negative_values(sys.argv[1:] if argv is None else list(argv)))
@@ -167,6 +190,7 @@ def main(argv: list[str] | None = None) -> int:
     from export.diffusers_folder import UnsupportedFolder, export_folder
     from export.gan import GANExportError, export_gan, export_gan_module
     from export.stylegan import export_stylegan_checkpoint, export_stylegan_module
+    from export.weights import WeightsError
 
     target = DeploymentTarget(args.target, args.instances)
     if args.tensorrt:
@@ -182,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "gan" and args.module is not None:
         gans = [(args.name, partial(
             export_gan_module, args.module, args.weights, args.repository, args.name, args.latent_dim,
-            num_classes=args.num_classes or 0, init_args=args.init_args, output_range=args.output_range or "-1,1",
+            latent_shape=args.latent_shape, state_dict_key=args.state_dict_key, num_classes=args.num_classes or 0, init_args=args.init_args, output_range=args.output_range or "-1,1",
             version=args.version, max_batch_size=args.max_batch_size, target=target, tensorrt=args.tensorrt))]
     elif args.command == "gan":
         gans = [(args.name, partial(export_gan, args.checkpoint, args.repository, args.name, args.version,
@@ -191,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
         stylegans = [(args.name, partial(
             export_stylegan_module, args.module, args.weights, args.repository, args.name,
             init_args=args.init_args, version=args.version, max_batch_size=args.max_batch_size, target=target,
-            tensorrt=args.tensorrt))]
+            tensorrt=args.tensorrt, state_dict_key=args.state_dict_key))]
     elif args.command in ("sd", "diffusers", "ddpm", "vae"):
         family = {"ddpm": "ddpm", "vae": "vae"}.get(args.command)
         pipelines = [(args.folder, args.name, args.version, args.max_batch_size, family)]
@@ -231,7 +255,7 @@ def main(argv: list[str] | None = None) -> int:
     except UnsupportedFolder as exc:
         print(f"export: {exc}", file=sys.stderr)
         return 2
-    except GANExportError as exc:
+    except (GANExportError, WeightsError) as exc:
         print(f"export {args.command if args.command != 'demo' else 'gan'}: {exc}", file=sys.stderr)
         return 2
     return 0

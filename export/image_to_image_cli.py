@@ -17,13 +17,16 @@ DEMO_SR = {CHECKPOINTS / "esrgan_x4_photos.safetensors": "esrgan_x4_photos"}
 DEMO_TRANSLATORS = {CHECKPOINTS / "pix2pix_edges2digits.safetensors": "pix2pix_edges2digits"}
 
 
-def add_parsers(sub, add_common) -> None:
+def add_parsers(sub, add_common, add_state_dict_key) -> None:
     sr = sub.add_parser(
         "sr", help="export a super-resolution checkpoint (ESRGAN, Real-ESRGAN, SPAN, SwinIR, ...) recognised by spandrel",
-        description="Export a super-resolution checkpoint as users bring it (.pth or .safetensors). spandrel reads "
+        description="Export a super-resolution checkpoint as users bring it (.pth, .safetensors, ...). spandrel reads "
                     "the architecture, scale, channels and size requirements from the state dict; the graph takes "
                     "any batch and size and is verified against PyTorch at odd sides. Served on /v1/upscale.")
-    sr.add_argument("--weights", required=True, metavar="PATH", help=".pth (restricted unpickler) or .safetensors")
+    sr.add_argument("--weights", required=True, metavar="PATH",
+                    help="the weight file as published (.pth .pt .ckpt .bin .safetensors ...; read from its content, "
+                         "never unpickling code)")
+    add_state_dict_key(sr)
     sr.add_argument("--name", required=True, help="model name in the repository")
     sr.add_argument("--tile", type=int, help="default tile side in input pixels (default 128, rounded up to the "
                                              "architecture's multiple)")
@@ -38,6 +41,7 @@ def add_parsers(sub, add_common) -> None:
                     "--output-range. Served on /v1/translate.")
     tr.add_argument("--module", required=True, metavar="FILE.py:NAME")
     tr.add_argument("--weights", required=True, metavar="PATH")
+    add_state_dict_key(tr)
     tr.add_argument("--name", required=True)
     tr.add_argument("--init-args", metavar="JSON", help="keyword arguments for NAME, a JSON object")
     tr.add_argument("--input-range", default="-1,1", metavar="LOW,HIGH", help="default -1,1")
@@ -63,7 +67,7 @@ def run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     try:
         if args.command == "sr":
             report = export_sr(args.weights, args.repository, args.name, args.version, args.max_batch_size, target,
-                               tile=args.tile, tile_overlap=args.tile_overlap)
+                               tile=args.tile, tile_overlap=args.tile_overlap, state_dict_key=args.state_dict_key)
         else:
             init_args = None
             if args.init_args is not None:
@@ -75,7 +79,8 @@ def run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
                     parser.error("--init-args must be a JSON object of keyword arguments")
             report = export_translator(args.module, args.weights, args.repository, args.name, init_args,
                                        args.input_range, args.output_range, args.size_multiple, args.version,
-                                       args.max_batch_size, target, tile=args.tile)
+                                       args.max_batch_size, target, tile=args.tile,
+                                       state_dict_key=args.state_dict_key)
     except ParityError as exc:
         print(f"export FAILED parity check: {exc}", file=sys.stderr)
         return 1

@@ -41,9 +41,11 @@ class ShapeRange:
 Profile = dict[str, ShapeRange]  # input name -> range
 
 
-def gan_profile(latent_dim: int, conditional: bool, max_batch: int) -> Profile:
+def gan_profile(latent_shape: int | tuple[int, ...], conditional: bool, max_batch: int) -> Profile:
+    """`latent_shape`: z per image, an int for a vector or a shape such as (100, 1, 1)."""
     opt = min(8, max_batch)
-    profile = {"z": ShapeRange((1, latent_dim), (opt, latent_dim), (max_batch, latent_dim))}
+    z = (latent_shape,) if isinstance(latent_shape, int) else tuple(latent_shape)
+    profile = {"z": ShapeRange((1, *z), (opt, *z), (max_batch, *z))}
     if conditional:
         profile["class_label"] = ShapeRange((1,), (opt,), (max_batch,))
     return profile
