@@ -11,7 +11,8 @@
                                        # NVIDIA-style G.mapping/G.synthesis -> NAME_mapping + NAME_synthesis
   python -m export sr --weights PATH --name NAME   # a super-resolution .pth/.safetensors (spandrel)
   python -m export translator --module FILE.py:NAME --weights PATH --name NAME [--init-args JSON]
-  python -m export demo                # every demo model in zoo/ -> model_repository/
+  python -m export demo                # every demo model in zoo/ and packaged (export/pretrained.py)
+                                       # -> model_repository/
 
 Every --weights is read from its content (safetensors, torch zip or legacy torch file, whatever
 the extension), never unpickling code; --state-dict-key picks the state dict inside a training
@@ -220,8 +221,11 @@ def main(argv: list[str] | None = None) -> int:
         family = {"ddpm": "ddpm", "vae": "vae"}.get(args.command)
         pipelines = [(args.folder, args.name, args.version, args.max_batch_size, family)]
     else:
+        from export.pretrained import packaged_gan_exports
+
         gans = [(name, partial(export_gan, ckpt, args.repository, name, 1, 16, target, tensorrt=args.tensorrt))
                 for ckpt, name in DEMO_GANS.items()]
+        gans += packaged_gan_exports(args.repository, target, args.tensorrt)
         for demos, family in ((DEMO_DIFFUSION, None), (DEMO_DDPM, "ddpm"), (DEMO_VAE, "vae")):
             pipelines += [(folder, name, 1, 16, family) for folder, name in demos.items() if folder.exists()]
         stylegans = [(name, partial(export_stylegan_checkpoint, stem, args.repository, name, 1, 16, target,

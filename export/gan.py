@@ -431,13 +431,14 @@ def export_gan_module(
     tensorrt: bool = False,
     latent_shape: str | tuple[int, ...] | None = None,
     state_dict_key: str | None = None,
+    parameters: Mapping[str, str] | None = None,
 ) -> ExportReport:
     """Exports a generator as users bring it: `module` is "FILE.py:NAME" (an nn.Module class or a
     factory returning one, built with **init_args), `weights` a weight file as export.weights reads
     it (`state_dict_key` picks the state dict in it). z is a vector of `latent_dim` values or, for
     generators that take a map, of `latent_shape` ("100,1,1"). forward(z) or, when num_classes > 0,
     forward(z, class_label) returns NCHW images in `output_range`; channels and size are learned by
-    running it once."""
+    running it once. `parameters`: more config parameters (e.g. the weights' licence)."""
     shape = parse_latent_shape(latent_dim, latent_shape)
     if num_classes < 0:
         raise GANExportError(f"--num-classes must be 0 (unconditional) or more, got {num_classes}")
@@ -456,6 +457,7 @@ def export_gan_module(
     provenance = {
         "genserve.source_sha256": _sha256(Path(weights)),
         "genserve.source_module": f"{file.name}:{attr}",
+        **(parameters or {}),
     }
     return export_generator(_GraphContract(generator, facts.conditional, cast), facts, repository, name, version,
                             max_batch_size, target, atol, tensorrt, parameters=provenance)
