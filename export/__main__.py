@@ -5,6 +5,8 @@
                        [--latent-shape 100,1,1 instead of --latent-dim] [--state-dict-key KEY]
                        [--num-classes K] [--init-args '{"ngf": 64}'] [--output-range=-1,1]
   python -m export diffusers --folder PATH --name NAME   # family from model_index.json (alias: sd)
+  python -m export sd --checkpoint FILE --name NAME [--config sd15|sd21|sd21-base|sdxl-base|sdxl-refiner|FOLDER]
+                                       # a single-file SD/SDXL checkpoint (.safetensors/.ckpt)
   python -m export ddpm --folder PATH --name NAME        # a UNet2DModel folder (+ scheduler config)
   python -m export vae --folder PATH --name NAME         # an AutoencoderKL folder
   python -m export stylegan --module FILE.py:NAME --weights PATH --name NAME [--init-args JSON]
@@ -140,7 +142,18 @@ def main(argv: list[str] | None = None) -> int:
             ("ddpm", "export a pixel-space DDPM/DDIM folder (UNet2DModel + scheduler config)"),
             ("vae", "export an AutoencoderKL folder (encoder with posterior moments, decoder)")):
         folder_cmd = sub.add_parser(command, help=help_text)
-        folder_cmd.add_argument("--folder", type=Path, required=True, help="the diffusers folder")
+        if command in ("diffusers", "sd"):
+            source = folder_cmd.add_mutually_exclusive_group(required=True)
+            source.add_argument("--folder", type=Path, help="the diffusers folder")
+            source.add_argument("--checkpoint", type=Path, metavar="FILE",
+                                help="a single-file SD 1.x/2.x/SDXL checkpoint (.safetensors/.ckpt, LDM layout), "
+                                     "converted offline with diffusers' single-file loader (export/single_file.py)")
+            folder_cmd.add_argument("--config", metavar="NAME_OR_FOLDER",
+                                    help="with --checkpoint: sd15, sd21, sd21-base, sdxl-base, sdxl-refiner, or a "
+                                         "diffusers folder of the same architecture (default: detected from the "
+                                         "checkpoint's keys and shapes)")
+        else:
+            folder_cmd.add_argument("--folder", type=Path, required=True, help="the diffusers folder")
         folder_cmd.add_argument("--name", required=True,
                                 help="pipeline name; graphs are <name>_unet, <name>_vae_decoder, ...")
         folder_cmd.add_argument("--version", type=int, default=1)
@@ -219,6 +232,10 @@ def main(argv: list[str] | None = None) -> int:
             tensorrt=args.tensorrt, state_dict_key=args.state_dict_key))]
     elif args.command in ("sd", "diffusers", "ddpm", "vae"):
         family = {"ddpm": "ddpm", "vae": "vae"}.get(args.command)
+        if getattr(args, "config", None) is not None and args.folder is not None:
+            parser.error("--config goes with --checkpoint (a folder carries its own configuration)")
+        if args.folder is None and (args.max_sequence_length or args.native_size):
+            parser.error("--max-sequence-length and --native-size are FLUX options; --checkpoint reads SD/SDXL files")
         pipelines = [(args.folder, args.name, args.version, args.max_batch_size, family)]
     else:
         from export.pretrained import packaged_gan_exports
@@ -247,8 +264,14 @@ def main(argv: list[str] | None = None) -> int:
             start = time.perf_counter()
             options = {k: getattr(args, k, None) for k in ("max_sequence_length", "native_size")}
             options["deepcache"] = getattr(args, "deepcache", True)
-            found, reports = export_folder(folder, args.repository, name, version, max_batch, target,
-                                           family=family, tensorrt=args.tensorrt, **options)
+            if folder is None:  # --checkpoint: a single file, converted to a folder first
+                from export.single_file import export_checkpoint
+
+                found, reports = export_checkpoint(args.checkpoint, args.repository, name, args.config, version,
+                                                   max_batch, target, args.tensorrt, deepcache=options["deepcache"])
+            else:
+                found, reports = export_folder(folder, args.repository, name, version, max_batch, target,
+                                               family=family, tensorrt=args.tensorrt, **options)
             print(f"{name}: {found}, {len(reports)} graphs verified ({time.perf_counter() - start:.1f}s)")
         if args.command == "demo":
             for line in image_to_image_cli.export_demos(args.repository, target):

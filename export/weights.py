@@ -68,6 +68,17 @@ class WeightsError(ValueError):
 def read_state_dict(path: str | Path, state_dict_key: str | None = None,
                     flag: str = "--weights") -> dict[str, torch.Tensor]:
     """The state dict in `path` (see the module docstring); `flag` names the option in errors."""
+    where = f"{flag} {str(path)!r}"
+    state, found = select_state_dict(load_weight_file(path, flag), state_dict_key, where)
+    state, stripped = strip_wrapper_prefixes(state)
+    log.info("%s: %d tensors%s%s", where, len(state), f" under {found!r}" if found else "",
+             f", {'+'.join(stripped)} stripped" if stripped else "")
+    return state
+
+
+def load_weight_file(path: str | Path, flag: str = "--weights") -> Any:
+    """What the file holds, as loaded (a state dict, or a checkpoint dict that holds one), its
+    format read from the content; never unpickles code."""
     path = Path(path)
     where = f"{flag} {str(path)!r}"
     if path.is_dir():
@@ -89,11 +100,8 @@ def read_state_dict(path: str | Path, state_dict_key: str | None = None,
             what = REFUSED.get(kind) or f"of no format read here (its first bytes: {f.read(8).hex()})"
         raise WeightsError(f"{where} is {what}.\nGive a safetensors file or "
                            "a file written by torch.save holding a state dict (or a dict that holds one).")
-    state, found = select_state_dict(content, state_dict_key, where)
-    state, stripped = strip_wrapper_prefixes(state)
-    log.info("%s: %s, %d tensors%s%s", where, kind, len(state), f" under {found!r}" if found else "",
-             f", {'+'.join(stripped)} stripped" if stripped else "")
-    return state
+    log.info("%s: %s", where, kind)
+    return content
 
 
 def sniff_format(path: Path) -> str:
