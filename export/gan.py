@@ -3,8 +3,8 @@
 Two ways in, one way out:
   export_gan(checkpoint, ...)           a zoo checkpoint (<name>.json + .safetensors)
   export_gan_module("gen.py:Name", ...) a generator as users bring it: their Python file,
-                                        a class or factory in it, a safetensors or
-                                        .pt/.pth state dict
+                                        a class or factory in it, a weight file as
+                                        published (export/weights.py)
 Both hand an eval-mode nn.Module and its GeneratorFacts to export_generator, which
 traces it, verifies ONNX Runtime against PyTorch and writes the Triton config.
 

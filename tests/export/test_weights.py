@@ -174,3 +174,22 @@ def test_contents_without_a_state_dict_are_refused(tmp_path):
     torch.save({"epoch": 3, "lr": 0.1}, tmp_path / "meta.pt")
     message = _refusal(tmp_path / "meta.pt")
     assert "holds no dict of tensors" in message and "'epoch', 'lr' are not tensors" in message
+
+
+@pytest.mark.parametrize("command", ["gan", "stylegan", "sr", "translator"])
+def test_every_exporter_reads_its_weights_here_and_takes_the_key(tmp_path, capsys, command):
+    """The key reaches the loader of each command (weights are read before any module is built)."""
+    from pathlib import Path
+
+    from export.__main__ import main
+
+    torch.save({"g": _model_state(), "g_ema": _model_state()}, tmp_path / "train.pt")
+    module = str(Path(__file__).resolve().parents[1] / "fixtures" / "generators" / "dcgan.py") + ":DCGAN"
+    args = {"gan": ["--module", module, "--latent-dim", "16"], "stylegan": ["--module", module],
+            "sr": [], "translator": ["--module", module]}[command]
+    common = [command, *args, "--weights", str(tmp_path / "train.pt"), "--name", "x",
+              "--repository", str(tmp_path / "repo")]
+    assert main(common) == 2
+    assert "2 dicts of tensors: 'g' (7 tensors" in capsys.readouterr().err
+    assert main([*common, "--state-dict-key", "g_emma"]) == 2
+    assert "--state-dict-key 'g_emma': no key 'g_emma'" in capsys.readouterr().err
