@@ -44,10 +44,11 @@ LAYOUTS = {
 }
 
 
-@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+@pytest.mark.parametrize("layout", [*sorted(LAYOUTS), "sd2"])
 def test_a_single_file_converts_back_to_the_folder_it_came_from(tmp_path, layout):
-    folder = LAYOUTS[layout](tmp_path / "folder")
-    checkpoint = write_ldm_checkpoint(folder, tmp_path / "model.ckpt", fmt="ckpt", global_step=1000)
+    folder = LAYOUTS["sd" if layout == "sd2" else layout](tmp_path / "folder")
+    checkpoint = write_ldm_checkpoint(folder, tmp_path / "model.ckpt", fmt="ckpt", global_step=1000,
+                                      open_clip_text=layout == "sd2")  # SD 2.x: OpenCLIP's text layout
     out = convert_to_folder(checkpoint, tmp_path / "converted", config=folder, progress=lambda _: None)
     components = [p.name for p in folder.iterdir() if p.name in ("unet", "vae", "text_encoder", "text_encoder_2")]
     assert len(components) >= 3
