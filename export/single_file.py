@@ -50,6 +50,9 @@ TEXT_PREFIXES = {"sd15": "cond_stage_model.transformer.", "sd21": "cond_stage_mo
                  "sd21-base": "cond_stage_model.model.", "sdxl-base": "conditioner.embedders.1.model.",
                  "sdxl-refiner": "conditioner.embedders.0.model."}
 UNET_PREFIX, VAE_PREFIXES = "model.diffusion_model.", ("first_stage_model.", "vae.")
+# The components whose weights the file holds; tokenizers and the scheduler are configuration
+# (copied), and what the exporter does not serve (safety checker, feature extractor) is left out.
+CONVERTED = ("unet", "vae", "text_encoder", "text_encoder_2")
 
 
 class SingleFileError(UnsupportedFolder):
@@ -161,12 +164,11 @@ def convert_to_folder(checkpoint: str | Path, dest: Path, config: str | Path | N
                     dirs_exist_ok=True)
     _complete_tokenizers(dest)
     index = json.loads((dest / "model_index.json").read_text())
-    for name, entry in index.items():
-        if name.startswith("_") or not isinstance(entry, list) or entry[0] is None:
+    for name in CONVERTED:
+        entry = index.get(name)
+        if not isinstance(entry, list) or entry[0] is None:
             continue
         library, class_name = entry
-        if name.startswith(("tokenizer", "scheduler")):
-            continue  # configuration files only, already in place
         try:
             model = load_single_file_sub_model(
                 library_name=library, class_name=class_name, name=name, checkpoint=state, pipelines=pipelines,
