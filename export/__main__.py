@@ -2,8 +2,11 @@
 
   python -m export gan --checkpoint zoo/checkpoints/cgan_digits.json --name cgan_digits
   python -m export gan --module gen.py:Generator --weights G.safetensors --name NAME --latent-dim 128
+                       [--latent-shape 100,1,1 instead of --latent-dim] [--state-dict-key KEY]
                        [--num-classes K] [--init-args '{"ngf": 64}'] [--output-range=-1,1]
   python -m export diffusers --folder PATH --name NAME   # family from model_index.json (alias: sd)
+  python -m export sd --checkpoint FILE --name NAME [--config sd15|sd21|sd21-base|sdxl-base|sdxl-refiner|FOLDER]
+                                       # a single-file SD/SDXL checkpoint (.safetensors/.ckpt)
   python -m export ddpm --folder PATH --name NAME        # a UNet2DModel folder (+ scheduler config)
   python -m export vae --folder PATH --name NAME         # an AutoencoderKL folder
   python -m export stylegan --module FILE.py:NAME --weights PATH --name NAME [--init-args JSON]
@@ -11,7 +14,12 @@
   python -m export sr --weights PATH --name NAME   # a super-resolution .pth/.safetensors (spandrel)
   python -m export sr --ncnn MODEL.param --name NAME   # the same from ncnn files (ESRGAN, Real-ESRGAN Compact)
   python -m export translator --module FILE.py:NAME --weights PATH --name NAME [--init-args JSON]
-  python -m export demo                # every demo model in zoo/ -> model_repository/
+  python -m export demo                # every demo model in zoo/ and packaged (export/pretrained.py)
+                                       # -> model_repository/
+
+Every --weights is read from its content (safetensors, torch zip or legacy torch file, whatever
+the extension), never unpickling code; --state-dict-key picks the state dict inside a training
+checkpoint that holds several (see export/weights.py).
 """
 
 from __future__ import annotations
@@ -35,6 +43,17 @@ DEMO_DIFFUSION = {CHECKPOINTS / "sd_digits": "sd_digits"}
 DEMO_DDPM = {CHECKPOINTS / "ddpm_digits": "ddpm_digits"}
 DEMO_VAE = {CHECKPOINTS / "vae_digits": "vae_digits"}
 DEMO_STYLEGAN = {CHECKPOINTS / "stylegan_digits": "stylegan_digits"}
+
+
+WEIGHTS_HELP = ("the weight file as published: safetensors, or a torch file (.pt .pth .bin .ckpt .tar ...) read "
+                "with torch.load(weights_only=True, map_location='cpu'); pickled modules are refused")
+
+
+def add_state_dict_key(p) -> None:
+    p.add_argument("--state-dict-key", metavar="KEY[/KEY...]",
+                   help="the state dict inside a checkpoint that holds several (e.g. g_ema, params_ema, "
+                        "netG_state_dict); a last part that names no dict selects the tensors under that "
+                        "prefix (state_dict/generator). Default: the only dict of tensors in the file")
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
@@ -62,14 +81,19 @@ def _glue_negative_values(argv: list[str]) -> list[str]:
 
 def _check_gan_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """--weights and --latent-dim come with --module; the facts a zoo checkpoint knows are not given twice."""
-    byo = {"--weights": args.weights, "--latent-dim": args.latent_dim, "--num-classes": args.num_classes,
+    byo = {"--weights": args.weights, "--latent-dim": args.latent_dim, "--latent-shape": args.latent_shape,
+           "--state-dict-key": args.state_dict_key, "--num-classes": args.num_classes,
            "--init-args": args.init_args, "--output-range": args.output_range}
     if args.checkpoint is not None:
         given = [flag for flag, value in byo.items() if value is not None]
         if given:
             parser.error(f"{', '.join(given)}: only with --module (a zoo checkpoint describes itself)")
         return
-    missing = [flag for flag in ("--weights", "--latent-dim") if byo[flag] is None]
+    shape = "z's shape: --latent-dim N (a vector) or --latent-shape C,H,W (a map)"
+    if args.latent_dim is not None and args.latent_shape is not None:
+        parser.error(f"give {shape}, not both")
+    given_shape = args.latent_shape if args.latent_dim is None else args.latent_dim
+    missing = [flag for flag, value in (("--weights", args.weights), (shape, given_shape)) if value is None]
     if missing:
         parser.error(f"--module needs {' and '.join(missing)}")
     if args.init_args is not None:
@@ -98,10 +122,12 @@ def main(argv: list[str] | None = None) -> int:
                         help="your generator: a Python file (need not be on sys.path) and the class or factory in it")
     gan.add_argument("--name", required=True, help="model name in the repository")
     byo = gan.add_argument_group("with --module")
-    byo.add_argument("--weights", metavar="PATH",
-                     help="state dict: .safetensors, or .pt/.pth read with torch.load(weights_only=True) "
-                          "(pickled modules are refused)")
+    byo.add_argument("--weights", metavar="PATH", help=WEIGHTS_HELP)
+    add_state_dict_key(byo)
     byo.add_argument("--latent-dim", type=int, metavar="N", help="width of z, the generator's first input")
+    byo.add_argument("--latent-shape", metavar="C,H,W",
+                     help="z's shape per image when it is not a vector, e.g. 100,1,1 for a DCGAN taking "
+                          "[N, 100, 1, 1] (instead of --latent-dim)")
     byo.add_argument("--num-classes", type=int, metavar="K",
                      help="class-conditional: forward(z, class_label) with int64 labels in [0, K) (default: 0, "
                           "unconditional)")
@@ -117,7 +143,18 @@ def main(argv: list[str] | None = None) -> int:
             ("ddpm", "export a pixel-space DDPM/DDIM folder (UNet2DModel + scheduler config)"),
             ("vae", "export an AutoencoderKL folder (encoder with posterior moments, decoder)")):
         folder_cmd = sub.add_parser(command, help=help_text)
-        folder_cmd.add_argument("--folder", type=Path, required=True, help="the diffusers folder")
+        if command in ("diffusers", "sd"):
+            source = folder_cmd.add_mutually_exclusive_group(required=True)
+            source.add_argument("--folder", type=Path, help="the diffusers folder")
+            source.add_argument("--checkpoint", type=Path, metavar="FILE",
+                                help="a single-file SD 1.x/2.x/SDXL checkpoint (.safetensors/.ckpt, LDM layout), "
+                                     "converted offline with diffusers' single-file loader (export/single_file.py)")
+            folder_cmd.add_argument("--config", metavar="NAME_OR_FOLDER",
+                                    help="with --checkpoint: sd15, sd21, sd21-base, sdxl-base, sdxl-refiner, or a "
+                                         "diffusers folder of the same architecture (default: detected from the "
+                                         "checkpoint's keys and shapes)")
+        else:
+            folder_cmd.add_argument("--folder", type=Path, required=True, help="the diffusers folder")
         folder_cmd.add_argument("--name", required=True,
                                 help="pipeline name; graphs are <name>_unet, <name>_vae_decoder, ...")
         folder_cmd.add_argument("--version", type=int, default=1)
@@ -140,14 +177,14 @@ def main(argv: list[str] | None = None) -> int:
                     "directions.json beside the mapping config. See export/stylegan.py for the contract.")
     stylegan.add_argument("--module", required=True, metavar="FILE.py:NAME",
                           help="the generator: a Python file and the nn.Module class or factory in it")
-    stylegan.add_argument("--weights", required=True, metavar="PATH",
-                          help="state dict: .safetensors, or .pt/.pth read with torch.load(weights_only=True)")
+    stylegan.add_argument("--weights", required=True, metavar="PATH", help=WEIGHTS_HELP)
+    add_state_dict_key(stylegan)
     stylegan.add_argument("--name", required=True, help="pipeline name; graphs are <name>_mapping, <name>_synthesis")
     stylegan.add_argument("--init-args", metavar="JSON", help="keyword arguments for NAME, a JSON object")
     stylegan.add_argument("--version", type=int, default=1)
     stylegan.add_argument("--max-batch-size", type=int, default=16)
     _add_common(stylegan)
-    image_to_image_cli.add_parsers(sub, _add_common)
+    image_to_image_cli.add_parsers(sub, _add_common, add_state_dict_key)
     demo = sub.add_parser("demo", help="export every committed demo model")
     _add_common(demo)
     args = parser.parse_args(_glue_negative_values(sys.argv[1:] if argv is None else list(argv)))
@@ -168,6 +205,7 @@ def main(argv: list[str] | None = None) -> int:
     from export.diffusers_folder import UnsupportedFolder, export_folder
     from export.gan import GANExportError, export_gan, export_gan_module
     from export.stylegan import export_stylegan_checkpoint, export_stylegan_module
+    from export.weights import WeightsError
 
     target = DeploymentTarget(args.target, args.instances)
     if args.tensorrt:
@@ -183,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "gan" and args.module is not None:
         gans = [(args.name, partial(
             export_gan_module, args.module, args.weights, args.repository, args.name, args.latent_dim,
-            num_classes=args.num_classes or 0, init_args=args.init_args, output_range=args.output_range or "-1,1",
+            latent_shape=args.latent_shape, state_dict_key=args.state_dict_key, num_classes=args.num_classes or 0, init_args=args.init_args, output_range=args.output_range or "-1,1",
             version=args.version, max_batch_size=args.max_batch_size, target=target, tensorrt=args.tensorrt))]
     elif args.command == "gan":
         gans = [(args.name, partial(export_gan, args.checkpoint, args.repository, args.name, args.version,
@@ -192,13 +230,20 @@ def main(argv: list[str] | None = None) -> int:
         stylegans = [(args.name, partial(
             export_stylegan_module, args.module, args.weights, args.repository, args.name,
             init_args=args.init_args, version=args.version, max_batch_size=args.max_batch_size, target=target,
-            tensorrt=args.tensorrt))]
+            tensorrt=args.tensorrt, state_dict_key=args.state_dict_key))]
     elif args.command in ("sd", "diffusers", "ddpm", "vae"):
         family = {"ddpm": "ddpm", "vae": "vae"}.get(args.command)
+        if getattr(args, "config", None) is not None and args.folder is not None:
+            parser.error("--config goes with --checkpoint (a folder carries its own configuration)")
+        if args.folder is None and (args.max_sequence_length or args.native_size):
+            parser.error("--max-sequence-length and --native-size are FLUX options; --checkpoint reads SD/SDXL files")
         pipelines = [(args.folder, args.name, args.version, args.max_batch_size, family)]
     else:
+        from export.pretrained import packaged_gan_exports
+
         gans = [(name, partial(export_gan, ckpt, args.repository, name, 1, 16, target, tensorrt=args.tensorrt))
                 for ckpt, name in DEMO_GANS.items()]
+        gans += packaged_gan_exports(args.repository, target, args.tensorrt)
         for demos, family in ((DEMO_DIFFUSION, None), (DEMO_DDPM, "ddpm"), (DEMO_VAE, "vae")):
             pipelines += [(folder, name, 1, 16, family) for folder, name in demos.items() if folder.exists()]
         stylegans = [(name, partial(export_stylegan_checkpoint, stem, args.repository, name, 1, 16, target,
@@ -220,8 +265,14 @@ def main(argv: list[str] | None = None) -> int:
             start = time.perf_counter()
             options = {k: getattr(args, k, None) for k in ("max_sequence_length", "native_size")}
             options["deepcache"] = getattr(args, "deepcache", True)
-            found, reports = export_folder(folder, args.repository, name, version, max_batch, target,
-                                           family=family, tensorrt=args.tensorrt, **options)
+            if folder is None:  # --checkpoint: a single file, converted to a folder first
+                from export.single_file import export_checkpoint
+
+                found, reports = export_checkpoint(args.checkpoint, args.repository, name, args.config, version,
+                                                   max_batch, target, args.tensorrt, deepcache=options["deepcache"])
+            else:
+                found, reports = export_folder(folder, args.repository, name, version, max_batch, target,
+                                               family=family, tensorrt=args.tensorrt, **options)
             print(f"{name}: {found}, {len(reports)} graphs verified ({time.perf_counter() - start:.1f}s)")
         if args.command == "demo":
             for line in image_to_image_cli.export_demos(args.repository, target):
@@ -232,7 +283,7 @@ def main(argv: list[str] | None = None) -> int:
     except UnsupportedFolder as exc:
         print(f"export: {exc}", file=sys.stderr)
         return 2
-    except GANExportError as exc:
+    except (GANExportError, WeightsError) as exc:
         print(f"export {args.command if args.command != 'demo' else 'gan'}: {exc}", file=sys.stderr)
         return 2
     return 0

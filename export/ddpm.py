@@ -58,7 +58,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from export.diffusers_folder import UnsupportedFolder
+from export.diffusers_folder import UnsupportedFolder, sample_size_hw
 from export.stable_diffusion import DENOISER_QUEUE_DELAY_US, ComponentReport, GraphExporter, load_fp32
 from export.triton_config import DeploymentTarget, TensorSpec
 
@@ -109,13 +109,6 @@ def load_unet(unet_dir: Path):
     return load_fp32(UNet2DModel, unet_dir)
 
 
-def native_size(sample_size) -> tuple[int, int]:
-    if isinstance(sample_size, int):
-        return sample_size, sample_size
-    h, w = sample_size
-    return int(h), int(w)
-
-
 def export_ddpm(
     folder: Path,
     repository: Path,
@@ -135,7 +128,7 @@ def export_ddpm(
                                 f"only label lookups (num_class_embeds) are served")
     num_classes = int(cfg.num_class_embeds or 0) if unet.class_embedding is not None else 0
     c_in, c_out = int(cfg.in_channels), int(cfg.out_channels)
-    h, w = native_size(cfg.sample_size)
+    h, w = sample_size_hw(cfg.sample_size, f"{unet_dir}/config.json")
     size_multiple = 2 ** (len(cfg.down_block_types) - 1)
     train_steps = int(json.loads(scheduler_config.read_text()).get("num_train_timesteps", 1000))
     rng = np.random.default_rng(0)

@@ -31,6 +31,18 @@ class UnsupportedFolder(ValueError):
     """The folder is not one of the families served here; the message names what it is."""
 
 
+def sample_size_hw(sample_size, where: str) -> tuple[int, int]:
+    """(height, width) of a diffusers `sample_size`, which diffusers' pipelines take as an int
+    (square) or as [height, width]."""
+    if isinstance(sample_size, int) and sample_size > 0:
+        return sample_size, sample_size
+    if (isinstance(sample_size, (list, tuple)) and len(sample_size) == 2
+            and all(isinstance(n, int) and n > 0 for n in sample_size)):
+        return int(sample_size[0]), int(sample_size[1])
+    raise UnsupportedFolder(f"{where}: sample_size {sample_size!r} is neither a positive int nor [height, width]; "
+                            f"the native size cannot be read from it (set it in the config.json)")
+
+
 def detect_family(folder: Path) -> str:
     folder = Path(folder)
     index = folder / "model_index.json"

@@ -3,17 +3,21 @@
 Two ways in, one way out:
   export_gan(checkpoint, ...)           a zoo checkpoint (<name>.json + .safetensors)
   export_gan_module("gen.py:Name", ...) a generator as users bring it: their Python file,
-                                        a class or factory in it, a safetensors or
-                                        .pt/.pth state dict
+                                        a class or factory in it, a weight file as
+                                        published (export/weights.py)
 Both hand an eval-mode nn.Module and its GeneratorFacts to export_generator, which
 traces it, verifies ONNX Runtime against PyTorch and writes the Triton config.
 
 Graph contract (what services/pipelines/pipeline_gan.py relies on):
-  inputs   z            FP32 [batch, latent_dim]   latent, already truncated by the caller
+  inputs   z            FP32 [batch, *latent_shape] latent, already truncated by the caller:
+                                                    [batch, N] (--latent-dim N) or e.g.
+                                                    [batch, 100, 1, 1] (--latent-shape 100,1,1)
            class_label  INT64 [batch, 1] -> [batch] (conditional models only)
   outputs  image        FP32 [batch, C, H, W]      in the output range (default [-1, 1])
 The generator's shape facts travel in the config's `parameters`, so a service learns
 them from the repository alone (embedded) or from Triton's config API (Triton).
+`genserve.latent_shape` is z's shape per image ("100,1,1"); `genserve.latent_dim` its number
+of values, the whole shape for vector latents.
 `genserve.image_size` is the height (what older readers take as the side);
 `genserve.image_height` and `genserve.image_width` say both sides.
 """
@@ -26,11 +30,9 @@ import inspect
 import json
 import logging
 import math
-import pickle
 import re
 import shutil
 import sys
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
@@ -48,12 +50,12 @@ from export.triton_config import (
     default_batching,
     write_model_config,
 )
+from export.weights import few_keys, read_state_dict
 
 log = logging.getLogger(__name__)
 
 # Channel counts the service can encode as images (grey, RGB, RGBA).
 SERVABLE_CHANNELS = (1, 3, 4)
-WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth")
 TRACE_BATCH, VERIFY_BATCH = 2, 5  # the graph is traced at one batch size and verified at another
 
 
@@ -65,7 +67,7 @@ class GANExportError(ValueError):
 class GeneratorFacts:
     """What the service needs to know about a generator (written to the config's parameters)."""
 
-    latent_dim: int
+    latent_shape: tuple[int, ...]  # z per image: (N,) for a vector, e.g. (100, 1, 1) for a DCGAN map
     num_classes: int  # 0 = unconditional
     image_channels: int
     image_height: int
@@ -75,6 +77,10 @@ class GeneratorFacts:
     @property
     def conditional(self) -> bool:
         return self.num_classes > 0
+
+    @property
+    def latent_dim(self) -> int:
+        return math.prod(self.latent_shape)
 
 
 @dataclass
@@ -120,13 +126,13 @@ def export_generator(
 
     `parameters` are extra config parameters (provenance such as the weights' sha256).
     """
-    latent_dim, conditional = facts.latent_dim, facts.conditional
+    latent_shape, conditional = facts.latent_shape, facts.conditional
     module = generator if isinstance(generator, _GraphContract) else _GraphContract(generator, conditional)
     module.eval()
 
     # 1. Export with a dynamic batch axis (traced at one batch size, verified at another).
     def inputs(batch: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
-        feeds = {"z": rng.standard_normal((batch, latent_dim), dtype=np.float32)}
+        feeds = {"z": rng.standard_normal((batch, *latent_shape), dtype=np.float32)}
         if conditional:
             feeds["class_label"] = rng.integers(0, facts.num_classes, batch).astype(np.int64)
         return feeds
@@ -154,7 +160,7 @@ def export_generator(
         ) from exc
 
     # 3. Write the Triton config beside the version folder.
-    tensor_inputs = [TensorSpec("z", "float32", (latent_dim,))]
+    tensor_inputs = [TensorSpec("z", "float32", latent_shape)]
     if conditional:
         tensor_inputs.append(TensorSpec("class_label", "int64", (1,), reshape=()))
     c, h, w = facts.image_channels, facts.image_height, facts.image_width
@@ -168,7 +174,8 @@ def export_generator(
         target=target,
         parameters={
             "genserve.pipeline": "gan",
-            "genserve.latent_dim": str(latent_dim),
+            "genserve.latent_dim": str(facts.latent_dim),
+            "genserve.latent_shape": ",".join(map(str, latent_shape)),
             "genserve.num_classes": str(facts.num_classes),
             "genserve.image_channels": str(c),
             "genserve.image_size": str(h),
@@ -181,7 +188,7 @@ def export_generator(
     if tensorrt:  # 4. A TensorRT plan beside the ONNX graph, served by Triton's TensorRT platform.
         from export.tensorrt import build_plan, gan_profile, tensorrt_config
 
-        plan = build_plan(onnx_path, gan_profile(latent_dim, conditional, max_batch_size), "fp16")
+        plan = build_plan(onnx_path, gan_profile(latent_shape, conditional, max_batch_size), "fp16")
         shutil.copy(plan, onnx_path.with_name("model.plan"))
         spec = tensorrt_config(spec, target.instance_count)
     write_model_config(build_model_config(spec), model_dir)
@@ -204,7 +211,7 @@ def export_gan(
 
     generator = load_checkpoint(checkpoint)
     s = generator.image_size
-    facts = GeneratorFacts(generator.latent_dim, generator.num_classes, generator.image_channels, s, s)
+    facts = GeneratorFacts((generator.latent_dim,), generator.num_classes, generator.image_channels, s, s)
     source = {"genserve.source_sha256": _sha256(_stem(checkpoint).with_suffix(".safetensors"))}
     return export_generator(generator, facts, repository, name, version, max_batch_size, target, atol,
                             tensorrt, parameters=source)
@@ -279,73 +286,6 @@ def build_user_generator(ref: str, init_args: Mapping[str, Any] | None = None) -
     return generator
 
 
-_CONVERT_HINT = (
-    "Convert it once, in a trusted environment (full unpickling runs the file's code), to a state dict:\n"
-    "    torch.save(torch.load(p, weights_only=False).state_dict(), 'generator.pt')\n"
-    "or to safetensors:\n"
-    "    from safetensors.torch import save_file\n"
-    "    state = torch.load(p, weights_only=False).state_dict()\n"
-    "    save_file({k: v.contiguous() for k, v in state.items()}, 'generator.safetensors')"
-)
-
-
-def _torch_load_reason(exc: Exception) -> str:
-    """The line of torch.load's long refusal that says what it met (e.g. 'Unsupported global: ...')."""
-    lines = [re.sub(r"\x1b\[[0-9;]*m", "", line).strip() for line in str(exc).splitlines()]
-    lines = [line for line in lines if line]
-    for line in lines:
-        if "Unsupported global" in line or "Unsupported operand" in line or "TorchScript" in line:
-            return line.removeprefix("WeightsUnpickler error:").strip().split(". ")[0][:200]
-    return (lines[0] if lines else type(exc).__name__)[:200]
-
-
-def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
-    """A state dict from .safetensors or a .pt/.pth state dict; never unpickles code."""
-    path = Path(path)
-    if path.suffix not in WEIGHT_SUFFIXES:
-        raise GANExportError(
-            f"--weights {str(path)!r}: {path.suffix or 'no extension'} is not a weight format read here; "
-            f"give a .safetensors file or a .pt/.pth state dict.\n{_CONVERT_HINT}")
-    if not path.is_file():
-        raise GANExportError(f"--weights {str(path)!r}: no such file")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        try:
-            return load_file(str(path))
-        except Exception as exc:
-            raise GANExportError(f"--weights {str(path)!r} is not a readable safetensors file: {exc}") from exc
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # "looks like a TorchScript archive": refused below
-            state = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError) as exc:
-        raise GANExportError(
-            f"--weights {str(path)!r} is not a plain state dict: torch.load(weights_only=True) refused it "
-            f"({_torch_load_reason(exc)}). A file holding a pickled module or other objects runs code when "
-            f"loaded, so it is not read here.\n{_CONVERT_HINT}") from exc
-    except Exception as exc:
-        raise GANExportError(f"--weights {str(path)!r} could not be read by torch.load: {exc}") from exc
-    if not isinstance(state, Mapping):
-        raise GANExportError(
-            f"--weights {str(path)!r} holds a {type(state).__name__}, not a state dict.\n{_CONVERT_HINT}")
-    not_tensors = [k for k, v in state.items() if not isinstance(v, torch.Tensor)]
-    if not_tensors:
-        nested = [k for k in not_tensors if isinstance(state[k], Mapping)]
-        where = (f" The weights may be under {nested[0]!r}: save torch.load(p)[{nested[0]!r}] alone."
-                 if nested else "")
-        raise GANExportError(
-            f"--weights {str(path)!r} is a dict but not a state dict: {_few(not_tensors)} "
-            f"{'is not a tensor' if len(not_tensors) == 1 else 'are not tensors'}.{where}")
-    return dict(state)
-
-
-def _few(keys, n: int = 5) -> str:
-    keys = sorted(keys)
-    shown = ", ".join(repr(k) for k in keys[:n])
-    return shown + (f" and {len(keys) - n} more" if len(keys) > n else "")
-
-
 def load_weights(generator: nn.Module, state: Mapping[str, torch.Tensor], source: str = "the weights") -> None:
     """load_state_dict(strict=True), with missing, unexpected and mis-shaped keys named."""
     expected = generator.state_dict()
@@ -353,20 +293,20 @@ def load_weights(generator: nn.Module, state: Mapping[str, torch.Tensor], source
     unexpected = set(state) - set(expected)
     problems = []
     if missing:
-        problems.append(f"{len(missing)} missing: {_few(missing)}")
+        problems.append(f"{len(missing)} missing: {few_keys(missing)}")
     if unexpected:
-        problems.append(f"{len(unexpected)} unexpected: {_few(unexpected)}")
+        problems.append(f"{len(unexpected)} unexpected: {few_keys(unexpected)}")
     shapes = [k for k in set(expected) & set(state) if tuple(expected[k].shape) != tuple(state[k].shape)]
     if shapes:
         problems.append("shapes differ: " + ", ".join(
             f"{k!r} {tuple(state[k].shape)} in the file, {tuple(expected[k].shape)} in the model"
             for k in sorted(shapes)[:5]))
     if problems:
-        hint = ""
-        if unexpected and all(k.startswith("module.") for k in unexpected):
-            hint = " (the file's keys start with 'module.', as DataParallel saves them: strip that prefix)"
-        elif missing or shapes:
-            hint = " (do --init-args match the architecture the weights were trained with?)"
+        hint = " (do --init-args match the architecture the weights were trained with?)" if missing or shapes else ""
+        heads = {k.split(".", 1)[0] for k in unexpected}
+        if len(heads) == 1 and missing and {k.split(".", 1)[-1] for k in unexpected} >= missing:
+            hint = f" (the model's weights are under the prefix {next(iter(heads))!r}: --state-dict-key " \
+                   f"{next(iter(heads))} selects them)"
         raise GANExportError(f"{source} do not fit the model: {'; '.join(problems)}{hint}")
     try:
         generator.load_state_dict(state, strict=True)
@@ -375,15 +315,15 @@ def load_weights(generator: nn.Module, state: Mapping[str, torch.Tensor], source
 
 
 def probe_generator(
-    generator: nn.Module, latent_dim: int, num_classes: int, output_range: tuple[float, float] = (-1.0, 1.0),
-    batch: int = 3,
+    generator: nn.Module, latent_shape: tuple[int, ...], num_classes: int,
+    output_range: tuple[float, float] = (-1.0, 1.0), batch: int = 3,
 ) -> tuple[GeneratorFacts, bool]:
     """Runs the eval-mode generator once; returns its facts and whether its output needs a cast
     to float32. Refuses outputs the service cannot serve: not one 4-D NCHW float tensor, not
     finite, a channel count that is no image, or samples that depend on their batch-mates."""
     conditional = num_classes > 0
     gen = torch.Generator().manual_seed(0)
-    z = torch.randn(batch, latent_dim, generator=gen)
+    z = torch.randn(batch, *latent_shape, generator=gen)
     labels = torch.arange(batch, dtype=torch.int64) % num_classes if conditional else None
     call = "forward(z, class_label)" if conditional else "forward(z)"
 
@@ -396,10 +336,16 @@ def probe_generator(
     except Exception as exc:
         hint = ("; a model that takes no class label is exported without --num-classes" if conditional else
                 "; a class-conditional model needs --num-classes K")
+        if len(latent_shape) == 1:
+            given = f"--latent-dim {latent_shape[0]}"
+            hint += (f"; a generator whose z is a map, such as [N, {latent_shape[0]}, 1, 1], takes "
+                     f"--latent-shape {latent_shape[0]},1,1")
+        else:
+            given = f"--latent-shape {','.join(map(str, latent_shape))}"
         raise GANExportError(
             f"{call} with z float32 {list(z.shape)}"
             f"{f' and class_label int64 [{batch}]' if conditional else ''} failed: {type(exc).__name__}: {exc} "
-            f"(is --latent-dim {latent_dim} right{hint}?)") from exc
+            f"(is {given} right{hint}?)") from exc
     if not isinstance(out, torch.Tensor):
         raise GANExportError(f"{call} returned a {type(out).__name__}; it must return one image tensor [N, C, H, W]")
     shape = tuple(out.shape)
@@ -430,7 +376,7 @@ def probe_generator(
     if lo_seen < low - 0.01 * span or hi_seen > high + 0.01 * span:
         log.warning("%s returned values in [%.3g, %.3g], outside the output range [%g, %g]: the service "
                     "clips them (is --output-range right?)", call, lo_seen, hi_seen, low, high)
-    facts = GeneratorFacts(latent_dim, num_classes, c, h, w, (float(low), float(high)))
+    facts = GeneratorFacts(tuple(latent_shape), num_classes, c, h, w, (float(low), float(high)))
     return facts, out.dtype != torch.float32
 
 
@@ -448,12 +394,33 @@ def parse_output_range(text: str | tuple[float, float]) -> tuple[float, float]:
     return float(low), float(high)
 
 
+def parse_latent_shape(latent_dim: int | None, latent_shape: str | tuple[int, ...] | None) -> tuple[int, ...]:
+    """z's shape per image from --latent-dim N (a vector) or --latent-shape C,H,W (any rank)."""
+    if (latent_dim is None) == (latent_shape is None):
+        raise GANExportError("give z's shape once: --latent-dim N for a vector, or --latent-shape C,H,W for a map")
+    if latent_dim is not None:
+        if latent_dim < 1:
+            raise GANExportError(f"--latent-dim must be at least 1, got {latent_dim}")
+        return (int(latent_dim),)
+    if isinstance(latent_shape, str):
+        try:
+            shape = tuple(int(part) for part in latent_shape.split(","))
+        except ValueError:
+            raise GANExportError(f"--latent-shape {latent_shape!r}: expected sizes separated by commas, "
+                                 f"such as 100,1,1") from None
+    else:
+        shape = tuple(int(n) for n in latent_shape)
+    if not shape or min(shape) < 1:
+        raise GANExportError(f"--latent-shape {latent_shape!r}: every size must be at least 1")
+    return shape
+
+
 def export_gan_module(
     module: str,
     weights: str | Path,
     repository: Path,
     name: str,
-    latent_dim: int,
+    latent_dim: int | None = None,
     num_classes: int = 0,
     init_args: Mapping[str, Any] | None = None,
     output_range: str | tuple[float, float] = (-1.0, 1.0),
@@ -462,30 +429,35 @@ def export_gan_module(
     target: DeploymentTarget = DeploymentTarget(),
     atol: float = 1e-4,
     tensorrt: bool = False,
+    latent_shape: str | tuple[int, ...] | None = None,
+    state_dict_key: str | None = None,
+    parameters: Mapping[str, str] | None = None,
 ) -> ExportReport:
     """Exports a generator as users bring it: `module` is "FILE.py:NAME" (an nn.Module class or a
-    factory returning one, built with **init_args), `weights` a .safetensors file or a .pt/.pth
-    state dict. forward(z) or, when num_classes > 0, forward(z, class_label) returns NCHW images
-    in `output_range`; channels and size are learned by running it once."""
-    if latent_dim < 1:
-        raise GANExportError(f"--latent-dim must be at least 1, got {latent_dim}")
+    factory returning one, built with **init_args), `weights` a weight file as export.weights reads
+    it (`state_dict_key` picks the state dict in it). z is a vector of `latent_dim` values or, for
+    generators that take a map, of `latent_shape` ("100,1,1"). forward(z) or, when num_classes > 0,
+    forward(z, class_label) returns NCHW images in `output_range`; channels and size are learned by
+    running it once. `parameters`: more config parameters (e.g. the weights' licence)."""
+    shape = parse_latent_shape(latent_dim, latent_shape)
     if num_classes < 0:
         raise GANExportError(f"--num-classes must be 0 (unconditional) or more, got {num_classes}")
     if init_args is not None and not isinstance(init_args, Mapping):
         raise GANExportError(f"--init-args must be a JSON object of keyword arguments, got {init_args!r}")
     low_high = parse_output_range(output_range)
     file, attr = parse_module_ref(module)
-    state = load_state_dict_file(weights)  # before running any of the user's code on them
+    state = read_state_dict(weights, state_dict_key)  # before running any of the user's code on them
     generator = build_user_generator(module, init_args)
     load_weights(generator, state, f"--weights {str(weights)!r}")
     generator.eval()  # batch norm uses its running statistics, dropout is off
-    facts, cast = probe_generator(generator, latent_dim, num_classes, low_high)
-    log.info("%s: %s, latent %d, %s, %dx%dx%d images in [%g, %g]", name, module, latent_dim,
+    facts, cast = probe_generator(generator, shape, num_classes, low_high)
+    log.info("%s: %s, latent %s, %s, %dx%dx%d images in [%g, %g]", name, module, list(shape),
              f"{num_classes} classes" if num_classes else "unconditional",
              facts.image_channels, facts.image_height, facts.image_width, *low_high)
     provenance = {
         "genserve.source_sha256": _sha256(Path(weights)),
         "genserve.source_module": f"{file.name}:{attr}",
+        **(parameters or {}),
     }
     return export_generator(_GraphContract(generator, facts.conditional, cast), facts, repository, name, version,
                             max_batch_size, target, atol, tensorrt, parameters=provenance)

@@ -36,21 +36,24 @@ def published_ncnn_models() -> Path | None:
     return Path(next(iter(spec.submodule_search_locations))) / "models"
 
 
-def add_parsers(sub, add_common) -> None:
+def add_parsers(sub, add_common, add_state_dict_key) -> None:
     sr = sub.add_parser(
         "sr", help="export a super-resolution checkpoint (ESRGAN, Real-ESRGAN, SPAN, SwinIR, ...) recognised by spandrel",
-        description="Export a super-resolution checkpoint as users bring it (.pth or .safetensors, or ncnn's "
-                    ".param/.bin). spandrel reads "
+        description="Export a super-resolution checkpoint as users bring it (.pth, .safetensors, ... read from "
+                    "their content, or ncnn's .param/.bin). spandrel reads "
                     "the architecture, scale, channels and size requirements from the state dict; the graph takes "
                     "any batch and size and is verified against PyTorch at odd sides. Served on /v1/upscale.")
     source = sr.add_mutually_exclusive_group(required=True)
-    source.add_argument("--weights", metavar="PATH", help=".pth (restricted unpickler) or .safetensors")
+    source.add_argument("--weights", metavar="PATH",
+                        help="the weight file as published (.pth .pt .ckpt .bin .safetensors ...; read from its "
+                             "content, never unpickling code)")
     source.add_argument("--ncnn", metavar="MODEL.param",
                         help="ncnn files (.param and the .bin beside it, float16 or float32): ESRGAN/RRDBNet and "
                              "Real-ESRGAN Compact graphs are read into spandrel's state dict")
     sr.add_argument("--ncnn-bin", metavar="MODEL.bin", help="with --ncnn: the weights, if not MODEL.bin beside it")
     sr.add_argument("--license", metavar="TEXT", help="the weights' licence, recorded in the config "
                                                       "(genserve.license)")
+    add_state_dict_key(sr)
     sr.add_argument("--name", required=True, help="model name in the repository")
     sr.add_argument("--tile", type=int, help="default tile side in input pixels (default 128, rounded up to the "
                                              "architecture's multiple)")
@@ -65,6 +68,7 @@ def add_parsers(sub, add_common) -> None:
                     "--output-range. Served on /v1/translate.")
     tr.add_argument("--module", required=True, metavar="FILE.py:NAME")
     tr.add_argument("--weights", required=True, metavar="PATH")
+    add_state_dict_key(tr)
     tr.add_argument("--name", required=True)
     tr.add_argument("--init-args", metavar="JSON", help="keyword arguments for NAME, a JSON object")
     tr.add_argument("--input-range", default="-1,1", metavar="LOW,HIGH", help="default -1,1")
@@ -93,7 +97,7 @@ def run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
                 parser.error("--ncnn-bin goes with --ncnn")
             report = export_sr(args.ncnn or args.weights, args.repository, args.name, args.version,
                                args.max_batch_size, target, tile=args.tile, tile_overlap=args.tile_overlap,
-                               license=args.license, ncnn_bin=args.ncnn_bin)
+                               license=args.license, ncnn_bin=args.ncnn_bin, state_dict_key=args.state_dict_key)
         else:
             init_args = None
             if args.init_args is not None:
@@ -105,7 +109,8 @@ def run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
                     parser.error("--init-args must be a JSON object of keyword arguments")
             report = export_translator(args.module, args.weights, args.repository, args.name, init_args,
                                        args.input_range, args.output_range, args.size_multiple, args.version,
-                                       args.max_batch_size, target, tile=args.tile)
+                                       args.max_batch_size, target, tile=args.tile,
+                                       state_dict_key=args.state_dict_key)
     except ParityError as exc:
         print(f"export FAILED parity check: {exc}", file=sys.stderr)
         return 1

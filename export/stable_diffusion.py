@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 from export.deepcache import export_unet
+from export.diffusers_folder import UnsupportedFolder, sample_size_hw
 from export.onnx_export import export_onnx, verify_onnx
 from export.triton_config import (
     DeploymentTarget,
@@ -272,6 +273,12 @@ def export_stable_diffusion(
 
     vae_scale = 2 ** (len(vae.config.block_out_channels) - 1)
     latent_c = unet.config.in_channels
+    if latent_c != vae.config.latent_channels:
+        inpainting = latent_c == 2 * vae.config.latent_channels + 1
+        raise UnsupportedFolder(
+            f"{folder}: the U-Net takes {latent_c} channels but the VAE's latents have {vae.config.latent_channels}"
+            f"{' (an inpainting U-Net: latents, mask and masked-image latents)' if inpainting else ''}; served "
+            f"U-Nets denoise the VAE's latents alone (inpainting here blends latents with a text-to-image U-Net)")
     image_c = vae.config.in_channels
     hidden = text_encoder.config.hidden_size
     rng = np.random.default_rng(0)
@@ -287,14 +294,14 @@ def export_stable_diffusion(
 
             profile = stable_diffusion_profile(
                 role, max_rows=max_batch_size, seq_len=length, hidden=hidden, latent_channels=latent_c,
-                image_channels=image_c, vae_scale=vae_scale, native_latent=h, min_latent=size_multiple // vae_scale,
-                max_latent=2 * h, deep_channels=deep_channels)
+                image_channels=image_c, vae_scale=vae_scale, native_latent=(h, w),
+                min_latent=size_multiple // vae_scale, max_latent=(2 * h, 2 * w), deep_channels=deep_channels)
             names = {t.name for t in inputs}  # a shallow graph may not take the text
             profile = {k: v for k, v in profile.items() if k in names}
         return export_graph(role, module, make_inputs, inputs, outputs, dynamic, parameters, atol, delay_us,
                             files=files, tensorrt_profile=profile)
 
-    h = w = unet.config.sample_size  # native latent size
+    h, w = sample_size_hw(unet.config.sample_size, f"{folder}/unet/config.json")  # native latent size
     size_multiple = vae_scale * 2 ** (len(unet.config.down_block_types) - 1)
 
     # 1. Text encoder (fixed sequence length: prompts are padded to the tokenizer's max).
@@ -330,7 +337,8 @@ def export_stable_diffusion(
     noise_pred = TensorSpec("noise_pred", "float32", (latent_c, -1, -1))
     # Latent sides must survive every down block's halving: traced graphs bake in the
     # upsampling sizes, so odd intermediate sizes cannot be served.
-    unet_params = {"in_channels": latent_c, "sample_size": h, "vae_scale_factor": vae_scale,
+    unet_params = {"in_channels": latent_c, "sample_height": h, "sample_width": w,
+                   **({"sample_size": h} if h == w else {}), "vae_scale_factor": vae_scale,
                    "size_multiple": size_multiple}
     export_unet(component, _UNet(unet), unet, unet_inputs, unet_tensors, noise_pred, unet_axes, unet_params,
                 deepcache=deepcache, rng=rng, shallow_options=lambda c: {"deep_channels": c}, atol=1e-3,

@@ -83,7 +83,7 @@ import numpy as np
 import torch
 
 from export.deepcache import export_unet
-from export.diffusers_folder import UnsupportedFolder
+from export.diffusers_folder import UnsupportedFolder, sample_size_hw
 from export.stable_diffusion import (
     DENOISER_QUEUE_DELAY_US,
     EXTERNAL_DATA_THRESHOLD,
@@ -133,14 +133,6 @@ def _present(folder: Path, index: dict, component: str) -> bool:
         entry = index[component]
         return isinstance(entry, (list, tuple)) and len(entry) == 2 and entry[1] is not None
     return (folder / component).is_dir()
-
-
-def _latent_size(sample_size) -> tuple[int, int]:
-    if isinstance(sample_size, int):
-        return sample_size, sample_size
-    if isinstance(sample_size, (list, tuple)) and len(sample_size) == 2:
-        return int(sample_size[0]), int(sample_size[1])
-    raise UnsupportedFolder(f"unet sample_size {sample_size!r} is neither an int nor (height, width)")
 
 
 def export_stable_diffusion_xl(
@@ -245,7 +237,7 @@ def export_stable_diffusion_xl(
     n_time_ids = time_in // per_id
     vae_scale = 2 ** (len(vae.config.block_out_channels) - 1)
     latent_c, image_c = unet.config.in_channels, vae.config.in_channels
-    h, w = _latent_size(unet.config.sample_size)
+    h, w = sample_size_hw(unet.config.sample_size, f"{folder}/unet/config.json")
     size_multiple = vae_scale * 2 ** (len(unet.config.down_block_types) - 1)
     sizes = {"sample_height": h, "sample_width": w, **({"sample_size": h} if h == w else {})}
     spatial = {0: "batch", 2: "height", 3: "width"}

@@ -61,7 +61,6 @@ from export.gan import (
     GANExportError,
     _sha256,
     build_user_generator,
-    load_state_dict_file,
     load_weights,
     parse_module_ref,
 )
@@ -74,6 +73,7 @@ from export.triton_config import (
     default_batching,
     write_model_config,
 )
+from export.weights import read_state_dict
 
 log = logging.getLogger(__name__)
 
@@ -339,12 +339,14 @@ def export_stylegan_module(
     max_batch_size: int = 16,
     target: DeploymentTarget = DeploymentTarget(),
     tensorrt: bool = False,
+    state_dict_key: str | None = None,
 ) -> StyleGANExportReport:
-    """FILE.py:NAME (class or factory, built with **init_args) + a .safetensors or .pt/.pth state dict."""
+    """FILE.py:NAME (class or factory, built with **init_args) + a weight file as export.weights reads
+    it (`state_dict_key` picks the state dict in it, e.g. rosinality's 'g_ema')."""
     if init_args is not None and not isinstance(init_args, Mapping):
         raise StyleGANExportError(f"--init-args must be a JSON object of keyword arguments, got {init_args!r}")
     file, attr = parse_module_ref(module)
-    state = load_state_dict_file(weights)  # weights_only / safetensors: before running the user's code on them
+    state = read_state_dict(weights, state_dict_key)  # no code of the file runs: before running the user's code
     generator = build_user_generator(module, init_args)
     load_weights(generator, state, f"--weights {str(weights)!r}")
     provenance = {"genserve.source_sha256": _sha256(Path(weights)), "genserve.source_module": f"{file.name}:{attr}"}

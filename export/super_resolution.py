@@ -4,10 +4,10 @@ one graph contract every image-to-image model is served under.
   python -m export sr --weights RealESRGAN_x4plus.pth --name realesrgan_x4
   python -m export sr --ncnn realesrgan-x4plus.param --name realesrgan_x4   # ncnn files (export/ncnn.py)
 
-The checkpoint is recognised by spandrel (ESRGAN / Real-ESRGAN, Real-ESRGAN Compact, SPAN,
-SwinIR, HAT, ... from the shapes and names in the state dict; `.pth` through its
-restricted unpickler, `.safetensors`), which says the architecture, scale, channels and
-size requirements. Those travel in the config, so the service needs nothing else.
+The weight file is read by export/weights.py (format from the content, weights_only, nested
+state dicts such as BasicSR's `params_ema`), and its state dict recognised by spandrel
+(ESRGAN / Real-ESRGAN, Real-ESRGAN Compact, SPAN, SwinIR, HAT, ... from the shapes and names),
+which says the architecture, scale, channels and size requirements. Those travel in the config, so the service needs nothing else.
 
 Graph contract (what services/pipelines/pipeline_image_to_image.py relies on):
   input   image         FP32 [batch, C_in, H, W]       H, W dynamic, multiples of size_multiple
@@ -57,7 +57,6 @@ from export.triton_config import (
 
 log = logging.getLogger(__name__)
 
-SR_SUFFIXES = (".pth", ".ckpt", ".safetensors")
 SERVABLE_CHANNELS = (1, 3, 4)
 DEFAULT_TILE = 128  # input pixels: a 4x model's tile is 512x512 out, ~3 MB of float32 per channel
 DEFAULT_TILE_OVERLAP = 16
@@ -208,19 +207,19 @@ def export_image_graph(
 # --- super-resolution checkpoints through spandrel ------------------------------------------
 
 
-def load_sr_checkpoint(weights: str | Path):
-    """A spandrel ImageModelDescriptor from a .pth (restricted unpickler) or .safetensors file."""
+def load_sr_checkpoint(weights: str | Path, state_dict_key: str | None = None):
+    """A spandrel ImageModelDescriptor from a weight file as export.weights reads it."""
     from export.torchvision_compat import import_spandrel
+    from export.weights import WeightsError, read_state_dict
 
     path = Path(weights)
-    if path.suffix.lower() not in SR_SUFFIXES:
-        raise ImageExportError(f"--weights {str(path)!r}: give a .pth or .safetensors state dict "
-                               f"(a .pt may be TorchScript, which is not read here)")
-    if not path.is_file():
-        raise ImageExportError(f"--weights {str(path)!r}: no such file")
+    try:
+        state = read_state_dict(path, state_dict_key)
+    except WeightsError as exc:
+        raise ImageExportError(str(exc)) from exc
     spandrel = import_spandrel()
     try:
-        descriptor = spandrel.ModelLoader(device="cpu").load_from_file(path)
+        descriptor = spandrel.ModelLoader(device="cpu").load_from_state_dict(state)
     except spandrel.UnsupportedModelError as exc:
         raise ImageExportError(f"--weights {str(path)!r}: spandrel recognises no architecture in this state dict "
                                f"({exc or 'no match'}); supported: ESRGAN/Real-ESRGAN, Compact, SPAN, SwinIR, HAT, "
@@ -280,9 +279,11 @@ def export_sr(
     tile_overlap: int = DEFAULT_TILE_OVERLAP,
     license: str | None = None,
     ncnn_bin: str | Path | None = None,
+    state_dict_key: str | None = None,
 ) -> ImageExportReport:
     """A super-resolution checkpoint as users bring it -> a verified graph in the repository.
-    `weights` is a state dict, or an ncnn `.param` (weights in `ncnn_bin`, default the .bin beside it)."""
+    `weights` is a weight file (export/weights.py), or an ncnn `.param` (weights in `ncnn_bin`,
+    default the .bin beside it)."""
     if Path(weights).suffix.lower() == ".param":
         from export.ncnn import sha256_of
 
@@ -290,7 +291,7 @@ def export_sr(
         source = {"genserve.source_format": "ncnn",
                   "genserve.source_sha256": sha256_of(graph.param_path, graph.bin_path)}
     else:
-        descriptor = load_sr_checkpoint(weights)
+        descriptor = load_sr_checkpoint(weights, state_dict_key)
         source = {"genserve.source_sha256": sha256(weights)}
     facts = sr_facts(descriptor)
     extra = {**facts.extra, **source, **({"genserve.license": license} if license else {})}

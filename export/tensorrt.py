@@ -41,43 +41,47 @@ class ShapeRange:
 Profile = dict[str, ShapeRange]  # input name -> range
 
 
-def gan_profile(latent_dim: int, conditional: bool, max_batch: int) -> Profile:
+def gan_profile(latent_shape: int | tuple[int, ...], conditional: bool, max_batch: int) -> Profile:
+    """`latent_shape`: z per image, an int for a vector or a shape such as (100, 1, 1)."""
     opt = min(8, max_batch)
-    profile = {"z": ShapeRange((1, latent_dim), (opt, latent_dim), (max_batch, latent_dim))}
+    z = (latent_shape,) if isinstance(latent_shape, int) else tuple(latent_shape)
+    profile = {"z": ShapeRange((1, *z), (opt, *z), (max_batch, *z))}
     if conditional:
         profile["class_label"] = ShapeRange((1,), (opt,), (max_batch,))
     return profile
 
 
 def stable_diffusion_profile(component: str, *, max_rows: int, seq_len: int, hidden: int, latent_channels: int,
-                             image_channels: int, vae_scale: int, native_latent: int, min_latent: int,
-                             max_latent: int, deep_channels: int = 0) -> Profile:
+                             image_channels: int, vae_scale: int, native_latent: int | tuple[int, int],
+                             min_latent: int, max_latent: int | tuple[int, int], deep_channels: int = 0) -> Profile:
     """Batch and spatial ranges per component (`deep_channels`: the DeepCache features'
-    channels, for the shallow U-Net; see export.deepcache).
+    channels, for the shallow U-Net; see export.deepcache). `native_latent` and `max_latent`
+    are a side or (height, width).
 
     With classifier-free guidance every image is two U-Net (and text-encoder) rows, so
     the optimum is 2 rows (one guided image) and the maximum the model's max batch; the
     VAE sees images, not rows, so its batch tops out at half of that.
     """
-    c, lo, mid, hi = latent_channels, min_latent, native_latent, max_latent
+    c, lo = latent_channels, min_latent
+    (mh, mw), (hh, hw) = ((n, n) if isinstance(n, int) else tuple(n) for n in (native_latent, max_latent))
     images = max(1, max_rows // 2)
     if component == "text_encoder":
         return {"input_ids": ShapeRange((1, seq_len), (2, seq_len), (max_rows, seq_len))}
     if component in ("unet", "unet_shallow"):
         profile = {
-            "sample": ShapeRange((1, c, lo, lo), (2, c, mid, mid), (max_rows, c, hi, hi)),
+            "sample": ShapeRange((1, c, lo, lo), (2, c, mh, mw), (max_rows, c, hh, hw)),
             "timestep": ShapeRange((1,), (2,), (max_rows,)),
             "encoder_hidden_states": ShapeRange((1, seq_len, hidden), (2, seq_len, hidden), (max_rows, seq_len, hidden)),
         }
         if component == "unet_shallow":
             d = deep_channels
-            profile["deep_features"] = ShapeRange((1, d, lo, lo), (2, d, mid, mid), (max_rows, d, hi, hi))
+            profile["deep_features"] = ShapeRange((1, d, lo, lo), (2, d, mh, mw), (max_rows, d, hh, hw))
         return profile
     if component == "vae_decoder":
-        return {"latent_sample": ShapeRange((1, c, lo, lo), (1, c, mid, mid), (images, c, hi, hi))}
+        return {"latent_sample": ShapeRange((1, c, lo, lo), (1, c, mh, mw), (images, c, hh, hw))}
     if component == "vae_encoder":
         f, ic = vae_scale, image_channels
-        return {"sample": ShapeRange((1, ic, lo * f, lo * f), (1, ic, mid * f, mid * f), (images, ic, hi * f, hi * f))}
+        return {"sample": ShapeRange((1, ic, lo * f, lo * f), (1, ic, mh * f, mw * f), (images, ic, hh * f, hw * f))}
     raise ValueError(f"unknown component {component!r}")
 
 

@@ -5,7 +5,7 @@ ResNet generator, a feed-forward style-transfer network.
       [--init-args '{"ngf": 64}'] [--input-range=-1,1] [--output-range=-1,1] [--size-multiple N]
 
 The module and weights are read as for GANs (export/gan.py: FILE.py:NAME is a class or a
-factory, weights a .safetensors or a .pt/.pth state dict read with weights_only=True). The
+factory, weights any file export/weights.py reads: safetensors or torch, never unpickling code). The
 generator takes [N, C_in, H, W] in --input-range and returns [N, C_out, kH, kW] in
 --output-range (k = 1 for translators; an integer scale is read off a probe run).
 Channels come from the probe too: C_in is the first of 3, 1, 4 the module accepts.
@@ -31,7 +31,6 @@ import torch.nn as nn
 from export.gan import (
     GANExportError,
     build_user_generator,
-    load_state_dict_file,
     load_weights,
     parse_module_ref,
     parse_output_range,
@@ -45,6 +44,7 @@ from export.super_resolution import (
     sha256,
 )
 from export.triton_config import DeploymentTarget
+from export.weights import WeightsError, read_state_dict
 
 log = logging.getLogger(__name__)
 
@@ -104,15 +104,16 @@ def export_translator(
     target: DeploymentTarget = DeploymentTarget(),
     tile: int | None = None,
     tile_overlap: int = 32,
+    state_dict_key: str | None = None,
 ) -> ImageExportReport:
     """FILE.py:NAME + weights -> a verified image -> image graph served on /v1/translate."""
     try:
         low_high_in, low_high_out = parse_output_range(input_range), parse_output_range(output_range)
         file, attr = parse_module_ref(module)
-        state = load_state_dict_file(weights)  # before running any of the user's code on them
+        state = read_state_dict(weights, state_dict_key)  # before running any of the user's code on them
         model = build_user_generator(module, init_args)
         load_weights(model, state, f"--weights {str(weights)!r}")
-    except GANExportError as exc:
+    except (GANExportError, WeightsError) as exc:
         raise ImageExportError(str(exc)) from exc
     model.eval()
     # 1. Probe: channels, size multiple, scale; outputs must be images, per sample.

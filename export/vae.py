@@ -28,7 +28,9 @@ Parameters in both configs (strings, as Triton stores them):
   genserve.shift_factor      config.shift_factor, only when it is not null
   genserve.image_channels    C_img (config.in_channels = out_channels)
   genserve.latent_channels   C_lat (config.latent_channels)
-  genserve.sample_size       native image side (config.sample_size, first entry of a pair)
+  genserve.sample_size       native image side (config.sample_size, the first entry of a pair,
+                             as AutoencoderKL's tiling reads it)
+  genserve.sample_height, genserve.sample_width   both sides of config.sample_size
   genserve.force_upcast      "True" / "False" (config.force_upcast: the VAE wants fp32)
 
 Each graph is traced at batch 2 and the native size and verified against PyTorch at
@@ -44,6 +46,7 @@ from typing import Callable
 
 import numpy as np
 
+from export.diffusers_folder import sample_size_hw
 from export.stable_diffusion import (
     EXTERNAL_DATA_THRESHOLD,
     ComponentReport,
@@ -77,13 +80,13 @@ def vae_folder(folder: Path) -> Path:
 def vae_parameters(config) -> dict:
     """The genserve.* parameters (without the prefix) both graphs carry."""
     scale = 2 ** (len(config.block_out_channels) - 1)
-    side = config.sample_size
-    side = side[0] if isinstance(side, (list, tuple)) else side
+    height, width = sample_size_hw(config.sample_size, "the VAE's config.json")
     params = {"vae_scale_factor": scale, "size_multiple": scale, "scaling_factor": config.scaling_factor}
     if getattr(config, "shift_factor", None) is not None:
         params["shift_factor"] = config.shift_factor
     params.update(image_channels=config.in_channels, latent_channels=config.latent_channels,
-                  sample_size=int(side), force_upcast=bool(getattr(config, "force_upcast", True)))
+                  # sample_size: the first side, as AutoencoderKL's tiling reads it
+                  sample_size=height, sample_height=height, sample_width=width, force_upcast=bool(getattr(config, "force_upcast", True)))
     return params
 
 
@@ -109,11 +112,12 @@ def export_vae(
         raise ValueError(f"{source}: in_channels {config.in_channels} != out_channels {config.out_channels}; "
                          "the VAE graphs assume one image channel count")
     params = vae_parameters(config)
-    scale, c_img, c_lat, side = (params["vae_scale_factor"], params["image_channels"],
-                                 params["latent_channels"], params["sample_size"])
-    if side % scale:
-        raise ValueError(f"{source}: sample_size {side} is not a multiple of the VAE scale factor {scale}")
-    h = side // scale  # native latent side
+    scale, c_img, c_lat = params["vae_scale_factor"], params["image_channels"], params["latent_channels"]
+    height, width = params["sample_height"], params["sample_width"]
+    if height % scale or width % scale:
+        raise ValueError(f"{source}: sample_size {config.sample_size} is not a multiple of the VAE scale factor "
+                         f"{scale}")
+    h, w = height // scale, width // scale  # native latent size
     rng = np.random.default_rng(0)
     component = GraphExporter(repository, name, "vae", version=version, max_batch_size=max_batch_size, target=target,
                               progress=progress, external_data_threshold=external_data_threshold)
@@ -121,14 +125,14 @@ def export_vae(
     spatial = {0: "batch", 2: "height", 3: "width"}
     component(
         "vae_encoder", _VAEEncoder(vae),
-        lambda b, k: {"sample": rng.uniform(-1, 1, (b, c_img, k * side, k * side)).astype(np.float32)},
+        lambda b, k: {"sample": rng.uniform(-1, 1, (b, c_img, k * height, k * width)).astype(np.float32)},
         [TensorSpec("sample", "float32", (c_img, -1, -1))],
         [TensorSpec("latent_parameters", "float32", (2 * c_lat, -1, -1))],
         {"sample": spatial, "latent_parameters": spatial}, params, ATOL, QUEUE_DELAY_US,
     )
     component(
         "vae_decoder", _VAEDecoder(vae),
-        lambda b, k: {"latent_sample": rng.standard_normal((b, c_lat, k * h, k * h), dtype=np.float32)},
+        lambda b, k: {"latent_sample": rng.standard_normal((b, c_lat, k * h, k * w), dtype=np.float32)},
         [TensorSpec("latent_sample", "float32", (c_lat, -1, -1))],
         [TensorSpec("sample", "float32", (c_img, -1, -1))],
         {"latent_sample": spatial, "sample": spatial}, params, ATOL, QUEUE_DELAY_US,

@@ -2,10 +2,12 @@
 
 Determinism rule (README, "Reproducing an image"): image i of a request with seed s uses
     rng = numpy.random.default_rng(s + i)
-    z   = truncation_psi * rng.standard_normal(latent_dim, dtype=float32)
+    z   = truncation_psi * rng.standard_normal(latent_shape, dtype=float32)
     label (conditional models, when the request names none) = rng.integers(num_classes)
 so an image never depends on its batch-mates, and image i is reproduced alone by
-seed s + i with num_images 1.
+seed s + i with num_images 1. `latent_shape` is the config's `genserve.latent_shape` ("100,1,1"
+for a generator taking z as a map), else (`genserve.latent_dim`,); the draws are the same values
+in the same order whatever the shape, so a map latent equals the vector one reshaped.
 
 Truncation pulls z toward the mean of its prior (0 for a standard normal) — the
 truncation trick of BigGAN/StyleGAN applied in Z: psi = 1 keeps the full diversity,
@@ -31,7 +33,7 @@ log = logging.getLogger("genserve.gan")
 class GANModelInfo:
     """What the pipeline needs to know about a generator, read from its config."""
 
-    latent_dim: int
+    latent_shape: tuple[int, ...]  # z per image: (N,) or e.g. (100, 1, 1)
     num_classes: int  # 0 = unconditional
     image_channels: int
     image_size: int
@@ -41,8 +43,9 @@ class GANModelInfo:
     def from_spec(cls, spec: ModelSpec) -> "GANModelInfo":
         p = spec.parameters
         low, high = (float(v) for v in p.get("genserve.output_range", "-1,1").split(","))
+        shape = p.get("genserve.latent_shape") or p["genserve.latent_dim"]
         return cls(
-            latent_dim=int(p["genserve.latent_dim"]),
+            latent_shape=tuple(int(n) for n in shape.split(",")),
             num_classes=int(p.get("genserve.num_classes", "0")),
             image_channels=int(p["genserve.image_channels"]),
             image_size=int(p["genserve.image_size"]),
@@ -59,15 +62,16 @@ class GANOutput:
 
 
 def prepare_latents(
-    seed: int, num_images: int, latent_dim: int, truncation_psi: float,
+    seed: int, num_images: int, latent_shape: int | tuple[int, ...], truncation_psi: float,
     num_classes: int = 0, class_label: int | None = None,
 ) -> tuple[np.ndarray, np.ndarray | None]:
-    """z [N, latent_dim] float32 and labels [N] int64 (None when unconditional)."""
-    z = np.empty((num_images, latent_dim), dtype=np.float32)
+    """z [N, *latent_shape] float32 and labels [N] int64 (None when unconditional)."""
+    latent_shape = (latent_shape,) if isinstance(latent_shape, int) else tuple(latent_shape)
+    z = np.empty((num_images, *latent_shape), dtype=np.float32)
     labels = np.empty(num_images, dtype=np.int64) if num_classes > 0 else None
     for i in range(num_images):
         rng = np.random.default_rng(seed + i)
-        z[i] = rng.standard_normal(latent_dim, dtype=np.float32)
+        z[i] = rng.standard_normal(latent_shape, dtype=np.float32)
         if labels is not None:
             labels[i] = class_label if class_label is not None else rng.integers(num_classes)
     z *= np.float32(truncation_psi)
@@ -87,7 +91,7 @@ class GANPipeline:
     ) -> GANOutput:
         # 1. Latents and labels, one generator per image.
         z, labels = prepare_latents(
-            seed, num_images, self.info.latent_dim, truncation_psi, self.info.num_classes, class_label
+            seed, num_images, self.info.latent_shape, truncation_psi, self.info.num_classes, class_label
         )
         # 2. One generator call (the backend splits batches past the model's limit).
         feeds = {"z": z}

@@ -48,7 +48,8 @@ class StableDiffusionModels:
     image_channels: int
     vae_scale_factor: int
     scaling_factor: float
-    native_size: int  # pixels: the U-Net's sample_size times the VAE factor
+    native_height: int  # pixels: the U-Net's sample_size (an int or [height, width]) times the VAE factor
+    native_width: int
     size_multiple: int  # output sides must be multiples of this (VAE and U-Net downsampling)
     unet_shallow: str | None = None  # DeepCache's shallow U-Net (export/deepcache.py), when exported
 
@@ -56,11 +57,18 @@ class StableDiffusionModels:
         return DiffusionSpec(
             name=self.name, family="stable_diffusion", denoiser=self.unet, scheduler_config=self.scheduler_config,
             latent_channels=self.latent_channels, image_channels=self.image_channels,
-            vae_scale_factor=self.vae_scale_factor, native_height=self.native_size, native_width=self.native_size,
+            vae_scale_factor=self.vae_scale_factor, native_height=self.native_height,
+            native_width=self.native_width,
             size_multiple=self.size_multiple, vae_decoder=self.vae_decoder, vae_encoder=self.vae_encoder,
             scaling_factor=self.scaling_factor, shallow_denoiser=self.unet_shallow,
             components=tuple(c for c in (self.text_encoder, self.unet, self.unet_shallow, self.vae_decoder,
                                          self.vae_encoder) if c))
+
+
+def native_latent_side(unet_parameters: dict, axis: str) -> int:
+    """The U-Net's native latent height or width (repositories exported before non-square
+    sample sizes say `genserve.sample_size` alone)."""
+    return int(unet_parameters.get(f"genserve.sample_{axis}") or unet_parameters["genserve.sample_size"])
 
 
 def discover_stable_diffusion(models: dict[str, ModelSpec]) -> dict[str, StableDiffusionModels]:
@@ -88,7 +96,8 @@ def discover_stable_diffusion(models: dict[str, ModelSpec]) -> dict[str, StableD
             image_channels=int(dec.parameters["genserve.image_channels"]),
             vae_scale_factor=int(dec.parameters["genserve.vae_scale_factor"]),
             scaling_factor=float(dec.parameters["genserve.scaling_factor"]),
-            native_size=int(unet.parameters["genserve.sample_size"]) * int(dec.parameters["genserve.vae_scale_factor"]),
+            native_height=native_latent_side(unet.parameters, "height") * int(dec.parameters["genserve.vae_scale_factor"]),
+            native_width=native_latent_side(unet.parameters, "width") * int(dec.parameters["genserve.vae_scale_factor"]),
             size_multiple=int(unet.parameters["genserve.size_multiple"]),
             unet_shallow=shallow_denoiser(unet, parts.get("unet_shallow")),
         )

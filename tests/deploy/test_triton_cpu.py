@@ -103,9 +103,13 @@ def _metric(triton: TritonProcess, name: str, model: str) -> float:
 
 
 def _gan_models(triton: TritonProcess) -> list[str]:
-    """The generators (input z, output image [1, 32, 32]) the inference checks use."""
+    """The generators (input z, output image [C, H, W] as their configs say) the inference checks use."""
     return [m for m in triton.models
             if _config(triton, m)["parameters"].get("genserve.pipeline", {}).get("string_value") == "gan"]
+
+
+def _image_dims(config: dict) -> tuple[int, ...]:
+    return tuple(int(d) for d in next(o for o in config["output"] if o["name"] == "image")["dims"])
 
 
 # --- tests -----------------------------------------------------------------------------
@@ -136,7 +140,7 @@ def test_grpc_inference_matches_onnxruntime(triton):
         feeds = _random_inputs(config, batch=3, rng=rng)
         image = _infer(client, model, feeds)
         expected = _onnx_reference(triton.repository, model, config, feeds)
-        assert image.shape == (3, 1, 32, 32) == expected.shape
+        assert image.shape == (3, *_image_dims(config)) == expected.shape
         np.testing.assert_allclose(image, expected, atol=1e-6, rtol=1e-6)
 
 
@@ -154,7 +158,7 @@ def test_bad_input_is_an_error_response_not_a_crash(triton):
             _infer(client, model, bad)
     assert triton.proc.poll() is None, triton.logs()
     assert client.is_server_ready() and client.is_model_ready(model)
-    assert _infer(client, model, good).shape == (2, 1, 32, 32)
+    assert _infer(client, model, good).shape == (2, *_image_dims(config))
 
 
 def test_backend_error_stays_with_its_request(triton):

@@ -22,12 +22,14 @@ from safetensors.torch import save_file
 
 from export.__main__ import main
 from export.gan import GANExportError, export_gan_module
-from services.pipelines.pipeline_gan import GANPipeline
+from services.pipelines.pipeline_gan import GANModelInfo, GANPipeline
 from services.runtime.onnxruntime_backend import OnnxRuntimeBackend
 from services.runtime.repository import ModelRepository
+from tests.fixtures.checkpoints_as_published import save_as_if_on_cuda
 from tests.fixtures.generators.broken import Flat
 from tests.fixtures.generators.conditional import make_generator
 from tests.fixtures.generators.dcgan import DCGAN
+from tests.fixtures.generators.dcgan_tutorial import Generator as DCGANTutorial
 from tests.fixtures.generators.upsample import UpsampleGenerator
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -61,12 +63,13 @@ def _served(repo: Path, name: str, seed: int, n: int, class_label: int | None = 
     return asyncio.run(pipeline(seed, n, 1.0, class_label))
 
 
-def _documented_inputs(seed: int, n: int, latent_dim: int, num_classes: int = 0, class_label: int | None = None):
+def _documented_inputs(seed: int, n: int, latent_shape: int | tuple[int, ...], num_classes: int = 0,
+                       class_label: int | None = None):
     """The README's rule: image i uses default_rng(seed + i) for z, then (no label asked) its label."""
     z, labels = [], []
     for i in range(n):
         rng = np.random.default_rng(seed + i)
-        z.append(rng.standard_normal(latent_dim, dtype=np.float32))
+        z.append(rng.standard_normal(latent_shape, dtype=np.float32))
         if num_classes:
             labels.append(class_label if class_label is not None else rng.integers(num_classes))
     return np.stack(z), (np.array(labels, dtype=np.int64) if num_classes else None)
@@ -183,6 +186,59 @@ def test_served_conditional_images_equal_pytorch_for_asked_and_drawn_labels(cond
     assert len(set(labels.tolist())) > 1  # drawn labels differ between seeds
 
 
+# --- z as a map: the DCGAN tutorial's generator, as its checkpoints are published ----------------
+
+
+@pytest.fixture(scope="module")
+def dcgan_tutorial(tmp_path_factory):
+    """forward(z [N, 16, 1, 1]); weights.tar: a torch zip saved on CUDA, under netG_state_dict,
+    beside the discriminator's optimizer state, keys with DataParallel's `module.`."""
+    tmp = tmp_path_factory.mktemp("dcgan_tutorial")
+    model = _randomised(DCGANTutorial(ngpu=1, nc=3, nz=16, ngf=4), 4)
+    optimizer = torch.optim.Adam(model.parameters())
+    save_as_if_on_cuda({"netG_state_dict": {f"module.{k}": v for k, v in _state(model).items()},
+                        "optimizerG_state_dict": optimizer.state_dict(), "epoch": 5}, tmp / "weights.tar")
+    repo = tmp / "repo"
+    assert main(["gan", "--module", f"{GENERATORS / 'dcgan_tutorial.py'}:Generator", "--weights",
+                 str(tmp / "weights.tar"), "--name", "tutorial", "--latent-shape", "16,1,1",
+                 "--init-args", '{"ngpu": 1, "nc": 3, "nz": 16, "ngf": 4}', "--repository", str(repo)]) == 0
+    return model, repo, tmp / "weights.tar"
+
+
+def test_a_map_latent_is_the_graph_input_and_in_the_config(dcgan_tutorial):
+    spec = ModelRepository(dcgan_tutorial[1])["tutorial"]
+    assert [(t.name, tuple(t.dims)) for t in spec.inputs] == [("z", (16, 1, 1))]
+    p = spec.parameters
+    assert (p["genserve.latent_shape"], p["genserve.latent_dim"], p["genserve.image_size"]) == ("16,1,1", "16", "16")
+
+
+def test_served_map_latents_follow_the_seed_rule_and_equal_pytorch(dcgan_tutorial):
+    model, repo, _ = dcgan_tutorial
+    pipeline = GANPipeline(OnnxRuntimeBackend(ModelRepository(repo)), "tutorial")
+    for psi in (1.0, 0.5):
+        out = asyncio.run(pipeline(77, 4, psi))
+        z, _ = _documented_inputs(77, 4, (16, 1, 1))  # z = psi * rng.standard_normal(latent_shape)
+        np.testing.assert_allclose(out.images, _torch_images(model, psi * z), atol=1e-4, rtol=1e-3)
+    vector = ModelRepository(repo)["tutorial"].parameters | {"genserve.latent_shape": ""}
+    assert GANModelInfo.from_spec(type("Spec", (), {"parameters": vector})()).latent_shape == (16,)
+
+
+def test_a_map_generator_given_a_vector_latent_says_which_option_fits(dcgan_tutorial, tmp_path, capsys):
+    code, err = _cli(capsys, "--module", f"{GENERATORS / 'dcgan_tutorial.py'}:Generator", "--weights",
+                     str(dcgan_tutorial[2]), "--name", "x", "--latent-dim", "16", "--init-args",
+                     '{"ngpu": 1, "nc": 3, "nz": 16, "ngf": 4}', "--repository", str(tmp_path))
+    assert code == 2 and "with z float32 [3, 16] failed" in err and "takes --latent-shape 16,1,1" in err
+    for both_or_none in (["--latent-dim", "16", "--latent-shape", "16,1,1"], []):
+        with pytest.raises(SystemExit):
+            _cli(capsys, "--module", f"{GENERATORS / 'dcgan_tutorial.py'}:Generator", "--weights",
+                 str(dcgan_tutorial[2]), "--name", "x", *both_or_none)
+        assert "--latent-dim N (a vector) or --latent-shape C,H,W" in capsys.readouterr().err
+    for bad in ("16,x,1", "16,0,1"):
+        with pytest.raises(GANExportError, match="--latent-shape"):
+            export_gan_module(f"{GENERATORS / 'dcgan_tutorial.py'}:Generator", dcgan_tutorial[2], tmp_path, "x",
+                              latent_shape=bad)
+
+
 # --- refusals ----------------------------------------------------------------------------------
 
 
@@ -207,15 +263,6 @@ def test_a_pickled_module_is_refused_with_how_to_convert_it(tmp_path, capsys):
     assert "weights_only=True" in err and "not a plain state dict" in err
     assert "torch.save(torch.load(p, weights_only=False).state_dict()" in err and "save_file" in err
     assert not (tmp_path / "repo").exists()
-
-
-@pytest.mark.parametrize("suffix", [".bin", ".ckpt"])
-def test_other_weight_formats_are_refused(tmp_path, capsys, suffix):
-    path = tmp_path / f"gen{suffix}"
-    torch.save(_state(DCGAN()), path)
-    code, err = _cli(capsys, "--module", f"{GENERATORS / 'dcgan.py'}:DCGAN", "--weights", str(path),
-                     "--name", "x", "--latent-dim", "16", "--repository", str(tmp_path / "repo"))
-    assert code == 2 and f"{suffix} is not a weight format" in err and ".safetensors" in err
 
 
 def test_missing_and_unexpected_keys_are_named(tmp_path):
@@ -270,7 +317,7 @@ def test_module_refs_and_argument_combinations(tmp_path, flat_weights, capsys):
     assert exit_info.value.code == 2 and "not allowed with argument" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["gan", "--module", f"{GENERATORS / 'broken.py'}:Flat", "--name", "x"])
-    assert "--module needs --weights and --latent-dim" in capsys.readouterr().err
+    assert "--module needs --weights and z's shape: --latent-dim N" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["gan", "--checkpoint", "cgan_digits", "--name", "x", "--latent-dim", "8"])
     assert "--latent-dim: only with --module" in capsys.readouterr().err

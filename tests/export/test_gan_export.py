@@ -57,5 +57,5 @@ def test_parity_check_fails_loudly_on_a_wrong_graph(exported):
 def test_cli_exports_every_demo_model(tmp_path, capsys):
     assert main(["demo", "--repository", str(tmp_path)]) == 0
     out = capsys.readouterr().out
-    assert "cgan_digits" in out and "dcgan_digits" in out and "max abs error" in out
-    assert set(ModelRepository(tmp_path).models) >= {"cgan_digits", "dcgan_digits"}
+    assert "cgan_digits" in out and "dcgan_digits" in out and "dcgan_faces" in out and "max abs error" in out
+    assert set(ModelRepository(tmp_path).models) >= {"cgan_digits", "dcgan_digits", "dcgan_faces"}

@@ -46,11 +46,16 @@ def test_a_state_dict_of_no_known_architecture_is_named(tmp_path):
         export_sr(path, tmp_path / "repo", "mystery")
 
 
-def test_torchscript_and_unknown_suffixes_are_refused(tmp_path):
-    for name in ("model.pt", "model.onnx"):
-        (tmp_path / name).write_bytes(b"x")
-        with pytest.raises(ImageExportError, match=".pth or .safetensors"):
-            export_sr(tmp_path / name, tmp_path / "repo", "m")
+def test_checkpoints_are_read_as_published_and_other_files_refused(checkpoints, tmp_path):
+    # BasicSR's training checkpoints keep the weights twice: the error lists them, the key picks one.
+    state = build("compact").state_dict()
+    torch.save({"params": state, "params_ema": state}, tmp_path / "net_g_latest.bin")
+    with pytest.raises(ImageExportError, match="2 dicts of tensors.*'params_ema'.*--state-dict-key"):
+        export_sr(tmp_path / "net_g_latest.bin", tmp_path / "repo", "m")
+    assert export_sr(tmp_path / "net_g_latest.bin", tmp_path / "repo", "m", state_dict_key="params_ema").facts.scale == 2
+    (tmp_path / "model.onnx").write_bytes(b"x")
+    with pytest.raises(ImageExportError, match="no format read here"):
+        export_sr(tmp_path / "model.onnx", tmp_path / "repo", "m")
 
 
 def test_cli_exports_and_fails_with_a_message(checkpoints, tmp_path, capsys):

@@ -37,6 +37,13 @@ def test_unet_profile_covers_guidance_doubling_and_sizes():
     assert p["timestep"].max == (16,) and p["encoder_hidden_states"].opt == (2, 16, 64)
 
 
+def test_a_non_square_native_size_shapes_the_optimum_and_the_maximum():
+    wide = {**SD, "native_latent": (8, 12), "max_latent": (16, 24)}
+    p = stable_diffusion_profile("unet", **wide)
+    assert (p["sample"].opt, p["sample"].max) == ((2, 4, 8, 12), (16, 4, 16, 24))
+    assert stable_diffusion_profile("vae_encoder", **wide)["sample"].opt == (1, 1, 32, 48)
+
+
 def test_vae_profiles_count_images_not_rows():
     assert stable_diffusion_profile("vae_decoder", **SD)["latent_sample"].max == (8, 4, 16, 16)
     assert stable_diffusion_profile("vae_encoder", **SD)["sample"].max == (8, 1, 64, 64)

@@ -62,7 +62,7 @@ def test_configs_carry_the_contract(rgb):
     shared = {"genserve.pipeline": "vae", "genserve.pipeline_name": "vae_rgb", "genserve.vae_scale_factor": "2",
               "genserve.size_multiple": "2", "genserve.scaling_factor": "0.5", "genserve.shift_factor": "0.0625",
               "genserve.image_channels": "3", "genserve.latent_channels": "4", "genserve.sample_size": "16",
-              "genserve.force_upcast": "False"}
+              "genserve.sample_height": "16", "genserve.sample_width": "16", "genserve.force_upcast": "False"}
     assert enc.parameters == {**shared, "genserve.component": "vae_encoder"}
     assert dec.parameters == {**shared, "genserve.component": "vae_decoder"}
     # Triton's warm-up request runs at the native size (a 1x1 latent would not decode to the contract's shapes).

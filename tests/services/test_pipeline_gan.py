@@ -54,14 +54,14 @@ def test_image_i_is_reproduced_alone_by_seed_plus_i():
 
 
 def test_latents_follow_the_documented_recipe():
-    z, labels = prepare_latents(seed=7, num_images=2, latent_dim=8, truncation_psi=0.5, num_classes=10)
+    z, labels = prepare_latents(seed=7, num_images=2, latent_shape=8, truncation_psi=0.5, num_classes=10)
     rng = np.random.default_rng(8)
     np.testing.assert_array_equal(z[1], 0.5 * rng.standard_normal(8, dtype=np.float32))
     assert labels[1] == rng.integers(10)
 
 
 def test_truncation_zero_gives_the_mean_latent():
-    z, _ = prepare_latents(seed=1, num_images=3, latent_dim=8, truncation_psi=0.0)
+    z, _ = prepare_latents(seed=1, num_images=3, latent_shape=8, truncation_psi=0.0)
     assert not z.any()
 
 

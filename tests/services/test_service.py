@@ -92,7 +92,7 @@ def test_bad_input_gets_a_4xx_naming_the_field(server, body, status, field, limi
     if limit is not None:
         assert error["limit"] == limit
     if field == "model":
-        assert error["allowed"] == ["cgan_digits", "dcgan_digits", "stylegan_digits"]
+        assert error["allowed"] == ["cgan_digits", "dcgan_digits", "dcgan_faces", "stylegan_digits"]
 
 
 def test_malformed_json_is_a_4xx(server):
