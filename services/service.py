@@ -16,9 +16,13 @@ from services import playground
 from services.config import Settings
 from services.gateway import Gateway, Route
 from services.http import install_error_handlers
+from services.metrics_dir import use_private_multiprocess_dir
 from services.routers import ddpm, diffusion, gan, image_to_image, models, openai_images, stylegan, vae
 
 log = logging.getLogger("genserve")
+
+# In a worker: this server's own metrics directory, set before BentoML's app creates any metric.
+use_private_multiprocess_dir()
 
 # Each family router: its endpoints, and its entries for GET /v1/models.
 FAMILY_ROUTERS = (gan, stylegan, diffusion, ddpm, vae, image_to_image)
@@ -156,6 +160,12 @@ class GenServe:
         iteration runs the best size and the first Retry-After is an estimate."""
         for engine in self.ctx.engines.values():
             await engine.warmup()
+
+    @bentoml.on_shutdown
+    def _release_metrics(self) -> None:
+        from services import metrics_dir
+
+        metrics_dir.release()
 
     async def __is_ready__(self) -> bool:
         return await self.ctx.backend.is_ready()
