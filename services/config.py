@@ -109,10 +109,12 @@ class Settings:
     # The step engine serving a single request runs its calls expected under this many ms on
     # the event loop (nothing else to overlap; one request alone was 20% faster); 0: never.
     ort_alone_inline_ms: int = 20
-    default_gan_model: str = "cgan_digits"
-    default_diffusion_model: str = "sd_digits"
-    default_ddpm_model: str = "ddpm_digits"
-    default_vae_model: str = "vae_digits"
+    # Each family's model for requests that name none. Unset and not served: the family's only
+    # model, or none when several are served (requests must name one; see GenServe._check_defaults).
+    default_gan_model: str | None = "cgan_digits"
+    default_diffusion_model: str | None = "sd_digits"
+    default_ddpm_model: str | None = "ddpm_digits"
+    default_vae_model: str | None = "vae_digits"
     # Engine: back-pressure bound (denoising steps x images still to run), deadlines.
     max_queued_steps: int = 4000
     # ... and by its drain time priced by the measured cost model (0: off).

@@ -122,7 +122,9 @@ class ModelDescription(BaseModel):
 
 
 class ModelList(BaseModel):
-    default_models: dict[str, str]
+    default_models: dict[str, str | None] = Field(description=(
+        "Per family, the model a request naming none gets; null when several are served and none was "
+        "configured (requests must name `model`)."))
     models: list[ModelDescription]
 
 

@@ -266,7 +266,7 @@ def _check_common(body: _OpenAIImageFields) -> None:
 
 def _pipeline(ctx: ServiceContext, model: str | None):
     engines = ctx.engines_of(*diffusion.TEXT_FAMILIES)
-    name = model or ctx.settings.default_diffusion_model
+    name = ctx.model_name(model, "diffusion", engines)
     if name not in engines:
         raise ModelNotFound(f"model {name!r} is not an image pipeline served here (GET /v1/models lists them)",
                             field="model", allowed=sorted(engines))
