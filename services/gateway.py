@@ -11,7 +11,8 @@ before any work and in the one error shape, with a request id:
   6. body            content type (415), size by Content-Length and by counting (413),
                      read deadline (408); the body is read here and replayed to the app
   7. CORS            GENSERVE_CORS_ORIGINS allow-list, preflights answered here
-Anything the app raises past its own handlers becomes a 500 in the same shape.
+Anything the app raises past its own handlers becomes a 500 in the same shape. What a
+client sent (a path holding %0a, ESC or NUL) is logged escaped: it cannot forge log lines.
 """
 
 from __future__ import annotations
@@ -33,6 +34,31 @@ from services.ratelimit import RateLimiter, retry_after
 
 log = logging.getLogger("genserve")
 
+# Control characters (C0, DEL, C1), Unicode line breaks, and the backslash that escapes them.
+_UNPRINTABLE = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029\\]")
+
+
+def printable(text: str) -> str:
+    """`text` on one line: control characters as \\xNN or \\uNNNN, backslashes doubled."""
+    def escape(m: re.Match) -> str:
+        char = m.group()
+        return "\\\\" if char == "\\" else f"\\x{ord(char):02x}" if ord(char) < 0x100 else f"\\u{ord(char):04x}"
+    return _UNPRINTABLE.sub(escape, text)
+
+
+class _PrintableArguments(logging.Filter):
+    """The text arguments of every genserve log record (and exceptions, as text), printable:
+    client text reaches the log through them (paths, names), never as the format string."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.args, tuple):
+            record.args = tuple(printable(str(a)) if isinstance(a, (str, BaseException)) else a
+                                for a in record.args)
+        return True
+
+
+log.addFilter(_PrintableArguments())
+
 REQUEST_ID_HEADER = "x-request-id"
 _VALID_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 request_id_var: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="")
@@ -51,6 +77,7 @@ class Route:
     public: bool = False  # reachable without an API key
     limited: bool = True  # counts against the request rate limit
     drains: bool = True  # refused while shutting down (health and metrics stay up)
+    shaped: bool = True  # the app answers errors in the one shape (BentoML's own routes answer plain text)
 
 
 def error_body(status: int, code: str, message: str, **extra) -> dict:
@@ -153,7 +180,7 @@ class Gateway:
         client_token = client_var.set(client)
         self.inflight += route.drains
         try:
-            await self.app(scope, receive, send)
+            await (self.app if route.shaped else self._shape_errors)(scope, receive, send)
         finally:
             self.inflight -= route.drains
             client_var.reset(client_token)
@@ -205,6 +232,25 @@ class Gateway:
             chunks.append(chunk)
             if not message.get("more_body", False):
                 return b"".join(chunks)
+
+    async def _shape_errors(self, scope, receive, send):
+        """BentoML answers its own routes' errors (a /readyz that is not ready) in plain text:
+        they leave in the one error shape instead."""
+        failed = 0
+
+        async def send_or_hold(message):
+            nonlocal failed
+            if message["type"] == "http.response.start" and message["status"] >= 400:
+                failed = message["status"]
+            if not failed:
+                await send(message)
+
+        await self.app(scope, receive, send_or_hold)
+        if failed == 503:
+            raise _Refused(503, "not_ready", "the service is not ready (starting, or its backend is unavailable); "
+                           "retry", headers={"Retry-After": "1"})
+        if failed:
+            raise _Refused(500, "internal_error", f"{scope['path']} failed; the request id is in the server log")
 
     # -- CORS ----------------------------------------------------------------------------
     def _cors_headers(self, headers) -> dict[str, str]:

@@ -43,7 +43,7 @@ for _module in (*FAMILY_ROUTERS, models, openai_images):
 def edge_routes(api: FastAPI) -> dict[str, Route]:
     """What the gateway lets through: BentoML's health and metrics, the /v1 API (paths,
     methods and body types as its OpenAPI document states them) and its docs pages."""
-    health = dict(public=True, limited=False, drains=False)
+    health = dict(public=True, limited=False, drains=False, shaped=False)
     routes = {path: Route(frozenset({"GET"}), **health) for path in ("/livez", "/readyz", "/healthz", "/metrics")}
     for path, operations in api.openapi()["paths"].items():
         content = set()

@@ -13,7 +13,7 @@ from services.gateway import Gateway, Route, client_var, request_id_var
 
 ROUTES = {
     "/livez": Route(frozenset({"GET"}), public=True, limited=False, drains=False),
-    "/readyz": Route(frozenset({"GET"}), public=True, limited=False, drains=False),
+    "/readyz": Route(frozenset({"GET"}), public=True, limited=False, drains=False, shaped=False),
     "/metrics": Route(frozenset({"GET"}), public=True, limited=False, drains=False),
     "/v1/echo": Route(frozenset({"POST"}), frozenset({"application/json"})),
     "/v1/models": Route(frozenset({"GET"})),
@@ -25,6 +25,10 @@ async def inner(scope, receive, send):
     """Echoes what it saw: body length, request id and client as the gateway set them."""
     if scope["path"] == "/v1/boom":
         raise RuntimeError("a bug")
+    if scope["path"] == "/readyz" and (b"x-test-not-ready", b"1") in scope["headers"]:  # as BentoML answers
+        await send({"type": "http.response.start", "status": 503, "headers": [(b"content-type", b"text/plain")]})
+        await send({"type": "http.response.body", "body": b"Service is not ready"})
+        return
     body = b""
     if scope["method"] == "POST":
         while True:
@@ -204,6 +208,13 @@ def test_draining_refuses_new_work_but_not_health_or_metrics():
     assert call(g, "GET", "/livez").status_code == 200 and call(g, "GET", "/metrics").status_code == 200
 
 
+def test_a_readiness_check_that_fails_answers_in_the_error_shape_with_retry_after():
+    r = call(make(), "GET", "/readyz", headers={"X-Test-Not-Ready": "1"})
+    assert_error(r, 503, "not_ready")
+    assert r.headers["retry-after"] == "1" and "Service is not ready" not in r.text
+    assert call(make(), "GET", "/readyz").status_code == 200
+
+
 def test_settings_parse_rates_and_refuse_nonsense(monkeypatch):
     assert Rate.parse("20/s").per_second == 20 and Rate.parse("600/min").per_second == 10
     for bad in ("20", "0/s", "x/s", "5/fortnight"):
@@ -216,3 +227,12 @@ def test_settings_parse_rates_and_refuse_nonsense(monkeypatch):
     monkeypatch.setenv("GENSERVE_RATE_LIMIT", "lots")
     with pytest.raises(ValueError, match="GENSERVE_RATE_LIMIT"):
         Settings.from_env()
+
+
+def test_client_text_cannot_forge_log_lines(caplog):
+    caplog.set_level("INFO")
+    forged = "2026-12-07T06:40:00+0000 [INFO] [cli] admin login ok"
+    assert call(make(), "GET", f"/livez%0a{forged}%1b[2K%00%e2%80%a8").status_code == 404
+    line = next(r.getMessage() for r in caplog.records if "GET /livez" in r.getMessage())
+    assert "\n" not in line and "\x1b" not in line and "\x00" not in line and "\u2028" not in line
+    assert f"/livez\\x0a{forged}\\x1b[2K\\x00\\u2028" in line
