@@ -88,11 +88,16 @@ class KeyStore:
         return None if found is None else key_id(found)
 
 
-def presented_key(headers: dict[str, str]) -> str | None:
-    """`Authorization: Bearer <key>` (as OpenAI clients send) or `X-API-Key: <key>`."""
-    auth = headers.get("authorization", "")
-    scheme, _, value = auth.partition(" ")
-    if scheme.lower() == "bearer" and value.strip():
-        return value.strip()
-    key = headers.get("x-api-key", "").strip()
-    return key or None
+def presented_keys(raw_headers: list[tuple[bytes, bytes]]) -> list[str]:
+    """Every key a request presents: `Authorization: Bearer <key>` (as OpenAI clients send)
+    and `X-API-Key: <key>`, each header as often as it is given."""
+    keys = []
+    for name, value in raw_headers:
+        name, text = name.lower(), value.decode("latin-1").strip()
+        if name == b"authorization":
+            scheme, _, key = text.partition(" ")
+            if scheme.lower() == "bearer" and key.strip():
+                keys.append(key.strip())
+        elif name == b"x-api-key" and text:
+            keys.append(text)
+    return keys

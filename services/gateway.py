@@ -6,7 +6,9 @@ before any work and in the one error shape, with a request id:
   2. route           only known paths and methods go on (404/405 here, so clients
                      cannot grow /metrics with made-up paths)
   3. shutdown        after SIGTERM: 503 for new work, /readyz 503, in-flight requests finish
-  4. API key         GENSERVE_API_KEYS_FILE; 401 without a valid key
+  4. API key         GENSERVE_API_KEYS_FILE; 401 without a valid key, 400 for two different
+                     keys in one request; past GENSERVE_AUTH_FAILURE_LIMIT failures from one
+                     client address, 429 for its keyed requests until the bucket refills
   5. rate limit      GENSERVE_RATE_LIMIT per key (per client address without keys); 429
   6. body            content type (415), size by Content-Length and by counting (413),
                      read deadline (408); the body is read here and replayed to the app
@@ -28,7 +30,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 
-from services.auth import KeyStore, presented_key
+from services.auth import KeyStore, presented_keys
 from services.config import Settings
 from services.ratelimit import RateLimiter, retry_after
 
@@ -103,10 +105,13 @@ class Gateway:
     on_error: object = None  # callable(endpoint, code): counts refusals
     on_rate_limited: object = None  # callable(client, limit): counts rate-limit refusals
     _limiter: RateLimiter | None = field(default=None, repr=False)
+    _auth_failures: RateLimiter | None = field(default=None, repr=False)  # per client address
 
     def __post_init__(self):
         if self.settings.api_keys_file is not None:
             self.keys = KeyStore(self.settings.api_keys_file)
+            if self.settings.auth_failure_limit is not None:
+                self._auth_failures = RateLimiter(self.settings.auth_failure_limit)
         else:
             log.warning("API keys are off (GENSERVE_API_KEYS_FILE is not set): every client is served")
         if self.settings.rate_limit is not None:
@@ -154,7 +159,8 @@ class Gateway:
         route = self.routes.get(path)
         if route is None:
             raise _Refused(404, "not_found", f"no endpoint at {path}; the API is described at /v1/docs")
-        if method == "OPTIONS" and "access-control-request-method" in headers and cors:
+        allowed_origin = "access-control-allow-origin" in cors
+        if method == "OPTIONS" and "access-control-request-method" in headers and allowed_origin:
             return await self._preflight(send, route, headers)
         if method not in route.methods and not (method == "HEAD" and "GET" in route.methods):
             allow = ", ".join(sorted(route.methods))
@@ -163,7 +169,7 @@ class Gateway:
         if self.draining and (route.drains or path == "/readyz"):
             raise _Refused(503, "shutting_down", "this server is shutting down; retry (another replica answers)",
                            headers={"Retry-After": "1", "Connection": "close"})
-        client = self._authenticate(scope, route, headers)
+        client = self._authenticate(scope, route)
         if route.limited and self._limiter is not None:
             wait = self._limiter.acquire(client)
             if wait > 0:
@@ -185,18 +191,32 @@ class Gateway:
             self.inflight -= route.drains
             client_var.reset(client_token)
 
-    def _authenticate(self, scope, route: Route, headers) -> str:
+    def _authenticate(self, scope, route: Route) -> str:
+        address = f"addr:{(scope.get('client') or ('unknown', 0))[0]}"
         needs_key = self.keys is not None and (
             not route.public or (scope["path"] == "/metrics" and self.settings.metrics_require_key))
         if not needs_key:
-            host = (scope.get("client") or ("unknown", 0))[0]
-            return f"addr:{host}"
-        presented = presented_key(headers)
-        if presented is None:
-            raise _Refused(401, "unauthorized", "an API key is required: send `Authorization: Bearer <key>` "
-                           "or `X-API-Key: <key>`", headers={"WWW-Authenticate": "Bearer"})
-        kid = self.keys.identify(presented)
+            return address
+        if self._auth_failures is not None and (wait := self._auth_failures.wait(address)) > 0:
+            # Valid keys wait too: otherwise a guess that is right would still stand out.
+            if self.on_rate_limited is not None:
+                self.on_rate_limited(address, "auth_failures")
+            limit = self.settings.auth_failure_limit
+            raise _Refused(429, "rate_limited", f"more than {limit} failed authentications from this address; "
+                           f"retry in {retry_after(wait)}s", headers={"Retry-After": str(retry_after(wait))},
+                           limit=str(limit))
+        keys = presented_keys(scope["headers"])
+        if len(set(keys)) > 1:  # which one would count is a guess: refuse rather than pick
+            raise _Refused(400, "bad_request", "send one API key, in one `Authorization` or `X-API-Key` header",
+                           field="Authorization")
+        presented = keys[0] if keys else None
+        kid = None if presented is None else self.keys.identify(presented)
         if kid is None:
+            if self._auth_failures is not None:
+                self._auth_failures.acquire(address)
+            if presented is None:
+                raise _Refused(401, "unauthorized", "an API key is required: send `Authorization: Bearer <key>` "
+                               "or `X-API-Key: <key>`", headers={"WWW-Authenticate": "Bearer"})
             raise _Refused(401, "unauthorized", "the API key is not valid", headers={"WWW-Authenticate": "Bearer"})
         return f"key:{kid}"
 
@@ -256,8 +276,10 @@ class Gateway:
     def _cors_headers(self, headers) -> dict[str, str]:
         origin = headers.get("origin")
         allowed = self.settings.cors_origins
-        if not origin or not allowed or not (origin in allowed or "*" in allowed):
+        if not allowed:
             return {}
+        if not origin or not (origin in allowed or "*" in allowed):
+            return {"vary": "Origin"}  # the answer depends on Origin: caches must keep them apart
         return {"access-control-allow-origin": origin, "vary": "Origin",
                 "access-control-expose-headers": CORS_EXPOSED_HEADERS}
 

@@ -12,7 +12,7 @@ import os
 import bentoml
 from fastapi import FastAPI
 
-from services import playground
+from services import connections, playground
 from services.config import Settings
 from services.gateway import Gateway, Route
 from services.http import install_error_handlers
@@ -64,9 +64,11 @@ class GenServeService(bentoml.Service):
         from services.metrics import service_metrics
 
         with failure_stops_the_server():  # bad settings, say
+            settings = Settings.from_env()
+            connections.install(settings)  # before BentoML builds uvicorn's Config with this app
             # /v1/images/* (the OpenAI Images API) answers errors in OpenAI's shape, the gateway's too.
             return openai_images.OpenAIErrorShape(Gateway(
-                playground.Playground(super().to_asgi(is_main)), Settings.from_env(),
+                playground.Playground(super().to_asgi(is_main)), settings,
                 {**edge_routes(app), **playground.routes()},
                 on_error=lambda endpoint, code: service_metrics().errors.labels(endpoint, code).inc(),
                 on_rate_limited=lambda client, limit: service_metrics().observe_rate_limited(client, limit)))

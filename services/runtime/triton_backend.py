@@ -260,7 +260,8 @@ class TritonBackend(InferenceBackend):
             except TritonUnreachable as exc:
                 self._next_probe = time.monotonic() + 1.0
                 if self.shared_memory == "required":
-                    raise BackendUnavailable("Triton is unreachable; retry", detail=f"Triton at {self.url}: {exc}") from None
+                    raise BackendUnavailable("Triton is unreachable; retry",
+                                             detail=f"Triton at {self.url}: {exc}") from None
                 return  # the call itself will say so (or succeed: Triton just came back)
             self._apply_probe(failure)
 

@@ -236,3 +236,39 @@ def test_client_text_cannot_forge_log_lines(caplog):
     line = next(r.getMessage() for r in caplog.records if "GET /livez" in r.getMessage())
     assert "\n" not in line and "\x1b" not in line and "\x00" not in line and "\u2028" not in line
     assert f"/livez\\x0a{forged}\\x1b[2K\\x00\\u2028" in line
+
+
+def test_failed_authentications_are_limited_per_address_and_then_valid_keys_wait_too(keys_file):
+    now = [0.0]
+    g = make(api_keys_file=keys_file, auth_failure_limit=Rate.parse("5/min"))
+    g._auth_failures._clock = lambda: now[0]
+    wrong = [call(g, "GET", "/v1/models", headers={"Authorization": f"Bearer guess-{i}"}) for i in range(8)]
+    assert [r.status_code for r in wrong] == [401] * 5 + [429] * 3
+    error = assert_error(wrong[-1], 429, "rate_limited")
+    assert error["limit"] == "5/min" and 12 <= int(wrong[-1].headers["retry-after"]) <= 13
+    # A right guess would stand out if it passed: it waits like the others.
+    assert call(g, "GET", "/v1/models", headers={"Authorization": "Bearer plain-key-1"}).status_code == 429
+    assert call(g, "GET", "/livez").status_code == 200  # health needs no key and is not limited
+    now[0] += int(wrong[-1].headers["retry-after"])  # as told
+    assert call(g, "GET", "/v1/models", headers={"Authorization": "Bearer plain-key-1"}).status_code == 200
+
+
+def test_two_different_keys_in_one_request_are_refused(keys_file):
+    g = make(api_keys_file=keys_file)
+    twice = [(b"authorization", b"Bearer plain-key-1"), (b"authorization", b"Bearer hashed-key-2")]
+    r = call(g, "GET", "/v1/models", headers=twice)
+    assert assert_error(r, 400, "bad_request")["field"] == "Authorization"
+    both = {"Authorization": "Bearer plain-key-1", "X-API-Key": "hashed-key-2"}
+    assert_error(call(g, "GET", "/v1/models", headers=both), 400, "bad_request")
+    same = {"Authorization": "Bearer plain-key-1", "X-API-Key": "plain-key-1"}
+    assert call(g, "GET", "/v1/models", headers=same).status_code == 200
+
+
+def test_with_cors_on_every_answer_varies_by_origin():
+    on = make(cors_origins=("https://app.example",))
+    for origin in ("https://app.example", "https://evil.example", None):
+        r = call(on, "GET", "/v1/models", headers={"Origin": origin} if origin else {})
+        assert r.headers["vary"] == "Origin", origin
+    preflight = {"Origin": "https://evil.example", "Access-Control-Request-Method": "POST"}
+    assert call(on, "OPTIONS", "/v1/echo", headers=preflight).status_code == 405
+    assert "vary" not in call(make(), "GET", "/v1/models").headers
