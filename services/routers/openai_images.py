@@ -298,13 +298,16 @@ def _genserve_fields(body: _OpenAIImageFields, name: str) -> dict:
 
 def openai_mask_to_genserve(mask_b64: str) -> str:
     """OpenAI's mask (transparent = edit) -> genserve's (white = repaint), as base64 PNG."""
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image
+
+    from services.imaging import NotAnAcceptedImage, open_image
 
     try:
-        image = Image.open(io.BytesIO(base64.b64decode(mask_b64, validate=True)))
+        image = open_image(base64.b64decode(mask_b64, validate=True), "mask")
         image.load()
-    except (ValueError, OSError, UnidentifiedImageError, Image.DecompressionBombError):
-        raise InvalidRequest("mask is not a readable PNG image", field="mask") from None
+    except (ValueError, OSError, Image.DecompressionBombError):
+        raise InvalidRequest("mask is not a readable PNG, JPEG or WebP image", field="mask",
+                             allowed=NotAnAcceptedImage.allowed) from None
     if image.mode not in ("RGBA", "LA", "PA") and "transparency" not in image.info:
         raise InvalidRequest("mask needs an alpha channel: its transparent pixels mark the area to edit "
                              "(OpenAI's convention)", field="mask")
