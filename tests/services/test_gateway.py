@@ -272,3 +272,21 @@ def test_with_cors_on_every_answer_varies_by_origin():
     preflight = {"Origin": "https://evil.example", "Access-Control-Request-Method": "POST"}
     assert call(on, "OPTIONS", "/v1/echo", headers=preflight).status_code == 405
     assert "vary" not in call(make(), "GET", "/v1/models").headers
+
+
+@pytest.mark.parametrize("bad", ["", "# only a comment\n\n", "sha256:not-hex\n"])
+def test_a_rotation_to_an_empty_or_malformed_file_keeps_the_old_keys(keys_file, monkeypatch, caplog, bad):
+    now = [0.0]
+    monkeypatch.setattr("services.auth.time.monotonic", lambda: now[0])
+    g = make(api_keys_file=keys_file)
+    keys_file.write_text(bad)  # caught half-written, or truncated by mistake
+    now[0] += 2
+    assert call(g, "GET", "/v1/models", headers={"Authorization": "Bearer plain-key-1"}).status_code == 200
+    assert "keeping the 2 keys read before" in caplog.text
+    keys_file.write_text("rotated-key\n")  # the finished file takes over
+    now[0] += 2
+    assert call(g, "GET", "/v1/models", headers={"Authorization": "Bearer rotated-key"}).status_code == 200
+    assert call(g, "GET", "/v1/models", headers={"Authorization": "Bearer plain-key-1"}).status_code == 401
+    with pytest.raises(ValueError, match="GENSERVE_API_KEYS_FILE"):  # at start-up, each is an error
+        keys_file.write_text(bad)
+        make(api_keys_file=keys_file)
