@@ -59,12 +59,17 @@ def use_private_multiprocess_dir() -> Path | None:
         return None
     supervisor = os.getppid()
     base = base_dir()
-    base.mkdir(mode=0o700, parents=True, exist_ok=True)
-    for old in base.iterdir():  # servers stopped without cleaning up (killed)
-        if not _server_alive(old.name):
-            shutil.rmtree(old, ignore_errors=True)
     directory = base / f"{supervisor}-{_started(supervisor)}"
-    directory.mkdir(mode=0o700, exist_ok=True)
+    try:
+        base.mkdir(mode=0o700, parents=True, exist_ok=True)
+        for old in base.iterdir():  # servers stopped without cleaning up (killed)
+            if not _server_alive(old.name):
+                shutil.rmtree(old, ignore_errors=True)
+        directory.mkdir(mode=0o700, exist_ok=True)
+    except OSError as exc:  # mixed metrics are better than no server
+        log.warning("metrics stay in BentoML's shared directory %s: %s cannot be created (%s)",
+                    os.environ[ENV], directory, exc)
+        return None
     os.environ[ENV] = str(directory)
     _forget_dead_workers(directory)
     global _directory

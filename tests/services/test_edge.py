@@ -63,7 +63,7 @@ def edge(repository, tmp_path_factory):
     yield from running_server({
         "GENSERVE_MODEL_REPOSITORY": str(repository), "GENSERVE_API_KEYS_FILE": str(keys),
         "GENSERVE_AUTH_FAILURE_LIMIT": "5/min", "GENSERVE_HEADER_TIMEOUT_S": str(HEADER_TIMEOUT_S),
-        "GENSERVE_MAX_CONNECTIONS_PER_CLIENT": str(CONNECTIONS_PER_ADDRESS),
+        "GENSERVE_MAX_CONNECTIONS_PER_CLIENT": str(CONNECTIONS_PER_ADDRESS), "GENSERVE_KEEP_ALIVE_TIMEOUT_S": "1",
     }, folder)
 
 
@@ -104,6 +104,41 @@ def test_slowloris_connections_are_closed_past_the_header_timeout(edge):
     assert all(answers[s].startswith(b"HTTP/1.1 408") for s in slow), [answers[s][:40] for s in slow]
     assert all(answers[s] == b"" for s in silent)
     assert httpx.get(f"{edge.url}/livez").status_code == 200
+
+
+def read_response(s: socket.socket) -> bytes:
+    data = b""
+    while b"\r\n\r\n" not in data or len(data.split(b"\r\n\r\n", 1)[1]) < int(
+            re.search(rb"content-length: (\d+)", data, re.I).group(1)):
+        data += s.recv(4096)
+    return data
+
+
+def test_kept_alive_connections_close_when_idle_and_each_head_has_its_deadline(edge):
+    request = b"GET /livez HTTP/1.1\r\nHost: x\r\n\r\n"
+    with connect(edge) as idle:
+        idle.sendall(request)
+        assert read_response(idle).startswith(b"HTTP/1.1 200")
+        start = time.monotonic()
+        assert idle.recv(4096) == b""  # GENSERVE_KEEP_ALIVE_TIMEOUT_S=1
+        assert time.monotonic() - start < 3
+    with connect(edge) as slow:  # a second head dribbled in after a first request
+        slow.sendall(request)
+        assert read_response(slow).startswith(b"HTTP/1.1 200")
+        slow.settimeout(0.4)
+        start, answer = time.monotonic(), b""
+        for line in [b"GET /livez HTTP/1.1\r\n"] + [b"X-Slow: 1\r\n"] * 20:
+            try:
+                slow.sendall(line)
+                answer += slow.recv(4096)
+            except socket.timeout:
+                continue
+            except OSError:
+                break
+            if answer:
+                break
+        assert answer.startswith(b"HTTP/1.1 408"), answer[:100]
+        assert time.monotonic() - start < HEADER_TIMEOUT_S + 2
 
 
 def test_connections_per_client_address_are_capped(edge):
