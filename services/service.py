@@ -12,18 +12,17 @@ import os
 import bentoml
 from fastapi import FastAPI
 
-from services import connections, playground
+from services import connections, metrics_dir, playground
 from services.config import Settings
 from services.gateway import Gateway, Route
 from services.http import install_error_handlers
-from services.metrics_dir import use_private_multiprocess_dir
 from services.startup import failure_stops_the_server, supervise
 from services.routers import ddpm, diffusion, gan, image_to_image, models, openai_images, stylegan, vae
 
 log = logging.getLogger("genserve")
 
 # In a worker: this server's own metrics directory, set before BentoML's app creates any metric.
-use_private_multiprocess_dir()
+metrics_dir.use_private_multiprocess_dir()
 
 # Each family router: its endpoints, and its entries for GET /v1/models.
 FAMILY_ROUTERS = (gan, stylegan, diffusion, ddpm, vae, image_to_image)
@@ -63,7 +62,7 @@ class GenServeService(bentoml.Service):
     def to_asgi(self, is_main: bool = True):
         from services.metrics import service_metrics
 
-        with failure_stops_the_server():  # bad settings, say
+        with failure_stops_the_server(metrics_dir.release):  # bad settings, say
             settings = Settings.from_env()
             connections.install(settings)  # before BentoML builds uvicorn's Config with this app
             # /v1/images/* (the OpenAI Images API) answers errors in OpenAI's shape, the gateway's too.
@@ -83,7 +82,7 @@ class GenServe:
         supervise()
 
     def __init__(self) -> None:
-        with failure_stops_the_server():
+        with failure_stops_the_server(metrics_dir.release):
             self._start()
 
     def _start(self) -> None:
@@ -172,14 +171,12 @@ class GenServe:
     async def _warm_up(self) -> None:
         """Times each engine's denoiser by batch rows (its cost model), so the first
         iteration runs the best size and the first Retry-After is an estimate."""
-        with failure_stops_the_server():
+        with failure_stops_the_server(metrics_dir.release):
             for engine in self.ctx.engines.values():
                 await engine.warmup()
 
     @bentoml.on_shutdown
     def _release_metrics(self) -> None:
-        from services import metrics_dir
-
         metrics_dir.release()
 
     async def __is_ready__(self) -> bool:

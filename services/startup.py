@@ -45,12 +45,14 @@ def _exit_status() -> None:
 
 
 @contextlib.contextmanager
-def failure_stops_the_server():
-    """Around a worker's start-up: a failure tells the supervisor (when there is one) before
-    it propagates."""
+def failure_stops_the_server(cleanup=None):
+    """Around a worker's start-up: a failure runs `cleanup` (no shutdown hook runs after a
+    failed start) and tells the supervisor (when there is one) before it propagates."""
     try:
         yield
     except BaseException:
+        if cleanup is not None:
+            cleanup()
         supervisor = os.getppid()
         if os.environ.get(SERVER_PID) == str(supervisor):
             os.kill(supervisor, signal.SIGUSR1)

@@ -45,13 +45,14 @@ def test_a_configured_default_that_is_not_served_is_refused(monkeypatch):
 
 @pytest.mark.server
 def test_a_failed_start_exits_non_zero_and_closes_the_port(repository, tmp_path):
-    server = LocalServer({"GENSERVE_MODEL_REPOSITORY": str(repository), "GENSERVE_DEFAULT_VAE_MODEL": "nope"},
-                         tmp_path / "bentoml.log")
+    server = LocalServer({"GENSERVE_MODEL_REPOSITORY": str(repository), "GENSERVE_DEFAULT_VAE_MODEL": "nope",
+                          "TMPDIR": str(tmp_path)}, tmp_path / "bentoml.log")
     try:
         # BentoML's supervisor used to respawn the worker forever, the port open and unanswered.
         assert server.proc.wait(timeout=120) != 0, server.logs()
         assert "GENSERVE_DEFAULT_VAE_MODEL='nope' is not in the repository" in server.logs()
         with pytest.raises(ConnectionRefusedError):
             socket.create_connection(("127.0.0.1", server.port), timeout=5).close()
+        assert not any((tmp_path / "genserve-metrics").iterdir())  # its metrics directory is gone too
     finally:
         server.stop()
