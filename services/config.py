@@ -14,9 +14,11 @@ TRITON_SHARED_MEMORY = ("auto", "off", "required")
 ORT_THREAD_POOLS = ("shared", "per-session")
 
 
-def _rate(name: str) -> "Rate | None":
+def _rate(name: str, default: "Rate | None" = None) -> "Rate | None":
     raw = os.environ.get(name, "").strip()
     if not raw:
+        return default
+    if raw.lower() in ("0", "off"):
         return None
     try:
         return Rate.parse(raw)
@@ -64,6 +66,19 @@ class Rate:
         return f"{self.count:g}/{unit}"
 
 
+def _networks(name: str) -> tuple[str, ...]:
+    """Comma-separated IP addresses or networks (10.0.0.0/8), each checked and normalised."""
+    import ipaddress
+
+    items = []
+    for item in (i.strip() for i in os.environ.get(name, "").split(",") if i.strip()):
+        try:
+            items.append(str(ipaddress.ip_network(item, strict=False) if "/" in item else ipaddress.ip_address(item)))
+        except ValueError:
+            raise ValueError(f"{name}: {item!r} is not an IP address or network (e.g. 10.0.0.0/8)") from None
+    return tuple(items)
+
+
 def _choice(name: str, default: str, allowed: tuple[str, ...]) -> str:
     value = os.environ.get(name, default).strip().lower() or default
     if value not in allowed:
@@ -109,10 +124,12 @@ class Settings:
     # The step engine serving a single request runs its calls expected under this many ms on
     # the event loop (nothing else to overlap; one request alone was 20% faster); 0: never.
     ort_alone_inline_ms: int = 20
-    default_gan_model: str = "cgan_digits"
-    default_diffusion_model: str = "sd_digits"
-    default_ddpm_model: str = "ddpm_digits"
-    default_vae_model: str = "vae_digits"
+    # Each family's model for requests that name none. Unset and not served: the family's only
+    # model, or none when several are served (requests must name one; see GenServe._check_defaults).
+    default_gan_model: str | None = "cgan_digits"
+    default_diffusion_model: str | None = "sd_digits"
+    default_ddpm_model: str | None = "ddpm_digits"
+    default_vae_model: str | None = "vae_digits"
     # Engine: back-pressure bound (denoising steps x images still to run), deadlines.
     max_queued_steps: int = 4000
     # ... and by its drain time priced by the measured cost model (0: off).
@@ -138,6 +155,15 @@ class Settings:
     rate_limit_image_steps: Rate | None = None  # diffusion image-steps per key
     cors_origins: tuple[str, ...] = ()
     shutdown_grace_s: int = 30
+    # Failed authentications per client address before 429 (all its keyed requests wait).
+    auth_failure_limit: Rate | None = Rate(30, 60.0)
+    # Connections (services.connections): proxies whose X-Forwarded-For names the client
+    # (none by default), a request head's deadline, the idle keep-alive timeout, and the
+    # connections one client address may hold open (0: no cap; trusted proxies have none).
+    trusted_proxies: tuple[str, ...] = ()
+    header_timeout_s: int = 10
+    keep_alive_timeout_s: int = 5
+    max_connections_per_client: int = 128
 
     @classmethod
     def from_env(cls) -> "Settings":
@@ -185,6 +211,11 @@ class Settings:
             cors_origins=tuple(o.strip().rstrip("/") for o in os.environ.get("GENSERVE_CORS_ORIGINS", "").split(",")
                                if o.strip()),
             shutdown_grace_s=_int("GENSERVE_SHUTDOWN_GRACE_S", cls.shutdown_grace_s),
+            auth_failure_limit=_rate("GENSERVE_AUTH_FAILURE_LIMIT", cls.auth_failure_limit),
+            trusted_proxies=_networks("GENSERVE_TRUSTED_PROXIES"),
+            header_timeout_s=_int("GENSERVE_HEADER_TIMEOUT_S", cls.header_timeout_s, minimum=1),
+            keep_alive_timeout_s=_int("GENSERVE_KEEP_ALIVE_TIMEOUT_S", cls.keep_alive_timeout_s, minimum=1),
+            max_connections_per_client=_int("GENSERVE_MAX_CONNECTIONS_PER_CLIENT", cls.max_connections_per_client),
         )
         if backend == "onnxruntime" and settings.ort_thread_pool == "shared" and not settings.ort_allow_spinning:
             raise ValueError("GENSERVE_ORT_ALLOW_SPINNING=0 needs GENSERVE_ORT_THREAD_POOL=per-session: "

@@ -25,7 +25,7 @@ def decode_field(data: str, channels: int, field: str, max_side: int) -> np.ndar
     except ImageTooLarge as exc:
         raise InvalidRequest(str(exc), field=field, limit=exc.limit) from None
     except ValueError as exc:
-        raise InvalidRequest(str(exc), field=field) from None
+        raise InvalidRequest(str(exc), field=field, allowed=getattr(exc, "allowed", None)) from None
 
 
 def image_steps(request: DiffusionRequest, rounding: str = "steps") -> int:

@@ -3,10 +3,13 @@ validation happens before any handler runs and the OpenAPI page shows them."""
 
 from __future__ import annotations
 
+import functools
 import secrets
+import types
+import typing
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from services.schedulers import SCHEDULERS
 
@@ -44,10 +47,47 @@ def resolve_seed(seed: int | None, num_images: int) -> int:
     return seed
 
 
+def _integer_kind(annotation) -> str | None:
+    """'int' for an integer field (optional or annotated too), 'list' for a list of them."""
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if annotation is int:
+        return "int"
+    if origin is Annotated:
+        return _integer_kind(args[0])
+    if origin in (typing.Union, types.UnionType):
+        kinds = {_integer_kind(a) for a in args if a is not type(None)}
+        return kinds.pop() if len(kinds) == 1 else None
+    if origin is list and args and _integer_kind(args[0]) == "int":
+        return "list"
+    return None
+
+
+def _integral(value):
+    return int(value) if type(value) is float and value.is_integer() else value
+
+
 class _Strict(BaseModel):
     # Unknown fields are errors (a typo must not silently fall back to a default), and
     # "3" is not 3: wrong types are rejected, not coerced.
     model_config = ConfigDict(extra="forbid", strict=True, protected_namespaces=())
+
+    @model_validator(mode="before")
+    @classmethod
+    def _integral_floats_are_integers(cls, data):
+        """3961875.0 is an integer to JSON Schema (and some clients send every number as a
+        float): integer fields take integral floats; 3.5 is still refused."""
+        if not isinstance(data, dict):
+            return data
+        fields = _integer_fields(cls)
+        fixed = {name: _integral(value) if fields[name] == "int" else
+                 [_integral(v) for v in value] if isinstance(value, list) else value
+                 for name, value in data.items() if name in fields}
+        return {**data, **fixed} if fixed else data
+
+
+@functools.cache
+def _integer_fields(model: type[BaseModel]) -> dict[str, str]:
+    return {name: kind for name, f in model.model_fields.items() if (kind := _integer_kind(f.annotation))}
 
 
 class UpscaleStage(_Strict):
@@ -122,7 +162,9 @@ class ModelDescription(BaseModel):
 
 
 class ModelList(BaseModel):
-    default_models: dict[str, str]
+    default_models: dict[str, str | None] = Field(description=(
+        "Per family, the model a request naming none gets; null when several are served and none was "
+        "configured (requests must name `model`)."))
     models: list[ModelDescription]
 
 

@@ -12,13 +12,17 @@ import os
 import bentoml
 from fastapi import FastAPI
 
-from services import playground
+from services import connections, metrics_dir, playground
 from services.config import Settings
 from services.gateway import Gateway, Route
 from services.http import install_error_handlers
+from services.startup import failure_stops_the_server, supervise
 from services.routers import ddpm, diffusion, gan, image_to_image, models, openai_images, stylegan, vae
 
 log = logging.getLogger("genserve")
+
+# In a worker: this server's own metrics directory, set before BentoML's app creates any metric.
+metrics_dir.use_private_multiprocess_dir()
 
 # Each family router: its endpoints, and its entries for GET /v1/models.
 FAMILY_ROUTERS = (gan, stylegan, diffusion, ddpm, vae, image_to_image)
@@ -38,7 +42,7 @@ for _module in (*FAMILY_ROUTERS, models, openai_images):
 def edge_routes(api: FastAPI) -> dict[str, Route]:
     """What the gateway lets through: BentoML's health and metrics, the /v1 API (paths,
     methods and body types as its OpenAPI document states them) and its docs pages."""
-    health = dict(public=True, limited=False, drains=False)
+    health = dict(public=True, limited=False, drains=False, shaped=False)
     routes = {path: Route(frozenset({"GET"}), **health) for path in ("/livez", "/readyz", "/healthz", "/metrics")}
     for path, operations in api.openapi()["paths"].items():
         content = set()
@@ -58,18 +62,30 @@ class GenServeService(bentoml.Service):
     def to_asgi(self, is_main: bool = True):
         from services.metrics import service_metrics
 
-        # /v1/images/* (the OpenAI Images API) answers errors in OpenAI's shape, the gateway's too.
-        return openai_images.OpenAIErrorShape(Gateway(
-            playground.Playground(super().to_asgi(is_main)), Settings.from_env(),
-            {**edge_routes(app), **playground.routes()},
-            on_error=lambda endpoint, code: service_metrics().errors.labels(endpoint, code).inc(),
-            on_rate_limited=lambda client, limit: service_metrics().observe_rate_limited(client, limit)))
+        with failure_stops_the_server(metrics_dir.release):  # bad settings, say
+            settings = Settings.from_env()
+            connections.install(settings)  # before BentoML builds uvicorn's Config with this app
+            # /v1/images/* (the OpenAI Images API) answers errors in OpenAI's shape, the gateway's too.
+            return openai_images.OpenAIErrorShape(Gateway(
+                playground.Playground(super().to_asgi(is_main)), settings,
+                {**edge_routes(app), **playground.routes()},
+                on_error=lambda endpoint, code: service_metrics().errors.labels(endpoint, code).inc(),
+                on_rate_limited=lambda client, limit: service_metrics().observe_rate_limited(client, limit)))
 
 
 @bentoml.service(name="genserve", workers=1, traffic={"timeout": 900}, service_class=GenServeService)
 @bentoml.asgi_app(app, path="/v1")
 class GenServe:
+    @bentoml.on_deployment
+    def _supervise() -> None:
+        """In the `bentoml serve` process: a worker's failed start stops the server (services.startup)."""
+        supervise()
+
     def __init__(self) -> None:
+        with failure_stops_the_server(metrics_dir.release):
+            self._start()
+
+    def _start(self) -> None:
         # Imported here: the runtime loads ONNX Runtime, and metrics must be created
         # after BentoML's worker set up multiprocess Prometheus (see services.metrics).
         from services.context import ServiceContext, set_context
@@ -115,8 +131,9 @@ class GenServe:
 
     @staticmethod
     def _check_defaults(ctx) -> None:
-        """Each family's default model: the configured one, or the only one served when the
-        variable is not set; a default that is not served is an error said at start-up."""
+        """Each family's default model: the configured one (not served: an error said at
+        start-up), else the built-in one if served, else the only one served, else none
+        (requests must name `model`). A default nobody configured never stops the service."""
         import dataclasses
 
         s = ctx.settings
@@ -129,8 +146,8 @@ class GenServe:
             default = getattr(s, field)
             if not served or default in served:
                 continue
-            if variable not in os.environ and len(served) == 1:
-                s = dataclasses.replace(s, **{field: next(iter(served))})
+            if not os.environ.get(variable, "").strip():
+                s = dataclasses.replace(s, **{field: next(iter(served)) if len(served) == 1 else None})
                 continue
             raise ValueError(f"{variable}={default!r} is not in the repository (served: {', '.join(served)})")
         ctx.settings = s
@@ -154,8 +171,13 @@ class GenServe:
     async def _warm_up(self) -> None:
         """Times each engine's denoiser by batch rows (its cost model), so the first
         iteration runs the best size and the first Retry-After is an estimate."""
-        for engine in self.ctx.engines.values():
-            await engine.warmup()
+        with failure_stops_the_server(metrics_dir.release):
+            for engine in self.ctx.engines.values():
+                await engine.warmup()
+
+    @bentoml.on_shutdown
+    def _release_metrics(self) -> None:
+        metrics_dir.release()
 
     async def __is_ready__(self) -> bool:
         return await self.ctx.backend.is_ready()

@@ -81,7 +81,7 @@ async def _diffuse(ctx: ServiceContext, task: str, body, request: Request) -> Di
 
 async def _submit(ctx: ServiceContext, task: str, body):
     engines = ctx.engines_of(*TEXT_FAMILIES)
-    name = body.model or ctx.settings.default_diffusion_model
+    name = ctx.model_name(body.model, "diffusion", engines)
     if name not in engines:
         raise ModelNotFound(f"model {name!r} is not a text-to-image pipeline served here", field="model",
                             allowed=sorted(engines))

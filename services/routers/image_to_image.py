@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import io
 import time
 from dataclasses import dataclass
 
@@ -32,7 +31,7 @@ from services.context import ServiceContext, context
 from services.errors import InvalidRequest, ModelNotFound
 from services.gateway import request_id_var
 from services.http import parse_body
-from services.imaging import FORMATS
+from services.imaging import FORMATS, NotAnAcceptedImage, open_image
 from services.openapi import body_schema, error_responses
 from services.schemas import (
     MAX_TILE,
@@ -165,13 +164,12 @@ def decode_upload(data: str, field: str, info, max_output_pixels: int) -> Decode
     except ValueError:
         raise InvalidRequest(f"{field} is not valid base64", field=field) from None
     try:
-        image = Image.open(io.BytesIO(raw))
+        image = open_image(raw, field)
     except Image.DecompressionBombError:
         raise InvalidRequest(f"{field} claims more pixels than any output allowed here "
                              f"({max_output_pixels} output pixels)", field=field, limit=max_output_pixels) from None
-    except Exception as exc:  # PIL raises many types for bad data
-        raise InvalidRequest(f"{field} is not a decodable PNG/JPEG/WebP image ({type(exc).__name__})",
-                             field=field) from None
+    except NotAnAcceptedImage as exc:
+        raise InvalidRequest(str(exc), field=field, allowed=exc.allowed) from None
     w, h = image.size
     s = info.scale
     if w * h * s * s > max_output_pixels:

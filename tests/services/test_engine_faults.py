@@ -420,7 +420,11 @@ def test_gan_retries_once_after_an_outage_then_answers_503():
 def test_triton_errors_are_classified(status, message, unavailable, reconnect):
     error, fresh = classify_error(InferenceServerException(message, status=status), "triton:8001", "m")
     assert isinstance(error, BackendUnavailable if unavailable else InferenceFailed)
-    assert error.status == (503 if unavailable else 500) and message in error.message
+    assert error.status == (503 if unavailable else 500)
+    # Triton's own words and its address go to the log (detail), never to the client.
+    assert message in error.detail and "triton:8001" in str(error)
+    assert message not in error.message and "triton:8001" not in error.message
+    assert "triton:8001" not in str(error.body())
     assert fresh == reconnect
     if unavailable:
         assert error.headers["Retry-After"]
