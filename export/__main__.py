@@ -26,6 +26,7 @@ from pathlib import Path
 from export import image_to_image_cli
 from export.onnx_export import ParityError
 from export.triton_config import DeploymentTarget
+from export.verification import VERIFY_MODES, VerificationBudgetError
 
 # Demo checkpoints committed in zoo/checkpoints and the model names they serve under.
 CHECKPOINTS = Path(__file__).resolve().parents[1] / "zoo" / "checkpoints"
@@ -130,6 +131,14 @@ def main(argv: list[str] | None = None) -> int:
             folder_cmd.add_argument("--no-deepcache", dest="deepcache", action="store_false",
                                     help="SD/SDXL: leave out DeepCache's shallow U-Net graph and the full U-Net's "
                                          "deep_features output (requests' cache_interval is then limited to 1)")
+        folder_cmd.add_argument("--verify", choices=VERIFY_MODES, default="full",
+                                help="parity checks against PyTorch, sized from each graph's activation memory: "
+                                     "full (default: a small non-square size at batch 3 for the dynamic axes, "
+                                     "and the largest native-size check that fits), small (the first only), "
+                                     "off")
+        folder_cmd.add_argument("--verify-memory", type=float, metavar="GIB",
+                                help="activation memory a check may take (default: half the available memory, "
+                                     "less the graph's weights)")
         _add_common(folder_cmd)
     stylegan = sub.add_parser(
         "stylegan", help="export a StyleGAN generator (NVIDIA interface) as <name>_mapping + <name>_synthesis",
@@ -219,6 +228,9 @@ def main(argv: list[str] | None = None) -> int:
             start = time.perf_counter()
             options = {k: getattr(args, k, None) for k in ("max_sequence_length", "native_size")}
             options["deepcache"] = getattr(args, "deepcache", True)
+            options["verify"] = getattr(args, "verify", "full")
+            if getattr(args, "verify_memory", None) is not None:
+                options["verify_memory"] = int(args.verify_memory * 2**30)
             found, reports = export_folder(folder, args.repository, name, version, max_batch, target,
                                            family=family, tensorrt=args.tensorrt, **options)
             print(f"{name}: {found}, {len(reports)} graphs verified ({time.perf_counter() - start:.1f}s)")
@@ -228,6 +240,9 @@ def main(argv: list[str] | None = None) -> int:
     except ParityError as exc:
         print(f"export FAILED parity check: {exc}", file=sys.stderr)
         return 1
+    except VerificationBudgetError as exc:
+        print(f"export: {exc}", file=sys.stderr)
+        return 2
     except UnsupportedFolder as exc:
         print(f"export: {exc}", file=sys.stderr)
         return 2

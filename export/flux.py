@@ -62,6 +62,7 @@ from export.stable_diffusion import (
     export_vae_graphs,
     load_fp32,
 )
+from export.verification import flux_activation, text_encoder_activation
 from export.triton_config import DeploymentTarget, TensorSpec
 from services.pipelines.pipeline_flux import image_ids  # the serving side's ids, verified here
 from services.schedulers import is_flow_matching
@@ -117,7 +118,10 @@ def export_flux(
     tensorrt: bool = False,
     max_sequence_length: int | None = None,
     native_size: int | None = None,
+    verify: str = "full",
+    verify_memory: int | None = None,
 ) -> list[ComponentReport]:
+    """`verify`, `verify_memory`: see GraphExporter."""
     from diffusers import AutoencoderKL, FluxTransformer2DModel
     from transformers import CLIPTextModel, T5EncoderModel
 
@@ -151,7 +155,8 @@ def export_flux(
 
     rng = np.random.default_rng(0)
     export_graph = GraphExporter(repository, name, PIPELINE, version=version, max_batch_size=max_batch_size,
-                                 target=target, progress=progress, external_data_threshold=external_data_threshold)
+                                 target=target, progress=progress, external_data_threshold=external_data_threshold,
+                                 verify=verify, verify_memory=verify_memory)
     if tensorrt:
         from export.tensorrt import FLUX_PRECISION, flux_profile, require_tensorrt
 
@@ -187,6 +192,8 @@ def export_flux(
                  {"input_ids": {0: "batch"}, "pooled": {0: "batch"}},
                  {"max_length": length1, "pad_token_id": tok["pad_token_id"], "pooled_dim": pooled_dim,
                   "truncate": "1"}, atol=1e-4, delay_us=1000,
+                 activation=text_encoder_activation(clip.config.num_attention_heads, length1, pooled_dim,
+                                                    clip.config.intermediate_size),
                  **plan("text_encoder", length=length1))
 
     # 2. T5: hidden states at a fixed sequence length.
@@ -213,13 +220,14 @@ def export_flux(
                  [TensorSpec("hidden_states", "float32", (length2, hidden))],
                  {"input_ids": {0: "batch"}, "hidden_states": {0: "batch"}},
                  {"max_length": length2, "pad_token_id": tok2["pad_token_id"], "hidden_size": hidden},
-                 atol=1e-4, delay_us=1000, **plan("text_encoder_2", length=length2))
+                 atol=1e-4, delay_us=1000, **plan("text_encoder_2", length=length2),
+                 activation=text_encoder_activation(t5.config.num_heads, length2, hidden, t5.config.d_ff))
 
     # 3. The transformer over packed latents, per-sample timestep (and guidance).
     guided = bool(cfg.guidance_embeds)
 
-    def transformer_inputs(b, k):
-        ph, pw = k * h // 2, k * w // 2
+    def transformer_inputs(b, grid):
+        ph, pw = grid[0] // 2, grid[1] // 2
         inputs = {"hidden_states": rng.standard_normal((b, ph * pw, cfg.in_channels), dtype=np.float32),
                   "img_ids": image_ids(b, ph, pw), "txt_ids": np.zeros((b, length2, 3), np.float32),
                   "timestep": rng.uniform(0.05, 1.0, b).astype(np.float32),
@@ -252,6 +260,7 @@ def export_flux(
         # The graph takes row 0's position ids for the whole call: Triton must not merge calls of
         # equal patch counts but other layouts (1024x1024 and 512x2048). The step engine batches.
         dynamic_batching=False,
+        activation=flux_activation(cfg, (h, w), length2),
         **plan("transformer", length=length2, hidden=hidden, pooled=pooled_dim, channels=cfg.in_channels,
                native=native // multiple, guided=guided))
 
