@@ -74,6 +74,7 @@ class GenServe:
         # after BentoML's worker set up multiprocess Prometheus (see services.metrics).
         from services.context import ServiceContext, set_context
         from services.engine.engine import DiffusionEngine
+        from services.engine.memory import engine_max_rows
         from services.engine.prompt_cache import PromptCache
         from services.metrics import service_metrics
         from services.pipelines import diffusion_pipelines, gan_pipelines
@@ -103,7 +104,7 @@ class GenServe:
         cache = PromptCache(settings.prompt_cache_size, on_lookup=metrics.observe_prompt_cache)
         for name, pipeline in diffusion_pipelines(backend).items():
             ctx.engines[name] = DiffusionEngine(
-                pipeline, max_batch_rows=backend.models()[pipeline.spec.denoiser].max_batch_size,
+                pipeline, max_batch_rows=engine_max_rows(backend.models()[pipeline.spec.denoiser]),
                 max_queued_image_steps=settings.max_queued_steps, prompt_cache=cache,
                 observer=metrics.engine_observer(), latency_budget_s=settings.engine_step_budget_ms / 1000,
                 max_queue_seconds=settings.max_queue_seconds, policy=settings.engine_policy)
@@ -155,7 +156,7 @@ class GenServe:
         """Times each engine's denoiser by batch rows (its cost model), so the first
         iteration runs the best size and the first Retry-After is an estimate."""
         for engine in self.ctx.engines.values():
-            await engine.warmup()
+            await engine.warmup(self.ctx.settings.warmup_budget_s)
 
     async def __is_ready__(self) -> bool:
         return await self.ctx.backend.is_ready()
