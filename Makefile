@@ -22,6 +22,7 @@ $(INSTALLED): pyproject.toml clients/python/pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[export,triton-local,deploy,test]'
 	$(PY) -m pip install --quiet --disable-pip-version-check -e 'clients/python[pil]'  # the Python client, tested here
+	$(PY) -m export.torchvision_compat  # torchvision importable by any process here (see that file)
 	touch $@
 
 install: $(INSTALLED)
