@@ -26,7 +26,7 @@ from pathlib import Path
 from export import image_to_image_cli
 from export.onnx_export import ParityError
 from export.triton_config import DeploymentTarget
-from export.verification import VERIFY_MODES, VerificationBudgetError
+from export.verification import DTYPES, VERIFY_MODES, GraphOptions, VerificationBudgetError
 
 # Demo checkpoints committed in zoo/checkpoints and the model names they serve under.
 CHECKPOINTS = Path(__file__).resolve().parents[1] / "zoo" / "checkpoints"
@@ -139,6 +139,10 @@ def main(argv: list[str] | None = None) -> int:
         folder_cmd.add_argument("--verify-memory", type=float, metavar="GIB",
                                 help="activation memory a check may take (default: half the available memory, "
                                      "less the graph's weights)")
+        folder_cmd.add_argument("--dtype", choices=DTYPES, default="fp32",
+                                help="fp16: graphs in half precision for GPUs (inputs and outputs stay fp32; checked "
+                                     "on CPU against the fp32 module); a VAE whose config sets force_upcast (SD's, "
+                                     "SDXL's) and FLUX's T5 stay fp32")
         _add_common(folder_cmd)
     stylegan = sub.add_parser(
         "stylegan", help="export a StyleGAN generator (NVIDIA interface) as <name>_mapping + <name>_synthesis",
@@ -228,9 +232,9 @@ def main(argv: list[str] | None = None) -> int:
             start = time.perf_counter()
             options = {k: getattr(args, k, None) for k in ("max_sequence_length", "native_size")}
             options["deepcache"] = getattr(args, "deepcache", True)
-            options["verify"] = getattr(args, "verify", "full")
-            if getattr(args, "verify_memory", None) is not None:
-                options["verify_memory"] = int(args.verify_memory * 2**30)
+            memory = getattr(args, "verify_memory", None)
+            options["graphs"] = GraphOptions(verify=getattr(args, "verify", "full"), dtype=getattr(args, "dtype", "fp32"),
+                                             verify_memory=None if memory is None else int(memory * 2**30))
             found, reports = export_folder(folder, args.repository, name, version, max_batch, target,
                                            family=family, tensorrt=args.tensorrt, **options)
             print(f"{name}: {found}, {len(reports)} graphs verified ({time.perf_counter() - start:.1f}s)")

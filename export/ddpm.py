@@ -60,7 +60,7 @@ import torch
 
 from export.diffusers_folder import UnsupportedFolder
 from export.stable_diffusion import DENOISER_QUEUE_DELAY_US, ComponentReport, GraphExporter, load_fp32
-from export.verification import unet_activation
+from export.verification import GraphOptions, unet_activation
 from export.triton_config import DeploymentTarget, TensorSpec
 
 OUTPUT_RANGE = "-1,1"
@@ -125,10 +125,9 @@ def export_ddpm(
     max_batch_size: int = 16,
     target: DeploymentTarget = DeploymentTarget(),
     progress: Callable[[str], None] = print,
-    verify: str = "full",
-    verify_memory: int | None = None,
+    graphs: GraphOptions = GraphOptions(),
 ) -> list[ComponentReport]:
-    """`verify`, `verify_memory`: see GraphExporter."""
+    """`graphs`: how graphs are written and checked (GraphOptions)."""
     folder, repository = Path(folder), Path(repository)
     unet_dir, scheduler_config = locate(folder)
     progress(f"[{name}] loading {unet_dir}")
@@ -171,7 +170,7 @@ def export_ddpm(
         "size_multiple": size_multiple, "num_classes": num_classes, "output_range": OUTPUT_RANGE,
     }
     export_graph = GraphExporter(repository, name, "ddpm", version=version, max_batch_size=max_batch_size,
-                                 target=target, progress=progress, verify=verify, verify_memory=verify_memory)
+                                 target=target, progress=progress, options=graphs)
     export_graph("unet", module, make_inputs, inputs, outputs, dynamic, parameters, atol=1e-3,
                  delay_us=DENOISER_QUEUE_DELAY_US, activation=unet_activation(cfg, (h, w), size_multiple),
                  files=[(scheduler_config, "scheduler_config.json")])

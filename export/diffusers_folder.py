@@ -54,13 +54,12 @@ def detect_family(folder: Path) -> str:
 def export_folder(folder: Path, repository: Path, name: str, version: int = 1, max_batch_size: int = 16,
                   target: DeploymentTarget = DeploymentTarget(), family: str | None = None,
                   tensorrt: bool = False, progress=print, max_sequence_length: int | None = None,
-                  native_size: int | None = None, deepcache: bool = True, verify: str = "full",
-                  verify_memory: int | None = None):
+                  native_size: int | None = None, deepcache: bool = True, graphs=None):
     """Exports the folder with its family's exporter: (family, reports). `max_sequence_length`
     and `native_size` are FLUX's options (the T5 length prompts are padded to; the default
     size), refused for families that have no such choice. `deepcache=False` leaves out the
-    U-Net families' shallow graph and deep-features output (export/deepcache.py). `verify`,
-    `verify_memory`: how graphs are checked (export.verification).
+    U-Net families' shallow graph and deep-features output (export/deepcache.py). `graphs`:
+    how graphs are written and checked (export.verification.GraphOptions; default: fp32, full).
 
     The graphs are written into a staging folder and moved into the repository only when every
     one exported and verified (export.staging): a failure leaves the repository as it was. What
@@ -76,8 +75,10 @@ def export_folder(folder: Path, repository: Path, name: str, version: int = 1, m
         for option, value in (("max_sequence_length", max_sequence_length), ("native_size", native_size)):
             if value is not None:
                 raise UnsupportedFolder(f"--{option.replace('_', '-')} applies to FLUX folders; {folder} is {detected}")
-    kwargs = dict(version=version, max_batch_size=max_batch_size, target=target, progress=progress, verify=verify,
-                  verify_memory=verify_memory)
+    from export.verification import GraphOptions
+
+    kwargs = dict(version=version, max_batch_size=max_batch_size, target=target, progress=progress,
+                  graphs=graphs or GraphOptions())
     with measured() as cost, staged_repository(repository, name) as staging:
         reports = _export_family(detected, folder, staging, name, kwargs, tensorrt=tensorrt, deepcache=deepcache,
                                  max_sequence_length=max_sequence_length, native_size=native_size)

@@ -45,8 +45,8 @@ from export.triton_config import (
     write_model_config,
 )
 from export.verification import (
-    VERIFY_MODES,
     ActivationModel,
+    GraphOptions,
     describe_checks,
     plan_checks,
     text_encoder_activation,
@@ -63,6 +63,9 @@ EXTERNAL_DATA_FILE = "model.onnx_data"
 # 1.3 ms of queue per 4.7 ms U-Net call with 1000 us). At 0 it still merges what queues up
 # while an instance is busy (several service replicas sharing one Triton).
 DENOISER_QUEUE_DELAY_US = 0
+# fp16 graphs against the fp32 module: half precision's ~1e-3 relative rounding, compounded
+# over a deep network (measured on random U-Nets: 2e-3 on outputs of magnitude ~1).
+FP16_ATOL = FP16_RTOL = 3e-2
 
 
 class _TextEncoder(torch.nn.Module):
@@ -144,6 +147,34 @@ def save_with_external_data_if_large(path: Path, threshold: int = EXTERNAL_DATA_
     return True
 
 
+def convert_to_fp16(path: Path, external: bool) -> bool:
+    """Rewrites the graph at `path` in half precision with ONNX Runtime's converter (the one its
+    Stable Diffusion tools use), inputs and outputs kept fp32 so the serving contract does not
+    change; `external`: the weights go to model.onnx_data (half of a graph past 4 GB). Returns
+    whether they did."""
+    import onnx
+    from onnx.external_data_helper import _get_all_tensors, uses_external_data
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    model = onnx.load(str(path), load_external_data=True)
+    stale = {e.value for t in _get_all_tensors(model) if uses_external_data(t) for e in t.external_data
+             if e.key == "location"}
+    for tensor in _get_all_tensors(model):  # the weights are in memory now
+        if uses_external_data(tensor):
+            tensor.data_location = onnx.TensorProto.DEFAULT
+            del tensor.external_data[:]
+    half = convert_float_to_float16(model, keep_io_types=True, disable_shape_infer=external)
+    del model
+    for name in stale:
+        (path.parent / name).unlink(missing_ok=True)
+    if external:
+        onnx.save_model(half, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=EXTERNAL_DATA_FILE, size_threshold=1024)
+    else:
+        onnx.save_model(half, str(path))
+    return external
+
+
 class GraphExporter:
     """Exports one pipeline's graphs into the repository, one call per component.
 
@@ -161,14 +192,11 @@ class GraphExporter:
 
     def __init__(self, repository: Path, name: str, pipeline: str, *, version: int = 1, max_batch_size: int = 16,
                  target: DeploymentTarget = DeploymentTarget(), progress: Callable[[str], None] = print,
-                 external_data_threshold: int = EXTERNAL_DATA_THRESHOLD, verify: str = "full",
-                 verify_memory: int | None = None):
-        if verify not in VERIFY_MODES:
-            raise ValueError(f"verify must be one of {', '.join(VERIFY_MODES)}, got {verify!r}")
+                 external_data_threshold: int = EXTERNAL_DATA_THRESHOLD, options: GraphOptions = GraphOptions()):
         self.repository, self.name, self.version = Path(repository), name, version
         self.max_batch_size, self.target, self.progress = max_batch_size, target, progress
         self.external_data_threshold = external_data_threshold
-        self.verify, self.verify_memory = verify, verify_memory
+        self.options = options
         self.base = {"genserve.pipeline": pipeline, "genserve.pipeline_name": name}
         self.reports: list[ComponentReport] = []
 
@@ -177,11 +205,14 @@ class GraphExporter:
 
     def __call__(self, role, module, make_inputs, inputs, outputs, dynamic, parameters, atol, delay_us, files=(),
                  tensorrt_profile=None, tensorrt_precision: str | None = None, dynamo: bool = False,
-                 dynamic_batching: bool = True, activation: ActivationModel = ActivationModel()) -> Path:
+                 dynamic_batching: bool = True, activation: ActivationModel = ActivationModel(),
+                 precision: str | None = None) -> Path:
+        """`precision`: this graph's dtype when it must differ from the options' (a VAE that
+        overflows in fp16 stays "fp32")."""
         with measured() as cost:
             model_dir, err, external, verified = self._export(
                 role, module, make_inputs, inputs, outputs, dynamic, parameters, delay_us, files, tensorrt_profile,
-                tensorrt_precision, dynamo, dynamic_batching, activation, atol)
+                tensorrt_precision, dynamo, dynamic_batching, activation, atol, precision or self.options.dtype)
         self.progress(f"[{self.name}] {role}: {verified}; {cost.wall_s:.1f} s, peak RSS "
                       f"{cost.peak_rss_bytes / 2**30:.2f} GiB{' (external data)' if external else ''}")
         self.reports.append(ComponentReport(f"{self.name}_{role}", model_dir / str(self.version) / "model.onnx", err,
@@ -189,7 +220,7 @@ class GraphExporter:
         return model_dir
 
     def _export(self, role, module, make_inputs, inputs, outputs, dynamic, parameters, delay_us, files,
-                tensorrt_profile, tensorrt_precision, dynamo, dynamic_batching, activation, atol):
+                tensorrt_profile, tensorrt_precision, dynamo, dynamic_batching, activation, atol, dtype):
         name, progress, grid = self.name, self.progress, activation.native
         native = {k: v.shape[1:] for k, v in make_inputs(1, grid).items()}  # warm up at the native size
         model_name = f"{name}_{role}"
@@ -202,12 +233,18 @@ class GraphExporter:
                     large=weight_bytes >= self.external_data_threshold)
         del example
         external = save_with_external_data_if_large(onnx_path, self.external_data_threshold)
-        err, verified = self._verify(role, module, onnx_path, make_inputs, activation, weight_bytes, atol)
+        rtol = None
+        if dtype == "fp16":
+            progress(f"[{name}] converting {role} to fp16 (inputs and outputs stay fp32) ...")
+            external = convert_to_fp16(onnx_path, weight_bytes // 2 >= self.external_data_threshold)
+            atol, rtol = max(atol, FP16_ATOL), FP16_RTOL
+        err, verified = self._verify(role, module, onnx_path, make_inputs, activation, weight_bytes, atol, rtol)
         spec = ModelConfigSpec(
             name=model_name, inputs=inputs, outputs=outputs,
             batching=default_batching(self.max_batch_size, delay_us), target=self.target,
             parameters={**self.base, "genserve.component": role,
-                        **{f"genserve.{k}": str(v) for k, v in parameters.items()}, **activation_parameter(activation)},
+                        **{f"genserve.{k}": str(v) for k, v in parameters.items()}, **activation_parameter(activation),
+                        "genserve.precision": dtype},
             warmup_dims={t.name: tuple(native[t.name]) for t in inputs if t.reshape is None},
             dynamic_batching=dynamic_batching,
         )
@@ -223,14 +260,17 @@ class GraphExporter:
             shutil.copy(src, model_dir / dst)
         return model_dir, err, external, verified
 
-    def _verify(self, role, module, onnx_path, make_inputs, activation, weight_bytes, atol) -> tuple[float, str]:
+    def _verify(self, role, module, onnx_path, make_inputs, activation, weight_bytes, atol,
+                rtol=None) -> tuple[float, str]:
         """Runs the planned checks one at a time: (max abs error, what was verified)."""
-        budget = self.verify_memory if self.verify_memory is not None else verification_budget(weight_bytes)
-        plan = plan_checks(activation, self.verify, budget)
+        budget = self.options.verify_memory
+        plan = plan_checks(activation, self.options.verify,
+                           verification_budget(weight_bytes) if budget is None else budget)
         err = 0.0
         for check in plan.checks:
             self.progress(f"[{self.name}] verifying {role}: {check.describe()}")
-            err = max(err, verify_onnx(module, onnx_path, make_inputs(check.batch, check.grid), atol=atol))
+            err = max(err, verify_onnx(module, onnx_path, make_inputs(check.batch, check.grid), atol=atol,
+                                       **({"rtol": rtol} if rtol else {})))
         done = f"verified {describe_checks(plan.checks)}, max abs error {err:.2e}" if plan.checks else ""
         skipped = f"not verified: {'; '.join(plan.skipped)}" if plan.skipped else ""
         return err, "; ".join(x for x in (done, skipped) if x)
@@ -268,6 +308,13 @@ def load_pipeline_components(folder: Path):
             load_fp32(AutoencoderKL, folder / "vae"))
 
 
+def vae_precision(config) -> str | None:
+    """A VAE whose config asks for fp32 (`force_upcast`, diffusers' rule: SD's and SDXL's VAEs
+    overflow in fp16 and diffusers upcasts them) stays fp32 whatever the export's dtype; one
+    that does not (SDXL's fp16-fix VAE) follows it."""
+    return "fp32" if getattr(config, "force_upcast", True) else None
+
+
 def export_vae_graphs(export, vae, rng, latent_channels: int, image_channels: int, height: int, width: int,
                       scale: int, parameters: dict, extra: dict | None = None) -> None:
     """A latent pipeline's VAE decoder and encoder graphs (SD's, SDXL's, FLUX's: the same
@@ -277,17 +324,18 @@ def export_vae_graphs(export, vae, rng, latent_channels: int, image_channels: in
     c, ic, extra = latent_channels, image_channels, extra or {}
     spatial = {0: "batch", 2: "height", 3: "width"}
     activation = vae_activation(vae.config, (height, width))  # grids in latent cells for both graphs
+    precision = vae_precision(vae.config)
     export("vae_decoder", _VAEDecoder(vae),
            lambda b, grid: {"latent_sample": rng.standard_normal((b, c, *grid), dtype=np.float32)},
            [TensorSpec("latent_sample", "float32", (c, -1, -1))], [TensorSpec("sample", "float32", (ic, -1, -1))],
            {"latent_sample": spatial, "sample": spatial}, parameters, atol=1e-3, delay_us=2000,
-           activation=activation, **extra.get("vae_decoder", {}))
+           activation=activation, precision=precision, **extra.get("vae_decoder", {}))
     export("vae_encoder", _VAEEncoder(vae),
            lambda b, grid: {"sample": rng.uniform(-1, 1, (b, ic, grid[0] * scale, grid[1] * scale))
                             .astype(np.float32)},
            [TensorSpec("sample", "float32", (ic, -1, -1))], [TensorSpec("latent_parameters", "float32", (2 * c, -1, -1))],
            {"sample": spatial, "latent_parameters": spatial}, parameters, atol=1e-3, delay_us=2000,
-           activation=activation, **extra.get("vae_encoder", {}))
+           activation=activation, precision=precision, **extra.get("vae_encoder", {}))
 
 
 def _fast_tokenizer_json(folder: Path, dest: Path, subfolder: str = "tokenizer") -> dict:
@@ -318,11 +366,10 @@ def export_stable_diffusion(
     external_data_threshold: int = EXTERNAL_DATA_THRESHOLD,
     tensorrt: bool = False,
     deepcache: bool = True,
-    verify: str = "full",
-    verify_memory: int | None = None,
+    graphs: GraphOptions = GraphOptions(),
 ) -> list[ComponentReport]:
     """`deepcache`: also the shallow U-Net graph and the deep-features output (export.deepcache)
-    that requests' `cache_interval` uses. `verify`, `verify_memory`: see GraphExporter."""
+    that requests' `cache_interval` uses. `graphs`: how graphs are written and checked (GraphOptions)."""
     folder = Path(folder)
     progress(f"[{name}] loading {folder}")
     text_encoder, unet, vae = load_pipeline_components(folder)
@@ -334,11 +381,10 @@ def export_stable_diffusion(
     rng = np.random.default_rng(0)
     export_graph = GraphExporter(repository, name, "stable_diffusion", version=version,
                                  max_batch_size=max_batch_size, target=target, progress=progress,
-                                 external_data_threshold=external_data_threshold, verify=verify,
-                                 verify_memory=verify_memory)
+                                 external_data_threshold=external_data_threshold, options=graphs)
 
     def component(role, module, make_inputs, inputs, outputs, dynamic, parameters, atol, delay_us, files=(),
-                  deep_channels=0, activation=ActivationModel()):
+                  deep_channels=0, activation=ActivationModel(), precision=None):
         profile = None
         if tensorrt:  # a plan beside the graph; the VAE stays fp32 (see export.tensorrt)
             from export.tensorrt import stable_diffusion_profile
@@ -350,7 +396,7 @@ def export_stable_diffusion(
             names = {t.name for t in inputs}  # a shallow graph may not take the text
             profile = {k: v for k, v in profile.items() if k in names}
         return export_graph(role, module, make_inputs, inputs, outputs, dynamic, parameters, atol, delay_us,
-                            files=files, tensorrt_profile=profile, activation=activation)
+                            files=files, tensorrt_profile=profile, activation=activation, precision=precision)
 
     h = w = unet.config.sample_size  # native latent size
     size_multiple = vae_scale * 2 ** (len(unet.config.down_block_types) - 1)

@@ -94,7 +94,7 @@ from export.stable_diffusion import (
     load_fp32,
 )
 from export.triton_config import DeploymentTarget, TensorSpec
-from export.verification import text_encoder_activation, unet_activation
+from export.verification import GraphOptions, text_encoder_activation, unet_activation
 
 PIPELINE = "stable_diffusion_xl"
 
@@ -155,11 +155,10 @@ def export_stable_diffusion_xl(
     external_data_threshold: int = EXTERNAL_DATA_THRESHOLD,
     tensorrt: bool = False,
     deepcache: bool = True,
-    verify: str = "full",
-    verify_memory: int | None = None,
+    graphs: GraphOptions = GraphOptions(),
 ) -> list[ComponentReport]:
     """`deepcache`: also the shallow U-Net graph and the deep-features output (export.deepcache).
-    `verify`, `verify_memory`: see GraphExporter."""
+    `graphs`: how graphs are written and checked (GraphOptions)."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
@@ -187,7 +186,7 @@ def export_stable_diffusion_xl(
     rng = np.random.default_rng(0)
     export_graph = GraphExporter(repository, name, PIPELINE, version=version, max_batch_size=max_batch_size,
                                  target=target, progress=progress, external_data_threshold=external_data_threshold,
-                                 verify=verify, verify_memory=verify_memory)
+                                 options=graphs)
 
     # 1. Text encoders: fixed sequence length (prompts are padded to the tokenizer's max).
     lengths, hidden_sizes, pooled_dim = {}, [], None

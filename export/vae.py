@@ -52,8 +52,9 @@ from export.stable_diffusion import (
     _VAEDecoder,
     _VAEEncoder,
     load_fp32,
+    vae_precision,
 )
-from export.verification import vae_activation
+from export.verification import GraphOptions, vae_activation
 from export.triton_config import DeploymentTarget, TensorSpec
 
 ATOL = 1e-3  # fp32 VAE graphs on ONNX Runtime vs PyTorch; measured errors are ~1e-6
@@ -98,11 +99,10 @@ def export_vae(
     target: DeploymentTarget = DeploymentTarget(),
     progress: Callable[[str], None] = print,
     external_data_threshold: int = EXTERNAL_DATA_THRESHOLD,
-    verify: str = "full",
-    verify_memory: int | None = None,
+    graphs: GraphOptions = GraphOptions(),
 ) -> list[ComponentReport]:
     """Writes <name>_vae_encoder and <name>_vae_decoder into `repository`; one report each.
-    `verify`, `verify_memory`: see GraphExporter."""
+    `graphs`: how graphs are written and checked (GraphOptions)."""
     from diffusers import AutoencoderKL
 
     source = vae_folder(folder)
@@ -121,8 +121,7 @@ def export_vae(
     h = side // scale  # native latent side
     rng = np.random.default_rng(0)
     component = GraphExporter(repository, name, "vae", version=version, max_batch_size=max_batch_size, target=target,
-                              progress=progress, external_data_threshold=external_data_threshold, verify=verify,
-                              verify_memory=verify_memory)
+                              progress=progress, external_data_threshold=external_data_threshold, options=graphs)
     activation = vae_activation(config, (h, h))  # grids in latent cells for both graphs
 
     spatial = {0: "batch", 2: "height", 3: "width"}
@@ -133,6 +132,7 @@ def export_vae(
         [TensorSpec("sample", "float32", (c_img, -1, -1))],
         [TensorSpec("latent_parameters", "float32", (2 * c_lat, -1, -1))],
         {"sample": spatial, "latent_parameters": spatial}, params, ATOL, QUEUE_DELAY_US, activation=activation,
+        precision=vae_precision(config),
     )
     component(
         "vae_decoder", _VAEDecoder(vae),
@@ -140,5 +140,6 @@ def export_vae(
         [TensorSpec("latent_sample", "float32", (c_lat, -1, -1))],
         [TensorSpec("sample", "float32", (c_img, -1, -1))],
         {"latent_sample": spatial, "sample": spatial}, params, ATOL, QUEUE_DELAY_US, activation=activation,
+        precision=vae_precision(config),
     )
     return component.reports

@@ -42,6 +42,27 @@ DYNAMIC_CHECK_BATCH = 3  # differs from the trace's batch 2, so a frozen batch a
 FULL_SIZE_LADDER = ((3, 2), (2, 1), (1, 1))  # (batch, multiple of the native grid), first that fits
 
 
+DTYPES = ("fp32", "fp16")
+
+
+@dataclass(frozen=True)
+class GraphOptions:
+    """How a folder's graphs are written and checked: `verify` (full | small | off, see the
+    module), `verify_memory` (bytes of activations a check may take; None: from the available
+    memory), `dtype` (fp16: weights and arithmetic in half precision for GPUs, inputs and outputs
+    still fp32; components known to overflow in fp16 stay fp32)."""
+
+    verify: str = "full"
+    verify_memory: int | None = None
+    dtype: str = "fp32"
+
+    def __post_init__(self):
+        if self.verify not in VERIFY_MODES:
+            raise ValueError(f"verify must be one of {', '.join(VERIFY_MODES)}, got {self.verify!r}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+
+
 class VerificationBudgetError(RuntimeError):
     """Not even the smallest check fits the memory budget."""
 

@@ -8,6 +8,7 @@ import pytest
 from export.diffusers_folder import export_folder
 from export.onnx_export import ParityError
 from export.staging import REPORT_FILE
+from export.verification import GraphOptions
 from tests.fixtures.vae_folder import build_random_vae_folder
 
 pytestmark = pytest.mark.slow
@@ -70,9 +71,9 @@ def test_a_successful_export_replaces_its_models_and_reports_them(tmp_path):
 def test_verify_off_and_small_say_so(tmp_path):
     repository = tmp_path / "repo"
     _, reports = export_folder(build_random_vae_folder(tmp_path / "a"), repository, "v", family="vae",
-                               progress=lambda _: None, verify="off")
+                               progress=lambda _: None, graphs=GraphOptions(verify="off"))
     assert all(r.verified == "not verified: verification off (--verify off)" for r in reports)
     _, reports = export_folder(build_random_vae_folder(tmp_path / "a"), repository, "v", family="vae",
-                               progress=lambda _: None, verify="small")
+                               progress=lambda _: None, graphs=GraphOptions(verify="small"))
     assert all("dynamic axes" in r.verified and "served size" not in r.verified and "twice" not in r.verified
                for r in reports)
