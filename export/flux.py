@@ -38,6 +38,13 @@ genserve.component = the role below. B is the batch axis (dynamic, up to max_bat
 
 Graphs past 2 GB (a real T5-XXL, a 12B transformer) keep their weights in model.onnx_data
 beside model.onnx (export.stable_diffusion.save_with_external_data_if_large).
+
+Memory: the transformer's activations grow with (patches + L2)^2 x heads, so its checks are
+sized by export.verification (flux_activation). The trace and conversion themselves stay small
+(a tiny FLUX folder with L2 = 512: 0.8 GiB at 128 px, 1.9 GiB at FluxPipeline's default size,
+its checks included); what once took such a folder past 23 GB was the check at batch 3 and twice
+the native size: 16,384 patches + 512 tokens, 4 heads, 13.7 GB per score matrix in fp32.
+bench/results/real_scale.md states what a real FLUX.1-dev export needs.
 """
 
 from __future__ import annotations
