@@ -150,7 +150,7 @@ def test_a_flux_folder_with_512_token_prompts_exports_within_a_memory_bound(tmp_
     repo = tmp_path / "repo"
     # 128-pixel images (64 latents, 1,024 patches) keep it quick for CI; the 512 tokens are FLUX's.
     # A 1 GiB activation budget for the checks (the default, half the available memory, depends on
-    # the machine): twice the native size at batch 3 would need ~2 GiB, so batch 2 native runs.
+    # the machine): twice the native size at batch 3 would need ~2 GiB, so batch 1 native runs.
     proc = subprocess.Popen([sys.executable, "-m", "export", "sd", "--folder", str(folder), "--name", "f512",
                              "--repository", str(repo), "--native-size", "128", "--verify-memory", "1"], cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -170,4 +170,4 @@ def test_a_flux_folder_with_512_token_prompts_exports_within_a_memory_bound(tmp_
     report = {c["component"]: c for c in json.loads((repo / "export_report.json").read_text())["f512"]["components"]}
     transformer = report["f512_transformer"]["verified"]
     # Dynamic axes at a small non-square grid, then the served size (64 x 64 latents).
-    assert "batch 3 at grid 4x6 (dynamic axes" in transformer and "batch 2 at grid 64x64 (served size" in transformer
+    assert "batch 3 at grid 4x6 (dynamic axes" in transformer and "batch 1 at grid 64x64 (served size" in transformer
