@@ -4,6 +4,7 @@
   python -m export gan --module gen.py:Generator --weights G.safetensors --name NAME --latent-dim 128
                        [--num-classes K] [--init-args '{"ngf": 64}'] [--output-range=-1,1]
   python -m export diffusers --folder PATH --name NAME   # family from model_index.json (alias: sd)
+                       [--verify full|small|off] [--verify-memory GIB] [--dtype fp32|fp16]
   python -m export ddpm --folder PATH --name NAME        # a UNet2DModel folder (+ scheduler config)
   python -m export vae --folder PATH --name NAME         # an AutoencoderKL folder
   python -m export stylegan --module FILE.py:NAME --weights PATH --name NAME [--init-args JSON]
