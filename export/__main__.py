@@ -5,6 +5,7 @@
                        [--latent-shape 100,1,1 instead of --latent-dim] [--state-dict-key KEY]
                        [--num-classes K] [--init-args '{"ngf": 64}'] [--output-range=-1,1]
   python -m export diffusers --folder PATH --name NAME   # family from model_index.json (alias: sd)
+                       [--verify full|small|off] [--verify-memory GIB] [--dtype fp32|fp16]
   python -m export sd --checkpoint FILE --name NAME [--config sd15|sd21|sd21-base|sdxl-base|sdxl-refiner|FOLDER]
                                        # a single-file SD/SDXL checkpoint (.safetensors/.ckpt)
   python -m export ddpm --folder PATH --name NAME        # a UNet2DModel folder (+ scheduler config)
@@ -35,6 +36,7 @@ from pathlib import Path
 from export import image_to_image_cli
 from export.onnx_export import ParityError
 from export.triton_config import DeploymentTarget
+from export.verification import DTYPES, VERIFY_MODES, GraphOptions, VerificationBudgetError
 
 # Demo checkpoints committed in zoo/checkpoints and the model names they serve under.
 CHECKPOINTS = Path(__file__).resolve().parents[1] / "zoo" / "checkpoints"
@@ -168,6 +170,18 @@ def main(argv: list[str] | None = None) -> int:
             folder_cmd.add_argument("--no-deepcache", dest="deepcache", action="store_false",
                                     help="SD/SDXL: leave out DeepCache's shallow U-Net graph and the full U-Net's "
                                          "deep_features output (requests' cache_interval is then limited to 1)")
+        folder_cmd.add_argument("--verify", choices=VERIFY_MODES, default="full",
+                                help="parity checks against PyTorch, sized from each graph's activation memory: "
+                                     "full (default: a small non-square size at batch 3 for the dynamic axes, "
+                                     "and the largest native-size check that fits), small (the first only), "
+                                     "off")
+        folder_cmd.add_argument("--verify-memory", type=float, metavar="GIB",
+                                help="activation memory a check may take (default: half the available memory, "
+                                     "less the graph's weights)")
+        folder_cmd.add_argument("--dtype", choices=DTYPES, default="fp32",
+                                help="fp16: graphs in half precision for GPUs (inputs and outputs stay fp32; checked "
+                                     "on CPU against the fp32 module); a VAE whose config sets force_upcast (SD's, "
+                                     "SDXL's) and FLUX's T5 stay fp32")
         _add_common(folder_cmd)
     stylegan = sub.add_parser(
         "stylegan", help="export a StyleGAN generator (NVIDIA interface) as <name>_mapping + <name>_synthesis",
@@ -265,11 +279,15 @@ def main(argv: list[str] | None = None) -> int:
             start = time.perf_counter()
             options = {k: getattr(args, k, None) for k in ("max_sequence_length", "native_size")}
             options["deepcache"] = getattr(args, "deepcache", True)
+            memory = getattr(args, "verify_memory", None)
+            options["graphs"] = GraphOptions(verify=getattr(args, "verify", "full"), dtype=getattr(args, "dtype", "fp32"),
+                                             verify_memory=None if memory is None else int(memory * 2**30))
             if folder is None:  # --checkpoint: a single file, converted to a folder first
                 from export.single_file import export_checkpoint
 
                 found, reports = export_checkpoint(args.checkpoint, args.repository, name, args.config, version,
-                                                   max_batch, target, args.tensorrt, deepcache=options["deepcache"])
+                                                   max_batch, target, args.tensorrt, deepcache=options["deepcache"],
+                                                   graphs=options["graphs"])
             else:
                 found, reports = export_folder(folder, args.repository, name, version, max_batch, target,
                                                family=family, tensorrt=args.tensorrt, **options)
@@ -280,6 +298,9 @@ def main(argv: list[str] | None = None) -> int:
     except ParityError as exc:
         print(f"export FAILED parity check: {exc}", file=sys.stderr)
         return 1
+    except VerificationBudgetError as exc:
+        print(f"export: {exc}", file=sys.stderr)
+        return 2
     except UnsupportedFolder as exc:
         print(f"export: {exc}", file=sys.stderr)
         return 2

@@ -136,6 +136,9 @@ class Settings:
     max_queue_seconds: int = 0
     # The most milliseconds one denoiser call may take when the engine picks its rows (0: off).
     engine_step_budget_ms: int = 0
+    # Start-up timing of each denoiser by batch rows: no call starts that would end past this
+    # (one one-row call always runs), so /readyz never waits for a ladder of real-size calls.
+    warmup_budget_s: int = 20
     # The step engine's order: fair (deadlines, remaining work with aging, turns per API key) or fcfs.
     engine_policy: str = "fair"
     request_timeout_s: int = 120
@@ -196,6 +199,7 @@ class Settings:
             max_queued_steps=_int("GENSERVE_MAX_QUEUED_STEPS", cls.max_queued_steps, minimum=1),
             max_queue_seconds=_int("GENSERVE_MAX_QUEUE_SECONDS", cls.max_queue_seconds),
             engine_step_budget_ms=_int("GENSERVE_ENGINE_STEP_BUDGET_MS", cls.engine_step_budget_ms),
+            warmup_budget_s=_int("GENSERVE_WARMUP_BUDGET_S", cls.warmup_budget_s),
             engine_policy=_choice("GENSERVE_ENGINE_POLICY", cls.engine_policy, ("fair", "fcfs")),
             request_timeout_s=_int("GENSERVE_REQUEST_TIMEOUT_S", cls.request_timeout_s, minimum=1),
             max_request_timeout_s=_int("GENSERVE_MAX_REQUEST_TIMEOUT_S", cls.max_request_timeout_s, minimum=1),

@@ -90,6 +90,7 @@ class GenServe:
         # after BentoML's worker set up multiprocess Prometheus (see services.metrics).
         from services.context import ServiceContext, set_context
         from services.engine.engine import DiffusionEngine
+        from services.engine.memory import engine_max_rows
         from services.engine.prompt_cache import PromptCache
         from services.metrics import service_metrics
         from services.pipelines import diffusion_pipelines, gan_pipelines
@@ -119,7 +120,7 @@ class GenServe:
         cache = PromptCache(settings.prompt_cache_size, on_lookup=metrics.observe_prompt_cache)
         for name, pipeline in diffusion_pipelines(backend).items():
             ctx.engines[name] = DiffusionEngine(
-                pipeline, max_batch_rows=backend.models()[pipeline.spec.denoiser].max_batch_size,
+                pipeline, max_batch_rows=engine_max_rows(backend.models()[pipeline.spec.denoiser]),
                 max_queued_image_steps=settings.max_queued_steps, prompt_cache=cache,
                 observer=metrics.engine_observer(), latency_budget_s=settings.engine_step_budget_ms / 1000,
                 max_queue_seconds=settings.max_queue_seconds, policy=settings.engine_policy)
@@ -173,7 +174,7 @@ class GenServe:
         iteration runs the best size and the first Retry-After is an estimate."""
         with failure_stops_the_server(metrics_dir.release):
             for engine in self.ctx.engines.values():
-                await engine.warmup()
+                await engine.warmup(self.ctx.settings.warmup_budget_s)
 
     @bentoml.on_shutdown
     def _release_metrics(self) -> None:

@@ -51,8 +51,8 @@ log = logging.getLogger("genserve.engine")
 T = TypeVar("T")
 BACKOFF_MIN_S = 0.25  # first pause after an outage; doubles per failed try
 BACKOFF_MAX_S = 2.0
-# Start-up timing of the denoiser by batch rows stops adding sizes past this many seconds
-# (a large model on a CPU): sizes not timed then are learned from live calls.
+# Start-up timing of the denoiser by batch rows: no call starts that would end past this many
+# seconds (priced from the calls timed before it); sizes not timed are learned from live calls.
 COST_MEASURE_BUDGET_S = 20.0
 WARMUP_ROUNDS = 7  # timed calls per batch size at start-up, within the budget
 # After the shallow U-Net (DeepCache) meets an outage, requests that cache run full steps for
@@ -189,53 +189,71 @@ class DiffusionEngine:
             raise req.error or RuntimeError(FINISH_REASONS[req.status])
         return req.result
 
-    async def warmup(self) -> float | None:
-        """Times the denoiser at the native size for a ladder of batch rows (1, 2, 4, ...
-        up to the model's max, within COST_MEASURE_BUDGET_S) and seeds the cost model with
-        it, so the first iteration already runs the best size and the first 429 carries a
-        real Retry-After. Returns the rate at the warm-up request's own rows (one image
-        with guidance), in image-steps/s, or None when skipped (backend down, or any
-        failure: warm-up is an optimisation, never a reason not to start)."""
+    async def warmup(self, budget_s: float = COST_MEASURE_BUDGET_S) -> float | None:
+        """Times the denoiser at the native size for a ladder of batch rows (1, 2, 4, ... up to
+        the engine's max, which the service already bounded by the rows' activation memory) and
+        seeds the cost model with it, so the first iteration already runs the best size and the
+        first 429 carries a real Retry-After. Bounded by `budget_s`: one call at one row always
+        runs (it pays the session's lazy initialisation and prices a row); after it, a call runs
+        only while its cost, priced from the rows timed so far, fits what is left of the budget,
+        in the first round as in the others (a real-size U-Net on a CPU takes tens of seconds a
+        row: /readyz must not wait for a ladder of them). Returns the rate at the warm-up
+        request's own rows (one image with guidance), in image-steps/s, or None when skipped
+        (backend down, or any failure: warm-up is an optimisation, never a reason not to start)."""
         try:
             request = self.pipeline.warmup_request()
             keys = self.pipeline.tokenize(request)
             encoded = await self.pipeline.encode_prompts(keys) if keys else []
             inputs = (await self.pipeline.start(request, encoded)).model_inputs()
             own_rows = len(next(iter(inputs.values())))
-            await self.pipeline.denoise(inputs)  # the first call may pay for lazy initialisation
             sizes = sorted({own_rows, *row_ladder(self.scheduler.max_batch_rows)})
+            sizes = [n for n in sizes if n <= self.scheduler.max_batch_rows] or [1]
             feeds = {n: {k: np.concatenate([v] * -(-n // len(v)))[:n] for k, v in inputs.items()} for n in sizes}
+            t0 = time.perf_counter()
+            await self.pipeline.denoise(feeds[sizes[0]])  # lazy initialisation; prices a row
+            first = time.perf_counter() - t0
+            spent, per_row = first, first / sizes[0]
             times: dict[int, list[float]] = {n: [] for n in sizes}
-            spent = 0.0
+
+            def fits(rows: int) -> bool:
+                return spent + per_row * rows <= budget_s
+
             # Rounds over every size, then each size's median: one untimed round first (a batch
             # size's first call allocates its buffers), and sizes interleaved so that a drift
             # (clock ramp-up, a neighbour's job) lands on all of them. Measured on this CPU:
             # two calls per size in a row gave tables that put the best size anywhere from 2
             # to 16 rows from one start to the next.
             for round_ in range(1 + WARMUP_ROUNDS):
+                ran = False
                 for n in sizes:
-                    if round_ and spent > COST_MEASURE_BUDGET_S and times[n]:
+                    if not fits(n):
                         continue
                     t0 = time.perf_counter()
                     await self.pipeline.denoise(feeds[n])
                     took = time.perf_counter() - t0
-                    spent += took
+                    spent, per_row, ran = spent + took, took / n, True
                     if round_:
                         times[n].append(took)
-                if spent > COST_MEASURE_BUDGET_S and round_:
+                if not ran:
                     break
-            table = {n: float(np.median(t)) for n, t in times.items() if t}
+            # Nothing timed after the first call (it alone used the budget): that call prices the rows.
+            table = {n: float(np.median(t)) for n, t in times.items() if t} or {sizes[0]: first}
         except Exception as exc:
             log.warning("engine %s: warm-up skipped (%s: %s)", self.model, type(exc).__name__, exc)
             return None
         self.cost.seed(self.cost.native, table)
-        await self._warm_shallow(inputs)
-        rate = 1.0 / max(table[own_rows], 1e-6)  # one image-step per call
+        if spent + 2 * per_row * own_rows <= budget_s:  # a full call that keeps features, a shallow one
+            await self._warm_shallow(inputs)
+        elif self.pipeline.spec.shallow_denoiser is not None:
+            log.info("engine %s: shallow U-Net not warmed (over the %.0f s warm-up budget)", self.model, budget_s)
+        smallest = min(table)
+        own = table.get(own_rows) or table[smallest] / smallest * own_rows
+        rate = 1.0 / max(own, 1e-6)  # one image-step per call
         self.scheduler.seed_rate(rate)
         described = self.cost.describe()
         self.observer.cost(self.model, described)
-        log.info("engine %s: denoiser ms per call by rows %s -> best %d rows (%.1f rows/s)", self.model,
-                 described["ms_per_call"], described["best_rows"], described["rows_per_second"])
+        log.info("engine %s: warm-up %.1f s; denoiser ms per call by rows %s -> best %d rows (%.1f rows/s)",
+                 self.model, spent, described["ms_per_call"], described["best_rows"], described["rows_per_second"])
         return rate
 
     async def _warm_shallow(self, inputs: dict[str, np.ndarray]) -> None:

@@ -451,3 +451,60 @@ def test_transport_errors_are_outages_and_the_retry_uses_a_fresh_channel(random_
         await backend.close()
         assert dead.closed
     asyncio.run(main())
+
+
+def _slow_unet(faulty, seconds_per_row: float) -> list[int]:
+    """Each U-Net call costs `seconds_per_row` per row (a real-size model on a CPU, scaled
+    down); returns the list its calls' rows are recorded in."""
+    rows: list[int] = []
+
+    def slow(model, inputs):
+        if model.endswith("_unet"):
+            rows.append(len(inputs["sample"]))
+            time.sleep(seconds_per_row * len(inputs["sample"]))
+
+    faulty.fault = slow
+    return rows
+
+
+def test_warmup_stays_within_its_time_budget_in_the_first_round_too(faulty):
+    """A slow denoiser: no call starts that would end past the budget, priced from the calls
+    before it, so the ladder's larger sizes (2, 4, 8 rows: 4.2 s more) never run. The old
+    warm-up ran every size once before looking at the clock (5.1 s here)."""
+    async def main():
+        engine = make_engine(faulty, max_batch_rows=8)
+        rows = _slow_unet(faulty, 0.3)
+        t0 = time.perf_counter()
+        rate = await engine.warmup(budget_s=1.0)
+        took = time.perf_counter() - t0
+        # Lazy init (prices a row), then one-row calls while they fit: at most the untimed round
+        # and one timed round (fewer on a loaded machine, where each call costs more than 0.3 s).
+        assert set(rows) == {1} and 1 <= len(rows) <= 3
+        assert took < 2.5  # the budget, one row's slack, the text encoder and the machine's noise
+        assert [int(n) for n in engine.cost.describe()["ms_per_call"]] == [1]
+        assert "sd_random_unet_shallow" not in faulty.calls  # its two calls would pass the budget
+        assert 0 < rate <= 1 / (2 * 0.3)  # the request's own 2 rows, priced per row
+    asyncio.run(main())
+
+
+def test_a_first_call_over_the_budget_is_the_only_one(faulty):
+    async def main():
+        engine = make_engine(faulty, max_batch_rows=8)
+        rows = _slow_unet(faulty, 0.6)
+        await engine.warmup(budget_s=0.5)
+        assert rows == [1]
+        assert engine.cost.measured and [int(n) for n in engine.cost.describe()["ms_per_call"]] == [1]
+    asyncio.run(main())
+
+
+def test_rows_per_call_follow_the_recorded_activation_memory(random_sd):
+    from services.engine.memory import ACTIVATION_BYTES_PARAMETER, engine_max_rows
+
+    unet = ModelRepository(random_sd[1]).models["sd_random_unet"]
+    row = int(unet.parameters[ACTIVATION_BYTES_PARAMETER])
+    assert row > 0 and unet.max_batch_size == 16
+    assert engine_max_rows(unet, available=2 * 5 * row) == 5  # half the available memory: 5 rows
+    assert engine_max_rows(unet, available=row) == 1  # always one
+    assert engine_max_rows(unet, available=1000 * row) == 16  # never past the config's max
+    older = type(unet)(**{**unet.__dict__, "parameters": {}})  # exported before rows were recorded
+    assert engine_max_rows(older, available=row) == 16
