@@ -91,6 +91,15 @@ class Gateway:
             return await self.app(scope, receive, send)
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        # Each request runs in a context of its own. uvicorn (asyncio loop, no reset_contextvars)
+        # starts the next request on a kept-alive connection from inside the previous one's task
+        # (cpython#140947), so every request's context inherited the last one's context
+        # variables: BentoML's current Request, which holds the body, chained request after
+        # request (+6.7 MB of RSS per 6.7 MB body, for the life of the connection).
+        return await asyncio.get_running_loop().create_task(self._serve_http(scope, receive, send),
+                                                            context=contextvars.Context())
+
+    async def _serve_http(self, scope, receive, send):
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
         given = headers.get(REQUEST_ID_HEADER, "")
         request_id = given if _VALID_REQUEST_ID.match(given) else uuid.uuid4().hex
