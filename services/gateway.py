@@ -8,6 +8,7 @@ before any work and in the one error shape, with a request id:
   3. shutdown        after SIGTERM: 503 for new work, /readyz 503, in-flight requests finish
   4. API key         GENSERVE_API_KEYS_FILE; 401 without a valid key
   5. rate limit      GENSERVE_RATE_LIMIT per key (per client address without keys); 429
+  5b. memory         GENSERVE_MEMORY_LIMIT_MB: work (a body) refused with 503 near the limit
   6. body            content type (415), size by Content-Length and by counting (413),
                      read deadline (408); the body is read here and replayed to the app
   7. CORS            GENSERVE_CORS_ORIGINS allow-list, preflights answered here
@@ -29,6 +30,7 @@ from dataclasses import dataclass, field
 
 from services.auth import KeyStore, presented_key
 from services.config import Settings
+from services.memory import RETRY_AFTER_S, MemoryGuard
 from services.ratelimit import RateLimiter, retry_after
 
 log = logging.getLogger("genserve")
@@ -76,6 +78,7 @@ class Gateway:
     on_error: object = None  # callable(endpoint, code): counts refusals
     on_rate_limited: object = None  # callable(client, limit): counts rate-limit refusals
     _limiter: RateLimiter | None = field(default=None, repr=False)
+    memory: MemoryGuard | None = None
 
     def __post_init__(self):
         if self.settings.api_keys_file is not None:
@@ -84,6 +87,8 @@ class Gateway:
             log.warning("API keys are off (GENSERVE_API_KEYS_FILE is not set): every client is served")
         if self.settings.rate_limit is not None:
             self._limiter = RateLimiter(self.settings.rate_limit)
+        if self.memory is None:
+            self.memory = MemoryGuard(self.settings.memory_limit_mb << 20)
 
     async def __call__(self, scope, receive, send):
         if scope["type"] == "lifespan":
@@ -155,6 +160,7 @@ class Gateway:
                                f"more than {self.settings.rate_limit} requests; retry in {retry_after(wait)}s",
                                headers={"Retry-After": str(retry_after(wait))}, limit=str(self.settings.rate_limit))
         if method in BODY_METHODS:
+            self._check_memory(headers)
             body = await self._read_body(scope, receive, route, headers)
             if body is None:
                 return  # the client went away while sending
@@ -181,6 +187,15 @@ class Gateway:
         if kid is None:
             raise _Refused(401, "unauthorized", "the API key is not valid", headers={"WWW-Authenticate": "Bearer"})
         return f"key:{kid}"
+
+    def _check_memory(self, headers) -> None:
+        """GENSERVE_MEMORY_LIMIT_MB: new work is refused before its body is read while the
+        worker's RSS and the body would pass it (the body is counted once more as it is read)."""
+        length = headers.get("content-length", "")
+        announced = int(length) if length.isdigit() else 0
+        if not self.memory.admits(announced):
+            raise _Refused(503, "memory_limit", self.memory.refusal("this request", announced),
+                           headers={"Retry-After": str(RETRY_AFTER_S)}, limit=self.settings.memory_limit_mb)
 
     async def _read_body(self, scope, receive, route: Route, headers) -> bytes | None:
         limit = self.settings.max_body_bytes
