@@ -171,5 +171,13 @@ class GenServe:
             log.info("image model %s: %.0f activation bytes and %.2f us per output pixel", name,
                      pipeline.bytes_per_pixel, pipeline.seconds_per_pixel * 1e6)
 
+    @bentoml.on_shutdown
+    async def _close(self) -> None:
+        """Stops the engines and closes the backend: on Triton, this process's shared-memory
+        regions are unregistered there and removed from /dev/shm (they outlived the service)."""
+        for engine in self.ctx.engines.values():
+            await engine.close()
+        await self.ctx.backend.close()
+
     async def __is_ready__(self) -> bool:
         return await self.ctx.backend.is_ready()
