@@ -9,6 +9,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from services.memory import default_limit_mb
+
 BACKENDS = ("onnxruntime", "triton")
 TRITON_SHARED_MEMORY = ("auto", "off", "required")
 ORT_THREAD_POOLS = ("shared", "per-session")
@@ -149,6 +151,13 @@ class Settings:
     # /v1/upscale, /v1/translate and chained upscaling: the most output pixels per image
     # (checked from the input's header before decoding; memory is ~16 bytes per output pixel).
     max_upscale_pixels: int = 4096 * 4096
+    # Image-to-image work per request: its estimated model seconds (tiles x measured cost),
+    # and the activation memory of one model call (tiles per call are sized to fit).
+    max_image_work_s: int = 120
+    image_call_mb: int = 512
+    # New work is refused (503) while the worker's RSS is past this (0: off); unset: a share
+    # of the container's memory limit (services.memory).
+    memory_limit_mb: int = 0
     # The public edge (services.gateway): body limits, keys, rate limits, CORS, shutdown.
     max_body_bytes: int = 20 * 1024 * 1024
     body_read_timeout_s: int = 30
@@ -206,6 +215,9 @@ class Settings:
             prompt_cache_size=_int("GENSERVE_PROMPT_CACHE_SIZE", cls.prompt_cache_size),
             batch_wait_ms=_int("GENSERVE_BATCH_WAIT_MS", cls.batch_wait_ms),
             max_upscale_pixels=_int("GENSERVE_MAX_UPSCALE_PIXELS", cls.max_upscale_pixels, minimum=1),
+            max_image_work_s=_int("GENSERVE_MAX_IMAGE_WORK_S", cls.max_image_work_s),
+            image_call_mb=_int("GENSERVE_IMAGE_CALL_MB", cls.image_call_mb, minimum=1),
+            memory_limit_mb=_int("GENSERVE_MEMORY_LIMIT_MB", default_limit_mb()),
             max_body_bytes=_int("GENSERVE_MAX_BODY_BYTES", cls.max_body_bytes, minimum=1024),
             body_read_timeout_s=_int("GENSERVE_BODY_READ_TIMEOUT_S", cls.body_read_timeout_s, minimum=1),
             api_keys_file=Path(keys) if (keys := os.environ.get("GENSERVE_API_KEYS_FILE", "").strip()) else None,

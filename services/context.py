@@ -29,6 +29,7 @@ class ServiceContext:
     vae: dict = field(default_factory=dict)  # name -> VAEPipeline (standalone and every SD pipeline's)
     stylegan: dict = field(default_factory=dict)  # name -> StyleGANPipeline (served on /v1/gan/*)
     image_step_limiter: object = None  # services.ratelimit.RateLimiter or None
+    memory: object = None  # services.memory.MemoryGuard or None (GENSERVE_MEMORY_LIMIT_MB)
     describers: list[Callable[["ServiceContext"], list[ModelDescription]]] = field(default_factory=list)
 
     def model_name(self, asked: str | None, family: str, served) -> str:

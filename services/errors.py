@@ -66,6 +66,12 @@ class BackendUnavailable(ServiceError):
         self.headers.setdefault("Retry-After", str(retry_after_s))
 
 
+class MemoryLimited(BackendUnavailable):
+    """The worker is near GENSERVE_MEMORY_LIMIT_MB: new work waits for running work to end."""
+
+    code = "memory_limit"
+
+
 class InferenceFailed(ServiceError):
     """The backend answered with an error for a well-formed request."""
 

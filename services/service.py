@@ -97,10 +97,12 @@ class GenServe:
         from services.pipelines.pipeline_image_to_image import image_to_image_pipelines
         from services.pipelines.pipeline_stylegan import stylegan_pipelines
         from services.pipelines.pipeline_vae import vae_pipelines
+        from services.memory import MemoryGuard, limit_arenas
         from services.ratelimit import RateLimiter
         from services.runtime import create_backend
 
         log.setLevel(logging.INFO)  # request ids in the log, beside BentoML's access log
+        limit_arenas()  # before the worker threads that run models exist (services.memory)
         settings = Settings.from_env()
         metrics = service_metrics()
         install_error_handlers(app, on_error=lambda path, code: metrics.errors.labels(path, code).inc())
@@ -108,13 +110,16 @@ class GenServe:
         backend.add_observer(metrics.observe_execution)
         limit = settings.rate_limit_image_steps
         ctx = ServiceContext(settings, backend, metrics, image_step_limiter=limit and RateLimiter(limit),
-                             describers=[module.describe for module in FAMILY_ROUTERS])
+                             describers=[module.describe for module in FAMILY_ROUTERS],
+                             memory=MemoryGuard(settings.memory_limit_mb << 20))
 
         # 1. Single-pass pipelines.
         ctx.gan = gan_pipelines(backend)
         ctx.vae = vae_pipelines(backend)
         ctx.stylegan = stylegan_pipelines(backend)
-        ctx.image_to_image = image_to_image_pipelines(backend)  # name -> ImageToImagePipeline (SR, translators)
+        # name -> ImageToImagePipeline (SR, translators); in process, one model call at a time.
+        ctx.image_to_image = image_to_image_pipelines(backend, settings.image_call_mb << 20,
+                                                      one_call_at_a_time=settings.backend == "onnxruntime")
         # 2. One step-level engine per diffusion pipeline, whatever its family; its batch
         #    limit is its denoiser's.
         cache = PromptCache(settings.prompt_cache_size, on_lookup=metrics.observe_prompt_cache)
@@ -171,14 +176,31 @@ class GenServe:
     @bentoml.on_startup
     async def _warm_up(self) -> None:
         """Times each engine's denoiser by batch rows (its cost model), so the first
-        iteration runs the best size and the first Retry-After is an estimate."""
+        iteration runs the best size and the first Retry-After is an estimate; measures each
+        image-to-image model's memory and time per output pixel (its calls and work bound)."""
         with failure_stops_the_server(metrics_dir.release):
             for engine in self.ctx.engines.values():
                 await engine.warmup(self.ctx.settings.warmup_budget_s)
+        for name, pipeline in self.ctx.image_to_image.items():  # the cost that sizes and bounds requests
+            try:
+                await pipeline.calibrate()
+            except Exception as exc:  # an optimisation: requests run unmeasured until their first call
+                log.warning("image model %s: calibration skipped (%s: %s)", name, type(exc).__name__, exc)
+                continue
+            log.info("image model %s: %.0f activation bytes and %.2f us per output pixel", name,
+                     pipeline.bytes_per_pixel, pipeline.seconds_per_pixel * 1e6)
 
     @bentoml.on_shutdown
-    def _release_metrics(self) -> None:
-        metrics_dir.release()
+    async def _close(self) -> None:
+        """Stops the engines and closes the backend: on Triton, this process's shared-memory
+        regions are unregistered there and removed from /dev/shm (they outlived the service).
+        Then this server's metrics directory goes."""
+        try:
+            for engine in self.ctx.engines.values():
+                await engine.close()
+            await self.ctx.backend.close()
+        finally:
+            metrics_dir.release()
 
     async def __is_ready__(self) -> bool:
         return await self.ctx.backend.is_ready()

@@ -17,7 +17,9 @@ Failures stay with their owner:
     that hit it stay where they are (a trajectory keeps its step; nothing is recomputed)
     and resume when the backend is back. The loop backs off (0.25 s doubling to 2 s)
     while cancellations and deadlines still take effect; a deadline that passes during
-    the outage answers BackendUnavailable (503), not a timeout.
+    the outage answers BackendUnavailable (503), not a timeout. Until the backend answers
+    again, new requests are refused at once (`backend_down`); with no request left to
+    retry, the loop asks the backend's readiness itself.
 """
 
 from __future__ import annotations
@@ -143,12 +145,13 @@ class DiffusionEngine:
 
     @property
     def backend_down(self) -> bool:
-        """True while the backend is unavailable (the last iteration hit BackendUnavailable)
-        and requests are paused in flight: new ones would wait, so the HTTP layer answers them
-        503 at once. The paused requests are the loop's probe of the backend; once none is
-        left (deadlines, cancellations), the next submission is admitted to be that probe,
-        or nothing would ever find out that the backend is back."""
-        return self._outage is not None and bool(self.scheduler.requests)
+        """True from an iteration that hit BackendUnavailable until the backend answers
+        again: new requests would only wait, so the HTTP layer answers them 503 at once. While
+        requests are paused in flight, their retries probe the backend; once none is left
+        (deadlines, cancellations), the loop asks the backend itself (`is_ready`, at the
+        back-off pace), so a lasting outage refuses every new request at once instead of
+        letting each wait its whole deadline."""
+        return self._outage is not None
 
     # -- client side -------------------------------------------------------------------
     def submit(self, request: DiffusionRequest, timeout_s: float, preview_every: int = 0,
@@ -298,7 +301,9 @@ class DiffusionEngine:
                 await self._back_off()
             elif not worked:
                 self._wakeup.clear()
-                if not self.scheduler.requests:
+                if not self.scheduler.requests and self._outage is not None:
+                    await self._probe()
+                elif not self.scheduler.requests:
                     await self._wakeup.wait()
                 else:  # only waiting on deadlines
                     try:
@@ -352,6 +357,23 @@ class DiffusionEngine:
                 pass
             self._finish_leaving()
             self._report_queue()
+
+    async def _probe(self) -> None:
+        """Known down with nothing in flight: waits the back-off (a submitted request wakes
+        it: that request is the probe), then asks the backend whether it is back."""
+        try:
+            await asyncio.wait_for(self._wakeup.wait(), timeout=self._backoff_s)
+            return
+        except asyncio.TimeoutError:
+            pass
+        self._backoff_s = min(2 * self._backoff_s, BACKOFF_MAX_S)
+        try:
+            ready = await self.pipeline.backend.is_ready()
+        except Exception:
+            ready = False
+        if ready and not self.scheduler.requests:
+            log.info("engine %s: backend ready again, admitting requests", self.model)
+            self._outage, self._backoff_s = None, BACKOFF_MIN_S
 
     async def _backend(self, call: Awaitable[T]) -> T:
         """Every model call of the loop goes through here, to record outages and recovery."""

@@ -43,6 +43,9 @@ class Faulty(InferenceBackend):
     def models(self):
         return self.inner.models()
 
+    async def is_ready(self):  # as Triton's readiness says: every model loaded
+        return not self.down and await self.inner.is_ready()
+
     async def _execute(self, spec, inputs):  # pragma: no cover - infer() is overridden
         raise NotImplementedError
 
@@ -268,24 +271,56 @@ def test_a_deadline_that_passes_during_an_outage_answers_503(faulty):
     asyncio.run(main())
 
 
-def test_after_an_outage_that_emptied_the_queue_the_next_request_probes_and_runs(faulty):
-    """Every paused request left during the outage: no iteration remains to notice the
-    backend's return, so new requests are admitted again (the first one probes) instead of
-    being refused 503 forever."""
+def test_a_lasting_outage_refuses_new_requests_at_once_until_the_backend_is_back(faulty):
+    """Every paused request left during the outage (deadlines): new requests are still
+    refused at once (503 + Retry-After) instead of each waiting its whole deadline, and the
+    loop, asking the backend itself, admits them again once it is back."""
+    from types import SimpleNamespace
+
+    from services.routers.engine_calls import submit
+
+    ctx = SimpleNamespace(backend=SimpleNamespace(name="faulty"), charge_image_steps=lambda cost: None)
+
     async def main():
         engine = make_engine(faulty, start_loop=True)
         faulty.down = True
         lost = engine.submit(req(), timeout_s=0.5)
         paused = engine.submit(req(), timeout_s=0.5)
         await asyncio.sleep(0.2)
-        assert engine.backend_down  # requests paused in flight: new ones are refused at once
+        assert engine.backend_down  # requests paused in flight
         await asyncio.wait_for(asyncio.gather(lost.done.wait(), paused.done.wait()), timeout=5)
-        assert not engine.scheduler.requests and not engine.backend_down
+        assert not engine.scheduler.requests
+        for _ in range(3):  # the queue is empty and the outage lasts: refused at once, every time
+            start = time.monotonic()
+            with pytest.raises(BackendUnavailable) as refused:
+                submit(ctx, engine, req(), timeout_s=30)
+            assert time.monotonic() - start < 0.05 and refused.value.headers["Retry-After"]
+            await asyncio.sleep(0.5)
+        faulty.down = False
+        deadline = time.monotonic() + 5  # the back-off is at most 2 s
+        while engine.backend_down and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        assert not engine.backend_down
+        handle = submit(ctx, engine, req(steps=3), timeout_s=30)
+        await asyncio.wait_for(handle.done.wait(), timeout=10)
+        await engine.close()
+        assert handle.status == RequestStatus.FINISHED_DONE
+    asyncio.run(main())
+
+
+def test_a_request_submitted_during_an_outage_is_the_probe(faulty):
+    """A caller that submits anyway (not through the HTTP layer) is not left waiting for the
+    back-off: its request wakes the loop and runs when the backend answers."""
+    async def main():
+        engine = make_engine(faulty, start_loop=True)
+        faulty.down = True
+        lost = engine.submit(req(), timeout_s=0.3)
+        await asyncio.wait_for(lost.done.wait(), timeout=5)
         faulty.down = False
         handle = engine.submit(req(steps=3), timeout_s=30)
         await asyncio.wait_for(handle.done.wait(), timeout=10)
         await engine.close()
-        assert handle.status == RequestStatus.FINISHED_DONE
+        assert handle.status == RequestStatus.FINISHED_DONE and not engine.backend_down
     asyncio.run(main())
 
 

@@ -290,3 +290,42 @@ def test_a_rotation_to_an_empty_or_malformed_file_keeps_the_old_keys(keys_file, 
     with pytest.raises(ValueError, match="GENSERVE_API_KEYS_FILE"):  # at start-up, each is an error
         keys_file.write_text(bad)
         make(api_keys_file=keys_file)
+
+
+def test_new_work_is_refused_near_the_memory_limit():
+    """GENSERVE_MEMORY_LIMIT_MB: past it a body-bearing request gets 503 with Retry-After
+    before its body is read (the pod is not OOM-killed); health and reads stay up."""
+    from services.memory import MemoryGuard
+
+    gateway = make(memory_limit_mb=100)
+    used = {"rss": 50 << 20}
+    gateway.memory = MemoryGuard(100 << 20, read_rss=lambda: used["rss"])
+    assert call(gateway, "POST", "/v1/echo", json={"a": 1}).status_code == 200
+    # A body that would carry it past the limit, then any body once it is past.
+    error = assert_error(call(gateway, "POST", "/v1/echo", content=b"x" * (60 << 20),
+                              headers={"content-type": "application/json"}), 503, "memory_limit")
+    assert "GENSERVE_MEMORY_LIMIT_MB" in error["message"] and error["limit"] == 100
+    used["rss"] = 101 << 20
+    r = call(gateway, "POST", "/v1/echo", json={"a": 1})
+    assert_error(r, 503, "memory_limit")
+    assert r.headers["retry-after"] == "2"
+    assert call(gateway, "GET", "/livez").status_code == 200
+    assert call(gateway, "GET", "/v1/models").status_code == 200
+    used["rss"] = 60 << 20  # work ended: admitted again
+    assert call(gateway, "POST", "/v1/echo", json={"a": 1}).status_code == 200
+
+
+def test_the_memory_limit_defaults_to_a_share_of_the_container_limit(tmp_path):
+    from services.memory import CONTAINER_SHARE, default_limit_mb
+
+    v2, v1 = tmp_path / "memory.max", tmp_path / "memory.limit_in_bytes"
+    assert default_limit_mb((v2, v1)) == 0  # no cgroup files: off
+    v2.write_text("max\n")
+    assert default_limit_mb((v2, v1)) == 0  # no limit
+    v2.write_text(f"{4 << 30}\n")
+    assert default_limit_mb((v2, v1)) == int((4 << 30) * CONTAINER_SHARE) >> 20
+    v2.unlink()
+    v1.write_text(f"{2 << 30}\n")
+    assert default_limit_mb((v2, v1)) == int((2 << 30) * CONTAINER_SHARE) >> 20
+    v1.write_text("9223372036854771712\n")  # cgroup v1's "unlimited"
+    assert default_limit_mb((v2, v1)) == 0
