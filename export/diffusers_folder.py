@@ -54,11 +54,12 @@ def detect_family(folder: Path) -> str:
 def export_folder(folder: Path, repository: Path, name: str, version: int = 1, max_batch_size: int = 16,
                   target: DeploymentTarget = DeploymentTarget(), family: str | None = None,
                   tensorrt: bool = False, progress=print, max_sequence_length: int | None = None,
-                  native_size: int | None = None, deepcache: bool = True):
+                  native_size: int | None = None, deepcache: bool = True, controlnet_inputs: bool = True):
     """Exports the folder with its family's exporter: (family, reports). `max_sequence_length`
     and `native_size` are FLUX's options (the T5 length prompts are padded to; the default
     size), refused for families that have no such choice. `deepcache=False` leaves out the
-    U-Net families' shallow graph and deep-features output (export/deepcache.py)."""
+    U-Net families' shallow graph and deep-features output (export/deepcache.py);
+    `controlnet_inputs=False` SD's U-Net's ControlNet residual inputs (export/controlnet.py)."""
     detected = detect_family(folder)
     if family == "vae" and (Path(folder) / "vae" / "config.json").exists():
         detected = "vae"  # a pipeline folder: its VAE alone, served as a standalone VAE
@@ -75,7 +76,7 @@ def export_folder(folder: Path, repository: Path, name: str, version: int = 1, m
     if detected == "stable_diffusion":
         from export.stable_diffusion import export_stable_diffusion
         return detected, export_stable_diffusion(folder, repository, name, tensorrt=tensorrt, deepcache=deepcache,
-                                                 **kwargs)
+                                                 controlnet_inputs=controlnet_inputs, **kwargs)
     if detected == "stable_diffusion_xl":
         from export.stable_diffusion_xl import export_stable_diffusion_xl
         return detected, export_stable_diffusion_xl(folder, repository, name, tensorrt=tensorrt,
