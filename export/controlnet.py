@@ -30,13 +30,10 @@ from typing import Callable
 import numpy as np
 import torch
 
-MID_RESIDUAL = "mid_block_res"
-RESIDUALS_PARAMETER = "controlnet_residuals"  # genserve.controlnet_residuals on the U-Net
+from services.pipelines.controlnet import MID_RESIDUAL, down_residual, parse_layout
+
+RESIDUALS_PARAMETER = "controlnet_residuals"  # genserve.controlnet_residuals on the U-Net, read by the pipeline
 NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9_]{0,63}$")
-
-
-def down_residual(i: int) -> str:
-    return f"down_block_res_{i}"
 
 
 @torch.no_grad()
@@ -65,13 +62,6 @@ def residual_layout(unet) -> list[tuple[str, int, int]]:
 
 def format_layout(layout: list[tuple[str, int, int]]) -> str:
     return ",".join(f"{c}/{f}" for _, c, f in layout)
-
-
-def parse_layout(text: str) -> list[tuple[str, int, int]]:
-    """genserve.controlnet_residuals -> (name, channels, factor), down residuals then mid."""
-    pairs = [tuple(int(v) for v in item.split("/")) for item in text.split(",")]
-    names = [down_residual(i) for i in range(len(pairs) - 1)] + [MID_RESIDUAL]
-    return [(n, c, f) for n, (c, f) in zip(names, pairs)]
 
 
 def residual_inputs(layout, rng: np.random.Generator, batch: int, h: int, w: int) -> dict[str, np.ndarray]:
