@@ -127,6 +127,11 @@ class ControlNets:
         or with --no-controlnet-inputs, do not)."""
         return RESIDUALS_PARAMETER in unet_spec.parameters
 
+    def global_pool(self, units: list[ControlUnit]) -> bool:
+        """Whether the request's first ControlNet pools its conditions (diffusers then turns guess
+        mode on for every unit)."""
+        return self.models[units[0].model].global_pool_conditions
+
     def zeros(self, rows: int, height: int, width: int) -> dict[str, np.ndarray]:
         return {n: np.zeros((rows, c, height // f, width // f), np.float32) for n, c, f in self.layout}
 
