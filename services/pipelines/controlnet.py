@@ -46,6 +46,15 @@ def parse_layout(text: str) -> list[tuple[str, int, int]]:
     return [(n, c, f) for n, (c, f) in zip(names, pairs)]
 
 
+def zero_residuals(unet_spec, rows: int, height: int, width: int) -> dict[str, np.ndarray]:
+    """The residual inputs of a U-Net exported with them, zero (no control) for `rows` latents of
+    height x width; {} for one exported without. For callers feeding the U-Net graph directly."""
+    if RESIDUALS_PARAMETER not in unet_spec.parameters:
+        return {}
+    return {n: np.zeros((rows, c, height // f, width // f), np.float32)
+            for n, c, f in parse_layout(unet_spec.parameters[RESIDUALS_PARAMETER])}
+
+
 @dataclass(frozen=True)
 class ControlNetModel:
     """One exported ControlNet of a pipeline."""
@@ -114,7 +123,7 @@ class ControlNets:
     """A pipeline's ControlNets and its U-Net's residual inputs."""
 
     def __init__(self, backend, unet_spec, models: dict[str, ControlNetModel]):
-        self.backend = backend
+        self.backend, self.unet_spec = backend, unet_spec
         self.layout = parse_layout(unet_spec.parameters[RESIDUALS_PARAMETER])
         self.models = models
         n = len(self.layout) - 1
@@ -132,13 +141,10 @@ class ControlNets:
         mode on for every unit)."""
         return self.models[units[0].model].global_pool_conditions
 
-    def zeros(self, rows: int, height: int, width: int) -> dict[str, np.ndarray]:
-        return {n: np.zeros((rows, c, height // f, width // f), np.float32) for n, c, f in self.layout}
-
     async def unet_inputs(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """The rows' U-Net inputs: the control keys replaced by the summed, scaled residuals."""
         sample = inputs["sample"]
-        residuals = self.zeros(len(sample), *sample.shape[2:])
+        residuals = zero_residuals(self.unet_spec, len(sample), *sample.shape[2:])
         plain = {k: v for k, v in inputs.items() if not k.startswith(CONTROL_PREFIX)}
         guess = inputs.get(GUESS)
         by_model: dict[str, list[str]] = {}
