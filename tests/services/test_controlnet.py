@@ -118,6 +118,32 @@ def test_the_same_controlnet_twice_sums_as_diffusers(pipeline, reference):
     assert psnr_signed(ours(pipeline, units, **kw), theirs(reference, units, **kw)) >= 35
 
 
+def test_img2img_with_controlnet_matches_diffusers(pipeline, controlled, monkeypatch):
+    """As StableDiffusionControlNetImg2ImgPipeline, drawing our numbers in our order (the VAE
+    posterior's, then the noise's)."""
+    import diffusers.models.autoencoders.vae as vae_module
+    import diffusers.pipelines.controlnet.pipeline_controlnet_img2img as img2img_module
+    from diffusers import ControlNetModel, StableDiffusionControlNetImg2ImgPipeline
+    from PIL import Image
+
+    from tests.services.schedulers.conftest import numpy_noise
+
+    folder, nets, _ = controlled
+    pixels = np.random.default_rng(6).integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8)
+    unit = ControlUnit("edges", control_image(7), 0.9)
+    kw = dict(num_inference_steps=10, guidance_scale=4.0, seed=21, strength=0.6)
+    got = ours(pipeline, [unit], init_image=(pixels.astype(np.float32) / 127.5 - 1).transpose(2, 0, 1), **kw)
+    noise = numpy_noise([21])
+    for module in (vae_module, img2img_module):
+        monkeypatch.setattr(module, "randn_tensor", noise)
+    pipe = StableDiffusionControlNetImg2ImgPipeline.from_pretrained(
+        folder, controlnet=ControlNetModel.from_pretrained(nets["edges"]), safety_checker=None)
+    want = pipe(PROMPT, negative_prompt=NEGATIVE, image=Image.fromarray(pixels), control_image=to_pil(unit.image),
+                strength=0.6, num_inference_steps=10, guidance_scale=4.0, controlnet_conditioning_scale=0.9,
+                height=SIZE, width=SIZE, output_type="np").images
+    assert psnr_signed(got, want.transpose(0, 3, 1, 2) * 2 - 1) >= 35
+
+
 async def drain(engine, handles, limit=500):
     for _ in range(limit):
         if all(h.status.finished for h in handles):
