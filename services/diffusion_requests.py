@@ -103,7 +103,9 @@ def build_request(task: str, body, pipeline) -> tuple[DiffusionRequest, dict]:
                     f"{init_image.shape[2]}x{init_image.shape[1]}: they must match", field="mask")
             mask = (mask > 0).astype(np.float32)  # white (> mid-grey) = repaint
     extras = family_extras(body, spec, params["height"], params["width"])
-    control, params["controlnet"] = control_units(body, pipeline, params["height"], params["width"])
+    control, echoed = control_units(body, pipeline, params["height"], params["width"])
+    if hasattr(body, "controlnet"):
+        params["controlnet"] = echoed  # each unit without its image, hashed instead
     for key in EXTRA_FIELDS:
         params.pop(key, None)
     params.update({k: list(v) for k, v in extras.items()})
@@ -115,5 +117,6 @@ def build_request(task: str, body, pipeline) -> tuple[DiffusionRequest, dict]:
         cache_interval=body.cache_interval, controlnet=control,
         guess_mode=bool(control) and (getattr(body, "guess_mode", False) or pipeline.control.global_pool(control)),
     )
-    params["guess_mode"] = request.guess_mode
+    if hasattr(body, "guess_mode"):
+        params["guess_mode"] = request.guess_mode  # on when the first ControlNet pools its conditions
     return request, params
