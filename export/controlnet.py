@@ -39,10 +39,10 @@ NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9_]{0,63}$")
 @torch.no_grad()
 def residual_layout(unet) -> list[tuple[str, int, int]]:
     """(input name, channels, downsampling factor) of each residual a ControlNet gives this
-    UNet2DConditionModel, in its forward's order, found by running it once at its native size
-    (hooks on conv_in, each down block and the mid block): the layout follows the U-Net's own
+    UNet2DConditionModel, in its forward's order, found by running it once at the smallest side
+    every level can halve (hooks on conv_in, each down block and the mid block): the layout follows the U-Net's own
     blocks, whatever their number and layers."""
-    size = 2 ** len(unet.down_blocks)  # the smallest side every level can halve
+    size = 2 ** len(unet.down_blocks)
     shapes: list[torch.Size] = []
     mid: list[torch.Size] = []
     hooks = [unet.conv_in.register_forward_hook(lambda _m, _a, out: shapes.append(out.shape))]
@@ -122,10 +122,10 @@ def check_fits(controlnet, layout, unet_spec) -> None:
             f"the ControlNet's residuals ({format_layout(layout)}, channels/downsampling) are not those "
             f"{unet_spec.name} takes ({format_layout(base)}): it was made for another base model")
     sample, text = unet_spec.input("sample"), unet_spec.input("encoder_hidden_states")
-    vae_scale = int(unet_spec.parameters["genserve.vae_scale_factor"])
-    if conditioning_downsampling(controlnet) != vae_scale:
-        raise ControlNetExportError(f"the ControlNet reads its control image at {conditioning_downsampling(controlnet)} "
-                                    f"pixels per latent, the pipeline's VAE at {vae_scale}")
+    vae_scale, own = int(unet_spec.parameters["genserve.vae_scale_factor"]), conditioning_downsampling(controlnet)
+    if own != vae_scale:
+        raise ControlNetExportError(f"the ControlNet reads its control image at {own} pixels per latent, "
+                                    f"the pipeline's VAE at {vae_scale}")
     if controlnet.config.in_channels != sample.dims[0]:
         raise ControlNetExportError(f"the ControlNet takes {controlnet.config.in_channels} latent channels, "
                                     f"{unet_spec.name} {sample.dims[0]}")

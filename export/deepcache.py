@@ -154,7 +154,7 @@ def export_unet(export, wrapper: torch.nn.Module, unet, make_inputs, tensors, no
     full, shallow = FeatureCapturingUNet(wrapper, unet), ShallowUNet(unet, added)
     # Inputs the shallow graph does not take are zero for its check (a ControlNet's residuals:
     # rows that carry control never take shallow steps).
-    example = {k: torch.from_numpy(v if k in shallow.input_names or k == "encoder_hidden_states" else np.zeros_like(v))
+    example = {k: torch.from_numpy(v if k in shallow.input_names else np.zeros_like(v))
                for k, v in make_inputs(1, 1).items()}
     channels = full(**example)[1].shape[1]
     check_shallow(full, shallow, example)

@@ -355,7 +355,8 @@ def export_stable_diffusion(
                    "size_multiple": size_multiple}
     if residuals:
         unet_params[RESIDUALS_PARAMETER] = format_layout(residuals)
-    export_unet(component, _UNet(unet, tuple(n for n, _, _ in residuals)), unet, unet_inputs, unet_tensors, noise_pred, unet_axes, unet_params,
+    wrapper = _UNet(unet, tuple(n for n, _, _ in residuals))
+    export_unet(component, wrapper, unet, unet_inputs, unet_tensors, noise_pred, unet_axes, unet_params,
                 deepcache=deepcache, rng=rng, shallow_options=lambda c: {"deep_channels": c}, atol=1e-3,
                 delay_us=DENOISER_QUEUE_DELAY_US,
                 files=[(folder / "scheduler" / "scheduler_config.json", "scheduler_config.json")])

@@ -81,7 +81,8 @@ def ours(pipeline, units, **kw) -> np.ndarray:
     return asyncio.run(pipeline(request)).images
 
 
-def theirs(reference, units, *, num_images=1, num_inference_steps, guidance_scale, seed, guess_mode=False) -> np.ndarray:
+def theirs(reference, units, *, num_images=1, num_inference_steps, guidance_scale, seed,
+           guess_mode=False) -> np.ndarray:
     single = len(units) == 1
     pick = (lambda v: v[0]) if single else (lambda v: v)
     pipe = reference(*[u.model for u in units])
