@@ -36,6 +36,7 @@ DEMO_DIFFUSION = {CHECKPOINTS / "sd_digits": "sd_digits"}
 DEMO_DDPM = {CHECKPOINTS / "ddpm_digits": "ddpm_digits"}
 DEMO_VAE = {CHECKPOINTS / "vae_digits": "vae_digits"}
 DEMO_STYLEGAN = {CHECKPOINTS / "stylegan_digits": "stylegan_digits"}
+DEMO_CONTROLNETS = {CHECKPOINTS / "controlnet_digits_outline": ("sd_digits", "outline")}  # folder: (pipeline, name)
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
@@ -242,8 +243,14 @@ def main(argv: list[str] | None = None) -> int:
                                            family=family, tensorrt=args.tensorrt, **options)
             print(f"{name}: {found}, {len(reports)} graphs verified ({time.perf_counter() - start:.1f}s)")
         if args.command == "demo":
+            from export.controlnet import export_controlnet
+
             for line in image_to_image_cli.export_demos(args.repository, target):
                 print(line)
+            for folder, (pipeline, name) in DEMO_CONTROLNETS.items():  # after their pipelines
+                if folder.exists():
+                    report = export_controlnet(folder, args.repository, pipeline, name, target=target)
+                    print(f"{report.name}: verified, max abs error {report.max_abs_error:.2e}")
     except ParityError as exc:
         print(f"export FAILED parity check: {exc}", file=sys.stderr)
         return 1
