@@ -154,8 +154,11 @@ def export_unet(export, wrapper: torch.nn.Module, unet, make_inputs, tensors, no
         return
     full, shallow = FeatureCapturingUNet(wrapper, unet), ShallowUNet(unet, added)
     activation = options["activation"]
-    # A PyTorch-only check, at the small grid: its cost must not grow with the native size.
-    example = {k: torch.from_numpy(v) for k, v in make_inputs(1, activation.small_grid()).items()}
+    # A PyTorch-only check, at the small grid: its cost must not grow with the native size. Inputs
+    # the shallow graph does not take are zero (a ControlNet's residuals: rows that carry control
+    # never take shallow steps).
+    example = {k: torch.from_numpy(v if k in shallow.input_names else np.zeros_like(v))
+               for k, v in make_inputs(1, activation.small_grid()).items()}
     channels = full(**example)[1].shape[1]
     check_shallow(full, shallow, example)
     deep = TensorSpec(DEEP_FEATURES, "float32", (channels, -1, -1))

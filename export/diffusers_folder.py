@@ -66,11 +66,13 @@ def detect_family(folder: Path) -> str:
 def export_folder(folder: Path, repository: Path, name: str, version: int = 1, max_batch_size: int = 16,
                   target: DeploymentTarget = DeploymentTarget(), family: str | None = None,
                   tensorrt: bool = False, progress=print, max_sequence_length: int | None = None,
-                  native_size: int | None = None, deepcache: bool = True, graphs=None):
+                  native_size: int | None = None, deepcache: bool = True, graphs=None,
+                  controlnet_inputs: bool = True):
     """Exports the folder with its family's exporter: (family, reports). `max_sequence_length`
     and `native_size` are FLUX's options (the T5 length prompts are padded to; the default
     size), refused for families that have no such choice. `deepcache=False` leaves out the
-    U-Net families' shallow graph and deep-features output (export/deepcache.py). `graphs`:
+    U-Net families' shallow graph and deep-features output (export/deepcache.py);
+    `controlnet_inputs=False` SD's U-Net's ControlNet residual inputs (export/controlnet.py). `graphs`:
     how graphs are written and checked (export.verification.GraphOptions; default: fp32, full).
 
     The graphs are written into a staging folder and moved into the repository only when every
@@ -93,7 +95,8 @@ def export_folder(folder: Path, repository: Path, name: str, version: int = 1, m
                   graphs=graphs or GraphOptions())
     with measured() as cost, staged_repository(repository, name) as staging:
         reports = _export_family(detected, folder, staging, name, kwargs, tensorrt=tensorrt, deepcache=deepcache,
-                                 max_sequence_length=max_sequence_length, native_size=native_size)
+                                 max_sequence_length=max_sequence_length, native_size=native_size,
+                                 controlnet_inputs=controlnet_inputs)
     for report in reports:  # the graphs now live in the repository
         report.onnx_path = Path(repository) / report.onnx_path.relative_to(staging)
     write_export_report(repository, name, detected, reports, cost.wall_s, cost.peak_rss_bytes)
@@ -102,14 +105,16 @@ def export_folder(folder: Path, repository: Path, name: str, version: int = 1, m
 
 
 def _export_family(detected: str, folder: Path, repository: Path, name: str, kwargs: dict, *, tensorrt: bool,
-                   deepcache: bool, max_sequence_length: int | None, native_size: int | None):
+                   deepcache: bool, max_sequence_length: int | None, native_size: int | None,
+                   controlnet_inputs: bool):
     if detected == "flux":
         from export.flux import export_flux
         return export_flux(folder, repository, name, tensorrt=tensorrt, max_sequence_length=max_sequence_length,
                            native_size=native_size, **kwargs)
     if detected == "stable_diffusion":
         from export.stable_diffusion import export_stable_diffusion
-        return export_stable_diffusion(folder, repository, name, tensorrt=tensorrt, deepcache=deepcache, **kwargs)
+        return export_stable_diffusion(folder, repository, name, tensorrt=tensorrt, deepcache=deepcache,
+                                       controlnet_inputs=controlnet_inputs, **kwargs)
     if detected == "stable_diffusion_xl":
         from export.stable_diffusion_xl import export_stable_diffusion_xl
         return export_stable_diffusion_xl(folder, repository, name, tensorrt=tensorrt, deepcache=deepcache, **kwargs)

@@ -32,6 +32,13 @@ from typing import Callable
 import numpy as np
 import torch
 
+from export.controlnet import (
+    RESIDUALS_PARAMETER,
+    format_layout,
+    residual_inputs,
+    residual_layout,
+    residual_profiles,
+)
 from export.deepcache import export_unet
 from export.diffusers_folder import UnsupportedFolder, sample_size_hw
 from export.onnx_export import export_onnx, verify_onnx
@@ -79,12 +86,20 @@ class _TextEncoder(torch.nn.Module):
 
 
 class _UNet(torch.nn.Module):
-    def __init__(self, unet):
-        super().__init__()
-        self.unet = unet
+    """`residuals`: the ControlNet residual inputs' names (export.controlnet), down blocks' then
+    the mid block's, taken after the text (positionally or by name)."""
 
-    def forward(self, sample, timestep, encoder_hidden_states):
-        return self.unet(sample, timestep, encoder_hidden_states, return_dict=False)[0]
+    def __init__(self, unet, residuals: tuple[str, ...] = ()):
+        super().__init__()
+        self.unet, self.residuals = unet, tuple(residuals)
+
+    def forward(self, sample, timestep, encoder_hidden_states, *residuals, **named):
+        named.update(zip(self.residuals, residuals))
+        if not self.residuals:
+            return self.unet(sample, timestep, encoder_hidden_states, return_dict=False)[0]
+        given = [named[n] for n in self.residuals]
+        return self.unet(sample, timestep, encoder_hidden_states, down_block_additional_residuals=tuple(given[:-1]),
+                         mid_block_additional_residual=given[-1], return_dict=False)[0]
 
 
 class _VAEDecoder(torch.nn.Module):
@@ -368,9 +383,12 @@ def export_stable_diffusion(
     tensorrt: bool = False,
     deepcache: bool = True,
     graphs: GraphOptions = GraphOptions(),
+    controlnet_inputs: bool = True,
 ) -> list[ComponentReport]:
     """`deepcache`: also the shallow U-Net graph and the deep-features output (export.deepcache)
-    that requests' `cache_interval` uses. `graphs`: how graphs are written and checked (GraphOptions)."""
+    that requests' `cache_interval` uses. `graphs`: how graphs are written and checked (GraphOptions).
+    `controlnet_inputs`: the U-Net takes ControlNet residuals (export.controlnet), so ControlNets
+    can be added to the pipeline later."""
     folder = Path(folder)
     progress(f"[{name}] loading {folder}")
     text_encoder, unet, vae = load_pipeline_components(folder)
@@ -401,11 +419,13 @@ def export_stable_diffusion(
                 image_channels=image_c, vae_scale=vae_scale, native_latent=(h, w),
                 min_latent=size_multiple // vae_scale, max_latent=(2 * h, 2 * w), deep_channels=deep_channels)
             names = {t.name for t in inputs}  # a shallow graph may not take the text
+            profile.update(residual_profiles(residuals, max_batch_size, size_multiple // vae_scale, (h, w), (2 * h, 2 * w)))
             profile = {k: v for k, v in profile.items() if k in names}
         return export_graph(role, module, make_inputs, inputs, outputs, dynamic, parameters, atol, delay_us,
                             files=files, tensorrt_profile=profile, activation=activation, precision=precision)
 
     h, w = sample_size_hw(unet.config.sample_size, f"{folder}/unet/config.json")  # native latent size
+    residuals = residual_layout(unet) if controlnet_inputs else []
     size_multiple = vae_scale * 2 ** (len(unet.config.down_block_types) - 1)
 
     # 1. Text encoder (fixed sequence length: prompts are padded to the tokenizer's max).
@@ -432,21 +452,26 @@ def export_stable_diffusion(
     def unet_inputs(b, grid):
         return {"sample": rng.standard_normal((b, latent_c, *grid), dtype=np.float32),
                 "timestep": rng.uniform(0, 999, b).astype(np.float32),
-                "encoder_hidden_states": rng.standard_normal((b, length, hidden), dtype=np.float32)}
+                "encoder_hidden_states": rng.standard_normal((b, length, hidden), dtype=np.float32),
+                **residual_inputs(residuals, rng, b, *grid)}
 
     spatial = {0: "batch", 2: "height", 3: "width"}
     unet_tensors = [TensorSpec("sample", "float32", (latent_c, -1, -1)),
                     TensorSpec("timestep", "float32", (1,), reshape=()),
-                    TensorSpec("encoder_hidden_states", "float32", (length, hidden))]
+                    TensorSpec("encoder_hidden_states", "float32", (length, hidden)),
+                    *(TensorSpec(n, "float32", (c, -1, -1)) for n, c, _ in residuals)]
     unet_axes = {"sample": spatial, "timestep": {0: "batch"}, "encoder_hidden_states": {0: "batch"},
-                 "noise_pred": spatial}
+                 "noise_pred": spatial, **{n: spatial for n, _, _ in residuals}}
     noise_pred = TensorSpec("noise_pred", "float32", (latent_c, -1, -1))
     # Latent sides must survive every down block's halving: traced graphs bake in the
     # upsampling sizes, so odd intermediate sizes cannot be served.
     unet_params = {"in_channels": latent_c, "sample_height": h, "sample_width": w,
                    **({"sample_size": h} if h == w else {}), "vae_scale_factor": vae_scale,
                    "size_multiple": size_multiple}
-    export_unet(component, _UNet(unet), unet, unet_inputs, unet_tensors, noise_pred, unet_axes, unet_params,
+    if residuals:
+        unet_params[RESIDUALS_PARAMETER] = format_layout(residuals)
+    wrapper = _UNet(unet, tuple(n for n, _, _ in residuals))
+    export_unet(component, wrapper, unet, unet_inputs, unet_tensors, noise_pred, unet_axes, unet_params,
                 deepcache=deepcache, rng=rng, shallow_options=lambda c: {"deep_channels": c}, atol=1e-3,
                 delay_us=DENOISER_QUEUE_DELAY_US,
                 activation=unet_activation(unet.config, (h, w), size_multiple // vae_scale, length),

@@ -189,7 +189,66 @@ class _SizeConditioning(BaseModel):
     crops_coords_top_left: SizePair | None = Field(None, description="SDXL only: [top, left]; default [0, 0].")
 
 
-class Txt2ImgRequest(_Strict, _SizeConditioning):
+MAX_CONTROLNET_UNITS = 4
+MAX_CONDITIONING_SCALE = 5.0
+MAX_CANNY_THRESHOLD = 2048  # above any 8-bit image's Sobel gradient magnitude (4 * 255 * sqrt(2))
+
+
+class ControlNetUnit(_Strict):
+    """One ControlNet acting on a request (diffusers' StableDiffusionControlNetPipeline arguments)."""
+
+    model: str = Field(max_length=256, description="A ControlNet exported for the request's model (GET /v1/models).")
+    image: str = Field(max_length=MAX_IMAGE_BASE64_CHARS, description="Control image, base64 PNG/JPEG/WebP (multipart: "
+                       "a file part named controlnet_image_<i> instead); resized to the output size as diffusers "
+                       "does, so its aspect ratio must be the output's.")
+    conditioning_scale: float = Field(1.0, ge=0.0, le=MAX_CONDITIONING_SCALE, description="Weight of its residuals.")
+    guidance_start: float = Field(0.0, ge=0.0, le=1.0, description="Fraction of the steps before it starts acting.")
+    guidance_end: float = Field(1.0, ge=0.0, le=1.0, description="Fraction of the steps after which it stops.")
+    preprocess: Literal["canny"] | None = Field(None, description="canny: OpenCV's Canny edges of the image first "
+                                                "(send a photo to a canny ControlNet).")
+    canny_thresholds: Annotated[list[Annotated[int, Field(ge=0, le=MAX_CANNY_THRESHOLD)]],
+                                Field(min_length=2, max_length=2)] = Field(
+        [100, 200], description="Canny's low and high hysteresis thresholds (gradient magnitudes).")
+
+    @model_validator(mode="after")
+    def _window(self):
+        if self.guidance_start >= self.guidance_end:
+            raise ValueError(f"guidance_start ({self.guidance_start}) must be below guidance_end "
+                             f"({self.guidance_end})")
+        return self
+
+
+class _Control(BaseModel):
+    controlnet: list[ControlNetUnit] = Field(
+        default_factory=list, max_length=MAX_CONTROLNET_UNITS,
+        description="ControlNets steering the image (several: their residuals are summed).")
+    guess_mode: bool = Field(False, description="ControlNet guess mode, as diffusers: control on the conditional "
+                             "half only, its residuals ramped from 0.1 to 1 over the down blocks.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_form(cls, data):
+        """A multipart form sends `controlnet` as JSON text and each unit's image as a file part
+        `controlnet_image_<i>` (base64 by then)."""
+        if not isinstance(data, dict) or not isinstance(data.get("controlnet"), str):
+            return data
+        import json
+
+        data = dict(data)
+        try:
+            units = json.loads(data["controlnet"])
+        except ValueError:
+            raise ValueError("controlnet: a form field of JSON text (a list of units)") from None
+        if isinstance(units, list):
+            for i, unit in enumerate(units):
+                file = data.pop(f"controlnet_image_{i}", None)
+                if isinstance(unit, dict) and file is not None:
+                    unit.setdefault("image", file)
+        data["controlnet"] = units
+        return data
+
+
+class Txt2ImgRequest(_Strict, _SizeConditioning, _Control):
     model: str | None = Field(None, description="Diffusion pipeline; default: the service's default.")
     prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS, description="What to draw (not blank).")
     negative_prompt: str = Field("", max_length=MAX_PROMPT_CHARS, description="What to steer away from (with guidance > 1).")
@@ -218,7 +277,7 @@ class Txt2ImgStreamRequest(Txt2ImgRequest):
                                description="Send a preview of the current estimate every k steps (0: none).")
 
 
-class Img2ImgRequest(_Strict, _SizeConditioning):
+class Img2ImgRequest(_Strict, _SizeConditioning, _Control):
     model: str | None = None
     image: str = Field(max_length=MAX_IMAGE_BASE64_CHARS, description="Base64 PNG/JPEG/WebP; its size is the output size.")
     prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS)

@@ -45,6 +45,7 @@ from services.pipelines.diffusion import (
     DiffusionSpec,
     denoising_steps,
     effective_steps,
+    merge_rows,
 )
 from services.runtime.base import latency_first
 
@@ -541,7 +542,7 @@ class DiffusionEngine:
         `record_outage=False`: an outage is the caller's to handle (not the engine's state)."""
         if not requests:
             return {}
-        merged = {k: np.concatenate([inputs[r][k] for r in requests]) for k in inputs[requests[0]]}
+        merged = merge_rows([inputs[r] for r in requests])  # rows without control get zero control inputs
         keep = any(r.trajectory.caching for r in requests)  # the full graph's features, for requests that cache
         try:
             t0 = time.perf_counter()
