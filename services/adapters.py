@@ -4,8 +4,9 @@ build the slot inputs of a graph written by `python -m export lora-slots`.
 A call's adapters sit side by side in slots (S = the distinct adapters of the call's rows);
 for each slotted node the caller feeds `lora_down:<node>` / `lora_up:<node>` with the slots'
 factors padded to the layer's largest rank among them, and `lora_scale` [rows, S] with each
-row's scale per slot (0 where the row does not use it). A call with no adapter feeds S = 0 and
-runs the graph's plain branch. See export/lora.py for the graph side.
+row's scale per slot (0 where the row does not use it). A layer none of the call's adapters
+targets gets factors with no columns, and its If skips the low-rank sum (S = 0 for a call
+without adapters). See export/lora.py for the graph side.
 """
 
 from __future__ import annotations
@@ -88,7 +89,7 @@ def slot_inputs(graph: str, input_shapes: Mapping[str, Sequence], adapters: Sequ
         in_f = shape[1] if conv else shape[0]
         out_f = input_shapes[f"lora_up:{node}"][0 if conv else 1]
         kernel = tuple(shape[2:]) if conv else ()
-        rank = max([f.rank for f in factors if f is not None], default=0) or 1
+        rank = max([f.rank for f in factors if f is not None], default=0)  # 0: the layer's If skips it
         down = np.zeros((slots, rank, in_f, *kernel), np.float32)
         up = np.zeros((out_f, slots, rank), np.float32)
         for s, f in enumerate(factors):
