@@ -205,3 +205,22 @@ def test_cli_stores_an_adapter(lora_setup):
     assert (repo / "sd_random_unet" / "adapters" / "cli-kohya" / "adapter.json").exists()
     assert main(["lora", "--pipeline", "nope", "--weights", str(files["kohya"]), "--name", "x",
                  "--repository", str(repo)]) == 2
+
+
+def test_cli_writes_slotted_graphs_beside_the_plain_ones(lora_setup, tmp_path):
+    import shutil
+
+    import onnx
+
+    from export.__main__ import main
+
+    _, repo, _, _ = lora_setup
+    copy = tmp_path / "repo"
+    for role in ("unet", "text_encoder"):
+        shutil.copytree(repo / f"sd_random_{role}", copy / f"sd_random_{role}", ignore=shutil.ignore_patterns("model_lora.onnx"))
+    assert main(["lora-slots", "--pipeline", "sd_random", "--repository", str(copy)]) == 0
+    for role in ("unet", "text_encoder"):
+        inputs = {i.name for i in onnx.load(str(copy / f"sd_random_{role}" / "1" / "model_lora.onnx")).graph.input}
+        plain = {i.name for i in onnx.load(str(copy / f"sd_random_{role}" / "1" / "model.onnx")).graph.input}
+        assert "lora_scale" in inputs and "lora_scale" not in plain
+        assert any(n.startswith("lora_down:") for n in inputs)
