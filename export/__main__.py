@@ -16,6 +16,8 @@
   python -m export sr --weights PATH --name NAME   # a super-resolution .pth/.safetensors (spandrel)
   python -m export sr --ncnn MODEL.param --name NAME   # the same from ncnn files (ESRGAN, Real-ESRGAN Compact)
   python -m export translator --module FILE.py:NAME --weights PATH --name NAME [--init-args JSON]
+  python -m export lora --pipeline NAME --weights FILE --name ADAPTER   # a LoRA (diffusers/PEFT or kohya)
+  python -m export lora-slots --pipeline NAME   # U-Net / text encoder graphs that take adapters per row
   python -m export demo                # every demo model in zoo/ and packaged (export/pretrained.py)
                                        # -> model_repository/
 
@@ -34,7 +36,7 @@ import time
 from functools import partial
 from pathlib import Path
 
-from export import image_to_image_cli
+from export import image_to_image_cli, lora
 from export.onnx_export import ParityError
 from export.triton_config import DeploymentTarget
 from export.verification import DTYPES, VERIFY_MODES, GraphOptions, VerificationBudgetError
@@ -215,6 +217,7 @@ def main(argv: list[str] | None = None) -> int:
     controlnet.add_argument("--version", type=int, default=1)
     controlnet.add_argument("--max-batch-size", type=int, default=16)
     _add_common(controlnet)
+    lora.add_parsers(sub)
     demo = sub.add_parser("demo", help="export every committed demo model")
     _add_common(demo)
     args = parser.parse_args(_glue_negative_values(sys.argv[1:] if argv is None else list(argv)))
@@ -233,6 +236,8 @@ def main(argv: list[str] | None = None) -> int:
         return image_to_image_cli.run(sub.choices[args.command], args)
     if args.command == "controlnet":
         return _export_controlnet(args)
+    if args.command in ("lora", "lora-slots"):
+        return lora.run(args)
 
     from export.diffusers_folder import UnsupportedFolder, export_folder
     from export.gan import GANExportError, export_gan, export_gan_module
