@@ -144,6 +144,7 @@ def export_controlnet(folder: Path, repository: Path, pipeline: str, name: str |
 
     from export.stable_diffusion import GraphExporter, load_fp32
     from export.triton_config import DeploymentTarget, TensorSpec
+    from export.verification import unet_activation
 
     folder, repository = Path(folder), Path(repository)
     name = name or folder.name.lower().replace("-", "_")
@@ -157,16 +158,18 @@ def export_controlnet(folder: Path, repository: Path, pipeline: str, name: str |
     check_fits(controlnet, layout, unet_spec)
     params = unet_spec.parameters
     latent_c, (length, hidden) = unet_spec.input("sample").dims[0], unet_spec.input("encoder_hidden_states").dims
-    h = w = int(params["genserve.sample_size"])
+    h = int(params.get("genserve.sample_height", params.get("genserve.sample_size")))  # native latent size
+    w = int(params.get("genserve.sample_width", params.get("genserve.sample_size")))
     scale = int(params["genserve.vae_scale_factor"])
     cond_c = controlnet.config.conditioning_channels
     rng = np.random.default_rng(0)
 
-    def make_inputs(b, k):
-        return {"sample": rng.standard_normal((b, latent_c, k * h, k * w), dtype=np.float32),
+    def make_inputs(b, grid):
+        return {"sample": rng.standard_normal((b, latent_c, *grid), dtype=np.float32),
                 "timestep": rng.uniform(0, 999, b).astype(np.float32),
                 "encoder_hidden_states": rng.standard_normal((b, length, hidden), dtype=np.float32),
-                "controlnet_cond": rng.uniform(0, 1, (b, cond_c, k * h * scale, k * w * scale)).astype(np.float32)}
+                "controlnet_cond": rng.uniform(0, 1, (b, cond_c, grid[0] * scale, grid[1] * scale))
+                .astype(np.float32)}
 
     spatial = {0: "batch", 2: "height", 3: "width"}
     inputs = [TensorSpec("sample", "float32", (latent_c, -1, -1)),
@@ -182,7 +185,10 @@ def export_controlnet(folder: Path, repository: Path, pipeline: str, name: str |
            {"controlnet": name, "conditioning_channels": cond_c, "vae_scale_factor": scale,
             "global_pool_conditions": int(bool(controlnet.config.global_pool_conditions)),
             RESIDUALS_PARAMETER: format_layout(layout)},
-           atol=1e-3, delay_us=0)
+           atol=1e-3, delay_us=0,
+           # the U-Net's encoder half: its attention and feature maps bound the checks' memory
+           activation=unet_activation(controlnet.config, (h, w), int(params["genserve.size_multiple"]) // scale,
+                                      length))
     return export.reports[-1]
 
 
