@@ -179,9 +179,12 @@ def stylegan_examples(doc: dict, info) -> dict:
     return doc
 
 
-def install(app: FastAPI, image_example=None, vae_example=None, stylegan_example=None, **limits) -> None:
+def install(app: FastAPI, image_example=None, vae_example=None, stylegan_example=None, image_models=None,
+            **limits) -> None:
     """Replaces the app's OpenAPI generator with one that documents `limits` (and, given
-    the default diffusion model and VAE, examples for the image and VAE endpoints)."""
+    the default diffusion model and VAE, examples for the image and VAE endpoints; given
+    `image_models` {path: model}, the model the image-to-image examples name, since a server
+    with several has no default)."""
 
     def openapi() -> dict:
         if app.openapi_schema is None:
@@ -194,6 +197,10 @@ def install(app: FastAPI, image_example=None, vae_example=None, stylegan_example
                 doc = vae_examples(doc, vae_example)
             if stylegan_example is not None:
                 doc = stylegan_examples(doc, stylegan_example)
+            for path, name in (image_models or {}).items():
+                content = doc.get("paths", {}).get(path, {}).get("post", {}).get("requestBody", {}).get("content", {})
+                if "example" in content.get("application/json", {}):
+                    content["application/json"]["example"]["model"] = name
             app.openapi_schema = doc
         return app.openapi_schema
 

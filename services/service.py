@@ -171,7 +171,8 @@ class GenServe:
                 prompt_tokens=[t for e in text.values() if (t := getattr(e.pipeline.conditioner, "max_tokens", None))],
                 image_example=default and default.pipeline.spec,
                 vae_example=(vae := self.ctx.vae.get(self.ctx.settings.default_vae_model)) and vae.info,
-                stylegan_example=next((g.info for g in self.ctx.stylegan.values()), None))
+                stylegan_example=next((g.info for g in self.ctx.stylegan.values()), None),
+                image_models=image_to_image.example_models(self.ctx))
 
     @bentoml.on_startup
     async def _warm_up(self) -> None:

@@ -130,6 +130,15 @@ def served(ctx: ServiceContext, endpoint: str) -> dict:
     return {n: p for n, p in getattr(ctx, "image_to_image", {}).items() if ENDPOINTS.get(p.info.task) == endpoint}
 
 
+def example_models(ctx: ServiceContext) -> dict[str, str]:
+    """{endpoint: the first served model}, for the documented examples."""
+    models: dict[str, str] = {}
+    for name, pipeline in sorted(getattr(ctx, "image_to_image", {}).items()):
+        models.setdefault(ENDPOINTS.get(pipeline.info.task), name)
+    models.pop(None, None)
+    return models
+
+
 def pick_model(ctx: ServiceContext, model: str | None, endpoint: str, field: str = "model"):
     models = served(ctx, endpoint)
     kind = "super-resolution model" if endpoint == "/v1/upscale" else "image-to-image translator"

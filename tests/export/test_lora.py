@@ -50,11 +50,16 @@ def _reference_pipe(folder):
     return StableDiffusionPipeline.from_pretrained(folder, torch_dtype=torch.float32, safety_checker=None)
 
 
-def _unet_inputs(rows=3):
+def _unet_inputs(repo, rows=3):
+    """The U-Net's inputs, with zero ControlNet residuals where it was exported with them."""
+    from services.pipelines.controlnet import zero_residuals
+    from services.runtime.repository import ModelRepository
+
     rng = np.random.default_rng(0)
     return {"sample": rng.standard_normal((rows, 4, 8, 8), dtype=np.float32),
             "timestep": np.linspace(10, 900, rows).astype(np.float32),
-            "encoder_hidden_states": rng.standard_normal((rows, 12, 48), dtype=np.float32)}
+            "encoder_hidden_states": rng.standard_normal((rows, 12, 48), dtype=np.float32),
+            **zero_residuals(ModelRepository(repo).models["sd_random_unet"], rows, 8, 8)}
 
 
 def _torch_unet(pipe, feed):
@@ -109,7 +114,7 @@ def test_slotted_unet_and_text_encoder_match_diffusers(lora_setup, name):
     folder, repo, files, slotted = lora_setup
     pipe = _reference_pipe(folder)
     adapter = load_adapter(repo / "sd_random_unet" / "adapters" / name)
-    feed = _unet_inputs()
+    feed = _unet_inputs(repo)
     plain = _torch_unet(pipe, feed)
     _load(pipe, files, {name: SCALE})
     expected = _torch_unet(pipe, feed)
@@ -132,7 +137,7 @@ def test_batch_of_different_adapter_sets_equals_each_alone(lora_setup):
     folder, repo, files, slotted = lora_setup
     adapters = [load_adapter(repo / "sd_random_unet" / "adapters" / n) for n in ("peft", "kohya")]
     session, shapes = _session(slotted["unet"])
-    feed = _unet_inputs(4)
+    feed = _unet_inputs(repo, 4)
     scales = np.array([[SCALE, 0], [0, 0], [0, SCALE], [0.3, 0.9]], np.float32)
     batch = session.run(None, {**feed, **slot_inputs("sd_random_unet", shapes, adapters, scales)})[0]
     pipe = _reference_pipe(folder)
@@ -153,7 +158,7 @@ def test_call_without_adapters_takes_the_plain_graph(lora_setup):
     from services.adapters import slot_inputs
 
     _, repo, _, slotted = lora_setup
-    feed = _unet_inputs()
+    feed = _unet_inputs(repo)
     plain, _ = _session(repo / "sd_random_unet" / "1" / "model.onnx")
     session, shapes = _session(slotted["unet"])
     got = session.run(None, {**feed, **slot_inputs("sd_random_unet", shapes, [], np.zeros((3, 0), np.float32))})[0]
