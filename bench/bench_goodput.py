@@ -74,7 +74,7 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.bench_request_breakdown import load_average  # noqa: E402
+from bench.bench_request_breakdown import execution_seconds, load_average  # noqa: E402
 from bench.report import append_report  # noqa: E402
 
 from services.engine.bench_policies import BENCH_POLICIES, BENCH_POLICY_ENV  # noqa: E402
@@ -227,6 +227,15 @@ class Rung:
     rate: float
     outcomes: list[Outcome]
     wall: float
+    model_seconds: dict[str, float] = field(default_factory=dict)  # per model, from the service's /metrics
+
+    def model_shares(self) -> str:
+        """Share of the rung's wall time in the U-Net / text encoder / VAE (the engine's systems)."""
+        if not self.model_seconds:
+            return "—"
+        parts = [sum(v for k, v in self.model_seconds.items() if k.endswith(suffix))
+                 for suffix in ("_unet", "_text_encoder", "_vae_decoder", "_vae_encoder")]
+        return " / ".join(f"{100 * p / self.wall:.0f}" for p in parts)
 
     def share(self, slo: list[float]) -> float:
         return sum(o.ok and o.latency <= slo[o.cls] for o in self.outcomes) / len(self.outcomes)
@@ -245,7 +254,8 @@ class Rung:
         errors = sum(not o.ok and not o.censored for o in self.outcomes)
         own = f" | {100 * self.share(own_slo):.1f}%" if own_slo is not None else " | —"
         return (f"| {self.rate:g} | {len(self.outcomes)} | **{100 * self.share(slo):.1f}%**{own} | "
-                f"{percentile(lat, 50):.2f} | {p99_text} | {ttfp} | {images / self.wall:.2f} | {errors} |")
+                f"{percentile(lat, 50):.2f} | {p99_text} | {ttfp} | {images / self.wall:.2f} | {errors} | "
+                f"{self.model_shares()} |")
 
 
 def goodput(rungs: list[Rung], slo: list[float]) -> tuple[float, str]:
@@ -431,8 +441,11 @@ def main() -> int:
             for s in active[round_ % len(active):] + active[:round_ % len(active)]:
                 rate = rates[s.next_rung]
                 n = rung_requests(rate, args.seconds, args.min_requests, args.max_requests)
-                outcomes, wall = asyncio.run(open_loop(s.url, rate, n, s.give_up, image))
-                rung = Rung(rate, outcomes, wall)
+                with httpx.Client(timeout=30) as metrics:
+                    before = execution_seconds(metrics, s.url) if s.name in ENGINE_SYSTEMS else {}
+                    outcomes, wall = asyncio.run(open_loop(s.url, rate, n, s.give_up, image))
+                    after = execution_seconds(metrics, s.url) if s.name in ENGINE_SYSTEMS else {}
+                rung = Rung(rate, outcomes, wall, {k: v - before.get(k, 0.0) for k, v in after.items()})
                 s.rungs.append(rung)
                 print(f"{s.name} @ {rate:g}/s: {100 * rung.share(s.slo):.1f}% within SLO ({n} requests)", flush=True)
                 s.next_rung += 1
@@ -480,7 +493,8 @@ def main() -> int:
     lines += ["", "Per rung (latency from the scheduled arrival; '>' where a give-up bounds it; TTFP: time to the "
                   "first preview of the streams, '—' where the system sends none):", "",
               "| system | rate /s | requests | within SLO | within own 3x SLO | p50 s | p99 s | p99 TTFP s | "
-              "images/s | errors |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+              "images/s | errors | % of wall in U-Net / text encoder / VAE decoder / VAE encoder |",
+              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for s in systems:
         for rung in s.rungs:
             lines.append(f"| {s.name} " + rung.row(s.slo, s.own_slo))
