@@ -9,7 +9,7 @@ SLO_FACTOR x its standalone latency, measured in the same run on the quiet servi
 at a time, nothing else sent). Per arrival rate of a ladder, per system: the share of requests
 within their SLO, p50/p99 latency, p99 time to the first preview (streams), images/s. A
 system's **goodput** is the highest rate at which >= 99% of requests meet their SLO,
-interpolated linearly between the last rung that passes and the first that fails. With fewer
+interpolated linearly between the highest rung that passes and the next one up. With fewer
 than 100 requests at a rung, >= 99% means none missed.
 
 The mix (MIX below; one request's class drawn by weight, its prompt names a random digit):
@@ -83,7 +83,7 @@ from services.local_server import LocalServer, free_port  # noqa: E402
 SLO_FACTOR = 3.0
 TARGET_SHARE = 0.99
 START_FRACTION = 0.3
-GIVE_UP = 3.0  # x the SLO: past this a request is a miss whatever happens next
+GIVE_UP = 2.0  # x the SLO: past this a request is a miss whatever happens next (bounds a rung's drain)
 DIGITS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 
 
@@ -259,21 +259,21 @@ class Rung:
 
 
 def goodput(rungs: list[Rung], slo: list[float]) -> tuple[float, str]:
-    """The highest rate with >= TARGET_SHARE within the SLO, interpolated toward the first rung
-    that fails: (value, as written). Failing the lowest rung run gives 0 ("< rate"); passing
-    every rung, the last one (">= rate")."""
-    passed = None
-    for rung in sorted(rungs, key=lambda r: r.rate):
-        share = rung.share(slo)
-        if share >= TARGET_SHARE:
-            passed = (rung.rate, share)
-            continue
-        if passed is None:
-            return 0.0, f"< {rung.rate:g}"
-        (r0, s0), (r1, s1) = passed, (rung.rate, share)
-        value = r0 + (r1 - r0) * (s0 - TARGET_SHARE) / (s0 - s1)
-        return value, f"{value:.2f}"
-    return (passed[0], f">= {passed[0]:g}") if passed else (0.0, "n/a")
+    """The highest rate with >= TARGET_SHARE within the SLO, interpolated toward the next rung
+    up (which failed): (value, as written). A failure below a passing rung is taken as noise
+    (MLPerf's reading: the highest rate that passes). No rung passing gives 0 ("< lowest");
+    the top rung passing, that rung (">= rate")."""
+    ordered = sorted(rungs, key=lambda r: r.rate)
+    shares = [r.share(slo) for r in ordered]
+    passing = [i for i, share in enumerate(shares) if share >= TARGET_SHARE]
+    if not passing:
+        return 0.0, f"< {ordered[0].rate:g}" if ordered else "n/a"
+    k = passing[-1]
+    if k == len(ordered) - 1:
+        return ordered[k].rate, f">= {ordered[k].rate:g}"
+    (r0, s0), (r1, s1) = (ordered[k].rate, shares[k]), (ordered[k + 1].rate, shares[k + 1])
+    value = r0 + (r1 - r0) * (s0 - TARGET_SHARE) / (s0 - s1)
+    return value, f"{value:.2f}"
 
 
 # -- the outside burst -----------------------------------------------------------------------
@@ -298,8 +298,9 @@ async def burst(url: str, requests: list[dict]) -> float:
     return wall
 
 
-def unet_best_seconds_per_row(repository: Path) -> float:
-    """The U-Net's cheapest cost per row over batch sizes, measured here (ONNX Runtime)."""
+def unet_seconds_per_row(repository: Path) -> tuple[float, float]:
+    """The U-Net's cost per row (best over batch sizes, and at one row), measured here (ONNX
+    Runtime): their ratio is the most that batching can save on the machine as it is now."""
     from bench.bench_engine import unet_cost
     from services.pipelines.pipeline_stable_diffusion import StableDiffusionPipeline, discover_stable_diffusion
     from services.runtime.onnxruntime_backend import OnnxRuntimeBackend
@@ -309,7 +310,7 @@ def unet_best_seconds_per_row(repository: Path) -> float:
     pipeline = StableDiffusionPipeline(backend, discover_stable_diffusion(backend.models())["sd_digits"])
     rows = sorted(set(range(1, backend.models()[pipeline.models.unet].max_batch_size + 1)))
     table = unet_cost(pipeline, rows)
-    return min(table[n] / n for n in rows) / 1000
+    return min(table[n] / n for n in rows) / 1000, table[1] / 1000
 
 
 def in_process_efficiency() -> str:
@@ -391,7 +392,8 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=10.0, help="arrivals per rung: rate x this many seconds ...")
     parser.add_argument("--min-requests", type=int, default=10, help="... but at least this many ...")
     parser.add_argument("--max-requests", type=int, default=150, help="... and at most this many")
-    parser.add_argument("--stop-below", type=float, default=0.9, help="a system stops climbing below this share")
+    parser.add_argument("--stop-below", type=float, default=0.8,
+                        help="a system stops climbing below this share (one noisy miss in a small rung must not stop it)")
     parser.add_argument("--calibration-repeats", type=int, default=3, help="standalone requests per class")
     parser.add_argument("--budget-s", type=float, default=600.0, help="no new round of rungs after this many seconds")
     parser.add_argument("--bursts", type=int, default=3, help="outside burst rounds (0: none)")
@@ -457,12 +459,12 @@ def main() -> int:
         per_row = []
         engine_systems = [s for s in systems if s.name in ENGINE_SYSTEMS]
         if args.bursts and engine_systems:
-            per_row.append(unet_best_seconds_per_row(args.repository))
+            per_row.append(unet_seconds_per_row(args.repository))
             for i in range(args.bursts):
                 requests = burst_requests(i)
                 for s in engine_systems:
                     burst_walls.setdefault(s.name, []).append(asyncio.run(burst(s.url, requests)))
-            per_row.append(unet_best_seconds_per_row(args.repository))
+            per_row.append(unet_seconds_per_row(args.repository))
     finally:
         for server in servers.values():
             server.stop()
@@ -505,10 +507,12 @@ def main() -> int:
         other = f"{1000 * alone['diffusers'][c]:.0f}" if "diffusers" in alone else "—"
         lines.append(f"| {cls.name} | {cls.weight} | {1000 * alone[reference][c]:.0f} | {other} |")
     if burst_walls:
-        best = statistics.mean(per_row)
+        best = statistics.mean(b for b, _ in per_row)
         lines += ["", f"Outside burst: 16 mixed txt2img at once (10/17/24 steps, guidance 1-5, DDIM), wall time until "
                       f"the last image vs their U-Net rows at the best cost per row measured here "
-                      f"({1000 * per_row[0]:.3f} ms before, {1000 * per_row[-1]:.3f} ms after the bursts). "
+                      f"({1000 * per_row[0][0]:.3f} ms before, {1000 * per_row[-1][0]:.3f} ms after the bursts; "
+                      f"one row alone: {1000 * per_row[0][1]:.3f} and {1000 * per_row[-1][1]:.3f} ms, so batching "
+                      f"could save at most {statistics.mean(a / b for b, a in per_row):.2f}x per row). "
                       f"In-process (bench/bench_engine.py, step-level, 16 clients, all sending): **{in_process}**.", "",
                   "| system | " + " | ".join(f"burst {i + 1}" for i in range(args.bursts)) + " |",
                   "|---|" + "---:|" * args.bursts]
