@@ -218,6 +218,16 @@ async def standalone(url: str, repeats: int, image: str) -> list[float]:
     return [statistics.median(t) for t in times]
 
 
+def engine_rows(client: httpx.Client, url: str) -> dict[str, float]:
+    """The service's U-Net rows and iterations so far (its genserve_engine_batch_rows histogram)."""
+    out = {"rows": 0.0, "iterations": 0.0}
+    for line in client.get(f"{url}/metrics").text.splitlines():
+        for key, metric in (("rows", "genserve_engine_batch_rows_sum{"), ("iterations", "genserve_engine_batch_rows_count{")):
+            if line.startswith(metric):
+                out[key] += float(line.rsplit(" ", 1)[1])
+    return out
+
+
 def percentile(values: list[float], q: float) -> float:
     return float(np.percentile(values, q)) if values else float("nan")
 
@@ -237,6 +247,14 @@ class Rung:
                  for suffix in ("_unet", "_text_encoder", "_vae_decoder", "_vae_encoder")]
         return " / ".join(f"{100 * p / self.wall:.0f}" for p in parts)
 
+    def unet_rows(self) -> str:
+        """Rows per U-Net call and ms per row inside the service."""
+        rows, calls = self.model_seconds.get("rows", 0.0), self.model_seconds.get("iterations", 0.0)
+        if not calls:
+            return "— | —"
+        unet = sum(v for k, v in self.model_seconds.items() if k.endswith("_unet"))
+        return f"{rows / calls:.1f} | {1000 * unet / rows:.2f}"
+
     def share(self, slo: list[float]) -> float:
         return sum(o.ok and o.latency <= slo[o.cls] for o in self.outcomes) / len(self.outcomes)
 
@@ -255,7 +273,7 @@ class Rung:
         own = f" | {100 * self.share(own_slo):.1f}%" if own_slo is not None else " | —"
         return (f"| {self.rate:g} | {len(self.outcomes)} | **{100 * self.share(slo):.1f}%**{own} | "
                 f"{percentile(lat, 50):.2f} | {p99_text} | {ttfp} | {images / self.wall:.2f} | {errors} | "
-                f"{self.model_shares()} |")
+                f"{self.model_shares()} | {self.unet_rows()} |")
 
 
 def goodput(rungs: list[Rung], slo: list[float]) -> tuple[float, str]:
@@ -302,13 +320,14 @@ def unet_seconds_per_row(repository: Path) -> tuple[float, float]:
     """The U-Net's cost per row (best over batch sizes, and at one row), measured here (ONNX
     Runtime): their ratio is the most that batching can save on the machine as it is now."""
     from bench.bench_engine import unet_cost
+    from services.engine.cost_model import row_ladder
     from services.pipelines.pipeline_stable_diffusion import StableDiffusionPipeline, discover_stable_diffusion
     from services.runtime.onnxruntime_backend import OnnxRuntimeBackend
     from services.runtime.repository import ModelRepository
 
     backend = OnnxRuntimeBackend(ModelRepository(repository))
     pipeline = StableDiffusionPipeline(backend, discover_stable_diffusion(backend.models())["sd_digits"])
-    rows = sorted(set(range(1, backend.models()[pipeline.models.unet].max_batch_size + 1)))
+    rows = row_ladder(backend.models()[pipeline.models.unet].max_batch_size)  # the sizes the engine times
     table = unet_cost(pipeline, rows)
     return min(table[n] / n for n in rows) / 1000, table[1] / 1000
 
@@ -444,9 +463,10 @@ def main() -> int:
                 rate = rates[s.next_rung]
                 n = rung_requests(rate, args.seconds, args.min_requests, args.max_requests)
                 with httpx.Client(timeout=30) as metrics:
-                    before = execution_seconds(metrics, s.url) if s.name in ENGINE_SYSTEMS else {}
+                    engine = s.name in ENGINE_SYSTEMS
+                    before = {**execution_seconds(metrics, s.url), **engine_rows(metrics, s.url)} if engine else {}
                     outcomes, wall = asyncio.run(open_loop(s.url, rate, n, s.give_up, image))
-                    after = execution_seconds(metrics, s.url) if s.name in ENGINE_SYSTEMS else {}
+                    after = {**execution_seconds(metrics, s.url), **engine_rows(metrics, s.url)} if engine else {}
                 rung = Rung(rate, outcomes, wall, {k: v - before.get(k, 0.0) for k, v in after.items()})
                 s.rungs.append(rung)
                 print(f"{s.name} @ {rate:g}/s: {100 * rung.share(s.slo):.1f}% within SLO ({n} requests)", flush=True)
@@ -476,7 +496,7 @@ def main() -> int:
     lines = [f"## {time.strftime('%Y-%m-%d %H:%M')} on {platform.node()} ({platform.machine()}, {os.cpu_count()} cores)",
              "", f"`{' '.join([Path(sys.executable).name, *sys.argv])}`", "",
              f"Load average {load_before} before, {load_after} after. {args.note}".strip(), "",
-             f"SLO = {SLO_FACTOR:g} x each request's standalone latency on genserve (quiet, one at a time, median of "
+             f"SLO = {SLO_FACTOR:g} x each request's standalone latency on genserve (nothing else sent to it, one at a time, median of "
              f"{args.calibration_repeats}); goodput = the highest rate with >= {100 * TARGET_SHARE:g}% within the SLO, "
              "interpolated between rungs.", "",
              "| system | goodput, requests/s | x genserve | start rung | rungs run |", "|---|---:|---:|---:|---|"]
@@ -495,8 +515,9 @@ def main() -> int:
     lines += ["", "Per rung (latency from the scheduled arrival; '>' where a give-up bounds it; TTFP: time to the "
                   "first preview of the streams, '—' where the system sends none):", "",
               "| system | rate /s | requests | within SLO | within own 3x SLO | p50 s | p99 s | p99 TTFP s | "
-              "images/s | errors | % of wall in U-Net / text encoder / VAE decoder / VAE encoder |",
-              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+              "images/s | errors | % of wall in U-Net / text encoder / VAE decoder / VAE encoder | "
+              "rows / U-Net call | U-Net ms / row in the service |",
+              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|"]
     for s in systems:
         for rung in s.rungs:
             lines.append(f"| {s.name} " + rung.row(s.slo, s.own_slo))
