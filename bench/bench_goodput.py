@@ -29,6 +29,10 @@ zoo/checkpoints/sd_digits) and the same 2 cores:
                                                                    GENSERVE_BENCH_POLICY=serial
   diffusers  diffusers' own pipeline (torch, CPU) on the diffusers folder behind a minimal
              concurrent server (bench/peer_diffusers.py, the server-async pattern)
+Not a row: optimum-onnx's ONNX Runtime pipeline. Its only release (0.1.0) requires
+transformers>=4.36,<4.58 and optimum~=2.1.0: `pip install --dry-run "optimum-onnx[onnxruntime]"`
+would replace transformers 5.23.0 (pinned in pyproject.toml) with 4.57.6, huggingface_hub 2.4.0
+with 0.36.2 and tokenizers 0.23.3 with 0.22.2 (checked 2026-12-07), so it cannot run beside the pins.
 GENSERVE_BENCH_POLICY is for this benchmark only (services/engine/bench_policies.py). A lone
 request runs the same code under every policy, so the engine's systems share genserve's
 standalone latencies; the diffusers peer's are measured too, and its rows show the share within
