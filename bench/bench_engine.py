@@ -63,6 +63,7 @@ from bench.report import append_report  # noqa: E402
 
 from services.config import Settings  # noqa: E402
 from services.engine.engine import DiffusionEngine  # noqa: E402
+from services.pipelines.controlnet import zero_residuals  # noqa: E402
 from services.pipelines.pipeline_stable_diffusion import (  # noqa: E402
     DiffusionRequest,
     StableDiffusionPipeline,
@@ -179,7 +180,8 @@ def unet_feeds(pipeline, rows: int) -> dict[str, np.ndarray]:
     seq, hidden = spec.input("encoder_hidden_states").dims
     return {"sample": np.zeros((rows, m.latent_channels, height, width), np.float32),
             "timestep": np.ones((rows, 1), np.float32),
-            "encoder_hidden_states": np.zeros((rows, seq, hidden), np.float32)}
+            "encoder_hidden_states": np.zeros((rows, seq, hidden), np.float32),
+            **zero_residuals(spec, rows, side, side)}
 
 
 def unet_cost(pipeline, rows, repeats=15) -> dict[int, float]:

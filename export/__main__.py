@@ -5,8 +5,10 @@
                        [--latent-shape 100,1,1 instead of --latent-dim] [--state-dict-key KEY]
                        [--num-classes K] [--init-args '{"ngf": 64}'] [--output-range=-1,1]
   python -m export diffusers --folder PATH --name NAME   # family from model_index.json (alias: sd)
+                       [--verify full|small|off] [--verify-memory GIB] [--dtype fp32|fp16]
   python -m export sd --checkpoint FILE --name NAME [--config sd15|sd21|sd21-base|sdxl-base|sdxl-refiner|FOLDER]
                                        # a single-file SD/SDXL checkpoint (.safetensors/.ckpt)
+  python -m export controlnet --folder PATH --pipeline NAME [--name CN]   # a ControlNetModel for an SD pipeline
   python -m export ddpm --folder PATH --name NAME        # a UNet2DModel folder (+ scheduler config)
   python -m export vae --folder PATH --name NAME         # an AutoencoderKL folder
   python -m export stylegan --module FILE.py:NAME --weights PATH --name NAME [--init-args JSON]
@@ -14,6 +16,8 @@
   python -m export sr --weights PATH --name NAME   # a super-resolution .pth/.safetensors (spandrel)
   python -m export sr --ncnn MODEL.param --name NAME   # the same from ncnn files (ESRGAN, Real-ESRGAN Compact)
   python -m export translator --module FILE.py:NAME --weights PATH --name NAME [--init-args JSON]
+  python -m export lora --pipeline NAME --weights FILE --name ADAPTER   # a LoRA (diffusers/PEFT or kohya)
+  python -m export lora-slots --pipeline NAME   # U-Net / text encoder graphs that take adapters per row
   python -m export demo                # every demo model in zoo/ and packaged (export/pretrained.py)
                                        # -> model_repository/
 
@@ -32,9 +36,10 @@ import time
 from functools import partial
 from pathlib import Path
 
-from export import image_to_image_cli
+from export import image_to_image_cli, lora
 from export.onnx_export import ParityError
 from export.triton_config import DeploymentTarget
+from export.verification import DTYPES, VERIFY_MODES, GraphOptions, VerificationBudgetError
 
 # Demo checkpoints committed in zoo/checkpoints and the model names they serve under.
 CHECKPOINTS = Path(__file__).resolve().parents[1] / "zoo" / "checkpoints"
@@ -43,6 +48,7 @@ DEMO_DIFFUSION = {CHECKPOINTS / "sd_digits": "sd_digits"}
 DEMO_DDPM = {CHECKPOINTS / "ddpm_digits": "ddpm_digits"}
 DEMO_VAE = {CHECKPOINTS / "vae_digits": "vae_digits"}
 DEMO_STYLEGAN = {CHECKPOINTS / "stylegan_digits": "stylegan_digits"}
+DEMO_CONTROLNETS = {CHECKPOINTS / "controlnet_digits_outline": ("sd_digits", "outline")}  # folder: (pipeline, name)
 
 
 WEIGHTS_HELP = ("the weight file as published: safetensors, or a torch file (.pt .pth .bin .ckpt .tar ...) read "
@@ -168,6 +174,21 @@ def main(argv: list[str] | None = None) -> int:
             folder_cmd.add_argument("--no-deepcache", dest="deepcache", action="store_false",
                                     help="SD/SDXL: leave out DeepCache's shallow U-Net graph and the full U-Net's "
                                          "deep_features output (requests' cache_interval is then limited to 1)")
+            folder_cmd.add_argument("--no-controlnet-inputs", dest="controlnet_inputs", action="store_false",
+                                    help="SD 1/2: leave out the U-Net's ControlNet residual inputs (the pipeline "
+                                         "then takes no ControlNet; see export/controlnet.py)")
+        folder_cmd.add_argument("--verify", choices=VERIFY_MODES, default="full",
+                                help="parity checks against PyTorch, sized from each graph's activation memory: "
+                                     "full (default: a small non-square size at batch 3 for the dynamic axes, "
+                                     "and the largest native-size check that fits), small (the first only), "
+                                     "off")
+        folder_cmd.add_argument("--verify-memory", type=float, metavar="GIB",
+                                help="activation memory a check may take (default: half the available memory, "
+                                     "less the graph's weights)")
+        folder_cmd.add_argument("--dtype", choices=DTYPES, default="fp32",
+                                help="fp16: graphs in half precision for GPUs (inputs and outputs stay fp32; checked "
+                                     "on CPU against the fp32 module); a VAE whose config sets force_upcast (SD's, "
+                                     "SDXL's) and FLUX's T5 stay fp32")
         _add_common(folder_cmd)
     stylegan = sub.add_parser(
         "stylegan", help="export a StyleGAN generator (NVIDIA interface) as <name>_mapping + <name>_synthesis",
@@ -185,6 +206,18 @@ def main(argv: list[str] | None = None) -> int:
     stylegan.add_argument("--max-batch-size", type=int, default=16)
     _add_common(stylegan)
     image_to_image_cli.add_parsers(sub, _add_common, add_state_dict_key)
+    controlnet = sub.add_parser(
+        "controlnet", help="export a diffusers ControlNetModel folder for an SD pipeline already in the repository",
+        description="Export a ControlNet (SD 1.x/2.x) as <pipeline>_controlnet_<name>, checked against the "
+                    "pipeline's U-Net (which must have been exported with its ControlNet inputs) and verified "
+                    "against PyTorch. Requests name it in `controlnet: [{\"model\": name, ...}]`.")
+    controlnet.add_argument("--folder", type=Path, required=True, help="the ControlNetModel folder (config.json + weights)")
+    controlnet.add_argument("--pipeline", required=True, help="the SD pipeline it controls")
+    controlnet.add_argument("--name", help="its name in requests (default: the folder's name)")
+    controlnet.add_argument("--version", type=int, default=1)
+    controlnet.add_argument("--max-batch-size", type=int, default=16)
+    _add_common(controlnet)
+    lora.add_parsers(sub)
     demo = sub.add_parser("demo", help="export every committed demo model")
     _add_common(demo)
     args = parser.parse_args(_glue_negative_values(sys.argv[1:] if argv is None else list(argv)))
@@ -201,6 +234,10 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if args.command in ("sr", "translator"):
         return image_to_image_cli.run(sub.choices[args.command], args)
+    if args.command == "controlnet":
+        return _export_controlnet(args)
+    if args.command in ("lora", "lora-slots"):
+        return lora.run(args)
 
     from export.diffusers_folder import UnsupportedFolder, export_folder
     from export.gan import GANExportError, export_gan, export_gan_module
@@ -265,27 +302,59 @@ def main(argv: list[str] | None = None) -> int:
             start = time.perf_counter()
             options = {k: getattr(args, k, None) for k in ("max_sequence_length", "native_size")}
             options["deepcache"] = getattr(args, "deepcache", True)
+            options["controlnet_inputs"] = getattr(args, "controlnet_inputs", True)
+            memory = getattr(args, "verify_memory", None)
+            options["graphs"] = GraphOptions(verify=getattr(args, "verify", "full"), dtype=getattr(args, "dtype", "fp32"),
+                                             verify_memory=None if memory is None else int(memory * 2**30))
             if folder is None:  # --checkpoint: a single file, converted to a folder first
                 from export.single_file import export_checkpoint
 
                 found, reports = export_checkpoint(args.checkpoint, args.repository, name, args.config, version,
-                                                   max_batch, target, args.tensorrt, deepcache=options["deepcache"])
+                                                   max_batch, target, args.tensorrt, deepcache=options["deepcache"],
+                                                   controlnet_inputs=options["controlnet_inputs"],
+                                                   graphs=options["graphs"])
             else:
                 found, reports = export_folder(folder, args.repository, name, version, max_batch, target,
                                                family=family, tensorrt=args.tensorrt, **options)
             print(f"{name}: {found}, {len(reports)} graphs verified ({time.perf_counter() - start:.1f}s)")
         if args.command == "demo":
+            from export.controlnet import export_controlnet
+
             for line in image_to_image_cli.export_demos(args.repository, target):
                 print(line)
+            for folder, (pipeline, name) in DEMO_CONTROLNETS.items():  # after their pipelines
+                if folder.exists():
+                    report = export_controlnet(folder, args.repository, pipeline, name, target=target)
+                    print(f"{report.name}: verified, max abs error {report.max_abs_error:.2e}")
     except ParityError as exc:
         print(f"export FAILED parity check: {exc}", file=sys.stderr)
         return 1
+    except VerificationBudgetError as exc:
+        print(f"export: {exc}", file=sys.stderr)
+        return 2
     except UnsupportedFolder as exc:
         print(f"export: {exc}", file=sys.stderr)
         return 2
     except (GANExportError, WeightsError) as exc:
         print(f"export {args.command if args.command != 'demo' else 'gan'}: {exc}", file=sys.stderr)
         return 2
+    return 0
+
+
+def _export_controlnet(args: argparse.Namespace) -> int:
+    from export.controlnet import ControlNetExportError, export_controlnet
+
+    start = time.perf_counter()
+    try:
+        report = export_controlnet(args.folder, args.repository, args.pipeline, args.name, args.version,
+                                   args.max_batch_size, DeploymentTarget(args.target, args.instances))
+    except ParityError as exc:
+        print(f"export FAILED parity check: {exc}", file=sys.stderr)
+        return 1
+    except ControlNetExportError as exc:
+        print(f"export controlnet: {exc}", file=sys.stderr)
+        return 2
+    print(f"{report.name}: verified, max abs error {report.max_abs_error:.2e} ({time.perf_counter() - start:.1f}s)")
     return 0
 
 

@@ -60,6 +60,7 @@ import torch
 
 from export.diffusers_folder import UnsupportedFolder, sample_size_hw
 from export.stable_diffusion import DENOISER_QUEUE_DELAY_US, ComponentReport, GraphExporter, load_fp32
+from export.verification import GraphOptions, unet_activation
 from export.triton_config import DeploymentTarget, TensorSpec
 
 OUTPUT_RANGE = "-1,1"
@@ -117,7 +118,9 @@ def export_ddpm(
     max_batch_size: int = 16,
     target: DeploymentTarget = DeploymentTarget(),
     progress: Callable[[str], None] = print,
+    graphs: GraphOptions = GraphOptions(),
 ) -> list[ComponentReport]:
+    """`graphs`: how graphs are written and checked (GraphOptions)."""
     folder, repository = Path(folder), Path(repository)
     unet_dir, scheduler_config = locate(folder)
     progress(f"[{name}] loading {unet_dir}")
@@ -133,9 +136,9 @@ def export_ddpm(
     train_steps = int(json.loads(scheduler_config.read_text()).get("num_train_timesteps", 1000))
     rng = np.random.default_rng(0)
 
-    def make_inputs(batch: int, scale: int) -> dict[str, np.ndarray]:
+    def make_inputs(batch: int, grid: tuple[int, int]) -> dict[str, np.ndarray]:
         inputs = {
-            "sample": rng.standard_normal((batch, c_in, scale * h, scale * w), dtype=np.float32),
+            "sample": rng.standard_normal((batch, c_in, *grid), dtype=np.float32),
             # distinct per-sample timesteps spread over the whole schedule
             "timestep": rng.permutation(np.linspace(0, train_steps - 1, batch)).astype(np.float32),
         }
@@ -160,8 +163,8 @@ def export_ddpm(
         "size_multiple": size_multiple, "num_classes": num_classes, "output_range": OUTPUT_RANGE,
     }
     export_graph = GraphExporter(repository, name, "ddpm", version=version, max_batch_size=max_batch_size,
-                                 target=target, progress=progress)
+                                 target=target, progress=progress, options=graphs)
     export_graph("unet", module, make_inputs, inputs, outputs, dynamic, parameters, atol=1e-3,
-                 delay_us=DENOISER_QUEUE_DELAY_US,
+                 delay_us=DENOISER_QUEUE_DELAY_US, activation=unet_activation(cfg, (h, w), size_multiple),
                  files=[(scheduler_config, "scheduler_config.json")])
     return export_graph.reports

@@ -142,9 +142,10 @@ def export_unet(export, wrapper: torch.nn.Module, unet, make_inputs, tensors, no
     """A family's U-Net graph through `export` (its GraphExporter, or a wrapper of it) and, with
     `deepcache` and a U-Net that allows it, the deep-features output and the shallow graph.
     `wrapper`: the family's export module over `unet`, taking `tensors` (TensorSpecs, in order,
-    as `make_inputs(batch, scale)` makes them); `added`: which of them are added conditioning
+    as `make_inputs(batch, grid)` makes them); `added`: which of them are added conditioning
     (the shallow graph needs them); `options`: the U-Net call's keyword arguments (atol,
-    delay_us, files, ...), also the shallow call's but for files; `shallow_options(C_f)`:
+    delay_us, files, activation, ...), also the shallow call's but for files (and with the
+    activation model's shallowest level alone); `shallow_options(C_f)`:
     more for the shallow call (TensorRT profiles)."""
     from export.triton_config import TensorSpec
 
@@ -152,7 +153,12 @@ def export_unet(export, wrapper: torch.nn.Module, unet, make_inputs, tensors, no
         export("unet", wrapper, make_inputs, tensors, [noise_pred], axes, parameters, **options)
         return
     full, shallow = FeatureCapturingUNet(wrapper, unet), ShallowUNet(unet, added)
-    example = {k: torch.from_numpy(v) for k, v in make_inputs(1, 1).items()}
+    activation = options["activation"]
+    # A PyTorch-only check, at the small grid: its cost must not grow with the native size. Inputs
+    # the shallow graph does not take are zero (a ControlNet's residuals: rows that carry control
+    # never take shallow steps).
+    example = {k: torch.from_numpy(v if k in shallow.input_names else np.zeros_like(v))
+               for k, v in make_inputs(1, activation.small_grid()).items()}
     channels = full(**example)[1].shape[1]
     check_shallow(full, shallow, example)
     deep = TensorSpec(DEEP_FEATURES, "float32", (channels, -1, -1))
@@ -162,13 +168,14 @@ def export_unet(export, wrapper: torch.nn.Module, unet, make_inputs, tensors, no
 
     by_name = {t.name: t for t in [*tensors, deep]}
 
-    def shallow_inputs(b, k):
-        x = make_inputs(b, k)
+    def shallow_inputs(b, grid):
+        x = make_inputs(b, grid)
         sample = x["sample"]
         x[DEEP_FEATURES] = rng.standard_normal((b, channels, *sample.shape[2:]), dtype=np.float32)
         return {n: x[n] for n in shallow.input_names}
 
     options = {k: v for k, v in options.items() if k != "files"}
+    options["activation"] = activation.shallowest()  # the shallow graph runs the full-resolution level alone
     export("unet_shallow", shallow, shallow_inputs, [by_name[n] for n in shallow.input_names], [noise_pred],
            {n: axes[n] for n in (*shallow.input_names, noise_pred.name) if n in axes},
            {**parameters, "deep_channels": channels}, **options, **shallow_options(channels))

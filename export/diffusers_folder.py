@@ -66,34 +66,60 @@ def detect_family(folder: Path) -> str:
 def export_folder(folder: Path, repository: Path, name: str, version: int = 1, max_batch_size: int = 16,
                   target: DeploymentTarget = DeploymentTarget(), family: str | None = None,
                   tensorrt: bool = False, progress=print, max_sequence_length: int | None = None,
-                  native_size: int | None = None, deepcache: bool = True):
+                  native_size: int | None = None, deepcache: bool = True, graphs=None,
+                  controlnet_inputs: bool = True):
     """Exports the folder with its family's exporter: (family, reports). `max_sequence_length`
     and `native_size` are FLUX's options (the T5 length prompts are padded to; the default
     size), refused for families that have no such choice. `deepcache=False` leaves out the
-    U-Net families' shallow graph and deep-features output (export/deepcache.py)."""
+    U-Net families' shallow graph and deep-features output (export/deepcache.py);
+    `controlnet_inputs=False` SD's U-Net's ControlNet residual inputs (export/controlnet.py). `graphs`:
+    how graphs are written and checked (export.verification.GraphOptions; default: fp32, full).
+
+    The graphs are written into a staging folder and moved into the repository only when every
+    one exported and verified (export.staging): a failure leaves the repository as it was. What
+    was verified, wall time and peak RSS per component go into its export_report.json."""
+    from export.staging import format_report, measured, staged_repository, write_export_report
+
     detected = detect_family(folder)
     if family == "vae" and (Path(folder) / "vae" / "config.json").exists():
         detected = "vae"  # a pipeline folder: its VAE alone, served as a standalone VAE
     if family is not None and detected != family:
         raise UnsupportedFolder(f"{folder} holds a {detected} model, not a {family} one")
-    kwargs = dict(version=version, max_batch_size=max_batch_size, target=target, progress=progress)
+    if detected != "flux":
+        for option, value in (("max_sequence_length", max_sequence_length), ("native_size", native_size)):
+            if value is not None:
+                raise UnsupportedFolder(f"--{option.replace('_', '-')} applies to FLUX folders; {folder} is {detected}")
+    from export.verification import GraphOptions
+
+    kwargs = dict(version=version, max_batch_size=max_batch_size, target=target, progress=progress,
+                  graphs=graphs or GraphOptions())
+    with measured() as cost, staged_repository(repository, name) as staging:
+        reports = _export_family(detected, folder, staging, name, kwargs, tensorrt=tensorrt, deepcache=deepcache,
+                                 max_sequence_length=max_sequence_length, native_size=native_size,
+                                 controlnet_inputs=controlnet_inputs)
+    for report in reports:  # the graphs now live in the repository
+        report.onnx_path = Path(repository) / report.onnx_path.relative_to(staging)
+    write_export_report(repository, name, detected, reports, cost.wall_s, cost.peak_rss_bytes)
+    progress(format_report(reports))
+    return detected, reports
+
+
+def _export_family(detected: str, folder: Path, repository: Path, name: str, kwargs: dict, *, tensorrt: bool,
+                   deepcache: bool, max_sequence_length: int | None, native_size: int | None,
+                   controlnet_inputs: bool):
     if detected == "flux":
         from export.flux import export_flux
-        return detected, export_flux(folder, repository, name, tensorrt=tensorrt, max_sequence_length=max_sequence_length,
-                                     native_size=native_size, **kwargs)
-    for option, value in (("max_sequence_length", max_sequence_length), ("native_size", native_size)):
-        if value is not None:
-            raise UnsupportedFolder(f"--{option.replace('_', '-')} applies to FLUX folders; {folder} is {detected}")
+        return export_flux(folder, repository, name, tensorrt=tensorrt, max_sequence_length=max_sequence_length,
+                           native_size=native_size, **kwargs)
     if detected == "stable_diffusion":
         from export.stable_diffusion import export_stable_diffusion
-        return detected, export_stable_diffusion(folder, repository, name, tensorrt=tensorrt, deepcache=deepcache,
-                                                 **kwargs)
+        return export_stable_diffusion(folder, repository, name, tensorrt=tensorrt, deepcache=deepcache,
+                                       controlnet_inputs=controlnet_inputs, **kwargs)
     if detected == "stable_diffusion_xl":
         from export.stable_diffusion_xl import export_stable_diffusion_xl
-        return detected, export_stable_diffusion_xl(folder, repository, name, tensorrt=tensorrt,
-                                                    deepcache=deepcache, **kwargs)
+        return export_stable_diffusion_xl(folder, repository, name, tensorrt=tensorrt, deepcache=deepcache, **kwargs)
     if detected == "ddpm":
         from export.ddpm import export_ddpm
-        return detected, export_ddpm(folder, repository, name, **kwargs)
+        return export_ddpm(folder, repository, name, **kwargs)
     from export.vae import export_vae
-    return detected, export_vae(folder, repository, name, **kwargs)
+    return export_vae(folder, repository, name, **kwargs)

@@ -38,6 +38,13 @@ genserve.component = the role below. B is the batch axis (dynamic, up to max_bat
 
 Graphs past 2 GB (a real T5-XXL, a 12B transformer) keep their weights in model.onnx_data
 beside model.onnx (export.stable_diffusion.save_with_external_data_if_large).
+
+Memory: the transformer's activations grow with (patches + L2)^2 x heads, so its checks are
+sized by export.verification (flux_activation). The trace and conversion themselves stay small
+(a tiny FLUX folder with L2 = 512: 0.8 GiB at 128 px, 1.9 GiB at FluxPipeline's default size,
+its checks included); what once took such a folder past 23 GB was the check at batch 3 and twice
+the native size: 16,384 patches + 512 tokens, 4 heads, 13.7 GB per score matrix in fp32.
+bench/results/real_scale.md states what a real FLUX.1-dev export needs.
 """
 
 from __future__ import annotations
@@ -62,6 +69,7 @@ from export.stable_diffusion import (
     export_vae_graphs,
     load_fp32,
 )
+from export.verification import GraphOptions, flux_activation, text_encoder_activation
 from export.triton_config import DeploymentTarget, TensorSpec
 from services.pipelines.pipeline_flux import image_ids  # the serving side's ids, verified here
 from services.schedulers import is_flow_matching
@@ -117,7 +125,9 @@ def export_flux(
     tensorrt: bool = False,
     max_sequence_length: int | None = None,
     native_size: int | None = None,
+    graphs: GraphOptions = GraphOptions(),
 ) -> list[ComponentReport]:
+    """`graphs`: how graphs are written and checked (GraphOptions)."""
     from diffusers import AutoencoderKL, FluxTransformer2DModel
     from transformers import CLIPTextModel, T5EncoderModel
 
@@ -151,7 +161,8 @@ def export_flux(
 
     rng = np.random.default_rng(0)
     export_graph = GraphExporter(repository, name, PIPELINE, version=version, max_batch_size=max_batch_size,
-                                 target=target, progress=progress, external_data_threshold=external_data_threshold)
+                                 target=target, progress=progress, external_data_threshold=external_data_threshold,
+                                 options=graphs)
     if tensorrt:
         from export.tensorrt import FLUX_PRECISION, flux_profile, require_tensorrt
 
@@ -187,6 +198,8 @@ def export_flux(
                  {"input_ids": {0: "batch"}, "pooled": {0: "batch"}},
                  {"max_length": length1, "pad_token_id": tok["pad_token_id"], "pooled_dim": pooled_dim,
                   "truncate": "1"}, atol=1e-4, delay_us=1000,
+                 activation=text_encoder_activation(clip.config.num_attention_heads, length1, pooled_dim,
+                                                    clip.config.intermediate_size),
                  **plan("text_encoder", length=length1))
 
     # 2. T5: hidden states at a fixed sequence length.
@@ -213,13 +226,15 @@ def export_flux(
                  [TensorSpec("hidden_states", "float32", (length2, hidden))],
                  {"input_ids": {0: "batch"}, "hidden_states": {0: "batch"}},
                  {"max_length": length2, "pad_token_id": tok2["pad_token_id"], "hidden_size": hidden},
-                 atol=1e-4, delay_us=1000, **plan("text_encoder_2", length=length2))
+                 atol=1e-4, delay_us=1000, **plan("text_encoder_2", length=length2),
+                 precision="fp32",  # T5 overflows in fp16 (its feed-forward activations pass 65,504)
+                 activation=text_encoder_activation(t5.config.num_heads, length2, hidden, t5.config.d_ff))
 
     # 3. The transformer over packed latents, per-sample timestep (and guidance).
     guided = bool(cfg.guidance_embeds)
 
-    def transformer_inputs(b, k):
-        ph, pw = k * h // 2, k * w // 2
+    def transformer_inputs(b, grid):
+        ph, pw = grid[0] // 2, grid[1] // 2
         inputs = {"hidden_states": rng.standard_normal((b, ph * pw, cfg.in_channels), dtype=np.float32),
                   "img_ids": image_ids(b, ph, pw), "txt_ids": np.zeros((b, length2, 3), np.float32),
                   "timestep": rng.uniform(0.05, 1.0, b).astype(np.float32),
@@ -252,6 +267,7 @@ def export_flux(
         # The graph takes row 0's position ids for the whole call: Triton must not merge calls of
         # equal patch counts but other layouts (1024x1024 and 512x2048). The step engine batches.
         dynamic_batching=False,
+        activation=flux_activation(cfg, (h, w), length2),
         **plan("transformer", length=length2, hidden=hidden, pooled=pooled_dim, channels=cfg.in_channels,
                native=native // multiple, guided=guided))
 

@@ -87,19 +87,26 @@ def verify_onnx(
     Returns the largest absolute difference over all outputs; raises ParityError when
     any element fails |onnx - torch| <= atol + rtol * |torch|.
     """
+    import gc
+
     import onnxruntime as ort
 
     module.eval()
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    # One engine at a time: the session (its copy of the weights, its buffers) is freed before
+    # PyTorch runs, and without ONNX Runtime's arena its buffers go back when the run ends.
+    options = ort.SessionOptions()
+    options.enable_cpu_mem_arena = False
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     onnx_outputs = session.run(None, dict(inputs))
+    output_names = [o.name for o in session.get_outputs()]
+    del session
+    gc.collect()
     with torch.no_grad():
         torch_outputs = module(**{k: torch.from_numpy(v) for k, v in inputs.items()})
     if isinstance(torch_outputs, torch.Tensor):
         torch_outputs = (torch_outputs,)
     worst = 0.0
-    for name, got, want in zip(
-        (o.name for o in session.get_outputs()), onnx_outputs, torch_outputs
-    ):
+    for name, got, want in zip(output_names, onnx_outputs, torch_outputs):
         want = want.detach().numpy()
         if got.shape != want.shape:
             raise ParityError(f"{path}: output {name!r} has shape {got.shape}, PyTorch {want.shape}")

@@ -184,9 +184,11 @@ def convert_to_folder(checkpoint: str | Path, dest: Path, config: str | Path | N
 
 def export_checkpoint(checkpoint: str | Path, repository: Path, name: str, config: str | Path | None = None,
                       version: int = 1, max_batch_size: int = 16, target: DeploymentTarget = DeploymentTarget(),
-                      tensorrt: bool = False, progress=print, deepcache: bool = True):
+                      tensorrt: bool = False, progress=print, deepcache: bool = True, graphs=None,
+                      controlnet_inputs: bool = True):
     """A single-file checkpoint -> the family's graphs in `repository`: (family, reports)."""
     with tempfile.TemporaryDirectory(prefix="genserve-single-file-") as tmp:
         folder = convert_to_folder(checkpoint, Path(tmp) / "pipeline", config, progress)
         return export_folder(folder, repository, name, version, max_batch_size, target, tensorrt=tensorrt,
-                             progress=progress, deepcache=deepcache)
+                             progress=progress, deepcache=deepcache, graphs=graphs,
+                             controlnet_inputs=controlnet_inputs)

@@ -32,9 +32,18 @@ from typing import Callable
 import numpy as np
 import torch
 
+from export.controlnet import (
+    RESIDUALS_PARAMETER,
+    format_layout,
+    residual_inputs,
+    residual_layout,
+    residual_profiles,
+)
 from export.deepcache import export_unet
 from export.diffusers_folder import UnsupportedFolder, sample_size_hw
 from export.onnx_export import export_onnx, verify_onnx
+from export.staging import measured
+from services.engine.memory import ACTIVATION_BYTES_PARAMETER
 from export.triton_config import (
     DeploymentTarget,
     ModelConfigSpec,
@@ -42,6 +51,16 @@ from export.triton_config import (
     build_model_config,
     default_batching,
     write_model_config,
+)
+from export.verification import (
+    ActivationModel,
+    GraphOptions,
+    describe_checks,
+    plan_checks,
+    text_encoder_activation,
+    unet_activation,
+    vae_activation,
+    verification_budget,
 )
 
 # Protobuf's hard limit; graphs past it keep their weights in an external file.
@@ -52,6 +71,9 @@ EXTERNAL_DATA_FILE = "model.onnx_data"
 # 1.3 ms of queue per 4.7 ms U-Net call with 1000 us). At 0 it still merges what queues up
 # while an instance is busy (several service replicas sharing one Triton).
 DENOISER_QUEUE_DELAY_US = 0
+# fp16 graphs against the fp32 module: half precision's ~1e-3 relative rounding, compounded
+# over a deep network (measured on random U-Nets: 2e-3 on outputs of magnitude ~1).
+FP16_ATOL = FP16_RTOL = 3e-2
 
 
 class _TextEncoder(torch.nn.Module):
@@ -64,12 +86,20 @@ class _TextEncoder(torch.nn.Module):
 
 
 class _UNet(torch.nn.Module):
-    def __init__(self, unet):
-        super().__init__()
-        self.unet = unet
+    """`residuals`: the ControlNet residual inputs' names (export.controlnet), down blocks' then
+    the mid block's, taken after the text (positionally or by name)."""
 
-    def forward(self, sample, timestep, encoder_hidden_states):
-        return self.unet(sample, timestep, encoder_hidden_states, return_dict=False)[0]
+    def __init__(self, unet, residuals: tuple[str, ...] = ()):
+        super().__init__()
+        self.unet, self.residuals = unet, tuple(residuals)
+
+    def forward(self, sample, timestep, encoder_hidden_states, *residuals, **named):
+        named.update(zip(self.residuals, residuals))
+        if not self.residuals:
+            return self.unet(sample, timestep, encoder_hidden_states, return_dict=False)[0]
+        given = [named[n] for n in self.residuals]
+        return self.unet(sample, timestep, encoder_hidden_states, down_block_additional_residuals=tuple(given[:-1]),
+                         mid_block_additional_residual=given[-1], return_dict=False)[0]
 
 
 class _VAEDecoder(torch.nn.Module):
@@ -96,6 +126,9 @@ class ComponentReport:
     onnx_path: Path
     max_abs_error: float
     external_data: bool
+    verified: str = ""  # the checks that ran (batch, size, activation estimate), or why none did
+    wall_s: float = 0.0
+    peak_rss_bytes: int = 0
 
 
 def save_with_external_data_if_large(path: Path, threshold: int = EXTERNAL_DATA_THRESHOLD) -> bool:
@@ -130,25 +163,56 @@ def save_with_external_data_if_large(path: Path, threshold: int = EXTERNAL_DATA_
     return True
 
 
+def convert_to_fp16(path: Path, external: bool) -> bool:
+    """Rewrites the graph at `path` in half precision with ONNX Runtime's converter (the one its
+    Stable Diffusion tools use), inputs and outputs kept fp32 so the serving contract does not
+    change; `external`: the weights go to model.onnx_data (half of a graph past 4 GB). Returns
+    whether they did."""
+    import onnx
+    from onnx.external_data_helper import _get_all_tensors, uses_external_data
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    model = onnx.load(str(path), load_external_data=True)
+    stale = {e.value for t in _get_all_tensors(model) if uses_external_data(t) for e in t.external_data
+             if e.key == "location"}
+    for tensor in _get_all_tensors(model):  # the weights are in memory now
+        if uses_external_data(tensor):
+            tensor.data_location = onnx.TensorProto.DEFAULT
+            del tensor.external_data[:]
+    half = convert_float_to_float16(model, keep_io_types=True, disable_shape_infer=external)
+    del model
+    for name in stale:
+        (path.parent / name).unlink(missing_ok=True)
+    if external:
+        onnx.save_model(half, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=EXTERNAL_DATA_FILE, size_threshold=1024)
+    else:
+        onnx.save_model(half, str(path))
+    return external
+
+
 class GraphExporter:
     """Exports one pipeline's graphs into the repository, one call per component.
 
-    Each call traces the module at batch 2 and the native size (`make_inputs(2, 1)`),
-    verifies the graph in ONNX Runtime at batch 3 and twice the size (`make_inputs(3, 2)`,
-    which exercises the dynamic axes; graphs past the external-data threshold at batch 1 and
-    the native size), writes `<name>_<role>/config.pbtxt` with dynamic
-    batching, a warm-up request at the native size (`make_inputs(1, 1)`) and the parameters
-    `genserve.pipeline`, `genserve.pipeline_name`, `genserve.component` plus
-    `genserve.<key>` for each of `parameters`, and copies `files` ((src, name) pairs)
-    beside the config. Reports collect in `.reports`.
+    Each call traces the module at batch 2 and the native size (`make_inputs(2, native)`, where
+    `make_inputs(batch, grid)` builds the inputs for a grid of the component's `activation` model,
+    None for a component without spatial axes), then verifies the graph in ONNX Runtime against
+    PyTorch with the checks export.verification plans from the component's activation memory
+    and the machine's available memory (`verify`: full | small | off; `verify_memory`: a fixed
+    activation budget in bytes instead). It writes `<name>_<role>/config.pbtxt` with dynamic
+    batching, a warm-up request at the native size (`make_inputs(1, native)`) and the parameters
+    `genserve.pipeline`, `genserve.pipeline_name`, `genserve.component` plus `genserve.<key>`
+    for each of `parameters`, and copies `files` ((src, name) pairs) beside the config. Reports
+    (what was verified, wall time, peak RSS) collect in `.reports`.
     """
 
     def __init__(self, repository: Path, name: str, pipeline: str, *, version: int = 1, max_batch_size: int = 16,
                  target: DeploymentTarget = DeploymentTarget(), progress: Callable[[str], None] = print,
-                 external_data_threshold: int = EXTERNAL_DATA_THRESHOLD):
+                 external_data_threshold: int = EXTERNAL_DATA_THRESHOLD, options: GraphOptions = GraphOptions()):
         self.repository, self.name, self.version = Path(repository), name, version
         self.max_batch_size, self.target, self.progress = max_batch_size, target, progress
         self.external_data_threshold = external_data_threshold
+        self.options = options
         self.base = {"genserve.pipeline": pipeline, "genserve.pipeline_name": name}
         self.reports: list[ComponentReport] = []
 
@@ -157,28 +221,46 @@ class GraphExporter:
 
     def __call__(self, role, module, make_inputs, inputs, outputs, dynamic, parameters, atol, delay_us, files=(),
                  tensorrt_profile=None, tensorrt_precision: str | None = None, dynamo: bool = False,
-                 dynamic_batching: bool = True) -> Path:
-        name, progress = self.name, self.progress
-        native = {k: v.shape[1:] for k, v in make_inputs(1, 1).items()}  # warm up at the native size
+                 dynamic_batching: bool = True, activation: ActivationModel = ActivationModel(),
+                 precision: str | None = None) -> Path:
+        """`precision`: this graph's dtype when it must differ from the options' (a VAE that
+        overflows in fp16 stays "fp32")."""
+        with measured() as cost:
+            model_dir, err, external, verified = self._export(
+                role, module, make_inputs, inputs, outputs, dynamic, parameters, delay_us, files, tensorrt_profile,
+                tensorrt_precision, dynamo, dynamic_batching, activation, atol, precision or self.options.dtype)
+        self.progress(f"[{self.name}] {role}: {verified}; {cost.wall_s:.1f} s, peak RSS "
+                      f"{cost.peak_rss_bytes / 2**30:.2f} GiB{' (external data)' if external else ''}")
+        self.reports.append(ComponentReport(f"{self.name}_{role}", model_dir / str(self.version) / "model.onnx", err,
+                                            external, verified, cost.wall_s, cost.peak_rss_bytes))
+        return model_dir
+
+    def _export(self, role, module, make_inputs, inputs, outputs, dynamic, parameters, delay_us, files,
+                tensorrt_profile, tensorrt_precision, dynamo, dynamic_batching, activation, atol, dtype):
+        name, progress, grid = self.name, self.progress, activation.native
+        native = {k: v.shape[1:] for k, v in make_inputs(1, grid).items()}  # warm up at the native size
         model_name = f"{name}_{role}"
         progress(f"[{name}] exporting {role} ...")
         model_dir = self.model_dir(role)
         onnx_path = model_dir / str(self.version) / "model.onnx"
-        # Traced at batch 2 and the native size; verified at batch 3 and twice the size,
-        # which exercises the dynamic axes.
-        example = {k: torch.from_numpy(v) for k, v in make_inputs(2, 1).items()}
+        example = {k: torch.from_numpy(v) for k, v in make_inputs(2, grid).items()}
         weight_bytes = sum(t.numel() * t.element_size() for t in (*module.parameters(), *module.buffers()))
         export_onnx(module, example, [t.name for t in outputs], onnx_path, dynamic, dynamo=dynamo,
                     large=weight_bytes >= self.external_data_threshold)
+        del example
         external = save_with_external_data_if_large(onnx_path, self.external_data_threshold)
-        # Graphs past 2 GB (a 12B transformer) are verified at batch 1 and the native size:
-        # batch 3 at twice the size would need hundreds of GB for their attention in fp32.
-        err = verify_onnx(module, onnx_path, make_inputs(1, 1) if external else make_inputs(3, 2), atol=atol)
+        rtol = None
+        if dtype == "fp16":
+            progress(f"[{name}] converting {role} to fp16 (inputs and outputs stay fp32) ...")
+            external = convert_to_fp16(onnx_path, weight_bytes // 2 >= self.external_data_threshold)
+            atol, rtol = max(atol, FP16_ATOL), FP16_RTOL
+        err, verified = self._verify(role, module, onnx_path, make_inputs, activation, weight_bytes, atol, rtol)
         spec = ModelConfigSpec(
             name=model_name, inputs=inputs, outputs=outputs,
             batching=default_batching(self.max_batch_size, delay_us), target=self.target,
             parameters={**self.base, "genserve.component": role,
-                        **{f"genserve.{k}": str(v) for k, v in parameters.items()}},
+                        **{f"genserve.{k}": str(v) for k, v in parameters.items()}, **activation_parameter(activation),
+                        "genserve.precision": dtype},
             warmup_dims={t.name: tuple(native[t.name]) for t in inputs if t.reshape is None},
             dynamic_batching=dynamic_batching,
         )
@@ -192,18 +274,45 @@ class GraphExporter:
         write_model_config(build_model_config(spec), model_dir)
         for src, dst in files:
             shutil.copy(src, model_dir / dst)
-        progress(f"[{name}] {role}: verified, max abs error {err:.2e}"
-                 f"{' (external data)' if external else ''}")
-        self.reports.append(ComponentReport(model_name, onnx_path, err, external))
-        return model_dir
+        return model_dir, err, external, verified
+
+    def _verify(self, role, module, onnx_path, make_inputs, activation, weight_bytes, atol,
+                rtol=None) -> tuple[float, str]:
+        """Runs the planned checks one at a time: (max abs error, what was verified)."""
+        budget = self.options.verify_memory
+        plan = plan_checks(activation, self.options.verify,
+                           verification_budget(weight_bytes) if budget is None else budget)
+        err = 0.0
+        for check in plan.checks:
+            self.progress(f"[{self.name}] verifying {role}: {check.describe()}")
+            err = max(err, verify_onnx(module, onnx_path, make_inputs(check.batch, check.grid), atol=atol,
+                                       **({"rtol": rtol} if rtol else {})))
+        done = f"verified {describe_checks(plan.checks)}, max abs error {err:.2e}" if plan.checks else ""
+        skipped = f"not verified: {'; '.join(plan.skipped)}" if plan.skipped else ""
+        return err, "; ".join(x for x in (done, skipped) if x)
+
+
+def activation_parameter(activation: ActivationModel) -> dict[str, str]:
+    """The activation memory of one row at the native size, for a graph with spatial axes: the
+    serving engine bounds its rows per call by it (services/engine/memory.py)."""
+    if activation.native is None:
+        return {}
+    return {ACTIVATION_BYTES_PARAMETER: str(activation.row_bytes(activation.native))}
 
 
 def load_fp32(cls, path: Path):
     """A diffusers or transformers model in float32, in eval mode, whatever dtype its weights
     were saved in: graphs are exported and verified in fp32 (reduced precision is TensorRT's
     choice, per component), and transformers 5 would otherwise keep a bf16/fp16 checkpoint's
-    dtype (FLUX's text encoders ship in bf16)."""
-    kwargs = {"dtype": torch.float32} if cls.__module__.startswith("transformers") else {"torch_dtype": torch.float32}
+    dtype (FLUX's text encoders ship in bf16).
+
+    Loaded with low_cpu_mem_usage (diffusers, through accelerate; transformers 5 always): the
+    module is built without weights and the checkpoint's tensors are placed into it, so a 3.4 GB
+    U-Net is not held twice (random initial weights plus the state dict) while it loads."""
+    if cls.__module__.startswith("transformers"):
+        kwargs = {"dtype": torch.float32}
+    else:
+        kwargs = {"torch_dtype": torch.float32, "low_cpu_mem_usage": True}
     return cls.from_pretrained(path, local_files_only=True, **kwargs).eval()
 
 
@@ -215,6 +324,13 @@ def load_pipeline_components(folder: Path):
             load_fp32(AutoencoderKL, folder / "vae"))
 
 
+def vae_precision(config) -> str | None:
+    """A VAE whose config asks for fp32 (`force_upcast`, diffusers' rule: SD's and SDXL's VAEs
+    overflow in fp16 and diffusers upcasts them) stays fp32 whatever the export's dtype; one
+    that does not (SDXL's fp16-fix VAE) follows it."""
+    return "fp32" if getattr(config, "force_upcast", True) else None
+
+
 def export_vae_graphs(export, vae, rng, latent_channels: int, image_channels: int, height: int, width: int,
                       scale: int, parameters: dict, extra: dict | None = None) -> None:
     """A latent pipeline's VAE decoder and encoder graphs (SD's, SDXL's, FLUX's: the same
@@ -223,17 +339,19 @@ def export_vae_graphs(export, vae, rng, latent_channels: int, image_channels: in
     that role's call (TensorRT plans)."""
     c, ic, extra = latent_channels, image_channels, extra or {}
     spatial = {0: "batch", 2: "height", 3: "width"}
+    activation = vae_activation(vae.config, (height, width))  # grids in latent cells for both graphs
+    precision = vae_precision(vae.config)
     export("vae_decoder", _VAEDecoder(vae),
-           lambda b, k: {"latent_sample": rng.standard_normal((b, c, k * height, k * width), dtype=np.float32)},
+           lambda b, grid: {"latent_sample": rng.standard_normal((b, c, *grid), dtype=np.float32)},
            [TensorSpec("latent_sample", "float32", (c, -1, -1))], [TensorSpec("sample", "float32", (ic, -1, -1))],
            {"latent_sample": spatial, "sample": spatial}, parameters, atol=1e-3, delay_us=2000,
-           **extra.get("vae_decoder", {}))
+           activation=activation, precision=precision, **extra.get("vae_decoder", {}))
     export("vae_encoder", _VAEEncoder(vae),
-           lambda b, k: {"sample": rng.uniform(-1, 1, (b, ic, k * height * scale, k * width * scale))
-                         .astype(np.float32)},
+           lambda b, grid: {"sample": rng.uniform(-1, 1, (b, ic, grid[0] * scale, grid[1] * scale))
+                            .astype(np.float32)},
            [TensorSpec("sample", "float32", (ic, -1, -1))], [TensorSpec("latent_parameters", "float32", (2 * c, -1, -1))],
            {"sample": spatial, "latent_parameters": spatial}, parameters, atol=1e-3, delay_us=2000,
-           **extra.get("vae_encoder", {}))
+           activation=activation, precision=precision, **extra.get("vae_encoder", {}))
 
 
 def _fast_tokenizer_json(folder: Path, dest: Path, subfolder: str = "tokenizer") -> dict:
@@ -264,9 +382,13 @@ def export_stable_diffusion(
     external_data_threshold: int = EXTERNAL_DATA_THRESHOLD,
     tensorrt: bool = False,
     deepcache: bool = True,
+    graphs: GraphOptions = GraphOptions(),
+    controlnet_inputs: bool = True,
 ) -> list[ComponentReport]:
     """`deepcache`: also the shallow U-Net graph and the deep-features output (export.deepcache)
-    that requests' `cache_interval` uses."""
+    that requests' `cache_interval` uses. `graphs`: how graphs are written and checked (GraphOptions).
+    `controlnet_inputs`: the U-Net takes ControlNet residuals (export.controlnet), so ControlNets
+    can be added to the pipeline later."""
     folder = Path(folder)
     progress(f"[{name}] loading {folder}")
     text_encoder, unet, vae = load_pipeline_components(folder)
@@ -284,10 +406,10 @@ def export_stable_diffusion(
     rng = np.random.default_rng(0)
     export_graph = GraphExporter(repository, name, "stable_diffusion", version=version,
                                  max_batch_size=max_batch_size, target=target, progress=progress,
-                                 external_data_threshold=external_data_threshold)
+                                 external_data_threshold=external_data_threshold, options=graphs)
 
     def component(role, module, make_inputs, inputs, outputs, dynamic, parameters, atol, delay_us, files=(),
-                  deep_channels=0):
+                  deep_channels=0, activation=ActivationModel(), precision=None):
         profile = None
         if tensorrt:  # a plan beside the graph; the VAE stays fp32 (see export.tensorrt)
             from export.tensorrt import stable_diffusion_profile
@@ -297,11 +419,13 @@ def export_stable_diffusion(
                 image_channels=image_c, vae_scale=vae_scale, native_latent=(h, w),
                 min_latent=size_multiple // vae_scale, max_latent=(2 * h, 2 * w), deep_channels=deep_channels)
             names = {t.name for t in inputs}  # a shallow graph may not take the text
+            profile.update(residual_profiles(residuals, max_batch_size, size_multiple // vae_scale, (h, w), (2 * h, 2 * w)))
             profile = {k: v for k, v in profile.items() if k in names}
         return export_graph(role, module, make_inputs, inputs, outputs, dynamic, parameters, atol, delay_us,
-                            files=files, tensorrt_profile=profile)
+                            files=files, tensorrt_profile=profile, activation=activation, precision=precision)
 
     h, w = sample_size_hw(unet.config.sample_size, f"{folder}/unet/config.json")  # native latent size
+    residuals = residual_layout(unet) if controlnet_inputs else []
     size_multiple = vae_scale * 2 ** (len(unet.config.down_block_types) - 1)
 
     # 1. Text encoder (fixed sequence length: prompts are padded to the tokenizer's max).
@@ -319,30 +443,38 @@ def export_stable_diffusion(
         {"max_length": length, "hidden_size": hidden, "pad_token_id": tok["pad_token_id"],
          "bos_token_id": tok["bos_token_id"], "eos_token_id": tok["eos_token_id"]},
         atol=1e-4, delay_us=1000,
+        activation=text_encoder_activation(text_encoder.config.num_attention_heads, length, hidden,
+                                           text_encoder.config.intermediate_size),
     )
 
     # 2. U-Net with per-sample timesteps and dynamic spatial size; with DeepCache (export.deepcache)
     #    it also returns its deep features, and a shallow graph reuses them.
-    def unet_inputs(b, k):
-        return {"sample": rng.standard_normal((b, latent_c, k * h, k * w), dtype=np.float32),
+    def unet_inputs(b, grid):
+        return {"sample": rng.standard_normal((b, latent_c, *grid), dtype=np.float32),
                 "timestep": rng.uniform(0, 999, b).astype(np.float32),
-                "encoder_hidden_states": rng.standard_normal((b, length, hidden), dtype=np.float32)}
+                "encoder_hidden_states": rng.standard_normal((b, length, hidden), dtype=np.float32),
+                **residual_inputs(residuals, rng, b, *grid)}
 
     spatial = {0: "batch", 2: "height", 3: "width"}
     unet_tensors = [TensorSpec("sample", "float32", (latent_c, -1, -1)),
                     TensorSpec("timestep", "float32", (1,), reshape=()),
-                    TensorSpec("encoder_hidden_states", "float32", (length, hidden))]
+                    TensorSpec("encoder_hidden_states", "float32", (length, hidden)),
+                    *(TensorSpec(n, "float32", (c, -1, -1)) for n, c, _ in residuals)]
     unet_axes = {"sample": spatial, "timestep": {0: "batch"}, "encoder_hidden_states": {0: "batch"},
-                 "noise_pred": spatial}
+                 "noise_pred": spatial, **{n: spatial for n, _, _ in residuals}}
     noise_pred = TensorSpec("noise_pred", "float32", (latent_c, -1, -1))
     # Latent sides must survive every down block's halving: traced graphs bake in the
     # upsampling sizes, so odd intermediate sizes cannot be served.
     unet_params = {"in_channels": latent_c, "sample_height": h, "sample_width": w,
                    **({"sample_size": h} if h == w else {}), "vae_scale_factor": vae_scale,
                    "size_multiple": size_multiple}
-    export_unet(component, _UNet(unet), unet, unet_inputs, unet_tensors, noise_pred, unet_axes, unet_params,
+    if residuals:
+        unet_params[RESIDUALS_PARAMETER] = format_layout(residuals)
+    wrapper = _UNet(unet, tuple(n for n, _, _ in residuals))
+    export_unet(component, wrapper, unet, unet_inputs, unet_tensors, noise_pred, unet_axes, unet_params,
                 deepcache=deepcache, rng=rng, shallow_options=lambda c: {"deep_channels": c}, atol=1e-3,
                 delay_us=DENOISER_QUEUE_DELAY_US,
+                activation=unet_activation(unet.config, (h, w), size_multiple // vae_scale, length),
                 files=[(folder / "scheduler" / "scheduler_config.json", "scheduler_config.json")])
 
     # 3. VAE decoder and encoder.

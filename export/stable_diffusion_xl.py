@@ -94,6 +94,7 @@ from export.stable_diffusion import (
     load_fp32,
 )
 from export.triton_config import DeploymentTarget, TensorSpec
+from export.verification import GraphOptions, text_encoder_activation, unet_activation
 
 PIPELINE = "stable_diffusion_xl"
 
@@ -146,8 +147,10 @@ def export_stable_diffusion_xl(
     external_data_threshold: int = EXTERNAL_DATA_THRESHOLD,
     tensorrt: bool = False,
     deepcache: bool = True,
+    graphs: GraphOptions = GraphOptions(),
 ) -> list[ComponentReport]:
-    """`deepcache`: also the shallow U-Net graph and the deep-features output (export.deepcache)."""
+    """`deepcache`: also the shallow U-Net graph and the deep-features output (export.deepcache).
+    `graphs`: how graphs are written and checked (GraphOptions)."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
@@ -174,7 +177,8 @@ def export_stable_diffusion_xl(
 
     rng = np.random.default_rng(0)
     export_graph = GraphExporter(repository, name, PIPELINE, version=version, max_batch_size=max_batch_size,
-                                 target=target, progress=progress, external_data_threshold=external_data_threshold)
+                                 target=target, progress=progress, external_data_threshold=external_data_threshold,
+                                 options=graphs)
 
     # 1. Text encoders: fixed sequence length (prompts are padded to the tokenizer's max).
     lengths, hidden_sizes, pooled_dim = {}, [], None
@@ -215,7 +219,9 @@ def export_stable_diffusion_xl(
         export_graph(
             role, _SDXLTextEncoder(model, pooled),
             lambda b, k, make_ids=make_ids: {"input_ids": make_ids(b, k)},
-            [TensorSpec("input_ids", "int64", (length,))], outputs, dynamic, params, atol=1e-4, delay_us=1000)
+            [TensorSpec("input_ids", "int64", (length,))], outputs, dynamic, params, atol=1e-4, delay_us=1000,
+            activation=text_encoder_activation(model.config.num_attention_heads, length, hidden,
+                                               model.config.intermediate_size))
 
     if len(set(lengths.values())) != 1:
         raise UnsupportedFolder(f"{folder}: the tokenizers' max lengths differ ({lengths}); SDXL concatenates "
@@ -243,7 +249,7 @@ def export_stable_diffusion_xl(
     spatial = {0: "batch", 2: "height", 3: "width"}
     export_unet(
         export_graph, _SDXLUNet(unet), unet,
-        lambda b, k: {"sample": rng.standard_normal((b, latent_c, k * h, k * w), dtype=np.float32),
+        lambda b, grid: {"sample": rng.standard_normal((b, latent_c, *grid), dtype=np.float32),
                       "timestep": rng.uniform(0, 999, b).astype(np.float32),
                       "encoder_hidden_states": rng.standard_normal((b, length, context), dtype=np.float32),
                       "text_embeds": rng.standard_normal((b, pooled_dim), dtype=np.float32),
@@ -262,6 +268,7 @@ def export_stable_diffusion_xl(
          "requires_aesthetics_score": _flag(index.get("requires_aesthetics_score", False))},
         deepcache=deepcache, rng=rng, added=("text_embeds", "time_ids"), atol=1e-3, delay_us=DENOISER_QUEUE_DELAY_US,
         files=[(folder / "scheduler" / "scheduler_config.json", "scheduler_config.json")],
+        activation=unet_activation(unet.config, (h, w), size_multiple // vae_scale, length),
     )
 
     # 3. VAE decoder and encoder (SD's graphs) with SDXL's extra latent facts.

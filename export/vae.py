@@ -33,9 +33,10 @@ Parameters in both configs (strings, as Triton stores them):
   genserve.sample_height, genserve.sample_width   both sides of config.sample_size
   genserve.force_upcast      "True" / "False" (config.force_upcast: the VAE wants fp32)
 
-Each graph is traced at batch 2 and the native size and verified against PyTorch at
-batch 3 and twice the native size (export.onnx_export.verify_onnx), so the dynamic
-batch and spatial axes are exercised before anything is written to the config.
+Each graph is traced at batch 2 and the native size and verified against PyTorch at sizes
+chosen from its activation memory (export.verification): a small non-square size at batch 3,
+so the dynamic batch and spatial axes are exercised before anything is written to the config,
+and the largest of twice the native size or the native size that fits the machine.
 """
 
 from __future__ import annotations
@@ -54,7 +55,9 @@ from export.stable_diffusion import (
     _VAEDecoder,
     _VAEEncoder,
     load_fp32,
+    vae_precision,
 )
+from export.verification import GraphOptions, vae_activation
 from export.triton_config import DeploymentTarget, TensorSpec
 
 ATOL = 1e-3  # fp32 VAE graphs on ONNX Runtime vs PyTorch; measured errors are ~1e-6
@@ -99,8 +102,10 @@ def export_vae(
     target: DeploymentTarget = DeploymentTarget(),
     progress: Callable[[str], None] = print,
     external_data_threshold: int = EXTERNAL_DATA_THRESHOLD,
+    graphs: GraphOptions = GraphOptions(),
 ) -> list[ComponentReport]:
-    """Writes <name>_vae_encoder and <name>_vae_decoder into `repository`; one report each."""
+    """Writes <name>_vae_encoder and <name>_vae_decoder into `repository`; one report each.
+    `graphs`: how graphs are written and checked (GraphOptions)."""
     from diffusers import AutoencoderKL
 
     source = vae_folder(folder)
@@ -120,21 +125,25 @@ def export_vae(
     h, w = height // scale, width // scale  # native latent size
     rng = np.random.default_rng(0)
     component = GraphExporter(repository, name, "vae", version=version, max_batch_size=max_batch_size, target=target,
-                              progress=progress, external_data_threshold=external_data_threshold)
+                              progress=progress, external_data_threshold=external_data_threshold, options=graphs)
+    activation = vae_activation(config, (h, w))  # grids in latent cells for both graphs
 
     spatial = {0: "batch", 2: "height", 3: "width"}
     component(
         "vae_encoder", _VAEEncoder(vae),
-        lambda b, k: {"sample": rng.uniform(-1, 1, (b, c_img, k * height, k * width)).astype(np.float32)},
+        lambda b, grid: {"sample": rng.uniform(-1, 1, (b, c_img, grid[0] * scale, grid[1] * scale))
+                         .astype(np.float32)},
         [TensorSpec("sample", "float32", (c_img, -1, -1))],
         [TensorSpec("latent_parameters", "float32", (2 * c_lat, -1, -1))],
-        {"sample": spatial, "latent_parameters": spatial}, params, ATOL, QUEUE_DELAY_US,
+        {"sample": spatial, "latent_parameters": spatial}, params, ATOL, QUEUE_DELAY_US, activation=activation,
+        precision=vae_precision(config),
     )
     component(
         "vae_decoder", _VAEDecoder(vae),
-        lambda b, k: {"latent_sample": rng.standard_normal((b, c_lat, k * h, k * w), dtype=np.float32)},
+        lambda b, grid: {"latent_sample": rng.standard_normal((b, c_lat, *grid), dtype=np.float32)},
         [TensorSpec("latent_sample", "float32", (c_lat, -1, -1))],
         [TensorSpec("sample", "float32", (c_img, -1, -1))],
-        {"latent_sample": spatial, "sample": spatial}, params, ATOL, QUEUE_DELAY_US,
+        {"latent_sample": spatial, "sample": spatial}, params, ATOL, QUEUE_DELAY_US, activation=activation,
+        precision=vae_precision(config),
     )
     return component.reports

@@ -4,8 +4,9 @@
 Keys are kept only as SHA-256 digests and compared in constant time against every
 digest (a miss costs as much as a hit). The file is re-read when its modification time,
 size or inode changes, at most once a second, so keys rotate without a restart; a file
-that cannot be read keeps the keys last read (and says so in the log) rather than
-locking every client out. Keys are never logged: a key's id is the first 12 hex digits
+that cannot be read, is malformed or holds no key (caught half-written, or truncated by
+mistake) keeps the keys last read, and says so in the log, rather than locking every
+client out; at start-up each of these is an error. Keys are never logged: a key's id is the first 12 hex digits
 of its digest, enough to tell keys apart in logs and metrics.
 """
 
@@ -54,8 +55,6 @@ class KeyStore:
         self._stamp: tuple | None = None
         self._checked = float("-inf")
         self._reload(force=True)
-        if not self._digests:
-            raise ValueError(f"GENSERVE_API_KEYS_FILE={self.path} holds no keys")
 
     def _reload(self, force: bool = False) -> None:
         try:
@@ -63,14 +62,17 @@ class KeyStore:
             stamp = (st.st_mtime_ns, st.st_size, st.st_ino)
             if not force and stamp == self._stamp:
                 return
+            self._stamp = stamp  # this version is judged once, good or bad
             digests = parse_keys(self.path.read_text(), str(self.path))
+            if not digests:
+                raise ValueError(f"{self.path} holds no keys")
         except (OSError, ValueError) as exc:
             if force:
                 raise ValueError(f"GENSERVE_API_KEYS_FILE: {exc}") from None
             log.error("API keys file %s could not be re-read (%s); keeping the %d keys read before",
                       self.path, exc, len(self._digests))
             return
-        self._digests, self._stamp = digests, stamp
+        self._digests = digests
         log.info("API keys: %d keys from %s (ids %s)", len(digests), self.path,
                  ", ".join(key_id(d) for d in digests))
 
@@ -88,11 +90,16 @@ class KeyStore:
         return None if found is None else key_id(found)
 
 
-def presented_key(headers: dict[str, str]) -> str | None:
-    """`Authorization: Bearer <key>` (as OpenAI clients send) or `X-API-Key: <key>`."""
-    auth = headers.get("authorization", "")
-    scheme, _, value = auth.partition(" ")
-    if scheme.lower() == "bearer" and value.strip():
-        return value.strip()
-    key = headers.get("x-api-key", "").strip()
-    return key or None
+def presented_keys(raw_headers: list[tuple[bytes, bytes]]) -> list[str]:
+    """Every key a request presents: `Authorization: Bearer <key>` (as OpenAI clients send)
+    and `X-API-Key: <key>`, each header as often as it is given."""
+    keys = []
+    for name, value in raw_headers:
+        name, text = name.lower(), value.decode("latin-1").strip()
+        if name == b"authorization":
+            scheme, _, key = text.partition(" ")
+            if scheme.lower() == "bearer" and key.strip():
+                keys.append(key.strip())
+        elif name == b"x-api-key" and text:
+            keys.append(text)
+    return keys

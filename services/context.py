@@ -29,7 +29,18 @@ class ServiceContext:
     vae: dict = field(default_factory=dict)  # name -> VAEPipeline (standalone and every SD pipeline's)
     stylegan: dict = field(default_factory=dict)  # name -> StyleGANPipeline (served on /v1/gan/*)
     image_step_limiter: object = None  # services.ratelimit.RateLimiter or None
+    memory: object = None  # services.memory.MemoryGuard or None (GENSERVE_MEMORY_LIMIT_MB)
     describers: list[Callable[["ServiceContext"], list[ModelDescription]]] = field(default_factory=list)
+
+    def model_name(self, asked: str | None, family: str, served) -> str:
+        """The model a request names, else its family's default (`gan`, `diffusion`, `ddpm`,
+        `vae`); a 422 naming `model` when there is none to fall back on."""
+        name = asked or getattr(self.settings, f"default_{family}_model")
+        if name is None:
+            raise InvalidRequest(f"model: this server serves several {family} models and has no default "
+                                 f"(GENSERVE_DEFAULT_{family.upper()}_MODEL is not set): name one",
+                                 field="model", allowed=sorted(served))
+        return name
 
     def engines_of(self, *families: str) -> dict:
         return {name: e for name, e in self.engines.items() if e.pipeline.spec.family in families}

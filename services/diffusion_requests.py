@@ -8,6 +8,7 @@ import base64
 
 import numpy as np
 
+from services.control_requests import control_units
 from services.errors import InvalidRequest
 from services.imaging import ImageTooLarge, decode_image
 from services.engine.engine import check_cache_interval, check_denoising_steps
@@ -25,7 +26,7 @@ def decode_field(data: str, channels: int, field: str, max_side: int) -> np.ndar
     except ImageTooLarge as exc:
         raise InvalidRequest(str(exc), field=field, limit=exc.limit) from None
     except ValueError as exc:
-        raise InvalidRequest(str(exc), field=field) from None
+        raise InvalidRequest(str(exc), field=field, allowed=getattr(exc, "allowed", None)) from None
 
 
 def image_steps(request: DiffusionRequest, rounding: str = "steps") -> int:
@@ -70,7 +71,7 @@ def build_request(task: str, body, pipeline) -> tuple[DiffusionRequest, dict]:
     spec = pipeline.spec
     if not body.prompt.strip():
         raise InvalidRequest("prompt must not be blank", field="prompt")
-    params = body.model_dump(exclude={"model", "image", "mask"}, exclude_none=False)
+    params = body.model_dump(exclude={"model", "image", "mask", "controlnet"}, exclude_none=False)
     # The model's own defaults: a flow-matching model has no "ddim", a distilled one's guidance is ~3.5.
     params["guidance_scale"] = spec.default_guidance_scale if body.guidance_scale is None else body.guidance_scale
     params["scheduler"] = body.scheduler or pipeline.default_scheduler
@@ -102,6 +103,9 @@ def build_request(task: str, body, pipeline) -> tuple[DiffusionRequest, dict]:
                     f"{init_image.shape[2]}x{init_image.shape[1]}: they must match", field="mask")
             mask = (mask > 0).astype(np.float32)  # white (> mid-grey) = repaint
     extras = family_extras(body, spec, params["height"], params["width"])
+    control, echoed = control_units(body, pipeline, params["height"], params["width"])
+    if hasattr(body, "controlnet"):
+        params["controlnet"] = echoed  # each unit without its image, hashed instead
     for key in EXTRA_FIELDS:
         params.pop(key, None)
     params.update({k: list(v) for k, v in extras.items()})
@@ -110,6 +114,9 @@ def build_request(task: str, body, pipeline) -> tuple[DiffusionRequest, dict]:
         num_inference_steps=body.num_inference_steps, guidance_scale=params["guidance_scale"],
         scheduler=params["scheduler"], height=params["height"], width=params["width"], seed=params["seed"],
         init_image=init_image, strength=getattr(body, "strength", 1.0), mask=mask, extras=extras,
-        cache_interval=body.cache_interval,
+        cache_interval=body.cache_interval, controlnet=control,
+        guess_mode=bool(control) and (getattr(body, "guess_mode", False) or pipeline.control.global_pool(control)),
     )
+    if hasattr(body, "guess_mode"):
+        params["guess_mode"] = request.guess_mode  # on when the first ControlNet pools its conditions
     return request, params

@@ -2,7 +2,9 @@
 
     HTTP status + {"error": {"code", "message", "field"?, "limit"?, "allowed"?, "request_id"}}
 
-`message` says what to change; `field` and `limit` say where and how far.
+`message` says what to change; `field` and `limit` say where and how far. What only the
+operator should see (addresses, a backend's own error text) goes in `detail`: logged with
+the request id, never answered.
 """
 
 from __future__ import annotations
@@ -15,13 +17,18 @@ class ServiceError(Exception):
     code: str = "internal_error"
 
     def __init__(self, message: str, *, field: str | None = None, limit: Any = None,
-                 allowed: list[Any] | None = None, headers: dict[str, str] | None = None):
+                 allowed: list[Any] | None = None, headers: dict[str, str] | None = None,
+                 detail: str | None = None):
         super().__init__(message)
         self.message = message
+        self.detail = detail
         self.field = field
         self.limit = limit
         self.allowed = allowed
         self.headers = headers or {}
+
+    def __str__(self) -> str:  # for logs and tracebacks: the operator's view
+        return f"{self.message} [{self.detail}]" if self.detail else self.message
 
     def body(self, request_id: str | None = None) -> dict[str, Any]:
         error: dict[str, Any] = {"code": self.code, "message": self.message}
@@ -57,6 +64,12 @@ class BackendUnavailable(ServiceError):
         super().__init__(message, **kwargs)
         self.retry_after_s = retry_after_s
         self.headers.setdefault("Retry-After", str(retry_after_s))
+
+
+class MemoryLimited(BackendUnavailable):
+    """The worker is near GENSERVE_MEMORY_LIMIT_MB: new work waits for running work to end."""
+
+    code = "memory_limit"
 
 
 class InferenceFailed(ServiceError):

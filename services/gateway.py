@@ -6,12 +6,16 @@ before any work and in the one error shape, with a request id:
   2. route           only known paths and methods go on (404/405 here, so clients
                      cannot grow /metrics with made-up paths)
   3. shutdown        after SIGTERM: 503 for new work, /readyz 503, in-flight requests finish
-  4. API key         GENSERVE_API_KEYS_FILE; 401 without a valid key
+  4. API key         GENSERVE_API_KEYS_FILE; 401 without a valid key, 400 for two different
+                     keys in one request; past GENSERVE_AUTH_FAILURE_LIMIT failures from one
+                     client address, 429 for its keyed requests until the bucket refills
   5. rate limit      GENSERVE_RATE_LIMIT per key (per client address without keys); 429
+  5b. memory         GENSERVE_MEMORY_LIMIT_MB: work (a body) refused with 503 near the limit
   6. body            content type (415), size by Content-Length and by counting (413),
                      read deadline (408); the body is read here and replayed to the app
   7. CORS            GENSERVE_CORS_ORIGINS allow-list, preflights answered here
-Anything the app raises past its own handlers becomes a 500 in the same shape.
+Anything the app raises past its own handlers becomes a 500 in the same shape. What a
+client sent (a path holding %0a, ESC or NUL) is logged escaped: it cannot forge log lines.
 """
 
 from __future__ import annotations
@@ -27,11 +31,37 @@ import time
 import uuid
 from dataclasses import dataclass, field
 
-from services.auth import KeyStore, presented_key
+from services.auth import KeyStore, presented_keys
 from services.config import Settings
+from services.memory import RETRY_AFTER_S, MemoryGuard, trim
 from services.ratelimit import RateLimiter, retry_after
 
 log = logging.getLogger("genserve")
+
+# Control characters (C0, DEL, C1), Unicode line breaks, and the backslash that escapes them.
+_UNPRINTABLE = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029\\]")
+
+
+def printable(text: str) -> str:
+    """`text` on one line: control characters as \\xNN or \\uNNNN, backslashes doubled."""
+    def escape(m: re.Match) -> str:
+        char = m.group()
+        return "\\\\" if char == "\\" else f"\\x{ord(char):02x}" if ord(char) < 0x100 else f"\\u{ord(char):04x}"
+    return _UNPRINTABLE.sub(escape, text)
+
+
+class _PrintableArguments(logging.Filter):
+    """The text arguments of every genserve log record (and exceptions, as text), printable:
+    client text reaches the log through them (paths, names), never as the format string."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.args, tuple):
+            record.args = tuple(printable(str(a)) if isinstance(a, (str, BaseException)) else a
+                                for a in record.args)
+        return True
+
+
+log.addFilter(_PrintableArguments())
 
 REQUEST_ID_HEADER = "x-request-id"
 _VALID_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
@@ -40,6 +70,10 @@ request_id_var: contextvars.ContextVar[str] = contextvars.ContextVar("request_id
 client_var: contextvars.ContextVar[str] = contextvars.ContextVar("client", default="anonymous")
 
 BODY_METHODS = {"POST", "PUT", "PATCH"}
+# After a request whose body was at least this large, freed memory goes back to the system
+# (services.memory.trim): its copies (body, parsed JSON, decoded image) are freed but glibc
+# would keep them (a soak of 20 MB bodies on 8 connections held ~200 MB after the load).
+TRIM_AFTER_BODY_BYTES = 1024 * 1024
 CORS_ALLOWED_HEADERS = ("authorization", "content-type", "x-api-key", "x-request-id")
 CORS_EXPOSED_HEADERS = "X-Request-ID, Retry-After"
 
@@ -51,6 +85,7 @@ class Route:
     public: bool = False  # reachable without an API key
     limited: bool = True  # counts against the request rate limit
     drains: bool = True  # refused while shutting down (health and metrics stay up)
+    shaped: bool = True  # the app answers errors in the one shape (BentoML's own routes answer plain text)
 
 
 def error_body(status: int, code: str, message: str, **extra) -> dict:
@@ -76,14 +111,20 @@ class Gateway:
     on_error: object = None  # callable(endpoint, code): counts refusals
     on_rate_limited: object = None  # callable(client, limit): counts rate-limit refusals
     _limiter: RateLimiter | None = field(default=None, repr=False)
+    _auth_failures: RateLimiter | None = field(default=None, repr=False)  # per client address
+    memory: MemoryGuard | None = None
 
     def __post_init__(self):
         if self.settings.api_keys_file is not None:
             self.keys = KeyStore(self.settings.api_keys_file)
+            if self.settings.auth_failure_limit is not None:
+                self._auth_failures = RateLimiter(self.settings.auth_failure_limit)
         else:
             log.warning("API keys are off (GENSERVE_API_KEYS_FILE is not set): every client is served")
         if self.settings.rate_limit is not None:
             self._limiter = RateLimiter(self.settings.rate_limit)
+        if self.memory is None:
+            self.memory = MemoryGuard(self.settings.memory_limit_mb << 20)
 
     async def __call__(self, scope, receive, send):
         if scope["type"] == "lifespan":
@@ -91,6 +132,15 @@ class Gateway:
             return await self.app(scope, receive, send)
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        # Each request runs in a context of its own. uvicorn (asyncio loop, no reset_contextvars)
+        # starts the next request on a kept-alive connection from inside the previous one's task
+        # (cpython#140947), so every request's context inherited the last one's context
+        # variables: BentoML's current Request, which holds the body, chained request after
+        # request (+6.7 MB of RSS per 6.7 MB body, for the life of the connection).
+        return await asyncio.get_running_loop().create_task(self._serve_http(scope, receive, send),
+                                                            context=contextvars.Context())
+
+    async def _serve_http(self, scope, receive, send):
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
         given = headers.get(REQUEST_ID_HEADER, "")
         request_id = given if _VALID_REQUEST_ID.match(given) else uuid.uuid4().hex
@@ -127,7 +177,8 @@ class Gateway:
         route = self.routes.get(path)
         if route is None:
             raise _Refused(404, "not_found", f"no endpoint at {path}; the API is described at /v1/docs")
-        if method == "OPTIONS" and "access-control-request-method" in headers and cors:
+        allowed_origin = "access-control-allow-origin" in cors
+        if method == "OPTIONS" and "access-control-request-method" in headers and allowed_origin:
             return await self._preflight(send, route, headers)
         if method not in route.methods and not (method == "HEAD" and "GET" in route.methods):
             allow = ", ".join(sorted(route.methods))
@@ -136,7 +187,7 @@ class Gateway:
         if self.draining and (route.drains or path == "/readyz"):
             raise _Refused(503, "shutting_down", "this server is shutting down; retry (another replica answers)",
                            headers={"Retry-After": "1", "Connection": "close"})
-        client = self._authenticate(scope, route, headers)
+        client = self._authenticate(scope, route)
         if route.limited and self._limiter is not None:
             wait = self._limiter.acquire(client)
             if wait > 0:
@@ -145,33 +196,63 @@ class Gateway:
                 raise _Refused(429, "rate_limited",
                                f"more than {self.settings.rate_limit} requests; retry in {retry_after(wait)}s",
                                headers={"Retry-After": str(retry_after(wait))}, limit=str(self.settings.rate_limit))
+        large = False
         if method in BODY_METHODS:
+            self._check_memory(headers)
             body = await self._read_body(scope, receive, route, headers)
             if body is None:
                 return  # the client went away while sending
+            large = len(body) >= TRIM_AFTER_BODY_BYTES
             receive = _replay(body, receive)
+            del body
         client_token = client_var.set(client)
         self.inflight += route.drains
         try:
-            await self.app(scope, receive, send)
+            await (self.app if route.shaped else self._shape_errors)(scope, receive, send)
         finally:
             self.inflight -= route.drains
             client_var.reset(client_token)
+        if large:  # answered: its copies are garbage now
+            del receive
+            await asyncio.to_thread(trim)
 
-    def _authenticate(self, scope, route: Route, headers) -> str:
+    def _authenticate(self, scope, route: Route) -> str:
+        address = f"addr:{(scope.get('client') or ('unknown', 0))[0]}"
         needs_key = self.keys is not None and (
             not route.public or (scope["path"] == "/metrics" and self.settings.metrics_require_key))
         if not needs_key:
-            host = (scope.get("client") or ("unknown", 0))[0]
-            return f"addr:{host}"
-        presented = presented_key(headers)
-        if presented is None:
-            raise _Refused(401, "unauthorized", "an API key is required: send `Authorization: Bearer <key>` "
-                           "or `X-API-Key: <key>`", headers={"WWW-Authenticate": "Bearer"})
-        kid = self.keys.identify(presented)
+            return address
+        if self._auth_failures is not None and (wait := self._auth_failures.wait(address)) > 0:
+            # Valid keys wait too: otherwise a guess that is right would still stand out.
+            if self.on_rate_limited is not None:
+                self.on_rate_limited(address, "auth_failures")
+            limit = self.settings.auth_failure_limit
+            raise _Refused(429, "rate_limited", f"more than {limit} failed authentications from this address; "
+                           f"retry in {retry_after(wait)}s", headers={"Retry-After": str(retry_after(wait))},
+                           limit=str(limit))
+        keys = presented_keys(scope["headers"])
+        if len(set(keys)) > 1:  # which one would count is a guess: refuse rather than pick
+            raise _Refused(400, "bad_request", "send one API key, in one `Authorization` or `X-API-Key` header",
+                           field="Authorization")
+        presented = keys[0] if keys else None
+        kid = None if presented is None else self.keys.identify(presented)
         if kid is None:
+            if self._auth_failures is not None:
+                self._auth_failures.acquire(address)
+            if presented is None:
+                raise _Refused(401, "unauthorized", "an API key is required: send `Authorization: Bearer <key>` "
+                               "or `X-API-Key: <key>`", headers={"WWW-Authenticate": "Bearer"})
             raise _Refused(401, "unauthorized", "the API key is not valid", headers={"WWW-Authenticate": "Bearer"})
         return f"key:{kid}"
+
+    def _check_memory(self, headers) -> None:
+        """GENSERVE_MEMORY_LIMIT_MB: new work is refused before its body is read while the
+        worker's RSS and the body would pass it (the body is counted once more as it is read)."""
+        length = headers.get("content-length", "")
+        announced = int(length) if length.isdigit() else 0
+        if not self.memory.admits(announced):
+            raise _Refused(503, "memory_limit", self.memory.refusal("this request", announced),
+                           headers={"Retry-After": str(RETRY_AFTER_S)}, limit=self.settings.memory_limit_mb)
 
     async def _read_body(self, scope, receive, route: Route, headers) -> bytes | None:
         limit = self.settings.max_body_bytes
@@ -206,12 +287,33 @@ class Gateway:
             if not message.get("more_body", False):
                 return b"".join(chunks)
 
+    async def _shape_errors(self, scope, receive, send):
+        """BentoML answers its own routes' errors (a /readyz that is not ready) in plain text:
+        they leave in the one error shape instead."""
+        failed = 0
+
+        async def send_or_hold(message):
+            nonlocal failed
+            if message["type"] == "http.response.start" and message["status"] >= 400:
+                failed = message["status"]
+            if not failed:
+                await send(message)
+
+        await self.app(scope, receive, send_or_hold)
+        if failed == 503:
+            raise _Refused(503, "not_ready", "the service is not ready (starting, or its backend is unavailable); "
+                           "retry", headers={"Retry-After": "1"})
+        if failed:
+            raise _Refused(500, "internal_error", f"{scope['path']} failed; the request id is in the server log")
+
     # -- CORS ----------------------------------------------------------------------------
     def _cors_headers(self, headers) -> dict[str, str]:
         origin = headers.get("origin")
         allowed = self.settings.cors_origins
-        if not origin or not allowed or not (origin in allowed or "*" in allowed):
+        if not allowed:
             return {}
+        if not origin or not (origin in allowed or "*" in allowed):
+            return {"vary": "Origin"}  # the answer depends on Origin: caches must keep them apart
         return {"access-control-allow-origin": origin, "vary": "Origin",
                 "access-control-expose-headers": CORS_EXPOSED_HEADERS}
 

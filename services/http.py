@@ -116,6 +116,12 @@ def _validation_body(exc: RequestValidationError, request_id: str) -> dict:
     return {"error": error}
 
 
+def log_fault(exc: ServiceError) -> None:
+    """A server-side failure (5xx) goes to the log with its detail; the client sees the message."""
+    if exc.status >= 500:
+        log.error("request_id=%s %s: %s", request_id_var.get(), exc.code, exc)
+
+
 def install_error_handlers(app: FastAPI, on_error=None) -> None:
     """Every failure leaves as {"error": {...}}; `on_error(path, code)` counts them."""
 
@@ -140,8 +146,7 @@ def install_error_handlers(app: FastAPI, on_error=None) -> None:
 
     @app.exception_handler(ServiceError)
     async def _service_error(request: Request, exc: ServiceError):
-        if exc.status >= 500:
-            log.error("request_id=%s %s: %s", request_id_var.get(), exc.code, exc.message)
+        log_fault(exc)
         return respond(request, exc.status, exc.code, exc.body(request_id_var.get()), exc.headers)
 
     @app.exception_handler(Exception)

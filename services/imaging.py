@@ -47,6 +47,31 @@ def encode_image(pixels: np.ndarray, fmt: str, metadata: Mapping[str, object]) -
     return buffer.getvalue()
 
 
+# What clients may send. Pillow's other decoders (BMP, TIFF, ICO, GIF, ...) stay unreachable:
+# each is more parser exposed to hostile bytes, for formats the API never promised.
+ACCEPTED_FORMATS = ("PNG", "JPEG", "WEBP")
+
+
+class NotAnAcceptedImage(ValueError):
+    allowed = ["png", "jpeg", "webp"]
+
+
+def open_image(data: bytes, field: str) -> Image.Image:
+    """A client's image, opened (its header read, no pixel decoded): PNG, JPEG or WebP, a
+    single frame. Raises NotAnAcceptedImage naming `field` and the accepted formats, or
+    Pillow's DecompressionBombError for a header past Pillow's own pixel bound."""
+    try:
+        image = Image.open(io.BytesIO(data), formats=ACCEPTED_FORMATS)
+    except Image.DecompressionBombError:
+        raise
+    except Exception as exc:  # PIL raises many types for bad data
+        raise NotAnAcceptedImage(f"{field} is not a PNG, JPEG or WebP image, the formats accepted "
+                                 f"({type(exc).__name__})") from None
+    if getattr(image, "is_animated", False) and image.format != "MPO":  # MPO: a camera's JPEG, frame 0 is the photo
+        raise NotAnAcceptedImage(f"{field} is animated ({image.n_frames} frames): send a single image")
+    return image
+
+
 class ImageTooLarge(ValueError):
     def __init__(self, field: str, width: int, height: int, max_side: int):
         super().__init__(f"{field} is {width}x{height}; sides may be at most {max_side} pixels")
@@ -58,13 +83,13 @@ def decode_image(data: bytes, channels: int, field: str, max_side: int) -> np.nd
 
     The size in the header is checked before any pixel is decoded, so a small file that
     claims huge dimensions costs nothing (ImageTooLarge). Raises ValueError naming
-    `field` when the bytes are not an image PIL can read. CPU-bound: call it off the
-    event loop.
+    `field` when the bytes are not a PNG, JPEG or WebP image that decodes (NotAnAcceptedImage
+    when not one of those formats). CPU-bound: call it off the event loop.
     """
     try:
-        image = Image.open(io.BytesIO(data))
-    except Exception as exc:  # PIL raises many types for bad data
-        raise ValueError(f"{field} is not a decodable PNG/JPEG/WebP image ({type(exc).__name__})") from None
+        image = open_image(data, field)
+    except Image.DecompressionBombError:
+        raise ValueError(f"{field} claims more pixels than Pillow decodes") from None
     if max(image.size) > max_side:
         raise ImageTooLarge(field, *image.size, max_side)
     try:

@@ -1,8 +1,8 @@
 """Start genserve as a local `bentoml serve` subprocess on a free loopback port.
 
 For load tests, benchmarks and tests. Each server gets its own BENTOML_HOME: BentoML
-keeps Prometheus' multiprocess files there and clears them at start-up, so two servers
-sharing one would wipe each other's metrics.
+clears files there at start-up (its task result store), so two servers sharing one
+would disturb each other (metrics are per server whatever the home: services.metrics_dir).
 """
 
 from __future__ import annotations

@@ -11,21 +11,24 @@ from fastapi.openapi.utils import get_openapi
 from services.schemas import ErrorResponse
 
 ERROR_DESCRIPTIONS = {
+    400: "Two different API keys in one request (send one).",
     401: "No valid API key (only when the server has keys: GENSERVE_API_KEYS_FILE).",
     404: "Unknown model (`allowed` lists the served ones) or path.",
     405: "Method not allowed on this path (`Allow` header).",
-    408: "The request body did not arrive in time (GENSERVE_BODY_READ_TIMEOUT_S).",
+    408: "The request body (GENSERVE_BODY_READ_TIMEOUT_S) or its headers (GENSERVE_HEADER_TIMEOUT_S) did not "
+         "arrive in time.",
     413: "The request body is larger than GENSERVE_MAX_BODY_BYTES.",
     415: "Content-Type not accepted by this endpoint (`allowed`).",
     422: "A field is invalid: `field`, `limit` and `details` say which and why.",
-    429: "Rate limit of the key, or the engine's queue, is full: retry after `Retry-After` seconds.",
+    429: "Rate limit of the key, failed authentications of the address, or the engine's queue, is full: retry "
+         "after `Retry-After` seconds.",
     500: "A server fault; the request id is in the server log.",
     503: "The inference backend (named) is unavailable, or the server is shutting down: retry.",
     504: "The request did not finish within its deadline (`timeout_s`).",
 }
 RETRY_AFTER = {"Retry-After": {"description": "Seconds to wait before retrying.", "schema": {"type": "integer"}}}
-GET_ERRORS = (401, 405, 429, 500, 503)
-POST_ERRORS = (401, 404, 405, 408, 413, 415, 422, 429, 500, 503, 504)
+GET_ERRORS = (400, 401, 405, 429, 500, 503)
+POST_ERRORS = (400, 401, 404, 405, 408, 413, 415, 422, 429, 500, 503, 504)
 
 
 # Server-sent events, described per event (OpenAPI 3.1 tools read the schema that way):

@@ -30,11 +30,18 @@ class RateLimiter:
     def acquire(self, client: str, cost: float = 1.0) -> float:
         """Takes `cost` tokens; returns 0 on success, else the seconds until it would fit.
         A cost above the burst can never fit: the caller must refuse it outright."""
+        return self._take(client, cost, take=True)
+
+    def wait(self, client: str, cost: float = 1.0) -> float:
+        """The seconds until `cost` tokens are there (0: now), taking none."""
+        return self._take(client, cost, take=False)
+
+    def _take(self, client: str, cost: float, take: bool) -> float:
         now = self._clock()
         tokens, at = self._buckets.pop(client, (self.capacity, now))
         tokens = min(self.capacity, tokens + (now - at) * self.refill_per_s)
         if tokens >= cost:
-            tokens -= cost
+            tokens -= cost if take else 0.0
             wait = 0.0
         else:
             wait = (cost - tokens) / self.refill_per_s

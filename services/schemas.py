@@ -3,10 +3,13 @@ validation happens before any handler runs and the OpenAPI page shows them."""
 
 from __future__ import annotations
 
+import functools
 import secrets
+import types
+import typing
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from services.schedulers import SCHEDULERS
 
@@ -44,10 +47,47 @@ def resolve_seed(seed: int | None, num_images: int) -> int:
     return seed
 
 
+def _integer_kind(annotation) -> str | None:
+    """'int' for an integer field (optional or annotated too), 'list' for a list of them."""
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if annotation is int:
+        return "int"
+    if origin is Annotated:
+        return _integer_kind(args[0])
+    if origin in (typing.Union, types.UnionType):
+        kinds = {_integer_kind(a) for a in args if a is not type(None)}
+        return kinds.pop() if len(kinds) == 1 else None
+    if origin is list and args and _integer_kind(args[0]) == "int":
+        return "list"
+    return None
+
+
+def _integral(value):
+    return int(value) if type(value) is float and value.is_integer() else value
+
+
 class _Strict(BaseModel):
     # Unknown fields are errors (a typo must not silently fall back to a default), and
     # "3" is not 3: wrong types are rejected, not coerced.
     model_config = ConfigDict(extra="forbid", strict=True, protected_namespaces=())
+
+    @model_validator(mode="before")
+    @classmethod
+    def _integral_floats_are_integers(cls, data):
+        """3961875.0 is an integer to JSON Schema (and some clients send every number as a
+        float): integer fields take integral floats; 3.5 is still refused."""
+        if not isinstance(data, dict):
+            return data
+        fields = _integer_fields(cls)
+        fixed = {name: _integral(value) if fields[name] == "int" else
+                 [_integral(v) for v in value] if isinstance(value, list) else value
+                 for name, value in data.items() if name in fields}
+        return {**data, **fixed} if fixed else data
+
+
+@functools.cache
+def _integer_fields(model: type[BaseModel]) -> dict[str, str]:
+    return {name: kind for name, f in model.model_fields.items() if (kind := _integer_kind(f.annotation))}
 
 
 class UpscaleStage(_Strict):
@@ -122,7 +162,9 @@ class ModelDescription(BaseModel):
 
 
 class ModelList(BaseModel):
-    default_models: dict[str, str]
+    default_models: dict[str, str | None] = Field(description=(
+        "Per family, the model a request naming none gets; null when several are served and none was "
+        "configured (requests must name `model`)."))
     models: list[ModelDescription]
 
 
@@ -147,7 +189,66 @@ class _SizeConditioning(BaseModel):
     crops_coords_top_left: SizePair | None = Field(None, description="SDXL only: [top, left]; default [0, 0].")
 
 
-class Txt2ImgRequest(_Strict, _SizeConditioning):
+MAX_CONTROLNET_UNITS = 4
+MAX_CONDITIONING_SCALE = 5.0
+MAX_CANNY_THRESHOLD = 2048  # above any 8-bit image's Sobel gradient magnitude (4 * 255 * sqrt(2))
+
+
+class ControlNetUnit(_Strict):
+    """One ControlNet acting on a request (diffusers' StableDiffusionControlNetPipeline arguments)."""
+
+    model: str = Field(max_length=256, description="A ControlNet exported for the request's model (GET /v1/models).")
+    image: str = Field(max_length=MAX_IMAGE_BASE64_CHARS, description="Control image, base64 PNG/JPEG/WebP (multipart: "
+                       "a file part named controlnet_image_<i> instead); resized to the output size as diffusers "
+                       "does, so its aspect ratio must be the output's.")
+    conditioning_scale: float = Field(1.0, ge=0.0, le=MAX_CONDITIONING_SCALE, description="Weight of its residuals.")
+    guidance_start: float = Field(0.0, ge=0.0, le=1.0, description="Fraction of the steps before it starts acting.")
+    guidance_end: float = Field(1.0, ge=0.0, le=1.0, description="Fraction of the steps after which it stops.")
+    preprocess: Literal["canny"] | None = Field(None, description="canny: OpenCV's Canny edges of the image first "
+                                                "(send a photo to a canny ControlNet).")
+    canny_thresholds: Annotated[list[Annotated[int, Field(ge=0, le=MAX_CANNY_THRESHOLD)]],
+                                Field(min_length=2, max_length=2)] = Field(
+        [100, 200], description="Canny's low and high hysteresis thresholds (gradient magnitudes).")
+
+    @model_validator(mode="after")
+    def _window(self):
+        if self.guidance_start >= self.guidance_end:
+            raise ValueError(f"guidance_start ({self.guidance_start}) must be below guidance_end "
+                             f"({self.guidance_end})")
+        return self
+
+
+class _Control(BaseModel):
+    controlnet: list[ControlNetUnit] = Field(
+        default_factory=list, max_length=MAX_CONTROLNET_UNITS,
+        description="ControlNets steering the image (several: their residuals are summed).")
+    guess_mode: bool = Field(False, description="ControlNet guess mode, as diffusers: control on the conditional "
+                             "half only, its residuals ramped from 0.1 to 1 over the down blocks.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_form(cls, data):
+        """A multipart form sends `controlnet` as JSON text and each unit's image as a file part
+        `controlnet_image_<i>` (base64 by then)."""
+        if not isinstance(data, dict) or not isinstance(data.get("controlnet"), str):
+            return data
+        import json
+
+        data = dict(data)
+        try:
+            units = json.loads(data["controlnet"])
+        except ValueError:
+            raise ValueError("controlnet: a form field of JSON text (a list of units)") from None
+        if isinstance(units, list):
+            for i, unit in enumerate(units):
+                file = data.pop(f"controlnet_image_{i}", None)
+                if isinstance(unit, dict) and file is not None:
+                    unit.setdefault("image", file)
+        data["controlnet"] = units
+        return data
+
+
+class Txt2ImgRequest(_Strict, _SizeConditioning, _Control):
     model: str | None = Field(None, description="Diffusion pipeline; default: the service's default.")
     prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS, description="What to draw (not blank).")
     negative_prompt: str = Field("", max_length=MAX_PROMPT_CHARS, description="What to steer away from (with guidance > 1).")
@@ -176,7 +277,7 @@ class Txt2ImgStreamRequest(Txt2ImgRequest):
                                description="Send a preview of the current estimate every k steps (0: none).")
 
 
-class Img2ImgRequest(_Strict, _SizeConditioning):
+class Img2ImgRequest(_Strict, _SizeConditioning, _Control):
     model: str | None = None
     image: str = Field(max_length=MAX_IMAGE_BASE64_CHARS, description="Base64 PNG/JPEG/WebP; its size is the output size.")
     prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS)

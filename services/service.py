@@ -12,13 +12,17 @@ import os
 import bentoml
 from fastapi import FastAPI
 
-from services import playground
+from services import connections, metrics_dir, playground
 from services.config import Settings
 from services.gateway import Gateway, Route
 from services.http import install_error_handlers
+from services.startup import failure_stops_the_server, supervise
 from services.routers import ddpm, diffusion, gan, image_to_image, models, openai_images, stylegan, vae
 
 log = logging.getLogger("genserve")
+
+# In a worker: this server's own metrics directory, set before BentoML's app creates any metric.
+metrics_dir.use_private_multiprocess_dir()
 
 # Each family router: its endpoints, and its entries for GET /v1/models.
 FAMILY_ROUTERS = (gan, stylegan, diffusion, ddpm, vae, image_to_image)
@@ -38,7 +42,7 @@ for _module in (*FAMILY_ROUTERS, models, openai_images):
 def edge_routes(api: FastAPI) -> dict[str, Route]:
     """What the gateway lets through: BentoML's health and metrics, the /v1 API (paths,
     methods and body types as its OpenAPI document states them) and its docs pages."""
-    health = dict(public=True, limited=False, drains=False)
+    health = dict(public=True, limited=False, drains=False, shaped=False)
     routes = {path: Route(frozenset({"GET"}), **health) for path in ("/livez", "/readyz", "/healthz", "/metrics")}
     for path, operations in api.openapi()["paths"].items():
         content = set()
@@ -58,33 +62,48 @@ class GenServeService(bentoml.Service):
     def to_asgi(self, is_main: bool = True):
         from services.metrics import service_metrics
 
-        # /v1/images/* (the OpenAI Images API) answers errors in OpenAI's shape, the gateway's too.
-        return openai_images.OpenAIErrorShape(Gateway(
-            playground.Playground(super().to_asgi(is_main)), Settings.from_env(),
-            {**edge_routes(app), **playground.routes()},
-            on_error=lambda endpoint, code: service_metrics().errors.labels(endpoint, code).inc(),
-            on_rate_limited=lambda client, limit: service_metrics().observe_rate_limited(client, limit)))
+        with failure_stops_the_server(metrics_dir.release):  # bad settings, say
+            settings = Settings.from_env()
+            connections.install(settings)  # before BentoML builds uvicorn's Config with this app
+            # /v1/images/* (the OpenAI Images API) answers errors in OpenAI's shape, the gateway's too.
+            return openai_images.OpenAIErrorShape(Gateway(
+                playground.Playground(super().to_asgi(is_main)), settings,
+                {**edge_routes(app), **playground.routes()},
+                on_error=lambda endpoint, code: service_metrics().errors.labels(endpoint, code).inc(),
+                on_rate_limited=lambda client, limit: service_metrics().observe_rate_limited(client, limit)))
 
 
 @bentoml.service(name="genserve", workers=1, traffic={"timeout": 900}, service_class=GenServeService)
 @bentoml.asgi_app(app, path="/v1")
 class GenServe:
+    @bentoml.on_deployment
+    def _supervise() -> None:
+        """In the `bentoml serve` process: a worker's failed start stops the server (services.startup)."""
+        supervise()
+
     def __init__(self) -> None:
+        with failure_stops_the_server(metrics_dir.release):
+            self._start()
+
+    def _start(self) -> None:
         # Imported here: the runtime loads ONNX Runtime, and metrics must be created
         # after BentoML's worker set up multiprocess Prometheus (see services.metrics).
         from services.context import ServiceContext, set_context
         from services.engine import bench_policies
         from services.engine.engine import DiffusionEngine
+        from services.engine.memory import engine_max_rows
         from services.engine.prompt_cache import PromptCache
         from services.metrics import service_metrics
         from services.pipelines import diffusion_pipelines, gan_pipelines
         from services.pipelines.pipeline_image_to_image import image_to_image_pipelines
         from services.pipelines.pipeline_stylegan import stylegan_pipelines
         from services.pipelines.pipeline_vae import vae_pipelines
+        from services.memory import MemoryGuard, limit_arenas
         from services.ratelimit import RateLimiter
         from services.runtime import create_backend
 
         log.setLevel(logging.INFO)  # request ids in the log, beside BentoML's access log
+        limit_arenas()  # before the worker threads that run models exist (services.memory)
         settings = Settings.from_env()
         metrics = service_metrics()
         install_error_handlers(app, on_error=lambda path, code: metrics.errors.labels(path, code).inc())
@@ -92,19 +111,22 @@ class GenServe:
         backend.add_observer(metrics.observe_execution)
         limit = settings.rate_limit_image_steps
         ctx = ServiceContext(settings, backend, metrics, image_step_limiter=limit and RateLimiter(limit),
-                             describers=[module.describe for module in FAMILY_ROUTERS])
+                             describers=[module.describe for module in FAMILY_ROUTERS],
+                             memory=MemoryGuard(settings.memory_limit_mb << 20))
 
         # 1. Single-pass pipelines.
         ctx.gan = gan_pipelines(backend)
         ctx.vae = vae_pipelines(backend)
         ctx.stylegan = stylegan_pipelines(backend)
-        ctx.image_to_image = image_to_image_pipelines(backend)  # name -> ImageToImagePipeline (SR, translators)
+        # name -> ImageToImagePipeline (SR, translators); in process, one model call at a time.
+        ctx.image_to_image = image_to_image_pipelines(backend, settings.image_call_mb << 20,
+                                                      one_call_at_a_time=settings.backend == "onnxruntime")
         # 2. One step-level engine per diffusion pipeline, whatever its family; its batch
         #    limit is its denoiser's.
         cache = PromptCache(settings.prompt_cache_size, on_lookup=metrics.observe_prompt_cache)
         for name, pipeline in diffusion_pipelines(backend).items():
             ctx.engines[name] = DiffusionEngine(
-                pipeline, max_batch_rows=backend.models()[pipeline.spec.denoiser].max_batch_size,
+                pipeline, max_batch_rows=engine_max_rows(backend.models()[pipeline.spec.denoiser]),
                 max_queued_image_steps=settings.max_queued_steps, prompt_cache=cache,
                 observer=metrics.engine_observer(), latency_budget_s=settings.engine_step_budget_ms / 1000,
                 max_queue_seconds=settings.max_queue_seconds, policy=settings.engine_policy,
@@ -117,8 +139,9 @@ class GenServe:
 
     @staticmethod
     def _check_defaults(ctx) -> None:
-        """Each family's default model: the configured one, or the only one served when the
-        variable is not set; a default that is not served is an error said at start-up."""
+        """Each family's default model: the configured one (not served: an error said at
+        start-up), else the built-in one if served, else the only one served, else none
+        (requests must name `model`). A default nobody configured never stops the service."""
         import dataclasses
 
         s = ctx.settings
@@ -131,8 +154,8 @@ class GenServe:
             default = getattr(s, field)
             if not served or default in served:
                 continue
-            if variable not in os.environ and len(served) == 1:
-                s = dataclasses.replace(s, **{field: next(iter(served))})
+            if not os.environ.get(variable, "").strip():
+                s = dataclasses.replace(s, **{field: next(iter(served)) if len(served) == 1 else None})
                 continue
             raise ValueError(f"{variable}={default!r} is not in the repository (served: {', '.join(served)})")
         ctx.settings = s
@@ -155,9 +178,31 @@ class GenServe:
     @bentoml.on_startup
     async def _warm_up(self) -> None:
         """Times each engine's denoiser by batch rows (its cost model), so the first
-        iteration runs the best size and the first Retry-After is an estimate."""
-        for engine in self.ctx.engines.values():
-            await engine.warmup()
+        iteration runs the best size and the first Retry-After is an estimate; measures each
+        image-to-image model's memory and time per output pixel (its calls and work bound)."""
+        with failure_stops_the_server(metrics_dir.release):
+            for engine in self.ctx.engines.values():
+                await engine.warmup(self.ctx.settings.warmup_budget_s)
+        for name, pipeline in self.ctx.image_to_image.items():  # the cost that sizes and bounds requests
+            try:
+                await pipeline.calibrate()
+            except Exception as exc:  # an optimisation: requests run unmeasured until their first call
+                log.warning("image model %s: calibration skipped (%s: %s)", name, type(exc).__name__, exc)
+                continue
+            log.info("image model %s: %.0f activation bytes and %.2f us per output pixel", name,
+                     pipeline.bytes_per_pixel, pipeline.seconds_per_pixel * 1e6)
+
+    @bentoml.on_shutdown
+    async def _close(self) -> None:
+        """Stops the engines and closes the backend: on Triton, this process's shared-memory
+        regions are unregistered there and removed from /dev/shm (they outlived the service).
+        Then this server's metrics directory goes."""
+        try:
+            for engine in self.ctx.engines.values():
+                await engine.close()
+            await self.ctx.backend.close()
+        finally:
+            metrics_dir.release()
 
     async def __is_ready__(self) -> bool:
         return await self.ctx.backend.is_ready()

@@ -17,7 +17,9 @@ Failures stay with their owner:
     that hit it stay where they are (a trajectory keeps its step; nothing is recomputed)
     and resume when the backend is back. The loop backs off (0.25 s doubling to 2 s)
     while cancellations and deadlines still take effect; a deadline that passes during
-    the outage answers BackendUnavailable (503), not a timeout.
+    the outage answers BackendUnavailable (503), not a timeout. Until the backend answers
+    again, new requests are refused at once (`backend_down`); with no request left to
+    retry, the loop asks the backend's readiness itself.
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ from services.pipelines.diffusion import (
     DiffusionSpec,
     denoising_steps,
     effective_steps,
+    merge_rows,
 )
 from services.runtime.base import latency_first
 
@@ -51,8 +54,8 @@ log = logging.getLogger("genserve.engine")
 T = TypeVar("T")
 BACKOFF_MIN_S = 0.25  # first pause after an outage; doubles per failed try
 BACKOFF_MAX_S = 2.0
-# Start-up timing of the denoiser by batch rows stops adding sizes past this many seconds
-# (a large model on a CPU): sizes not timed then are learned from live calls.
+# Start-up timing of the denoiser by batch rows: no call starts that would end past this many
+# seconds (priced from the calls timed before it); sizes not timed are learned from live calls.
 COST_MEASURE_BUDGET_S = 20.0
 WARMUP_ROUNDS = 7  # timed calls per batch size at start-up, within the budget
 # After the shallow U-Net (DeepCache) meets an outage, requests that cache run full steps for
@@ -145,12 +148,13 @@ class DiffusionEngine:
 
     @property
     def backend_down(self) -> bool:
-        """True while the backend is unavailable (the last iteration hit BackendUnavailable)
-        and requests are paused in flight: new ones would wait, so the HTTP layer answers them
-        503 at once. The paused requests are the loop's probe of the backend; once none is
-        left (deadlines, cancellations), the next submission is admitted to be that probe,
-        or nothing would ever find out that the backend is back."""
-        return self._outage is not None and bool(self.scheduler.requests)
+        """True from an iteration that hit BackendUnavailable until the backend answers
+        again: new requests would only wait, so the HTTP layer answers them 503 at once. While
+        requests are paused in flight, their retries probe the backend; once none is left
+        (deadlines, cancellations), the loop asks the backend itself (`is_ready`, at the
+        back-off pace), so a lasting outage refuses every new request at once instead of
+        letting each wait its whole deadline."""
+        return self._outage is not None
 
     # -- client side -------------------------------------------------------------------
     def submit(self, request: DiffusionRequest, timeout_s: float, preview_every: int = 0,
@@ -191,53 +195,71 @@ class DiffusionEngine:
             raise req.error or RuntimeError(FINISH_REASONS[req.status])
         return req.result
 
-    async def warmup(self) -> float | None:
-        """Times the denoiser at the native size for a ladder of batch rows (1, 2, 4, ...
-        up to the model's max, within COST_MEASURE_BUDGET_S) and seeds the cost model with
-        it, so the first iteration already runs the best size and the first 429 carries a
-        real Retry-After. Returns the rate at the warm-up request's own rows (one image
-        with guidance), in image-steps/s, or None when skipped (backend down, or any
-        failure: warm-up is an optimisation, never a reason not to start)."""
+    async def warmup(self, budget_s: float = COST_MEASURE_BUDGET_S) -> float | None:
+        """Times the denoiser at the native size for a ladder of batch rows (1, 2, 4, ... up to
+        the engine's max, which the service already bounded by the rows' activation memory) and
+        seeds the cost model with it, so the first iteration already runs the best size and the
+        first 429 carries a real Retry-After. Bounded by `budget_s`: one call at one row always
+        runs (it pays the session's lazy initialisation and prices a row); after it, a call runs
+        only while its cost, priced from the rows timed so far, fits what is left of the budget,
+        in the first round as in the others (a real-size U-Net on a CPU takes tens of seconds a
+        row: /readyz must not wait for a ladder of them). Returns the rate at the warm-up
+        request's own rows (one image with guidance), in image-steps/s, or None when skipped
+        (backend down, or any failure: warm-up is an optimisation, never a reason not to start)."""
         try:
             request = self.pipeline.warmup_request()
             keys = self.pipeline.tokenize(request)
             encoded = await self.pipeline.encode_prompts(keys) if keys else []
             inputs = (await self.pipeline.start(request, encoded)).model_inputs()
             own_rows = len(next(iter(inputs.values())))
-            await self.pipeline.denoise(inputs)  # the first call may pay for lazy initialisation
             sizes = sorted({own_rows, *row_ladder(self.scheduler.max_batch_rows)})
+            sizes = [n for n in sizes if n <= self.scheduler.max_batch_rows] or [1]
             feeds = {n: {k: np.concatenate([v] * -(-n // len(v)))[:n] for k, v in inputs.items()} for n in sizes}
+            t0 = time.perf_counter()
+            await self.pipeline.denoise(feeds[sizes[0]])  # lazy initialisation; prices a row
+            first = time.perf_counter() - t0
+            spent, per_row = first, first / sizes[0]
             times: dict[int, list[float]] = {n: [] for n in sizes}
-            spent = 0.0
+
+            def fits(rows: int) -> bool:
+                return spent + per_row * rows <= budget_s
+
             # Rounds over every size, then each size's median: one untimed round first (a batch
             # size's first call allocates its buffers), and sizes interleaved so that a drift
             # (clock ramp-up, a neighbour's job) lands on all of them. Measured on this CPU:
             # two calls per size in a row gave tables that put the best size anywhere from 2
             # to 16 rows from one start to the next.
             for round_ in range(1 + WARMUP_ROUNDS):
+                ran = False
                 for n in sizes:
-                    if round_ and spent > COST_MEASURE_BUDGET_S and times[n]:
+                    if not fits(n):
                         continue
                     t0 = time.perf_counter()
                     await self.pipeline.denoise(feeds[n])
                     took = time.perf_counter() - t0
-                    spent += took
+                    spent, per_row, ran = spent + took, took / n, True
                     if round_:
                         times[n].append(took)
-                if spent > COST_MEASURE_BUDGET_S and round_:
+                if not ran:
                     break
-            table = {n: float(np.median(t)) for n, t in times.items() if t}
+            # Nothing timed after the first call (it alone used the budget): that call prices the rows.
+            table = {n: float(np.median(t)) for n, t in times.items() if t} or {sizes[0]: first}
         except Exception as exc:
             log.warning("engine %s: warm-up skipped (%s: %s)", self.model, type(exc).__name__, exc)
             return None
         self.cost.seed(self.cost.native, table)
-        await self._warm_shallow(inputs)
-        rate = 1.0 / max(table[own_rows], 1e-6)  # one image-step per call
+        if spent + 2 * per_row * own_rows <= budget_s:  # a full call that keeps features, a shallow one
+            await self._warm_shallow(inputs)
+        elif self.pipeline.spec.shallow_denoiser is not None:
+            log.info("engine %s: shallow U-Net not warmed (over the %.0f s warm-up budget)", self.model, budget_s)
+        smallest = min(table)
+        own = table.get(own_rows) or table[smallest] / smallest * own_rows
+        rate = 1.0 / max(own, 1e-6)  # one image-step per call
         self.scheduler.seed_rate(rate)
         described = self.cost.describe()
         self.observer.cost(self.model, described)
-        log.info("engine %s: denoiser ms per call by rows %s -> best %d rows (%.1f rows/s)", self.model,
-                 described["ms_per_call"], described["best_rows"], described["rows_per_second"])
+        log.info("engine %s: warm-up %.1f s; denoiser ms per call by rows %s -> best %d rows (%.1f rows/s)",
+                 self.model, spent, described["ms_per_call"], described["best_rows"], described["rows_per_second"])
         return rate
 
     async def _warm_shallow(self, inputs: dict[str, np.ndarray]) -> None:
@@ -282,7 +304,9 @@ class DiffusionEngine:
                 await self._back_off()
             elif not worked:
                 self._wakeup.clear()
-                if not self.scheduler.requests:
+                if not self.scheduler.requests and self._outage is not None:
+                    await self._probe()
+                elif not self.scheduler.requests:
                     await self._wakeup.wait()
                 else:  # only waiting on deadlines
                     try:
@@ -336,6 +360,23 @@ class DiffusionEngine:
                 pass
             self._finish_leaving()
             self._report_queue()
+
+    async def _probe(self) -> None:
+        """Known down with nothing in flight: waits the back-off (a submitted request wakes
+        it: that request is the probe), then asks the backend whether it is back."""
+        try:
+            await asyncio.wait_for(self._wakeup.wait(), timeout=self._backoff_s)
+            return
+        except asyncio.TimeoutError:
+            pass
+        self._backoff_s = min(2 * self._backoff_s, BACKOFF_MAX_S)
+        try:
+            ready = await self.pipeline.backend.is_ready()
+        except Exception:
+            ready = False
+        if ready and not self.scheduler.requests:
+            log.info("engine %s: backend ready again, admitting requests", self.model)
+            self._outage, self._backoff_s = None, BACKOFF_MIN_S
 
     async def _backend(self, call: Awaitable[T]) -> T:
         """Every model call of the loop goes through here, to record outages and recovery."""
@@ -503,7 +544,7 @@ class DiffusionEngine:
         `record_outage=False`: an outage is the caller's to handle (not the engine's state)."""
         if not requests:
             return {}
-        merged = {k: np.concatenate([inputs[r][k] for r in requests]) for k in inputs[requests[0]]}
+        merged = merge_rows([inputs[r] for r in requests])  # rows without control get zero control inputs
         keep = any(r.trajectory.caching for r in requests)  # the full graph's features, for requests that cache
         try:
             t0 = time.perf_counter()

@@ -56,6 +56,7 @@ class EngineRequest:
     rows_hint: int = 1  # rows per image before the trajectory exists (the engine sets it)
     planned_steps: int | None = None  # steps it will run, by its model's strength rounding (the engine sets it)
     tenant: str = ""  # who asked (the API key's client id): the fair policy shares steps across tenants
+    last_turn: int = 0  # the scheduler's iteration in which it last took a step (the fair policy's aging)
 
     @property
     def shape(self) -> tuple[int, int]:

@@ -32,6 +32,14 @@ STRETCH = 8.0
 # At most this share of an iteration's rows goes to requests taking their first step
 # ahead of the others (a fresh request's first progress event does not wait for the queue).
 FIRST_STEP_SHARE = 0.5
+# The fair policy's progress guarantee: a request that has taken its first step and then
+# sat out this many iterations goes before everything else (oldest turn first), so its
+# steps keep a bounded pace however many shorter or fresher requests arrive: it waits at
+# most MAX_STEP_GAP + S iterations between two steps, S being the requests that began
+# waiting before it (each iteration runs the longest-waiting one). The virtual deadline
+# alone let a stream of short requests pass a long one for STRETCH x its remaining work
+# (at 100 clients: a minute between steps).
+MAX_STEP_GAP = 8
 
 
 class QueueFull(Exception):
@@ -66,6 +74,7 @@ class StepScheduler:
         self.max_queue_seconds = max_queue_seconds
         self.cost = cost if cost is not None else CostModel(max_batch_rows)
         self.requests: list[EngineRequest] = []  # unfinished, in arrival order
+        self.iteration = 0  # batches scheduled so far (the clock of the progress guarantee)
         self._steps_per_second = 0.0  # image-steps per second, moving average (0: not measured yet)
 
     # -- admission -------------------------------------------------------------------
@@ -138,7 +147,9 @@ class StepScheduler:
 
         Orders:
           fcfs  arrival order: the oldest requests run to completion first
-          fair  requests taking their first step first (arrival order, at most
+          fair  requests that have waited more than MAX_STEP_GAP iterations since their
+                last step first (longest wait first: the progress guarantee); then
+                requests taking their first step (arrival order, at most
                 FIRST_STEP_SHARE of the rows); then urgent ones, whose deadline leaves less
                 than their remaining steps would take, by deadline; then by virtual deadline
                 (arrival + STRETCH x remaining work), so short requests finish first and long
@@ -150,6 +161,7 @@ class StepScheduler:
         if not running:
             return batch
         now = time.monotonic() if now is None else now
+        self.iteration += 1
         if self.policy == "fcfs":
             order = running
         elif len(running) == 1:  # nothing to order (the fair order's tenant bookkeeping, kept)
@@ -157,6 +169,11 @@ class StepScheduler:
             self.served = {running[0].tenant: self.served.get(running[0].tenant, 0.0)}
         else:
             order = self._fair_order(running, now)
+            starving = sorted((r for r in order if r.trajectory.steps_done
+                               and self.iteration - r.last_turn > MAX_STEP_GAP), key=lambda r: (r.last_turn, r.arrival))
+            if starving:  # the progress guarantee first (MAX_STEP_GAP), in its own bucket
+                ids = {id(r) for r in starving}
+                order = starving + [r for r in order if id(r) not in ids]
         head = order[0]
         waiting = sum(r.trajectory.rows for r in running if self.can_share(head, r))
         target = min(self.max_batch_rows, self.cost.target_rows(head.shape, waiting))
@@ -171,6 +188,8 @@ class StepScheduler:
                 first_step_rows += rows
             batch.requests.append(r)
             batch.rows += rows
+        for r in batch.requests:
+            r.last_turn = self.iteration
         if self.policy == "fair":
             for r in batch.requests:
                 self.served[r.tenant] = self.served.get(r.tenant, 0.0) + r.trajectory.rows

@@ -34,6 +34,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from services.pipelines.controlnet import ControlNets, ControlUnit, control_rows
 from services.runtime import InferenceBackend, ModelSpec
 from services.schedulers import make_scheduler, supported_schedulers
 
@@ -163,6 +164,8 @@ class DiffusionRequest:
     mask: np.ndarray | None = None
     class_labels: list[int] | None = None  # per image, class-conditional denoisers
     cache_interval: int = 1  # DeepCache: a full denoiser step every N steps, shallow ones between (1: off)
+    controlnet: list[ControlUnit] = field(default_factory=list)  # ControlNet units (services.pipelines.controlnet)
+    guess_mode: bool = False  # ControlNet guess mode, as diffusers
     extras: dict[str, Any] = field(default_factory=dict)  # family conditioning (e.g. SDXL sizes)
 
 
@@ -265,6 +268,26 @@ def downsample_mask(mask: np.ndarray, factor: int) -> np.ndarray:
     return mask[::factor, ::factor][None].astype(np.float32)
 
 
+def merge_rows(parts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """One denoiser call's inputs from several trajectories' rows, in order. A key some parts
+    lack (control inputs of requests without control) is zero for their rows."""
+    keys: dict[str, np.ndarray] = {}
+    for part in parts:
+        for k, v in part.items():
+            keys.setdefault(k, v)
+    merged = {}
+    for k, example in keys.items():
+        pieces = []
+        for part in parts:
+            if k in part:
+                pieces.append(part[k])
+            else:
+                rows = len(next(iter(part.values())))
+                pieces.append(np.zeros((rows, *example.shape[1:]), example.dtype))
+        merged[k] = np.concatenate(pieces)
+    return merged
+
+
 class Trajectory:
     """One request's denoising state: the body of diffusers' loop, split at the denoiser call.
 
@@ -344,6 +367,9 @@ class Trajectory:
         sample = np.concatenate([self.latents, self.latents]) if self.do_cfg else self.latents
         sample = self.scheduler.scale_model_input(sample, t).astype(np.float32)
         inputs = {**self.denoiser.inputs(sample, t), **self.cond}
+        if self.req.controlnet:
+            inputs.update(control_rows(self.req.controlnet, self.req.guess_mode, self.steps_done, self.num_steps,
+                                       len(self.latents), self.do_cfg))
         if self.shallow:
             inputs[DEEP_FEATURES] = self.deep_features
         return inputs
@@ -394,6 +420,7 @@ class DiffusionPipeline:
         if not self.schedulers:
             raise ValueError(f"pipeline {spec.name!r}: no scheduler here can be built from its scheduler config")
         self.default_scheduler = spec.default_scheduler(self.schedulers)
+        self.control: ControlNets | None = None  # set by families whose denoiser takes ControlNet residuals
 
     # -- what the engine calls -----------------------------------------------------------
     def tokenize(self, req: DiffusionRequest) -> list[np.ndarray]:
@@ -428,6 +455,8 @@ class DiffusionPipeline:
         model = self.spec.shallow_denoiser if shallow else self.spec.denoiser
         if shallow:  # it may not read every input of the full graph (the text, without cross attention)
             inputs = {t.name: inputs[t.name] for t in self.backend.models()[model].inputs}
+        elif self.control is not None:  # the ControlNets' residuals (zeros for rows without control)
+            inputs = await self.control.unet_inputs(inputs)
         out = await self.backend.infer(model, inputs, wanted)
         return out[self.spec.output_name], out.get(DEEP_FEATURES)
 

@@ -28,6 +28,8 @@ from services.pipelines.diffusion import (  # noqa: F401 - re-exported for the f
     initial_latents,
     shallow_denoiser,
 )
+from services.pipelines.controlnet import ControlNets
+from services.pipelines.controlnet import discover as discover_controlnets
 from services.runtime import InferenceBackend, ModelSpec
 
 
@@ -135,6 +137,9 @@ class StableDiffusionPipeline(DiffusionPipeline):
         super().__init__(backend, models.spec(), ClipConditioner(backend, models))
         self.models = models
         self.tokenizer = self.conditioner.tokenizer
+        unet = backend.models()[models.unet]
+        if ControlNets.accepts(unet):  # a U-Net exported with ControlNet residual inputs
+            self.control = ControlNets(backend, unet, discover_controlnets(backend.models(), models.name))
 
 
 def pipelines(backend: InferenceBackend) -> dict[str, StableDiffusionPipeline]:

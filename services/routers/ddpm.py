@@ -57,7 +57,7 @@ async def ddpm_generate_stream(body: DDPMGenerateStreamRequest,
 
 def _submit(ctx: ServiceContext, body):
     engines = ctx.engines_of("ddpm")
-    name = body.model or ctx.settings.default_ddpm_model
+    name = ctx.model_name(body.model, "ddpm", engines)
     if name not in engines:
         raise ModelNotFound(f"model {name!r} is not a pixel-space diffusion model served here", field="model",
                             allowed=sorted(engines))

@@ -19,6 +19,8 @@ from services.openapi import SSE_RESPONSE, body_schema, error_responses
 from services.pipelines.diffusion import MAX_CACHE_INTERVAL
 from services.routers import engine_calls, image_to_image
 from services.schemas import (
+    MAX_CONDITIONING_SCALE,
+    MAX_CONTROLNET_UNITS,
     MAX_DIFFUSION_IMAGES,
     MAX_GUIDANCE_SCALE,
     MAX_INFERENCE_STEPS,
@@ -81,15 +83,15 @@ async def _diffuse(ctx: ServiceContext, task: str, body, request: Request) -> Di
 
 async def _submit(ctx: ServiceContext, task: str, body):
     engines = ctx.engines_of(*TEXT_FAMILIES)
-    name = body.model or ctx.settings.default_diffusion_model
+    name = ctx.model_name(body.model, "diffusion", engines)
     if name not in engines:
         raise ModelNotFound(f"model {name!r} is not a text-to-image pipeline served here", field="model",
                             allowed=sorted(engines))
     engine = engines[name]
     timeout_s = ctx.timeout_s(body.timeout_s)
-    if task == "txt2img":
+    if task == "txt2img" and not getattr(body, "controlnet", None):
         request, params = build_request(task, body, engine.pipeline)
-    else:  # decoding images is CPU work: off the event loop
+    else:  # decoding images (init, mask, control) is CPU work: off the event loop
         request, params = await asyncio.to_thread(build_request, task, body, engine.pipeline)
     params["timeout_s"] = timeout_s
     params.pop("upscale", None)  # echoed by the upscale stage, when there is one
@@ -158,6 +160,10 @@ def describe(ctx: ServiceContext) -> list[ModelDescription]:
                           "max": ctx.settings.max_request_timeout_s},
         }
         params.update({key: "optional [2 ints]" for key in spec.extra_fields})
+        control = engine.pipeline.control
+        params["controlnet"] = ({"models": sorted(control.models), "max_units": MAX_CONTROLNET_UNITS,
+                                 "conditioning_scale": {"min": 0.0, "max": MAX_CONDITIONING_SCALE}}
+                                if control is not None else None)
         models.append(ModelDescription(
             name=name, version=denoiser.version, pipeline=spec.family,
             endpoint="/v1/txt2img, /v1/txt2img/stream"

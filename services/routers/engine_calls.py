@@ -23,7 +23,7 @@ from services.errors import (
     TooManyRequests,
 )
 from services.gateway import client_var, request_id_var
-from services.http import EventStream
+from services.http import EventStream, log_fault
 
 # How often a waiting request checks whether its client went away.
 DISCONNECT_POLL_S = 0.1
@@ -74,7 +74,7 @@ def result(handle, timeout_s: float):
     if handle.status != RequestStatus.FINISHED_DONE:
         if isinstance(handle.error, ServiceError):
             raise handle.error
-        raise InferenceFailed(f"generation failed: {handle.error}")
+        raise InferenceFailed("generation failed; the request id is in the server log", detail=repr(handle.error))
     return handle.result
 
 
@@ -97,6 +97,7 @@ def stream(ctx: ServiceContext, engine, handle, respond: Callable[[], object], p
                 response = await response
             yield sse("result", response.model_dump())
         except ServiceError as exc:
+            log_fault(exc)
             yield sse("error", {**exc.body(request_id_var.get()), "status": exc.status})
 
     return EventStream(events(), on_close=lambda: engine.cancel(handle))

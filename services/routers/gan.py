@@ -31,7 +31,7 @@ async def gan_generate(body: GANGenerateRequest, ctx: ServiceContext = Depends(c
     """Samples a GAN generator: seeded, optionally truncated and class-conditioned."""
     start = time.perf_counter()
     # 1. Check inputs against the chosen model.
-    name = body.model or ctx.settings.default_gan_model
+    name = ctx.model_name(body.model, "gan", [*ctx.gan, *ctx.stylegan])
     if name in ctx.stylegan:
         from services.routers import stylegan
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import io
 import time
 from dataclasses import dataclass
 
@@ -32,7 +31,8 @@ from services.context import ServiceContext, context
 from services.errors import InvalidRequest, ModelNotFound
 from services.gateway import request_id_var
 from services.http import parse_body
-from services.imaging import FORMATS
+from services.imaging import FORMATS, NotAnAcceptedImage, open_image
+from services.memory import trim
 from services.openapi import body_schema, error_responses
 from services.schemas import (
     MAX_TILE,
@@ -98,23 +98,31 @@ async def _serve(ctx: ServiceContext, body: UpscaleRequest, endpoint: str) -> Di
     if decoded.alpha is not None and body.output_format == "jpeg":
         raise InvalidRequest("the image has an alpha channel and JPEG has none: ask for png or webp",
                              field="output_format", allowed=["png", "webp"])
-    # 2. The model, in tiles.
-    out = await pipeline(decoded.pixels, tile, overlap)
-    image = await asyncio.to_thread(compose, out.image, decoded, info)
-    # 3. Encode with provenance.
     h, w = decoded.pixels.shape[1:]
-    meta = {"model": name, "version": pipeline.spec.version, "task": info.task, "scale": info.scale,
-            "source_size": [w, h]}
-    images = await asyncio.to_thread(ctx.encode_images, image[None], info.output_range, body.output_format, [meta])
+    check_work(ctx, pipeline, pipeline.layout(h, w, tile, overlap), body.tile is not None)
+    # 2. The model, in tiles.
+    try:
+        out = await pipeline(decoded.pixels, tile, overlap)
+        tiles, inference_seconds = out.tiles, out.inference_seconds
+        image = await asyncio.to_thread(compose, out.image, decoded, info)
+        del out, decoded
+        # 3. Encode with provenance.
+        meta = {"model": name, "version": pipeline.spec.version, "task": info.task, "scale": info.scale,
+                "source_size": [w, h]}
+        images = await asyncio.to_thread(ctx.encode_images, image[None], info.output_range, body.output_format,
+                                         [meta])
+        del image
+    finally:
+        await asyncio.to_thread(trim)  # the canvases' pages go back to the system, not to the heap's free list
     task = "upscale" if endpoint == "/v1/upscale" else "translate"
     total = ctx.record(task, name, 1, start)
     return DiffusionResponse(
         request_id=request_id_var.get(), model=name, backend=ctx.backend.name,
         parameters={"output_format": body.output_format, "tile": tile, "tile_overlap": overlap, "scale": info.scale,
-                    "tiles": out.tiles, "input_size": [w, h], "output_size": [w * info.scale, h * info.scale],
+                    "tiles": tiles, "input_size": [w, h], "output_size": [w * info.scale, h * info.scale],
                     "model_version": pipeline.spec.version},
         images=images,
-        timings={"inference_seconds": round(out.inference_seconds, 6), "total_seconds": round(total, 6)})
+        timings={"inference_seconds": round(inference_seconds, 6), "total_seconds": round(total, 6)})
 
 
 # -- helpers ---------------------------------------------------------------------------
@@ -148,6 +156,29 @@ def check_tiling(info, tile: int | None, overlap: int | None) -> tuple[int, int]
     return tile, overlap
 
 
+def check_work(ctx: ServiceContext, pipeline, layout, tile_asked: bool = True) -> None:
+    """Before any model call: the request's bounds, each a 422 naming the limit, then the
+    memory it needs against GENSERVE_MEMORY_LIMIT_MB (503)."""
+    settings = ctx.settings
+    budget = settings.image_call_mb << 20
+    row = pipeline.call_bytes(layout)
+    if row is not None and row > budget:
+        fit = int(layout.th * (budget / row) ** 0.5) // pipeline.info.size_multiple * pipeline.info.size_multiple
+        raise InvalidRequest(
+            f"a {layout.th}x{layout.tw} tile needs about {row >> 20} MB of model memory per call, more than "
+            f"GENSERVE_IMAGE_CALL_MB={settings.image_call_mb}: use tile <= {max(fit, MIN_TILE)}",
+            field="tile" if tile_asked else "image", limit=max(fit, MIN_TILE))
+    seconds = pipeline.work_seconds(layout)
+    if settings.max_image_work_s and seconds is not None and seconds > settings.max_image_work_s:
+        raise InvalidRequest(
+            f"this image is {layout.tiles} tiles of {layout.th}x{layout.tw}: about {seconds:.0f}s of model work at "
+            f"the measured cost, more than GENSERVE_MAX_IMAGE_WORK_S={settings.max_image_work_s}: send a smaller "
+            "image", field="image", limit=settings.max_image_work_s)
+    if ctx.memory is not None:
+        ctx.memory.check(f"a {layout.tiles}-tile {pipeline.info.task.replace('_', ' ')}",
+                         pipeline.canvas_bytes(layout) + min(budget, row or 0) * pipeline.rows_per_call(layout))
+
+
 @dataclass
 class DecodedImage:
     pixels: np.ndarray  # [C_in, H, W] float32 in the model's input range
@@ -165,13 +196,12 @@ def decode_upload(data: str, field: str, info, max_output_pixels: int) -> Decode
     except ValueError:
         raise InvalidRequest(f"{field} is not valid base64", field=field) from None
     try:
-        image = Image.open(io.BytesIO(raw))
+        image = open_image(raw, field)
     except Image.DecompressionBombError:
         raise InvalidRequest(f"{field} claims more pixels than any output allowed here "
                              f"({max_output_pixels} output pixels)", field=field, limit=max_output_pixels) from None
-    except Exception as exc:  # PIL raises many types for bad data
-        raise InvalidRequest(f"{field} is not a decodable PNG/JPEG/WebP image ({type(exc).__name__})",
-                             field=field) from None
+    except NotAnAcceptedImage as exc:
+        raise InvalidRequest(str(exc), field=field, allowed=exc.allowed) from None
     w, h = image.size
     s = info.scale
     if w * h * s * s > max_output_pixels:
@@ -251,6 +281,7 @@ def check_upscale(ctx: ServiceContext, stage, height: int, width: int):
         raise InvalidRequest(f"{width}x{height} images x{s} ({name}) would be {width * s}x{height * s} = "
                              f"{height * width * s * s} pixels, more than the {most} allowed "
                              f"(GENSERVE_MAX_UPSCALE_PIXELS)", field="upscale.model", limit=most)
+    check_work(ctx, pipeline, pipeline.layout(height, width), tile_asked=False)
     return name, pipeline
 
 

@@ -48,7 +48,7 @@ from services.context import ServiceContext, context
 from services.diffusion_requests import check_sides
 from services.errors import InvalidRequest, ModelNotFound, ServiceError
 from services.gateway import request_id_var
-from services.http import EventStream, parse_body
+from services.http import EventStream, log_fault, parse_body
 from services.routers import diffusion, engine_calls
 from services.schemas import (
     MAX_DIFFUSION_IMAGES,
@@ -266,7 +266,7 @@ def _check_common(body: _OpenAIImageFields) -> None:
 
 def _pipeline(ctx: ServiceContext, model: str | None):
     engines = ctx.engines_of(*diffusion.TEXT_FAMILIES)
-    name = model or ctx.settings.default_diffusion_model
+    name = ctx.model_name(model, "diffusion", engines)
     if name not in engines:
         raise ModelNotFound(f"model {name!r} is not an image pipeline served here (GET /v1/models lists them)",
                             field="model", allowed=sorted(engines))
@@ -298,13 +298,16 @@ def _genserve_fields(body: _OpenAIImageFields, name: str) -> dict:
 
 def openai_mask_to_genserve(mask_b64: str) -> str:
     """OpenAI's mask (transparent = edit) -> genserve's (white = repaint), as base64 PNG."""
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image
+
+    from services.imaging import NotAnAcceptedImage, open_image
 
     try:
-        image = Image.open(io.BytesIO(base64.b64decode(mask_b64, validate=True)))
+        image = open_image(base64.b64decode(mask_b64, validate=True), "mask")
         image.load()
-    except (ValueError, OSError, UnidentifiedImageError, Image.DecompressionBombError):
-        raise InvalidRequest("mask is not a readable PNG image", field="mask") from None
+    except (ValueError, OSError, Image.DecompressionBombError):
+        raise InvalidRequest("mask is not a readable PNG, JPEG or WebP image", field="mask",
+                             allowed=NotAnAcceptedImage.allowed) from None
     if image.mode not in ("RGBA", "LA", "PA") and "transparency" not in image.info:
         raise InvalidRequest("mask needs an alpha channel: its transparent pixels mark the area to edit "
                              "(OpenAI's convention)", field="mask")
@@ -385,6 +388,7 @@ def _stream(ctx, engine, handle, respond, meta: dict, partial: int, prefix: str)
         try:
             result = await asyncio.to_thread(respond)
         except ServiceError as exc:
+            log_fault(exc)
             yield _sse("error", {"type": "error", **openai_error(exc.status, exc.body(request_id_var.get()))})
             return
         usage = {"input_tokens": 0, "input_tokens_details": {"image_tokens": 0, "text_tokens": 0},

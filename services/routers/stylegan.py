@@ -169,8 +169,8 @@ async def edit(body: GANEditRequest, ctx: ServiceContext = Depends(context)) -> 
 def _model(ctx: ServiceContext, model: str | None):
     """The named StyleGAN model; unnamed: the default GAN model if it is one, else the only one."""
     name = model or ctx.settings.default_gan_model
-    if model is None and name not in ctx.stylegan and len(ctx.stylegan) == 1:
-        name = next(iter(ctx.stylegan))
+    if model is None and name not in ctx.stylegan:
+        name = next(iter(ctx.stylegan)) if len(ctx.stylegan) == 1 else ctx.model_name(None, "gan", ctx.stylegan)
     if name not in ctx.stylegan:
         raise ModelNotFound(f"model {name!r} is not a StyleGAN model served here", field="model",
                             allowed=sorted(ctx.stylegan))

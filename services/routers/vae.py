@@ -110,7 +110,7 @@ async def vae_interpolate(request: Request, ctx: ServiceContext = Depends(contex
 
 # -- helpers ---------------------------------------------------------------------------
 def _vae(ctx: ServiceContext, model: str | None, need_encoder: bool = False, standalone: bool = False):
-    name = model or ctx.settings.default_vae_model
+    name = ctx.model_name(model, "vae", ctx.vae)
     if name not in ctx.vae:
         raise ModelNotFound(f"model {name!r} is not a VAE served here", field="model", allowed=sorted(ctx.vae))
     vae = ctx.vae[name]

@@ -72,12 +72,13 @@ def classify_error(exc: BaseException, url: str, model: str) -> tuple[ServiceErr
         model_down = bool(_MODEL_NOT_SERVING.search(message))
         if status in _UNAVAILABLE or (status and model_down):
             reconnect = status in ("StatusCode.UNAVAILABLE", "StatusCode.UNKNOWN") and not model_down
-            return BackendUnavailable(f"Triton at {url} is unavailable for model {model!r} ({status}): {message}"), \
-                reconnect
-        return InferenceFailed(f"Triton failed model {model!r} ({status or 'client error'}): {message}"), False
+            return BackendUnavailable(f"Triton is unavailable for model {model!r}; retry",
+                                      detail=f"Triton at {url} ({status}): {message}"), reconnect
+        return InferenceFailed(f"Triton failed model {model!r}; the request id is in the server log",
+                               detail=f"Triton at {url} ({status or 'client error'}): {message}"), False
     # grpc errors raised past tritonclient's wrapper, closed channels, sockets, timeouts.
-    return BackendUnavailable(f"Triton at {url} is unreachable for model {model!r}: "
-                              f"{type(exc).__name__}: {exc}"), True
+    return BackendUnavailable(f"Triton is unreachable for model {model!r}; retry",
+                              detail=f"Triton at {url}: {type(exc).__name__}: {exc}"), True
 
 
 # What a call to Triton can raise besides InferenceServerException: all transport trouble.
@@ -259,7 +260,8 @@ class TritonBackend(InferenceBackend):
             except TritonUnreachable as exc:
                 self._next_probe = time.monotonic() + 1.0
                 if self.shared_memory == "required":
-                    raise BackendUnavailable(f"Triton at {self.url} is unreachable ({exc})") from None
+                    raise BackendUnavailable("Triton is unreachable; retry",
+                                             detail=f"Triton at {self.url}: {exc}") from None
                 return  # the call itself will say so (or succeed: Triton just came back)
             self._apply_probe(failure)
 
@@ -362,8 +364,8 @@ class TritonBackend(InferenceBackend):
                         self._recovering = False
                         self._apply_probe(f"a fresh region failed too: {exc}")
             if self.shared_memory == "required" and self.transport != SHARED_MEMORY:
-                raise BackendUnavailable(f"Triton at {self.url} cannot use shared memory (required): "
-                                         f"{self.transport_reason}")
+                raise BackendUnavailable("Triton cannot use shared memory (GENSERVE_TRITON_SHARED_MEMORY=required)",
+                                         detail=f"Triton at {self.url}: {self.transport_reason}")
         return await self._execute_socket(spec, inputs)
 
     async def _execute_socket(self, spec: ModelSpec, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:

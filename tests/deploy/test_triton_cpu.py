@@ -22,6 +22,8 @@ from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
 from tritonclient.utils import InferenceServerException, triton_to_np_dtype
 
+from services.pipelines.controlnet import zero_residuals
+from services.runtime.repository import ModelRepository
 from tests.fixtures.triton import TritonProcess, start_triton
 
 pytestmark = pytest.mark.server
@@ -254,7 +256,8 @@ def test_each_request_gets_the_outputs_it_asked_for(triton):
     rng = np.random.default_rng(5)
     feeds = [{"sample": rng.standard_normal((1, 4, 8, 8), dtype=np.float32),
               "timestep": rng.uniform(0, 999, (1, 1)).astype(np.float32),
-              "encoder_hidden_states": rng.standard_normal((1, 16, 64), dtype=np.float32)} for _ in range(12)]
+              "encoder_hidden_states": rng.standard_normal((1, 16, 64), dtype=np.float32),
+              **zero_residuals(ModelRepository(triton.repository).models[model], 1, 8, 8)} for _ in range(12)]
     session = ort.InferenceSession(str(triton.repository / model / "1" / "model.onnx"),
                                    providers=["CPUExecutionProvider"])
     wanted = [["noise_pred"] if i % 2 else ["noise_pred", "deep_features"] for i in range(12)]

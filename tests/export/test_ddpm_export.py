@@ -13,8 +13,10 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from export.ddpm import export_ddpm, locate
+from export.ddpm import export_ddpm, load_unet, locate
 from export.diffusers_folder import UnsupportedFolder, detect_family
+from export.verification import unet_activation
+from services.engine.memory import ACTIVATION_BYTES_PARAMETER
 from services.runtime.repository import ModelRepository
 from tests.fixtures.ddpm_folder import build_random_ddpm_folder
 
@@ -67,6 +69,10 @@ def test_config_follows_the_contract(exported, variant):
         "genserve.sample_height": str(h), "genserve.sample_width": str(w),
         "genserve.size_multiple": str(2 ** (kwargs["levels"] - 1)),
         "genserve.num_classes": "7" if conditional else "0", "genserve.output_range": "-1,1",
+        "genserve.precision": "fp32",
+        # The serving side bounds rows per call by the activation memory of one row at the native size.
+        ACTIVATION_BYTES_PARAMETER: str(unet_activation(load_unet(locate(folder)[0]).config, (h, w),
+                                                        2 ** (kwargs["levels"] - 1)).row_bytes((h, w))),
     }
     if h == w:
         expected["genserve.sample_size"] = str(h)

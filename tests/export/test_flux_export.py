@@ -127,3 +127,47 @@ def test_tensorrt_profiles_cover_every_size_the_api_accepts_and_one_image_per_ro
     assert decoder.min == (1, 16, 2, 2) and decoder.max == (4, 16, 256, 256)
     assert flux_profile("vae_encoder", 4, channels=3, native=1024, smallest=16)["sample"].min == (1, 3, 16, 16)
     assert FLUX_PRECISION == {"transformer": "bf16", "text_encoder_2": "bf16"}
+
+
+# FLUX.1's own text length: its T5 tokenizer's model_max_length is 512, the exporter's default.
+# The export once grew past 23 GB for a model of a few MB: its checks ran at batch 3 and twice
+# the native size, 4 heads x (16,384 patches + 512 tokens)^2 in fp32 per row. Now the checks are
+# sized from activation memory (export/verification.py) and the whole export stays under this.
+FLUX_512_RSS_BOUND = 2.5 * 2**30
+
+
+def test_a_flux_folder_with_512_token_prompts_exports_within_a_memory_bound(tmp_path):
+    import json
+    import time
+
+    import psutil
+
+    from tests.fixtures.flux_folder import build_random_flux_folder
+
+    folder = build_random_flux_folder(tmp_path / "flux512", num_layers=1, num_single_layers=2,
+                                      num_attention_heads=4, attention_head_dim=8, axes_dims_rope=(2, 2, 4),
+                                      t5_hidden=40, t5_max_length=512)
+    repo = tmp_path / "repo"
+    # 128-pixel images (64 latents, 1,024 patches) keep it quick for CI; the 512 tokens are FLUX's.
+    # A 1 GiB activation budget for the checks (the default, half the available memory, depends on
+    # the machine): twice the native size at batch 3 would need ~2 GiB, so batch 1 native runs.
+    proc = subprocess.Popen([sys.executable, "-m", "export", "sd", "--folder", str(folder), "--name", "f512",
+                             "--repository", str(repo), "--native-size", "128", "--verify-memory", "1"], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    peak, watched = 0, psutil.Process(proc.pid)
+    while proc.poll() is None:
+        try:
+            peak = max(peak, watched.memory_info().rss)
+        except psutil.NoSuchProcess:
+            break
+        if peak > 2 * FLUX_512_RSS_BOUND:  # never let a regression take the machine down
+            proc.kill()
+        time.sleep(0.2)
+    output = proc.stdout.read()
+    assert proc.returncode == 0, output[-3000:]
+    assert peak <= FLUX_512_RSS_BOUND, f"peak RSS {peak / 2**30:.2f} GiB"
+    assert config(repo, "f512_text_encoder_2").parameters["genserve.max_length"].string_value == "512"
+    report = {c["component"]: c for c in json.loads((repo / "export_report.json").read_text())["f512"]["components"]}
+    transformer = report["f512_transformer"]["verified"]
+    # Dynamic axes at a small non-square grid, then the served size (64 x 64 latents).
+    assert "batch 3 at grid 4x6 (dynamic axes" in transformer and "batch 1 at grid 64x64 (served size" in transformer

@@ -19,7 +19,10 @@ def test_five_graphs_with_their_pipeline_files(random_sd):
     assert set(models) == {f"sd_random_{c}" for c in
                            ("text_encoder", "unet", "unet_shallow", "vae_decoder", "vae_encoder")}
     unet = models["sd_random_unet"]
-    assert [t.name for t in unet.inputs] == ["sample", "timestep", "encoder_hidden_states"]
+    # ControlNet's residuals: conv_in's, each down block's resnets and downsamplers, the mid block's
+    residuals = [f"down_block_res_{i}" for i in range(6)] + ["mid_block_res"]
+    assert [t.name for t in unet.inputs] == ["sample", "timestep", "encoder_hidden_states", *residuals]
+    assert unet.parameters["genserve.controlnet_residuals"] == "16/1,16/1,16/2,32/2,32/4,32/4,32/4"
     assert [t.name for t in unet.outputs] == ["noise_pred", "deep_features"]  # DeepCache's
     assert unet.inputs[0].dims == (4, -1, -1) and unet.input("timestep").reshape == ()
     assert unet.parameters["genserve.size_multiple"] == "8"  # VAE factor 2 x two U-Net halvings
@@ -42,10 +45,20 @@ def test_unet_graph_takes_per_sample_timesteps_and_other_sizes(random_sd):
     sample = rng.standard_normal((3, 4, 16, 8), dtype=np.float32)
     t = np.array([999.0, 500.0, 1.0], np.float32)
     text = rng.standard_normal((3, 12, 48), dtype=np.float32)
-    got = session.run(None, {"sample": sample, "timestep": t, "encoder_hidden_states": text})[0]
+    layout = [(16, 1), (16, 1), (16, 2), (32, 2), (32, 4), (32, 4), (32, 4)]
+    names = [i.name for i in session.get_inputs()][3:]
+    zeros = {n: np.zeros((3, c, 16 // f, 8 // f), np.float32) for n, (c, f) in zip(names, layout)}
+    got = session.run(None, {"sample": sample, "timestep": t, "encoder_hidden_states": text, **zeros})[0]
     with torch.no_grad():
         want = unet(torch.from_numpy(sample), torch.from_numpy(t), torch.from_numpy(text)).sample.numpy()
-    np.testing.assert_allclose(got, want, atol=1e-4)
+    np.testing.assert_allclose(got, want, atol=1e-4)  # zero residuals: the U-Net without control
+    residuals = {n: rng.standard_normal(z.shape, dtype=np.float32) for n, z in zeros.items()}
+    got = session.run(None, {"sample": sample, "timestep": t, "encoder_hidden_states": text, **residuals})[0]
+    given = [torch.from_numpy(residuals[n]) for n in names]
+    with torch.no_grad():
+        want = unet(torch.from_numpy(sample), torch.from_numpy(t), torch.from_numpy(text),
+                    down_block_additional_residuals=tuple(given[:-1]), mid_block_additional_residual=given[-1]).sample
+    np.testing.assert_allclose(got, want.numpy(), atol=1e-4)
 
 
 def test_large_graphs_move_weights_to_external_data(random_sd, tmp_path):

@@ -78,7 +78,7 @@ def session(repo: Path, model: str) -> ort.InferenceSession:
 def test_repository_layout_and_configs(exported):
     folder, repo = exported["base"]
     roles = ["text_encoder", "text_encoder_2", "unet", "unet_shallow", "vae_decoder", "vae_encoder"]
-    assert sorted(p.name for p in repo.iterdir()) == [f"base_{r}" for r in roles]
+    assert sorted(p.name for p in repo.iterdir() if p.is_dir()) == [f"base_{r}" for r in roles]
     for role in roles:
         cfg = config(repo, f"base_{role}")
         assert (repo / f"base_{role}" / "1" / "model.onnx").exists()
@@ -160,7 +160,7 @@ def test_variant_configs_follow_the_folder(exported):
     assert [float(v) for v in vae["genserve.latents_std"].split(",")] == [1.0, 1.5, 2.0, 2.5]
 
     _, repo = exported["refiner"]
-    assert sorted(p.name for p in repo.iterdir()) == \
+    assert sorted(p.name for p in repo.iterdir() if p.is_dir()) == \
         [f"refiner_{r}" for r in ("text_encoder_2", "unet", "unet_shallow", "vae_decoder", "vae_encoder")]
     unet_cfg = config(repo, "refiner_unet")
     unet = params(unet_cfg)

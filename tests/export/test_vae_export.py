@@ -11,6 +11,8 @@ import torch
 
 from export.diffusers_folder import UnsupportedFolder, detect_family
 from export.vae import export_vae
+from export.verification import vae_activation
+from services.engine.memory import ACTIVATION_BYTES_PARAMETER
 from services.runtime.repository import ModelRepository, parse_model_config
 from tests.fixtures.vae_folder import build_random_vae_folder
 
@@ -62,7 +64,13 @@ def test_configs_carry_the_contract(rgb):
     shared = {"genserve.pipeline": "vae", "genserve.pipeline_name": "vae_rgb", "genserve.vae_scale_factor": "2",
               "genserve.size_multiple": "2", "genserve.scaling_factor": "0.5", "genserve.shift_factor": "0.0625",
               "genserve.image_channels": "3", "genserve.latent_channels": "4", "genserve.sample_size": "16",
-              "genserve.sample_height": "16", "genserve.sample_width": "16", "genserve.force_upcast": "False"}
+              "genserve.sample_height": "16", "genserve.sample_width": "16", "genserve.force_upcast": "False",
+              "genserve.precision": "fp32"}
+    # The serving side bounds rows per call by the activation memory of one row at the native size.
+    from diffusers import AutoencoderKL
+
+    config = AutoencoderKL.from_pretrained(rgb[0]).config
+    shared[ACTIVATION_BYTES_PARAMETER] = str(vae_activation(config, (8, 8)).row_bytes((8, 8)))
     assert enc.parameters == {**shared, "genserve.component": "vae_encoder"}
     assert dec.parameters == {**shared, "genserve.component": "vae_decoder"}
     # Triton's warm-up request runs at the native size (a 1x1 latent would not decode to the contract's shapes).

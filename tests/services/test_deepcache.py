@@ -13,6 +13,7 @@ import torch
 from services.engine.cost_model import CostModel
 from services.engine.engine import DiffusionEngine
 from services.errors import InvalidRequest
+from services.pipelines.controlnet import zero_residuals
 from services.pipelines.pipeline_stable_diffusion import (
     DiffusionRequest,
     StableDiffusionPipeline,
@@ -59,6 +60,7 @@ def test_the_shallow_graph_on_the_full_graphs_features_is_the_full_step(which, r
         feeds = {"sample": rng.standard_normal((batch, 4, side, side), dtype=np.float32),
                  "timestep": rng.uniform(0, 999, batch).astype(np.float32),
                  "encoder_hidden_states": rng.standard_normal((batch, *text), dtype=np.float32)}
+        feeds.update(zero_residuals(models[f"{name}_unet"], batch, side, side))  # rows without control
         noise_pred, features = full.run(None, feeds)
         again = shallow.run(None, {**{k: v for k, v in feeds.items() if k in shallow_inputs},
                                    "deep_features": features})[0]

@@ -148,3 +148,35 @@ def test_the_background_loop_serves_concurrent_callers(pipeline):
         return outs, engine.iterations
     outs, iterations = asyncio.run(main())
     assert [o.seeds for o in outs] == [[3], [6], [9]] and iterations < 3 + 6 + 9
+
+
+def test_a_long_request_keeps_moving_among_a_stream_of_short_ones(pipeline):
+    """The fair policy's progress guarantee: with many clients keeping short requests coming,
+    a long request still steps at least once every MAX_STEP_GAP + S iterations (S: the
+    requests already waiting longer than it; here the short ones rarely wait at all). Before,
+    its virtual deadline (arrival + STRETCH x its remaining work) let every short request that
+    arrived in the next ~24 s pass it: at 100 clients, a minute between its steps."""
+    from services.engine.scheduler import MAX_STEP_GAP
+
+    async def main():
+        cost = CostModel(16, native=(16, 16), learn=False)
+        cost.seed((16, 16), {1: 0.01, 2: 0.015, 4: 0.025, 8: 0.05, 16: 0.2}, now=0.0)  # best: 8 rows
+        engine = DiffusionEngine(pipeline, max_batch_rows=16, max_queued_image_steps=100_000, start_loop=False,
+                                 cost=cost)
+        long = engine.submit(req(steps=60, seed=1), timeout_s=600)
+        await engine.step()
+        shorts, turns, seed = [], [], 2
+        for _ in range(150):  # two new short requests every iteration: 4+ rows wanted, 8 run
+            for _ in range(2):
+                shorts.append(engine.submit(req(steps=4, seed=seed), timeout_s=600))
+                seed += 1
+            before = long.trajectory.steps_done
+            await engine.step()
+            if long.trajectory.steps_done > before:
+                turns.append(engine.iterations)
+        gaps = [b - a for a, b in zip(turns, turns[1:])]
+        assert len(turns) >= 150 // (2 * MAX_STEP_GAP), f"the long request stepped {len(turns)} times in 150"
+        assert max(gaps) <= 2 * MAX_STEP_GAP, f"gaps between its steps: {gaps}"
+        # The short ones still flow (overloaded: 16 rows wanted an iteration, 8 run).
+    assert sum(s.status == RequestStatus.FINISHED_DONE for s in shorts) > 40
+    asyncio.run(main())

@@ -43,6 +43,9 @@ class Faulty(InferenceBackend):
     def models(self):
         return self.inner.models()
 
+    async def is_ready(self):  # as Triton's readiness says: every model loaded
+        return not self.down and await self.inner.is_ready()
+
     async def _execute(self, spec, inputs):  # pragma: no cover - infer() is overridden
         raise NotImplementedError
 
@@ -268,24 +271,56 @@ def test_a_deadline_that_passes_during_an_outage_answers_503(faulty):
     asyncio.run(main())
 
 
-def test_after_an_outage_that_emptied_the_queue_the_next_request_probes_and_runs(faulty):
-    """Every paused request left during the outage: no iteration remains to notice the
-    backend's return, so new requests are admitted again (the first one probes) instead of
-    being refused 503 forever."""
+def test_a_lasting_outage_refuses_new_requests_at_once_until_the_backend_is_back(faulty):
+    """Every paused request left during the outage (deadlines): new requests are still
+    refused at once (503 + Retry-After) instead of each waiting its whole deadline, and the
+    loop, asking the backend itself, admits them again once it is back."""
+    from types import SimpleNamespace
+
+    from services.routers.engine_calls import submit
+
+    ctx = SimpleNamespace(backend=SimpleNamespace(name="faulty"), charge_image_steps=lambda cost: None)
+
     async def main():
         engine = make_engine(faulty, start_loop=True)
         faulty.down = True
         lost = engine.submit(req(), timeout_s=0.5)
         paused = engine.submit(req(), timeout_s=0.5)
         await asyncio.sleep(0.2)
-        assert engine.backend_down  # requests paused in flight: new ones are refused at once
+        assert engine.backend_down  # requests paused in flight
         await asyncio.wait_for(asyncio.gather(lost.done.wait(), paused.done.wait()), timeout=5)
-        assert not engine.scheduler.requests and not engine.backend_down
+        assert not engine.scheduler.requests
+        for _ in range(3):  # the queue is empty and the outage lasts: refused at once, every time
+            start = time.monotonic()
+            with pytest.raises(BackendUnavailable) as refused:
+                submit(ctx, engine, req(), timeout_s=30)
+            assert time.monotonic() - start < 0.05 and refused.value.headers["Retry-After"]
+            await asyncio.sleep(0.5)
+        faulty.down = False
+        deadline = time.monotonic() + 5  # the back-off is at most 2 s
+        while engine.backend_down and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        assert not engine.backend_down
+        handle = submit(ctx, engine, req(steps=3), timeout_s=30)
+        await asyncio.wait_for(handle.done.wait(), timeout=10)
+        await engine.close()
+        assert handle.status == RequestStatus.FINISHED_DONE
+    asyncio.run(main())
+
+
+def test_a_request_submitted_during_an_outage_is_the_probe(faulty):
+    """A caller that submits anyway (not through the HTTP layer) is not left waiting for the
+    back-off: its request wakes the loop and runs when the backend answers."""
+    async def main():
+        engine = make_engine(faulty, start_loop=True)
+        faulty.down = True
+        lost = engine.submit(req(), timeout_s=0.3)
+        await asyncio.wait_for(lost.done.wait(), timeout=5)
         faulty.down = False
         handle = engine.submit(req(steps=3), timeout_s=30)
         await asyncio.wait_for(handle.done.wait(), timeout=10)
         await engine.close()
-        assert handle.status == RequestStatus.FINISHED_DONE
+        assert handle.status == RequestStatus.FINISHED_DONE and not engine.backend_down
     asyncio.run(main())
 
 
@@ -420,7 +455,11 @@ def test_gan_retries_once_after_an_outage_then_answers_503():
 def test_triton_errors_are_classified(status, message, unavailable, reconnect):
     error, fresh = classify_error(InferenceServerException(message, status=status), "triton:8001", "m")
     assert isinstance(error, BackendUnavailable if unavailable else InferenceFailed)
-    assert error.status == (503 if unavailable else 500) and message in error.message
+    assert error.status == (503 if unavailable else 500)
+    # Triton's own words and its address go to the log (detail), never to the client.
+    assert message in error.detail and "triton:8001" in str(error)
+    assert message not in error.message and "triton:8001" not in error.message
+    assert "triton:8001" not in str(error.body())
     assert fresh == reconnect
     if unavailable:
         assert error.headers["Retry-After"]
@@ -447,3 +486,60 @@ def test_transport_errors_are_outages_and_the_retry_uses_a_fresh_channel(random_
         await backend.close()
         assert dead.closed
     asyncio.run(main())
+
+
+def _slow_unet(faulty, seconds_per_row: float) -> list[int]:
+    """Each U-Net call costs `seconds_per_row` per row (a real-size model on a CPU, scaled
+    down); returns the list its calls' rows are recorded in."""
+    rows: list[int] = []
+
+    def slow(model, inputs):
+        if model.endswith("_unet"):
+            rows.append(len(inputs["sample"]))
+            time.sleep(seconds_per_row * len(inputs["sample"]))
+
+    faulty.fault = slow
+    return rows
+
+
+def test_warmup_stays_within_its_time_budget_in_the_first_round_too(faulty):
+    """A slow denoiser: no call starts that would end past the budget, priced from the calls
+    before it, so the ladder's larger sizes (2, 4, 8 rows: 4.2 s more) never run. The old
+    warm-up ran every size once before looking at the clock (5.1 s here)."""
+    async def main():
+        engine = make_engine(faulty, max_batch_rows=8)
+        rows = _slow_unet(faulty, 0.3)
+        t0 = time.perf_counter()
+        rate = await engine.warmup(budget_s=1.0)
+        took = time.perf_counter() - t0
+        # Lazy init (prices a row), then one-row calls while they fit: at most the untimed round
+        # and one timed round (fewer on a loaded machine, where each call costs more than 0.3 s).
+        assert set(rows) == {1} and 1 <= len(rows) <= 3
+        assert took < 2.5  # the budget, one row's slack, the text encoder and the machine's noise
+        assert [int(n) for n in engine.cost.describe()["ms_per_call"]] == [1]
+        assert "sd_random_unet_shallow" not in faulty.calls  # its two calls would pass the budget
+        assert 0 < rate <= 1 / (2 * 0.3)  # the request's own 2 rows, priced per row
+    asyncio.run(main())
+
+
+def test_a_first_call_over_the_budget_is_the_only_one(faulty):
+    async def main():
+        engine = make_engine(faulty, max_batch_rows=8)
+        rows = _slow_unet(faulty, 0.6)
+        await engine.warmup(budget_s=0.5)
+        assert rows == [1]
+        assert engine.cost.measured and [int(n) for n in engine.cost.describe()["ms_per_call"]] == [1]
+    asyncio.run(main())
+
+
+def test_rows_per_call_follow_the_recorded_activation_memory(random_sd):
+    from services.engine.memory import ACTIVATION_BYTES_PARAMETER, engine_max_rows
+
+    unet = ModelRepository(random_sd[1]).models["sd_random_unet"]
+    row = int(unet.parameters[ACTIVATION_BYTES_PARAMETER])
+    assert row > 0 and unet.max_batch_size == 16
+    assert engine_max_rows(unet, available=2 * 5 * row) == 5  # half the available memory: 5 rows
+    assert engine_max_rows(unet, available=row) == 1  # always one
+    assert engine_max_rows(unet, available=1000 * row) == 16  # never past the config's max
+    older = type(unet)(**{**unet.__dict__, "parameters": {}})  # exported before rows were recorded
+    assert engine_max_rows(older, available=row) == 16

@@ -13,7 +13,7 @@ from services.gateway import Gateway, Route, client_var, request_id_var
 
 ROUTES = {
     "/livez": Route(frozenset({"GET"}), public=True, limited=False, drains=False),
-    "/readyz": Route(frozenset({"GET"}), public=True, limited=False, drains=False),
+    "/readyz": Route(frozenset({"GET"}), public=True, limited=False, drains=False, shaped=False),
     "/metrics": Route(frozenset({"GET"}), public=True, limited=False, drains=False),
     "/v1/echo": Route(frozenset({"POST"}), frozenset({"application/json"})),
     "/v1/models": Route(frozenset({"GET"})),
@@ -25,6 +25,10 @@ async def inner(scope, receive, send):
     """Echoes what it saw: body length, request id and client as the gateway set them."""
     if scope["path"] == "/v1/boom":
         raise RuntimeError("a bug")
+    if scope["path"] == "/readyz" and (b"x-test-not-ready", b"1") in scope["headers"]:  # as BentoML answers
+        await send({"type": "http.response.start", "status": 503, "headers": [(b"content-type", b"text/plain")]})
+        await send({"type": "http.response.body", "body": b"Service is not ready"})
+        return
     body = b""
     if scope["method"] == "POST":
         while True:
@@ -204,6 +208,13 @@ def test_draining_refuses_new_work_but_not_health_or_metrics():
     assert call(g, "GET", "/livez").status_code == 200 and call(g, "GET", "/metrics").status_code == 200
 
 
+def test_a_readiness_check_that_fails_answers_in_the_error_shape_with_retry_after():
+    r = call(make(), "GET", "/readyz", headers={"X-Test-Not-Ready": "1"})
+    assert_error(r, 503, "not_ready")
+    assert r.headers["retry-after"] == "1" and "Service is not ready" not in r.text
+    assert call(make(), "GET", "/readyz").status_code == 200
+
+
 def test_settings_parse_rates_and_refuse_nonsense(monkeypatch):
     assert Rate.parse("20/s").per_second == 20 and Rate.parse("600/min").per_second == 10
     for bad in ("20", "0/s", "x/s", "5/fortnight"):
@@ -216,3 +227,105 @@ def test_settings_parse_rates_and_refuse_nonsense(monkeypatch):
     monkeypatch.setenv("GENSERVE_RATE_LIMIT", "lots")
     with pytest.raises(ValueError, match="GENSERVE_RATE_LIMIT"):
         Settings.from_env()
+
+
+def test_client_text_cannot_forge_log_lines(caplog):
+    caplog.set_level("INFO")
+    forged = "2026-12-07T06:40:00+0000 [INFO] [cli] admin login ok"
+    assert call(make(), "GET", f"/livez%0a{forged}%1b[2K%00%e2%80%a8").status_code == 404
+    line = next(r.getMessage() for r in caplog.records if "GET /livez" in r.getMessage())
+    assert "\n" not in line and "\x1b" not in line and "\x00" not in line and "\u2028" not in line
+    assert f"/livez\\x0a{forged}\\x1b[2K\\x00\\u2028" in line
+
+
+def test_failed_authentications_are_limited_per_address_and_then_valid_keys_wait_too(keys_file):
+    now = [0.0]
+    g = make(api_keys_file=keys_file, auth_failure_limit=Rate.parse("5/min"))
+    g._auth_failures._clock = lambda: now[0]
+    wrong = [call(g, "GET", "/v1/models", headers={"Authorization": f"Bearer guess-{i}"}) for i in range(8)]
+    assert [r.status_code for r in wrong] == [401] * 5 + [429] * 3
+    error = assert_error(wrong[-1], 429, "rate_limited")
+    assert error["limit"] == "5/min" and 12 <= int(wrong[-1].headers["retry-after"]) <= 13
+    # A right guess would stand out if it passed: it waits like the others.
+    assert call(g, "GET", "/v1/models", headers={"Authorization": "Bearer plain-key-1"}).status_code == 429
+    assert call(g, "GET", "/livez").status_code == 200  # health needs no key and is not limited
+    now[0] += int(wrong[-1].headers["retry-after"])  # as told
+    assert call(g, "GET", "/v1/models", headers={"Authorization": "Bearer plain-key-1"}).status_code == 200
+
+
+def test_two_different_keys_in_one_request_are_refused(keys_file):
+    g = make(api_keys_file=keys_file)
+    twice = [(b"authorization", b"Bearer plain-key-1"), (b"authorization", b"Bearer hashed-key-2")]
+    r = call(g, "GET", "/v1/models", headers=twice)
+    assert assert_error(r, 400, "bad_request")["field"] == "Authorization"
+    both = {"Authorization": "Bearer plain-key-1", "X-API-Key": "hashed-key-2"}
+    assert_error(call(g, "GET", "/v1/models", headers=both), 400, "bad_request")
+    same = {"Authorization": "Bearer plain-key-1", "X-API-Key": "plain-key-1"}
+    assert call(g, "GET", "/v1/models", headers=same).status_code == 200
+
+
+def test_with_cors_on_every_answer_varies_by_origin():
+    on = make(cors_origins=("https://app.example",))
+    for origin in ("https://app.example", "https://evil.example", None):
+        r = call(on, "GET", "/v1/models", headers={"Origin": origin} if origin else {})
+        assert r.headers["vary"] == "Origin", origin
+    preflight = {"Origin": "https://evil.example", "Access-Control-Request-Method": "POST"}
+    assert call(on, "OPTIONS", "/v1/echo", headers=preflight).status_code == 405
+    assert "vary" not in call(make(), "GET", "/v1/models").headers
+
+
+@pytest.mark.parametrize("bad", ["", "# only a comment\n\n", "sha256:not-hex\n"])
+def test_a_rotation_to_an_empty_or_malformed_file_keeps_the_old_keys(keys_file, monkeypatch, caplog, bad):
+    now = [0.0]
+    monkeypatch.setattr("services.auth.time.monotonic", lambda: now[0])
+    g = make(api_keys_file=keys_file)
+    keys_file.write_text(bad)  # caught half-written, or truncated by mistake
+    now[0] += 2
+    assert call(g, "GET", "/v1/models", headers={"Authorization": "Bearer plain-key-1"}).status_code == 200
+    assert "keeping the 2 keys read before" in caplog.text
+    keys_file.write_text("rotated-key\n")  # the finished file takes over
+    now[0] += 2
+    assert call(g, "GET", "/v1/models", headers={"Authorization": "Bearer rotated-key"}).status_code == 200
+    assert call(g, "GET", "/v1/models", headers={"Authorization": "Bearer plain-key-1"}).status_code == 401
+    with pytest.raises(ValueError, match="GENSERVE_API_KEYS_FILE"):  # at start-up, each is an error
+        keys_file.write_text(bad)
+        make(api_keys_file=keys_file)
+
+
+def test_new_work_is_refused_near_the_memory_limit():
+    """GENSERVE_MEMORY_LIMIT_MB: past it a body-bearing request gets 503 with Retry-After
+    before its body is read (the pod is not OOM-killed); health and reads stay up."""
+    from services.memory import MemoryGuard
+
+    gateway = make(memory_limit_mb=100)
+    used = {"rss": 50 << 20}
+    gateway.memory = MemoryGuard(100 << 20, read_rss=lambda: used["rss"])
+    assert call(gateway, "POST", "/v1/echo", json={"a": 1}).status_code == 200
+    # A body that would carry it past the limit, then any body once it is past.
+    error = assert_error(call(gateway, "POST", "/v1/echo", content=b"x" * (60 << 20),
+                              headers={"content-type": "application/json"}), 503, "memory_limit")
+    assert "GENSERVE_MEMORY_LIMIT_MB" in error["message"] and error["limit"] == 100
+    used["rss"] = 101 << 20
+    r = call(gateway, "POST", "/v1/echo", json={"a": 1})
+    assert_error(r, 503, "memory_limit")
+    assert r.headers["retry-after"] == "2"
+    assert call(gateway, "GET", "/livez").status_code == 200
+    assert call(gateway, "GET", "/v1/models").status_code == 200
+    used["rss"] = 60 << 20  # work ended: admitted again
+    assert call(gateway, "POST", "/v1/echo", json={"a": 1}).status_code == 200
+
+
+def test_the_memory_limit_defaults_to_a_share_of_the_container_limit(tmp_path):
+    from services.memory import CONTAINER_SHARE, default_limit_mb
+
+    v2, v1 = tmp_path / "memory.max", tmp_path / "memory.limit_in_bytes"
+    assert default_limit_mb((v2, v1)) == 0  # no cgroup files: off
+    v2.write_text("max\n")
+    assert default_limit_mb((v2, v1)) == 0  # no limit
+    v2.write_text(f"{4 << 30}\n")
+    assert default_limit_mb((v2, v1)) == int((4 << 30) * CONTAINER_SHARE) >> 20
+    v2.unlink()
+    v1.write_text(f"{2 << 30}\n")
+    assert default_limit_mb((v2, v1)) == int((2 << 30) * CONTAINER_SHARE) >> 20
+    v1.write_text("9223372036854771712\n")  # cgroup v1's "unlimited"
+    assert default_limit_mb((v2, v1)) == 0

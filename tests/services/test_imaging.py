@@ -37,3 +37,39 @@ def test_encoded_images_decode_and_say_they_were_generated(fmt):
 def test_unknown_format_is_rejected():
     with pytest.raises(ValueError):
         encode_image(np.zeros((2, 2, 1), np.uint8), "gif", {})
+
+
+def _saved(fmt: str, **options) -> bytes:
+    frames = [Image.fromarray(np.full((16, 16, 3), v, np.uint8)) for v in (10, 200)]
+    buffer = io.BytesIO()
+    frames[0].save(buffer, format=fmt, **options)
+    return buffer.getvalue()
+
+
+REFUSED = {"bmp": _saved("BMP"), "tiff": _saved("TIFF"), "ico": _saved("ICO"), "gif": _saved("GIF"),
+           "apng": _saved("PNG", save_all=True, append_images=[Image.new("RGB", (16, 16))]),
+           "animated webp": _saved("WEBP", save_all=True, append_images=[Image.new("RGB", (16, 16))])}
+
+
+@pytest.mark.parametrize("kind", sorted(REFUSED))
+def test_only_single_png_jpeg_and_webp_images_are_decoded(kind):
+    """Pillow's other decoders stay unreachable; the 422 names the accepted formats."""
+    import base64
+    from types import SimpleNamespace
+
+    from services.diffusion_requests import decode_field
+    from services.errors import InvalidRequest
+    from services.imaging import decode_image
+    from services.routers.image_to_image import decode_upload
+
+    data = REFUSED[kind]
+    with pytest.raises(InvalidRequest) as refused:
+        decode_field(base64.b64encode(data).decode(), 3, "image", 64)
+    assert refused.value.field == "image" and refused.value.allowed == ["png", "jpeg", "webp"]
+    assert "PNG, JPEG or WebP" in refused.value.message or "animated" in refused.value.message
+    sr = SimpleNamespace(scale=2, input_channels=3, input_range=(0.0, 1.0))
+    with pytest.raises(InvalidRequest) as refused:
+        decode_upload(base64.b64encode(data).decode(), "image", sr, 10**6)
+    assert refused.value.allowed == ["png", "jpeg", "webp"]
+    for fmt in ("PNG", "JPEG", "WEBP"):
+        assert decode_image(_saved(fmt), 3, "image", 64).shape == (3, 16, 16)

@@ -55,6 +55,7 @@ def test_short_calls_run_inline_and_long_ones_in_a_thread(repository):
 SAME_OUTPUTS = """
 import asyncio, sys
 import numpy as np
+from services.pipelines.controlnet import zero_residuals
 from services.runtime.onnxruntime_backend import OnnxRuntimeBackend
 from services.runtime.repository import ModelRepository
 
@@ -65,6 +66,7 @@ spec = shared.models()[name]
 rng = np.random.default_rng(0)
 feeds = {t.name: rng.standard_normal((3, *[8 if d == -1 else d for d in t.dims])).astype(t.dtype)
          for t in spec.inputs}
+feeds.update(zero_residuals(spec, 3, 8, 8))  # a U-Net's ControlNet inputs follow the latent's size
 a, b = (asyncio.run(backend.infer(name, feeds)) for backend in (shared, own))
 assert set(a) == set(b) == {t.name for t in spec.outputs}, (set(a), set(b))
 for k in a:

@@ -16,6 +16,7 @@ import pytest
 from services.config import Settings
 from services.errors import BackendUnavailable
 from services.local_server import LocalServer, free_port
+from services.pipelines.controlnet import zero_residuals
 from services.runtime.repository import ModelRepository
 from services.runtime.triton_backend import TritonBackend
 from services.runtime.triton_shm import SHM_DIR
@@ -27,15 +28,22 @@ OUT = ["noise_pred"]
 
 
 def unet_inputs(rows: int, seed: int) -> dict[str, np.ndarray]:
+    """Random U-Net inputs, and zero ControlNet residuals where the U-Net takes them."""
     rng = np.random.default_rng(seed)
     return {"sample": rng.standard_normal((rows, 4, 8, 8), dtype=np.float32),
             "timestep": rng.uniform(0, 999, (rows, 1)).astype(np.float32),
-            "encoder_hidden_states": rng.standard_normal((rows, 16, 64), dtype=np.float32)}
+            "encoder_hidden_states": rng.standard_normal((rows, 16, 64), dtype=np.float32),
+            **zero_residuals(_unet[0], rows, 8, 8)}
+
+
+_unet: list = []  # the U-Net's ModelSpec, set by `specs` (every test that calls unet_inputs takes it)
 
 
 @pytest.fixture(scope="module")
 def specs(repository):
-    return ModelRepository(repository)
+    models = ModelRepository(repository)
+    _unet[:] = [models[UNET]]
+    return models
 
 
 @pytest.fixture(scope="module")

@@ -46,6 +46,38 @@ def _add_site_packages():
 
 _SITE_PACKAGES = _add_site_packages()
 
+
+def _exit_with_parent(poll_s: float = 0.5):
+    """The stub process outlived a tritonserver killed with SIGKILL (it ignores SIGTERM and
+    held its /dev/shm region): once its parent is gone, it removes the shared-memory region
+    named on its command line and exits. Started once per stub process."""
+    import threading
+    import time
+
+    parent = os.getppid()
+    try:
+        with open("/proc/self/cmdline", "rb") as f:
+            args = [a.decode(errors="replace") for a in f.read().split(b"\0") if a]
+    except OSError:
+        args = []
+    regions = [os.path.join("/dev/shm", a.lstrip("/")) for a in args[1:]
+               if a.startswith("/") and os.path.exists(os.path.join("/dev/shm", a.lstrip("/")))]
+
+    def watch():
+        while os.getppid() == parent:
+            time.sleep(poll_s)
+        for region in regions:
+            try:
+                os.unlink(region)
+            except OSError:
+                pass
+        os._exit(0)
+
+    threading.Thread(target=watch, name="genserve-parent-watch", daemon=True).start()
+
+
+_WATCHING = False
+
 import numpy as np  # noqa: E402
 import onnxruntime as ort  # noqa: E402
 import triton_python_backend_utils as pb_utils  # noqa: E402
@@ -60,6 +92,10 @@ class TritonPythonModel:
     """One ONNX Runtime session per Triton model instance (KIND_CPU)."""
 
     def initialize(self, args):
+        global _WATCHING
+        if not _WATCHING:
+            _exit_with_parent()
+            _WATCHING = True
         config = json.loads(args["model_config"])
         self.name = args["model_name"]
         self.batching = int(config.get("max_batch_size", 0)) > 0

@@ -1,0 +1,133 @@
+"""What adapter slots cost the denoiser, in one run (embedded ONNX Runtime, CPU).
+
+    PYTHONPATH=. .venv/bin/python bench/bench_lora_slots.py [--repository model_repository]
+        [--pipeline sd_digits] [--rounds 7] [--calls 30]
+
+Writes `<pipeline>_unet/1/model_lora.onnx` (export.lora.add_adapter_slots) in a temporary
+folder and times, interleaved per round (median of rounds, each the mean of `--calls` calls):
+
+  plain           the U-Net as exported (no slots)
+  no adapter      the slotted graph with S = 0: the no-adapter overhead
+  1 adapter       every row the same adapter
+  8 mixed         16 rows over 8 different adapters (two rows each) in one call
+  per adapter     the same 16 rows as 8 calls of 2 rows (one adapter per batch)
+
+at batch 16 and at the native latent size and twice it. Adapters are random rank-`--rank`
+factors on every attention and feed-forward linear (what trainers target by default), built
+here without torch. Appends the table and the command to bench/results/lora_slots.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from export.lora import add_adapter_slots, graph_targets  # noqa: E402
+from services.adapters import LayerFactors, StoredAdapter, slot_inputs  # noqa: E402
+
+ATTENTION = ("to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2", "proj_in", "proj_out")
+
+
+def random_adapter(name, graph, targets, rank, rng) -> StoredAdapter:
+    layers = {}
+    for module, t in targets.items():
+        if t.kind == "linear" and module.endswith(ATTENTION):
+            layers[(graph, t.node)] = LayerFactors(
+                "linear", rng.standard_normal((rank, t.in_features), dtype=np.float32) * 0.1,
+                rng.standard_normal((t.out_features, rank), dtype=np.float32) * 0.1)
+    return StoredAdapter(name, "", {}, layers)
+
+
+def main(argv=None) -> int:
+    import onnxruntime as ort
+
+    p = argparse.ArgumentParser()
+    p.add_argument("--repository", type=Path, default=Path("model_repository"))
+    p.add_argument("--pipeline", default="sd_digits")
+    p.add_argument("--rounds", type=int, default=7)
+    p.add_argument("--calls", type=int, default=30)
+    p.add_argument("--rank", type=int, default=8)
+    p.add_argument("--batch", type=int, default=16)
+    args = p.parse_args(argv)
+    graph = f"{args.pipeline}_unet"
+    plain_path = args.repository / graph / "1" / "model.onnx"
+    rng = np.random.default_rng(0)
+    with tempfile.TemporaryDirectory() as tmp:
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = 2
+        plain = ort.InferenceSession(str(plain_path), opts, providers=["CPUExecutionProvider"])
+        slotted = ort.InferenceSession(str(add_adapter_slots(plain_path, Path(tmp) / "model_lora.onnx")),
+                                       opts, providers=["CPUExecutionProvider"])
+    shapes = {i.name: i.shape for i in slotted.get_inputs()}
+    base = {i.name: i.shape for i in plain.get_inputs()}
+    targets = graph_targets(plain_path, graph)
+    adapters = [random_adapter(f"a{i}", graph, targets, args.rank, rng) for i in range(8)]
+    slotted_layers = len([n for n in shapes if n.startswith("lora_down:")])
+    adapter_layers = len(adapters[0].layers)
+    b = args.batch
+    rows = []
+    for k in (1, 2):
+        c, h, w = base["sample"][1], 8 * k, 8 * k
+        hidden = base["encoder_hidden_states"][1:]
+        feed = {"sample": rng.standard_normal((b, c, h, w), dtype=np.float32),
+                "timestep": rng.uniform(0, 999, b).astype(np.float32),
+                "encoder_hidden_states": rng.standard_normal((b, *hidden), dtype=np.float32)}
+        none = {**feed, **slot_inputs(graph, shapes, [], np.zeros((b, 0), np.float32))}
+        one = {**feed, **slot_inputs(graph, shapes, adapters[:1], np.ones((b, 1), np.float32))}
+        mixed_scales = np.zeros((b, 8), np.float32)
+        mixed_scales[np.arange(b), np.arange(b) % 8] = 1.0
+        mixed = {**feed, **slot_inputs(graph, shapes, adapters, mixed_scales)}
+        per_adapter = []
+        for a in range(8):
+            idx = np.flatnonzero(np.arange(b) % 8 == a)
+            per_adapter.append({**{k2: v[idx] for k2, v in feed.items()},
+                                **slot_inputs(graph, shapes, [adapters[a]], np.ones((len(idx), 1), np.float32))})
+        cases = {
+            "plain": lambda: plain.run(None, feed),
+            "slots, no adapter": lambda: slotted.run(None, none),
+            "slots, 1 adapter": lambda: slotted.run(None, one),
+            "slots, 8 adapters mixed (1 call)": lambda: slotted.run(None, mixed),
+            "one adapter per call (8 calls)": lambda: [slotted.run(None, f) for f in per_adapter],
+        }
+        for fn in cases.values():
+            fn()
+        times = {name: [] for name in cases}
+        for _ in range(args.rounds):
+            for name, fn in cases.items():
+                start = time.perf_counter()
+                for _ in range(args.calls):
+                    fn()
+                times[name].append((time.perf_counter() - start) / args.calls * 1e3)
+        ref = statistics.median(times["plain"])
+        for name, ts in times.items():
+            med = statistics.median(ts)
+            rows.append(f"| {h}x{w} | {name} | {med:.2f} | {med / b:.3f} | {med / ref:.3f} |")
+    header = [
+        f"## adapter slots, {graph}, batch {b}, rank {args.rank} ({platform.node()}, {time.strftime('%Y-%m-%d %H:%M')})",
+        "",
+        f"`PYTHONPATH=. .venv/bin/python bench/bench_lora_slots.py {' '.join(sys.argv[1:] if argv is None else argv)}`",
+        f"({slotted_layers} slotted layers; each adapter targets {adapter_layers} attention/feed-forward linears; "
+        f"median of {args.rounds} interleaved rounds of {args.calls} calls; ORT 2 threads)",
+        "",
+        "| latent | case | ms / call | ms / row | vs plain |",
+        "|---|---|---|---|---|",
+    ]
+    text = "\n".join([*header, *rows, ""])
+    print(text)
+    out = Path(__file__).parent / "results" / "lora_slots.md"
+    with out.open("a") as f:
+        f.write(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

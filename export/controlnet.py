@@ -1,0 +1,211 @@
+"""ControlNet for Stable Diffusion 1.x/2.x pipelines: the U-Net's residual inputs and the
+ControlNet graphs that feed them.
+
+A ControlNet (Zhang et al., 2023) is a trainable copy of a U-Net's encoder that reads a
+control image (edges, depth, pose, ...) and returns one residual per skip connection of the
+U-Net's down path plus one for its mid block; the U-Net adds them where it reads them. So:
+
+  <name>_unet                  `export sd` gives the U-Net those residuals as inputs,
+                               down_block_res_0 .. down_block_res_{n-1} FP32 [B, C_i, h/f_i, w/f_i]
+                               and mid_block_res FP32 [B, C_mid, h/f_mid, w/f_mid] (zeros: no
+                               control; x + 0 is exact, so a row without control is the plain
+                               U-Net), with genserve.controlnet_residuals = "C_i/f_i,..." so
+                               the pipeline can size the zeros. `--no-controlnet-inputs`
+                               leaves them out (such a pipeline takes no ControlNet).
+  <name>_controlnet_<cn>       `export controlnet --pipeline <name> --name <cn>`:
+                               sample, timestep, encoder_hidden_states, controlnet_cond FP32
+                               [B, C_cond, H, W] in [0, 1] -> the residuals above, unscaled
+                               (conditioning scale 1, no guess mode: the pipeline scales per row).
+
+A ControlNet can be added to a pipeline exported earlier: it is checked against the base
+U-Net's inputs in the repository (channels, text width, residual layout).
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from services.pipelines.controlnet import MID_RESIDUAL, down_residual, parse_layout
+
+RESIDUALS_PARAMETER = "controlnet_residuals"  # genserve.controlnet_residuals on the U-Net, read by the pipeline
+NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9_]{0,63}$")
+
+
+@torch.no_grad()
+def residual_layout(unet) -> list[tuple[str, int, int]]:
+    """(input name, channels, downsampling factor) of each residual a ControlNet gives this
+    UNet2DConditionModel, in its forward's order, found by running it once at the smallest side
+    every level can halve (hooks on conv_in, each down block and the mid block): the layout follows the U-Net's own
+    blocks, whatever their number and layers."""
+    size = 2 ** len(unet.down_blocks)
+    shapes: list[torch.Size] = []
+    mid: list[torch.Size] = []
+    hooks = [unet.conv_in.register_forward_hook(lambda _m, _a, out: shapes.append(out.shape))]
+    for block in unet.down_blocks:
+        hooks.append(block.register_forward_hook(lambda _m, _a, out: shapes.extend(t.shape for t in out[1])))
+    hooks.append(unet.mid_block.register_forward_hook(lambda _m, _a, out: mid.append(out.shape)))
+    try:
+        sample = torch.zeros(1, unet.config.in_channels, size, size)
+        text = torch.zeros(1, 1, unet.config.cross_attention_dim)
+        unet(sample, torch.zeros(1), text, return_dict=False)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    named = [(down_residual(i), s) for i, s in enumerate(shapes)] + [(MID_RESIDUAL, mid[0])]
+    return [(n, int(s[1]), size // int(s[2])) for n, s in named]
+
+
+def format_layout(layout: list[tuple[str, int, int]]) -> str:
+    return ",".join(f"{c}/{f}" for _, c, f in layout)
+
+
+def residual_inputs(layout, rng: np.random.Generator, batch: int, h: int, w: int) -> dict[str, np.ndarray]:
+    """Random residuals for a U-Net export's trace and parity check (zeros would not show that
+    the graph reads them)."""
+    return {n: rng.standard_normal((batch, c, h // f, w // f), dtype=np.float32) for n, c, f in layout}
+
+
+def residual_profiles(layout, max_rows: int, min_latent: int, native_latent: tuple[int, int],
+                      max_latent: tuple[int, int]) -> dict:
+    """TensorRT shape ranges of the residual inputs, following the latent's (export.tensorrt)."""
+    from export.tensorrt import ShapeRange
+
+    (nh, nw), (mh, mw) = native_latent, max_latent
+    return {n: ShapeRange((1, c, max(1, min_latent // f), max(1, min_latent // f)),
+                          (2, c, nh // f, nw // f),
+                          (max_rows, c, mh // f, mw // f)) for n, c, f in layout}
+
+
+class ControlNetGraph(torch.nn.Module):
+    """A diffusers ControlNetModel as an export module: the residuals at conditioning scale 1
+    without guess mode (the pipeline applies both per row), one output per residual."""
+
+    def __init__(self, controlnet):
+        super().__init__()
+        self.controlnet = controlnet
+
+    def forward(self, sample, timestep, encoder_hidden_states, controlnet_cond):
+        down, mid = self.controlnet(sample, timestep, encoder_hidden_states, controlnet_cond,
+                                    conditioning_scale=1.0, guess_mode=False, return_dict=False)
+        return (*down, mid)
+
+
+class ControlNetExportError(ValueError):
+    """The ControlNet does not fit the pipeline it is exported for (a 2 on the command line)."""
+
+
+def _base_unet(repository: Path, pipeline: str):
+    from services.runtime.repository import ModelRepository
+
+    models = ModelRepository(repository).models
+    unet = models.get(f"{pipeline}_unet")
+    if unet is None or unet.parameters.get("genserve.pipeline") != "stable_diffusion":
+        found = sorted(m.parameters["genserve.pipeline_name"] for m in models.values()
+                       if m.parameters.get("genserve.pipeline") == "stable_diffusion"
+                       and m.parameters.get("genserve.component") == "unet")
+        raise ControlNetExportError(f"no Stable Diffusion pipeline {pipeline!r} in {repository} "
+                                    f"(found: {', '.join(found) or 'none'})")
+    if f"genserve.{RESIDUALS_PARAMETER}" not in unet.parameters:
+        raise ControlNetExportError(f"pipeline {pipeline!r}: its U-Net was exported without ControlNet inputs "
+                                    f"(--no-controlnet-inputs, or before they existed); export the pipeline again")
+    return unet
+
+
+def check_fits(controlnet, layout, unet_spec) -> None:
+    """The ControlNet's residuals, latent channels and text width must be the base U-Net's."""
+    base = parse_layout(unet_spec.parameters[f"genserve.{RESIDUALS_PARAMETER}"])
+    if [(c, f) for _, c, f in layout] != [(c, f) for _, c, f in base]:
+        raise ControlNetExportError(
+            f"the ControlNet's residuals ({format_layout(layout)}, channels/downsampling) are not those "
+            f"{unet_spec.name} takes ({format_layout(base)}): it was made for another base model")
+    sample, text = unet_spec.input("sample"), unet_spec.input("encoder_hidden_states")
+    vae_scale, own = int(unet_spec.parameters["genserve.vae_scale_factor"]), conditioning_downsampling(controlnet)
+    if own != vae_scale:
+        raise ControlNetExportError(f"the ControlNet reads its control image at {own} pixels per latent, "
+                                    f"the pipeline's VAE at {vae_scale}")
+    if controlnet.config.in_channels != sample.dims[0]:
+        raise ControlNetExportError(f"the ControlNet takes {controlnet.config.in_channels} latent channels, "
+                                    f"{unet_spec.name} {sample.dims[0]}")
+    if controlnet.config.cross_attention_dim != text.dims[-1]:
+        raise ControlNetExportError(f"the ControlNet reads text of width {controlnet.config.cross_attention_dim}, "
+                                    f"{unet_spec.name}'s text encoder gives {text.dims[-1]}")
+
+
+def export_controlnet(folder: Path, repository: Path, pipeline: str, name: str | None = None, version: int = 1,
+                      max_batch_size: int = 16, target=None, progress: Callable[[str], None] = print):
+    """`folder` (a diffusers ControlNetModel) -> `<pipeline>_controlnet_<name>`, verified against
+    PyTorch; returns its ComponentReport."""
+    from diffusers import ControlNetModel
+
+    from export.stable_diffusion import GraphExporter, load_fp32
+    from export.triton_config import DeploymentTarget, TensorSpec
+    from export.verification import unet_activation
+
+    folder, repository = Path(folder), Path(repository)
+    name = name or folder.name.lower().replace("-", "_")
+    if not NAME_PATTERN.match(name):
+        raise ControlNetExportError(f"--name {name!r}: use lower-case letters, digits and underscores "
+                                    f"(at most 64, starting with a letter or digit)")
+    unet_spec = _base_unet(repository, pipeline)
+    progress(f"[{pipeline}] loading ControlNet {folder}")
+    controlnet = load_fp32(ControlNetModel, folder)
+    layout = residual_layout_of_controlnet(controlnet)
+    check_fits(controlnet, layout, unet_spec)
+    params = unet_spec.parameters
+    latent_c, (length, hidden) = unet_spec.input("sample").dims[0], unet_spec.input("encoder_hidden_states").dims
+    h = int(params.get("genserve.sample_height", params.get("genserve.sample_size")))  # native latent size
+    w = int(params.get("genserve.sample_width", params.get("genserve.sample_size")))
+    scale = int(params["genserve.vae_scale_factor"])
+    cond_c = controlnet.config.conditioning_channels
+    rng = np.random.default_rng(0)
+
+    def make_inputs(b, grid):
+        return {"sample": rng.standard_normal((b, latent_c, *grid), dtype=np.float32),
+                "timestep": rng.uniform(0, 999, b).astype(np.float32),
+                "encoder_hidden_states": rng.standard_normal((b, length, hidden), dtype=np.float32),
+                "controlnet_cond": rng.uniform(0, 1, (b, cond_c, grid[0] * scale, grid[1] * scale))
+                .astype(np.float32)}
+
+    spatial = {0: "batch", 2: "height", 3: "width"}
+    inputs = [TensorSpec("sample", "float32", (latent_c, -1, -1)),
+              TensorSpec("timestep", "float32", (1,), reshape=()),
+              TensorSpec("encoder_hidden_states", "float32", (length, hidden)),
+              TensorSpec("controlnet_cond", "float32", (cond_c, -1, -1))]
+    outputs = [TensorSpec(n, "float32", (c, -1, -1)) for n, c, _ in layout]
+    axes = {"sample": spatial, "timestep": {0: "batch"}, "encoder_hidden_states": {0: "batch"},
+            "controlnet_cond": spatial, **{n: spatial for n, _, _ in layout}}
+    export = GraphExporter(repository, pipeline, "stable_diffusion", version=version, max_batch_size=max_batch_size,
+                           target=target or DeploymentTarget(), progress=progress)
+    export(f"controlnet_{name}", ControlNetGraph(controlnet), make_inputs, inputs, outputs, axes,
+           {"controlnet": name, "conditioning_channels": cond_c, "vae_scale_factor": scale,
+            "global_pool_conditions": int(bool(controlnet.config.global_pool_conditions)),
+            RESIDUALS_PARAMETER: format_layout(layout)},
+           atol=1e-3, delay_us=0,
+           # the U-Net's encoder half: its attention and feature maps bound the checks' memory
+           activation=unet_activation(controlnet.config, (h, w), int(params["genserve.size_multiple"]) // scale,
+                                      length))
+    return export.reports[-1]
+
+
+def conditioning_downsampling(controlnet) -> int:
+    """Control-image pixels per latent side: the conditioning embedding's stride-2 convolutions
+    (one fewer than its channel stages), which must equal the base pipeline's VAE factor."""
+    return 2 ** (len(controlnet.config.conditioning_embedding_out_channels) - 1)
+
+
+@torch.no_grad()
+def residual_layout_of_controlnet(controlnet) -> list[tuple[str, int, int]]:
+    """The ControlNet's residuals as residual_layout gives a U-Net's, from one call."""
+    size = 2 ** (len(controlnet.config.down_block_types) + 1)  # deep enough for every level
+    scale = conditioning_downsampling(controlnet)
+    sample = torch.zeros(1, controlnet.config.in_channels, size, size)
+    cond = torch.zeros(1, controlnet.config.conditioning_channels, size * scale, size * scale)
+    text = torch.zeros(1, 1, controlnet.config.cross_attention_dim)
+    down, mid = controlnet(sample, torch.zeros(1), text, cond, return_dict=False)
+    named = [(down_residual(i), t.shape) for i, t in enumerate(down)] + [(MID_RESIDUAL, mid.shape)]
+    return [(n, int(s[1]), size // int(s[2])) for n, s in named]

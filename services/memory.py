@@ -1,0 +1,124 @@
+"""The worker's memory: what it holds (RSS), giving freed memory back to the system, the
+container's limit, and the guard that refuses new work near GENSERVE_MEMORY_LIMIT_MB.
+
+Why trimming: glibc's malloc keeps freed memory in its heaps for reuse; a large request's
+buffers (an upscale canvas, a tile's activations) would stay in the worker's RSS after
+the request. `trim()` (malloc_trim) hands the free pages back, and `limit_arenas()` keeps
+worker threads in two shared arenas, whose pages trimming does give back.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import logging
+import os
+from pathlib import Path
+
+log = logging.getLogger("genserve")
+
+# cgroup v2 and v1 files holding the container's memory limit.
+CGROUP_LIMIT_FILES = (Path("/sys/fs/cgroup/memory.max"), Path("/sys/fs/cgroup/memory/memory.limit_in_bytes"))
+# The default GENSERVE_MEMORY_LIMIT_MB is this share of the container's limit: the rest is
+# headroom for one request's work admitted just under the limit, before the kernel's OOM killer.
+CONTAINER_SHARE = 0.85
+RETRY_AFTER_S = 2
+# cgroup v1 says "no limit" with a huge number (PAGE_COUNTER_MAX pages).
+_UNLIMITED = 1 << 60
+
+_libc = None
+
+
+def _glibc():
+    global _libc
+    if _libc is None:
+        try:
+            lib = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+            _libc = lib if hasattr(lib, "malloc_trim") else False
+        except OSError:
+            _libc = False
+    return _libc or None
+
+
+M_ARENA_MAX = -8  # mallopt's parameter number (malloc.h)
+MALLOC_ARENAS = 2
+
+
+def limit_arenas(arenas: int = MALLOC_ARENAS) -> None:
+    """At most `arenas` malloc arenas for the threads made from now on (glibc; unless the
+    operator set MALLOC_ARENA_MAX). glibc gives threads arenas of their own, up to 8 per
+    core, and trimming does not hand their freed pages back: measured on a 256 px tile x4,
+    worker threads kept +8, +34, +50, +112 MB after four calls; with two arenas, nothing."""
+    lib = _glibc()
+    if lib is not None and "MALLOC_ARENA_MAX" not in os.environ:
+        lib.mallopt(M_ARENA_MAX, arenas)
+
+
+def trim() -> None:
+    """Returns the allocator's free memory to the system (glibc; elsewhere nothing)."""
+    lib = _glibc()
+    if lib is not None:
+        lib.malloc_trim(0)
+
+
+def rss_bytes() -> int:
+    """This process's resident memory."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def container_limit_bytes(files=CGROUP_LIMIT_FILES) -> int | None:
+    """The container's (cgroup's) memory limit, or None when it has none."""
+    for path in files:
+        try:
+            text = path.read_text().strip()
+        except OSError:
+            continue
+        if text == "max":
+            return None
+        try:
+            value = int(text)
+        except ValueError:
+            continue
+        return None if value >= _UNLIMITED else value
+    return None
+
+
+def default_limit_mb(files=CGROUP_LIMIT_FILES) -> int:
+    """GENSERVE_MEMORY_LIMIT_MB when unset: CONTAINER_SHARE of the container's limit; 0 (off)
+    without one."""
+    limit = container_limit_bytes(files)
+    return int(limit * CONTAINER_SHARE) >> 20 if limit else 0
+
+
+class MemoryGuard:
+    """Admission by memory: new work is refused (503 with Retry-After) while the worker's
+    RSS plus the work's own estimate would pass the limit; what is running goes on. A
+    refusal first trims the allocator and looks again, so freed-but-kept pages do not refuse
+    anyone."""
+
+    def __init__(self, limit_bytes: int, read_rss=rss_bytes):
+        self.limit_bytes = limit_bytes
+        self._read_rss = read_rss
+
+    def admits(self, extra_bytes: int = 0) -> bool:
+        if self.limit_bytes <= 0:
+            return True
+        if self._read_rss() + extra_bytes <= self.limit_bytes:
+            return True
+        trim()
+        return self._read_rss() + extra_bytes <= self.limit_bytes
+
+    def check(self, what: str, extra_bytes: int = 0) -> None:
+        """Raises MemoryLimited (503, Retry-After) when `what` does not fit now."""
+        from services.errors import MemoryLimited
+
+        if not self.admits(extra_bytes):
+            raise MemoryLimited(self.refusal(what, extra_bytes), retry_after_s=RETRY_AFTER_S)
+
+    def refusal(self, what: str, extra_bytes: int) -> str:
+        used = self._read_rss() >> 20
+        return (
+            f"this server is near its memory limit ({used} MB used of GENSERVE_MEMORY_LIMIT_MB="
+            f"{self.limit_bytes >> 20}); {what} needs about {max(1, extra_bytes >> 20)} MB more: retry shortly "
+            "(another replica may answer)")
