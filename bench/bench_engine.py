@@ -176,9 +176,9 @@ PROBE_NEAREST = 5  # a call is priced at the median of this many probes nearest 
 def unet_feeds(pipeline, rows: int) -> dict[str, np.ndarray]:
     m = pipeline.models
     spec = pipeline.backend.models()[m.unet]
-    side = m.native_size // m.vae_scale_factor
+    height, width = m.native_height // m.vae_scale_factor, m.native_width // m.vae_scale_factor
     seq, hidden = spec.input("encoder_hidden_states").dims
-    return {"sample": np.zeros((rows, m.latent_channels, side, side), np.float32),
+    return {"sample": np.zeros((rows, m.latent_channels, height, width), np.float32),
             "timestep": np.ones((rows, 1), np.float32),
             "encoder_hidden_states": np.zeros((rows, seq, hidden), np.float32),
             **zero_residuals(spec, rows, side, side)}

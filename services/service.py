@@ -89,6 +89,7 @@ class GenServe:
         # Imported here: the runtime loads ONNX Runtime, and metrics must be created
         # after BentoML's worker set up multiprocess Prometheus (see services.metrics).
         from services.context import ServiceContext, set_context
+        from services.engine import bench_policies
         from services.engine.engine import DiffusionEngine
         from services.engine.memory import engine_max_rows
         from services.engine.prompt_cache import PromptCache
@@ -128,7 +129,8 @@ class GenServe:
                 pipeline, max_batch_rows=engine_max_rows(backend.models()[pipeline.spec.denoiser]),
                 max_queued_image_steps=settings.max_queued_steps, prompt_cache=cache,
                 observer=metrics.engine_observer(), latency_budget_s=settings.engine_step_budget_ms / 1000,
-                max_queue_seconds=settings.max_queue_seconds, policy=settings.engine_policy)
+                max_queue_seconds=settings.max_queue_seconds, policy=settings.engine_policy,
+                scheduler_class=bench_policies.scheduler_class_from_env())
         self._check_defaults(ctx)
         self.ctx = ctx
         set_context(ctx)

@@ -116,18 +116,20 @@ class DiffusionEngine:
     def __init__(self, pipeline: DiffusionPipeline, max_batch_rows: int, max_queued_image_steps: int,
                  prompt_cache: PromptCache | None = None, observer: EngineObserver | None = None,
                  start_loop: bool = True, latency_budget_s: float = 0.0, max_queue_seconds: float = 0.0,
-                 policy: str = "fair", cost: CostModel | None = None):
+                 policy: str = "fair", cost: CostModel | None = None,
+                 scheduler_class: type[StepScheduler] = StepScheduler):
         """`start_loop=False` leaves the loop to the caller (`await engine.step()`), which
         tests use to reason in iterations rather than in time. `latency_budget_s` bounds one
         denoiser call in the cost model's choice of rows; `max_queue_seconds` bounds the
         queue by its estimated drain time (both 0: off); `policy` is the scheduler's order
         (fair: deadline- and work-aware with aging, shared across tenants; fcfs: arrival);
-        `cost` replaces the measured cost model (tests)."""
+        `cost` replaces the measured cost model (tests); `scheduler_class` another system's
+        batching rule (services.engine.bench_policies: benchmarks only)."""
         self.pipeline = pipeline
         self.model = pipeline.name
         spec = pipeline.spec
         self.cost = cost or CostModel(max_batch_rows, latency_budget_s, native=(spec.native_height, spec.native_width))
-        self.scheduler = StepScheduler(max_batch_rows, max_queued_image_steps, cost=self.cost,
+        self.scheduler = scheduler_class(max_batch_rows, max_queued_image_steps, cost=self.cost,
                                        max_queue_seconds=max_queue_seconds, policy=policy)
         self.cache = prompt_cache if prompt_cache is not None else PromptCache(0)
         self.observer = observer or EngineObserver()

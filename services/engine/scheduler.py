@@ -174,13 +174,13 @@ class StepScheduler:
             if starving:  # the progress guarantee first (MAX_STEP_GAP), in its own bucket
                 ids = {id(r) for r in starving}
                 order = starving + [r for r in order if id(r) not in ids]
-        bucket = order[0].shape
-        waiting = sum(r.trajectory.rows for r in running if r.shape == bucket)
-        target = min(self.max_batch_rows, self.cost.target_rows(bucket, waiting))
+        head = order[0]
+        waiting = sum(r.trajectory.rows for r in running if self.can_share(head, r))
+        target = min(self.max_batch_rows, self.cost.target_rows(head.shape, waiting))
         first_step_rows, first_step_cap = 0, max(1, int(target * FIRST_STEP_SHARE))
         for r in order:
             rows = r.trajectory.rows
-            if r.shape != bucket or (batch.requests and batch.rows + rows > target):
+            if not self.can_share(head, r) or (batch.requests and batch.rows + rows > target):
                 continue
             if self.policy == "fair" and r.trajectory.steps_done == 0:
                 if batch.requests and first_step_rows + rows > first_step_cap:
@@ -194,6 +194,11 @@ class StepScheduler:
             for r in batch.requests:
                 self.served[r.tenant] = self.served.get(r.tenant, 0.0) + r.trajectory.rows
         return batch
+
+    def can_share(self, head: EngineRequest, r: EngineRequest) -> bool:
+        """Whether `r` may join the U-Net call that `head` (the first in the policy's order)
+        fixes: any request of its shape bucket (steps, guidance and schedulers may differ)."""
+        return r.shape == head.shape
 
     def _fair_order(self, running: list[EngineRequest], now: float) -> list[EngineRequest]:
         iteration_s = {}

@@ -178,5 +178,5 @@ def test_a_long_request_keeps_moving_among_a_stream_of_short_ones(pipeline):
         assert len(turns) >= 150 // (2 * MAX_STEP_GAP), f"the long request stepped {len(turns)} times in 150"
         assert max(gaps) <= 2 * MAX_STEP_GAP, f"gaps between its steps: {gaps}"
         # The short ones still flow (overloaded: 16 rows wanted an iteration, 8 run).
-    assert sum(s.status == RequestStatus.FINISHED_DONE for s in shorts) > 40
+        assert sum(s.status == RequestStatus.FINISHED_DONE for s in shorts) > 40
     asyncio.run(main())

@@ -1,0 +1,124 @@
+"""The benchmark's stand-ins for other servers' batching rules: given running requests,
+which of them share a U-Net call. Pure scheduler, no model, no timing."""
+
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from services.engine.bench_policies import (
+    BENCH_POLICY_ENV,
+    MatchingScheduler,
+    RequestBatchScheduler,
+    SerialScheduler,
+    scheduler_class_from_env,
+)
+from services.engine.cost_model import CostModel
+from services.engine.request import EngineRequest, RequestStatus
+from services.engine.scheduler import StepScheduler
+from services.pipelines.diffusion import DiffusionRequest
+
+NATIVE = (32, 32)
+
+
+def make(cls):
+    return cls(32, 10_000, cost=CostModel(32, native=NATIVE, learn=False))  # as many rows as fit
+
+
+def running(name, steps=20, guidance=5.0, scheduler="ddim", size=NATIVE, arrival=0.0, done=1, image=False,
+            strength=0.8):
+    r = EngineRequest(DiffusionRequest(prompt=name, num_inference_steps=steps, guidance_scale=guidance,
+                                       scheduler=scheduler, height=size[0], width=size[1], strength=strength,
+                                       init_image=np.zeros((3, *size), np.float32) if image else None),
+                      deadline=float("inf"), arrival=arrival)
+    r.status = RequestStatus.RUNNING
+    rows = 2 if guidance > 1 else 1
+    r.trajectory = SimpleNamespace(rows=rows, num_steps=steps, steps_done=done)
+    return r
+
+
+def names(batch):
+    return [r.request.prompt for r in batch.requests]
+
+
+def mixed():
+    """Oldest first: two that match 'a' in every way, then one difference each."""
+    return [running("a"), running("a-same", steps=30, arrival=1), running("a-steps", steps=12, arrival=2),
+            running("guidance-7", guidance=7.0, arrival=3), running("euler", scheduler="euler", arrival=4),
+            running("48px", size=(48, 48), arrival=5), running("unguided", guidance=1.0, arrival=6),
+            running("unguided-0", guidance=0.0, arrival=7)]
+
+
+def test_the_engine_shares_a_call_across_steps_guidance_and_schedulers_of_one_size():
+    s = make(StepScheduler)
+    s.requests = mixed()
+    assert set(names(s.schedule(now=10))) == {"a", "a-same", "a-steps", "guidance-7", "euler", "unguided",
+                                              "unguided-0"}
+
+
+def test_matching_shares_a_call_only_when_size_guidance_and_scheduler_match():
+    s = make(MatchingScheduler)
+    s.requests = mixed()
+    assert set(names(s.schedule(now=10))) == {"a", "a-same", "a-steps"}  # step counts may differ
+
+
+def test_matching_treats_every_guidance_that_turns_guidance_off_as_one():
+    s = make(MatchingScheduler)
+    s.requests = [running("unguided", guidance=1.0), running("unguided-0", guidance=0.0, arrival=1),
+                  running("guided", arrival=2)]
+    assert names(s.schedule(now=10)) == ["unguided", "unguided-0"]
+
+
+def test_serial_runs_the_oldest_request_alone_until_it_is_done():
+    s = make(SerialScheduler)
+    s.requests = [running("first", arrival=0), running("second", arrival=1), running("third", arrival=2)]
+    assert names(s.schedule(now=10)) == ["first"]
+    s.requests[0].status = RequestStatus.FINISHED_DONE
+    s.prune()
+    assert names(s.schedule(now=10)) == ["second"]
+
+
+def test_request_batching_needs_every_pipeline_parameter_to_match():
+    s = make(RequestBatchScheduler)
+    s.requests = mixed() + [running("a-twin", arrival=8), running("a-img2img", image=True, arrival=9)]
+    assert names(s.schedule(now=10)) == ["a", "a-twin"]  # steps, and text vs image input, must match too
+
+
+def test_img2img_requests_batch_together_only_at_one_strength():
+    s = make(RequestBatchScheduler)
+    s.requests = [running("i", image=True), running("i-same", image=True, arrival=1),
+                  running("i-weaker", image=True, strength=0.5, arrival=2)]
+    assert names(s.schedule(now=10)) == ["i", "i-same"]
+
+
+def test_a_request_batch_runs_to_its_end_before_anyone_joins():
+    s = make(RequestBatchScheduler)
+    s.requests = [running("a"), running("b", arrival=1), running("other", steps=30, arrival=2)]
+    assert names(s.schedule(now=10)) == ["a", "b"]
+    s.requests.append(running("late-twin", arrival=3))  # would match a and b
+    assert names(s.schedule(now=10)) == ["a", "b"]
+    for r in s.requests[:2]:
+        r.status = RequestStatus.DECODING
+    assert names(s.schedule(now=10)) == ["other"]  # the oldest waiting forms the next batch
+    s.requests[2].status = RequestStatus.DECODING
+    assert names(s.schedule(now=10)) == ["late-twin"]
+
+
+def test_a_cancelled_member_leaves_the_request_batch_and_the_rest_goes_on():
+    s = make(RequestBatchScheduler)
+    s.requests = [running("a"), running("b", arrival=1), running("c", arrival=2)]
+    assert names(s.schedule(now=10)) == ["a", "b", "c"]
+    s.requests[1].finish(RequestStatus.FINISHED_CANCELLED)
+    s.prune()
+    batch = s.schedule(now=10)
+    assert names(batch) == ["a", "c"] and batch.rows == 4
+
+
+def test_the_policy_comes_from_the_bench_variable_and_a_typo_is_refused(monkeypatch):
+    monkeypatch.delenv(BENCH_POLICY_ENV, raising=False)
+    assert scheduler_class_from_env() is StepScheduler
+    monkeypatch.setenv(BENCH_POLICY_ENV, "matching")
+    assert scheduler_class_from_env() is MatchingScheduler
+    monkeypatch.setenv(BENCH_POLICY_ENV, "serail")
+    with pytest.raises(ValueError, match=BENCH_POLICY_ENV):
+        scheduler_class_from_env()
