@@ -428,7 +428,7 @@ class TritonBackend(InferenceBackend):
         return values
 
     async def _take_region(self, nbytes: int) -> Region | None:
-        region = self._pool.take()
+        region = self._pool.take(nbytes)
         if region is not None and region.size >= nbytes:
             return region
         if region is not None:  # too small: replaced by a larger one

@@ -110,12 +110,15 @@ class RegionPool:
     def bytes(self) -> int:
         return sum(r.size for r in self.regions)
 
-    def take(self) -> Region | None:
-        """The largest free region, now the caller's, or None when none is free."""
+    def take(self, nbytes: int = 0) -> Region | None:
+        """The smallest free region that holds `nbytes`, else the largest free one (for the
+        caller to replace), now the caller's; None when none is free. Best fit, so a small
+        call does not take the region a larger call in flight beside it needs."""
         if not self._free:
             return None
-        self._free.sort(key=lambda r: r.size)
-        region = self._free.pop()
+        fitting = [r for r in self._free if r.size >= nbytes]
+        region = min(fitting, key=lambda r: r.size) if fitting else max(self._free, key=lambda r: r.size)
+        self._free.remove(region)
         self._busy.add(region)
         return region
 
