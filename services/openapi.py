@@ -198,7 +198,9 @@ def install(app: FastAPI, image_example=None, vae_example=None, stylegan_example
             if stylegan_example is not None:
                 doc = stylegan_examples(doc, stylegan_example)
             for path, name in (image_models or {}).items():
-                content = doc.get("paths", {}).get(path, {}).get("post", {}).get("requestBody", {}).get("content", {})
+                paths = doc.get("paths", {})
+                operation = paths.get(path) or paths.get(path.removeprefix("/v1"), {})  # served under /v1
+                content = operation.get("post", {}).get("requestBody", {}).get("content", {})
                 if "example" in content.get("application/json", {}):
                     content["application/json"]["example"]["model"] = name
             app.openapi_schema = doc
