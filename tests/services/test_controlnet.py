@@ -19,6 +19,7 @@ from services.pipelines.pipeline_stable_diffusion import (
 )
 from services.runtime.onnxruntime_backend import OnnxRuntimeBackend
 from services.runtime.repository import ModelRepository
+from tests.fixtures.engine import drain
 from tests.fixtures.images import psnr_signed
 
 pytestmark = pytest.mark.slow
@@ -143,14 +144,6 @@ def test_img2img_with_controlnet_matches_diffusers(pipeline, controlled, monkeyp
                 strength=0.6, num_inference_steps=10, guidance_scale=4.0, controlnet_conditioning_scale=0.9,
                 height=SIZE, width=SIZE, output_type="np").images
     assert psnr_signed(got, want.transpose(0, 3, 1, 2) * 2 - 1) >= 35
-
-
-async def drain(engine, handles, limit=500):
-    for _ in range(limit):
-        if all(h.status.finished for h in handles):
-            return
-        await engine.step()
-    raise AssertionError("engine did not finish the requests")
 
 
 def test_a_mixed_batch_gives_each_request_its_image_alone(pipeline):

@@ -17,6 +17,7 @@ from services.pipelines.pipeline_stable_diffusion import (
 )
 from services.runtime.onnxruntime_backend import OnnxRuntimeBackend
 from services.runtime.repository import ModelRepository
+from tests.fixtures.engine import drain
 
 pytestmark = pytest.mark.slow
 
@@ -36,14 +37,6 @@ def req(prompt="a photo of a red cat", steps=6, guidance=4.0, seed=0, height=16,
 def psnr(a, b) -> float:
     mse = float(np.mean(((a - b) / 2.0) ** 2))  # images in [-1, 1]
     return float("inf") if mse == 0 else 10 * np.log10(1.0 / mse)
-
-
-async def drain(engine, handles, limit=500):
-    for _ in range(limit):
-        if all(h.status.finished for h in handles):
-            return
-        await engine.step()
-    raise AssertionError("engine did not finish the requests")
 
 
 def test_an_image_is_the_same_alone_or_among_seven_others(pipeline):
