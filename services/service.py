@@ -98,12 +98,12 @@ class GenServe:
         from services.pipelines.pipeline_image_to_image import image_to_image_pipelines
         from services.pipelines.pipeline_stylegan import stylegan_pipelines
         from services.pipelines.pipeline_vae import vae_pipelines
-        from services.memory import MemoryGuard, limit_arenas
+        from services.memory import MemoryGuard, tune_allocator
         from services.ratelimit import RateLimiter
         from services.runtime import create_backend
 
         log.setLevel(logging.INFO)  # request ids in the log, beside BentoML's access log
-        limit_arenas()  # before the worker threads that run models exist (services.memory)
+        tune_allocator()  # before the worker threads that run models exist (services.memory)
         settings = Settings.from_env()
         metrics = service_metrics()
         install_error_handlers(app, on_error=lambda path, code: metrics.errors.labels(path, code).inc())

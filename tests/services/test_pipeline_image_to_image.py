@@ -76,12 +76,12 @@ HELD_AFTER_CALLS = """
 import asyncio, sys
 from pathlib import Path
 import numpy as np
-from services.memory import limit_arenas, rss_bytes, trim
+from services.memory import rss_bytes, trim, tune_allocator
 from services.pipelines.pipeline_image_to_image import ImageToImagePipeline
 from services.runtime.onnxruntime_backend import OnnxRuntimeBackend
 from services.runtime.repository import ModelRepository
 
-limit_arenas()  # as the service does
+tune_allocator()  # as the service does
 p = ImageToImagePipeline(OnnxRuntimeBackend(ModelRepository(Path(sys.argv[1]))), "esrgan")
 asyncio.run(p.calibrate())
 trim()
