@@ -120,7 +120,8 @@ def describe(ctx: ServiceContext) -> list[ModelDescription]:
         if engine.pipeline.num_classes:
             params["class_label"] = {"min": 0, "max": engine.pipeline.num_classes - 1}
         models.append(ModelDescription(
-            name=name, version=unet.version, pipeline=spec.family, endpoint="/v1/ddpm/generate, /v1/ddpm/generate/stream",
+            name=name, version=unet.version, pipeline=spec.family,
+            endpoint="/v1/ddpm/generate, /v1/ddpm/generate/stream",
             backend=ctx.backend.name, max_batch_size=unet.max_batch_size,
             inputs=tensors(unet.inputs), outputs=tensors(unet.outputs), parameters=params,
             cost_model=engine.cost.describe(),

@@ -169,7 +169,7 @@ def describe(ctx: ServiceContext) -> list[ModelDescription]:
             name=name, version=denoiser.version, pipeline=spec.family,
             endpoint="/v1/txt2img, /v1/txt2img/stream"
             + (", /v1/img2img, /v1/inpaint" if spec.vae_encoder else "")
-            + (vae_endpoints(spec) if name in ctx.vae else ""),
+            + (_vae_endpoints(spec) if name in ctx.vae else ""),
             backend=ctx.backend.name, max_batch_size=denoiser.max_batch_size,
             inputs=tensors(denoiser.inputs), outputs=tensors(denoiser.outputs), parameters=params,
             cost_model=engine.cost.describe(),
@@ -177,6 +177,6 @@ def describe(ctx: ServiceContext) -> list[ModelDescription]:
     return models
 
 
-def vae_endpoints(spec) -> str:
+def _vae_endpoints(spec) -> str:
     """The /v1/vae/* endpoints serving a latent family's pipeline under its name (services.routers.vae)."""
     return ", /v1/vae/decode" + (", /v1/vae/encode, /v1/vae/interpolate" if spec.vae_encoder else "")

@@ -11,9 +11,10 @@ __all__ = ["InferenceBackend", "ModelRepository", "ModelSpec", "RepositoryError"
 
 def create_backend(settings: Settings) -> InferenceBackend:
     if settings.backend == "onnxruntime":
+        from services.runtime.onnxruntime_backend import OnnxRuntimeBackend
+
         from services.families import names
         from services.runtime.batching import AdaptiveBatcher
-        from services.runtime.onnxruntime_backend import OnnxRuntimeBackend
 
         backend = OnnxRuntimeBackend(
             ModelRepository(settings.model_repository),
