@@ -160,9 +160,10 @@ class GenServe:
         text = self.ctx.engines_of(*diffusion.TEXT_FAMILIES)
         specs = [e.pipeline.spec for e in text.values()]  # the request bodies with sizes are theirs
         default = text.get(self.ctx.settings.default_diffusion_model)
+        gan_families = families.names(gan=True)  # the class labels GET /v1/models states for the GANs
+        gans = [m for describe in self.ctx.describers for m in describe(self.ctx) if m.pipeline in gan_families]
         install(app, sides=[lim for s in specs for lim in s.side_limits().values()],
-                num_classes=[p.info.num_classes for p in self.ctx.gan.values() if p.info.num_classes]
-                + [g.info.c_dim for g in self.ctx.stylegan.values() if g.info.c_dim],
+                num_classes=[m.parameters["class_label"]["max"] + 1 for m in gans if "class_label" in m.parameters],
                 prompt_tokens=[t for e in text.values() if (t := getattr(e.pipeline.conditioner, "max_tokens", None))],
                 image_example=default and default.pipeline.spec,
                 vae_example=(vae := self.ctx.vae.get(self.ctx.settings.default_vae_model)) and vae.info,
