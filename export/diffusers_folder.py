@@ -8,23 +8,12 @@ import json
 from pathlib import Path
 
 from export.triton_config import DeploymentTarget
+from services.families import BY_NAME, FAMILIES, load
 
-# model_index.json `_class_name` -> family
-PIPELINE_FAMILIES = {
-    "StableDiffusionPipeline": "stable_diffusion",
-    "StableDiffusionImg2ImgPipeline": "stable_diffusion",
-    "StableDiffusionInpaintPipeline": "stable_diffusion",
-    "StableDiffusionXLPipeline": "stable_diffusion_xl",
-    "StableDiffusionXLImg2ImgPipeline": "stable_diffusion_xl",
-    "StableDiffusionXLInpaintPipeline": "stable_diffusion_xl",
-    "FluxPipeline": "flux",
-    "FluxImg2ImgPipeline": "flux",
-    "FluxInpaintPipeline": "flux",
-    "DDPMPipeline": "ddpm",
-    "DDIMPipeline": "ddpm",
-}
-# a folder holding one model (config.json `_class_name`) -> family
-MODEL_FAMILIES = {"UNet2DModel": "ddpm", "AutoencoderKL": "vae"}
+# model_index.json `_class_name` -> family, and a folder holding one model (config.json
+# `_class_name`) -> family: each family's descriptor says which it exports (services.families)
+PIPELINE_FAMILIES = {name: family.name for family in FAMILIES for name in family.diffusers_pipelines}
+MODEL_FAMILIES = {name: family.name for family in FAMILIES for name in family.diffusers_models}
 
 
 class UnsupportedFolder(ValueError):
@@ -52,7 +41,7 @@ def detect_family(folder: Path) -> str:
             return PIPELINE_FAMILIES[name]
         raise UnsupportedFolder(
             f"{folder}: model_index.json names {name!r}, which is not served here; supported pipelines: "
-            f"{', '.join(sorted(PIPELINE_FAMILIES))} (and single UNet2DModel / AutoencoderKL folders)")
+            f"{', '.join(sorted(PIPELINE_FAMILIES))} (and single {' / '.join(MODEL_FAMILIES)} folders)")
     for config in (folder / "config.json", folder / "unet" / "config.json", folder / "vae" / "config.json"):
         if config.exists():
             name = json.loads(config.read_text()).get("_class_name")
@@ -85,41 +74,22 @@ def export_folder(folder: Path, repository: Path, name: str, version: int = 1, m
         detected = "vae"  # a pipeline folder: its VAE alone, served as a standalone VAE
     if family is not None and detected != family:
         raise UnsupportedFolder(f"{folder} holds a {detected} model, not a {family} one")
-    if detected != "flux":
-        for option, value in (("max_sequence_length", max_sequence_length), ("native_size", native_size)):
-            if value is not None:
-                raise UnsupportedFolder(f"--{option.replace('_', '-')} applies to FLUX folders; {folder} is {detected}")
+    for option, value in (("max_sequence_length", max_sequence_length), ("native_size", native_size)):
+        if value is not None and option not in BY_NAME[detected].export_options:
+            takers = "/".join(f.name.upper() for f in FAMILIES if option in f.export_options)
+            raise UnsupportedFolder(f"--{option.replace('_', '-')} applies to {takers} folders; {folder} is {detected}")
     from export.verification import GraphOptions
 
+    options = dict(tensorrt=tensorrt, deepcache=deepcache, max_sequence_length=max_sequence_length,
+                   native_size=native_size, controlnet_inputs=controlnet_inputs)
     kwargs = dict(version=version, max_batch_size=max_batch_size, target=target, progress=progress,
-                  graphs=graphs or GraphOptions())
+                  graphs=graphs or GraphOptions(),  # and the options this family's exporter takes
+                  **{k: v for k, v in options.items() if k in BY_NAME[detected].export_options})
     with measured() as cost, staged_repository(repository, name) as staging:
-        reports = _export_family(detected, folder, staging, name, kwargs, tensorrt=tensorrt, deepcache=deepcache,
-                                 max_sequence_length=max_sequence_length, native_size=native_size,
-                                 controlnet_inputs=controlnet_inputs)
+        reports = load(BY_NAME[detected].export)(folder, staging, name, **kwargs)
     for report in reports:  # the graphs now live in the repository
         report.onnx_path = Path(repository) / report.onnx_path.relative_to(staging)
     write_export_report(repository, name, detected, reports, cost.wall_s, cost.peak_rss_bytes)
     progress(format_report(reports))
     return detected, reports
 
-
-def _export_family(detected: str, folder: Path, repository: Path, name: str, kwargs: dict, *, tensorrt: bool,
-                   deepcache: bool, max_sequence_length: int | None, native_size: int | None,
-                   controlnet_inputs: bool):
-    if detected == "flux":
-        from export.flux import export_flux
-        return export_flux(folder, repository, name, tensorrt=tensorrt, max_sequence_length=max_sequence_length,
-                           native_size=native_size, **kwargs)
-    if detected == "stable_diffusion":
-        from export.stable_diffusion import export_stable_diffusion
-        return export_stable_diffusion(folder, repository, name, tensorrt=tensorrt, deepcache=deepcache,
-                                       controlnet_inputs=controlnet_inputs, **kwargs)
-    if detected == "stable_diffusion_xl":
-        from export.stable_diffusion_xl import export_stable_diffusion_xl
-        return export_stable_diffusion_xl(folder, repository, name, tensorrt=tensorrt, deepcache=deepcache, **kwargs)
-    if detected == "ddpm":
-        from export.ddpm import export_ddpm
-        return export_ddpm(folder, repository, name, **kwargs)
-    from export.vae import export_vae
-    return export_vae(folder, repository, name, **kwargs)

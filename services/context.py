@@ -1,16 +1,18 @@
 """What every router shares: settings, backend, metrics, the served pipelines, and the
 few steps every endpoint ends with (encode images with provenance, record metrics,
-charge the image-step rate limit). Built once by the service, reached by routers through
-the `context` dependency."""
+charge the image-step rate limit). Built once by the service (services.service, the
+composition root), which keeps it in its FastAPI app's state; routers reach it through the
+`context` dependency."""
 
 from __future__ import annotations
 
 import base64
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
+from fastapi import Request
 
 from services.config import Settings
 from services.errors import BackendUnavailable, InvalidRequest, RateLimited
@@ -18,19 +20,34 @@ from services.gateway import client_var
 from services.imaging import FORMATS, encode_image, to_uint8
 from services.schemas import GeneratedImage, ModelDescription
 
+if TYPE_CHECKING:  # annotations only: these import the runtime, the engine and their dependencies
+    from services.engine.engine import DiffusionEngine
+    from services.families import Family
+    from services.memory import MemoryGuard
+    from services.metrics import ServiceMetrics
+    from services.pipelines.pipeline_gan import GANPipeline
+    from services.pipelines.pipeline_image_to_image import ImageToImagePipeline
+    from services.pipelines.pipeline_stylegan import StyleGANPipeline
+    from services.pipelines.pipeline_vae import VAEPipeline
+    from services.ratelimit import RateLimiter
+    from services.runtime.base import InferenceBackend
+
 
 @dataclass
 class ServiceContext:
     settings: Settings
-    backend: object  # services.runtime.InferenceBackend
-    metrics: object  # services.metrics.ServiceMetrics
-    gan: dict = field(default_factory=dict)  # name -> GANPipeline
-    engines: dict = field(default_factory=dict)  # name -> DiffusionEngine (every diffusion family)
-    vae: dict = field(default_factory=dict)  # name -> VAEPipeline (standalone and every SD pipeline's)
-    stylegan: dict = field(default_factory=dict)  # name -> StyleGANPipeline (served on /v1/gan/*)
-    image_step_limiter: object = None  # services.ratelimit.RateLimiter or None
-    memory: object = None  # services.memory.MemoryGuard or None (GENSERVE_MEMORY_LIMIT_MB)
-    describers: list[Callable[["ServiceContext"], list[ModelDescription]]] = field(default_factory=list)
+    backend: InferenceBackend
+    metrics: ServiceMetrics
+    # One step engine per pipeline of every step-engine family; the other families' pipelines
+    # by model name, one field per family, named after it (services.families).
+    engines: dict[str, DiffusionEngine] = field(default_factory=dict)
+    gan: dict[str, GANPipeline] = field(default_factory=dict)
+    stylegan: dict[str, StyleGANPipeline] = field(default_factory=dict)  # served on /v1/gan/* too
+    vae: dict[str, VAEPipeline] = field(default_factory=dict)  # standalone and every latent pipeline's
+    image_to_image: dict[str, ImageToImagePipeline] = field(default_factory=dict)  # SR and translators
+    image_step_limiter: RateLimiter | None = None
+    memory: MemoryGuard | None = None  # GENSERVE_MEMORY_LIMIT_MB
+    describers: list[Callable[[ServiceContext], list[ModelDescription]]] = field(default_factory=list)
 
     def model_name(self, asked: str | None, family: str, served) -> str:
         """The model a request names, else its family's default (`gan`, `diffusion`, `ddpm`,
@@ -42,8 +59,12 @@ class ServiceContext:
                                  field="model", allowed=sorted(served))
         return name
 
-    def engines_of(self, *families: str) -> dict:
+    def engines_of(self, *families: str) -> dict[str, DiffusionEngine]:
         return {name: e for name, e in self.engines.items() if e.pipeline.spec.family in families}
+
+    def served(self, family: Family) -> dict:
+        """The family's models served here, by name: its engines, or its field's pipelines."""
+        return self.engines_of(family.name) if family.step_engine else getattr(self, family.name)
 
     def encode_images(self, images: np.ndarray, value_range, fmt: str, metas: list[dict]) -> list[GeneratedImage]:
         """[N, C, H, W] in `value_range` -> images in `fmt`, each saying in its metadata that
@@ -90,18 +111,12 @@ class ServiceContext:
         return timeout_s
 
 
-_context: ServiceContext | None = None
-
-
-def set_context(ctx: ServiceContext | None) -> None:
-    global _context
-    _context = ctx
-
-
-async def context() -> ServiceContext:
-    """FastAPI dependency: the running service's context. A coroutine: FastAPI runs a plain
-    function dependency in its thread pool, two thread wake-ups on every request for a
-    global's value (0.3-3 ms of a txt2img request on the loaded 2-core machine)."""
-    if _context is None:
+async def context(request: Request) -> ServiceContext:
+    """FastAPI dependency: the running service's context, which the service keeps in its app's
+    state. A coroutine: FastAPI runs a plain function dependency in its thread pool, two
+    thread wake-ups on every request for one attribute (0.3-3 ms of a txt2img request on the
+    loaded 2-core machine)."""
+    ctx = getattr(request.app.state, "context", None)
+    if ctx is None:
         raise BackendUnavailable("the service is starting; retry", retry_after_s=1)
-    return _context
+    return ctx

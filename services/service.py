@@ -6,26 +6,27 @@ FastAPI app mounted into the service, one router per family (services.routers), 
 endpoint shares one error shape, request ids, and typed bodies on the OpenAPI page.
 """
 
+import importlib
 import logging
 import os
 
 import bentoml
 from fastapi import FastAPI
 
-from services import connections, metrics_dir, playground
+from services import connections, families, metrics_dir, playground
 from services.config import Settings
 from services.gateway import Gateway, Route
 from services.http import install_error_handlers
 from services.startup import failure_stops_the_server, supervise
-from services.routers import ddpm, diffusion, gan, image_to_image, models, openai_images, stylegan, vae
+from services.routers import diffusion, image_to_image, models, openai_images
 
 log = logging.getLogger("genserve")
 
 # In a worker: this server's own metrics directory, set before BentoML's app creates any metric.
 metrics_dir.use_private_multiprocess_dir()
 
-# Each family router: its endpoints, and its entries for GET /v1/models.
-FAMILY_ROUTERS = (gan, stylegan, diffusion, ddpm, vae, image_to_image)
+# Each family router (services.families): its endpoints, and its entries for GET /v1/models.
+FAMILY_ROUTERS = tuple(importlib.import_module(module) for module in families.routers())
 
 app = FastAPI(
     title="genserve",
@@ -88,16 +89,13 @@ class GenServe:
     def _start(self) -> None:
         # Imported here: the runtime loads ONNX Runtime, and metrics must be created
         # after BentoML's worker set up multiprocess Prometheus (see services.metrics).
-        from services.context import ServiceContext, set_context
+        from services.context import ServiceContext
         from services.engine import bench_policies
         from services.engine.engine import DiffusionEngine
         from services.engine.memory import engine_max_rows
         from services.engine.prompt_cache import PromptCache
         from services.metrics import service_metrics
-        from services.pipelines import diffusion_pipelines, gan_pipelines
-        from services.pipelines.pipeline_image_to_image import image_to_image_pipelines
-        from services.pipelines.pipeline_stylegan import stylegan_pipelines
-        from services.pipelines.pipeline_vae import vae_pipelines
+        from services.pipelines import diffusion_pipelines
         from services.memory import MemoryGuard, tune_allocator
         from services.ratelimit import RateLimiter
         from services.runtime import create_backend
@@ -114,17 +112,14 @@ class GenServe:
                              describers=[module.describe for module in FAMILY_ROUTERS],
                              memory=MemoryGuard(settings.memory_limit_mb << 20))
 
-        # 1. Single-pass pipelines.
-        ctx.gan = gan_pipelines(backend)
-        ctx.vae = vae_pipelines(backend)
-        ctx.stylegan = stylegan_pipelines(backend)
-        # name -> ImageToImagePipeline (SR, translators); in process, one model call at a time.
-        ctx.image_to_image = image_to_image_pipelines(backend, settings.image_call_mb << 20,
-                                                      one_call_at_a_time=settings.backend == "onnxruntime")
+        # 1. The pipelines of the families not run step by step, each family's in its field.
+        for family in families.FAMILIES:
+            if not family.step_engine:
+                setattr(ctx, family.name, family.build_pipelines(backend, settings))
         # 2. One step-level engine per diffusion pipeline, whatever its family; its batch
         #    limit is its denoiser's.
         cache = PromptCache(settings.prompt_cache_size, on_lookup=metrics.observe_prompt_cache)
-        for name, pipeline in diffusion_pipelines(backend).items():
+        for name, pipeline in diffusion_pipelines(backend, settings).items():
             ctx.engines[name] = DiffusionEngine(
                 pipeline, max_batch_rows=engine_max_rows(backend.models()[pipeline.spec.denoiser]),
                 max_queued_image_steps=settings.max_queued_steps, prompt_cache=cache,
@@ -133,7 +128,7 @@ class GenServe:
                 scheduler_class=bench_policies.scheduler_class_from_env())
         self._check_defaults(ctx)
         self.ctx = ctx
-        set_context(ctx)
+        app.state.context = ctx  # what the routers' `context` dependency answers with
         self._document_api()
         log.info("genserve ready: backend=%s models=%s", backend.name, sorted(backend.models()))
 
@@ -145,12 +140,10 @@ class GenServe:
         import dataclasses
 
         s = ctx.settings
-        for variable, field, served in (
-                ("GENSERVE_DEFAULT_GAN_MODEL", "default_gan_model", {**ctx.gan, **ctx.stylegan}),
-                ("GENSERVE_DEFAULT_DIFFUSION_MODEL", "default_diffusion_model",
-                 ctx.engines_of(*diffusion.TEXT_FAMILIES)),
-                ("GENSERVE_DEFAULT_DDPM_MODEL", "default_ddpm_model", ctx.engines_of("ddpm")),
-                ("GENSERVE_DEFAULT_VAE_MODEL", "default_vae_model", ctx.vae)):
+        for group in families.default_models():
+            variable, field = f"GENSERVE_DEFAULT_{group.upper()}_MODEL", f"default_{group}_model"
+            served = {name: model for family in families.FAMILIES if family.default_model == group
+                      for name, model in ctx.served(family).items()}
             default = getattr(s, field)
             if not served or default in served:
                 continue
@@ -167,9 +160,10 @@ class GenServe:
         text = self.ctx.engines_of(*diffusion.TEXT_FAMILIES)
         specs = [e.pipeline.spec for e in text.values()]  # the request bodies with sizes are theirs
         default = text.get(self.ctx.settings.default_diffusion_model)
+        gan_families = families.names(gan=True)  # the class labels GET /v1/models states for the GANs
+        gans = [m for describe in self.ctx.describers for m in describe(self.ctx) if m.pipeline in gan_families]
         install(app, sides=[lim for s in specs for lim in s.side_limits().values()],
-                num_classes=[p.info.num_classes for p in self.ctx.gan.values() if p.info.num_classes]
-                + [g.info.c_dim for g in self.ctx.stylegan.values() if g.info.c_dim],
+                num_classes=[m.parameters["class_label"]["max"] + 1 for m in gans if "class_label" in m.parameters],
                 prompt_tokens=[t for e in text.values() if (t := getattr(e.pipeline.conditioner, "max_tokens", None))],
                 image_example=default and default.pipeline.spec,
                 vae_example=(vae := self.ctx.vae.get(self.ctx.settings.default_vae_model)) and vae.info,

@@ -16,10 +16,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from services.families import names
 from services.pipelines.diffusion import gaussian_posterior
 from services.runtime import InferenceBackend, ModelSpec
 
-LATENT_FAMILIES = ("vae", "stable_diffusion", "stable_diffusion_xl")
+LATENT_FAMILIES = names(latent_vae=True)
 
 
 @dataclass(frozen=True)

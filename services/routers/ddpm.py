@@ -9,6 +9,7 @@ import numpy as np
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import StreamingResponse
 
+from services import families
 from services.context import ServiceContext, context
 from services.errors import ModelNotFound
 from services.gateway import request_id_var
@@ -31,6 +32,7 @@ from services.schemas import (
 )
 
 router = APIRouter()
+PIXEL_FAMILIES = families.names(router=__name__)  # pixel-space diffusion, on the step engine
 
 
 @router.post("/ddpm/generate", response_model=DiffusionResponse, responses=error_responses())
@@ -56,7 +58,7 @@ async def ddpm_generate_stream(body: DDPMGenerateStreamRequest,
 
 
 def _submit(ctx: ServiceContext, body):
-    engines = ctx.engines_of("ddpm")
+    engines = ctx.engines_of(*PIXEL_FAMILIES)
     name = ctx.model_name(body.model, "ddpm", engines)
     if name not in engines:
         raise ModelNotFound(f"model {name!r} is not a pixel-space diffusion model served here", field="model",
@@ -103,7 +105,7 @@ async def _respond(ctx: ServiceContext, name: str, body, params: dict, handle, s
 
 def describe(ctx: ServiceContext) -> list[ModelDescription]:
     models = []
-    for name, engine in ctx.engines_of("ddpm").items():
+    for name, engine in ctx.engines_of(*PIXEL_FAMILIES).items():
         spec = engine.pipeline.spec
         unet = ctx.backend.models()[spec.denoiser]
         params = {
@@ -118,7 +120,8 @@ def describe(ctx: ServiceContext) -> list[ModelDescription]:
         if engine.pipeline.num_classes:
             params["class_label"] = {"min": 0, "max": engine.pipeline.num_classes - 1}
         models.append(ModelDescription(
-            name=name, version=unet.version, pipeline="ddpm", endpoint="/v1/ddpm/generate, /v1/ddpm/generate/stream",
+            name=name, version=unet.version, pipeline=spec.family,
+            endpoint="/v1/ddpm/generate, /v1/ddpm/generate/stream",
             backend=ctx.backend.name, max_batch_size=unet.max_batch_size,
             inputs=tensors(unet.inputs), outputs=tensors(unet.outputs), parameters=params,
             cost_model=engine.cost.describe(),

@@ -9,6 +9,7 @@ import time
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import StreamingResponse
 
+from services import families
 from services.context import ServiceContext, context
 from services.diffusion_requests import build_request
 from services.errors import ModelNotFound
@@ -36,7 +37,7 @@ from services.schemas import (
 )
 
 router = APIRouter()
-TEXT_FAMILIES = ("stable_diffusion", "stable_diffusion_xl", "flux")
+TEXT_FAMILIES = families.names(text_conditioned=True)
 
 
 @router.post("/txt2img", response_model=DiffusionResponse, responses=error_responses())
@@ -168,9 +169,14 @@ def describe(ctx: ServiceContext) -> list[ModelDescription]:
             name=name, version=denoiser.version, pipeline=spec.family,
             endpoint="/v1/txt2img, /v1/txt2img/stream"
             + (", /v1/img2img, /v1/inpaint" if spec.vae_encoder else "")
-            + ", /v1/vae/decode" + (", /v1/vae/encode, /v1/vae/interpolate" if spec.vae_encoder else ""),
+            + (_vae_endpoints(spec) if name in ctx.vae else ""),
             backend=ctx.backend.name, max_batch_size=denoiser.max_batch_size,
             inputs=tensors(denoiser.inputs), outputs=tensors(denoiser.outputs), parameters=params,
             cost_model=engine.cost.describe(),
         ))
     return models
+
+
+def _vae_endpoints(spec) -> str:
+    """The /v1/vae/* endpoints serving a latent family's pipeline under its name (services.routers.vae)."""
+    return ", /v1/vae/decode" + (", /v1/vae/encode, /v1/vae/interpolate" if spec.vae_encoder else "")

@@ -1,11 +1,15 @@
-"""GAN sampling: `POST /v1/gan/generate`."""
+"""GAN sampling: `POST /v1/gan/generate`, for every GAN family (services.families): this
+router samples the `gan` family's generators and hands the others' models to their own
+router's `generate(ctx, name, body)`."""
 
 from __future__ import annotations
 
+import importlib
 import time
 
 from fastapi import APIRouter, Depends
 
+from services import families
 from services.context import ServiceContext, context
 from services.errors import ModelNotFound
 from services.gateway import request_id_var
@@ -31,14 +35,12 @@ async def gan_generate(body: GANGenerateRequest, ctx: ServiceContext = Depends(c
     """Samples a GAN generator: seeded, optionally truncated and class-conditioned."""
     start = time.perf_counter()
     # 1. Check inputs against the chosen model.
-    name = ctx.model_name(body.model, "gan", [*ctx.gan, *ctx.stylegan])
-    if name in ctx.stylegan:
-        from services.routers import stylegan
-
-        return await stylegan.generate(ctx, name, body)
-    if name not in ctx.gan:
-        raise ModelNotFound(f"model {name!r} is not a GAN served here", field="model",
-                            allowed=sorted([*ctx.gan, *ctx.stylegan]))
+    served = {name: family for family in families.FAMILIES if family.gan for name in ctx.served(family)}
+    name = ctx.model_name(body.model, "gan", served)
+    if name not in served:
+        raise ModelNotFound(f"model {name!r} is not a GAN served here", field="model", allowed=sorted(served))
+    if served[name].router != __name__:
+        return await importlib.import_module(served[name].router).generate(ctx, name, body)
     pipeline = ctx.gan[name]
     check_class_label(name, body.class_label, pipeline.info.num_classes)
     seed = resolve_seed(body.seed, body.num_images)

@@ -127,13 +127,13 @@ async def _serve(ctx: ServiceContext, body: UpscaleRequest, endpoint: str) -> Di
 
 # -- helpers ---------------------------------------------------------------------------
 def served(ctx: ServiceContext, endpoint: str) -> dict:
-    return {n: p for n, p in getattr(ctx, "image_to_image", {}).items() if ENDPOINTS.get(p.info.task) == endpoint}
+    return {n: p for n, p in ctx.image_to_image.items() if ENDPOINTS.get(p.info.task) == endpoint}
 
 
 def example_models(ctx: ServiceContext) -> dict[str, str]:
     """{endpoint: the first served model}, for the documented examples."""
     models: dict[str, str] = {}
-    for name, pipeline in sorted(getattr(ctx, "image_to_image", {}).items()):
+    for name, pipeline in sorted(ctx.image_to_image.items()):
         models.setdefault(ENDPOINTS.get(pipeline.info.task), name)
     models.pop(None, None)
     return models
@@ -262,7 +262,7 @@ def with_alpha(out: np.ndarray, alpha: np.ndarray, value_range) -> np.ndarray:
 
 def describe(ctx: ServiceContext) -> list[ModelDescription]:
     models = []
-    for name, pipeline in getattr(ctx, "image_to_image", {}).items():
+    for name, pipeline in ctx.image_to_image.items():
         spec, info = pipeline.spec, pipeline.info
         models.append(ModelDescription(
             name=name, version=spec.version, pipeline=f"image_to_image/{info.task}",

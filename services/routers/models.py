@@ -9,6 +9,7 @@ from typing import Literal
 from fastapi import APIRouter, Depends
 from pydantic import BaseModel, Field
 
+from services import families
 from services.context import ServiceContext, context
 from services.openapi import GET_ERRORS, error_responses
 from services.schemas import ModelList
@@ -56,7 +57,7 @@ async def list_models(ctx: ServiceContext = Depends(context)) -> ServedModels:
     models = [m for describe in ctx.describers for m in describe(ctx)]
     s = ctx.settings
     status = getattr(ctx.backend, "shared_memory_status", None)
-    return ServedModels(default_models={"gan": s.default_gan_model, "diffusion": s.default_diffusion_model,
-                                        "ddpm": s.default_ddpm_model, "vae": s.default_vae_model}, models=models,
+    return ServedModels(default_models={group: getattr(s, f"default_{group}_model")
+                                        for group in families.default_models()}, models=models,
                         data=[OpenAIModel(id=m.name, created=STARTED) for m in models],
                         backend=ctx.backend.name, triton_shared_memory=status and SharedMemoryStatus(**status()))

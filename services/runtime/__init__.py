@@ -13,6 +13,7 @@ def create_backend(settings: Settings) -> InferenceBackend:
     if settings.backend == "onnxruntime":
         from services.runtime.onnxruntime_backend import OnnxRuntimeBackend
 
+        from services.families import names
         from services.runtime.batching import AdaptiveBatcher
 
         backend = OnnxRuntimeBackend(
@@ -26,7 +27,7 @@ def create_backend(settings: Settings) -> InferenceBackend:
         )
         # Single-pass models get request merging here; Triton's dynamic batcher does it there.
         single_pass = {name for name, spec in backend.models().items()
-                       if spec.parameters.get("genserve.pipeline") in ("gan", "stylegan", "image_to_image")}
+                       if spec.parameters.get("genserve.pipeline") in names(single_pass=True)}
         return AdaptiveBatcher(backend, single_pass, settings.batch_wait_ms / 1000)
     if settings.backend == "triton":
         from services.metrics import service_metrics

@@ -4,7 +4,6 @@
 "use strict";
 
 const $ = (id) => document.getElementById(id);
-const GAN_FAMILIES = ["gan", "stylegan"];
 const INTEGER_FIELDS = new Set(["num_inference_steps", "seed", "width", "height", "num_images", "preview_every",
   "cache_interval", "class_label", "style_seed", "crossover", "frames", "seed_b", "tile", "tile_overlap"]);
 const KEY_STORAGE = "genserve-playground-key";
@@ -153,7 +152,7 @@ async function loadModels() {
   const offered = {  // tab -> [its model select, the models it offers, the preferred one]
     "tab-txt2img": ["t-model", named((m) => serves(m, "/v1/txt2img")), defaults.diffusion],
     "tab-edit": ["e-model", named((m) => serves(m, "/v1/txt2img") && serves(m, "/v1/inpaint")), defaults.diffusion],
-    "tab-gan": ["g-model", named((m) => GAN_FAMILIES.includes(m.pipeline)), defaults.gan],
+    "tab-gan": ["g-model", named((m) => serves(m, "/v1/gan/generate")), defaults.gan],
     "tab-style": ["s-model", named((m) => serves(m, "/v1/gan/mix")), defaults.gan],
     "tab-ddpm": ["d-model", named((m) => serves(m, "/v1/ddpm/generate")), defaults.ddpm],
     "tab-vae": ["v-model", named((m) => serves(m, "/v1/vae/sample")), defaults.vae],
