@@ -3,7 +3,7 @@ it exports, how its pipelines are built from a repository, what it can do and wh
 
 Every list of families (the routers mounted, the text-conditioned and latent families, the
 models merged per call, the GAN hand-off, the diffusers folder dispatch) is derived from
-FAMILIES; tests/services/test_registry.py walks it and checks each family appears everywhere
+FAMILIES; tests/services/test_families.py walks it and checks each family appears everywhere
 it should. Adding a family is its descriptor here plus its own files.
 
 One table rather than a descriptor in each family's module: the family modules (routers,
