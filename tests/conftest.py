@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 import export  # noqa: F401 - first, so transformers/diffusers find torchvision importable (export/__init__.py)
-from services.local_server import LocalServer
+from tests.fixtures.local_server import LocalServer
 
 ROOT = Path(__file__).resolve().parents[1]
 
