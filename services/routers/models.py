@@ -54,9 +54,9 @@ class ServedModels(ModelList):
 async def list_models(ctx: ServiceContext = Depends(context)) -> ServedModels:
     """What is served: each model's pipeline, endpoint, tensors and request limits."""
     models = [m for describe in ctx.describers for m in describe(ctx)]
-    s = ctx.settings
+    s = ctx.settings.defaults
     status = getattr(ctx.backend, "shared_memory_status", None)
-    return ServedModels(default_models={"gan": s.default_gan_model, "diffusion": s.default_diffusion_model,
-                                        "ddpm": s.default_ddpm_model, "vae": s.default_vae_model}, models=models,
+    return ServedModels(default_models={"gan": s.gan, "diffusion": s.diffusion, "ddpm": s.ddpm, "vae": s.vae},
+                        models=models,
                         data=[OpenAIModel(id=m.name, created=STARTED) for m in models],
                         backend=ctx.backend.name, triton_shared_memory=status and SharedMemoryStatus(**status()))

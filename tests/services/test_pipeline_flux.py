@@ -117,7 +117,7 @@ def test_prompts_past_clip_are_truncated_there_as_diffusers_does_and_refused_pas
 def test_engine_batches_steps_sizes_of_one_bucket_and_guidance_and_equals_each_alone(variant):
     """Requests at different steps, step counts and guidance (one size) share transformer calls
     (per-sample sigmas and guidance); each image equals the request run alone."""
-    from services.engine.engine import DiffusionEngine
+    from services.engine.engine import DiffusionEngine, EngineConfig
 
     ours, _ = variant
     requests = [DiffusionRequest(prompt=p, num_images=n, num_inference_steps=s, guidance_scale=g,
@@ -127,7 +127,7 @@ def test_engine_batches_steps_sizes_of_one_bucket_and_guidance_and_equals_each_a
     calls: list[int] = []
 
     async def run():
-        engine = DiffusionEngine(ours, max_batch_rows=16, max_queued_image_steps=10_000, start_loop=False)
+        engine = DiffusionEngine(ours, EngineConfig(16, 10_000), start_loop=False)
         denoise = ours.denoise
 
         async def counting(inputs, keep_features=False):

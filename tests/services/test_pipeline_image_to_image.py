@@ -156,7 +156,7 @@ def test_a_call_slot_runs_one_image_call_at_a_time(repo):
 def test_work_and_tile_bounds_are_checked_before_work(repo):
     from types import SimpleNamespace
 
-    from services.config import Settings
+    from services.config import ImageSettings, Settings
     from services.errors import InvalidRequest, MemoryLimited
     from services.memory import MemoryGuard
     from services.routers.image_to_image import check_work
@@ -165,7 +165,7 @@ def test_work_and_tile_bounds_are_checked_before_work(repo):
     p.bytes_per_pixel, p.seconds_per_pixel = 100.0, 1e-6
     calls = []
     p._run = lambda tile: calls.append(tile)  # nothing may run
-    ctx = SimpleNamespace(settings=Settings(max_image_work_s=10, image_call_mb=64), memory=None)
+    ctx = SimpleNamespace(settings=Settings(images=ImageSettings(max_work_s=10, call_mb=64)), memory=None)
     check_work(ctx, p, p.layout(256, 256, 128))  # 9 tiles x 262k px x 1 us = 2.4 s: fine
     with pytest.raises(InvalidRequest) as work:
         check_work(ctx, p, p.layout(1024, 1024, 128))  # 81 tiles: 21 s
