@@ -12,11 +12,8 @@ from services.pipelines.pipeline_image_to_image import ImageToImagePipeline, ima
 from services.runtime.batching import AdaptiveBatcher
 from services.runtime.onnxruntime_backend import OnnxRuntimeBackend
 from services.runtime.repository import ModelRepository
+from tests.fixtures.images import psnr
 from tests.fixtures.sr_models import write_checkpoints
-
-
-def psnr(a, b, peak=1.0):
-    return 10 * np.log10(peak**2 / np.mean((a.astype(np.float64) - b) ** 2))
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +46,7 @@ def test_tiled_equals_untiled(repo, model):
     assert whole.tiles == 1 and whole.image.shape == (3, 61 * p.info.scale, 83 * p.info.scale)
     tiled = asyncio.run(p(image, tile=24, tile_overlap=8))
     assert tiled.tiles == len(tile_starts(61, 24, 8)) * len(tile_starts(83, 24, 8)) > 4
-    assert psnr(tiled.image, whole.image) >= 45.0
+    assert psnr(tiled.image, whole.image, peak=1.0) >= 45.0
 
 
 def test_tiles_of_one_request_and_of_concurrent_requests_share_calls(repo):
