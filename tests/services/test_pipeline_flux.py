@@ -13,6 +13,7 @@ from services.pipelines.diffusion import DiffusionRequest, PromptTooLong, initia
 from services.pipelines.pipeline_flux import image_ids, pack, pipelines, unpack
 from services.runtime.onnxruntime_backend import OnnxRuntimeBackend
 from services.runtime.repository import ModelRepository
+from tests.fixtures.engine import drain
 from tests.fixtures.flux_folder import build_random_flux_folder
 from tests.fixtures.images import psnr, to_uint8
 
@@ -137,10 +138,7 @@ def test_engine_batches_steps_sizes_of_one_bucket_and_guidance_and_equals_each_a
         ours.denoise = counting
         try:
             handles = [engine.submit(r, timeout_s=600) for r in requests]
-            for _ in range(100):
-                if all(h.status.finished for h in handles):
-                    break
-                await engine.step()
+            await drain(engine, handles)
             return [h.result for h in handles]
         finally:
             ours.denoise = denoise
