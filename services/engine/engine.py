@@ -115,7 +115,6 @@ class DiffusionEngine:
         than in time."""
         self.pipeline = pipeline
         self.model = pipeline.name
-        self.config = config
         spec = pipeline.spec
         self.cost = cost or CostModel(config.max_batch_rows, config.latency_budget_s,
                                       native=(spec.native_height, spec.native_width))
