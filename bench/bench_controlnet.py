@@ -79,7 +79,7 @@ async def unused_inputs(found, rounds: int) -> list[str]:
 
 
 async def mixed_vs_split(pipeline, requests: int, rounds: int) -> list[str]:
-    from services.engine.engine import DiffusionEngine
+    from services.engine.engine import DiffusionEngine, EngineConfig
     from services.pipelines.controlnet import ControlUnit
     from services.pipelines.diffusion import DiffusionRequest
 
@@ -90,7 +90,7 @@ async def mixed_vs_split(pipeline, requests: int, rounds: int) -> list[str]:
                              guidance_scale=float(rng.choice([1.0, 3.0, 5.0, 7.5])), seed=i,
                              controlnet=[ControlUnit("control", image, 1.0)] if i % 2 == 0 else [])
             for i in range(requests)]
-    engine = DiffusionEngine(pipeline, max_batch_rows=16, max_queued_image_steps=100_000)
+    engine = DiffusionEngine(pipeline, EngineConfig(16, 100_000))
     await engine.warmup()
 
     async def run(waves):

@@ -32,7 +32,7 @@ sys.path.insert(0, str(ROOT))
 import export  # noqa: E402,F401 - first: transformers/diffusers (the judge's zoo) find torchvision importable
 
 from bench.report import append_report  # noqa: E402
-from services.engine.engine import DiffusionEngine  # noqa: E402
+from services.engine.engine import DiffusionEngine, EngineConfig  # noqa: E402
 from services.pipelines.pipeline_stable_diffusion import DiffusionRequest, pipelines  # noqa: E402
 from services.runtime.onnxruntime_backend import OnnxRuntimeBackend  # noqa: E402
 from services.runtime.repository import ModelRepository  # noqa: E402
@@ -93,7 +93,7 @@ def main() -> None:
         sys.exit(f"{args.model} has no shallow U-Net graph: re-export it (export/deepcache.py)")
 
     async def run():
-        engine = DiffusionEngine(pipeline, max_batch_rows=16, max_queued_image_steps=100_000)
+        engine = DiffusionEngine(pipeline, EngineConfig(16, 100_000))
         await engine.warmup()
         speed = {n: {"concurrent": [], "alone": []} for n in args.intervals}
         images = {}

@@ -62,7 +62,7 @@ sys.path.insert(0, str(ROOT))
 from bench.report import append_report  # noqa: E402
 
 from services.config import Settings  # noqa: E402
-from services.engine.engine import DiffusionEngine  # noqa: E402
+from services.engine.engine import DiffusionEngine, EngineConfig  # noqa: E402
 from services.pipelines.controlnet import zero_residuals  # noqa: E402
 from services.pipelines.pipeline_stable_diffusion import (  # noqa: E402
     DiffusionRequest,
@@ -158,7 +158,7 @@ class StepLevel:
 
     async def prepare(self):
         """Inside the mode's event loop, before its clock starts: warmed like the service."""
-        self.engine = DiffusionEngine(self.pipeline, max_batch_rows=self.max_rows, max_queued_image_steps=10**9)
+        self.engine = DiffusionEngine(self.pipeline, EngineConfig(self.max_rows, 10**9))
         await self.engine.warmup()
 
     async def __call__(self, req):
@@ -323,7 +323,7 @@ def main() -> int:
     per_session = make_pipeline(shared_threads=False)
     sleeping = make_pipeline(allow_spinning=False, shared_threads=False)
     one_thread = make_pipeline(intra_op_threads=1, shared_threads=False)
-    pipeline = make_pipeline(shared_threads=Settings().ort_thread_pool == "shared")  # as the service runs
+    pipeline = make_pipeline(shared_threads=Settings().ort.thread_pool == "shared")  # as the service runs
     backend, models = pipeline.backend, pipeline.models
     max_rows = backend.models()[models.unet].max_batch_size
     jobs = workload(args.clients, args.requests_per_client, args.prompt)

@@ -54,8 +54,13 @@ def main() -> int:
     jobs = [r for client in workload(16, 4, "a handwritten digit {digit}") for r in client]
 
     async def run():
-        engine = DiffusionEngine(pipeline, 16, 10**9, start_loop=False,
-                                 **({"policy": args.policy} if args.policy else {}))
+        policy = {"policy": args.policy} if args.policy else {}
+        try:
+            from services.engine.engine import EngineConfig
+        except ImportError:  # an older tree's engine: it took its bounds as arguments
+            engine = DiffusionEngine(pipeline, 16, 10**9, start_loop=False, **policy)
+        else:
+            engine = DiffusionEngine(pipeline, EngineConfig(16, 10**9, **policy), start_loop=False)
         if args.inline:
             backend.inline_max_s = 1.0
             feeds = {"sample": np.zeros((1, 4, 8, 8), np.float32), "timestep": np.ones((1, 1), np.float32),

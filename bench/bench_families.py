@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.load import measure, summarise  # noqa: E402
-from services.local_server import LocalServer  # noqa: E402
+from tests.fixtures.local_server import LocalServer  # noqa: E402
 
 
 def digit_png() -> str:

@@ -22,7 +22,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench.load import measure, summarise  # noqa: E402
 from bench.report import append_report  # noqa: E402
-from services.local_server import LocalServer  # noqa: E402
+from tests.fixtures.local_server import LocalServer  # noqa: E402
 
 SETTINGS = [(1, 1), (4, 1), (1, 16), (4, 16)]  # (concurrency, num_images)
 

@@ -82,7 +82,7 @@ from bench.bench_request_breakdown import execution_seconds, load_average  # noq
 from bench.report import append_report  # noqa: E402
 
 from services.engine.bench_policies import BENCH_POLICIES, BENCH_POLICY_ENV  # noqa: E402
-from services.local_server import LocalServer, free_port  # noqa: E402
+from tests.fixtures.local_server import LocalServer, free_port  # noqa: E402
 
 SLO_FACTOR = 3.0
 TARGET_SHARE = 0.99

@@ -150,7 +150,7 @@ def serve_and_generate(repository: Path, name: str, side: int, steps: int, seed:
     import numpy as np
     from PIL import Image
 
-    from services.local_server import LocalServer
+    from tests.fixtures.local_server import LocalServer
 
     start = time.perf_counter()
     server = LocalServer({"GENSERVE_MODEL_REPOSITORY": str(repository), "GENSERVE_BACKEND": "onnxruntime",

@@ -35,7 +35,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench.report import append_report  # noqa: E402
 
-from services.local_server import free_port  # noqa: E402
+from tests.fixtures.local_server import free_port  # noqa: E402
 from services.runtime.repository import ModelRepository  # noqa: E402
 from services.runtime.triton_backend import TritonBackend  # noqa: E402
 

@@ -31,7 +31,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from services.local_server import LocalServer  # noqa: E402
+from tests.fixtures.local_server import LocalServer  # noqa: E402
 
 
 def inputs() -> list[np.ndarray]:

@@ -31,7 +31,7 @@ sys.path.insert(0, str(ROOT))
 import httpx  # noqa: E402
 
 from loadtests.run import read_figures, run_locust  # noqa: E402
-from services.local_server import LocalServer  # noqa: E402
+from tests.fixtures.local_server import LocalServer  # noqa: E402
 from tests.fixtures.triton import TritonProcess  # noqa: E402
 
 WITNESS = {"prompt": "a handwritten digit four", "num_inference_steps": 150, "num_images": 2,

@@ -32,7 +32,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(ROOT))
 
-from services.local_server import LocalServer  # noqa: E402
+from tests.fixtures.local_server import LocalServer  # noqa: E402
 LOCUSTFILE = HERE / "locustfile.py"
 MAX_DURATION_S = 3600
 

@@ -70,7 +70,7 @@ def main() -> int:
         probe(url.hostname, url.port or 80, args.slow, args.silent, args.every, args.seconds)
         return 0
     sys.path.insert(0, str(ROOT))
-    from services.local_server import LocalServer
+    from tests.fixtures.local_server import LocalServer
 
     server = LocalServer({"GENSERVE_MODEL_REPOSITORY": str(ROOT / "model_repository")},
                          Path(tempfile.mkdtemp(prefix="slowloris-")) / "bentoml.log")

@@ -34,7 +34,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(ROOT))
 
-from services.local_server import LocalServer  # noqa: E402
+from tests.fixtures.local_server import LocalServer  # noqa: E402
 
 WORKER_MODULE = "_bentoml_impl.worker.service"
 SAMPLE_S = 0.25

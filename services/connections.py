@@ -53,7 +53,7 @@ class EdgeProtocol(H11Protocol):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self.timeout_keep_alive = self.settings.keep_alive_timeout_s
+        self.timeout_keep_alive = self.settings.edge.keep_alive_timeout_s
         self.max_head_bytes = self.config.h11_max_incomplete_event_size or DEFAULT_MAX_INCOMPLETE_EVENT_SIZE
         self._address: str | None = None  # counted against the per-address cap
         self._head_deadline = None
@@ -63,7 +63,7 @@ class EdgeProtocol(H11Protocol):
     def connection_made(self, transport) -> None:
         super().connection_made(transport)
         host = self.client[0] if self.client else None
-        cap = self.settings.max_connections_per_client
+        cap = self.settings.edge.max_connections_per_client
         if host is not None and cap > 0 and not self._trusted(host):
             if self.open_per_address[host] >= cap:
                 return self._answer(429, "too_many_connections", f"at most {cap} connections per client "
@@ -101,7 +101,7 @@ class EdgeProtocol(H11Protocol):
     # -- the head deadline -----------------------------------------------------------------
     def _arm_head_deadline(self) -> None:
         self._cancel_head_deadline()
-        self._head_deadline = self.loop.call_later(self.settings.header_timeout_s, self._head_overdue)
+        self._head_deadline = self.loop.call_later(self.settings.edge.header_timeout_s, self._head_overdue)
 
     def _cancel_head_deadline(self) -> None:
         if self._head_deadline is not None:
@@ -114,7 +114,7 @@ class EdgeProtocol(H11Protocol):
             return  # a request is being served; its body has the gateway's own deadline
         if self.conn.trailing_data[0]:
             self._answer(408, "request_timeout", f"the request line and headers did not arrive within "
-                         f"{self.settings.header_timeout_s}s", limit=self.settings.header_timeout_s)
+                         f"{self.settings.edge.header_timeout_s}s", limit=self.settings.edge.header_timeout_s)
         else:
             self.transport.close()
 
@@ -148,7 +148,7 @@ def install(settings: Settings) -> None:
     import uvicorn.config
 
     EdgeProtocol.settings = settings
-    EdgeProtocol.trusted = _networks(settings.trusted_proxies)
+    EdgeProtocol.trusted = _networks(settings.edge.trusted_proxies)
     uvicorn.config.HTTP_PROTOCOLS["auto"] = f"{__name__}:EdgeProtocol"
     # uvicorn's ProxyHeadersMiddleware reads this when the Config is built; "" trusts nobody.
-    os.environ["FORWARDED_ALLOW_IPS"] = ",".join(settings.trusted_proxies)
+    os.environ["FORWARDED_ALLOW_IPS"] = ",".join(settings.edge.trusted_proxies)

@@ -52,7 +52,7 @@ class ServiceContext:
     def model_name(self, asked: str | None, family: str, served) -> str:
         """The model a request names, else its family's default (`gan`, `diffusion`, `ddpm`,
         `vae`); a 422 naming `model` when there is none to fall back on."""
-        name = asked or getattr(self.settings, f"default_{family}_model")
+        name = asked or getattr(self.settings.defaults, family)
         if name is None:
             raise InvalidRequest(f"model: this server serves several {family} models and has no default "
                                  f"(GENSERVE_DEFAULT_{family.upper()}_MODEL is not set): name one",
@@ -104,10 +104,10 @@ class ServiceContext:
 
     def timeout_s(self, asked: float | None) -> float:
         """The request's deadline: asked (bounded by the configured maximum) or the default."""
-        timeout_s = asked or self.settings.request_timeout_s
-        if timeout_s > self.settings.max_request_timeout_s:
-            raise InvalidRequest(f"timeout_s must be at most {self.settings.max_request_timeout_s}",
-                                 field="timeout_s", limit=self.settings.max_request_timeout_s)
+        timeout_s = asked or self.settings.engine.request_timeout_s
+        if timeout_s > self.settings.engine.max_request_timeout_s:
+            raise InvalidRequest(f"timeout_s must be at most {self.settings.engine.max_request_timeout_s}",
+                                 field="timeout_s", limit=self.settings.engine.max_request_timeout_s)
         return timeout_s
 
 

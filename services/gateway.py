@@ -115,16 +115,16 @@ class Gateway:
     memory: MemoryGuard | None = None
 
     def __post_init__(self):
-        if self.settings.api_keys_file is not None:
-            self.keys = KeyStore(self.settings.api_keys_file)
-            if self.settings.auth_failure_limit is not None:
-                self._auth_failures = RateLimiter(self.settings.auth_failure_limit)
+        if self.settings.edge.api_keys_file is not None:
+            self.keys = KeyStore(self.settings.edge.api_keys_file)
+            if self.settings.edge.auth_failure_limit is not None:
+                self._auth_failures = RateLimiter(self.settings.edge.auth_failure_limit)
         else:
             log.warning("API keys are off (GENSERVE_API_KEYS_FILE is not set): every client is served")
-        if self.settings.rate_limit is not None:
-            self._limiter = RateLimiter(self.settings.rate_limit)
+        if self.settings.edge.rate_limit is not None:
+            self._limiter = RateLimiter(self.settings.edge.rate_limit)
         if self.memory is None:
-            self.memory = MemoryGuard(self.settings.memory_limit_mb << 20)
+            self.memory = MemoryGuard(self.settings.memory.limit_mb << 20)
 
     async def __call__(self, scope, receive, send):
         if scope["type"] == "lifespan":
@@ -194,8 +194,9 @@ class Gateway:
                 if self.on_rate_limited is not None:
                     self.on_rate_limited(client, "requests")
                 raise _Refused(429, "rate_limited",
-                               f"more than {self.settings.rate_limit} requests; retry in {retry_after(wait)}s",
-                               headers={"Retry-After": str(retry_after(wait))}, limit=str(self.settings.rate_limit))
+                               f"more than {self.settings.edge.rate_limit} requests; retry in {retry_after(wait)}s",
+                               headers={"Retry-After": str(retry_after(wait))},
+                               limit=str(self.settings.edge.rate_limit))
         large = False
         if method in BODY_METHODS:
             self._check_memory(headers)
@@ -219,14 +220,14 @@ class Gateway:
     def _authenticate(self, scope, route: Route) -> str:
         address = f"addr:{(scope.get('client') or ('unknown', 0))[0]}"
         needs_key = self.keys is not None and (
-            not route.public or (scope["path"] == "/metrics" and self.settings.metrics_require_key))
+            not route.public or (scope["path"] == "/metrics" and self.settings.edge.metrics_require_key))
         if not needs_key:
             return address
         if self._auth_failures is not None and (wait := self._auth_failures.wait(address)) > 0:
             # Valid keys wait too: otherwise a guess that is right would still stand out.
             if self.on_rate_limited is not None:
                 self.on_rate_limited(address, "auth_failures")
-            limit = self.settings.auth_failure_limit
+            limit = self.settings.edge.auth_failure_limit
             raise _Refused(429, "rate_limited", f"more than {limit} failed authentications from this address; "
                            f"retry in {retry_after(wait)}s", headers={"Retry-After": str(retry_after(wait))},
                            limit=str(limit))
@@ -252,10 +253,10 @@ class Gateway:
         announced = int(length) if length.isdigit() else 0
         if not self.memory.admits(announced):
             raise _Refused(503, "memory_limit", self.memory.refusal("this request", announced),
-                           headers={"Retry-After": str(RETRY_AFTER_S)}, limit=self.settings.memory_limit_mb)
+                           headers={"Retry-After": str(RETRY_AFTER_S)}, limit=self.settings.memory.limit_mb)
 
     async def _read_body(self, scope, receive, route: Route, headers) -> bytes | None:
-        limit = self.settings.max_body_bytes
+        limit = self.settings.edge.max_body_bytes
         content_type = headers.get("content-type", "").split(";")[0].strip().lower()
         length = headers.get("content-length")
         if route.content_types and content_type not in route.content_types and (content_type or length not in
@@ -267,15 +268,15 @@ class Gateway:
             raise _Refused(413, "body_too_large", f"the request body may be at most {limit} bytes",
                            headers={"Connection": "close"}, limit=limit)
         chunks, total = [], 0
-        deadline = time.monotonic() + self.settings.body_read_timeout_s
+        deadline = time.monotonic() + self.settings.edge.body_read_timeout_s
         while True:
             try:  # asyncio.timeout, not wait_for: no task per message (Python 3.11's wait_for makes one)
                 async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
                     message = await receive()
             except TimeoutError:
                 raise _Refused(408, "request_timeout", f"the request body did not arrive within "
-                               f"{self.settings.body_read_timeout_s}s", headers={"Connection": "close"},
-                               limit=self.settings.body_read_timeout_s) from None
+                               f"{self.settings.edge.body_read_timeout_s}s", headers={"Connection": "close"},
+                               limit=self.settings.edge.body_read_timeout_s) from None
             if message["type"] == "http.disconnect":
                 return None
             chunk = message.get("body", b"")
@@ -309,7 +310,7 @@ class Gateway:
     # -- CORS ----------------------------------------------------------------------------
     def _cors_headers(self, headers) -> dict[str, str]:
         origin = headers.get("origin")
-        allowed = self.settings.cors_origins
+        allowed = self.settings.edge.cors_origins
         if not allowed:
             return {}
         if not origin or not (origin in allowed or "*" in allowed):
@@ -355,13 +356,13 @@ class Gateway:
                 return
             self.draining = True
             log.info("SIGTERM: draining %d requests in flight (at most %ss)", self.inflight,
-                     self.settings.shutdown_grace_s)
+                     self.settings.edge.shutdown_grace_s)
             loop.call_soon_threadsafe(lambda: loop.create_task(self._drain_then(previous, sig, frame)))
 
         signal.signal(signal.SIGTERM, on_sigterm)
 
     async def _drain_then(self, previous, sig, frame) -> None:
-        deadline = time.monotonic() + self.settings.shutdown_grace_s
+        deadline = time.monotonic() + self.settings.edge.shutdown_grace_s
         while self.inflight > 0 and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
         log.info("drained (%d requests still in flight); shutting down", self.inflight)

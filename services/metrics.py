@@ -110,42 +110,8 @@ class ServiceMetrics:
     def observe_prompt_cache(self, model: str, hit: bool) -> None:
         self.prompt_cache_lookups.labels(model, "hit" if hit else "miss").inc()
 
-    def engine_observer(self):
-        from services.engine.engine import EngineObserver
-
-        metrics = self
-
-        class Observer(EngineObserver):
-            def iteration(self, model, rows, requests, images):
-                batch_rows, batch_requests, steps = metrics._labelled(
-                    ("iteration", model), metrics.engine_batch_rows, metrics.engine_batch_requests,
-                    metrics.engine_denoising_steps)
-                batch_rows.observe(rows)
-                batch_requests.observe(requests)
-                steps.inc(images)
-
-            def queue(self, model, requests, image_steps):
-                queue_requests, queue_steps, _ = metrics._labelled(
-                    ("queue", model), metrics.engine_queue_requests, metrics.engine_queue_steps,
-                    metrics.engine_first_step_seconds)  # the first-step series exists from start-up
-                queue_requests.set(requests)
-                queue_steps.set(image_steps)
-
-            def finished(self, model, reason):
-                metrics.engine_requests_finished.labels(model, reason).inc()
-
-            def first_step(self, model, seconds):
-                metrics.engine_first_step_seconds.labels(model).observe(seconds)
-
-            def cost(self, model, table):
-                if not table.get("measured"):
-                    return
-                for rows, ms in table["ms_per_call"].items():
-                    metrics.engine_cost_seconds.labels(model, rows).set(ms / 1000)
-                metrics.engine_best_rows.labels(model).set(table["best_rows"])
-                metrics.engine_rows_per_second.labels(model).set(table["rows_per_second"])
-
-        return Observer()
+    def engine_observer(self) -> "EngineMetrics":
+        return EngineMetrics(self)
 
     def observe_execution(self, model: str, backend: str, batch: int, seconds: float) -> None:
         """An InferenceBackend observer (see services.runtime.base)."""
@@ -153,6 +119,44 @@ class ServiceMetrics:
                                                self.model_batch_size)
         execution.observe(seconds)
         batch_size.observe(batch)
+
+
+class EngineMetrics:
+    """The engine's observer (services.engine.engine.EngineObserver, met by its shape)."""
+
+    def __init__(self, metrics: ServiceMetrics):
+        self.metrics = metrics
+
+    def iteration(self, model: str, rows: int, requests: int, images: int) -> None:
+        m = self.metrics
+        batch_rows, batch_requests, steps = m._labelled(
+            ("iteration", model), m.engine_batch_rows, m.engine_batch_requests, m.engine_denoising_steps)
+        batch_rows.observe(rows)
+        batch_requests.observe(requests)
+        steps.inc(images)
+
+    def queue(self, model: str, requests: int, image_steps: int) -> None:
+        m = self.metrics
+        queue_requests, queue_steps, _ = m._labelled(
+            ("queue", model), m.engine_queue_requests, m.engine_queue_steps,
+            m.engine_first_step_seconds)  # the first-step series exists from start-up
+        queue_requests.set(requests)
+        queue_steps.set(image_steps)
+
+    def finished(self, model: str, reason: str) -> None:
+        self.metrics.engine_requests_finished.labels(model, reason).inc()
+
+    def first_step(self, model: str, seconds: float) -> None:
+        self.metrics.engine_first_step_seconds.labels(model).observe(seconds)
+
+    def cost(self, model: str, table: dict) -> None:
+        if not table.get("measured"):
+            return
+        m = self.metrics
+        for rows, ms in table["ms_per_call"].items():
+            m.engine_cost_seconds.labels(model, rows).set(ms / 1000)
+        m.engine_best_rows.labels(model).set(table["best_rows"])
+        m.engine_rows_per_second.labels(model).set(table["rows_per_second"])
 
 
 _metrics: ServiceMetrics | None = None

@@ -91,7 +91,7 @@ class GenServe:
         # after BentoML's worker set up multiprocess Prometheus (see services.metrics).
         from services.context import ServiceContext
         from services.engine import bench_policies
-        from services.engine.engine import DiffusionEngine
+        from services.engine.engine import DiffusionEngine, EngineConfig
         from services.engine.memory import engine_max_rows
         from services.engine.prompt_cache import PromptCache
         from services.metrics import service_metrics
@@ -105,12 +105,12 @@ class GenServe:
         settings = Settings.from_env()
         metrics = service_metrics()
         install_error_handlers(app, on_error=lambda path, code: metrics.errors.labels(path, code).inc())
-        backend = create_backend(settings)
+        backend = create_backend(settings, metrics)
         backend.add_observer(metrics.observe_execution)
-        limit = settings.rate_limit_image_steps
+        limit = settings.edge.rate_limit_image_steps
         ctx = ServiceContext(settings, backend, metrics, image_step_limiter=limit and RateLimiter(limit),
                              describers=[module.describe for module in FAMILY_ROUTERS],
-                             memory=MemoryGuard(settings.memory_limit_mb << 20))
+                             memory=MemoryGuard(settings.memory.limit_mb << 20))
 
         # 1. The pipelines of the families not run step by step, each family's in its field.
         for family in families.FAMILIES:
@@ -118,14 +118,12 @@ class GenServe:
                 setattr(ctx, family.name, family.build_pipelines(backend, settings))
         # 2. One step-level engine per diffusion pipeline, whatever its family; its batch
         #    limit is its denoiser's.
-        cache = PromptCache(settings.prompt_cache_size, on_lookup=metrics.observe_prompt_cache)
+        cache = PromptCache(settings.engine.prompt_cache_size, on_lookup=metrics.observe_prompt_cache)
         for name, pipeline in diffusion_pipelines(backend, settings).items():
-            ctx.engines[name] = DiffusionEngine(
-                pipeline, max_batch_rows=engine_max_rows(backend.models()[pipeline.spec.denoiser]),
-                max_queued_image_steps=settings.max_queued_steps, prompt_cache=cache,
-                observer=metrics.engine_observer(), latency_budget_s=settings.engine_step_budget_ms / 1000,
-                max_queue_seconds=settings.max_queue_seconds, policy=settings.engine_policy,
-                scheduler_class=bench_policies.scheduler_class_from_env())
+            rows = engine_max_rows(backend.models()[pipeline.spec.denoiser])
+            config = EngineConfig.from_settings(settings.engine, rows, bench_policies.scheduler_class_from_env())
+            ctx.engines[name] = DiffusionEngine(pipeline, config, prompt_cache=cache,
+                                                observer=metrics.engine_observer())
         self._check_defaults(ctx)
         self.ctx = ctx
         app.state.context = ctx  # what the routers' `context` dependency answers with
@@ -137,18 +135,16 @@ class GenServe:
         """Each family's default model: the configured one (not served: an error said at
         start-up), else the built-in one if served, else the only one served, else none
         (requests must name `model`). A default nobody configured never stops the service."""
-        import dataclasses
-
         s = ctx.settings
         for group in families.default_models():
-            variable, field = f"GENSERVE_DEFAULT_{group.upper()}_MODEL", f"default_{group}_model"
+            variable = f"GENSERVE_DEFAULT_{group.upper()}_MODEL"
             served = {name: model for family in families.FAMILIES if family.default_model == group
                       for name, model in ctx.served(family).items()}
-            default = getattr(s, field)
+            default = getattr(s.defaults, group)
             if not served or default in served:
                 continue
             if not os.environ.get(variable, "").strip():
-                s = dataclasses.replace(s, **{field: next(iter(served)) if len(served) == 1 else None})
+                s = s.with_defaults(**{group: next(iter(served)) if len(served) == 1 else None})
                 continue
             raise ValueError(f"{variable}={default!r} is not in the repository (served: {', '.join(served)})")
         ctx.settings = s
@@ -159,14 +155,14 @@ class GenServe:
 
         text = self.ctx.engines_of(*diffusion.TEXT_FAMILIES)
         specs = [e.pipeline.spec for e in text.values()]  # the request bodies with sizes are theirs
-        default = text.get(self.ctx.settings.default_diffusion_model)
+        default = text.get(self.ctx.settings.defaults.diffusion)
         gan_families = families.names(gan=True)  # the class labels GET /v1/models states for the GANs
         gans = [m for describe in self.ctx.describers for m in describe(self.ctx) if m.pipeline in gan_families]
         install(app, sides=[lim for s in specs for lim in s.side_limits().values()],
                 num_classes=[m.parameters["class_label"]["max"] + 1 for m in gans if "class_label" in m.parameters],
                 prompt_tokens=[t for e in text.values() if (t := getattr(e.pipeline.conditioner, "max_tokens", None))],
                 image_example=default and default.pipeline.spec,
-                vae_example=(vae := self.ctx.vae.get(self.ctx.settings.default_vae_model)) and vae.info,
+                vae_example=(vae := self.ctx.vae.get(self.ctx.settings.defaults.vae)) and vae.info,
                 stylegan_example=next((g.info for g in self.ctx.stylegan.values()), None),
                 image_models=image_to_image.example_models(self.ctx))
 
@@ -177,7 +173,7 @@ class GenServe:
         image-to-image model's memory and time per output pixel (its calls and work bound)."""
         with failure_stops_the_server(metrics_dir.release):
             for engine in self.ctx.engines.values():
-                await engine.warmup(self.ctx.settings.warmup_budget_s)
+                await engine.warmup(self.ctx.settings.engine.warmup_budget_s)
         for name, pipeline in self.ctx.image_to_image.items():  # the cost that sizes and bounds requests
             try:
                 await pipeline.calibrate()

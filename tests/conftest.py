@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 import export  # noqa: F401 - first, so transformers/diffusers find torchvision importable (export/__init__.py)
-from services.local_server import LocalServer
+from tests.fixtures.local_server import LocalServer
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -127,3 +127,10 @@ def flux_export(tmp_path_factory):
     assert run.returncode == 0, run.stderr[-3000:]
     assert "fx: flux, 5 graphs verified" in run.stdout
     return folder, repo
+
+
+def pytest_generate_tests(metafunc):
+    """A family test class's `bad_requests` parametrize its inherited refusal test
+    (tests/fixtures/family_tests.py)."""
+    if "bad_request" in metafunc.fixturenames:
+        metafunc.parametrize("bad_request", metafunc.cls.bad_requests, ids=str)

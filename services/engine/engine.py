@@ -27,7 +27,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import Awaitable, TypeVar
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Awaitable, Protocol, TypeVar
 
 import numpy as np
 
@@ -35,19 +36,20 @@ from services.engine.cost_model import CostModel, row_ladder
 from services.engine.prompt_cache import PromptCache
 from services.engine.request import FINISH_REASONS, EngineRequest, RequestStatus
 from services.engine.scheduler import StepBatch, StepScheduler
-from services.errors import BackendUnavailable, InvalidRequest, NonFiniteOutput
+from services.errors import BackendUnavailable, NonFiniteOutput
 from services.pipelines.diffusion import (
     DEEP_FEATURES,
-    MAX_CACHE_INTERVAL,
     DiffusionOutput,
     DiffusionPipeline,
     DiffusionRequest,
-    DiffusionSpec,
     denoising_steps,
-    effective_steps,
     merge_rows,
 )
+from services.pipelines.diffusion_checks import check_cache_interval, check_denoising_steps, check_scheduler
 from services.runtime.base import latency_first
+
+if TYPE_CHECKING:
+    from services.config import EngineSettings
 
 log = logging.getLogger("genserve.engine")
 
@@ -63,8 +65,8 @@ WARMUP_ROUNDS = 7  # timed calls per batch size at start-up, within the budget
 SHALLOW_RETRY_S = 30.0
 
 
-class EngineObserver:
-    """Hooks for metrics; the default does nothing."""
+class EngineObserver(Protocol):
+    """What the engine reports as it runs (services.metrics satisfies it, without importing it)."""
 
     def iteration(self, model: str, rows: int, requests: int, images: int) -> None: ...
     def cost(self, model: str, table: dict) -> None: ...  # the cost model's describe(), when it changes
@@ -73,37 +75,30 @@ class EngineObserver:
     def first_step(self, model: str, seconds: float) -> None: ...  # arrival to the end of its first step
 
 
-def check_denoising_steps(num_inference_steps: int, strength: float, from_image: bool,
-                          rounding: str = "steps") -> None:
-    """Refuses a request that would run no denoising step (InvalidRequest, 422), naming the
-    smallest strength that runs one (1/n rounded up to 4 decimals). `rounding`: the model's
-    (DiffusionSpec.strength_rounding)."""
-    n = num_inference_steps
-    if n < 1:
-        raise InvalidRequest("num_inference_steps must be at least 1", field="num_inference_steps", limit=1)
-    if not from_image or effective_steps(n, strength, rounding) >= 1:
-        return
-    minimum = -(-10_000 // n) / 10_000
-    while effective_steps(n, minimum, rounding) < 1:  # guard float rounding (n * (1/n) can be 0.999...)
-        minimum = round(minimum + 0.0001, 4)
-    raise InvalidRequest(
-        f"strength x num_inference_steps must give at least 1 denoising step: with "
-        f"num_inference_steps={n}, strength must be at least {minimum:g} (got {strength:g})",
-        field="strength", limit=minimum)
+class NoObserver(EngineObserver):
+    """Ignores everything (the Protocol's methods do nothing): engines built without metrics."""
 
 
-def check_cache_interval(spec: DiffusionSpec, cache_interval: int) -> None:
-    """Refuses a DeepCache interval outside 1..MAX_CACHE_INTERVAL, or above 1 for a model
-    exported without the shallow denoiser graph (InvalidRequest, 422, naming the limit)."""
-    limit = MAX_CACHE_INTERVAL if spec.shallow_denoiser is not None else 1
-    if 1 <= cache_interval <= limit:
-        return
-    if limit == 1 and cache_interval > 1:
-        raise InvalidRequest(f"cache_interval must be 1 for model {spec.name!r}: it has no shallow denoiser graph "
-                             f"(DeepCache needs a U-Net exported with it; see export/deepcache.py)",
-                             field="cache_interval", limit=1)
-    raise InvalidRequest(f"cache_interval must be from 1 to {limit}, got {cache_interval}",
-                         field="cache_interval", limit=limit)
+@dataclass(frozen=True)
+class EngineConfig:
+    """What bounds and orders one engine's work; the service builds it from its engine
+    settings (`from_settings`), tests and benchmarks by hand."""
+
+    max_batch_rows: int  # the most rows one denoiser call takes (the service bounds it by memory)
+    max_queued_image_steps: int  # back-pressure: QueueFull past this many image-steps queued
+    latency_budget_s: float = 0.0  # bounds one denoiser call in the cost model's choice of rows (0: off)
+    max_queue_seconds: float = 0.0  # bounds the queue by its estimated drain time (0: off)
+    # The scheduler's order: fair (deadline- and work-aware with aging, shared across tenants) or fcfs (arrival).
+    policy: str = "fair"
+    # Another system's batching rule (services.engine.bench_policies: benchmarks only).
+    scheduler_class: type[StepScheduler] = StepScheduler
+
+    @classmethod
+    def from_settings(cls, settings: "EngineSettings", max_batch_rows: int,
+                      scheduler_class: type[StepScheduler] = StepScheduler) -> "EngineConfig":
+        return cls(max_batch_rows, settings.max_queued_steps, latency_budget_s=settings.step_budget_ms / 1000,
+                   max_queue_seconds=settings.max_queue_seconds, policy=settings.policy,
+                   scheduler_class=scheduler_class)
 
 
 def check_finite(x: np.ndarray, what: str) -> None:
@@ -113,26 +108,20 @@ def check_finite(x: np.ndarray, what: str) -> None:
 
 
 class DiffusionEngine:
-    def __init__(self, pipeline: DiffusionPipeline, max_batch_rows: int, max_queued_image_steps: int,
-                 prompt_cache: PromptCache | None = None, observer: EngineObserver | None = None,
-                 start_loop: bool = True, latency_budget_s: float = 0.0, max_queue_seconds: float = 0.0,
-                 policy: str = "fair", cost: CostModel | None = None,
-                 scheduler_class: type[StepScheduler] = StepScheduler):
-        """`start_loop=False` leaves the loop to the caller (`await engine.step()`), which
-        tests use to reason in iterations rather than in time. `latency_budget_s` bounds one
-        denoiser call in the cost model's choice of rows; `max_queue_seconds` bounds the
-        queue by its estimated drain time (both 0: off); `policy` is the scheduler's order
-        (fair: deadline- and work-aware with aging, shared across tenants; fcfs: arrival);
-        `cost` replaces the measured cost model (tests); `scheduler_class` another system's
-        batching rule (services.engine.bench_policies: benchmarks only)."""
+    def __init__(self, pipeline: DiffusionPipeline, config: EngineConfig, prompt_cache: PromptCache | None = None,
+                 observer: EngineObserver | None = None, cost: CostModel | None = None, start_loop: bool = True):
+        """`cost` replaces the measured cost model (tests); `start_loop=False` leaves the loop
+        to the caller (`await engine.step()`), which tests use to reason in iterations rather
+        than in time."""
         self.pipeline = pipeline
         self.model = pipeline.name
         spec = pipeline.spec
-        self.cost = cost or CostModel(max_batch_rows, latency_budget_s, native=(spec.native_height, spec.native_width))
-        self.scheduler = scheduler_class(max_batch_rows, max_queued_image_steps, cost=self.cost,
-                                       max_queue_seconds=max_queue_seconds, policy=policy)
+        self.cost = cost or CostModel(config.max_batch_rows, config.latency_budget_s,
+                                      native=(spec.native_height, spec.native_width))
+        self.scheduler = config.scheduler_class(config.max_batch_rows, config.max_queued_image_steps, cost=self.cost,
+                                                max_queue_seconds=config.max_queue_seconds, policy=config.policy)
         self.cache = prompt_cache if prompt_cache is not None else PromptCache(0)
-        self.observer = observer or EngineObserver()
+        self.observer = observer or NoObserver()
         self.iterations = 0  # U-Net iterations run: a step counter tests can assert on
         self._wakeup = asyncio.Event()
         self._loop_task: asyncio.Task | None = None
@@ -166,10 +155,7 @@ class DiffusionEngine:
         rounding = self.pipeline.spec.strength_rounding
         check_denoising_steps(request.num_inference_steps, request.strength, request.init_image is not None, rounding)
         check_cache_interval(self.pipeline.spec, request.cache_interval)
-        if request.scheduler not in self.pipeline.schedulers:
-            raise InvalidRequest(f"scheduler {request.scheduler!r} cannot be built from model {self.model!r}'s "
-                                 f"scheduler config; choose one of {', '.join(self.pipeline.schedulers)}",
-                                 field="scheduler", allowed=self.pipeline.schedulers)
+        check_scheduler(request.scheduler, self.model, self.pipeline.schedulers)
         req = EngineRequest(request, deadline=time.monotonic() + timeout_s, preview_every=preview_every,
                             rows_hint=2 if self.pipeline.spec.classifier_free(request) else 1, tenant=tenant,
                             planned_steps=denoising_steps(request, rounding))

@@ -36,4 +36,4 @@ def image_to_image_pipelines(backend, settings) -> dict:
     one model call at a time (image work and diffusion steps share the CPU there)."""
     from services.pipelines.pipeline_image_to_image import image_to_image_pipelines as build
 
-    return build(backend, settings.image_call_mb << 20, one_call_at_a_time=settings.backend == "onnxruntime")
+    return build(backend, settings.images.call_mb << 20, one_call_at_a_time=settings.backend == "onnxruntime")

@@ -114,8 +114,8 @@ def describe(ctx: ServiceContext) -> list[ModelDescription]:
             "num_inference_steps": {"min": 1, "max": MAX_INFERENCE_STEPS},
             "seed": {"min": 0, "max": MAX_SEED}, "output_format": sorted(FORMATS),
             "height": spec.native_height, "width": spec.native_width,
-            "timeout_s": {"default": ctx.settings.request_timeout_s, "min": MIN_TIMEOUT_S,
-                          "max": ctx.settings.max_request_timeout_s},
+            "timeout_s": {"default": ctx.settings.engine.request_timeout_s, "min": MIN_TIMEOUT_S,
+                          "max": ctx.settings.engine.max_request_timeout_s},
         }
         if engine.pipeline.num_classes:
             params["class_label"] = {"min": 0, "max": engine.pipeline.num_classes - 1}

@@ -157,8 +157,8 @@ def describe(ctx: ServiceContext) -> list[ModelDescription]:
             "strength": {"min": 0.0, "max": 1.0, "exclusive_min": True},
             "cache_interval": {"min": 1, "max": MAX_CACHE_INTERVAL if spec.shallow_denoiser else 1, "default": 1},
             "seed": {"min": 0, "max": MAX_SEED}, "output_format": sorted(FORMATS),
-            "timeout_s": {"default": ctx.settings.request_timeout_s, "min": MIN_TIMEOUT_S,
-                          "max": ctx.settings.max_request_timeout_s},
+            "timeout_s": {"default": ctx.settings.engine.request_timeout_s, "min": MIN_TIMEOUT_S,
+                          "max": ctx.settings.engine.max_request_timeout_s},
         }
         params.update({key: "optional [2 ints]" for key in spec.extra_fields})
         control = engine.pipeline.control

@@ -94,7 +94,8 @@ async def _serve(ctx: ServiceContext, body: UpscaleRequest, endpoint: str) -> Di
     name, pipeline = pick_model(ctx, body.model, endpoint)
     info = pipeline.info
     tile, overlap = check_tiling(info, body.tile, body.tile_overlap)
-    decoded = await asyncio.to_thread(decode_upload, body.image, "image", info, ctx.settings.max_upscale_pixels)
+    decoded = await asyncio.to_thread(decode_upload, body.image, "image", info,
+                                      ctx.settings.images.max_upscale_pixels)
     if decoded.alpha is not None and body.output_format == "jpeg":
         raise InvalidRequest("the image has an alpha channel and JPEG has none: ask for png or webp",
                              field="output_format", allowed=["png", "webp"])
@@ -169,20 +170,20 @@ def check_work(ctx: ServiceContext, pipeline, layout, tile_asked: bool = True) -
     """Before any model call: the request's bounds, each a 422 naming the limit, then the
     memory it needs against GENSERVE_MEMORY_LIMIT_MB (503)."""
     settings = ctx.settings
-    budget = settings.image_call_mb << 20
+    budget = settings.images.call_mb << 20
     row = pipeline.call_bytes(layout)
     if row is not None and row > budget:
         fit = int(layout.th * (budget / row) ** 0.5) // pipeline.info.size_multiple * pipeline.info.size_multiple
         raise InvalidRequest(
             f"a {layout.th}x{layout.tw} tile needs about {row >> 20} MB of model memory per call, more than "
-            f"GENSERVE_IMAGE_CALL_MB={settings.image_call_mb}: use tile <= {max(fit, MIN_TILE)}",
+            f"GENSERVE_IMAGE_CALL_MB={settings.images.call_mb}: use tile <= {max(fit, MIN_TILE)}",
             field="tile" if tile_asked else "image", limit=max(fit, MIN_TILE))
     seconds = pipeline.work_seconds(layout)
-    if settings.max_image_work_s and seconds is not None and seconds > settings.max_image_work_s:
+    if settings.images.max_work_s and seconds is not None and seconds > settings.images.max_work_s:
         raise InvalidRequest(
             f"this image is {layout.tiles} tiles of {layout.th}x{layout.tw}: about {seconds:.0f}s of model work at "
-            f"the measured cost, more than GENSERVE_MAX_IMAGE_WORK_S={settings.max_image_work_s}: send a smaller "
-            "image", field="image", limit=settings.max_image_work_s)
+            f"the measured cost, more than GENSERVE_MAX_IMAGE_WORK_S={settings.images.max_work_s}: send a smaller "
+            "image", field="image", limit=settings.images.max_work_s)
     if ctx.memory is not None:
         ctx.memory.check(f"a {layout.tiles}-tile {pipeline.info.task.replace('_', ' ')}",
                          pipeline.canvas_bytes(layout) + min(budget, row or 0) * pipeline.rows_per_call(layout))
@@ -270,7 +271,7 @@ def describe(ctx: ServiceContext) -> list[ModelDescription]:
             max_batch_size=spec.max_batch_size, inputs=tensors(spec.inputs), outputs=tensors(spec.outputs),
             parameters={"scale": info.scale, "architecture": info.architecture,
                         "input_channels": info.input_channels, "output_channels": info.output_channels,
-                        "max_output_pixels": ctx.settings.max_upscale_pixels,
+                        "max_output_pixels": ctx.settings.images.max_upscale_pixels,
                         "tile": {"default": info.tile, "min": max(MIN_TILE, info.size_minimum), "max": MAX_TILE,
                                  "multiple_of": info.size_multiple},
                         "tile_overlap": {"default": info.tile_overlap, "min": 0, "max": MAX_TILE_OVERLAP},
@@ -285,7 +286,7 @@ def check_upscale(ctx: ServiceContext, stage, height: int, width: int):
     """Before anything is generated: the stage's model is served and the upscaled size fits
     GENSERVE_MAX_UPSCALE_PIXELS. Returns (name, pipeline)."""
     name, pipeline = pick_model(ctx, stage.model, "/v1/upscale", field="upscale.model")
-    s, most = pipeline.info.scale, ctx.settings.max_upscale_pixels
+    s, most = pipeline.info.scale, ctx.settings.images.max_upscale_pixels
     if height * width * s * s > most:
         raise InvalidRequest(f"{width}x{height} images x{s} ({name}) would be {width * s}x{height * s} = "
                              f"{height * width * s * s} pixels, more than the {most} allowed "

@@ -55,9 +55,9 @@ class ServedModels(ModelList):
 async def list_models(ctx: ServiceContext = Depends(context)) -> ServedModels:
     """What is served: each model's pipeline, endpoint, tensors and request limits."""
     models = [m for describe in ctx.describers for m in describe(ctx)]
-    s = ctx.settings
+    s = ctx.settings.defaults
     status = getattr(ctx.backend, "shared_memory_status", None)
-    return ServedModels(default_models={group: getattr(s, f"default_{group}_model")
-                                        for group in families.default_models()}, models=models,
+    return ServedModels(default_models={group: getattr(s, group) for group in families.default_models()},
+                        models=models,
                         data=[OpenAIModel(id=m.name, created=STARTED) for m in models],
                         backend=ctx.backend.name, triton_shared_memory=status and SharedMemoryStatus(**status()))

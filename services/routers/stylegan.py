@@ -168,7 +168,7 @@ async def edit(body: GANEditRequest, ctx: ServiceContext = Depends(context)) -> 
 # -- helpers ---------------------------------------------------------------------------
 def _model(ctx: ServiceContext, model: str | None):
     """The named StyleGAN model; unnamed: the default GAN model if it is one, else the only one."""
-    name = model or ctx.settings.default_gan_model
+    name = model or ctx.settings.defaults.gan
     if model is None and name not in ctx.stylegan:
         name = next(iter(ctx.stylegan)) if len(ctx.stylegan) == 1 else ctx.model_name(None, "gan", ctx.stylegan)
     if name not in ctx.stylegan:

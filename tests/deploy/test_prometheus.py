@@ -23,7 +23,7 @@ import httpx
 import pytest
 import yaml
 
-from services.local_server import free_port
+from tests.fixtures.local_server import free_port
 
 pytestmark = pytest.mark.server
 

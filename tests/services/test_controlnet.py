@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from services.engine.engine import DiffusionEngine
+from services.engine.engine import DiffusionEngine, EngineConfig
 from services.engine.request import RequestStatus
 from services.pipelines.controlnet import ControlUnit
 from services.pipelines.pipeline_stable_diffusion import (
@@ -166,7 +166,7 @@ def test_a_mixed_batch_gives_each_request_its_image_alone(pipeline):
 
     async def main():
         alone = [(await pipeline(make(kw))).images for kw in requests]
-        engine = DiffusionEngine(pipeline, max_batch_rows=32, max_queued_image_steps=10_000, start_loop=False)
+        engine = DiffusionEngine(pipeline, EngineConfig(32, 10_000), start_loop=False)
         calls = []
         infer = pipeline.backend.infer
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from services.engine.cost_model import CostModel
-from services.engine.engine import DiffusionEngine
+from services.engine.engine import DiffusionEngine, EngineConfig
 from services.errors import InvalidRequest
 from services.pipelines.controlnet import zero_residuals
 from services.pipelines.pipeline_stable_diffusion import (
@@ -82,7 +82,7 @@ def test_interval_one_is_bit_equal_to_a_repository_exported_without_deepcache(ra
         assert np.array_equal(generate(pipeline, **kw, cache_interval=1), today)
         assert np.array_equal(generate(pipeline, **kw), today)
     # A repository without the shallow graph refuses caching by name, with the limit.
-    engine = DiffusionEngine(before, max_batch_rows=16, max_queued_image_steps=1000, start_loop=False)
+    engine = DiffusionEngine(before, EngineConfig(16, 1000), start_loop=False)
     with pytest.raises(InvalidRequest) as info:
         engine.submit(DiffusionRequest(prompt=PROMPT, cache_interval=2), timeout_s=60)
     assert info.value.field == "cache_interval" and info.value.limit == 1
@@ -147,7 +147,7 @@ def test_the_engine_batches_full_and_shallow_rows_of_different_requests(pipeline
     async def run():
         # A cost model that never learns: every iteration takes all the rows that fit, whatever this
         # machine's speed, so which requests share an iteration is the same everywhere.
-        engine = DiffusionEngine(pipeline, max_batch_rows=16, max_queued_image_steps=10_000, start_loop=False,
+        engine = DiffusionEngine(pipeline, EngineConfig(16, 10_000), start_loop=False,
                                  cost=CostModel(16, learn=False))
         handles = [engine.submit(r, timeout_s=600) for r in requests]
         backend.infer = recording
@@ -203,7 +203,7 @@ def test_a_shallow_graph_outage_falls_back_to_full_steps(pipeline):
               scheduler="ddim", seed=9)
 
     async def run():
-        engine = DiffusionEngine(pipeline, max_batch_rows=16, max_queued_image_steps=10_000, start_loop=False,
+        engine = DiffusionEngine(pipeline, EngineConfig(16, 10_000), start_loop=False,
                                  cost=CostModel(16, learn=False))
         backend.infer = no_shallow
         try:

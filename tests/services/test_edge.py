@@ -9,7 +9,7 @@ import time
 import httpx
 import pytest
 
-from services.local_server import LocalServer
+from tests.fixtures.local_server import LocalServer
 from tests.conftest import running_server
 
 pytestmark = pytest.mark.server

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from tritonclient.utils import InferenceServerException
 
-from services.engine.engine import DiffusionEngine
+from services.engine.engine import DiffusionEngine, EngineConfig
 from services.engine.request import EngineRequest, RequestStatus
 from services.engine.scheduler import QueueFull
 from services.errors import BackendUnavailable, InferenceFailed, InvalidRequest, NonFiniteOutput
@@ -73,8 +73,8 @@ def faulty(ort):
 
 def make_engine(backend, start_loop=False, **kw):
     models = discover_stable_diffusion(backend.models())["sd_random"]
-    kw = {"max_batch_rows": 32, "max_queued_image_steps": 10_000, **kw}
-    return DiffusionEngine(StableDiffusionPipeline(backend, models), start_loop=start_loop, **kw)
+    config = EngineConfig(**{"max_batch_rows": 32, "max_queued_image_steps": 10_000, **kw})
+    return DiffusionEngine(StableDiffusionPipeline(backend, models), config, start_loop=start_loop)
 
 
 # Three requests: two share the 16 px bucket (and so every U-Net call), one runs at 32 px.

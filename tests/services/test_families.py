@@ -31,6 +31,9 @@ def service(repository):
     with pytest.MonkeyPatch.context() as env:
         env.setenv("GENSERVE_MODEL_REPOSITORY", str(repository))
         env.setenv("GENSERVE_BACKEND", "onnxruntime")
+        # ONNX Runtime's process-wide pool, once made, refuses every later per-session one: the
+        # tests after this one in the process build backends with their own pools.
+        env.setenv("GENSERVE_ORT_THREAD_POOL", "per-session")
         for group in families.default_models():
             env.delenv(f"GENSERVE_DEFAULT_{group.upper()}_MODEL", raising=False)
         service = GenServe.inner()

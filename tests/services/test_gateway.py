@@ -8,7 +8,7 @@ import json
 import httpx
 import pytest
 
-from services.config import Rate, Settings
+from services.config import EdgeSettings, MemorySettings, Rate, Settings
 from services.gateway import Gateway, Route, client_var, request_id_var
 
 ROUTES = {
@@ -41,8 +41,8 @@ async def inner(scope, receive, send):
     await send({"type": "http.response.body", "body": payload.encode()})
 
 
-def make(**settings) -> Gateway:
-    return Gateway(inner, Settings(**settings), ROUTES)
+def make(memory: MemorySettings = MemorySettings(), **edge) -> Gateway:
+    return Gateway(inner, Settings(edge=EdgeSettings(**edge), memory=memory), ROUTES)
 
 
 def call(gateway, method, path, **kw) -> httpx.Response:
@@ -223,7 +223,7 @@ def test_settings_parse_rates_and_refuse_nonsense(monkeypatch):
     monkeypatch.setenv("GENSERVE_RATE_LIMIT", "20/s")
     monkeypatch.setenv("GENSERVE_CORS_ORIGINS", "https://a.example/, https://b.example")
     s = Settings.from_env()
-    assert s.rate_limit == Rate(20, 1.0) and s.cors_origins == ("https://a.example", "https://b.example")
+    assert s.edge.rate_limit == Rate(20, 1.0) and s.edge.cors_origins == ("https://a.example", "https://b.example")
     monkeypatch.setenv("GENSERVE_RATE_LIMIT", "lots")
     with pytest.raises(ValueError, match="GENSERVE_RATE_LIMIT"):
         Settings.from_env()
@@ -297,7 +297,7 @@ def test_new_work_is_refused_near_the_memory_limit():
     before its body is read (the pod is not OOM-killed); health and reads stay up."""
     from services.memory import MemoryGuard
 
-    gateway = make(memory_limit_mb=100)
+    gateway = make(memory=MemorySettings(limit_mb=100))
     used = {"rss": 50 << 20}
     gateway.memory = MemoryGuard(100 << 20, read_rss=lambda: used["rss"])
     assert call(gateway, "POST", "/v1/echo", json={"a": 1}).status_code == 200

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from services.local_server import LocalServer
+from tests.fixtures.local_server import LocalServer
 from tests.conftest import running_server
 
 pytestmark = pytest.mark.server

@@ -121,7 +121,7 @@ def test_pool_settings_that_onnxruntime_cannot_honour_are_refused(repository, mo
     monkeypatch.delenv("GENSERVE_BACKEND", raising=False)
     monkeypatch.setenv("GENSERVE_ORT_ALLOW_SPINNING", "0")  # alone: sleeping threads, so per-session pools
     settings = Settings.from_env()
-    assert (settings.ort_thread_pool, settings.ort_allow_spinning) == ("per-session", False)
+    assert (settings.ort.thread_pool, settings.ort.allow_spinning) == ("per-session", False)
     monkeypatch.setenv("GENSERVE_ORT_THREAD_POOL", "shared")  # both asked for: refused by name
     with pytest.raises(ValueError, match="GENSERVE_ORT_THREAD_POOL=per-session"):
         Settings.from_env()
@@ -130,14 +130,14 @@ def test_pool_settings_that_onnxruntime_cannot_honour_are_refused(repository, mo
     monkeypatch.delenv("GENSERVE_BACKEND")
     monkeypatch.setenv("GENSERVE_ORT_THREAD_POOL", "per-session")
     settings = Settings.from_env()
-    assert (settings.ort_thread_pool, settings.ort_allow_spinning) == ("per-session", False)
+    assert (settings.ort.thread_pool, settings.ort.allow_spinning) == ("per-session", False)
     monkeypatch.setenv("GENSERVE_ORT_THREAD_POOL", "global")
     with pytest.raises(ValueError, match="GENSERVE_ORT_THREAD_POOL must be one of shared, per-session"):
         Settings.from_env()
 
 
 def test_the_service_runs_the_shared_pool_by_default(repository):
-    assert Settings().ort_thread_pool == "shared"
+    assert Settings().ort.thread_pool == "shared"
     assert run_alone(SERVICE_DEFAULT, repository).strip() == "pools (0, 0)"
 
 
@@ -145,7 +145,7 @@ def test_the_engine_runs_a_lone_request_s_calls_on_its_own_thread(repository):
     """Serving one request, the step engine asks for latency first: the embedded backend runs
     its calls on the event loop's thread (after each model's first, which measures it); with
     two requests in flight, every call goes to a worker. Either way the images are the same."""
-    from services.engine.engine import DiffusionEngine
+    from services.engine.engine import DiffusionEngine, EngineConfig
     from services.pipelines.pipeline_stable_diffusion import (
         DiffusionRequest,
         StableDiffusionPipeline,
@@ -155,7 +155,7 @@ def test_the_engine_runs_a_lone_request_s_calls_on_its_own_thread(repository):
     def run(alone_inline_max_s):
         backend = OnnxRuntimeBackend(ModelRepository(repository), alone_inline_max_s=alone_inline_max_s)
         models = discover_stable_diffusion(backend.models())["sd_digits"]
-        engine = DiffusionEngine(StableDiffusionPipeline(backend, models), 16, 10**6, start_loop=False)
+        engine = DiffusionEngine(StableDiffusionPipeline(backend, models), EngineConfig(16, 10**6), start_loop=False)
         calls = []  # (thread, requests in the engine) per U-Net call
         real = backend._sessions[models.unet]
 

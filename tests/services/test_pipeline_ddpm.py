@@ -9,12 +9,13 @@ import numpy as np
 import pytest
 import torch
 
-from services.engine.engine import DiffusionEngine
+from services.engine.engine import DiffusionEngine, EngineConfig
 from services.pipelines.diffusion import DiffusionRequest, initial_latents
 from services.pipelines.pipeline_ddpm import pipelines
 from services.runtime.onnxruntime_backend import OnnxRuntimeBackend
 from services.runtime.repository import ModelRepository
 from tests.fixtures.ddpm_folder import build_random_ddpm_folder
+from tests.fixtures.engine import drain
 from tests.fixtures.images import psnr_signed as psnr
 
 pytestmark = pytest.mark.slow
@@ -92,16 +93,13 @@ def test_an_image_is_the_same_alone_or_batched_on_the_engine(variant):
     async def main():
         alone = await ours(DiffusionRequest(num_images=2, num_inference_steps=6, guidance_scale=0.0,
                                             scheduler="ddpm", seed=5, class_labels=labels(2, 1)))
-        engine = DiffusionEngine(ours, max_batch_rows=16, max_queued_image_steps=10_000, start_loop=False)
+        engine = DiffusionEngine(ours, EngineConfig(16, 10_000), start_loop=False)
         others = [engine.submit(DiffusionRequest(num_images=3, num_inference_steps=s, guidance_scale=0.0,
                                                  scheduler=sch, seed=100 + s, class_labels=labels(3, s)), 600)
                   for s, sch in ((4, "ddim"), (9, "ddpm"), (6, "euler"))]
         mine = engine.submit(DiffusionRequest(num_images=2, num_inference_steps=6, guidance_scale=0.0,
                                               scheduler="ddpm", seed=5, class_labels=labels(2, 1)), 600)
-        for _ in range(100):
-            if all(h.status.finished for h in (mine, *others)):
-                break
-            await engine.step()
+        await drain(engine, [mine, *others])
         return alone.images, mine.result.images
     alone, batched = asyncio.run(main())
     assert psnr(alone, batched) >= 50

@@ -13,6 +13,7 @@ from services.pipelines.diffusion import DiffusionRequest, PromptTooLong, initia
 from services.pipelines.pipeline_flux import image_ids, pack, pipelines, unpack
 from services.runtime.onnxruntime_backend import OnnxRuntimeBackend
 from services.runtime.repository import ModelRepository
+from tests.fixtures.engine import drain
 from tests.fixtures.flux_folder import build_random_flux_folder
 from tests.fixtures.images import psnr, to_uint8
 
@@ -117,7 +118,7 @@ def test_prompts_past_clip_are_truncated_there_as_diffusers_does_and_refused_pas
 def test_engine_batches_steps_sizes_of_one_bucket_and_guidance_and_equals_each_alone(variant):
     """Requests at different steps, step counts and guidance (one size) share transformer calls
     (per-sample sigmas and guidance); each image equals the request run alone."""
-    from services.engine.engine import DiffusionEngine
+    from services.engine.engine import DiffusionEngine, EngineConfig
 
     ours, _ = variant
     requests = [DiffusionRequest(prompt=p, num_images=n, num_inference_steps=s, guidance_scale=g,
@@ -127,7 +128,7 @@ def test_engine_batches_steps_sizes_of_one_bucket_and_guidance_and_equals_each_a
     calls: list[int] = []
 
     async def run():
-        engine = DiffusionEngine(ours, max_batch_rows=16, max_queued_image_steps=10_000, start_loop=False)
+        engine = DiffusionEngine(ours, EngineConfig(16, 10_000), start_loop=False)
         denoise = ours.denoise
 
         async def counting(inputs, keep_features=False):
@@ -137,10 +138,7 @@ def test_engine_batches_steps_sizes_of_one_bucket_and_guidance_and_equals_each_a
         ours.denoise = counting
         try:
             handles = [engine.submit(r, timeout_s=600) for r in requests]
-            for _ in range(100):
-                if all(h.status.finished for h in handles):
-                    break
-                await engine.step()
+            await drain(engine, handles)
             return [h.result for h in handles]
         finally:
             ours.denoise = denoise

@@ -12,11 +12,8 @@ from services.pipelines.pipeline_image_to_image import ImageToImagePipeline, ima
 from services.runtime.batching import AdaptiveBatcher
 from services.runtime.onnxruntime_backend import OnnxRuntimeBackend
 from services.runtime.repository import ModelRepository
+from tests.fixtures.images import psnr
 from tests.fixtures.sr_models import write_checkpoints
-
-
-def psnr(a, b, peak=1.0):
-    return 10 * np.log10(peak**2 / np.mean((a.astype(np.float64) - b) ** 2))
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +46,7 @@ def test_tiled_equals_untiled(repo, model):
     assert whole.tiles == 1 and whole.image.shape == (3, 61 * p.info.scale, 83 * p.info.scale)
     tiled = asyncio.run(p(image, tile=24, tile_overlap=8))
     assert tiled.tiles == len(tile_starts(61, 24, 8)) * len(tile_starts(83, 24, 8)) > 4
-    assert psnr(tiled.image, whole.image) >= 45.0
+    assert psnr(tiled.image, whole.image, peak=1.0) >= 45.0
 
 
 def test_tiles_of_one_request_and_of_concurrent_requests_share_calls(repo):
@@ -156,7 +153,7 @@ def test_a_call_slot_runs_one_image_call_at_a_time(repo):
 def test_work_and_tile_bounds_are_checked_before_work(repo):
     from types import SimpleNamespace
 
-    from services.config import Settings
+    from services.config import ImageSettings, Settings
     from services.errors import InvalidRequest, MemoryLimited
     from services.memory import MemoryGuard
     from services.routers.image_to_image import check_work
@@ -165,7 +162,7 @@ def test_work_and_tile_bounds_are_checked_before_work(repo):
     p.bytes_per_pixel, p.seconds_per_pixel = 100.0, 1e-6
     calls = []
     p._run = lambda tile: calls.append(tile)  # nothing may run
-    ctx = SimpleNamespace(settings=Settings(max_image_work_s=10, image_call_mb=64), memory=None)
+    ctx = SimpleNamespace(settings=Settings(images=ImageSettings(max_work_s=10, call_mb=64)), memory=None)
     check_work(ctx, p, p.layout(256, 256, 128))  # 9 tiles x 262k px x 1 us = 2.4 s: fine
     with pytest.raises(InvalidRequest) as work:
         check_work(ctx, p, p.layout(1024, 1024, 128))  # 81 tiles: 21 s

@@ -16,16 +16,11 @@ from services.pipelines.pipeline_stable_diffusion import (
 )
 from services.runtime.onnxruntime_backend import OnnxRuntimeBackend
 from services.runtime.repository import ModelRepository
+from tests.fixtures.images import psnr
 
 pytestmark = pytest.mark.slow
 
 PROMPT, NEGATIVE = "a photo of a red cat", "blue"
-
-
-def psnr(a: np.ndarray, b: np.ndarray) -> float:
-    """Images in [0, 1]."""
-    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
-    return float("inf") if mse == 0 else 10 * np.log10(1.0 / mse)
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +56,7 @@ def test_txt2img_matches_diffusers_given_the_documented_latents(pipeline, refere
     theirs = reference(PROMPT, negative_prompt=NEGATIVE, num_images_per_prompt=2, num_inference_steps=8,
                        guidance_scale=guidance, latents=latents, output_type="np").images
     assert ours.shape == theirs.shape == (2, 16, 16, 3)
-    assert psnr(ours, theirs) >= 35
+    assert psnr(ours, theirs, peak=1.0) >= 35
 
 
 def test_tokenizer_matches_diffusers_and_refuses_to_truncate(random_sd, reference):
@@ -102,7 +97,7 @@ def test_img2img_strength_controls_distance_from_the_input(pipeline):
     image = np.random.default_rng(0).uniform(-1, 1, (3, 16, 16)).astype(np.float32)
     kw = dict(prompt=PROMPT, num_inference_steps=10, guidance_scale=1.0, seed=2, init_image=image)
     source = vae_round_trip(pipeline, image, seed=2)
-    distances = [psnr(generate(pipeline, strength=s, **kw)[0], source) for s in (0.1, 0.5, 1.0)]
+    distances = [psnr(generate(pipeline, strength=s, **kw)[0], source, peak=1.0) for s in (0.1, 0.5, 1.0)]
     assert distances[0] > distances[1] > distances[2]
 
 
@@ -113,7 +108,7 @@ def test_inpaint_with_an_empty_mask_keeps_the_encoded_image(pipeline):
     np.testing.assert_allclose(kept[0], vae_round_trip(pipeline, image, seed=3), atol=1e-5)
     repainted = generate(pipeline, prompt=PROMPT, num_inference_steps=5, seed=3, init_image=image,
                          mask=np.ones((16, 16), np.float32), strength=1.0)
-    assert psnr(repainted[0], kept[0]) < 30
+    assert psnr(repainted[0], kept[0], peak=1.0) < 30
 
 
 @pytest.fixture(scope="module")
@@ -143,4 +138,4 @@ def test_demo_txt2img_matches_diffusers(demo, scheduler, guidance):
     theirs = reference(prompt, num_images_per_prompt=2, num_inference_steps=10, guidance_scale=guidance,
                        latents=latents, output_type="np").images
     assert ours.shape == theirs.shape == (2, 32, 32, 1)
-    assert psnr(ours, theirs) >= 35
+    assert psnr(ours, theirs, peak=1.0) >= 35

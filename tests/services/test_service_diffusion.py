@@ -12,6 +12,7 @@ import pytest
 from PIL import Image
 
 from tests.conftest import running_server
+from tests.fixtures.family_tests import BadRequest, FamilyServiceTests
 
 pytestmark = pytest.mark.server
 
@@ -96,30 +97,6 @@ def test_deepcache_over_http(server):
     assert r.status_code == 200, r.text
 
 
-@pytest.mark.parametrize("path, body, field", [
-    ("/v1/txt2img", {"prompt": ""}, "prompt"),
-    ("/v1/txt2img", {"prompt": "   "}, "prompt"),
-    ("/v1/txt2img", {"prompt": "7", "num_inference_steps": 1000}, "num_inference_steps"),
-    ("/v1/txt2img", {"prompt": "7", "guidance_scale": -1}, "guidance_scale"),
-    ("/v1/txt2img", {"prompt": "7", "height": 33}, "height"),
-    ("/v1/txt2img", {"prompt": "7", "width": 4096}, "width"),
-    ("/v1/txt2img", {"prompt": "7", "scheduler": "lms"}, "scheduler"),
-    ("/v1/txt2img", {"prompt": "seven " * 40}, "prompt"),
-    ("/v1/txt2img", {"prompt": "7", "num_images": 9}, "num_images"),
-    ("/v1/txt2img", {"prompt": "7", "timeout_s": 100000}, "timeout_s"),
-    ("/v1/img2img", {"prompt": "7", "image": "aGVsbG8="}, "image"),
-    ("/v1/img2img", {"prompt": "7", "image": "not base64!"}, "image"),
-    ("/v1/txt2img", {"prompt": "7", "model": "nope"}, "model"),
-    ("/v1/txt2img", {"prompt": "7", "cache_interval": 0}, "cache_interval"),
-    ("/v1/txt2img", {"prompt": "7", "cache_interval": 11}, "cache_interval"),
-    ("/v1/img2img", {"prompt": "7", "image": "aGVsbG8=", "cache_interval": 11}, "cache_interval"),
-])
-def test_bad_input_gets_a_4xx_naming_the_field(server, path, body, field):
-    r = post(server, path, body)
-    assert 400 <= r.status_code < 500, r.text
-    assert r.json()["error"]["field"] == field
-
-
 def test_mask_of_another_size_is_refused(server):
     png = io.BytesIO()
     Image.fromarray(np.zeros((32, 32), np.uint8)).save(png, format="PNG")
@@ -128,25 +105,6 @@ def test_mask_of_another_size_is_refused(server):
     r = post(server, "/v1/inpaint", {"prompt": "7", "image": base64.b64encode(png.getvalue()).decode(),
                                      "mask": base64.b64encode(small.getvalue()).decode()})
     assert r.status_code == 422 and r.json()["error"]["field"] == "mask"
-
-
-def test_stream_sends_progress_previews_and_the_result(server):
-    events = []
-    body = {"prompt": "a handwritten digit two", "seed": 3, "num_inference_steps": 6, "preview_every": 3}
-    with httpx.stream("POST", f"{server.url}/v1/txt2img/stream", json=body, timeout=120) as r:
-        assert r.headers["content-type"].startswith("text/event-stream")
-        name = None
-        for line in r.iter_lines():
-            if line.startswith("event: "):
-                name = line[7:]
-            elif line.startswith("data: "):
-                events.append((name, json.loads(line[6:])))
-    names = [n for n, _ in events]
-    assert names == ["progress"] * 3 + ["preview"] + ["progress"] * 3 + ["result"]
-    assert [d["step"] for n, d in events if n == "progress"] == [1, 2, 3, 4, 5, 6]
-    result = events[-1][1]
-    plain = post(server, "/v1/txt2img", {k: v for k, v in body.items() if k != "preview_every"}).json()
-    assert result["images"][0]["data"] == plain["images"][0]["data"]
 
 
 def test_a_client_that_hangs_up_is_cancelled(server):
@@ -197,3 +155,30 @@ def test_a_full_queue_answers_429_at_once(small_queue_server):
     assert metric(small_queue_server, "genserve_engine_best_rows", model="sd_digits") >= 1
     assert metric(small_queue_server, "genserve_engine_cost_seconds", model="sd_digits", rows="16") > 0
     assert metric(small_queue_server, "genserve_engine_first_step_seconds_count", model="sd_digits") >= 1
+
+
+class TestStableDiffusionFamily(FamilyServiceTests):
+    model, pipeline, path = "sd_digits", "stable_diffusion", "/v1/txt2img"
+    request = {"prompt": "a handwritten digit two"}
+    bad_requests = (
+        BadRequest({"prompt": ""}, "prompt"),
+        BadRequest({"prompt": "   "}, "prompt"),
+        BadRequest({"prompt": "7", "num_inference_steps": 1000}, "num_inference_steps"),
+        BadRequest({"prompt": "7", "guidance_scale": -1}, "guidance_scale"),
+        BadRequest({"prompt": "7", "height": 33}, "height"),
+        BadRequest({"prompt": "7", "width": 4096}, "width"),
+        BadRequest({"prompt": "7", "scheduler": "lms"}, "scheduler"),
+        BadRequest({"prompt": "seven " * 40}, "prompt"),
+        BadRequest({"prompt": "7", "num_images": 9}, "num_images"),
+        BadRequest({"prompt": "7", "timeout_s": 100000}, "timeout_s"),
+        BadRequest({"prompt": "7", "image": "aGVsbG8="}, "image", path="/v1/img2img"),
+        BadRequest({"prompt": "7", "image": "not base64!"}, "image", path="/v1/img2img"),
+        BadRequest({"prompt": "7", "model": "nope"}, "model", status=404),
+        BadRequest({"prompt": "7", "cache_interval": 0}, "cache_interval"),
+        BadRequest({"prompt": "7", "cache_interval": 11}, "cache_interval"),
+        BadRequest({"prompt": "7", "image": "aGVsbG8=", "cache_interval": 11}, "cache_interval", path="/v1/img2img"),
+    )
+
+    @pytest.fixture
+    def service(self, server):
+        return server

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from tests.conftest import running_server
+from tests.fixtures.family_tests import BadRequest, FamilyServiceTests
 
 pytestmark = [pytest.mark.server, pytest.mark.slow]
 
@@ -32,7 +33,6 @@ def flux_server(flux_repository, tmp_path_factory):
 
 def test_listed_as_flux_with_its_sampler_and_guidance(flux_server):
     [model] = httpx.get(f"{flux_server.url}/v1/models").json()["models"]
-    assert model["name"] == NAME and model["pipeline"] == "flux"
     p = model["parameters"]
     assert p["schedulers"] == ["flow_match_euler"] and p["default_scheduler"] == "flow_match_euler"
     assert p["guidance_scale"]["default"] == 3.5 and p["guidance_scale"]["meaning"] == "embedded"
@@ -66,15 +66,6 @@ def test_txt2img_applies_the_models_defaults_and_equals_the_pipeline(flux_server
     assert np.array_equal(served, expected)
 
 
-def test_stream_sends_progress_previews_and_the_result(flux_server):
-    with httpx.stream("POST", f"{flux_server.url}/v1/txt2img/stream", timeout=120,
-                      json={"prompt": "a small digit", "seed": 1, "num_inference_steps": 4, "preview_every": 2}) as s:
-        events = [line for line in s.iter_lines() if line.startswith("event: ")]
-    # a preview after step 2; after step 4 comes the result itself
-    assert events.count("event: progress") == 4 and events.count("event: preview") == 1
-    assert events[-1] == "event: result"
-
-
 def test_img2img_and_inpaint_serve_flux_with_its_strength_rounding(flux_server):
     txt = httpx.post(f"{flux_server.url}/v1/txt2img", json={"prompt": "a small digit", "seed": 2,
                                                            "num_inference_steps": 3}, timeout=120).json()
@@ -99,18 +90,21 @@ def test_img2img_and_inpaint_serve_flux_with_its_strength_rounding(flux_server):
     assert np.abs(after[:, :8] - before[:, :8]).mean() < np.abs(after[:, 16:] - before[:, 16:]).mean()
 
 
-@pytest.mark.parametrize("path, body, field", [
-    ("/v1/txt2img", {"prompt": "a cat", "scheduler": "ddim"}, "scheduler"),
-    ("/v1/txt2img", {"prompt": " ".join(["red"] * 40)}, "prompt"),
-    ("/v1/txt2img", {"prompt": "a cat", "height": 18}, "height"),
-    ("/v1/txt2img", {"prompt": "a cat", "negative_prompt": "blue"}, "negative_prompt"),  # would be ignored
-    ("/v1/txt2img", {"prompt": "a cat", "cache_interval": 2}, "cache_interval"),  # no shallow graph: DeepCache is U-Nets'
-    ("/v1/img2img", {"prompt": "a cat", "image": base64.b64encode(b"x" * 10).decode()}, "image"),
-])
-def test_refusals_name_the_field(flux_server, path, body, field):
-    r = httpx.post(f"{flux_server.url}{path}", json=body, timeout=60)
-    assert r.status_code == 422, r.text
-    assert r.json()["error"]["field"] == field
+class TestFluxFamily(FamilyServiceTests):
+    model, pipeline, path = NAME, "flux", "/v1/txt2img"
+    request = {"prompt": "a small digit"}
+    bad_requests = (
+        BadRequest({"prompt": "a cat", "scheduler": "ddim"}, "scheduler"),
+        BadRequest({"prompt": " ".join(["red"] * 40)}, "prompt"),
+        BadRequest({"prompt": "a cat", "height": 18}, "height"),
+        BadRequest({"prompt": "a cat", "negative_prompt": "blue"}, "negative_prompt"),  # would be ignored
+        BadRequest({"prompt": "a cat", "cache_interval": 2}, "cache_interval"),  # no shallow graph: DeepCache is U-Nets'
+        BadRequest({"prompt": "a cat", "image": base64.b64encode(b"x" * 10).decode()}, "image", path="/v1/img2img"),
+    )
+
+    @pytest.fixture
+    def service(self, flux_server):
+        return flux_server
 
 
 @pytest.fixture(scope="module")

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from tests.fixtures.images import psnr
 from tests.fixtures.triton import start_triton
 
 pytestmark = pytest.mark.server
@@ -20,11 +21,6 @@ pytestmark = pytest.mark.server
 
 def pixels(body: dict) -> np.ndarray:
     return np.stack([np.asarray(Image.open(io.BytesIO(base64.b64decode(i["data"])))) for i in body["images"]])
-
-
-def psnr(a: np.ndarray, b: np.ndarray) -> float:
-    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
-    return float("inf") if mse == 0 else 10 * np.log10(255.0**2 / mse)
 
 
 def post(service, path: str, body: dict) -> httpx.Response:

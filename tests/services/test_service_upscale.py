@@ -17,6 +17,7 @@ import torch
 from PIL import Image
 
 from tests.conftest import running_server
+from tests.fixtures.images import psnr
 from tests.fixtures.sr_models import build, write_checkpoints
 
 pytestmark = pytest.mark.server
@@ -92,10 +93,6 @@ def photo(h: int, w: int, seed: int = 0) -> np.ndarray:
     y, x = np.mgrid[0:h, 0:w]
     base = np.stack([np.sin(x / 5.0 + c) * np.cos(y / 7.0 - c) for c in range(3)], axis=2) * 90 + 128
     return np.clip(base + rng.normal(0, 12, base.shape), 0, 255).astype(np.uint8)
-
-
-def psnr(a: np.ndarray, b: np.ndarray) -> float:
-    return float(10 * np.log10(255.0**2 / np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)))
 
 
 @pytest.mark.parametrize("kind,scale", [("esrgan", 4), ("compact", 2)])

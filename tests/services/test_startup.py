@@ -8,7 +8,7 @@ import pytest
 from services.config import Settings
 from services.context import ServiceContext
 from services.errors import InvalidRequest
-from services.local_server import LocalServer
+from tests.fixtures.local_server import LocalServer
 from services.service import GenServe
 
 
@@ -22,7 +22,7 @@ def test_an_unset_default_with_several_models_served_leaves_no_default(monkeypat
     monkeypatch.delenv("GENSERVE_DEFAULT_VAE_MODEL", raising=False)
     ctx = context(hid_sdxl=object(), hid_vae=object())
     GenServe.inner._check_defaults(ctx)
-    assert ctx.settings.default_vae_model is None
+    assert ctx.settings.defaults.vae is None
     with pytest.raises(InvalidRequest) as refused:
         ctx.model_name(None, "vae", ctx.vae)
     assert refused.value.field == "model" and refused.value.allowed == ["hid_sdxl", "hid_vae"]

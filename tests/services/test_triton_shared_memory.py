@@ -15,7 +15,7 @@ import pytest
 
 from services.config import Settings
 from services.errors import BackendUnavailable
-from services.local_server import LocalServer, free_port
+from tests.fixtures.local_server import LocalServer, free_port
 from services.pipelines.controlnet import zero_residuals
 from services.runtime.repository import ModelRepository
 from services.runtime.triton_backend import TritonBackend
@@ -235,9 +235,9 @@ def test_shared_memory_lost_for_good_mid_run(specs, url, triton, tmp_path, mode)
 
 def test_the_setting(monkeypatch):
     monkeypatch.setenv("GENSERVE_TRITON_SHARED_MEMORY", "Required")
-    assert Settings.from_env().triton_shared_memory == "required"
+    assert Settings.from_env().triton.shared_memory == "required"
     monkeypatch.delenv("GENSERVE_TRITON_SHARED_MEMORY")
-    assert Settings.from_env().triton_shared_memory == "auto"
+    assert Settings.from_env().triton.shared_memory == "auto"
     monkeypatch.setenv("GENSERVE_TRITON_SHARED_MEMORY", "sometimes")
     with pytest.raises(ValueError, match="GENSERVE_TRITON_SHARED_MEMORY must be one of auto, off, required"):
         Settings.from_env()

@@ -7,17 +7,14 @@ import pytest
 import torch
 
 from services.schedulers import DDIMScheduler
-
-
-def pair(config, **overrides):
-    return DDIMScheduler.from_config(config, **overrides), diffusers.DDIMScheduler.from_config(config, **overrides)
+from tests.fixtures.schedulers import scheduler_pair
 
 
 @pytest.mark.parametrize("steps", [1, 10, 25])
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
 @pytest.mark.parametrize("config", ["sd15", "linear_trailing"])
 def test_matches_diffusers(check_parity, configs, config, prediction_type, steps):
-    check_parity(*pair(configs[config], prediction_type=prediction_type), steps)
+    check_parity(*scheduler_pair(DDIMScheduler, configs[config], prediction_type=prediction_type), steps)
 
 
 @pytest.mark.parametrize(
@@ -31,21 +28,21 @@ def test_matches_diffusers(check_parity, configs, config, prediction_type, steps
     ],
 )
 def test_options_match_diffusers(check_parity, configs, overrides):
-    check_parity(*pair(configs["sd15"], **overrides), 10)
+    check_parity(*scheduler_pair(DDIMScheduler, configs["sd15"], **overrides), 10)
 
 
 @pytest.mark.parametrize("steps", [1, 10])
 def test_eta_noise_matches_diffusers(check_parity, configs, steps):
-    ours, reference = pair(configs["sd15"])
+    ours, reference = scheduler_pair(DDIMScheduler, configs["sd15"])
     check_parity(ours, reference, steps, seeds=[3, 4], diffusers_module=reference_module, step_kwargs={"eta": 1.0})
 
 
 def test_img2img_matches_diffusers(check_parity, configs):
-    check_parity(*pair(configs["sd15"]), 25, start_index=10)
+    check_parity(*scheduler_pair(DDIMScheduler, configs["sd15"]), 25, start_index=10)
 
 
 def test_add_noise_matches_diffusers(configs):
-    ours, reference = pair(configs["sd15"])
+    ours, reference = scheduler_pair(DDIMScheduler, configs["sd15"])
     rng = np.random.default_rng(0)
     x0, noise = rng.standard_normal((2, 2, 3, 3, 4), dtype=np.float32)
     t = np.array([999, 17])

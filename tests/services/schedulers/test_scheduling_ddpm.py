@@ -7,19 +7,16 @@ import pytest
 import torch
 
 from services.schedulers import DDPMScheduler
+from tests.fixtures.schedulers import scheduler_pair
 
 SEEDS = [21, 22]
-
-
-def pair(config, **overrides):
-    return DDPMScheduler.from_config(config, **overrides), diffusers.DDPMScheduler.from_config(config, **overrides)
 
 
 @pytest.mark.parametrize("steps", [1, 10, 25])
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
 @pytest.mark.parametrize("config", ["sd15", "linear_trailing"])
 def test_matches_diffusers(check_parity, configs, config, prediction_type, steps):
-    ours, reference = pair(configs[config], prediction_type=prediction_type)
+    ours, reference = scheduler_pair(DDPMScheduler, configs[config], prediction_type=prediction_type)
     check_parity(ours, reference, steps, seeds=SEEDS, diffusers_module=reference_module)
 
 
@@ -33,7 +30,7 @@ def test_matches_diffusers(check_parity, configs, config, prediction_type, steps
     ],
 )
 def test_options_match_diffusers(check_parity, configs, overrides):
-    ours, reference = pair(configs["sd15"], **overrides)
+    ours, reference = scheduler_pair(DDPMScheduler, configs["sd15"], **overrides)
     check_parity(ours, reference, 10, seeds=SEEDS, diffusers_module=reference_module)
 
 
@@ -55,7 +52,7 @@ def test_step_at_t0_draws_no_noise(configs):
 
 
 def test_add_noise_matches_diffusers(configs):
-    ours, reference = pair(configs["linear_trailing"])
+    ours, reference = scheduler_pair(DDPMScheduler, configs["linear_trailing"])
     rng = np.random.default_rng(0)
     x0, noise = rng.standard_normal((2, 2, 3, 4, 4), dtype=np.float32)
     t = np.array([500, 3])

@@ -6,13 +6,7 @@ import pytest
 import torch
 
 from services.schedulers import DPMSolverMultistepScheduler
-
-
-def pair(config, **overrides):
-    return (
-        DPMSolverMultistepScheduler.from_config(config, **overrides),
-        diffusers.DPMSolverMultistepScheduler.from_config(config, **overrides),
-    )
+from tests.fixtures.schedulers import scheduler_pair
 
 
 @pytest.mark.parametrize("steps", [1, 10, 25])
@@ -22,7 +16,7 @@ def pair(config, **overrides):
 def test_matches_diffusers(check_parity, configs, config, spacing, prediction_type, steps):
     if config == "linear_trailing":
         spacing = "trailing" if spacing == "leading" else spacing
-    check_parity(*pair(configs[config], timestep_spacing=spacing, prediction_type=prediction_type), steps)
+    check_parity(*scheduler_pair(DPMSolverMultistepScheduler, configs[config], timestep_spacing=spacing, prediction_type=prediction_type), steps)
 
 
 @pytest.mark.parametrize(
@@ -40,15 +34,15 @@ def test_matches_diffusers(check_parity, configs, config, spacing, prediction_ty
 )
 @pytest.mark.parametrize("steps", [10, 20])
 def test_options_match_diffusers(check_parity, configs, overrides, steps):
-    check_parity(*pair(configs["sd15"], **overrides), steps)
+    check_parity(*scheduler_pair(DPMSolverMultistepScheduler, configs["sd15"], **overrides), steps)
 
 
 def test_img2img_matches_diffusers(check_parity, configs):
-    check_parity(*pair(configs["sd15"]), 25, start_index=10)
+    check_parity(*scheduler_pair(DPMSolverMultistepScheduler, configs["sd15"]), 25, start_index=10)
 
 
 def test_add_noise_matches_diffusers(configs):
-    ours, reference = pair(configs["sd15"])
+    ours, reference = scheduler_pair(DPMSolverMultistepScheduler, configs["sd15"])
     ours.set_timesteps(10)
     reference.set_timesteps(10)
     rng = np.random.default_rng(0)

@@ -6,15 +6,9 @@ import numpy as np
 import pytest
 
 from services.schedulers import EulerAncestralDiscreteScheduler
+from tests.fixtures.schedulers import scheduler_pair
 
 SEEDS = [11, 12]
-
-
-def pair(config, **overrides):
-    return (
-        EulerAncestralDiscreteScheduler.from_config(config, **overrides),
-        diffusers.EulerAncestralDiscreteScheduler.from_config(config, **overrides),
-    )
 
 
 @pytest.mark.parametrize("steps", [1, 10, 25])
@@ -24,16 +18,16 @@ def pair(config, **overrides):
 def test_matches_diffusers(check_parity, configs, config, spacing, prediction_type, steps):
     if config == "linear_trailing":
         spacing = "trailing" if spacing == "leading" else spacing
-    ours, reference = pair(configs[config], timestep_spacing=spacing, prediction_type=prediction_type)
+    ours, reference = scheduler_pair(EulerAncestralDiscreteScheduler, configs[config], timestep_spacing=spacing, prediction_type=prediction_type)
     check_parity(ours, reference, steps, seeds=SEEDS, diffusers_module=reference_module)
 
 
 def test_cosine_schedule_matches_diffusers(check_parity, configs):
-    check_parity(*pair(configs["cosine_linspace"]), 10, seeds=SEEDS, diffusers_module=reference_module)
+    check_parity(*scheduler_pair(EulerAncestralDiscreteScheduler, configs["cosine_linspace"]), 10, seeds=SEEDS, diffusers_module=reference_module)
 
 
 def test_img2img_matches_diffusers(check_parity, configs):
-    ours, reference = pair(configs["sd15"], timestep_spacing="leading")
+    ours, reference = scheduler_pair(EulerAncestralDiscreteScheduler, configs["sd15"], timestep_spacing="leading")
     check_parity(ours, reference, 25, seeds=SEEDS, diffusers_module=reference_module, start_index=10)
 
 

@@ -6,13 +6,7 @@ import pytest
 import torch
 
 from services.schedulers import EulerDiscreteScheduler
-
-
-def pair(config, **overrides):
-    return (
-        EulerDiscreteScheduler.from_config(config, **overrides),
-        diffusers.EulerDiscreteScheduler.from_config(config, **overrides),
-    )
+from tests.fixtures.schedulers import scheduler_pair
 
 
 @pytest.mark.parametrize("steps", [1, 10, 25])
@@ -22,7 +16,7 @@ def pair(config, **overrides):
 def test_matches_diffusers(check_parity, configs, config, spacing, prediction_type, steps):
     if config == "linear_trailing":
         spacing = "trailing" if spacing == "leading" else spacing
-    check_parity(*pair(configs[config], timestep_spacing=spacing, prediction_type=prediction_type), steps)
+    check_parity(*scheduler_pair(EulerDiscreteScheduler, configs[config], timestep_spacing=spacing, prediction_type=prediction_type), steps)
 
 
 @pytest.mark.parametrize(
@@ -36,23 +30,23 @@ def test_matches_diffusers(check_parity, configs, config, spacing, prediction_ty
     ],
 )
 def test_options_match_diffusers(check_parity, configs, overrides):
-    check_parity(*pair(configs["sd15"], **overrides), 10)
+    check_parity(*scheduler_pair(EulerDiscreteScheduler, configs["sd15"], **overrides), 10)
 
 
 def test_zero_terminal_snr_matches_diffusers(check_parity, configs):
     # The terminal sigma is clamped to sqrt(2^24) = 4096: latents start near 4096, where one float32
     # ulp is 5e-4, so the bound is scaled to that magnitude.
     overrides = {"prediction_type": "v_prediction", "rescale_betas_zero_snr": True, "timestep_spacing": "trailing"}
-    check_parity(*pair(configs["sd15"], **overrides), 10, atol=4096 * 1e-6)
+    check_parity(*scheduler_pair(EulerDiscreteScheduler, configs["sd15"], **overrides), 10, atol=4096 * 1e-6)
 
 
 @pytest.mark.parametrize("spacing", ["leading", "linspace"])
 def test_img2img_matches_diffusers(check_parity, configs, spacing):
-    check_parity(*pair(configs["sd15"], timestep_spacing=spacing), 25, start_index=10)
+    check_parity(*scheduler_pair(EulerDiscreteScheduler, configs["sd15"], timestep_spacing=spacing), 25, start_index=10)
 
 
 def test_add_noise_matches_diffusers(configs):
-    ours, reference = pair(configs["sd15"])
+    ours, reference = scheduler_pair(EulerDiscreteScheduler, configs["sd15"])
     ours.set_timesteps(10)
     reference.set_timesteps(10)
     rng = np.random.default_rng(0)
