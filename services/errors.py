@@ -2,6 +2,8 @@
 
     HTTP status + {"error": {"code", "message", "field"?, "limit"?, "allowed"?, "request_id"}}
 
+These are the domain's errors, raised by pipelines, engines and request checks that know
+nothing of HTTP; the HTTP layer (services.http.STATUS) gives each its status.
 `message` says what to change; `field` and `limit` say where and how far. What only the
 operator should see (addresses, a backend's own error text) goes in `detail`: logged with
 the request id, never answered.
@@ -13,7 +15,6 @@ from typing import Any
 
 
 class ServiceError(Exception):
-    status: int = 500
     code: str = "internal_error"
 
     def __init__(self, message: str, *, field: str | None = None, limit: Any = None,
@@ -42,12 +43,10 @@ class ServiceError(Exception):
 
 
 class InvalidRequest(ServiceError):
-    status = 422
     code = "invalid_request"
 
 
 class ModelNotFound(ServiceError):
-    status = 404
     code = "model_not_found"
 
 
@@ -57,7 +56,6 @@ class BackendUnavailable(ServiceError):
     Not the request's fault: the same request may succeed later, hence Retry-After
     (`retry_after_s`, 2 s unless the raiser knows better)."""
 
-    status = 503
     code = "backend_unavailable"
 
     def __init__(self, message: str, *, retry_after_s: int = 2, **kwargs: Any):
@@ -75,7 +73,6 @@ class MemoryLimited(BackendUnavailable):
 class InferenceFailed(ServiceError):
     """The backend answered with an error for a well-formed request."""
 
-    status = 500
     code = "inference_failed"
 
 
@@ -89,19 +86,16 @@ class NonFiniteOutput(InferenceFailed):
 class TooManyRequests(ServiceError):
     """Back-pressure: the queue is full. Carries Retry-After."""
 
-    status = 429
     code = "queue_full"
 
 
 class DeadlineExceeded(ServiceError):
-    status = 504
     code = "deadline_exceeded"
 
 
 class ClientDisconnected(ServiceError):
     """The client hung up; its request was cancelled. Nobody reads this answer."""
 
-    status = 499
     code = "client_disconnected"
 
     def __init__(self):
@@ -111,5 +105,4 @@ class ClientDisconnected(ServiceError):
 class RateLimited(ServiceError):
     """A key (or client) spent its rate limit. Carries Retry-After."""
 
-    status = 429
     code = "rate_limited"

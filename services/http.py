@@ -9,7 +9,17 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException
 
-from services.errors import ServiceError
+from services.errors import (
+    BackendUnavailable,
+    ClientDisconnected,
+    DeadlineExceeded,
+    InferenceFailed,
+    InvalidRequest,
+    ModelNotFound,
+    RateLimited,
+    ServiceError,
+    TooManyRequests,
+)
 from services.gateway import request_id_var
 
 log = logging.getLogger("genserve")
@@ -116,9 +126,20 @@ def _validation_body(exc: RequestValidationError, request_id: str) -> dict:
     return {"error": error}
 
 
+# Each domain error's HTTP status (services.errors); a subclass has its nearest listed base's.
+STATUS: dict[type[ServiceError], int] = {
+    InvalidRequest: 422, ModelNotFound: 404, RateLimited: 429, TooManyRequests: 429, ClientDisconnected: 499,
+    InferenceFailed: 500, BackendUnavailable: 503, DeadlineExceeded: 504, ServiceError: 500,
+}
+
+
+def http_status(exc: ServiceError) -> int:
+    return next(STATUS[cls] for cls in type(exc).__mro__ if cls in STATUS)
+
+
 def log_fault(exc: ServiceError) -> None:
     """A server-side failure (5xx) goes to the log with its detail; the client sees the message."""
-    if exc.status >= 500:
+    if http_status(exc) >= 500:
         log.error("request_id=%s %s: %s", request_id_var.get(), exc.code, exc)
 
 
@@ -147,7 +168,7 @@ def install_error_handlers(app: FastAPI, on_error=None) -> None:
     @app.exception_handler(ServiceError)
     async def _service_error(request: Request, exc: ServiceError):
         log_fault(exc)
-        return respond(request, exc.status, exc.code, exc.body(request_id_var.get()), exc.headers)
+        return respond(request, http_status(exc), exc.code, exc.body(request_id_var.get()), exc.headers)
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception):

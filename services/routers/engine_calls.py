@@ -23,7 +23,7 @@ from services.errors import (
     TooManyRequests,
 )
 from services.gateway import client_var, request_id_var
-from services.http import EventStream, log_fault
+from services.http import EventStream, http_status, log_fault
 
 # How often a waiting request checks whether its client went away.
 DISCONNECT_POLL_S = 0.1
@@ -98,6 +98,6 @@ def stream(ctx: ServiceContext, engine, handle, respond: Callable[[], object], p
             yield sse("result", response.model_dump())
         except ServiceError as exc:
             log_fault(exc)
-            yield sse("error", {**exc.body(request_id_var.get()), "status": exc.status})
+            yield sse("error", {**exc.body(request_id_var.get()), "status": http_status(exc)})
 
     return EventStream(events(), on_close=lambda: engine.cancel(handle))

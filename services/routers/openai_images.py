@@ -48,7 +48,7 @@ from services.context import ServiceContext, context
 from services.diffusion_requests import check_sides
 from services.errors import InvalidRequest, ModelNotFound, ServiceError
 from services.gateway import request_id_var
-from services.http import EventStream, log_fault, parse_body
+from services.http import EventStream, http_status, log_fault, parse_body
 from services.routers import diffusion, engine_calls
 from services.schemas import (
     MAX_DIFFUSION_IMAGES,
@@ -389,7 +389,7 @@ def _stream(ctx, engine, handle, respond, meta: dict, partial: int, prefix: str)
             result = await asyncio.to_thread(respond)
         except ServiceError as exc:
             log_fault(exc)
-            yield _sse("error", {"type": "error", **openai_error(exc.status, exc.body(request_id_var.get()))})
+            yield _sse("error", {"type": "error", **openai_error(http_status(exc), exc.body(request_id_var.get()))})
             return
         usage = {"input_tokens": 0, "input_tokens_details": {"image_tokens": 0, "text_tokens": 0},
                  "output_tokens": 0, "total_tokens": 0}

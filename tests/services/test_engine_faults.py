@@ -13,6 +13,7 @@ from services.engine.engine import DiffusionEngine, EngineConfig
 from services.engine.request import EngineRequest, RequestStatus
 from services.engine.scheduler import QueueFull
 from services.errors import BackendUnavailable, InferenceFailed, InvalidRequest, NonFiniteOutput
+from services.http import http_status
 from services.pipelines.pipeline_gan import GANPipeline
 from services.pipelines.pipeline_stable_diffusion import StableDiffusionPipeline, discover_stable_diffusion
 from services.runtime.base import InferenceBackend
@@ -151,7 +152,7 @@ def test_non_finite_latents_fail_their_request_with_a_clear_error(faulty):
         faulty.corrupt = nan_rows
         await drain(engine, [*handles, bad])
         assert bad.status == RequestStatus.FINISHED_ERROR
-        assert isinstance(bad.error, NonFiniteOutput) and bad.error.status == 500
+        assert isinstance(bad.error, NonFiniteOutput) and http_status(bad.error) == 500
         assert "non-finite" in bad.error.message
         assert_same_images(handles, expected)
     asyncio.run(main())
@@ -264,7 +265,7 @@ def test_a_deadline_that_passes_during_an_outage_answers_503(faulty):
         waited = time.monotonic() - start
         await engine.close()
         assert handle.status == RequestStatus.FINISHED_ERROR
-        assert isinstance(handle.error, BackendUnavailable) and handle.error.status == 503
+        assert isinstance(handle.error, BackendUnavailable) and http_status(handle.error) == 503
         assert handle.error.headers["Retry-After"] == "2"
         assert 0.6 <= waited < 1.5  # the back-off wakes up for the deadline
         assert faulty.calls.count("sd_random_text_encoder") < 10  # backed off
@@ -455,7 +456,7 @@ def test_gan_retries_once_after_an_outage_then_answers_503():
 def test_triton_errors_are_classified(status, message, unavailable, reconnect):
     error, fresh = classify_error(InferenceServerException(message, status=status), "triton:8001", "m")
     assert isinstance(error, BackendUnavailable if unavailable else InferenceFailed)
-    assert error.status == (503 if unavailable else 500)
+    assert http_status(error) == (503 if unavailable else 500)
     # Triton's own words and its address go to the log (detail), never to the client.
     assert message in error.detail and "triton:8001" in str(error)
     assert message not in error.message and "triton:8001" not in error.message

@@ -155,6 +155,7 @@ def test_work_and_tile_bounds_are_checked_before_work(repo):
 
     from services.config import ImageSettings, Settings
     from services.errors import InvalidRequest, MemoryLimited
+    from services.http import http_status
     from services.memory import MemoryGuard
     from services.routers.image_to_image import check_work
 
@@ -173,5 +174,5 @@ def test_work_and_tile_bounds_are_checked_before_work(repo):
     full = SimpleNamespace(settings=ctx.settings, memory=MemoryGuard(100 << 20, read_rss=lambda: 90 << 20))
     with pytest.raises(MemoryLimited) as memory:
         check_work(full, p, p.layout(256, 256, 128))  # 16 MB of canvases + 7 rows of 26 MB, 10 MB left
-    assert memory.value.status == 503 and memory.value.headers["Retry-After"]
+    assert http_status(memory.value) == 503 and memory.value.headers["Retry-After"]
     assert not calls
