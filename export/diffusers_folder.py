@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from export.errors import UnsupportedFolder
 from export.triton_config import DeploymentTarget
 
 # model_index.json `_class_name` -> family
@@ -25,22 +26,6 @@ PIPELINE_FAMILIES = {
 }
 # a folder holding one model (config.json `_class_name`) -> family
 MODEL_FAMILIES = {"UNet2DModel": "ddpm", "AutoencoderKL": "vae"}
-
-
-class UnsupportedFolder(ValueError):
-    """The folder is not one of the families served here; the message names what it is."""
-
-
-def sample_size_hw(sample_size, where: str) -> tuple[int, int]:
-    """(height, width) of a diffusers `sample_size`, which diffusers' pipelines take as an int
-    (square) or as [height, width]."""
-    if isinstance(sample_size, int) and sample_size > 0:
-        return sample_size, sample_size
-    if (isinstance(sample_size, (list, tuple)) and len(sample_size) == 2
-            and all(isinstance(n, int) and n > 0 for n in sample_size)):
-        return int(sample_size[0]), int(sample_size[1])
-    raise UnsupportedFolder(f"{where}: sample_size {sample_size!r} is neither a positive int nor [height, width]; "
-                            f"the native size cannot be read from it (set it in the config.json)")
 
 
 def detect_family(folder: Path) -> str:
@@ -89,10 +74,11 @@ def export_folder(folder: Path, repository: Path, name: str, version: int = 1, m
         for option, value in (("max_sequence_length", max_sequence_length), ("native_size", native_size)):
             if value is not None:
                 raise UnsupportedFolder(f"--{option.replace('_', '-')} applies to FLUX folders; {folder} is {detected}")
+    from export.core import ExportOptions
     from export.verification import GraphOptions
 
-    kwargs = dict(version=version, max_batch_size=max_batch_size, target=target, progress=progress,
-                  graphs=graphs or GraphOptions())
+    kwargs = dict(options=ExportOptions(version=version, max_batch_size=max_batch_size, target=target,
+                                        progress=progress, graphs=graphs or GraphOptions()))
     with measured() as cost, staged_repository(repository, name) as staging:
         reports = _export_family(detected, folder, staging, name, kwargs, tensorrt=tensorrt, deepcache=deepcache,
                                  max_sequence_length=max_sequence_length, native_size=native_size,
