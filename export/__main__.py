@@ -213,13 +213,18 @@ def main(argv: list[str] | None = None) -> int:
             stylegan.error(f"--init-args must be a JSON object of keyword arguments, got "
                            f"{type(args.init_args).__name__}")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    # a failure of `demo` is named as the GAN exporter's, as it always was
+    return run_command("gan" if args.command == "demo" else args.command, lambda: _run(parser, sub, args))
+
+
+def _run(parser: argparse.ArgumentParser, sub, args: argparse.Namespace) -> int:
     if args.command in ("sr", "translator"):
-        return run_command(args.command, lambda: image_to_image_cli.run(sub.choices[args.command], args))
+        return image_to_image_cli.run(sub.choices[args.command], args)
     if args.command in ("lora", "lora-slots"):
-        return run_command(args.command, lambda: lora.run(args))
+        return lora.run(args)
     if args.command == "controlnet":
-        return run_command(args.command, lambda: _export_controlnet(args))
-    return run_command("gan" if args.command == "demo" else args.command, lambda: _export(parser, args))
+        return _export_controlnet(args)
+    return _export(parser, args)
 
 
 def _export(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
