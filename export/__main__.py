@@ -37,9 +37,9 @@ from functools import partial
 from pathlib import Path
 
 from export import image_to_image_cli, lora
-from export.onnx_export import ParityError
-from export.triton_config import DeploymentTarget
-from export.verification import DTYPES, VERIFY_MODES, GraphOptions, VerificationBudgetError
+from export.core import ExportOptions
+from export.errors import run_command
+from export.verification import DTYPES, VERIFY_MODES
 
 # Demo checkpoints committed in zoo/checkpoints and the model names they serve under.
 CHECKPOINTS = Path(__file__).resolve().parents[1] / "zoo" / "checkpoints"
@@ -60,17 +60,6 @@ def add_state_dict_key(p) -> None:
                    help="the state dict inside a checkpoint that holds several (e.g. g_ema, params_ema, "
                         "netG_state_dict); a last part that names no dict selects the tensors under that "
                         "prefix (state_dict/generator). Default: the only dict of tensors in the file")
-
-
-def _add_common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--repository", type=Path, default=Path("model_repository"),
-                   help="Triton model repository to write into (default: model_repository)")
-    p.add_argument("--target", choices=["cpu", "gpu"], default="cpu",
-                   help="instance kind in the generated configs (default: cpu)")
-    p.add_argument("--instances", type=int, default=1, help="instances per model (default: 1)")
-    p.add_argument("--tensorrt", action="store_true",
-                   help="also build TensorRT plans (needs an NVIDIA GPU and the tensorrt package) and "
-                        "write platform: tensorrt_plan configs")
 
 
 def _glue_negative_values(argv: list[str]) -> list[str]:
@@ -140,9 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     byo.add_argument("--init-args", metavar="JSON", help="keyword arguments for NAME, a JSON object (default: {})")
     byo.add_argument("--output-range", metavar="LOW,HIGH",
                      help="range of the generator's output, e.g. --output-range=-1,1 (default) or 0,1")
-    gan.add_argument("--version", type=int, default=1)
-    gan.add_argument("--max-batch-size", type=int, default=16)
-    _add_common(gan)
+    ExportOptions.add_arguments(gan)
     for command, help_text in (
             ("diffusers", "export a diffusers pipeline folder; the family comes from its model_index.json"),
             ("sd", "alias of `diffusers`"),
@@ -163,8 +150,6 @@ def main(argv: list[str] | None = None) -> int:
             folder_cmd.add_argument("--folder", type=Path, required=True, help="the diffusers folder")
         folder_cmd.add_argument("--name", required=True,
                                 help="pipeline name; graphs are <name>_unet, <name>_vae_decoder, ...")
-        folder_cmd.add_argument("--version", type=int, default=1)
-        folder_cmd.add_argument("--max-batch-size", type=int, default=16)
         if command in ("diffusers", "sd"):
             folder_cmd.add_argument("--max-sequence-length", type=int, metavar="TOKENS",
                                     help="FLUX: the T5 length prompts are padded to (default 512, as FluxPipeline); "
@@ -189,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
                                 help="fp16: graphs in half precision for GPUs (inputs and outputs stay fp32; checked "
                                      "on CPU against the fp32 module); a VAE whose config sets force_upcast (SD's, "
                                      "SDXL's) and FLUX's T5 stay fp32")
-        _add_common(folder_cmd)
+        ExportOptions.add_arguments(folder_cmd)
     stylegan = sub.add_parser(
         "stylegan", help="export a StyleGAN generator (NVIDIA interface) as <name>_mapping + <name>_synthesis",
         description="Export a StyleGAN-style generator with NVIDIA's interface (z_dim, c_dim, w_dim, num_ws, "
@@ -202,10 +187,8 @@ def main(argv: list[str] | None = None) -> int:
     add_state_dict_key(stylegan)
     stylegan.add_argument("--name", required=True, help="pipeline name; graphs are <name>_mapping, <name>_synthesis")
     stylegan.add_argument("--init-args", metavar="JSON", help="keyword arguments for NAME, a JSON object")
-    stylegan.add_argument("--version", type=int, default=1)
-    stylegan.add_argument("--max-batch-size", type=int, default=16)
-    _add_common(stylegan)
-    image_to_image_cli.add_parsers(sub, _add_common, add_state_dict_key)
+    ExportOptions.add_arguments(stylegan)
+    image_to_image_cli.add_parsers(sub, add_state_dict_key)
     controlnet = sub.add_parser(
         "controlnet", help="export a diffusers ControlNetModel folder for an SD pipeline already in the repository",
         description="Export a ControlNet (SD 1.x/2.x) as <pipeline>_controlnet_<name>, checked against the "
@@ -214,12 +197,10 @@ def main(argv: list[str] | None = None) -> int:
     controlnet.add_argument("--folder", type=Path, required=True, help="the ControlNetModel folder (config.json + weights)")
     controlnet.add_argument("--pipeline", required=True, help="the SD pipeline it controls")
     controlnet.add_argument("--name", help="its name in requests (default: the folder's name)")
-    controlnet.add_argument("--version", type=int, default=1)
-    controlnet.add_argument("--max-batch-size", type=int, default=16)
-    _add_common(controlnet)
+    ExportOptions.add_arguments(controlnet)
     lora.add_parsers(sub)
     demo = sub.add_parser("demo", help="export every committed demo model")
-    _add_common(demo)
+    ExportOptions.add_arguments(demo, sizes=False)
     args = parser.parse_args(_glue_negative_values(sys.argv[1:] if argv is None else list(argv)))
     if args.command == "gan":
         _check_gan_args(gan, args)
@@ -232,128 +213,103 @@ def main(argv: list[str] | None = None) -> int:
             stylegan.error(f"--init-args must be a JSON object of keyword arguments, got "
                            f"{type(args.init_args).__name__}")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    # a failure of `demo` is named as the GAN exporter's, as it always was
+    return run_command("gan" if args.command == "demo" else args.command, lambda: _run(parser, sub, args))
+
+
+def _run(parser: argparse.ArgumentParser, sub, args: argparse.Namespace) -> int:
     if args.command in ("sr", "translator"):
         return image_to_image_cli.run(sub.choices[args.command], args)
-    if args.command == "controlnet":
-        return _export_controlnet(args)
     if args.command in ("lora", "lora-slots"):
         return lora.run(args)
+    if args.command == "controlnet":
+        return _export_controlnet(args)
+    return _export(parser, args)
 
-    from export.diffusers_folder import UnsupportedFolder, export_folder
-    from export.gan import GANExportError, export_gan, export_gan_module
+
+def _export(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    """The GAN, StyleGAN, diffusers-folder and demo commands."""
+    from export.diffusers_folder import export_folder
+    from export.gan import export_gan, export_gan_module
     from export.stylegan import export_stylegan_checkpoint, export_stylegan_module
-    from export.weights import WeightsError
 
-    target = DeploymentTarget(args.target, args.instances)
+    options = ExportOptions.from_args(args)
     if args.tensorrt:
-        from export.tensorrt import TensorRTUnavailable, require_tensorrt
+        from export.tensorrt import require_tensorrt
 
-        try:
-            require_tensorrt()
-        except TensorRTUnavailable as exc:
-            print(f"--tensorrt: {exc}", file=sys.stderr)
-            return 2
-    gans, pipelines = [], []  # pipelines: (folder, name, version, max batch, family or None to detect)
+        require_tensorrt()
+    gans, pipelines = [], []  # pipelines: (folder, name, family or None to detect)
     stylegans = []  # (name, export callable) -> StyleGANExportReport
     if args.command == "gan" and args.module is not None:
         gans = [(args.name, partial(
             export_gan_module, args.module, args.weights, args.repository, args.name, args.latent_dim,
-            latent_shape=args.latent_shape, state_dict_key=args.state_dict_key, num_classes=args.num_classes or 0, init_args=args.init_args, output_range=args.output_range or "-1,1",
-            version=args.version, max_batch_size=args.max_batch_size, target=target, tensorrt=args.tensorrt))]
+            latent_shape=args.latent_shape, state_dict_key=args.state_dict_key, num_classes=args.num_classes or 0,
+            init_args=args.init_args, output_range=args.output_range or "-1,1", options=options))]
     elif args.command == "gan":
-        gans = [(args.name, partial(export_gan, args.checkpoint, args.repository, args.name, args.version,
-                                    args.max_batch_size, target, tensorrt=args.tensorrt))]
+        gans = [(args.name, partial(export_gan, args.checkpoint, args.repository, args.name, options))]
     elif args.command == "stylegan":
         stylegans = [(args.name, partial(
             export_stylegan_module, args.module, args.weights, args.repository, args.name,
-            init_args=args.init_args, version=args.version, max_batch_size=args.max_batch_size, target=target,
-            tensorrt=args.tensorrt, state_dict_key=args.state_dict_key))]
+            init_args=args.init_args, options=options, state_dict_key=args.state_dict_key))]
     elif args.command in ("sd", "diffusers", "ddpm", "vae"):
         family = {"ddpm": "ddpm", "vae": "vae"}.get(args.command)
         if getattr(args, "config", None) is not None and args.folder is not None:
             parser.error("--config goes with --checkpoint (a folder carries its own configuration)")
         if args.folder is None and (args.max_sequence_length or args.native_size):
             parser.error("--max-sequence-length and --native-size are FLUX options; --checkpoint reads SD/SDXL files")
-        pipelines = [(args.folder, args.name, args.version, args.max_batch_size, family)]
+        pipelines = [(args.folder, args.name, family)]
     else:
         from export.pretrained import packaged_gan_exports
 
-        gans = [(name, partial(export_gan, ckpt, args.repository, name, 1, 16, target, tensorrt=args.tensorrt))
-                for ckpt, name in DEMO_GANS.items()]
-        gans += packaged_gan_exports(args.repository, target, args.tensorrt)
+        gans = [(name, partial(export_gan, ckpt, args.repository, name, options)) for ckpt, name in DEMO_GANS.items()]
+        gans += packaged_gan_exports(args.repository, options.target, args.tensorrt)
         for demos, family in ((DEMO_DIFFUSION, None), (DEMO_DDPM, "ddpm"), (DEMO_VAE, "vae")):
-            pipelines += [(folder, name, 1, 16, family) for folder, name in demos.items() if folder.exists()]
-        stylegans = [(name, partial(export_stylegan_checkpoint, stem, args.repository, name, 1, 16, target,
-                                    tensorrt=args.tensorrt))
+            pipelines += [(folder, name, family) for folder, name in demos.items() if folder.exists()]
+        stylegans = [(name, partial(export_stylegan_checkpoint, stem, args.repository, name, options))
                      for stem, name in DEMO_STYLEGAN.items() if stem.with_suffix(".json").exists()]
-    try:
-        for name, export in gans:
-            start = time.perf_counter()
-            report = export()
-            print(f"{name}: {report.onnx_path} verified, max abs error {report.max_abs_error:.2e} "
-                  f"({time.perf_counter() - start:.1f}s)")
-        for name, export in stylegans:
-            start = time.perf_counter()
-            report = export()
-            errors = ", ".join(f"{k} {v:.2e}" for k, v in report.max_abs_error.items())
-            print(f"{name}: {report.mapping_dir.name} + {report.synthesis_dir.name} verified, max abs error "
-                  f"{errors} ({time.perf_counter() - start:.1f}s)")
-        for folder, name, version, max_batch, family in pipelines:
-            start = time.perf_counter()
-            options = {k: getattr(args, k, None) for k in ("max_sequence_length", "native_size")}
-            options["deepcache"] = getattr(args, "deepcache", True)
-            options["controlnet_inputs"] = getattr(args, "controlnet_inputs", True)
-            memory = getattr(args, "verify_memory", None)
-            options["graphs"] = GraphOptions(verify=getattr(args, "verify", "full"), dtype=getattr(args, "dtype", "fp32"),
-                                             verify_memory=None if memory is None else int(memory * 2**30))
-            if folder is None:  # --checkpoint: a single file, converted to a folder first
-                from export.single_file import export_checkpoint
+    for name, export in gans:
+        start = time.perf_counter()
+        report = export()
+        print(f"{name}: {report.onnx_path} verified, max abs error {report.max_abs_error:.2e} "
+              f"({time.perf_counter() - start:.1f}s)")
+    for name, export in stylegans:
+        start = time.perf_counter()
+        report = export()
+        errors = ", ".join(f"{k} {v:.2e}" for k, v in report.max_abs_error.items())
+        print(f"{name}: {report.mapping_dir.name} + {report.synthesis_dir.name} verified, max abs error "
+              f"{errors} ({time.perf_counter() - start:.1f}s)")
+    for folder, name, family in pipelines:
+        start = time.perf_counter()
+        unet = {"deepcache": getattr(args, "deepcache", True),
+                "controlnet_inputs": getattr(args, "controlnet_inputs", True)}
+        if folder is None:  # --checkpoint: a single file, converted to a folder first
+            from export.single_file import export_checkpoint
 
-                found, reports = export_checkpoint(args.checkpoint, args.repository, name, args.config, version,
-                                                   max_batch, target, args.tensorrt, deepcache=options["deepcache"],
-                                                   controlnet_inputs=options["controlnet_inputs"],
-                                                   graphs=options["graphs"])
-            else:
-                found, reports = export_folder(folder, args.repository, name, version, max_batch, target,
-                                               family=family, tensorrt=args.tensorrt, **options)
-            print(f"{name}: {found}, {len(reports)} graphs verified ({time.perf_counter() - start:.1f}s)")
-        if args.command == "demo":
-            from export.controlnet import export_controlnet
+            found, reports = export_checkpoint(args.checkpoint, args.repository, name, args.config, options, **unet)
+        else:
+            found, reports = export_folder(folder, args.repository, name, options.version, options.max_batch_size,
+                                           options.target, family=family, tensorrt=options.tensorrt,
+                                           max_sequence_length=getattr(args, "max_sequence_length", None),
+                                           native_size=getattr(args, "native_size", None), graphs=options.graphs,
+                                           **unet)
+        print(f"{name}: {found}, {len(reports)} graphs verified ({time.perf_counter() - start:.1f}s)")
+    if args.command == "demo":
+        from export.controlnet import export_controlnet
 
-            for line in image_to_image_cli.export_demos(args.repository, target):
-                print(line)
-            for folder, (pipeline, name) in DEMO_CONTROLNETS.items():  # after their pipelines
-                if folder.exists():
-                    report = export_controlnet(folder, args.repository, pipeline, name, target=target)
-                    print(f"{report.name}: verified, max abs error {report.max_abs_error:.2e}")
-    except ParityError as exc:
-        print(f"export FAILED parity check: {exc}", file=sys.stderr)
-        return 1
-    except VerificationBudgetError as exc:
-        print(f"export: {exc}", file=sys.stderr)
-        return 2
-    except UnsupportedFolder as exc:
-        print(f"export: {exc}", file=sys.stderr)
-        return 2
-    except (GANExportError, WeightsError) as exc:
-        print(f"export {args.command if args.command != 'demo' else 'gan'}: {exc}", file=sys.stderr)
-        return 2
+        for line in image_to_image_cli.export_demos(args.repository, options.target):
+            print(line)
+        for folder, (pipeline, name) in DEMO_CONTROLNETS.items():  # after their pipelines
+            if folder.exists():
+                report = export_controlnet(folder, args.repository, pipeline, name, options)
+                print(f"{report.name}: verified, max abs error {report.max_abs_error:.2e}")
     return 0
 
 
 def _export_controlnet(args: argparse.Namespace) -> int:
-    from export.controlnet import ControlNetExportError, export_controlnet
+    from export.controlnet import export_controlnet
 
     start = time.perf_counter()
-    try:
-        report = export_controlnet(args.folder, args.repository, args.pipeline, args.name, args.version,
-                                   args.max_batch_size, DeploymentTarget(args.target, args.instances))
-    except ParityError as exc:
-        print(f"export FAILED parity check: {exc}", file=sys.stderr)
-        return 1
-    except ControlNetExportError as exc:
-        print(f"export controlnet: {exc}", file=sys.stderr)
-        return 2
+    report = export_controlnet(args.folder, args.repository, args.pipeline, args.name, ExportOptions.from_args(args))
     print(f"{report.name}: verified, max abs error {report.max_abs_error:.2e} ({time.perf_counter() - start:.1f}s)")
     return 0
 

@@ -25,11 +25,14 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
 
+from export.core import ExportOptions, GraphExporter, load_fp32
+from export.errors import ControlNetExportError
+from export.triton_config import TensorSpec
+from export.verification import unet_activation
 from services.pipelines.controlnet import MID_RESIDUAL, down_residual, parse_layout
 
 RESIDUALS_PARAMETER = "controlnet_residuals"  # genserve.controlnet_residuals on the U-Net, read by the pipeline
@@ -95,10 +98,6 @@ class ControlNetGraph(torch.nn.Module):
         return (*down, mid)
 
 
-class ControlNetExportError(ValueError):
-    """The ControlNet does not fit the pipeline it is exported for (a 2 on the command line)."""
-
-
 def _base_unet(repository: Path, pipeline: str):
     from services.runtime.repository import ModelRepository
 
@@ -136,23 +135,20 @@ def check_fits(controlnet, layout, unet_spec) -> None:
                                     f"{unet_spec.name}'s text encoder gives {text.dims[-1]}")
 
 
-def export_controlnet(folder: Path, repository: Path, pipeline: str, name: str | None = None, version: int = 1,
-                      max_batch_size: int = 16, target=None, progress: Callable[[str], None] = print):
+def export_controlnet(folder: Path, repository: Path, pipeline: str, name: str | None = None,
+                      options: ExportOptions | None = None, **shared):
     """`folder` (a diffusers ControlNetModel) -> `<pipeline>_controlnet_<name>`, verified against
-    PyTorch; returns its ComponentReport."""
+    PyTorch; returns its ComponentReport. `options`: the shared arguments (export.core.ExportOptions),
+    or any of them as keywords."""
     from diffusers import ControlNetModel
 
-    from export.stable_diffusion import GraphExporter, load_fp32
-    from export.triton_config import DeploymentTarget, TensorSpec
-    from export.verification import unet_activation
-
-    folder, repository = Path(folder), Path(repository)
+    folder, repository, options = Path(folder), Path(repository), ExportOptions.given(options, **shared)
     name = name or folder.name.lower().replace("-", "_")
     if not NAME_PATTERN.match(name):
         raise ControlNetExportError(f"--name {name!r}: use lower-case letters, digits and underscores "
                                     f"(at most 64, starting with a letter or digit)")
     unet_spec = _base_unet(repository, pipeline)
-    progress(f"[{pipeline}] loading ControlNet {folder}")
+    options.progress(f"[{pipeline}] loading ControlNet {folder}")
     controlnet = load_fp32(ControlNetModel, folder)
     layout = residual_layout_of_controlnet(controlnet)
     check_fits(controlnet, layout, unet_spec)
@@ -179,8 +175,7 @@ def export_controlnet(folder: Path, repository: Path, pipeline: str, name: str |
     outputs = [TensorSpec(n, "float32", (c, -1, -1)) for n, c, _ in layout]
     axes = {"sample": spatial, "timestep": {0: "batch"}, "encoder_hidden_states": {0: "batch"},
             "controlnet_cond": spatial, **{n: spatial for n, _, _ in layout}}
-    export = GraphExporter(repository, pipeline, "stable_diffusion", version=version, max_batch_size=max_batch_size,
-                           target=target or DeploymentTarget(), progress=progress)
+    export = GraphExporter(repository, pipeline, "stable_diffusion", options)
     export(f"controlnet_{name}", ControlNetGraph(controlnet), make_inputs, inputs, outputs, axes,
            {"controlnet": name, "conditioning_channels": cond_c, "vae_scale_factor": scale,
             "global_pool_conditions": int(bool(controlnet.config.global_pool_conditions)),

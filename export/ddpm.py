@@ -53,15 +53,14 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
 
-from export.diffusers_folder import UnsupportedFolder, sample_size_hw
-from export.stable_diffusion import DENOISER_QUEUE_DELAY_US, ComponentReport, GraphExporter, load_fp32
-from export.verification import GraphOptions, unet_activation
-from export.triton_config import DeploymentTarget, TensorSpec
+from export.core import DENOISER_QUEUE_DELAY_US, ComponentReport, ExportOptions, GraphExporter, load_fp32, sample_size_hw
+from export.errors import UnsupportedFolder
+from export.triton_config import TensorSpec
+from export.verification import unet_activation
 
 OUTPUT_RANGE = "-1,1"
 
@@ -114,15 +113,13 @@ def export_ddpm(
     folder: Path,
     repository: Path,
     name: str,
-    version: int = 1,
-    max_batch_size: int = 16,
-    target: DeploymentTarget = DeploymentTarget(),
-    progress: Callable[[str], None] = print,
-    graphs: GraphOptions = GraphOptions(),
+    options: ExportOptions | None = None,
+    **shared,
 ) -> list[ComponentReport]:
-    """`graphs`: how graphs are written and checked (GraphOptions)."""
-    folder, repository = Path(folder), Path(repository)
+    """`options`: the shared arguments (export.core.ExportOptions), or any of them as keywords."""
+    folder, repository, options = Path(folder), Path(repository), ExportOptions.given(options, **shared)
     unet_dir, scheduler_config = locate(folder)
+    progress = options.progress
     progress(f"[{name}] loading {unet_dir}")
     unet = load_unet(unet_dir)
     cfg = unet.config
@@ -162,8 +159,7 @@ def export_ddpm(
         **({"sample_size": h} if h == w else {}),
         "size_multiple": size_multiple, "num_classes": num_classes, "output_range": OUTPUT_RANGE,
     }
-    export_graph = GraphExporter(repository, name, "ddpm", version=version, max_batch_size=max_batch_size,
-                                 target=target, progress=progress, options=graphs)
+    export_graph = GraphExporter(repository, name, "ddpm", options)
     export_graph("unet", module, make_inputs, inputs, outputs, dynamic, parameters, atol=1e-3,
                  delay_us=DENOISER_QUEUE_DELAY_US, activation=unet_activation(cfg, (h, w), size_multiple),
                  files=[(scheduler_config, "scheduler_config.json")])

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from export.errors import UnsupportedFolder
 from export.triton_config import DeploymentTarget
 from services.families import BY_NAME, FAMILIES, load
 
@@ -14,22 +15,6 @@ from services.families import BY_NAME, FAMILIES, load
 # `_class_name`) -> family: each family's descriptor says which it exports (services.families)
 PIPELINE_FAMILIES = {name: family.name for family in FAMILIES for name in family.diffusers_pipelines}
 MODEL_FAMILIES = {name: family.name for family in FAMILIES for name in family.diffusers_models}
-
-
-class UnsupportedFolder(ValueError):
-    """The folder is not one of the families served here; the message names what it is."""
-
-
-def sample_size_hw(sample_size, where: str) -> tuple[int, int]:
-    """(height, width) of a diffusers `sample_size`, which diffusers' pipelines take as an int
-    (square) or as [height, width]."""
-    if isinstance(sample_size, int) and sample_size > 0:
-        return sample_size, sample_size
-    if (isinstance(sample_size, (list, tuple)) and len(sample_size) == 2
-            and all(isinstance(n, int) and n > 0 for n in sample_size)):
-        return int(sample_size[0]), int(sample_size[1])
-    raise UnsupportedFolder(f"{where}: sample_size {sample_size!r} is neither a positive int nor [height, width]; "
-                            f"the native size cannot be read from it (set it in the config.json)")
 
 
 def detect_family(folder: Path) -> str:
@@ -74,17 +59,19 @@ def export_folder(folder: Path, repository: Path, name: str, version: int = 1, m
         detected = "vae"  # a pipeline folder: its VAE alone, served as a standalone VAE
     if family is not None and detected != family:
         raise UnsupportedFolder(f"{folder} holds a {detected} model, not a {family} one")
+    taken = BY_NAME[detected].export_options  # the family-specific options its exporter takes
     for option, value in (("max_sequence_length", max_sequence_length), ("native_size", native_size)):
-        if value is not None and option not in BY_NAME[detected].export_options:
+        if value is not None and option not in taken:
             takers = "/".join(f.name.upper() for f in FAMILIES if option in f.export_options)
             raise UnsupportedFolder(f"--{option.replace('_', '-')} applies to {takers} folders; {folder} is {detected}")
+    from export.core import ExportOptions
     from export.verification import GraphOptions
 
-    options = dict(tensorrt=tensorrt, deepcache=deepcache, max_sequence_length=max_sequence_length,
-                   native_size=native_size, controlnet_inputs=controlnet_inputs)
-    kwargs = dict(version=version, max_batch_size=max_batch_size, target=target, progress=progress,
-                  graphs=graphs or GraphOptions(),  # and the options this family's exporter takes
-                  **{k: v for k, v in options.items() if k in BY_NAME[detected].export_options})
+    options = ExportOptions(version=version, max_batch_size=max_batch_size, target=target, progress=progress,
+                            graphs=graphs or GraphOptions(), tensorrt=tensorrt and "tensorrt" in taken)
+    family_options = dict(deepcache=deepcache, max_sequence_length=max_sequence_length, native_size=native_size,
+                          controlnet_inputs=controlnet_inputs)
+    kwargs = dict(options=options, **{k: v for k, v in family_options.items() if k in taken})
     with measured() as cost, staged_repository(repository, name) as staging:
         reports = load(BY_NAME[detected].export)(folder, staging, name, **kwargs)
     for report in reports:  # the graphs now live in the repository

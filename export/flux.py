@@ -53,24 +53,16 @@ import json
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
 
-from export.diffusers_folder import UnsupportedFolder
-from export.stable_diffusion import (
-    DENOISER_QUEUE_DELAY_US,
-    EXTERNAL_DATA_THRESHOLD,
-    ComponentReport,
-    GraphExporter,
-    _fast_tokenizer_json,
-    _TextEncoder,
-    export_vae_graphs,
-    load_fp32,
-)
-from export.verification import GraphOptions, flux_activation, text_encoder_activation
-from export.triton_config import DeploymentTarget, TensorSpec
+from export.core import DENOISER_QUEUE_DELAY_US, ComponentReport, ExportOptions, GraphExporter, load_fp32
+from export.errors import UnsupportedFolder
+from export.stable_diffusion import TextEncoderGraph, fast_tokenizer_json
+from export.triton_config import TensorSpec
+from export.vae import export_vae_graphs
+from export.verification import flux_activation, text_encoder_activation
 from services.pipelines.pipeline_flux import image_ids  # the serving side's ids, verified here
 from services.schedulers import is_flow_matching
 
@@ -117,21 +109,17 @@ def export_flux(
     folder: Path,
     repository: Path,
     name: str,
-    version: int = 1,
-    max_batch_size: int = 16,
-    target: DeploymentTarget = DeploymentTarget(),
-    progress: Callable[[str], None] = print,
-    external_data_threshold: int = EXTERNAL_DATA_THRESHOLD,
-    tensorrt: bool = False,
+    options: ExportOptions | None = None,
+    *,
     max_sequence_length: int | None = None,
     native_size: int | None = None,
-    graphs: GraphOptions = GraphOptions(),
+    **shared,
 ) -> list[ComponentReport]:
-    """`graphs`: how graphs are written and checked (GraphOptions)."""
+    """`options`: the shared arguments (export.core.ExportOptions), or any of them as keywords."""
     from diffusers import AutoencoderKL, FluxTransformer2DModel
     from transformers import CLIPTextModel, T5EncoderModel
 
-    folder, repository = Path(folder), Path(repository)
+    folder, repository, options = Path(folder), Path(repository), ExportOptions.given(options, **shared)
     missing = [c for c in ("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "transformer", "vae",
                            "scheduler") if not (folder / c).is_dir()]
     if missing:
@@ -140,7 +128,7 @@ def export_flux(
     if not is_flow_matching(scheduler_config):
         raise UnsupportedFolder(f"{folder}: FLUX is a flow-matching model but its scheduler is "
                                 f"{scheduler_config.get('_class_name')!r}; a FlowMatch* scheduler config is needed")
-    progress(f"[{name}] loading {folder}")
+    options.progress(f"[{name}] loading {folder}")
     clip, t5 = load_fp32(CLIPTextModel, folder / "text_encoder"), load_fp32(T5EncoderModel, folder / "text_encoder_2")
     transformer = load_fp32(FluxTransformer2DModel, folder / "transformer")
     vae = load_fp32(AutoencoderKL, folder / "vae")
@@ -160,25 +148,23 @@ def export_flux(
     h = w = native // vae_scale  # latent side
 
     rng = np.random.default_rng(0)
-    export_graph = GraphExporter(repository, name, PIPELINE, version=version, max_batch_size=max_batch_size,
-                                 target=target, progress=progress, external_data_threshold=external_data_threshold,
-                                 options=graphs)
-    if tensorrt:
+    export_graph = GraphExporter(repository, name, PIPELINE, options)
+    if options.tensorrt:
         from export.tensorrt import FLUX_PRECISION, flux_profile, require_tensorrt
 
         require_tensorrt()  # before minutes of export, not after
 
     def plan(role: str, **shape) -> dict:
         """The TensorRT profile and precision of a graph (nothing without --tensorrt)."""
-        if not tensorrt:
+        if not options.tensorrt:
             return {}
-        return {"tensorrt_profile": flux_profile(role, max_batch_size, **shape),
+        return {"tensorrt_profile": flux_profile(role, options.max_batch_size, **shape),
                 "tensorrt_precision": FLUX_PRECISION.get(role)}
 
     # 1. CLIP: pooled output only.
     clip_dir = export_graph.model_dir("text_encoder")
     clip_dir.mkdir(parents=True, exist_ok=True)
-    tok = _fast_tokenizer_json(folder, clip_dir, "tokenizer")
+    tok = fast_tokenizer_json(folder, clip_dir, "tokenizer")
     length1, pooled_dim = tok["max_length"], clip.config.hidden_size
     if pooled_dim != cfg.pooled_projection_dim:
         raise UnsupportedFolder(f"{folder}: CLIP gives {pooled_dim} pooled features, the transformer takes "
@@ -222,7 +208,7 @@ def export_flux(
             ids[row, n - 1] = tok2["eos_token_id"]
         return {"input_ids": ids}
 
-    export_graph("text_encoder_2", _TextEncoder(t5), t5_ids, [TensorSpec("input_ids", "int64", (length2,))],
+    export_graph("text_encoder_2", TextEncoderGraph(t5), t5_ids, [TensorSpec("input_ids", "int64", (length2,))],
                  [TensorSpec("hidden_states", "float32", (length2, hidden))],
                  {"input_ids": {0: "batch"}, "hidden_states": {0: "batch"}},
                  {"max_length": length2, "pad_token_id": tok2["pad_token_id"], "hidden_size": hidden},

@@ -6,7 +6,8 @@ Two ways in, one way out:
                                         a class or factory in it, a weight file as
                                         published (export/weights.py)
 Both hand an eval-mode nn.Module and its GeneratorFacts to export_generator, which
-traces it, verifies ONNX Runtime against PyTorch and writes the Triton config.
+describes the graph for the exporter core (export.core: trace, verify ONNX Runtime against
+PyTorch, write the Triton config).
 
 Graph contract (what services/pipelines/pipeline_gan.py relies on):
   inputs   z            FP32 [batch, *latent_shape] latent, already truncated by the caller:
@@ -31,7 +32,6 @@ import json
 import logging
 import math
 import re
-import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,15 +41,9 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from export.onnx_export import ParityError, export_onnx, verify_onnx
-from export.triton_config import (
-    DeploymentTarget,
-    ModelConfigSpec,
-    TensorSpec,
-    build_model_config,
-    default_batching,
-    write_model_config,
-)
+from export.core import ExportOptions, ParityCheck, export_graph, sha256
+from export.errors import GANExportError
+from export.triton_config import ModelConfigSpec, TensorSpec, default_batching
 from export.weights import few_keys, read_state_dict
 
 log = logging.getLogger(__name__)
@@ -57,10 +51,6 @@ log = logging.getLogger(__name__)
 # Channel counts the service can encode as images (grey, RGB, RGBA).
 SERVABLE_CHANNELS = (1, 3, 4)
 TRACE_BATCH, VERIFY_BATCH = 2, 5  # the graph is traced at one batch size and verified at another
-
-
-class GANExportError(ValueError):
-    """The generator, its weights or the arguments cannot be exported as given (a user error)."""
 
 
 @dataclass(frozen=True)
@@ -91,10 +81,6 @@ class ExportReport:
     facts: GeneratorFacts | None = None
 
 
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 class _GraphContract(nn.Module):
     """Calls the generator positionally, whatever its forward's parameters are named, so
     the graph's inputs are `z` (and `class_label`) and its one output is FP32 `image`."""
@@ -115,22 +101,23 @@ def export_generator(
     facts: GeneratorFacts,
     repository: Path,
     name: str,
-    version: int = 1,
-    max_batch_size: int = 16,
-    target: DeploymentTarget = DeploymentTarget(),
+    options: ExportOptions | None = None,
+    *,
     atol: float = 1e-4,
-    tensorrt: bool = False,
     parameters: Mapping[str, str] | None = None,
+    **shared,
 ) -> ExportReport:
     """Exports an eval-mode generator under the graph contract, verifies it, writes the config.
 
+    `options`: the shared arguments (export.core.ExportOptions), or any of them as keywords.
     `parameters` are extra config parameters (provenance such as the weights' sha256).
     """
+    options = ExportOptions.given(options, **shared)
     latent_shape, conditional = facts.latent_shape, facts.conditional
     module = generator if isinstance(generator, _GraphContract) else _GraphContract(generator, conditional)
     module.eval()
 
-    # 1. Export with a dynamic batch axis (traced at one batch size, verified at another).
+    # 1. The inputs: traced at one batch size, verified at another.
     def inputs(batch: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
         feeds = {"z": rng.standard_normal((batch, *latent_shape), dtype=np.float32)}
         if conditional:
@@ -138,28 +125,14 @@ def export_generator(
         return feeds
 
     rng = np.random.default_rng(0)
-    model_dir = Path(repository) / name
-    onnx_path = model_dir / str(version) / "model.onnx"
-    example = {k: torch.from_numpy(v) for k, v in inputs(TRACE_BATCH, rng).items()}
+    example = inputs(TRACE_BATCH, rng)
     dynamic = {k: {0: "batch"} for k in example} | {"image": {0: "batch"}}
-    try:
-        export_onnx(module, example, ["image"], onnx_path, dynamic)
-    except Exception as exc:  # unsupported op, data-dependent control flow, ...
-        raise GANExportError(f"torch.onnx.export failed for {name!r}: {type(exc).__name__}: {exc}") from exc
+    check = ParityCheck(lambda: inputs(VERIFY_BATCH, rng), failed=lambda exc: (
+        f"the graph traced at batch {TRACE_BATCH} failed at batch {VERIFY_BATCH} "
+        f"(is the batch size fixed somewhere in forward, e.g. view({TRACE_BATCH}, ...)? "
+        f"use view(z.shape[0], ...) or view(-1, ...)): {type(exc).__name__}: {exc}"))
 
-    # 2. Verify ONNX Runtime against PyTorch on fresh inputs of another batch size.
-    try:
-        max_err = verify_onnx(module, onnx_path, inputs(VERIFY_BATCH, rng), atol=atol)
-    except ParityError:
-        raise
-    except Exception as exc:  # ONNX Runtime could not run the graph at another batch size
-        raise ParityError(
-            f"{onnx_path}: the graph traced at batch {TRACE_BATCH} failed at batch {VERIFY_BATCH} "
-            f"(is the batch size fixed somewhere in forward, e.g. view({TRACE_BATCH}, ...)? "
-            f"use view(z.shape[0], ...) or view(-1, ...)): {type(exc).__name__}: {exc}"
-        ) from exc
-
-    # 3. Write the Triton config beside the version folder.
+    # 2. The Triton config: the generator's facts in its parameters.
     tensor_inputs = [TensorSpec("z", "float32", latent_shape)]
     if conditional:
         tensor_inputs.append(TensorSpec("class_label", "int64", (1,), reshape=()))
@@ -170,8 +143,8 @@ def export_generator(
         inputs=tensor_inputs,
         outputs=[TensorSpec("image", "float32", (c, h, w))],
         # A GAN forward pass takes milliseconds: wait at most 2 ms to form a batch.
-        batching=default_batching(max_batch_size, max_queue_delay_microseconds=2000),
-        target=target,
+        batching=default_batching(options.max_batch_size, max_queue_delay_microseconds=2000),
+        target=options.target,
         parameters={
             "genserve.pipeline": "gan",
             "genserve.latent_dim": str(facts.latent_dim),
@@ -185,36 +158,38 @@ def export_generator(
             **(parameters or {}),
         },
     )
-    if tensorrt:  # 4. A TensorRT plan beside the ONNX graph, served by Triton's TensorRT platform.
-        from export.tensorrt import build_plan, gan_profile, tensorrt_config
+    profile = None
+    if options.tensorrt:  # 3. A TensorRT plan beside the ONNX graph, served by Triton's TensorRT platform.
+        from export.tensorrt import gan_profile
 
-        plan = build_plan(onnx_path, gan_profile(latent_shape, conditional, max_batch_size), "fp16")
-        shutil.copy(plan, onnx_path.with_name("model.plan"))
-        spec = tensorrt_config(spec, target.instance_count)
-    write_model_config(build_model_config(spec), model_dir)
-    log.debug("exported %s v%d (max abs error %.2e)", name, version, max_err)
-    return ExportReport(model_dir, onnx_path, max_err, facts)
+        profile = gan_profile(latent_shape, conditional, options.max_batch_size)
+    result = export_graph(
+        module, spec, example, dynamic, lambda _: [check], Path(repository) / name, options, atol=atol,
+        tensorrt_profile=profile, export_failed=lambda exc: GANExportError(
+            f"torch.onnx.export failed for {name!r}: {type(exc).__name__}: {exc}"))
+    log.debug("exported %s v%d (max abs error %.2e)", name, options.version, result.max_abs_error)
+    return ExportReport(result.model_dir, result.onnx_path, result.max_abs_error, facts)
 
 
 def export_gan(
     checkpoint: str | Path,
     repository: Path,
     name: str,
-    version: int = 1,
-    max_batch_size: int = 16,
-    target: DeploymentTarget = DeploymentTarget(),
+    options: ExportOptions | None = None,
+    *,
     atol: float = 1e-4,
-    tensorrt: bool = False,
+    **shared,
 ) -> ExportReport:
-    """Exports a zoo checkpoint (<name>.json + <name>.safetensors); the module knows its facts."""
-    from zoo.checkpoint import _stem, load_checkpoint
+    """Exports a zoo checkpoint (<name>.json + <name>.safetensors); the module knows its facts.
+    `options`: the shared arguments (export.core.ExportOptions), or any of them as keywords."""
+    from zoo.checkpoint import checkpoint_stem, load_checkpoint
 
     generator = load_checkpoint(checkpoint)
     s = generator.image_size
     facts = GeneratorFacts((generator.latent_dim,), generator.num_classes, generator.image_channels, s, s)
-    source = {"genserve.source_sha256": _sha256(_stem(checkpoint).with_suffix(".safetensors"))}
-    return export_generator(generator, facts, repository, name, version, max_batch_size, target, atol,
-                            tensorrt, parameters=source)
+    source = {"genserve.source_sha256": sha256(checkpoint_stem(checkpoint).with_suffix(".safetensors"))}
+    return export_generator(generator, facts, repository, name, ExportOptions.given(options, **shared), atol=atol,
+                            parameters=source)
 
 
 # --- generators as users bring them -------------------------------------------------------
@@ -424,21 +399,21 @@ def export_gan_module(
     num_classes: int = 0,
     init_args: Mapping[str, Any] | None = None,
     output_range: str | tuple[float, float] = (-1.0, 1.0),
-    version: int = 1,
-    max_batch_size: int = 16,
-    target: DeploymentTarget = DeploymentTarget(),
+    options: ExportOptions | None = None,
+    *,
     atol: float = 1e-4,
-    tensorrt: bool = False,
     latent_shape: str | tuple[int, ...] | None = None,
     state_dict_key: str | None = None,
     parameters: Mapping[str, str] | None = None,
+    **shared,
 ) -> ExportReport:
     """Exports a generator as users bring it: `module` is "FILE.py:NAME" (an nn.Module class or a
     factory returning one, built with **init_args), `weights` a weight file as export.weights reads
     it (`state_dict_key` picks the state dict in it). z is a vector of `latent_dim` values or, for
     generators that take a map, of `latent_shape` ("100,1,1"). forward(z) or, when num_classes > 0,
     forward(z, class_label) returns NCHW images in `output_range`; channels and size are learned by
-    running it once. `parameters`: more config parameters (e.g. the weights' licence)."""
+    running it once. `parameters`: more config parameters (e.g. the weights' licence); `options`:
+    the shared arguments (export.core.ExportOptions), or any of them as keywords."""
     shape = parse_latent_shape(latent_dim, latent_shape)
     if num_classes < 0:
         raise GANExportError(f"--num-classes must be 0 (unconditional) or more, got {num_classes}")
@@ -455,9 +430,9 @@ def export_gan_module(
              f"{num_classes} classes" if num_classes else "unconditional",
              facts.image_channels, facts.image_height, facts.image_width, *low_high)
     provenance = {
-        "genserve.source_sha256": _sha256(Path(weights)),
+        "genserve.source_sha256": sha256(Path(weights)),
         "genserve.source_module": f"{file.name}:{attr}",
         **(parameters or {}),
     }
-    return export_generator(_GraphContract(generator, facts.conditional, cast), facts, repository, name, version,
-                            max_batch_size, target, atol, tensorrt, parameters=provenance)
+    return export_generator(_GraphContract(generator, facts.conditional, cast), facts, repository, name,
+                            ExportOptions.given(options, **shared), atol=atol, parameters=provenance)

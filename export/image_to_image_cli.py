@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
+from export.core import ExportOptions
 from export.triton_config import DeploymentTarget
 
 CHECKPOINTS = Path(__file__).resolve().parents[1] / "zoo" / "checkpoints"
@@ -36,7 +36,7 @@ def published_ncnn_models() -> Path | None:
     return Path(next(iter(spec.submodule_search_locations))) / "models"
 
 
-def add_parsers(sub, add_common, add_state_dict_key) -> None:
+def add_parsers(sub, add_state_dict_key) -> None:
     sr = sub.add_parser(
         "sr", help="export a super-resolution checkpoint (ESRGAN, Real-ESRGAN, SPAN, SwinIR, ...) recognised by spandrel",
         description="Export a super-resolution checkpoint as users bring it (.pth, .safetensors, ... read from "
@@ -58,9 +58,7 @@ def add_parsers(sub, add_common, add_state_dict_key) -> None:
     sr.add_argument("--tile", type=int, help="default tile side in input pixels (default 128, rounded up to the "
                                              "architecture's multiple)")
     sr.add_argument("--tile-overlap", type=int, default=16, help="default overlap between tiles (default 16)")
-    sr.add_argument("--version", type=int, default=1)
-    sr.add_argument("--max-batch-size", type=int, default=16, help="tiles per model call (default 16)")
-    add_common(sr)
+    ExportOptions.add_arguments(sr, batch_help="tiles per model call (default 16)")
     tr = sub.add_parser(
         "translator", help="export an image -> image generator (Pix2Pix, CycleGAN, style transfer) from your module",
         description="Export an image-to-image generator: FILE.py:NAME (a class or factory, built with --init-args) "
@@ -75,48 +73,34 @@ def add_parsers(sub, add_common, add_state_dict_key) -> None:
     tr.add_argument("--output-range", default="-1,1", metavar="LOW,HIGH", help="default -1,1")
     tr.add_argument("--size-multiple", type=int, help="sides must be multiples of this (default: probed)")
     tr.add_argument("--tile", type=int, help="default tile side (default 512)")
-    tr.add_argument("--version", type=int, default=1)
-    tr.add_argument("--max-batch-size", type=int, default=16)
-    add_common(tr)
+    ExportOptions.add_arguments(tr)
 
 
 def run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
-    from export.onnx_export import ParityError
-    from export.super_resolution import ImageExportError, export_sr
+    """`sr` or `translator`; the failures they raise on purpose are export.errors' to answer."""
+    from export.super_resolution import export_sr
     from export.translator import export_translator
 
-    target = DeploymentTarget(args.target, args.instances)
-    if args.tensorrt:
-        print(f"{args.command}: --tensorrt is not supported for image-to-image graphs yet (the ONNX graph is served "
-              "by ONNX Runtime, with its TensorRT accelerator on GPUs)", file=sys.stderr)
-        return 2
+    options = ExportOptions.from_args(args)
     start = time.perf_counter()
-    try:
-        if args.command == "sr":
-            if args.ncnn_bin and not args.ncnn:
-                parser.error("--ncnn-bin goes with --ncnn")
-            report = export_sr(args.ncnn or args.weights, args.repository, args.name, args.version,
-                               args.max_batch_size, target, tile=args.tile, tile_overlap=args.tile_overlap,
-                               license=args.license, ncnn_bin=args.ncnn_bin, state_dict_key=args.state_dict_key)
-        else:
-            init_args = None
-            if args.init_args is not None:
-                try:
-                    init_args = json.loads(args.init_args)
-                except json.JSONDecodeError as exc:
-                    parser.error(f"--init-args is not valid JSON ({exc})")
-                if not isinstance(init_args, dict):
-                    parser.error("--init-args must be a JSON object of keyword arguments")
-            report = export_translator(args.module, args.weights, args.repository, args.name, init_args,
-                                       args.input_range, args.output_range, args.size_multiple, args.version,
-                                       args.max_batch_size, target, tile=args.tile,
-                                       state_dict_key=args.state_dict_key)
-    except ParityError as exc:
-        print(f"export FAILED parity check: {exc}", file=sys.stderr)
-        return 1
-    except ImageExportError as exc:
-        print(f"export {args.command}: {exc}", file=sys.stderr)
-        return 2
+    if args.command == "sr":
+        if args.ncnn_bin and not args.ncnn:
+            parser.error("--ncnn-bin goes with --ncnn")
+        report = export_sr(args.ncnn or args.weights, args.repository, args.name, options, tile=args.tile,
+                           tile_overlap=args.tile_overlap, license=args.license, ncnn_bin=args.ncnn_bin,
+                           state_dict_key=args.state_dict_key)
+    else:
+        init_args = None
+        if args.init_args is not None:
+            try:
+                init_args = json.loads(args.init_args)
+            except json.JSONDecodeError as exc:
+                parser.error(f"--init-args is not valid JSON ({exc})")
+            if not isinstance(init_args, dict):
+                parser.error("--init-args must be a JSON object of keyword arguments")
+        report = export_translator(args.module, args.weights, args.repository, args.name, init_args,
+                                   args.input_range, args.output_range, args.size_multiple, options, tile=args.tile,
+                                   state_dict_key=args.state_dict_key)
     f = report.facts
     print(f"{args.name}: {f.architecture} x{f.scale} ({f.task}) {report.onnx_path} verified, max abs error "
           f"{report.max_abs_error:.2e} ({time.perf_counter() - start:.1f}s)")

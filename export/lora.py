@@ -35,6 +35,8 @@ from pathlib import Path
 
 import numpy as np
 
+from export.errors import UnsupportedAdapter
+
 # Components of an SD 1.x/2.x pipeline an adapter may target: the prefix in diffusers' keys
 # and the graph role the exporter writes (<pipeline>_<role>).
 SD_COMPONENTS = {"unet": "unet", "text_encoder": "text_encoder"}
@@ -49,10 +51,6 @@ UNSUPPORTED_KEYS = {
     "oft_": "OFT", "lora_mid": "LoCon with a Tucker middle factor", ".diff": "a full weight difference",
     "diff_b": "a bias difference", ".w_norm": "a norm-layer weight", ".b_norm": "a norm-layer bias",
 }
-
-
-class UnsupportedAdapter(ValueError):
-    """The file holds something that cannot be served as a low-rank adapter of this pipeline."""
 
 
 @dataclass
@@ -308,20 +306,14 @@ def add_parsers(sub) -> None:
 
 
 def run(args) -> int:
-    import sys
-
-    try:
-        if args.command == "lora":
-            export_lora(args.weights, args.repository, args.pipeline, args.name)
-        else:
-            for graph in SD_COMPONENTS.values():
-                path = Path(args.repository) / f"{args.pipeline}_{graph}" / "1" / "model.onnx"
-                if path.exists():
-                    out = add_adapter_slots(path)
-                    print(f"[{args.pipeline}] {graph}: {out}")
-    except (UnsupportedAdapter, FileNotFoundError) as exc:
-        print(f"export {args.command}: {exc}", file=sys.stderr)
-        return 2
+    if args.command == "lora":
+        export_lora(args.weights, args.repository, args.pipeline, args.name)
+        return 0
+    for graph in SD_COMPONENTS.values():
+        path = Path(args.repository) / f"{args.pipeline}_{graph}" / "1" / "model.onnx"
+        if path.exists():
+            out = add_adapter_slots(path)
+            print(f"[{args.pipeline}] {graph}: {out}")
     return 0
 
 

@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from export.super_resolution import ImageExportError
+from export.errors import ImageExportError
 
 PARAM_MAGIC = 7767517
 FP16_TAG = 0x01306B47

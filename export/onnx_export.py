@@ -16,11 +16,9 @@ import torch
 
 log = logging.getLogger(__name__)
 
+from export.errors import ParityError
+
 OPSET = 17
-
-
-class ParityError(RuntimeError):
-    """ONNX Runtime's output differs from PyTorch's by more than the tolerance."""
 
 
 def export_onnx(

@@ -37,8 +37,9 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from export.diffusers_folder import UnsupportedFolder, export_folder
-from export.triton_config import DeploymentTarget
+from export.core import ExportOptions
+from export.diffusers_folder import export_folder
+from export.errors import UnsupportedFolder
 from export.weights import load_weight_file, select_state_dict
 
 CONFIGS = Path(__file__).resolve().parent / "single_file_configs"
@@ -183,12 +184,13 @@ def convert_to_folder(checkpoint: str | Path, dest: Path, config: str | Path | N
 
 
 def export_checkpoint(checkpoint: str | Path, repository: Path, name: str, config: str | Path | None = None,
-                      version: int = 1, max_batch_size: int = 16, target: DeploymentTarget = DeploymentTarget(),
-                      tensorrt: bool = False, progress=print, deepcache: bool = True, graphs=None,
-                      controlnet_inputs: bool = True):
-    """A single-file checkpoint -> the family's graphs in `repository`: (family, reports)."""
+                      options: ExportOptions | None = None, *, deepcache: bool = True,
+                      controlnet_inputs: bool = True, **shared):
+    """A single-file checkpoint -> the family's graphs in `repository`: (family, reports).
+    `options`: the shared arguments (export.core.ExportOptions), or any of them as keywords."""
+    options = ExportOptions.given(options, **shared)
     with tempfile.TemporaryDirectory(prefix="genserve-single-file-") as tmp:
-        folder = convert_to_folder(checkpoint, Path(tmp) / "pipeline", config, progress)
-        return export_folder(folder, repository, name, version, max_batch_size, target, tensorrt=tensorrt,
-                             progress=progress, deepcache=deepcache, graphs=graphs,
-                             controlnet_inputs=controlnet_inputs)
+        folder = convert_to_folder(checkpoint, Path(tmp) / "pipeline", config, options.progress)
+        return export_folder(folder, repository, name, options.version, options.max_batch_size, options.target,
+                             tensorrt=options.tensorrt, progress=options.progress, deepcache=deepcache,
+                             graphs=options.graphs, controlnet_inputs=controlnet_inputs)

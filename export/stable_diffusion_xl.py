@@ -77,24 +77,17 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
 
+from export.core import DENOISER_QUEUE_DELAY_US, ComponentReport, ExportOptions, GraphExporter, load_fp32, sample_size_hw
 from export.deepcache import export_unet
-from export.diffusers_folder import UnsupportedFolder, sample_size_hw
-from export.stable_diffusion import (
-    DENOISER_QUEUE_DELAY_US,
-    EXTERNAL_DATA_THRESHOLD,
-    ComponentReport,
-    GraphExporter,
-    _fast_tokenizer_json,
-    export_vae_graphs,
-    load_fp32,
-)
-from export.triton_config import DeploymentTarget, TensorSpec
-from export.verification import GraphOptions, text_encoder_activation, unet_activation
+from export.errors import UnsupportedFolder
+from export.stable_diffusion import fast_tokenizer_json
+from export.triton_config import TensorSpec
+from export.vae import export_vae_graphs
+from export.verification import text_encoder_activation, unet_activation
 
 PIPELINE = "stable_diffusion_xl"
 
@@ -140,27 +133,23 @@ def export_stable_diffusion_xl(
     folder: Path,
     repository: Path,
     name: str,
-    version: int = 1,
-    max_batch_size: int = 16,
-    target: DeploymentTarget = DeploymentTarget(),
-    progress: Callable[[str], None] = print,
-    external_data_threshold: int = EXTERNAL_DATA_THRESHOLD,
-    tensorrt: bool = False,
+    options: ExportOptions | None = None,
+    *,
     deepcache: bool = True,
-    graphs: GraphOptions = GraphOptions(),
+    **shared,
 ) -> list[ComponentReport]:
-    """`deepcache`: also the shallow U-Net graph and the deep-features output (export.deepcache).
-    `graphs`: how graphs are written and checked (GraphOptions)."""
+    """`options`: the shared arguments (export.core.ExportOptions), or any of them as keywords.
+    `deepcache`: also the shallow U-Net graph and the deep-features output (export.deepcache)."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
-    folder, repository = Path(folder), Path(repository)
-    if tensorrt:
+    folder, repository, options = Path(folder), Path(repository), ExportOptions.given(options, **shared)
+    if options.tensorrt:
         raise UnsupportedFolder(
             f"{folder}: TensorRT plans are not built for Stable Diffusion XL yet; export without --tensorrt "
             f"(with --target gpu, ONNX Runtime's TensorRT accelerator still runs the graphs)")
     index = json.loads((folder / "model_index.json").read_text()) if (folder / "model_index.json").exists() else {}
-    progress(f"[{name}] loading {folder}")
+    options.progress(f"[{name}] loading {folder}")
 
     encoders = []  # (role, tokenizer subfolder, model)
     if _present(folder, index, "text_encoder"):
@@ -176,16 +165,14 @@ def export_stable_diffusion_xl(
                                 f"{unet.config.addition_embed_type!r}, not SDXL's 'text_time'")
 
     rng = np.random.default_rng(0)
-    export_graph = GraphExporter(repository, name, PIPELINE, version=version, max_batch_size=max_batch_size,
-                                 target=target, progress=progress, external_data_threshold=external_data_threshold,
-                                 options=graphs)
+    export_graph = GraphExporter(repository, name, PIPELINE, options)
 
     # 1. Text encoders: fixed sequence length (prompts are padded to the tokenizer's max).
     lengths, hidden_sizes, pooled_dim = {}, [], None
     for role, tokenizer_dir, model in encoders:
         model_dir = export_graph.model_dir(role)
         model_dir.mkdir(parents=True, exist_ok=True)
-        tok = _fast_tokenizer_json(folder, model_dir, tokenizer_dir)
+        tok = fast_tokenizer_json(folder, model_dir, tokenizer_dir)
         length, hidden, vocab = tok["max_length"], model.config.hidden_size, model.config.vocab_size
         lengths[role] = length
         hidden_sizes.append(hidden)

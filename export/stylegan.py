@@ -47,7 +47,6 @@ from __future__ import annotations
 import inspect
 import json
 import logging
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
@@ -56,23 +55,10 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from export.gan import (
-    SERVABLE_CHANNELS,
-    GANExportError,
-    _sha256,
-    build_user_generator,
-    load_weights,
-    parse_module_ref,
-)
-from export.onnx_export import ParityError, export_onnx, verify_onnx
-from export.triton_config import (
-    DeploymentTarget,
-    ModelConfigSpec,
-    TensorSpec,
-    build_model_config,
-    default_batching,
-    write_model_config,
-)
+from export.core import ExportOptions, ParityCheck, export_graph, sha256
+from export.errors import StyleGANExportError
+from export.gan import SERVABLE_CHANNELS, build_user_generator, load_weights, parse_module_ref
+from export.triton_config import ModelConfigSpec, TensorSpec, default_batching
 from export.weights import read_state_dict
 
 log = logging.getLogger(__name__)
@@ -81,10 +67,6 @@ TRACE_BATCH, VERIFY_BATCH = 2, 5
 REQUIRED = ("z_dim", "c_dim", "w_dim", "num_ws", "img_resolution", "img_channels", "mapping", "synthesis")
 DIRECTION_SAMPLES, DIRECTION_SEED = 1000, 0
 W_AVG_SAMPLES = 10_000
-
-
-class StyleGANExportError(GANExportError):
-    """The module is not a StyleGAN-style generator as this exporter needs it (a user error)."""
 
 
 @dataclass(frozen=True)
@@ -222,36 +204,40 @@ def class_directions(generator: nn.Module, facts: StyleGANFacts, samples: int = 
     return {name: d.tolist() for name, d in zip(direction_names(generator, facts.c_dim), diffs)}
 
 
-def _export_verify(module: nn.Module, make_inputs, output: str, path: Path) -> float:
+def _export_component(module: nn.Module, make_inputs, spec: ModelConfigSpec, model_dir: Path,
+                      options: ExportOptions) -> float:
+    """One graph through the exporter core, traced at TRACE_BATCH and verified at VERIFY_BATCH: its
+    max abs error."""
     rng = np.random.default_rng(0)
-    example = {k: torch.from_numpy(v) for k, v in make_inputs(TRACE_BATCH, rng).items()}
-    dynamic = {k: {0: "batch"} for k in example} | {output: {0: "batch"}}
-    try:
-        export_onnx(module, example, [output], path, dynamic)
-    except Exception as exc:
-        raise StyleGANExportError(f"torch.onnx.export failed for {path.parent.parent.name}: "
-                                  f"{type(exc).__name__}: {exc}") from exc
-    try:
-        return verify_onnx(module, path, make_inputs(VERIFY_BATCH, rng))
-    except ParityError:
-        raise
-    except Exception as exc:
-        raise ParityError(f"{path}: the graph traced at batch {TRACE_BATCH} failed at batch {VERIFY_BATCH}: "
-                          f"{type(exc).__name__}: {exc}") from exc
+    example = make_inputs(TRACE_BATCH, rng)
+    dynamic = {k: {0: "batch"} for k in example} | {spec.outputs[0].name: {0: "batch"}}
+    check = ParityCheck(lambda: make_inputs(VERIFY_BATCH, rng), failed=lambda exc: (
+        f"the graph traced at batch {TRACE_BATCH} failed at batch {VERIFY_BATCH}: {type(exc).__name__}: {exc}"))
+    profile = None
+    if options.tensorrt:
+        from export.tensorrt import ShapeRange
+
+        opt, most = min(8, options.max_batch_size), options.max_batch_size
+        profile = {t.name: ShapeRange((1, *t.dims), (opt, *t.dims), (most, *t.dims)) for t in spec.inputs}
+    result = export_graph(module, spec, example, dynamic, lambda _: [check], model_dir, options, atol=1e-4,
+                          tensorrt_profile=profile, export_failed=lambda exc: StyleGANExportError(
+                              f"torch.onnx.export failed for {model_dir.name}: {type(exc).__name__}: {exc}"))
+    return result.max_abs_error
 
 
 def export_stylegan(
     generator: nn.Module,
     repository: Path,
     name: str,
-    version: int = 1,
-    max_batch_size: int = 16,
-    target: DeploymentTarget = DeploymentTarget(),
-    tensorrt: bool = False,
+    options: ExportOptions | None = None,
+    *,
     output_range: tuple[float, float] = (-1.0, 1.0),
     parameters: Mapping[str, str] | None = None,
+    **shared,
 ) -> StyleGANExportReport:
-    """Writes <name>_mapping and <name>_synthesis (graphs verified, configs, w_avg.json, directions.json)."""
+    """Writes <name>_mapping and <name>_synthesis (graphs verified, configs, w_avg.json, directions.json).
+    `options`: the shared arguments (export.core.ExportOptions), or any of them as keywords."""
+    options = ExportOptions.given(options, **shared)
     generator.eval()
     facts = probe_stylegan(generator, output_range)
     mapping, synthesis = MappingGraph(generator).eval(), SynthesisGraph(generator).eval()
@@ -273,11 +259,6 @@ def export_stylegan(
         ws = torch.cat([a[:, None].expand(-1, cut, -1), b[:, None].expand(-1, facts.num_ws - cut, -1)], dim=1)
         return {"ws": ws.contiguous().numpy()}
 
-    errors = {
-        "mapping": _export_verify(mapping, mapping_inputs, "w", dirs["mapping"] / str(version) / "model.onnx"),
-        "synthesis": _export_verify(synthesis, synthesis_inputs, "image",
-                                    dirs["synthesis"] / str(version) / "model.onnx"),
-    }
     low, high = facts.output_range
     common = {
         "genserve.pipeline": "stylegan",
@@ -301,20 +282,14 @@ def export_stylegan(
                       [TensorSpec("image", "float32", (facts.image_channels, facts.image_height,
                                                        facts.image_width))]),
     }
+    modules = {"mapping": (mapping, mapping_inputs), "synthesis": (synthesis, synthesis_inputs)}
+    errors = {}
     for component, (inputs, outputs) in specs.items():
         spec = ModelConfigSpec(
             name=dirs[component].name, inputs=inputs, outputs=outputs,
-            batching=default_batching(max_batch_size, max_queue_delay_microseconds=2000), target=target,
-            parameters={**common, "genserve.component": component})
-        if tensorrt:
-            from export.tensorrt import ShapeRange, build_plan, tensorrt_config
-
-            opt = min(8, max_batch_size)
-            profile = {t.name: ShapeRange((1, *t.dims), (opt, *t.dims), (max_batch_size, *t.dims)) for t in inputs}
-            onnx_path = dirs[component] / str(version) / "model.onnx"
-            shutil.copy(build_plan(onnx_path, profile, "fp16"), onnx_path.with_name("model.plan"))
-            spec = tensorrt_config(spec, target.instance_count)
-        write_model_config(build_model_config(spec), dirs[component])
+            batching=default_batching(options.max_batch_size, max_queue_delay_microseconds=2000),
+            target=options.target, parameters={**common, "genserve.component": component})
+        errors[component] = _export_component(*modules[component], spec, dirs[component], options)
 
     w_avg, source = w_average(generator, facts)
     (dirs["mapping"] / "w_avg.json").write_text(json.dumps({"w_avg": w_avg, "source": source}) + "\n")
@@ -335,22 +310,22 @@ def export_stylegan_module(
     repository: Path,
     name: str,
     init_args: Mapping[str, Any] | None = None,
-    version: int = 1,
-    max_batch_size: int = 16,
-    target: DeploymentTarget = DeploymentTarget(),
-    tensorrt: bool = False,
+    options: ExportOptions | None = None,
+    *,
     state_dict_key: str | None = None,
+    **shared,
 ) -> StyleGANExportReport:
     """FILE.py:NAME (class or factory, built with **init_args) + a weight file as export.weights reads
-    it (`state_dict_key` picks the state dict in it, e.g. rosinality's 'g_ema')."""
+    it (`state_dict_key` picks the state dict in it, e.g. rosinality's 'g_ema'). `options`: the shared
+    arguments (export.core.ExportOptions), or any of them as keywords."""
     if init_args is not None and not isinstance(init_args, Mapping):
         raise StyleGANExportError(f"--init-args must be a JSON object of keyword arguments, got {init_args!r}")
     file, attr = parse_module_ref(module)
     state = read_state_dict(weights, state_dict_key)  # no code of the file runs: before running the user's code
     generator = build_user_generator(module, init_args)
     load_weights(generator, state, f"--weights {str(weights)!r}")
-    provenance = {"genserve.source_sha256": _sha256(Path(weights)), "genserve.source_module": f"{file.name}:{attr}"}
-    return export_stylegan(generator.eval(), repository, name, version, max_batch_size, target, tensorrt,
+    provenance = {"genserve.source_sha256": sha256(Path(weights)), "genserve.source_module": f"{file.name}:{attr}"}
+    return export_stylegan(generator.eval(), repository, name, ExportOptions.given(options, **shared),
                            parameters=provenance)
 
 
@@ -358,16 +333,15 @@ def export_stylegan_checkpoint(
     checkpoint: str | Path,
     repository: Path,
     name: str,
-    version: int = 1,
-    max_batch_size: int = 16,
-    target: DeploymentTarget = DeploymentTarget(),
-    tensorrt: bool = False,
+    options: ExportOptions | None = None,
+    **shared,
 ) -> StyleGANExportReport:
-    """A zoo StyleGAN checkpoint (<stem>.json + <stem>.safetensors), e.g. zoo/checkpoints/stylegan_digits."""
+    """A zoo StyleGAN checkpoint (<stem>.json + <stem>.safetensors), e.g. zoo/checkpoints/stylegan_digits.
+    `options`: the shared arguments (export.core.ExportOptions), or any of them as keywords."""
     from zoo.stylegan.model import load_stylegan
 
     stem = Path(checkpoint)
     stem = stem.with_suffix("") if stem.suffix in (".json", ".safetensors") else stem
     generator = load_stylegan(stem)
-    return export_stylegan(generator, repository, name, version, max_batch_size, target, tensorrt,
-                           parameters={"genserve.source_sha256": _sha256(stem.with_suffix(".safetensors"))})
+    return export_stylegan(generator, repository, name, ExportOptions.given(options, **shared),
+                           parameters={"genserve.source_sha256": sha256(stem.with_suffix(".safetensors"))})

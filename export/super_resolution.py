@@ -34,7 +34,6 @@ that bakes the traced size into its graph fails here, named, not in serving.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import math
 from dataclasses import dataclass, field
@@ -45,15 +44,9 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from export.onnx_export import ParityError, export_onnx, verify_onnx
-from export.triton_config import (
-    DeploymentTarget,
-    ModelConfigSpec,
-    TensorSpec,
-    build_model_config,
-    default_batching,
-    write_model_config,
-)
+from export.core import ExportOptions, ParityCheck, export_graph, sha256
+from export.errors import ImageExportError, ParityError
+from export.triton_config import ModelConfigSpec, TensorSpec, default_batching
 
 log = logging.getLogger(__name__)
 
@@ -61,10 +54,6 @@ SERVABLE_CHANNELS = (1, 3, 4)
 DEFAULT_TILE = 128  # input pixels: a 4x model's tile is 512x512 out, ~3 MB of float32 per channel
 DEFAULT_TILE_OVERLAP = 16
 ATOL = 2e-3  # outputs in [0, 1]; deep conv stacks differ by ~1e-5 between ORT and PyTorch
-
-
-class ImageExportError(ValueError):
-    """The checkpoint, architecture or arguments cannot be exported as given (a user error)."""
 
 
 @dataclass(frozen=True)
@@ -130,24 +119,25 @@ class _Clamped(nn.Module):
         return out.float().clamp(self.low, self.high)
 
 
-def sha256(path: Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
-
-
 def export_image_graph(
     model: nn.Module,
     facts: ImageModelFacts,
     repository: Path,
     name: str,
-    version: int = 1,
-    max_batch_size: int = 16,
-    target: DeploymentTarget = DeploymentTarget(),
+    options: ExportOptions | None = None,
+    *,
     tile: int = DEFAULT_TILE,
     tile_overlap: int = DEFAULT_TILE_OVERLAP,
     atol: float = ATOL,
+    **shared,
 ) -> ImageExportReport:
     """Traces `model` (eval mode, [B, C_in, H, W] -> [B, C_out, sH, sW]) with dynamic batch and
-    sides, verifies it against PyTorch at another batch and odd unequal sides, writes the config."""
+    sides, verifies it against PyTorch at another batch and odd unequal sides, writes the config.
+    `options`: the shared arguments (export.core.ExportOptions), or any of them as keywords."""
+    options = ExportOptions.given(options, **shared)
+    if options.tensorrt:
+        raise ImageExportError("--tensorrt is not supported for image-to-image graphs yet (the ONNX graph is served "
+                               "by ONNX Runtime, with its TensorRT accelerator on GPUs)")
     if tile < 1 or tile % facts.size_multiple or tile < facts.size_minimum:
         raise ImageExportError(f"--tile {tile}: must be a multiple of {facts.size_multiple} and at least "
                                f"{facts.size_minimum} for this architecture")
@@ -160,31 +150,19 @@ def export_image_graph(
     def feeds(batch: int, h: int, w: int) -> dict[str, np.ndarray]:
         return {"image": rng.uniform(low, high, (batch, facts.input_channels, h, w)).astype(np.float32)}
 
-    # 1. Trace at batch 1 and a square side; dynamic batch and spatial axes.
-    model_dir = Path(repository) / name
-    onnx_path = model_dir / str(version) / "model.onnx"
+    # 1. Traced at batch 1 and a square side; dynamic batch and spatial axes.
     trace = facts.side(32)
-    example = {k: torch.from_numpy(v) for k, v in feeds(1, trace, trace).items()}
+    example = feeds(1, trace, trace)
     spatial = {0: "batch", 2: "height", 3: "width"}
-    try:
-        export_onnx(module, example, ["output_image"], onnx_path, {"image": spatial, "output_image": spatial})
-    except Exception as exc:
-        raise ImageExportError(f"{facts.architecture or 'the model'} does not export to ONNX: "
-                               f"{type(exc).__name__}: {str(exc)[:500]}") from exc
 
-    # 2. Verify at batch 2 and unequal sides that are not the traced ones (odd where the
+    # 2. Verified at batch 2 and unequal sides that are not the traced ones (odd where the
     #    architecture allows), so a size baked into the graph is caught here.
     h, w = facts.side(37), facts.side(53)
     if (h, w) == (trace, trace):
         h, w = facts.side(trace + 1), facts.side(trace + facts.size_multiple + 1)
-    try:
-        max_err = verify_onnx(module, onnx_path, feeds(2, h, w), atol=atol)
-    except ParityError:
-        raise
-    except Exception as exc:
-        raise ParityError(
-            f"{onnx_path}: {facts.architecture or 'the graph'} traced at {trace}x{trace} failed at {h}x{w} "
-            f"(the traced size is fixed somewhere in the graph): {type(exc).__name__}: {str(exc)[:300]}") from exc
+    check = ParityCheck(lambda: feeds(2, h, w), failed=lambda exc: (
+        f"{facts.architecture or 'the graph'} traced at {trace}x{trace} failed at {h}x{w} "
+        f"(the traced size is fixed somewhere in the graph): {type(exc).__name__}: {str(exc)[:300]}"))
 
     # 3. The Triton config: the facts in its parameters.
     c_in, c_out = facts.input_channels, facts.output_channels
@@ -193,15 +171,18 @@ def export_image_graph(
         inputs=[TensorSpec("image", "float32", (c_in, -1, -1))],
         outputs=[TensorSpec("output_image", "float32", (c_out, -1, -1))],
         # Tiles of one image and of concurrent requests share calls: wait at most 5 ms for them.
-        batching=default_batching(max_batch_size, max_queue_delay_microseconds=5000),
-        target=target,
+        batching=default_batching(options.max_batch_size, max_queue_delay_microseconds=5000),
+        target=options.target,
         parameters=facts.parameters(tile, tile_overlap),
         warmup_dims={"image": (c_in, trace, trace)},
     )
-    write_model_config(build_model_config(spec), model_dir)
+    result = export_graph(
+        module, spec, example, {"image": spatial, "output_image": spatial}, lambda _: [check],
+        Path(repository) / name, options, atol=atol, export_failed=lambda exc: ImageExportError(
+            f"{facts.architecture or 'the model'} does not export to ONNX: {type(exc).__name__}: {str(exc)[:500]}"))
     log.info("%s: %s x%d, %d -> %d channels, verified at %dx%d (max abs error %.2e)", name,
-             facts.architecture or facts.task, facts.scale, c_in, c_out, h, w, max_err)
-    return ImageExportReport(model_dir, onnx_path, max_err, facts)
+             facts.architecture or facts.task, facts.scale, c_in, c_out, h, w, result.max_abs_error)
+    return ImageExportReport(result.model_dir, result.onnx_path, result.max_abs_error, facts)
 
 
 # --- super-resolution checkpoints through spandrel ------------------------------------------
@@ -272,18 +253,19 @@ def export_sr(
     weights: str | Path,
     repository: Path,
     name: str,
-    version: int = 1,
-    max_batch_size: int = 16,
-    target: DeploymentTarget = DeploymentTarget(),
+    options: ExportOptions | None = None,
+    *,
     tile: int | None = None,
     tile_overlap: int = DEFAULT_TILE_OVERLAP,
     license: str | None = None,
     ncnn_bin: str | Path | None = None,
     state_dict_key: str | None = None,
+    **shared,
 ) -> ImageExportReport:
     """A super-resolution checkpoint as users bring it -> a verified graph in the repository.
     `weights` is a weight file (export/weights.py), or an ncnn `.param` (weights in `ncnn_bin`,
-    default the .bin beside it)."""
+    default the .bin beside it). `options`: the shared arguments (export.core.ExportOptions), or
+    any of them as keywords."""
     if Path(weights).suffix.lower() == ".param":
         from export.ncnn import sha256_of
 
@@ -298,7 +280,7 @@ def export_sr(
     facts = ImageModelFacts(**{**facts.__dict__, "extra": extra})
     tile = tile or facts.side(DEFAULT_TILE)
     try:
-        return export_image_graph(descriptor.model, facts, repository, name, version, max_batch_size, target,
-                                  tile, tile_overlap)
+        return export_image_graph(descriptor.model, facts, repository, name, ExportOptions.given(options, **shared),
+                                  tile=tile, tile_overlap=tile_overlap)
     except ParityError as exc:
         raise ParityError(f"{facts.architecture} does not export faithfully: {exc}") from exc

@@ -17,16 +17,13 @@ import subprocess
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from export.errors import TensorRTUnavailable
 from export.triton_config import DeploymentTarget, ModelConfigSpec
 
 DEFAULT_CACHE = Path.home() / ".cache" / "genserve" / "tensorrt"
 # The VAE overflows in fp16 (large activations in its decoder): it stays fp32, as in
 # NVIDIA's own Stable Diffusion TensorRT demo.
 FP32_COMPONENTS = {"vae_decoder", "vae_encoder"}
-
-
-class TensorRTUnavailable(RuntimeError):
-    """No NVIDIA GPU or no TensorRT here."""
 
 
 @dataclass(frozen=True)

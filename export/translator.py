@@ -28,23 +28,11 @@ from typing import Any, Mapping
 import torch
 import torch.nn as nn
 
-from export.gan import (
-    GANExportError,
-    build_user_generator,
-    load_weights,
-    parse_module_ref,
-    parse_output_range,
-)
-from export.super_resolution import (
-    SERVABLE_CHANNELS,
-    ImageExportError,
-    ImageExportReport,
-    ImageModelFacts,
-    export_image_graph,
-    sha256,
-)
-from export.triton_config import DeploymentTarget
-from export.weights import WeightsError, read_state_dict
+from export.core import ExportOptions, sha256
+from export.errors import GANExportError, ImageExportError, WeightsError
+from export.gan import build_user_generator, load_weights, parse_module_ref, parse_output_range
+from export.super_resolution import SERVABLE_CHANNELS, ImageExportReport, ImageModelFacts, export_image_graph
+from export.weights import read_state_dict
 
 log = logging.getLogger(__name__)
 
@@ -99,14 +87,15 @@ def export_translator(
     input_range: str | tuple[float, float] = (-1.0, 1.0),
     output_range: str | tuple[float, float] = (-1.0, 1.0),
     size_multiple: int | None = None,
-    version: int = 1,
-    max_batch_size: int = 16,
-    target: DeploymentTarget = DeploymentTarget(),
+    options: ExportOptions | None = None,
+    *,
     tile: int | None = None,
     tile_overlap: int = 32,
     state_dict_key: str | None = None,
+    **shared,
 ) -> ImageExportReport:
-    """FILE.py:NAME + weights -> a verified image -> image graph served on /v1/translate."""
+    """FILE.py:NAME + weights -> a verified image -> image graph served on /v1/translate. `options`:
+    the shared arguments (export.core.ExportOptions), or any of them as keywords."""
     try:
         low_high_in, low_high_out = parse_output_range(input_range), parse_output_range(output_range)
         file, attr = parse_module_ref(module)
@@ -140,5 +129,5 @@ def export_translator(
         extra={"genserve.source_sha256": sha256(Path(weights)), "genserve.source_module": f"{file.name}:{attr}"})
     log.info("%s: %s, %d -> %d channels, x%d, sides multiples of %d", name, module, c_in, c_out, facts.scale, m)
     tile = tile or -(-DEFAULT_TILE // m) * m
-    return export_image_graph(model, facts, repository, name, version, max_batch_size, target, tile,
-                              min(tile_overlap, tile // 2 - 1))
+    return export_image_graph(model, facts, repository, name, ExportOptions.given(options, **shared), tile=tile,
+                              tile_overlap=min(tile_overlap, tile // 2 - 1))

@@ -3,7 +3,7 @@
 The folder is either a bare AutoencoderKL folder (config.json with `_class_name`
 "AutoencoderKL" + weights) or a pipeline folder whose `vae/` holds one (that VAE is
 exported alone). The graphs are the same as the Stable Diffusion exporter's VAE graphs
-(the wrappers are shared with export.stable_diffusion), so a pipeline can use either:
+(SD, SDXL and FLUX export theirs with export_vae_graphs below), so a pipeline can use either:
 
   <name>_vae_encoder   sample FP32 [B, C_img, H, W]  (H, W dynamic, multiples of size_multiple)
                        -> latent_parameters FP32 [B, 2*C_lat, H/f, W/f]
@@ -43,31 +43,69 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
+import torch
 
-from export.diffusers_folder import sample_size_hw
-from export.stable_diffusion import (
-    EXTERNAL_DATA_THRESHOLD,
-    ComponentReport,
-    GraphExporter,
-    _VAEDecoder,
-    _VAEEncoder,
-    load_fp32,
-    vae_precision,
-)
-from export.verification import GraphOptions, vae_activation
-from export.triton_config import DeploymentTarget, TensorSpec
+from export.core import ComponentReport, ExportOptions, GraphExporter, load_fp32, sample_size_hw
+from export.errors import UnsupportedFolder
+from export.triton_config import TensorSpec
+from export.verification import vae_activation
 
 ATOL = 1e-3  # fp32 VAE graphs on ONNX Runtime vs PyTorch; measured errors are ~1e-6
 QUEUE_DELAY_US = 2000
 
 
+class VAEDecoderGraph(torch.nn.Module):
+    def __init__(self, vae):
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, latent_sample):
+        return self.vae.decode(latent_sample, return_dict=False)[0]
+
+
+class VAEEncoderGraph(torch.nn.Module):
+    def __init__(self, vae):
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, sample):
+        return self.vae.encode(sample).latent_dist.parameters
+
+
+def vae_precision(config) -> str | None:
+    """A VAE whose config asks for fp32 (`force_upcast`, diffusers' rule: SD's and SDXL's VAEs
+    overflow in fp16 and diffusers upcasts them) stays fp32 whatever the export's dtype; one
+    that does not (SDXL's fp16-fix VAE) follows it."""
+    return "fp32" if getattr(config, "force_upcast", True) else None
+
+
+def export_vae_graphs(export, vae, rng, latent_channels: int, image_channels: int, height: int, width: int,
+                      scale: int, parameters: dict, extra: dict | None = None) -> None:
+    """A latent pipeline's VAE decoder and encoder graphs (SD's, SDXL's, FLUX's: the same
+    contract, each family's own `parameters`), traced at the native latent size. `export` is
+    the family's GraphExporter (or a wrapper of it); `extra[role]`: more keyword arguments for
+    that role's call (TensorRT plans)."""
+    c, ic, extra = latent_channels, image_channels, extra or {}
+    spatial = {0: "batch", 2: "height", 3: "width"}
+    activation = vae_activation(vae.config, (height, width))  # grids in latent cells for both graphs
+    precision = vae_precision(vae.config)
+    export("vae_decoder", VAEDecoderGraph(vae),
+           lambda b, grid: {"latent_sample": rng.standard_normal((b, c, *grid), dtype=np.float32)},
+           [TensorSpec("latent_sample", "float32", (c, -1, -1))], [TensorSpec("sample", "float32", (ic, -1, -1))],
+           {"latent_sample": spatial, "sample": spatial}, parameters, atol=1e-3, delay_us=2000,
+           activation=activation, precision=precision, **extra.get("vae_decoder", {}))
+    export("vae_encoder", VAEEncoderGraph(vae),
+           lambda b, grid: {"sample": rng.uniform(-1, 1, (b, ic, grid[0] * scale, grid[1] * scale))
+                            .astype(np.float32)},
+           [TensorSpec("sample", "float32", (ic, -1, -1))], [TensorSpec("latent_parameters", "float32", (2 * c, -1, -1))],
+           {"sample": spatial, "latent_parameters": spatial}, parameters, atol=1e-3, delay_us=2000,
+           activation=activation, precision=precision, **extra.get("vae_encoder", {}))
+
+
 def vae_folder(folder: Path) -> Path:
     """The folder holding the AutoencoderKL's config.json: `folder` itself or `folder/vae`."""
-    from export.diffusers_folder import UnsupportedFolder
-
     folder = Path(folder)
     for candidate in (folder, folder / "vae"):
         config = candidate / "config.json"
@@ -97,20 +135,16 @@ def export_vae(
     folder: Path,
     repository: Path,
     name: str,
-    version: int = 1,
-    max_batch_size: int = 16,
-    target: DeploymentTarget = DeploymentTarget(),
-    progress: Callable[[str], None] = print,
-    external_data_threshold: int = EXTERNAL_DATA_THRESHOLD,
-    graphs: GraphOptions = GraphOptions(),
+    options: ExportOptions | None = None,
+    **shared,
 ) -> list[ComponentReport]:
     """Writes <name>_vae_encoder and <name>_vae_decoder into `repository`; one report each.
-    `graphs`: how graphs are written and checked (GraphOptions)."""
+    `options`: the shared arguments (export.core.ExportOptions), or any of them as keywords."""
     from diffusers import AutoencoderKL
 
-    source = vae_folder(folder)
+    source, options = vae_folder(folder), ExportOptions.given(options, **shared)
     repository = Path(repository)
-    progress(f"[{name}] loading {source}")
+    options.progress(f"[{name}] loading {source}")
     vae = load_fp32(AutoencoderKL, source)
     config = vae.config
     if config.in_channels != config.out_channels:
@@ -124,13 +158,12 @@ def export_vae(
                          f"{scale}")
     h, w = height // scale, width // scale  # native latent size
     rng = np.random.default_rng(0)
-    component = GraphExporter(repository, name, "vae", version=version, max_batch_size=max_batch_size, target=target,
-                              progress=progress, external_data_threshold=external_data_threshold, options=graphs)
+    component = GraphExporter(repository, name, "vae", options)
     activation = vae_activation(config, (h, w))  # grids in latent cells for both graphs
 
     spatial = {0: "batch", 2: "height", 3: "width"}
     component(
-        "vae_encoder", _VAEEncoder(vae),
+        "vae_encoder", VAEEncoderGraph(vae),
         lambda b, grid: {"sample": rng.uniform(-1, 1, (b, c_img, grid[0] * scale, grid[1] * scale))
                          .astype(np.float32)},
         [TensorSpec("sample", "float32", (c_img, -1, -1))],
@@ -139,7 +172,7 @@ def export_vae(
         precision=vae_precision(config),
     )
     component(
-        "vae_decoder", _VAEDecoder(vae),
+        "vae_decoder", VAEDecoderGraph(vae),
         lambda b, grid: {"latent_sample": rng.standard_normal((b, c_lat, *grid), dtype=np.float32)},
         [TensorSpec("latent_sample", "float32", (c_lat, -1, -1))],
         [TensorSpec("sample", "float32", (c_img, -1, -1))],

@@ -30,6 +30,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Iterable
 
+from export.errors import VerificationBudgetError
 from services.engine.memory import available_memory
 
 FLOAT_BYTES = 4
@@ -63,10 +64,6 @@ class GraphOptions:
             raise ValueError(f"verify must be one of {', '.join(VERIFY_MODES)}, got {self.verify!r}")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
-
-
-class VerificationBudgetError(RuntimeError):
-    """Not even the smallest check fits the memory budget."""
 
 
 def _cells(grid: tuple[int, int] | None, scale: float) -> int:

@@ -30,6 +30,8 @@ from typing import Any, Mapping
 
 import torch
 
+from export.errors import WeightsError
+
 log = logging.getLogger(__name__)
 
 # Prefixes that wrappers add to every key of the module they wrap.
@@ -59,10 +61,6 @@ REFUSED = {
     "hdf5": "an HDF5 file (Keras .h5?), not PyTorch weights",
     "ncnn": "an ncnn .param file (super-resolution models: python -m export sr --ncnn FILE.param)",
 }
-
-
-class WeightsError(ValueError):
-    """A weight file that cannot be read as a state dict as given (a user error)."""
 
 
 def read_state_dict(path: str | Path, state_dict_key: str | None = None,

@@ -26,7 +26,7 @@ ARCHITECTURES: dict[str, type[nn.Module]] = {
 }
 
 
-def _stem(name_or_path: str | Path, out_dir: str | Path | None = None) -> Path:
+def checkpoint_stem(name_or_path: str | Path, out_dir: str | Path | None = None) -> Path:
     """'cgan_digits', 'x/cgan_digits', 'x/cgan_digits.json' or '.safetensors' -> path without suffix."""
     p = Path(name_or_path)
     if p.suffix in (".json", ".safetensors"):
@@ -40,7 +40,7 @@ def save_checkpoint(
     model: nn.Module, name: str, config: dict, training: dict, out_dir: str | Path | None = None
 ) -> Path:
     """Writes <out_dir>/<name>.safetensors and .json (default out_dir: zoo/checkpoints)."""
-    stem = _stem(name, out_dir if out_dir is not None else CHECKPOINT_DIR)
+    stem = checkpoint_stem(name, out_dir if out_dir is not None else CHECKPOINT_DIR)
     stem.parent.mkdir(parents=True, exist_ok=True)
     arch = type(model).__name__
     if ARCHITECTURES.get(arch) is not type(model):
@@ -54,12 +54,12 @@ def save_checkpoint(
 
 
 def read_metadata(name_or_path: str | Path) -> dict:
-    return json.loads(_stem(name_or_path).with_suffix(".json").read_text())
+    return json.loads(checkpoint_stem(name_or_path).with_suffix(".json").read_text())
 
 
 def load_checkpoint(name_or_path: str | Path) -> nn.Module:
     """Rebuilds the module from the JSON, loads the weights strictly, returns it in eval mode."""
-    stem = _stem(name_or_path)
+    stem = checkpoint_stem(name_or_path)
     meta = json.loads(stem.with_suffix(".json").read_text())
     model = ARCHITECTURES[meta["architecture"]](**meta["config"])
     model.load_state_dict(load_file(str(stem.with_suffix(".safetensors"))), strict=True)

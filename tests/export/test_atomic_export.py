@@ -19,7 +19,7 @@ def _snapshot(repository):
 
 
 def test_a_failing_export_leaves_the_repository_as_it_was(tmp_path, monkeypatch):
-    import export.stable_diffusion as sd
+    import export.core as core
 
     repository = tmp_path / "repo"
     export_folder(build_random_vae_folder(tmp_path / "a", seed=0), repository, "v", family="vae",
@@ -27,14 +27,14 @@ def test_a_failing_export_leaves_the_repository_as_it_was(tmp_path, monkeypatch)
     before = _snapshot(repository)
     assert {"v_vae_encoder/1/model.onnx", "v_vae_decoder/config.pbtxt", REPORT_FILE} <= set(before)
 
-    real = sd.verify_onnx
+    real = core.verify_onnx
 
     def fail_on_the_decoder(module, path, inputs, **kwargs):
         if "vae_decoder" in str(path):
             raise ParityError(f"{path}: output differs")
         return real(module, path, inputs, **kwargs)
 
-    monkeypatch.setattr(sd, "verify_onnx", fail_on_the_decoder)
+    monkeypatch.setattr(core, "verify_onnx", fail_on_the_decoder)
     # Another VAE under the same name: its encoder exports and verifies, its decoder fails.
     with pytest.raises(ParityError):
         export_folder(build_random_vae_folder(tmp_path / "b", seed=1), repository, "v", family="vae",

@@ -9,7 +9,8 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from export.diffusers_folder import UnsupportedFolder, sample_size_hw
+from export.core import sample_size_hw
+from export.errors import UnsupportedFolder
 from services.runtime.repository import ModelRepository
 
 

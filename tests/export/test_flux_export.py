@@ -16,7 +16,7 @@ from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
 from export.diffusers_folder import UnsupportedFolder, export_folder
-from export.stable_diffusion import EXTERNAL_DATA_FILE
+from export.core import EXTERNAL_DATA_FILE
 from tests.fixtures.sd_folder import build_random_sd_folder
 
 pytestmark = pytest.mark.slow

@@ -7,7 +7,7 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from export.stable_diffusion import EXTERNAL_DATA_FILE, save_with_external_data_if_large
+from export.core import EXTERNAL_DATA_FILE, save_with_external_data_if_large
 from services.runtime.repository import ModelRepository
 
 pytestmark = pytest.mark.slow
