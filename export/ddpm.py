@@ -62,8 +62,9 @@ from export.diffusers_folder import UnsupportedFolder, sample_size_hw
 from export.stable_diffusion import DENOISER_QUEUE_DELAY_US, ComponentReport, GraphExporter, load_fp32
 from export.verification import GraphOptions, unet_activation
 from export.triton_config import DeploymentTarget, TensorSpec
+from services.contract import UNetFacts
 
-OUTPUT_RANGE = "-1,1"
+OUTPUT_RANGE = (-1.0, 1.0)
 
 
 class _UNet(torch.nn.Module):
@@ -157,11 +158,9 @@ def export_ddpm(
 
     progress(f"[{name}] unet: {'%d classes' % num_classes if num_classes else 'unconditional'}, "
              f"{c_in}->{c_out} channels, {h}x{w}")
-    parameters = {
-        "in_channels": c_in, "out_channels": c_out, "sample_height": h, "sample_width": w,
-        **({"sample_size": h} if h == w else {}),
-        "size_multiple": size_multiple, "num_classes": num_classes, "output_range": OUTPUT_RANGE,
-    }
+    parameters = UNetFacts(in_channels=c_in, out_channels=c_out, native_height=h, native_width=w,
+                           size_multiple=size_multiple, num_classes=num_classes,
+                           output_range=OUTPUT_RANGE).to_parameters()
     export_graph = GraphExporter(repository, name, "ddpm", version=version, max_batch_size=max_batch_size,
                                  target=target, progress=progress, options=graphs)
     export_graph("unet", module, make_inputs, inputs, outputs, dynamic, parameters, atol=1e-3,

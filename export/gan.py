@@ -51,6 +51,7 @@ from export.triton_config import (
     write_model_config,
 )
 from export.weights import few_keys, read_state_dict
+from services.contract import GeneratorFacts
 
 log = logging.getLogger(__name__)
 
@@ -61,26 +62,6 @@ TRACE_BATCH, VERIFY_BATCH = 2, 5  # the graph is traced at one batch size and ve
 
 class GANExportError(ValueError):
     """The generator, its weights or the arguments cannot be exported as given (a user error)."""
-
-
-@dataclass(frozen=True)
-class GeneratorFacts:
-    """What the service needs to know about a generator (written to the config's parameters)."""
-
-    latent_shape: tuple[int, ...]  # z per image: (N,) for a vector, e.g. (100, 1, 1) for a DCGAN map
-    num_classes: int  # 0 = unconditional
-    image_channels: int
-    image_height: int
-    image_width: int
-    output_range: tuple[float, float] = (-1.0, 1.0)
-
-    @property
-    def conditional(self) -> bool:
-        return self.num_classes > 0
-
-    @property
-    def latent_dim(self) -> int:
-        return math.prod(self.latent_shape)
 
 
 @dataclass
@@ -164,7 +145,6 @@ def export_generator(
     if conditional:
         tensor_inputs.append(TensorSpec("class_label", "int64", (1,), reshape=()))
     c, h, w = facts.image_channels, facts.image_height, facts.image_width
-    low, high = facts.output_range
     spec = ModelConfigSpec(
         name=name,
         inputs=tensor_inputs,
@@ -174,14 +154,7 @@ def export_generator(
         target=target,
         parameters={
             "genserve.pipeline": "gan",
-            "genserve.latent_dim": str(facts.latent_dim),
-            "genserve.latent_shape": ",".join(map(str, latent_shape)),
-            "genserve.num_classes": str(facts.num_classes),
-            "genserve.image_channels": str(c),
-            "genserve.image_size": str(h),
-            "genserve.image_height": str(h),
-            "genserve.image_width": str(w),
-            "genserve.output_range": f"{low:g},{high:g}",
+            **facts.to_parameters(),
             **(parameters or {}),
         },
     )

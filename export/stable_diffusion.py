@@ -33,7 +33,6 @@ import numpy as np
 import torch
 
 from export.controlnet import (
-    RESIDUALS_PARAMETER,
     format_layout,
     residual_inputs,
     residual_layout,
@@ -43,6 +42,7 @@ from export.deepcache import export_unet
 from export.diffusers_folder import UnsupportedFolder, sample_size_hw
 from export.onnx_export import export_onnx, verify_onnx
 from export.staging import measured
+from services.contract import TextEncoderFacts, UNetFacts, VAEFacts
 from services.engine.memory import ACTIVATION_BYTES_PARAMETER
 from export.triton_config import (
     DeploymentTarget,
@@ -201,9 +201,10 @@ class GraphExporter:
     and the machine's available memory (`verify`: full | small | off; `verify_memory`: a fixed
     activation budget in bytes instead). It writes `<name>_<role>/config.pbtxt` with dynamic
     batching, a warm-up request at the native size (`make_inputs(1, native)`) and the parameters
-    `genserve.pipeline`, `genserve.pipeline_name`, `genserve.component` plus `genserve.<key>`
-    for each of `parameters`, and copies `files` ((src, name) pairs) beside the config. Reports
-    (what was verified, wall time, peak RSS) collect in `.reports`.
+    `genserve.pipeline`, `genserve.pipeline_name`, `genserve.component` plus `parameters` (the
+    role's services.contract facts, `to_parameters()`, and any records), and copies `files`
+    ((src, name) pairs) beside the config. Reports (what was verified, wall time, peak RSS)
+    collect in `.reports`.
     """
 
     def __init__(self, repository: Path, name: str, pipeline: str, *, version: int = 1, max_batch_size: int = 16,
@@ -259,7 +260,7 @@ class GraphExporter:
             name=model_name, inputs=inputs, outputs=outputs,
             batching=default_batching(self.max_batch_size, delay_us), target=self.target,
             parameters={**self.base, "genserve.component": role,
-                        **{f"genserve.{k}": str(v) for k, v in parameters.items()}, **activation_parameter(activation),
+                        **parameters, **activation_parameter(activation),
                         "genserve.precision": dtype},
             warmup_dims={t.name: tuple(native[t.name]) for t in inputs if t.reshape is None},
             dynamic_batching=dynamic_batching,
@@ -440,8 +441,8 @@ def export_stable_diffusion(
         [TensorSpec("input_ids", "int64", (length,))],
         [TensorSpec("last_hidden_state", "float32", (length, hidden))],
         {"input_ids": {0: "batch"}, "last_hidden_state": {0: "batch"}},
-        {"max_length": length, "hidden_size": hidden, "pad_token_id": tok["pad_token_id"],
-         "bos_token_id": tok["bos_token_id"], "eos_token_id": tok["eos_token_id"]},
+        TextEncoderFacts(max_length=length, hidden_size=hidden, pad_token_id=tok["pad_token_id"],
+                         bos_token_id=tok["bos_token_id"], eos_token_id=tok["eos_token_id"]).to_parameters(),
         atol=1e-4, delay_us=1000,
         activation=text_encoder_activation(text_encoder.config.num_attention_heads, length, hidden,
                                            text_encoder.config.intermediate_size),
@@ -465,11 +466,9 @@ def export_stable_diffusion(
     noise_pred = TensorSpec("noise_pred", "float32", (latent_c, -1, -1))
     # Latent sides must survive every down block's halving: traced graphs bake in the
     # upsampling sizes, so odd intermediate sizes cannot be served.
-    unet_params = {"in_channels": latent_c, "sample_height": h, "sample_width": w,
-                   **({"sample_size": h} if h == w else {}), "vae_scale_factor": vae_scale,
-                   "size_multiple": size_multiple}
-    if residuals:
-        unet_params[RESIDUALS_PARAMETER] = format_layout(residuals)
+    unet_params = UNetFacts(in_channels=latent_c, native_height=h * vae_scale, native_width=w * vae_scale,
+                            vae_scale_factor=vae_scale, size_multiple=size_multiple,
+                            controlnet_residuals=format_layout(residuals) if residuals else None)
     wrapper = _UNet(unet, tuple(n for n, _, _ in residuals))
     export_unet(component, wrapper, unet, unet_inputs, unet_tensors, noise_pred, unet_axes, unet_params,
                 deepcache=deepcache, rng=rng, shallow_options=lambda c: {"deep_channels": c}, atol=1e-3,
@@ -478,7 +477,7 @@ def export_stable_diffusion(
                 files=[(folder / "scheduler" / "scheduler_config.json", "scheduler_config.json")])
 
     # 3. VAE decoder and encoder.
-    vae_params = {"vae_scale_factor": vae_scale, "scaling_factor": vae.config.scaling_factor,
-                  "image_channels": image_c, "latent_channels": latent_c}
+    vae_params = VAEFacts(vae_scale_factor=vae_scale, scaling_factor=vae.config.scaling_factor,
+                          image_channels=image_c, latent_channels=latent_c).to_parameters()
     export_vae_graphs(component, vae, rng, latent_c, image_c, h, w, vae_scale, vae_params)
     return export_graph.reports

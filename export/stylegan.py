@@ -74,6 +74,7 @@ from export.triton_config import (
     write_model_config,
 )
 from export.weights import read_state_dict
+from services.contract import StyleGANFacts
 
 log = logging.getLogger(__name__)
 
@@ -85,18 +86,6 @@ W_AVG_SAMPLES = 10_000
 
 class StyleGANExportError(GANExportError):
     """The module is not a StyleGAN-style generator as this exporter needs it (a user error)."""
-
-
-@dataclass(frozen=True)
-class StyleGANFacts:
-    z_dim: int
-    c_dim: int
-    w_dim: int
-    num_ws: int
-    image_channels: int
-    image_height: int
-    image_width: int
-    output_range: tuple[float, float] = (-1.0, 1.0)
 
 
 @dataclass
@@ -278,18 +267,10 @@ def export_stylegan(
         "synthesis": _export_verify(synthesis, synthesis_inputs, "image",
                                     dirs["synthesis"] / str(version) / "model.onnx"),
     }
-    low, high = facts.output_range
     common = {
         "genserve.pipeline": "stylegan",
         "genserve.pipeline_name": name,
-        "genserve.z_dim": str(facts.z_dim),
-        "genserve.c_dim": str(facts.c_dim),
-        "genserve.w_dim": str(facts.w_dim),
-        "genserve.num_ws": str(facts.num_ws),
-        "genserve.image_channels": str(facts.image_channels),
-        "genserve.image_height": str(facts.image_height),
-        "genserve.image_width": str(facts.image_width),
-        "genserve.output_range": f"{low:g},{high:g}",
+        **facts.to_parameters(),
         **(parameters or {}),
     }
     mapping_in = [TensorSpec("z", "float32", (facts.z_dim,))]
