@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import MISSING, dataclass, field, fields
-from typing import Any, Callable, ClassVar, Mapping
+from typing import Any, Callable, Mapping, Self
 
 PREFIX = "genserve."
 VERSION_KEY = "genserve.contract_version"
@@ -68,8 +68,8 @@ def contract_version(params: Mapping[str, str], model_name: str) -> int:
     if text is None:
         return 1
     if not text.isdigit() or not 1 <= int(text) <= CONTRACT_VERSION:
-        raise refuse(params, model_name, f"its config is contract version {text!r}, this service reads "
-                                         f"versions 1 to {CONTRACT_VERSION}")
+        raise refuse(params, model_name, f"its config says contract version {text!r}, this service reads "
+                                         f"versions 1 to {CONTRACT_VERSION} (a newer service may read it)")
     return int(text)
 
 
@@ -146,7 +146,7 @@ class Role:
         return out | {PREFIX + k: str(v) for k, v in self._size_parameters().items()}
 
     @classmethod
-    def from_parameters(cls, params: Mapping[str, str], model_name: str):
+    def from_parameters(cls, params: Mapping[str, str], model_name: str) -> Self:
         contract_version(params, model_name)
         read = Reader(params, model_name)
         values = {f.name: read.get(f.metadata["key"] or f.name, f.metadata["codec"], f.metadata["absent"])
@@ -154,7 +154,7 @@ class Role:
         return cls(**values, **cls._read_size(read))
 
     @classmethod
-    def from_spec(cls, spec):
+    def from_spec(cls, spec) -> Self:
         """From a ModelSpec (or anything with `parameters` and, for messages, `name`)."""
         return cls.from_parameters(spec.parameters, getattr(spec, "name", cls.__name__))
 
