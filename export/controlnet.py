@@ -33,9 +33,9 @@ from export.core import ExportOptions, GraphExporter, load_fp32
 from export.errors import ControlNetExportError
 from export.triton_config import TensorSpec
 from export.verification import unet_activation
+from services.contract import ControlNetFacts, UNetFacts
 from services.pipelines.controlnet import MID_RESIDUAL, down_residual, parse_layout
 
-RESIDUALS_PARAMETER = "controlnet_residuals"  # genserve.controlnet_residuals on the U-Net, read by the pipeline
 NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9_]{0,63}$")
 
 
@@ -109,7 +109,7 @@ def _base_unet(repository: Path, pipeline: str):
                        and m.parameters.get("genserve.component") == "unet")
         raise ControlNetExportError(f"no Stable Diffusion pipeline {pipeline!r} in {repository} "
                                     f"(found: {', '.join(found) or 'none'})")
-    if f"genserve.{RESIDUALS_PARAMETER}" not in unet.parameters:
+    if UNetFacts.from_spec(unet).controlnet_residuals is None:
         raise ControlNetExportError(f"pipeline {pipeline!r}: its U-Net was exported without ControlNet inputs "
                                     f"(--no-controlnet-inputs, or before they existed); export the pipeline again")
     return unet
@@ -117,13 +117,14 @@ def _base_unet(repository: Path, pipeline: str):
 
 def check_fits(controlnet, layout, unet_spec) -> None:
     """The ControlNet's residuals, latent channels and text width must be the base U-Net's."""
-    base = parse_layout(unet_spec.parameters[f"genserve.{RESIDUALS_PARAMETER}"])
+    facts = UNetFacts.from_spec(unet_spec)
+    base = parse_layout(facts.controlnet_residuals)
     if [(c, f) for _, c, f in layout] != [(c, f) for _, c, f in base]:
         raise ControlNetExportError(
             f"the ControlNet's residuals ({format_layout(layout)}, channels/downsampling) are not those "
             f"{unet_spec.name} takes ({format_layout(base)}): it was made for another base model")
     sample, text = unet_spec.input("sample"), unet_spec.input("encoder_hidden_states")
-    vae_scale, own = int(unet_spec.parameters["genserve.vae_scale_factor"]), conditioning_downsampling(controlnet)
+    vae_scale, own = facts.vae_scale_factor, conditioning_downsampling(controlnet)
     if own != vae_scale:
         raise ControlNetExportError(f"the ControlNet reads its control image at {own} pixels per latent, "
                                     f"the pipeline's VAE at {vae_scale}")
@@ -152,11 +153,10 @@ def export_controlnet(folder: Path, repository: Path, pipeline: str, name: str |
     controlnet = load_fp32(ControlNetModel, folder)
     layout = residual_layout_of_controlnet(controlnet)
     check_fits(controlnet, layout, unet_spec)
-    params = unet_spec.parameters
+    unet = UNetFacts.from_spec(unet_spec)
     latent_c, (length, hidden) = unet_spec.input("sample").dims[0], unet_spec.input("encoder_hidden_states").dims
-    h = int(params.get("genserve.sample_height", params.get("genserve.sample_size")))  # native latent size
-    w = int(params.get("genserve.sample_width", params.get("genserve.sample_size")))
-    scale = int(params["genserve.vae_scale_factor"])
+    scale = unet.vae_scale_factor
+    h, w = unet.native_height // scale, unet.native_width // scale  # native latent size
     cond_c = controlnet.config.conditioning_channels
     rng = np.random.default_rng(0)
 
@@ -177,12 +177,12 @@ def export_controlnet(folder: Path, repository: Path, pipeline: str, name: str |
             "controlnet_cond": spatial, **{n: spatial for n, _, _ in layout}}
     export = GraphExporter(repository, pipeline, "stable_diffusion", options)
     export(f"controlnet_{name}", ControlNetGraph(controlnet), make_inputs, inputs, outputs, axes,
-           {"controlnet": name, "conditioning_channels": cond_c, "vae_scale_factor": scale,
-            "global_pool_conditions": int(bool(controlnet.config.global_pool_conditions)),
-            RESIDUALS_PARAMETER: format_layout(layout)},
+           ControlNetFacts(name=name, conditioning_channels=cond_c, vae_scale_factor=scale,
+                           global_pool_conditions=bool(controlnet.config.global_pool_conditions),
+                           controlnet_residuals=format_layout(layout)).to_parameters(),
            atol=1e-3, delay_us=0,
            # the U-Net's encoder half: its attention and feature maps bound the checks' memory
-           activation=unet_activation(controlnet.config, (h, w), int(params["genserve.size_multiple"]) // scale,
+           activation=unet_activation(controlnet.config, (h, w), unet.size_multiple // scale,
                                       length))
     return export.reports[-1]
 

@@ -224,8 +224,9 @@ class GraphExporter:
     and the machine's available memory (`verify`: full | small | off; `verify_memory`: a fixed
     activation budget in bytes instead). It writes `<name>_<role>/config.pbtxt` with dynamic
     batching, a warm-up request at the native size (`make_inputs(1, native)`) and the parameters
-    `genserve.pipeline`, `genserve.pipeline_name`, `genserve.component` plus `genserve.<key>`
-    for each of `parameters`, and copies `files` ((src, name) pairs) beside the config. Reports
+    `genserve.pipeline`, `genserve.pipeline_name`, `genserve.component` plus `parameters` (the
+    role's services.contract facts, `to_parameters()`, and any records), and copies `files`
+    ((src, name) pairs) beside the config. Reports
     (what was verified, wall time, peak RSS) collect in `.reports`.
     """
 
@@ -252,7 +253,7 @@ class GraphExporter:
                 name=f"{self.name}_{role}", inputs=inputs, outputs=outputs,
                 batching=default_batching(options.max_batch_size, delay_us), target=options.target,
                 parameters={**self.base, "genserve.component": role,
-                            **{f"genserve.{k}": str(v) for k, v in parameters.items()}, **activation_parameter(activation),
+                            **parameters, **activation_parameter(activation),
                             "genserve.precision": dtype},
                 warmup_dims={t.name: tuple(native[t.name]) for t in inputs if t.reshape is None},
                 dynamic_batching=dynamic_batching,

@@ -61,8 +61,9 @@ from export.core import DENOISER_QUEUE_DELAY_US, ComponentReport, ExportOptions,
 from export.errors import UnsupportedFolder
 from export.triton_config import TensorSpec
 from export.verification import unet_activation
+from services.contract import UNetFacts
 
-OUTPUT_RANGE = "-1,1"
+OUTPUT_RANGE = (-1.0, 1.0)
 
 
 class _UNet(torch.nn.Module):
@@ -154,11 +155,9 @@ def export_ddpm(
 
     progress(f"[{name}] unet: {'%d classes' % num_classes if num_classes else 'unconditional'}, "
              f"{c_in}->{c_out} channels, {h}x{w}")
-    parameters = {
-        "in_channels": c_in, "out_channels": c_out, "sample_height": h, "sample_width": w,
-        **({"sample_size": h} if h == w else {}),
-        "size_multiple": size_multiple, "num_classes": num_classes, "output_range": OUTPUT_RANGE,
-    }
+    parameters = UNetFacts(in_channels=c_in, out_channels=c_out, native_height=h, native_width=w,
+                           size_multiple=size_multiple, num_classes=num_classes,
+                           output_range=OUTPUT_RANGE).to_parameters()
     export_graph = GraphExporter(repository, name, "ddpm", options)
     export_graph("unet", module, make_inputs, inputs, outputs, dynamic, parameters, atol=1e-3,
                  delay_us=DENOISER_QUEUE_DELAY_US, activation=unet_activation(cfg, (h, w), size_multiple),

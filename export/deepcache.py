@@ -21,8 +21,12 @@ A shallow call on the features its full call left equals the full call at the sa
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import torch
+
+from services.contract import UNetFacts
 
 DEEP_FEATURES = "deep_features"
 
@@ -137,12 +141,13 @@ def check_shallow(full: FeatureCapturingUNet, shallow: ShallowUNet, example: dic
 
 
 def export_unet(export, wrapper: torch.nn.Module, unet, make_inputs, tensors, noise_pred, axes: dict,
-                parameters: dict, *, deepcache: bool, rng, added: tuple[str, ...] = (),
+                parameters: UNetFacts, *, deepcache: bool, rng, added: tuple[str, ...] = (),
                 shallow_options=lambda deep_channels: {}, **options) -> None:
     """A family's U-Net graph through `export` (its GraphExporter, or a wrapper of it) and, with
     `deepcache` and a U-Net that allows it, the deep-features output and the shallow graph.
     `wrapper`: the family's export module over `unet`, taking `tensors` (TensorSpecs, in order,
-    as `make_inputs(batch, grid)` makes them); `added`: which of them are added conditioning
+    as `make_inputs(batch, grid)` makes them); `parameters`: the U-Net's contract facts (the
+    shallow graph's add its deep_channels); `added`: which of them are added conditioning
     (the shallow graph needs them); `options`: the U-Net call's keyword arguments (atol,
     delay_us, files, activation, ...), also the shallow call's but for files (and with the
     activation model's shallowest level alone); `shallow_options(C_f)`:
@@ -150,7 +155,7 @@ def export_unet(export, wrapper: torch.nn.Module, unet, make_inputs, tensors, no
     from export.triton_config import TensorSpec
 
     if not (deepcache and supports_deepcache(unet)):
-        export("unet", wrapper, make_inputs, tensors, [noise_pred], axes, parameters, **options)
+        export("unet", wrapper, make_inputs, tensors, [noise_pred], axes, parameters.to_parameters(), **options)
         return
     full, shallow = FeatureCapturingUNet(wrapper, unet), ShallowUNet(unet, added)
     activation = options["activation"]
@@ -164,7 +169,7 @@ def export_unet(export, wrapper: torch.nn.Module, unet, make_inputs, tensors, no
     deep = TensorSpec(DEEP_FEATURES, "float32", (channels, -1, -1))
     spatial = {0: "batch", 2: "height", 3: "width"}
     axes = {**axes, DEEP_FEATURES: spatial}
-    export("unet", full, make_inputs, tensors, [noise_pred, deep], axes, parameters, **options)
+    export("unet", full, make_inputs, tensors, [noise_pred, deep], axes, parameters.to_parameters(), **options)
 
     by_name = {t.name: t for t in [*tensors, deep]}
 
@@ -178,4 +183,4 @@ def export_unet(export, wrapper: torch.nn.Module, unet, make_inputs, tensors, no
     options["activation"] = activation.shallowest()  # the shallow graph runs the full-resolution level alone
     export("unet_shallow", shallow, shallow_inputs, [by_name[n] for n in shallow.input_names], [noise_pred],
            {n: axes[n] for n in (*shallow.input_names, noise_pred.name) if n in axes},
-           {**parameters, "deep_channels": channels}, **options, **shallow_options(channels))
+           replace(parameters, deep_channels=channels).to_parameters(), **options, **shallow_options(channels))

@@ -63,6 +63,7 @@ from export.stable_diffusion import TextEncoderGraph, fast_tokenizer_json
 from export.triton_config import TensorSpec
 from export.vae import export_vae_graphs
 from export.verification import flux_activation, text_encoder_activation
+from services.contract import TextEncoderFacts, TransformerFacts, VAEFacts
 from services.pipelines.pipeline_flux import image_ids  # the serving side's ids, verified here
 from services.schedulers import is_flow_matching
 
@@ -182,8 +183,8 @@ def export_flux(
     export_graph("text_encoder", _ClipPooled(clip), clip_ids, [TensorSpec("input_ids", "int64", (length1,))],
                  [TensorSpec("pooled", "float32", (pooled_dim,))],
                  {"input_ids": {0: "batch"}, "pooled": {0: "batch"}},
-                 {"max_length": length1, "pad_token_id": tok["pad_token_id"], "pooled_dim": pooled_dim,
-                  "truncate": "1"}, atol=1e-4, delay_us=1000,
+                 TextEncoderFacts(max_length=length1, pad_token_id=tok["pad_token_id"], pooled_dim=pooled_dim,
+                                  truncate=True).to_parameters(), atol=1e-4, delay_us=1000,
                  activation=text_encoder_activation(clip.config.num_attention_heads, length1, pooled_dim,
                                                     clip.config.intermediate_size),
                  **plan("text_encoder", length=length1))
@@ -211,7 +212,8 @@ def export_flux(
     export_graph("text_encoder_2", TextEncoderGraph(t5), t5_ids, [TensorSpec("input_ids", "int64", (length2,))],
                  [TensorSpec("hidden_states", "float32", (length2, hidden))],
                  {"input_ids": {0: "batch"}, "hidden_states": {0: "batch"}},
-                 {"max_length": length2, "pad_token_id": tok2["pad_token_id"], "hidden_size": hidden},
+                 TextEncoderFacts(max_length=length2, pad_token_id=tok2["pad_token_id"],
+                                  hidden_size=hidden).to_parameters(),
                  atol=1e-4, delay_us=1000, **plan("text_encoder_2", length=length2),
                  precision="fp32",  # T5 overflows in fp16 (its feed-forward activations pass 65,504)
                  activation=text_encoder_activation(t5.config.num_heads, length2, hidden, t5.config.d_ff))
@@ -245,8 +247,8 @@ def export_flux(
     export_graph(
         "transformer", _FluxTransformer(transformer), transformer_inputs, inputs,
         [TensorSpec("noise_pred", "float32", (-1, cfg.in_channels))], dynamic,
-        {"in_channels": cfg.in_channels, "guidance_embeds": "1" if guided else "0", "native_height": native,
-         "native_width": native, "vae_scale_factor": vae_scale, "size_multiple": multiple},
+        TransformerFacts(in_channels=cfg.in_channels, guidance_embeds=guided, native_height=native,
+                         native_width=native, vae_scale_factor=vae_scale, size_multiple=multiple).to_parameters(),
         atol=1e-3, delay_us=DENOISER_QUEUE_DELAY_US,
         files=[(folder / "scheduler" / "scheduler_config.json", "scheduler_config.json")],
         dynamo=True,  # the tracer freezes the rotary embedding's reshapes to the traced sequence length
@@ -259,9 +261,9 @@ def export_flux(
 
     # 4. VAE with FLUX's shift.
     image_c = vae.config.in_channels
-    vae_params = {"vae_scale_factor": vae_scale, "scaling_factor": vae.config.scaling_factor,
-                  "shift_factor": getattr(vae.config, "shift_factor", None) or 0.0,
-                  "image_channels": image_c, "latent_channels": latent_c}
+    vae_params = VAEFacts(vae_scale_factor=vae_scale, scaling_factor=vae.config.scaling_factor,
+                          shift_factor=getattr(vae.config, "shift_factor", None) or 0.0,
+                          image_channels=image_c, latent_channels=latent_c).to_parameters()
     export_vae_graphs(export_graph, vae, rng, latent_c, image_c, h, w, vae_scale, vae_params,
                       extra={"vae_decoder": plan("vae_decoder", channels=latent_c, native=h),
                              "vae_encoder": plan("vae_encoder", channels=image_c, native=native, smallest=multiple)})

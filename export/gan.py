@@ -45,6 +45,7 @@ from export.core import ExportOptions, ParityCheck, export_graph, sha256
 from export.errors import GANExportError
 from export.triton_config import ModelConfigSpec, TensorSpec, default_batching
 from export.weights import few_keys, read_state_dict
+from services.contract import GeneratorFacts
 
 log = logging.getLogger(__name__)
 
@@ -53,24 +54,6 @@ SERVABLE_CHANNELS = (1, 3, 4)
 TRACE_BATCH, VERIFY_BATCH = 2, 5  # the graph is traced at one batch size and verified at another
 
 
-@dataclass(frozen=True)
-class GeneratorFacts:
-    """What the service needs to know about a generator (written to the config's parameters)."""
-
-    latent_shape: tuple[int, ...]  # z per image: (N,) for a vector, e.g. (100, 1, 1) for a DCGAN map
-    num_classes: int  # 0 = unconditional
-    image_channels: int
-    image_height: int
-    image_width: int
-    output_range: tuple[float, float] = (-1.0, 1.0)
-
-    @property
-    def conditional(self) -> bool:
-        return self.num_classes > 0
-
-    @property
-    def latent_dim(self) -> int:
-        return math.prod(self.latent_shape)
 
 
 @dataclass
@@ -137,7 +120,6 @@ def export_generator(
     if conditional:
         tensor_inputs.append(TensorSpec("class_label", "int64", (1,), reshape=()))
     c, h, w = facts.image_channels, facts.image_height, facts.image_width
-    low, high = facts.output_range
     spec = ModelConfigSpec(
         name=name,
         inputs=tensor_inputs,
@@ -147,14 +129,7 @@ def export_generator(
         target=options.target,
         parameters={
             "genserve.pipeline": "gan",
-            "genserve.latent_dim": str(facts.latent_dim),
-            "genserve.latent_shape": ",".join(map(str, latent_shape)),
-            "genserve.num_classes": str(facts.num_classes),
-            "genserve.image_channels": str(c),
-            "genserve.image_size": str(h),
-            "genserve.image_height": str(h),
-            "genserve.image_width": str(w),
-            "genserve.output_range": f"{low:g},{high:g}",
+            **facts.to_parameters(),
             **(parameters or {}),
         },
     )

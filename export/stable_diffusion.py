@@ -31,7 +31,6 @@ import numpy as np
 import torch
 
 from export.controlnet import (
-    RESIDUALS_PARAMETER,
     format_layout,
     residual_inputs,
     residual_layout,
@@ -43,6 +42,7 @@ from export.errors import UnsupportedFolder
 from export.triton_config import TensorSpec
 from export.vae import export_vae_graphs
 from export.verification import ActivationModel, text_encoder_activation, unet_activation
+from services.contract import TextEncoderFacts, UNetFacts, VAEFacts
 
 
 class TextEncoderGraph(torch.nn.Module):
@@ -162,8 +162,8 @@ def export_stable_diffusion(
         [TensorSpec("input_ids", "int64", (length,))],
         [TensorSpec("last_hidden_state", "float32", (length, hidden))],
         {"input_ids": {0: "batch"}, "last_hidden_state": {0: "batch"}},
-        {"max_length": length, "hidden_size": hidden, "pad_token_id": tok["pad_token_id"],
-         "bos_token_id": tok["bos_token_id"], "eos_token_id": tok["eos_token_id"]},
+        TextEncoderFacts(max_length=length, hidden_size=hidden, pad_token_id=tok["pad_token_id"],
+                         bos_token_id=tok["bos_token_id"], eos_token_id=tok["eos_token_id"]).to_parameters(),
         atol=1e-4, delay_us=1000,
         activation=text_encoder_activation(text_encoder.config.num_attention_heads, length, hidden,
                                            text_encoder.config.intermediate_size),
@@ -187,11 +187,9 @@ def export_stable_diffusion(
     noise_pred = TensorSpec("noise_pred", "float32", (latent_c, -1, -1))
     # Latent sides must survive every down block's halving: traced graphs bake in the
     # upsampling sizes, so odd intermediate sizes cannot be served.
-    unet_params = {"in_channels": latent_c, "sample_height": h, "sample_width": w,
-                   **({"sample_size": h} if h == w else {}), "vae_scale_factor": vae_scale,
-                   "size_multiple": size_multiple}
-    if residuals:
-        unet_params[RESIDUALS_PARAMETER] = format_layout(residuals)
+    unet_params = UNetFacts(in_channels=latent_c, native_height=h * vae_scale, native_width=w * vae_scale,
+                            vae_scale_factor=vae_scale, size_multiple=size_multiple,
+                            controlnet_residuals=format_layout(residuals) if residuals else None)
     wrapper = _UNet(unet, tuple(n for n, _, _ in residuals))
     export_unet(component, wrapper, unet, unet_inputs, unet_tensors, noise_pred, unet_axes, unet_params,
                 deepcache=deepcache, rng=rng, shallow_options=lambda c: {"deep_channels": c}, atol=1e-3,
@@ -200,7 +198,7 @@ def export_stable_diffusion(
                 files=[(folder / "scheduler" / "scheduler_config.json", "scheduler_config.json")])
 
     # 3. VAE decoder and encoder.
-    vae_params = {"vae_scale_factor": vae_scale, "scaling_factor": vae.config.scaling_factor,
-                  "image_channels": image_c, "latent_channels": latent_c}
+    vae_params = VAEFacts(vae_scale_factor=vae_scale, scaling_factor=vae.config.scaling_factor,
+                          image_channels=image_c, latent_channels=latent_c).to_parameters()
     export_vae_graphs(component, vae, rng, latent_c, image_c, h, w, vae_scale, vae_params)
     return export_graph.reports

@@ -88,6 +88,7 @@ from export.stable_diffusion import fast_tokenizer_json
 from export.triton_config import TensorSpec
 from export.vae import export_vae_graphs
 from export.verification import text_encoder_activation, unet_activation
+from services.contract import FLAG, TextEncoderFacts, UNetFacts, VAEFacts
 
 PIPELINE = "stable_diffusion_xl"
 
@@ -114,10 +115,6 @@ class _SDXLUNet(torch.nn.Module):
     def forward(self, sample, timestep, encoder_hidden_states, text_embeds, time_ids):
         return self.unet(sample, timestep, encoder_hidden_states,
                          added_cond_kwargs={"text_embeds": text_embeds, "time_ids": time_ids}, return_dict=False)[0]
-
-
-def _flag(value) -> str:
-    return "1" if value else "0"
 
 
 def _present(folder: Path, index: dict, component: str) -> bool:
@@ -197,12 +194,12 @@ def export_stable_diffusion_xl(
 
         outputs = [TensorSpec("hidden_states", "float32", (length, hidden))]
         dynamic = {"input_ids": {0: "batch"}, "hidden_states": {0: "batch"}}
-        params = {"max_length": length, "hidden_size": hidden, "pad_token_id": tok["pad_token_id"],
-                  "bos_token_id": tok["bos_token_id"], "eos_token_id": tok["eos_token_id"], "pooled": _flag(pooled)}
         if pooled:
             outputs.append(TensorSpec("pooled", "float32", (int(first.shape[-1]),)))
             dynamic["pooled"] = {0: "batch"}
-            params["pooled_dim"] = int(first.shape[-1])
+        params = TextEncoderFacts(max_length=length, hidden_size=hidden, pad_token_id=tok["pad_token_id"],
+                                  bos_token_id=tok["bos_token_id"], eos_token_id=tok["eos_token_id"], pooled=pooled,
+                                  pooled_dim=int(first.shape[-1]) if pooled else None).to_parameters()
         export_graph(
             role, _SDXLTextEncoder(model, pooled),
             lambda b, k, make_ids=make_ids: {"input_ids": make_ids(b, k)},
@@ -232,7 +229,6 @@ def export_stable_diffusion_xl(
     latent_c, image_c = unet.config.in_channels, vae.config.in_channels
     h, w = sample_size_hw(unet.config.sample_size, f"{folder}/unet/config.json")
     size_multiple = vae_scale * 2 ** (len(unet.config.down_block_types) - 1)
-    sizes = {"sample_height": h, "sample_width": w, **({"sample_size": h} if h == w else {})}
     spatial = {0: "batch", 2: "height", 3: "width"}
     export_unet(
         export_graph, _SDXLUNet(unet), unet,
@@ -249,24 +245,25 @@ def export_stable_diffusion_xl(
         TensorSpec("noise_pred", "float32", (latent_c, -1, -1)),
         {"sample": spatial, "timestep": {0: "batch"}, "encoder_hidden_states": {0: "batch"},
          "text_embeds": {0: "batch"}, "time_ids": {0: "batch"}, "noise_pred": spatial},
-        {"in_channels": latent_c, **sizes, "vae_scale_factor": vae_scale, "size_multiple": size_multiple,
-         "num_time_ids": n_time_ids, "text_embeds_dim": pooled_dim, "cross_attention_dim": context,
-         "force_zeros_for_empty_prompt": _flag(index.get("force_zeros_for_empty_prompt", True)),
-         "requires_aesthetics_score": _flag(index.get("requires_aesthetics_score", False))},
+        UNetFacts(in_channels=latent_c, native_height=h * vae_scale, native_width=w * vae_scale,
+                  vae_scale_factor=vae_scale, size_multiple=size_multiple, num_time_ids=n_time_ids,
+                  text_embeds_dim=pooled_dim, cross_attention_dim=context,
+                  force_zeros_for_empty_prompt=bool(index.get("force_zeros_for_empty_prompt", True)),
+                  requires_aesthetics_score=bool(index.get("requires_aesthetics_score", False))),
         deepcache=deepcache, rng=rng, added=("text_embeds", "time_ids"), atol=1e-3, delay_us=DENOISER_QUEUE_DELAY_US,
         files=[(folder / "scheduler" / "scheduler_config.json", "scheduler_config.json")],
         activation=unet_activation(unet.config, (h, w), size_multiple // vae_scale, length),
     )
 
     # 3. VAE decoder and encoder (SD's graphs) with SDXL's extra latent facts.
-    vae_params = {"vae_scale_factor": vae_scale, "scaling_factor": vae.config.scaling_factor,
-                  "image_channels": image_c, "latent_channels": vae.config.latent_channels,
-                  "force_upcast": _flag(getattr(vae.config, "force_upcast", False))}
-    if getattr(vae.config, "shift_factor", None) is not None:
-        vae_params["shift_factor"] = vae.config.shift_factor
     mean, std = getattr(vae.config, "latents_mean", None), getattr(vae.config, "latents_std", None)
-    if mean is not None and std is not None:
-        vae_params["latents_mean"] = ",".join(repr(float(v)) for v in mean)
-        vae_params["latents_std"] = ",".join(repr(float(v)) for v in std)
+    both = mean is not None and std is not None
+    vae_params = VAEFacts(vae_scale_factor=vae_scale, scaling_factor=vae.config.scaling_factor,
+                          image_channels=image_c, latent_channels=vae.config.latent_channels,
+                          shift_factor=getattr(vae.config, "shift_factor", None),
+                          latents_mean=tuple(mean) if both else None,
+                          latents_std=tuple(std) if both else None).to_parameters()
+    # a record of the folder's setting (graphs are exported fp32 whatever it says), not read by services
+    vae_params["genserve.force_upcast"] = FLAG.format(getattr(vae.config, "force_upcast", False))
     export_vae_graphs(export_graph, vae, rng, latent_c, image_c, h, w, vae_scale, vae_params)
     return export_graph.reports

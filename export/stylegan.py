@@ -60,6 +60,7 @@ from export.errors import StyleGANExportError
 from export.gan import SERVABLE_CHANNELS, build_user_generator, load_weights, parse_module_ref
 from export.triton_config import ModelConfigSpec, TensorSpec, default_batching
 from export.weights import read_state_dict
+from services.contract import StyleGANFacts
 
 log = logging.getLogger(__name__)
 
@@ -69,16 +70,6 @@ DIRECTION_SAMPLES, DIRECTION_SEED = 1000, 0
 W_AVG_SAMPLES = 10_000
 
 
-@dataclass(frozen=True)
-class StyleGANFacts:
-    z_dim: int
-    c_dim: int
-    w_dim: int
-    num_ws: int
-    image_channels: int
-    image_height: int
-    image_width: int
-    output_range: tuple[float, float] = (-1.0, 1.0)
 
 
 @dataclass
@@ -259,18 +250,10 @@ def export_stylegan(
         ws = torch.cat([a[:, None].expand(-1, cut, -1), b[:, None].expand(-1, facts.num_ws - cut, -1)], dim=1)
         return {"ws": ws.contiguous().numpy()}
 
-    low, high = facts.output_range
     common = {
         "genserve.pipeline": "stylegan",
         "genserve.pipeline_name": name,
-        "genserve.z_dim": str(facts.z_dim),
-        "genserve.c_dim": str(facts.c_dim),
-        "genserve.w_dim": str(facts.w_dim),
-        "genserve.num_ws": str(facts.num_ws),
-        "genserve.image_channels": str(facts.image_channels),
-        "genserve.image_height": str(facts.image_height),
-        "genserve.image_width": str(facts.image_width),
-        "genserve.output_range": f"{low:g},{high:g}",
+        **facts.to_parameters(),
         **(parameters or {}),
     }
     mapping_in = [TensorSpec("z", "float32", (facts.z_dim,))]

@@ -47,6 +47,7 @@ import torch.nn as nn
 from export.core import ExportOptions, ParityCheck, export_graph, sha256
 from export.errors import ImageExportError, ParityError
 from export.triton_config import ModelConfigSpec, TensorSpec, default_batching
+from services.contract import ImageToImageFacts
 
 log = logging.getLogger(__name__)
 
@@ -77,22 +78,12 @@ class ImageModelFacts:
         return max(self.size_minimum, math.ceil(wanted / m) * m)
 
     def parameters(self, tile: int, tile_overlap: int) -> dict[str, str]:
-        fmt = lambda r: f"{r[0]:g},{r[1]:g}"  # noqa: E731
-        return {
-            "genserve.pipeline": "image_to_image",
-            "genserve.task": self.task,
-            "genserve.scale": str(self.scale),
-            "genserve.input_channels": str(self.input_channels),
-            "genserve.output_channels": str(self.output_channels),
-            "genserve.input_range": fmt(self.input_range),
-            "genserve.output_range": fmt(self.output_range),
-            "genserve.size_multiple": str(self.size_multiple),
-            "genserve.size_minimum": str(self.size_minimum),
-            "genserve.tile": str(tile),
-            "genserve.tile_overlap": str(tile_overlap),
-            **({"genserve.architecture": self.architecture} if self.architecture else {}),
-            **dict(self.extra),
-        }
+        served = ImageToImageFacts(
+            task=self.task, scale=self.scale, input_channels=self.input_channels,
+            output_channels=self.output_channels, input_range=self.input_range, output_range=self.output_range,
+            size_multiple=self.size_multiple, size_minimum=self.size_minimum, tile=tile, tile_overlap=tile_overlap,
+            architecture=self.architecture)
+        return {"genserve.pipeline": "image_to_image", **served.to_parameters(), **dict(self.extra)}
 
 
 @dataclass

@@ -15,6 +15,8 @@ from typing import Mapping, Sequence
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
+from services.contract import CONTRACT_VERSION, VERSION_KEY
+
 # numpy dtype name -> Triton data type
 TRITON_DTYPES = {
     "bool": mc.TYPE_BOOL,
@@ -75,8 +77,8 @@ class ModelConfigSpec:
     target: DeploymentTarget = field(default_factory=DeploymentTarget)
     backend: str = "onnxruntime"
     platform: str = ""  # "tensorrt_plan" for TensorRT engines (then no backend is named)
-    # Pipeline metadata the services read (latent size, classes, ...). Triton keeps
-    # these in the model config and serves them back through its config API.
+    # Pipeline metadata the services read (latent size, classes, ...; services.contract). Triton
+    # keeps these in the model config and serves them back through its config API.
     parameters: Mapping[str, str] = field(default_factory=dict)
     versions_to_serve: int = 1
     # Per-sample shapes for the warm-up request where dims are dynamic (-1); a graph
@@ -136,6 +138,8 @@ def build_model_config(spec: ModelConfigSpec) -> mc.ModelConfig:
         _add_tensorrt_accelerator(config, spec.target.precision)
     for key, value in spec.parameters.items():
         config.parameters[key].string_value = str(value)
+    # Every config says which contract it was written to, so a reader never misreads a newer one.
+    config.parameters[VERSION_KEY].string_value = str(CONTRACT_VERSION)
     _add_zero_warmup(config, spec)
     return config
 

@@ -18,7 +18,7 @@ Both graphs take latents in the VAE's own latent space: nothing multiplies by
 scaling_factor (or subtracts shift_factor) inside them; a latent diffusion pipeline does
 that itself with the parameters below. Images are [-1, 1], channels first.
 
-Parameters in both configs (strings, as Triton stores them):
+Parameters in both configs (services.contract.VAEFacts; strings, as Triton stores them):
   genserve.pipeline          "vae"
   genserve.pipeline_name     NAME
   genserve.component         "vae_encoder" / "vae_decoder"
@@ -51,6 +51,7 @@ from export.core import ComponentReport, ExportOptions, GraphExporter, load_fp32
 from export.errors import UnsupportedFolder
 from export.triton_config import TensorSpec
 from export.verification import vae_activation
+from services.contract import VAEFacts
 
 ATOL = 1e-3  # fp32 VAE graphs on ONNX Runtime vs PyTorch; measured errors are ~1e-6
 QUEUE_DELAY_US = 2000
@@ -118,17 +119,13 @@ def vae_folder(folder: Path) -> Path:
     raise UnsupportedFolder(f"{folder}: no AutoencoderKL config.json here or in vae/")
 
 
-def vae_parameters(config) -> dict:
-    """The genserve.* parameters (without the prefix) both graphs carry."""
+def vae_facts(config) -> VAEFacts:
+    """What both graphs' configs say of the VAE (services.contract)."""
     scale = 2 ** (len(config.block_out_channels) - 1)
     height, width = sample_size_hw(config.sample_size, "the VAE's config.json")
-    params = {"vae_scale_factor": scale, "size_multiple": scale, "scaling_factor": config.scaling_factor}
-    if getattr(config, "shift_factor", None) is not None:
-        params["shift_factor"] = config.shift_factor
-    params.update(image_channels=config.in_channels, latent_channels=config.latent_channels,
-                  # sample_size: the first side, as AutoencoderKL's tiling reads it
-                  sample_size=height, sample_height=height, sample_width=width, force_upcast=bool(getattr(config, "force_upcast", True)))
-    return params
+    return VAEFacts(vae_scale_factor=scale, size_multiple=scale, scaling_factor=config.scaling_factor,
+                    shift_factor=getattr(config, "shift_factor", None), image_channels=config.in_channels,
+                    latent_channels=config.latent_channels, native_height=height, native_width=width)
 
 
 def export_vae(
@@ -150,9 +147,11 @@ def export_vae(
     if config.in_channels != config.out_channels:
         raise ValueError(f"{source}: in_channels {config.in_channels} != out_channels {config.out_channels}; "
                          "the VAE graphs assume one image channel count")
-    params = vae_parameters(config)
-    scale, c_img, c_lat = params["vae_scale_factor"], params["image_channels"], params["latent_channels"]
-    height, width = params["sample_height"], params["sample_width"]
+    facts = vae_facts(config)
+    scale, c_img, c_lat = facts.vae_scale_factor, facts.image_channels, facts.latent_channels
+    height, width = facts.native_height, facts.native_width
+    # force_upcast: a record of the folder's setting ("True"/"False"), not read by services
+    params = facts.to_parameters() | {"genserve.force_upcast": str(bool(getattr(config, "force_upcast", True)))}
     if height % scale or width % scale:
         raise ValueError(f"{source}: sample_size {config.sample_size} is not a multiple of the VAE scale factor "
                          f"{scale}")

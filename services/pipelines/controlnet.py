@@ -27,6 +27,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from services.contract import ControlNetFacts
+
 CONTROL_PREFIX = "controlnet:"
 GUESS = "controlnet:guess"
 MID_RESIDUAL = "mid_block_res"
@@ -103,9 +105,9 @@ def discover(models: dict, pipeline: str) -> dict[str, ControlNetModel]:
     for spec in models.values():
         p = spec.parameters
         if p.get("genserve.pipeline_name") == pipeline and "genserve.controlnet" in p:
-            found[p["genserve.controlnet"]] = ControlNetModel(
-                p["genserve.controlnet"], spec.name, int(p.get("genserve.conditioning_channels", 3)),
-                p.get("genserve.global_pool_conditions", "0") == "1")
+            facts = ControlNetFacts.from_spec(spec)
+            found[facts.name] = ControlNetModel(facts.name, spec.name, facts.conditioning_channels,
+                                                facts.global_pool_conditions)
     return found
 
 

@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from services.contract import UNetFacts
 from services.pipelines.diffusion import DiffusionPipeline, DiffusionRequest, DiffusionSpec
 from services.runtime import InferenceBackend, ModelSpec
 
@@ -28,13 +29,14 @@ def discover(models: dict[str, ModelSpec]) -> dict[str, tuple[DiffusionSpec, int
         p = spec.parameters
         if p.get("genserve.pipeline") != "ddpm" or p.get("genserve.component") != "unet":
             continue
-        name, num_classes = p["genserve.pipeline_name"], int(p.get("genserve.num_classes", "0"))
+        name, unet = p["genserve.pipeline_name"], UNetFacts.from_spec(spec)
+        num_classes = unet.num_classes or 0
         found[name] = (DiffusionSpec(
             name=name, family="ddpm", denoiser=spec.name,
             scheduler_config=json.loads((spec.model_dir / "scheduler_config.json").read_text()),
-            latent_channels=int(p["genserve.in_channels"]), image_channels=int(p["genserve.in_channels"]),
-            vae_scale_factor=1, native_height=int(p["genserve.sample_height"]),
-            native_width=int(p["genserve.sample_width"]), size_multiple=int(p["genserve.size_multiple"]),
+            latent_channels=unet.in_channels, image_channels=unet.in_channels,
+            vae_scale_factor=1, native_height=unet.native_height,
+            native_width=unet.native_width, size_multiple=unet.size_multiple,
             conditioning="class" if num_classes else "none", components=(spec.name,)), num_classes)
     return dict(sorted(found.items()))
 

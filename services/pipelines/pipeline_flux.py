@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from services.contract import TextEncoderFacts, TransformerFacts, VAEFacts
 from services.pipelines.diffusion import DiffusionPipeline, DiffusionRequest, DiffusionSpec, PromptTokenizer
 from services.runtime import InferenceBackend, ModelSpec
 from services.schedulers import is_flow_matching
@@ -79,11 +80,10 @@ class FluxConditioner:
                  guidance_embeds: bool):
         self.backend, self.spec, self.guidance_embeds = backend, spec, guidance_embeds
         self.clip, self.t5 = clip.name, t5.name
-        cp, tp = clip.parameters, t5.parameters
-        self.clip_tokenizer = PromptTokenizer(clip.model_dir / "tokenizer.json", int(cp["genserve.max_length"]),
-                                              int(cp["genserve.pad_token_id"]), truncate=True)
-        self.t5_tokenizer = PromptTokenizer(t5.model_dir / "tokenizer.json", int(tp["genserve.max_length"]),
-                                            int(tp["genserve.pad_token_id"]))
+        cp, tp = TextEncoderFacts.from_spec(clip), TextEncoderFacts.from_spec(t5)
+        self.clip_tokenizer = PromptTokenizer(clip.model_dir / "tokenizer.json", cp.max_length, cp.pad_token_id,
+                                              truncate=True)
+        self.t5_tokenizer = PromptTokenizer(t5.model_dir / "tokenizer.json", tp.max_length, tp.pad_token_id)
         self.max_tokens = self.t5_tokenizer.max_length  # the prompt limit requests see
         self.empty_key = self._key("", "prompt")
 
@@ -132,18 +132,18 @@ def discover(models: dict[str, ModelSpec]) -> dict[str, dict[str, ModelSpec]]:
 
 def build(backend: InferenceBackend, name: str, parts: dict[str, ModelSpec]) -> DiffusionPipeline:
     transformer, dec = parts["transformer"], parts["vae_decoder"]
-    t, d = transformer.parameters, dec.parameters
-    guidance_embeds = t["genserve.guidance_embeds"] == "1"
+    t, d = TransformerFacts.from_spec(transformer), VAEFacts.from_spec(dec)
+    guidance_embeds = t.guidance_embeds
     scheduler_config = json.loads((transformer.model_dir / "scheduler_config.json").read_text())
     if not is_flow_matching(scheduler_config):
         raise ValueError(f"FLUX pipeline {name!r}: its scheduler config is not a flow-matching one")
     spec = DiffusionSpec(
         name=name, family="flux", denoiser=transformer.name, scheduler_config=scheduler_config,
-        latent_channels=int(d["genserve.latent_channels"]), image_channels=int(d["genserve.image_channels"]),
-        vae_scale_factor=int(d["genserve.vae_scale_factor"]), native_height=int(t["genserve.native_height"]),
-        native_width=int(t["genserve.native_width"]), size_multiple=int(t["genserve.size_multiple"]),
+        latent_channels=d.latent_channels, image_channels=d.image_channels,
+        vae_scale_factor=d.vae_scale_factor, native_height=t.native_height,
+        native_width=t.native_width, size_multiple=t.size_multiple,
         vae_decoder=dec.name, vae_encoder=parts["vae_encoder"].name if "vae_encoder" in parts else None,
-        scaling_factor=float(d["genserve.scaling_factor"]), shift_factor=float(d.get("genserve.shift_factor", 0.0)),
+        scaling_factor=d.scaling_factor, shift_factor=d.shift_factor or 0.0,
         components=tuple(p.name for _, p in sorted(parts.items())),
         guidance="embedded" if guidance_embeds else "classifier_free",
         default_guidance_scale=FLUX_DEFAULT_GUIDANCE if guidance_embeds else 1.0,

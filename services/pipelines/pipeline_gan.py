@@ -23,34 +23,15 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from services.contract import GeneratorFacts
 from services.errors import BackendUnavailable
-from services.runtime import InferenceBackend, ModelSpec
+from services.runtime import InferenceBackend
 
 log = logging.getLogger("genserve.gan")
 
 
-@dataclass(frozen=True)
-class GANModelInfo:
-    """What the pipeline needs to know about a generator, read from its config."""
-
-    latent_shape: tuple[int, ...]  # z per image: (N,) or e.g. (100, 1, 1)
-    num_classes: int  # 0 = unconditional
-    image_channels: int
-    image_size: int
-    output_range: tuple[float, float]
-
-    @classmethod
-    def from_spec(cls, spec: ModelSpec) -> "GANModelInfo":
-        p = spec.parameters
-        low, high = (float(v) for v in p.get("genserve.output_range", "-1,1").split(","))
-        shape = p.get("genserve.latent_shape") or p["genserve.latent_dim"]
-        return cls(
-            latent_shape=tuple(int(n) for n in shape.split(",")),
-            num_classes=int(p.get("genserve.num_classes", "0")),
-            image_channels=int(p["genserve.image_channels"]),
-            image_size=int(p["genserve.image_size"]),
-            output_range=(low, high),
-        )
+# What the pipeline knows about a generator: the contract's type, which the exporter writes.
+GANModelInfo = GeneratorFacts
 
 
 @dataclass

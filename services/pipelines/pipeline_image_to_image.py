@@ -37,59 +37,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import math
 import time
 from dataclasses import dataclass
 
 import numpy as np
 
-from services.runtime import InferenceBackend, ModelSpec
+from services.contract import ImageToImageFacts
+from services.runtime import InferenceBackend
 
 PIPELINE = "image_to_image"
 
 
-def _range(text: str) -> tuple[float, float]:
-    low, high = (float(v) for v in text.split(","))
-    return low, high
-
-
-@dataclass(frozen=True)
-class ImageToImageInfo:
-    """What the pipeline knows of a graph, read from its config."""
-
-    task: str  # super_resolution, restoration or translation
-    scale: int
-    input_channels: int
-    output_channels: int
-    input_range: tuple[float, float]
-    output_range: tuple[float, float]
-    size_multiple: int
-    size_minimum: int
-    tile: int  # default tile side, input pixels
-    tile_overlap: int
-    architecture: str
-    license: str = ""  # the weights' licence, as the export recorded it
-
-    @classmethod
-    def from_spec(cls, spec: ModelSpec) -> "ImageToImageInfo":
-        p = spec.parameters
-        return cls(
-            task=p.get("genserve.task", "super_resolution"), scale=int(p.get("genserve.scale", "1")),
-            input_channels=int(p["genserve.input_channels"]), output_channels=int(p["genserve.output_channels"]),
-            input_range=_range(p.get("genserve.input_range", "0,1")),
-            output_range=_range(p.get("genserve.output_range", "0,1")),
-            size_multiple=int(p.get("genserve.size_multiple", "1")),
-            size_minimum=max(1, int(p.get("genserve.size_minimum", "1"))),
-            tile=int(p.get("genserve.tile", "128")), tile_overlap=int(p.get("genserve.tile_overlap", "16")),
-            architecture=p.get("genserve.architecture", ""), license=p.get("genserve.license", ""))
-
-    def padded(self, side: int) -> int:
-        """The side the graph is run at: >= side and the minimum, a multiple of size_multiple."""
-        m = self.size_multiple
-        return max(math.ceil(self.size_minimum / m) * m, math.ceil(side / m) * m)
-
-    def tile_ok(self, tile: int) -> bool:
-        return tile % self.size_multiple == 0 and tile >= self.size_minimum
+# What the pipeline knows of a graph: the contract's type, which the exporter writes.
+ImageToImageInfo = ImageToImageFacts
 
 
 @dataclass

@@ -28,6 +28,7 @@ from services.pipelines.diffusion import (  # noqa: F401 - re-exported for the f
     initial_latents,
     shallow_denoiser,
 )
+from services.contract import TextEncoderFacts, UNetFacts, VAEFacts
 from services.pipelines.controlnet import ControlNets
 from services.pipelines.controlnet import discover as discover_controlnets
 from services.runtime import InferenceBackend, ModelSpec
@@ -67,12 +68,6 @@ class StableDiffusionModels:
                                          self.vae_encoder) if c))
 
 
-def native_latent_side(unet_parameters: dict, axis: str) -> int:
-    """The U-Net's native latent height or width (repositories exported before non-square
-    sample sizes say `genserve.sample_size` alone)."""
-    return int(unet_parameters.get(f"genserve.sample_{axis}") or unet_parameters["genserve.sample_size"])
-
-
 def discover_stable_diffusion(models: dict[str, ModelSpec]) -> dict[str, StableDiffusionModels]:
     """Groups the repository's `genserve.pipeline = stable_diffusion` graphs by pipeline name."""
     groups: dict[str, dict[str, ModelSpec]] = {}
@@ -86,21 +81,22 @@ def discover_stable_diffusion(models: dict[str, ModelSpec]) -> dict[str, StableD
         if missing:
             raise ValueError(f"pipeline {name!r} lacks {sorted(missing)} in the repository")
         te, unet, dec = parts["text_encoder"], parts["unet"], parts["vae_decoder"]
+        text, denoiser, vae = TextEncoderFacts.from_spec(te), UNetFacts.from_spec(unet), VAEFacts.from_spec(dec)
         found[name] = StableDiffusionModels(
             name=name,
             text_encoder=te.name, unet=unet.name, vae_decoder=dec.name,
             vae_encoder=parts["vae_encoder"].name if "vae_encoder" in parts else None,
             tokenizer_file=te.model_dir / "tokenizer.json",
             scheduler_config=json.loads((unet.model_dir / "scheduler_config.json").read_text()),
-            max_length=int(te.parameters["genserve.max_length"]),
-            pad_token_id=int(te.parameters["genserve.pad_token_id"]),
-            latent_channels=int(dec.parameters["genserve.latent_channels"]),
-            image_channels=int(dec.parameters["genserve.image_channels"]),
-            vae_scale_factor=int(dec.parameters["genserve.vae_scale_factor"]),
-            scaling_factor=float(dec.parameters["genserve.scaling_factor"]),
-            native_height=native_latent_side(unet.parameters, "height") * int(dec.parameters["genserve.vae_scale_factor"]),
-            native_width=native_latent_side(unet.parameters, "width") * int(dec.parameters["genserve.vae_scale_factor"]),
-            size_multiple=int(unet.parameters["genserve.size_multiple"]),
+            max_length=text.max_length,
+            pad_token_id=text.pad_token_id,
+            latent_channels=vae.latent_channels,
+            image_channels=vae.image_channels,
+            vae_scale_factor=vae.vae_scale_factor,
+            scaling_factor=vae.scaling_factor,
+            native_height=denoiser.native_height,
+            native_width=denoiser.native_width,
+            size_multiple=denoiser.size_multiple,
             unet_shallow=shallow_denoiser(unet, parts.get("unet_shallow")),
         )
     return found

@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from services.contract import TextEncoderFacts, UNetFacts, VAEFacts, refuse
 from services.pipelines.diffusion import (
     DiffusionPipeline,
     DiffusionRequest,
@@ -44,13 +45,9 @@ class TextEncoder:
     pooled: bool  # its `pooled` output is the U-Net's text_embeds
 
 
-def _floats(value: str | None) -> tuple[float, ...] | None:
-    return None if value is None else tuple(float(v) for v in value.split(","))
-
-
-def discover(models: dict[str, ModelSpec]) -> dict[str, tuple[DiffusionSpec, list[TextEncoder], dict]]:
+def discover(models: dict[str, ModelSpec]) -> dict[str, tuple[DiffusionSpec, list[TextEncoder], UNetFacts]]:
     """Groups the repository's `genserve.pipeline = stable_diffusion_xl` graphs by pipeline:
-    name -> (spec, text encoders in order, U-Net parameters)."""
+    name -> (spec, text encoders in order, U-Net facts)."""
     groups: dict[str, dict[str, ModelSpec]] = {}
     for spec in models.values():
         p = spec.parameters
@@ -64,22 +61,21 @@ def discover(models: dict[str, ModelSpec]) -> dict[str, tuple[DiffusionSpec, lis
         encoders = []
         for role in ("text_encoder", "text_encoder_2"):
             if role in parts:
-                te = parts[role].parameters
+                te = TextEncoderFacts.from_spec(parts[role])
                 encoders.append(TextEncoder(parts[role].name, PromptTokenizer(
-                    parts[role].model_dir / "tokenizer.json", int(te["genserve.max_length"]),
-                    int(te["genserve.pad_token_id"])), te.get("genserve.pooled") == "1"))
+                    parts[role].model_dir / "tokenizer.json", te.max_length, te.pad_token_id), bool(te.pooled)))
         unet, dec = parts["unet"], parts["vae_decoder"]
-        u, d = unet.parameters, dec.parameters
-        scale = int(d["genserve.vae_scale_factor"])
+        u, d = UNetFacts.from_spec(unet), VAEFacts.from_spec(dec)
+        if u.num_time_ids is None:
+            raise refuse(unet.parameters, unet.name, "its config lacks genserve.num_time_ids (an SDXL U-Net's)")
         spec = DiffusionSpec(
             name=name, family="stable_diffusion_xl", denoiser=unet.name,
             scheduler_config=json.loads((unet.model_dir / "scheduler_config.json").read_text()),
-            latent_channels=int(d["genserve.latent_channels"]), image_channels=int(d["genserve.image_channels"]),
-            vae_scale_factor=scale, native_height=int(u["genserve.sample_height"]) * scale,
-            native_width=int(u["genserve.sample_width"]) * scale, size_multiple=int(u["genserve.size_multiple"]),
+            latent_channels=d.latent_channels, image_channels=d.image_channels,
+            vae_scale_factor=d.vae_scale_factor, native_height=u.native_height,
+            native_width=u.native_width, size_multiple=u.size_multiple,
             vae_decoder=dec.name, vae_encoder=parts["vae_encoder"].name if "vae_encoder" in parts else None,
-            scaling_factor=float(d["genserve.scaling_factor"]),
-            latents_mean=_floats(d.get("genserve.latents_mean")), latents_std=_floats(d.get("genserve.latents_std")),
+            scaling_factor=d.scaling_factor, latents_mean=d.latents_mean, latents_std=d.latents_std,
             extra_fields=SIZE_FIELDS, shallow_denoiser=(shallow := shallow_denoiser(unet, parts.get("unet_shallow"))),
             components=tuple(p.name for role, p in sorted(parts.items()) if role != "unet_shallow" or shallow))
         found[name] = (spec, encoders, u)
@@ -88,12 +84,13 @@ def discover(models: dict[str, ModelSpec]) -> dict[str, tuple[DiffusionSpec, lis
 
 class SDXLConditioner:
     def __init__(self, backend: InferenceBackend, spec: DiffusionSpec, encoders: list[TextEncoder],
-                 unet_parameters: dict):
+                 unet: UNetFacts):
         self.backend = backend
         self.native = (spec.native_height, spec.native_width)
         self.encoders = encoders
-        self.num_time_ids = int(unet_parameters["genserve.num_time_ids"])
-        self.force_zeros = unet_parameters.get("genserve.force_zeros_for_empty_prompt", "1") == "1"
+        self.num_time_ids = unet.num_time_ids
+        # diffusers registers force_zeros_for_empty_prompt=True when model_index.json has none
+        self.force_zeros = unet.force_zeros_for_empty_prompt is not False
         self.max_tokens = min(e.tokenizer.max_length for e in encoders)
         self.empty_key = self._key("", "prompt")
 
@@ -144,5 +141,5 @@ class SDXLConditioner:
 
 
 def pipelines(backend: InferenceBackend) -> dict[str, DiffusionPipeline]:
-    return {name: DiffusionPipeline(backend, spec, SDXLConditioner(backend, spec, encoders, unet_parameters))
-            for name, (spec, encoders, unet_parameters) in discover(backend.models()).items()}
+    return {name: DiffusionPipeline(backend, spec, SDXLConditioner(backend, spec, encoders, unet))
+            for name, (spec, encoders, unet) in discover(backend.models()).items()}

@@ -18,23 +18,19 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from services.contract import StyleGANFacts
 from services.runtime import InferenceBackend, ModelSpec
 
 
-@dataclass(frozen=True)
-class StyleGANInfo:
+@dataclass(frozen=True, kw_only=True)
+class StyleGANInfo(StyleGANFacts):
+    """The generator's facts (the contract's, as the exporter wrote them) and what the service
+    adds: its graphs, version, mean w and directions."""
+
     name: str
     version: str
     mapping: str
     synthesis: str
-    z_dim: int
-    c_dim: int
-    w_dim: int
-    num_ws: int
-    image_channels: int
-    image_height: int
-    image_width: int
-    output_range: tuple[float, float]
     w_avg: np.ndarray = field(repr=False)  # [w_dim]
     directions: dict = field(repr=False)  # name -> [w_dim]: strength 1 moves the mean w to the named mean
 
@@ -49,18 +45,14 @@ def discover(models: dict[str, ModelSpec]) -> dict[str, StyleGANInfo]:
     for name, parts in sorted(groups.items()):
         if {"mapping", "synthesis"} - set(parts):
             raise ValueError(f"StyleGAN model {name!r} lacks {sorted({'mapping', 'synthesis'} - set(parts))}")
-        mapping, p = parts["mapping"], parts["mapping"].parameters
+        mapping = parts["mapping"]
         w_avg = np.asarray(json.loads((mapping.model_dir / "w_avg.json").read_text())["w_avg"], np.float32)
         directions_file = mapping.model_dir / "directions.json"
         directions = {k: np.asarray(v, np.float32) for k, v in
                       json.loads(directions_file.read_text())["directions"].items()} if directions_file.exists() else {}
-        low, high = (float(v) for v in p.get("genserve.output_range", "-1,1").split(","))
         found[name] = StyleGANInfo(
-            name=name, version=mapping.version, mapping=mapping.name, synthesis=parts["synthesis"].name,
-            z_dim=int(p["genserve.z_dim"]), c_dim=int(p["genserve.c_dim"]), w_dim=int(p["genserve.w_dim"]),
-            num_ws=int(p["genserve.num_ws"]), image_channels=int(p["genserve.image_channels"]),
-            image_height=int(p["genserve.image_height"]), image_width=int(p["genserve.image_width"]),
-            output_range=(low, high), w_avg=w_avg, directions=directions)
+            **vars(StyleGANFacts.from_spec(mapping)), name=name, version=mapping.version, mapping=mapping.name,
+            synthesis=parts["synthesis"].name, w_avg=w_avg, directions=directions)
     return found
 
 

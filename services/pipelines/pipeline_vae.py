@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from services.families import names
+from services.contract import UNetFacts, VAEFacts
 from services.pipelines.diffusion import gaussian_posterior
 from services.runtime import InferenceBackend, ModelSpec
 
@@ -62,14 +63,14 @@ def discover(models: dict[str, ModelSpec]) -> dict[str, VAEInfo]:
         if "vae_decoder" not in parts:
             continue
         dec = parts["vae_decoder"]
-        d = dec.parameters
-        scale = int(d["genserve.vae_scale_factor"])
-        native = int(d["genserve.sample_size"]) if "genserve.sample_size" in d else _pipeline_native(models, name)
+        vae = VAEFacts.from_spec(dec)
+        native = vae.native_height if vae.native_height is not None else _pipeline_native(models, name)
         found[name] = VAEInfo(
-            name=name, family=d["genserve.pipeline"], decoder=dec.name,
+            name=name, family=dec.parameters["genserve.pipeline"], decoder=dec.name,
             encoder=parts["vae_encoder"].name if "vae_encoder" in parts else None,
-            latent_channels=int(d["genserve.latent_channels"]), image_channels=int(d["genserve.image_channels"]),
-            scale_factor=scale, native_size=native, size_multiple=int(d.get("genserve.size_multiple", scale)))
+            latent_channels=vae.latent_channels, image_channels=vae.image_channels,
+            scale_factor=vae.vae_scale_factor, native_size=native,
+            size_multiple=vae.size_multiple or vae.vae_scale_factor)
     return found
 
 
@@ -78,9 +79,8 @@ def _pipeline_native(models: dict[str, ModelSpec], name: str) -> int:
     for spec in models.values():
         p = spec.parameters
         if p.get("genserve.pipeline_name") == name and p.get("genserve.component") == "unet":
-            side = int(p.get("genserve.sample_size") or max(int(p["genserve.sample_height"]),
-                                                            int(p["genserve.sample_width"])))
-            return side * int(p["genserve.vae_scale_factor"])
+            unet = UNetFacts.from_spec(spec)
+            return max(unet.native_height, unet.native_width)
     raise ValueError(f"pipeline {name!r} has a VAE but no U-Net to size it by")
 
 

@@ -14,6 +14,8 @@ import numpy as np
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
+from services.contract import VERSION_KEY, ContractError, contract_version
+
 # Triton data type -> numpy dtype
 NUMPY_DTYPES = {
     mc.TYPE_BOOL: np.dtype(np.bool_),
@@ -47,9 +49,10 @@ class ModelSpec:
     max_batch_size: int
     inputs: tuple[TensorInfo, ...]
     outputs: tuple[TensorInfo, ...]
-    parameters: dict[str, str] = field(default_factory=dict)
+    parameters: dict[str, str] = field(default_factory=dict)  # genserve.* (services.contract), less the version
     model_file: Path | None = None  # the served version's graph, when read from disk
     model_dir: Path | None = None  # holds config.pbtxt and pipeline files (tokenizer, ...)
+    contract_version: int = 1  # the genserve.* contract its config was written to
 
     def input(self, name: str) -> TensorInfo:
         for t in self.inputs:
@@ -75,15 +78,18 @@ def _tensors(items) -> tuple[TensorInfo, ...]:
 def spec_from_config(
     config: mc.ModelConfig, version: str, model_file: Path | None = None, model_dir: Path | None = None
 ) -> ModelSpec:
+    """Refuses (ContractError) a config of a contract version this code does not read."""
+    parameters = {k: v.string_value for k, v in config.parameters.items()}
     return ModelSpec(
         name=config.name,
         version=version,
         max_batch_size=config.max_batch_size,
         inputs=_tensors(config.input),
         outputs=_tensors(config.output),
-        parameters={k: v.string_value for k, v in config.parameters.items()},
+        parameters={k: v for k, v in parameters.items() if k != VERSION_KEY},
         model_file=model_file,
         model_dir=model_dir,
+        contract_version=contract_version(parameters, config.name),
     )
 
 
@@ -131,7 +137,10 @@ class ModelRepository:
                 raise RepositoryError(f"{model_dir}: no version folder with {' or '.join(MODEL_FILES)}")
             newest = versions[-1]
             model_file = next(model_dir / newest / f for f in MODEL_FILES if (model_dir / newest / f).exists())
-            self.models[model_dir.name] = spec_from_config(config, newest, model_file, model_dir)
+            try:
+                self.models[model_dir.name] = spec_from_config(config, newest, model_file, model_dir)
+            except ContractError as exc:
+                raise RepositoryError(f"{config_path}: {exc}") from exc
 
     def __contains__(self, name: str) -> bool:
         return name in self.models
