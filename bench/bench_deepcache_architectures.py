@@ -25,7 +25,6 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import export  # noqa: E402,F401 - first: diffusers finds torchvision importable
-
 from bench.report import append_report  # noqa: E402
 from export.deepcache import shallow_forward  # noqa: E402
 

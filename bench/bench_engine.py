@@ -60,7 +60,6 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.report import append_report  # noqa: E402
-
 from services.config import Settings  # noqa: E402
 from services.engine.engine import DiffusionEngine  # noqa: E402
 from services.pipelines.controlnet import zero_residuals  # noqa: E402

@@ -80,7 +80,6 @@ sys.path.insert(0, str(ROOT))
 
 from bench.bench_request_breakdown import execution_seconds, load_average  # noqa: E402
 from bench.report import append_report  # noqa: E402
-
 from services.engine.bench_policies import BENCH_POLICIES, BENCH_POLICY_ENV  # noqa: E402
 from services.local_server import LocalServer, free_port  # noqa: E402
 

@@ -72,8 +72,8 @@ def clip_bpe() -> Path:
 def write_clip_tokenizer(dest: Path, pad_token: str) -> int:
     """vocab.json + merges.txt from the CLIP BPE, as OpenAI's CLIP builds its vocabulary (byte
     symbols, the same with </w>, the first 48,894 merges, then the two specials): 49,408 ids."""
-    from transformers import CLIPTokenizer
     from open_clip.tokenizer import bytes_to_unicode
+    from transformers import CLIPTokenizer
 
     merges = gzip.open(clip_bpe()).read().decode("utf-8").split("\n")[1:49152 - 256 - 2 + 1]
     merges = [tuple(m.split()) for m in merges]

@@ -33,6 +33,7 @@ ROOT = HERE.parent
 sys.path.insert(0, str(ROOT))
 
 from services.local_server import LocalServer  # noqa: E402
+
 LOCUSTFILE = HERE / "locustfile.py"
 MAX_DURATION_S = 3600
 

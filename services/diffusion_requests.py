@@ -9,9 +9,9 @@ import base64
 import numpy as np
 
 from services.control_requests import control_units
+from services.engine.engine import check_cache_interval, check_denoising_steps
 from services.errors import InvalidRequest
 from services.imaging import ImageTooLarge, decode_image
-from services.engine.engine import check_cache_interval, check_denoising_steps
 from services.pipelines.diffusion import DiffusionRequest, DiffusionSpec, denoising_steps
 from services.schemas import resolve_seed
 

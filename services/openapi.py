@@ -5,6 +5,7 @@ prompt tokens), so generated clients and fuzzers send what the server accepts.""
 from __future__ import annotations
 
 import math
+
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 

@@ -19,7 +19,6 @@ from services.gateway import request_id_var
 from services.http import parse_body
 from services.imaging import FORMATS
 from services.openapi import body_schema, error_responses
-from services.tensors import decode_tensor, encode_tensor
 from services.schemas import (
     MAX_FRAMES,
     MAX_IMAGES_PER_REQUEST,
@@ -35,6 +34,7 @@ from services.schemas import (
     resolve_seed,
     tensors,
 )
+from services.tensors import decode_tensor, encode_tensor
 
 router = APIRouter()
 

@@ -132,9 +132,10 @@ def test_files_that_are_not_single_file_pipelines_are_refused(tmp_path, capsys):
 def test_shipped_configurations_are_the_published_architectures(name, tmp_path):
     """Parameter counts of the released models, built on the meta device from the shipped
     configs; tokenizers complete offline with CLIP's own ids."""
-    import export.torchvision_compat  # noqa: F401
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import AutoTokenizer, CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    import export.torchvision_compat  # noqa: F401
 
     expected = {"sd15": (859_520_964, {"text_encoder": 123_060_480}),
                 "sd21": (865_910_724, {"text_encoder": 340_387_840}),

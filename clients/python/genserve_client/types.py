@@ -20,7 +20,7 @@ class Image:
     class_label: Optional[int] = None
 
     @classmethod
-    def from_json(cls, item: dict) -> "Image":
+    def from_json(cls, item: dict) -> Image:
         return cls(index=item.get("index", 0), seed=item.get("seed"), media_type=item.get("media_type", "image/png"),
                    width=item.get("width", 0), height=item.get("height", 0), data=base64.b64decode(item["data"]),
                    class_label=item.get("class_label"))
@@ -44,7 +44,7 @@ class Tensor:
     datatype: str = "FP32"
 
     @classmethod
-    def from_json(cls, item: dict) -> "Tensor":
+    def from_json(cls, item: dict) -> Tensor:
         return cls(shape=list(item["shape"]), data=base64.b64decode(item["data"]), datatype=item.get("datatype", "FP32"))
 
     def to_json(self) -> dict:
@@ -69,7 +69,7 @@ class GenerationResult:
     raw: dict = field(repr=False)
 
     @classmethod
-    def from_json(cls, body: dict) -> "GenerationResult":
+    def from_json(cls, body: dict) -> GenerationResult:
         return cls(request_id=body.get("request_id", ""), model=body.get("model", ""), backend=body.get("backend", ""),
                    parameters=body.get("parameters", {}), images=[Image.from_json(i) for i in body.get("images", [])],
                    timings=body.get("timings", {}), raw=body)
@@ -86,7 +86,7 @@ class LatentResult:
     raw: dict = field(repr=False)
 
     @classmethod
-    def from_json(cls, body: dict) -> "LatentResult":
+    def from_json(cls, body: dict) -> LatentResult:
         tensor = body.get("latent") or body.get("w")
         return cls(request_id=body.get("request_id", ""), model=body.get("model", ""),
                    parameters=body.get("parameters", {}), tensor=Tensor.from_json(tensor), raw=body)
@@ -103,7 +103,7 @@ class ModelInfo:
     parameters: dict  # request parameters the model accepts, with their limits
 
     @classmethod
-    def from_json(cls, item: dict) -> "ModelInfo":
+    def from_json(cls, item: dict) -> ModelInfo:
         return cls(**{k: item[k] for k in ("name", "version", "pipeline", "endpoint", "backend", "max_batch_size",
                                            "parameters")})
 
