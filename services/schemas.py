@@ -11,7 +11,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from services.schedulers import SCHEDULERS
+from services.schedulers import SchedulerName
 
 MAX_IMAGES_PER_REQUEST = 16
 MAX_SEED = 2**32 - 1
@@ -174,7 +174,6 @@ MAX_GUIDANCE_SCALE = 30.0
 MAX_PROMPT_CHARS = 2000
 MAX_IMAGE_BASE64_CHARS = 16 * 1024 * 1024
 
-SchedulerName = Literal[tuple(SCHEDULERS)]
 MAX_CONDITIONING_SIDE = 16384
 Side = Annotated[int, Field(ge=0, le=MAX_CONDITIONING_SIDE)]
 SizePair = Annotated[list[Side], Field(min_length=2, max_length=2)]
