@@ -93,8 +93,9 @@ def build_request(task: str, body, pipeline) -> tuple[DiffusionRequest, dict]:
         check_denoising_steps(body.num_inference_steps, body.strength, from_image=True,
                               rounding=spec.strength_rounding)
         init_image = decode_field(body.image, spec.image_channels, "image", max_side)
-        params["height"], params["width"] = init_image.shape[1:]
-        check_sides(spec, *init_image.shape[1:], field="image")
+        height, width = init_image.shape[1:]
+        params["height"], params["width"] = height, width
+        check_sides(spec, height, width, field="image")
         if task == "inpaint":
             mask = decode_field(body.mask, 1, "mask", max_side)[0]
             if mask.shape != init_image.shape[1:]:

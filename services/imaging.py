@@ -68,7 +68,8 @@ def open_image(data: bytes, field: str) -> Image.Image:
         raise NotAnAcceptedImage(f"{field} is not a PNG, JPEG or WebP image, the formats accepted "
                                  f"({type(exc).__name__})") from None
     if getattr(image, "is_animated", False) and image.format != "MPO":  # MPO: a camera's JPEG, frame 0 is the photo
-        raise NotAnAcceptedImage(f"{field} is animated ({image.n_frames} frames): send a single image")
+        frames = getattr(image, "n_frames", "several")  # the multi-frame formats' attribute, not ImageFile's
+        raise NotAnAcceptedImage(f"{field} is animated ({frames} frames): send a single image")
     return image
 
 

@@ -5,6 +5,7 @@ prompt tokens), so generated clients and fuzzers send what the server accepts.""
 from __future__ import annotations
 
 import math
+from typing import Any
 
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
@@ -142,7 +143,7 @@ def vae_examples(doc: dict, info) -> dict:
     side = info.native_size
     image = _png_base64(np.full((side, side) if info.image_channels == 1 else (side, side, 3), 128, np.uint8))
     latent = np.zeros((1, *info.native_latent), "<f4")
-    bodies = {
+    bodies: dict[str, dict[str, Any]] = {
         "/vae/encode": {"image": image},
         "/vae/decode": {"latent": {"shape": list(latent.shape), "datatype": "FP32",
                                    "data": base64.b64encode(latent.tobytes()).decode("ascii")}},
@@ -164,7 +165,7 @@ def stylegan_examples(doc: dict, info) -> dict:
 
     w = np.zeros((1, info.w_dim), "<f4")
     labels = {"class_label": 0} if info.c_dim else {}
-    bodies = {
+    bodies: dict[str, dict[str, Any]] = {
         "/gan/mix": {"seed": 1, "style_seed": 2, **labels},
         "/gan/interpolate": {"seeds": [1, 2], "frames": 4},
         "/gan/latents": {"seeds": [1, 2]},
@@ -208,4 +209,4 @@ def install(app: FastAPI, image_example=None, vae_example=None, stylegan_example
         return app.openapi_schema
 
     app.openapi_schema = None
-    app.openapi = openapi
+    app.openapi = openapi  # type: ignore[method-assign]  # FastAPI's documented way to replace the generator
