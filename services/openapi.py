@@ -35,7 +35,7 @@ POST_ERRORS = (400, 401, 404, 405, 408, 413, 415, 422, 429, 500, 503, 504)
 
 # Server-sent events, described per event (OpenAPI 3.1 tools read the schema that way):
 # `event` names it, `data` is its JSON.
-SSE_RESPONSE = {200: {
+SSE_RESPONSE: dict[int | str, dict[str, Any]] = {200: {
     "description": "Server-sent events: `progress` per step, `preview` every k steps, then `result` "
                    "(the non-streaming response) or `error` (the error shape with its `status`).",
     "content": {"text/event-stream": {"schema": {
@@ -44,8 +44,8 @@ SSE_RESPONSE = {200: {
                        "data": {"type": "string", "description": "The event's JSON."}}}}}}}
 
 
-def error_responses(statuses=POST_ERRORS) -> dict[int, dict]:
-    out = {}
+def error_responses(statuses=POST_ERRORS) -> dict[int | str, dict[str, Any]]:
+    out: dict[int | str, dict[str, Any]] = {}
     for status in statuses:
         out[status] = {"model": ErrorResponse, "description": ERROR_DESCRIPTIONS[status]}
         if status in (429, 503):

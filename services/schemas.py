@@ -116,8 +116,8 @@ class GANGenerateRequest(_Strict):
 
 class GeneratedImage(BaseModel):
     index: int
-    seed: int | None = Field(None, description="Reproduces this image alone with num_images 1 (None: the image "
-                             "came from given latents, not from a seed).")
+    seed: int | None = Field(default=None, description="Reproduces this image alone with num_images 1 (None: the "
+                             "image came from given latents, not from a seed).")
     class_label: int | None = None
     media_type: str
     width: int
@@ -155,7 +155,7 @@ class ModelDescription(BaseModel):
     inputs: list[TensorDescription]
     outputs: list[TensorDescription]
     parameters: dict = Field(description="Request parameters this model accepts, with their limits.")
-    cost_model: dict | None = Field(None, description=(
+    cost_model: dict | None = Field(default=None, description=(
         "Step engines only: the denoiser's measured milliseconds per call by batch rows at the native "
         "size (start-up timing refreshed by live calls), the rows per iteration the engine runs "
         "(most rows per second within the latency budget) and the throughput there."))

@@ -23,6 +23,7 @@ import asyncio
 import base64
 import time
 from dataclasses import dataclass
+from typing import cast
 
 import numpy as np
 from fastapi import APIRouter, Depends, Request
@@ -76,7 +77,7 @@ ENDPOINTS = {"super_resolution": "/v1/upscale", "restoration": "/v1/upscale", "t
              openapi_extra=_documented(UpscaleRequest))
 async def upscale(request: Request, ctx: ServiceContext = Depends(context)) -> DiffusionResponse:
     """An image of any size (up to the output limit) x the model's scale, in overlapping tiles."""
-    body = await parse_body(request, UpscaleRequest)
+    body = cast(UpscaleRequest, await parse_body(request, UpscaleRequest))
     return await _serve(ctx, body, "/v1/upscale")
 
 
@@ -84,7 +85,7 @@ async def upscale(request: Request, ctx: ServiceContext = Depends(context)) -> D
              openapi_extra=_documented(TranslateRequest))
 async def translate(request: Request, ctx: ServiceContext = Depends(context)) -> DiffusionResponse:
     """An image through an image-to-image translator (Pix2Pix, CycleGAN, style transfer)."""
-    body = await parse_body(request, TranslateRequest)
+    body = cast(TranslateRequest, await parse_body(request, TranslateRequest))
     return await _serve(ctx, body, "/v1/translate")
 
 
@@ -134,8 +135,9 @@ def example_models(ctx: ServiceContext) -> dict[str, str]:
     """{endpoint: the first served model}, for the documented examples."""
     models: dict[str, str] = {}
     for name, pipeline in sorted(ctx.image_to_image.items()):
-        models.setdefault(ENDPOINTS.get(pipeline.info.task), name)
-    models.pop(None, None)
+        endpoint = ENDPOINTS.get(pipeline.info.task)
+        if endpoint is not None:
+            models.setdefault(endpoint, name)
     return models
 
 
@@ -255,7 +257,7 @@ def with_alpha(out: np.ndarray, alpha: np.ndarray, value_range) -> np.ndarray:
     _, h, w = out.shape
     if out.shape[0] == 1:
         out = np.repeat(out, 3, axis=0)
-    resized = np.asarray(Image.fromarray(alpha).resize((w, h), Image.BICUBIC), dtype=np.float32)
+    resized = np.asarray(Image.fromarray(alpha).resize((w, h), Image.Resampling.BICUBIC), dtype=np.float32)
     low, high = value_range
     return np.concatenate([out, (resized * ((high - low) / 255.0) + low)[None]])
 

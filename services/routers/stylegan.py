@@ -53,7 +53,8 @@ async def generate(ctx: ServiceContext, name: str, body: GANGenerateRequest) -> 
     w, labels = await g.seeds_to_w(seeds, [body.class_label] * body.num_images, body.truncation_psi)
     images = await g.synthesis(g.broadcast(w))
     metas = [{"seed": s, "class_label": label, "truncation_psi": body.truncation_psi} for s, label in zip(seeds, labels)]
-    params, timings = {**body.model_dump(exclude={"model", "upscale"}), "seed": seed}, {}
+    params = {**body.model_dump(exclude={"model", "upscale"}), "seed": seed}
+    timings: dict[str, float] = {}
     images, value_range, fmt = await image_to_image.chain(ctx, body.upscale, images, g.info.output_range,
                                                           body.output_format, metas, params, timings)
     return _respond(ctx, "gan", name, images, metas, fmt, start, params, value_range, timings)
