@@ -180,7 +180,7 @@ def unet_feeds(pipeline, rows: int) -> dict[str, np.ndarray]:
     return {"sample": np.zeros((rows, m.latent_channels, height, width), np.float32),
             "timestep": np.ones((rows, 1), np.float32),
             "encoder_hidden_states": np.zeros((rows, seq, hidden), np.float32),
-            **zero_residuals(spec, rows, side, side)}
+            **zero_residuals(spec, rows, height, width)}
 
 
 def unet_cost(pipeline, rows, repeats=15) -> dict[int, float]:
