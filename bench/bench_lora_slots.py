@@ -31,8 +31,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from export.lora import add_adapter_slots, graph_targets  # noqa: E402
-from services.adapters import LayerFactors, StoredAdapter, slot_inputs  # noqa: E402
+from export.lora import add_adapter_slots, graph_targets
+from services.adapters import LayerFactors, StoredAdapter, slot_inputs
 
 ATTENTION = ("to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2", "proj_in", "proj_out")
 

@@ -105,7 +105,7 @@ def _release_at_exit(pool: RegionPool, url: str) -> None:
                 client.unregister_system_shared_memory(region.name, client_timeout=1)
         finally:
             client.close()
-    except Exception:  # noqa: BLE001 - exiting: Triton down or gone is fine
+    except Exception:  # exiting: Triton down or gone is fine
         pass
 
 
