@@ -146,7 +146,7 @@ class RequestLevel:
                     o += t.rows
             images = await self.pipeline.decode(np.concatenate([t.decoder_input() for t in trajectories]))
             o = 0
-            for (r, future), t in zip(group, trajectories):
+            for (r, future), _ in zip(group, trajectories):
                 future.set_result(images[o:o + r.num_images])
                 o += r.num_images
 

@@ -92,11 +92,11 @@ def main(argv=None) -> int:
             per_adapter.append({**{k2: v[idx] for k2, v in feed.items()},
                                 **slot_inputs(graph, shapes, [adapters[a]], np.ones((len(idx), 1), np.float32))})
         cases = {
-            "plain": lambda: plain.run(None, feed),
-            "slots, no adapter": lambda: slotted.run(None, none),
-            "slots, 1 adapter": lambda: slotted.run(None, one),
-            "slots, 8 adapters mixed (1 call)": lambda: slotted.run(None, mixed),
-            "one adapter per call (8 calls)": lambda: [slotted.run(None, f) for f in per_adapter],
+            "plain": lambda feed=feed: plain.run(None, feed),
+            "slots, no adapter": lambda none=none: slotted.run(None, none),
+            "slots, 1 adapter": lambda one=one: slotted.run(None, one),
+            "slots, 8 adapters mixed (1 call)": lambda mixed=mixed: slotted.run(None, mixed),
+            "one adapter per call (8 calls)": lambda calls=per_adapter: [slotted.run(None, f) for f in calls],
         }
         for fn in cases.values():
             fn()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import json
 from collections.abc import Mapping
+from typing import ClassVar
 
 import numpy as np
 from PIL import Image, PngImagePlugin
@@ -53,7 +54,7 @@ ACCEPTED_FORMATS = ("PNG", "JPEG", "WEBP")
 
 
 class NotAnAcceptedImage(ValueError):
-    allowed = ["png", "jpeg", "webp"]
+    allowed: ClassVar[list[str]] = ["png", "jpeg", "webp"]
 
 
 def open_image(data: bytes, field: str) -> Image.Image:

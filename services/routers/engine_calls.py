@@ -61,7 +61,7 @@ async def wait(engine, handle, http_request: Request) -> None:
         except TimeoutError:
             if await http_request.is_disconnected():
                 engine.cancel(handle)
-                raise ClientDisconnected()
+                raise ClientDisconnected() from None
 
 
 def result(handle, timeout_s: float):

@@ -28,7 +28,7 @@ def test_the_api_type_names_every_scheduler_in_order():
 
 
 def test_unknown_name_lists_the_names():
-    with pytest.raises(ValueError, match="available: .*'ddim'.*'dpmpp_2m'"):
+    with pytest.raises(ValueError, match=r"available: .*'ddim'.*'dpmpp_2m'"):
         make_scheduler("plms", {})
 
 
