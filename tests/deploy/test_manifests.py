@@ -394,8 +394,8 @@ def test_images_are_set_once_in_an_images_block(rendered):
             text = json.dumps(doc)
             for image in re.findall(r'"image": "([^"]+)"', text):
                 assert image in placeholders, f"{path}: image {image!r} is not a placeholder"
-    for name, objs in rendered.items():
-        for owner, pod in pod_specs(rendered, name):
+    for name in rendered:
+        for _owner, pod in pod_specs(rendered, name):
             for c in containers(pod):
                 assert c["image"] in placeholders.values(), f"{name}: {c['image']}"
     assert placeholders["tritonserver"].startswith("nvcr.io/nvidia/tritonserver:")

@@ -124,7 +124,7 @@ def send_traffic(url: str) -> None:
 
 def scrape_names(url: str) -> set[str]:
     text = httpx.get(url, timeout=10).text
-    return {re.split(r"[{ ]", line, 1)[0] for line in text.splitlines() if line and not line.startswith("#")}
+    return {re.split(r"[{ ]", line, maxsplit=1)[0] for line in text.splitlines() if line and not line.startswith("#")}
 
 
 @pytest.fixture(scope="module")

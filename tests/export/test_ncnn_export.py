@@ -44,7 +44,7 @@ def test_ncnn_files_read_back_into_the_original_model(tmp_path, kind, float16):
 def test_the_ncnn_runtime_computes_what_the_read_model_computes(tmp_path, kind):
     """The files written here are real ncnn models: the runtime gives the same pixels (it mirrors
     each tile by 10 pixels before the network, hence the reference's reflect padding)."""
-    model, param = written(kind, tmp_path, float16=True)
+    _, param = written(kind, tmp_path, float16=True)
     image = np.random.default_rng(0).uniform(0, 255, (19, 23, 3)).astype(np.uint8)
     got = run_ncnn(param, param.with_suffix(".bin"), 4, image)
     descriptor, _ = load_ncnn_model(param)

@@ -84,7 +84,7 @@ def test_served_translator_matches_pytorch(server, classifier):
     from zoo.translator.data import edges2digits
     from zoo.translator.evaluate import load_generator
 
-    sketches, digits, labels = edges2digits()["test"]
+    sketches, _, labels = edges2digits()["test"]
     g = load_generator(TRANSLATOR_CHECKPOINT)
     outs = []
     for i in range(16):

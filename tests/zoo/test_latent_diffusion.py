@@ -23,7 +23,8 @@ from zoo.latent_diffusion.captions import DIGIT_WORDS, all_captions  # noqa: E40
 from zoo.latent_diffusion.tokenizer import EOS, ReferenceCLIPTokenizer  # noqa: E402
 
 BEST_GUIDANCE = 3.0  # 1.00 at 3, 5 and 7.5 (0.885 at 1): `python -m zoo.latent_diffusion.evaluate`
-TEXTS = all_captions() + [
+TEXTS = [
+    *all_captions(),
     "",
     "Hello, World!  it's 42 \u00fcnic\u00f8de \U0001f600",
     "A  HANDWRITTEN\tdigit SEVEN",
