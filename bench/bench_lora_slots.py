@@ -112,7 +112,8 @@ def main(argv=None) -> int:
             med = statistics.median(ts)
             rows.append(f"| {h}x{w} | {name} | {med:.2f} | {med / b:.3f} | {med / ref:.3f} |")
     header = [
-        f"## adapter slots, {graph}, batch {b}, rank {args.rank} ({platform.node()}, {time.strftime('%Y-%m-%d %H:%M')})",
+        f"## adapter slots, {graph}, batch {b}, rank {args.rank} "
+        f"({platform.node()}, {time.strftime('%Y-%m-%d %H:%M')})",
         "",
         f"`PYTHONPATH=. .venv/bin/python bench/bench_lora_slots.py {' '.join(sys.argv[1:] if argv is None else argv)}`",
         f"({slotted_layers} slotted layers; each adapter targets {adapter_layers} attention/feed-forward linears; "

@@ -242,7 +242,8 @@ def main(argv=None) -> int:
     parser.add_argument("--results", type=Path, default=ROOT / "bench" / "results" / "real_scale.md")
     parser.add_argument("--reuse-export", action="store_true",
                         help="serve and compare the repository a previous run exported (its export_report.json "
-                             "gives the per-component figures; the export process's own wall and peak are not re-measured)")
+                             "gives the per-component figures; the export process's own wall and peak are "
+                             "not re-measured)")
     args = parser.parse_args(argv)
     import numpy as np
 

@@ -69,7 +69,8 @@ def main() -> int:
         for component in ("unet", "vae", "text_encoder", "text_encoder_2"):
             if not (tmp / "source" / component).is_dir():
                 continue
-            want = {k: v for f in (tmp / "source" / component).glob("*.safetensors") for k, v in load_file(str(f)).items()}
+            want = {k: v for f in (tmp / "source" / component).glob("*.safetensors")
+                    for k, v in load_file(str(f)).items()}
             got = {k: v for f in (out / component).glob("*.safetensors") for k, v in load_file(str(f)).items()}
             tensors += len(want)
             mismatched += [f"{component}.{k}" for k in want

@@ -77,7 +77,8 @@ def build_request(task: str, body, pipeline) -> tuple[DiffusionRequest, dict]:
     params["scheduler"] = body.scheduler or pipeline.default_scheduler
     if spec.guidance == "embedded" and body.negative_prompt:
         raise InvalidRequest(f"negative_prompt is not used by model {spec.name!r}: a guidance-distilled model takes "
-                             f"guidance_scale as an input, not classifier-free guidance; omit it", field="negative_prompt")
+                             "guidance_scale as an input, not classifier-free guidance; omit it",
+                             field="negative_prompt")
     params["seed"] = resolve_seed(body.seed, body.num_images)
     check_cache_interval(spec, body.cache_interval)
     max_side = max(lim["max"] for lim in spec.side_limits().values())

@@ -95,8 +95,9 @@ def document_limits(doc: dict, *, sides: list[dict], num_classes: list[int], pro
         if prompt_tokens:
             for key in ("prompt", "negative_prompt"):
                 if key in props:
-                    props[key]["description"] = (props[key].get("description", "") + f" At most {max(prompt_tokens)} "
-                                                 "tokens of the model's tokenizer (longer is refused, never truncated).")
+                    props[key]["description"] = (
+                        props[key].get("description", "") + f" At most {max(prompt_tokens)} tokens of the model's "
+                        "tokenizer (longer is refused, never truncated).")
     return doc
 
 

@@ -81,8 +81,8 @@ def _submit(ctx: ServiceContext, body):
     request = DiffusionRequest(num_images=body.num_images, num_inference_steps=body.num_inference_steps,
                                guidance_scale=0.0, scheduler=body.scheduler, height=spec.native_height,
                                width=spec.native_width, seed=seed, class_labels=labels)
-    params = {**body.model_dump(exclude={"model", "upscale"}), "seed": seed, "class_labels": labels, "timeout_s": timeout_s,
-              "height": spec.native_height, "width": spec.native_width}
+    params = {**body.model_dump(exclude={"model", "upscale"}), "seed": seed, "class_labels": labels,
+              "timeout_s": timeout_s, "height": spec.native_height, "width": spec.native_width}
     if body.upscale is not None:  # refused before queuing, not after denoising
         image_to_image.check_upscale(ctx, body.upscale, spec.native_height, spec.native_width)
     handle = engine_calls.submit(ctx, engine, request, timeout_s, getattr(body, "preview_every", 0))

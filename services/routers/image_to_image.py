@@ -67,7 +67,8 @@ def _documented(model) -> dict:
 
 
 # A 24x24 grey PNG, base64.
-_EXAMPLE_PNG = "iVBORw0KGgoAAAANSUhEUgAAABgAAAAYCAAAAADFHGIkAAAAFklEQVR4nGNsYMAOmHCIj0qMShAhAQBmJwCwf4V22QAAAABJRU5ErkJggg=="
+_EXAMPLE_PNG = ("iVBORw0KGgoAAAANSUhEUgAAABgAAAAYCAAAAADFHGIkAAAAFklEQVR4nGNsYMAOmHCIj0qMShAhAQBmJwCwf4V22QAAAABJRU5E"
+                "rkJggg==")
 
 ACCEPTED_MODES = ("1", "L", "LA", "La", "P", "PA", "RGB", "RGBA", "RGBa", "RGBX", "CMYK", "YCbCr")
 ENDPOINTS = {"super_resolution": "/v1/upscale", "restoration": "/v1/upscale", "translation": "/v1/translate"}
@@ -222,7 +223,8 @@ def decode_upload(data: str, field: str, info, max_output_pixels: int) -> Decode
                              f"{most}x{most} in)", field=field, limit=max_output_pixels)
     if image.mode not in ACCEPTED_MODES:
         raise InvalidRequest(f"{field} has pixel mode {image.mode!r} (16-bit, float or another colour space): send "
-                             f"8-bit grey, RGB or RGBA (with or without alpha)", field=field, allowed=list(ACCEPTED_MODES))
+                             "8-bit grey, RGB or RGBA (with or without alpha)", field=field,
+                             allowed=list(ACCEPTED_MODES))
     try:
         image.seek(0)
         image.load()

@@ -183,9 +183,10 @@ _EVENT_SCHEMA = {"type": "object", "required": ["data"], "properties": {
 
 
 def _responses() -> dict[int | str, dict[str, Any]]:
-    out: dict[int | str, dict[str, Any]] = {200: {"description": "The images (JSON), or with `stream: true` server-sent events: "
-                 "`*.partial_image`, then `*.completed` per image, or `error`.",
-                 "content": {"text/event-stream": {"schema": _EVENT_SCHEMA}}}}
+    out: dict[int | str, dict[str, Any]] = {200: {
+        "description": "The images (JSON), or with `stream: true` server-sent events: "
+                       "`*.partial_image`, then `*.completed` per image, or `error`.",
+        "content": {"text/event-stream": {"schema": _EVENT_SCHEMA}}}}
     for status, text in _ERRORS.items():
         out[status] = {"model": OpenAIErrorResponse, "description": text}
         if status in (429, 503):

@@ -176,7 +176,8 @@ def describe(ctx: ServiceContext) -> list[ModelDescription]:
             parameters={"latent_shape": list(info.native_latent), "scale_factor": info.scale_factor,
                         "image_channels": info.image_channels, "native_size": info.native_size,
                         "image_side": {"multiple_of": info.size_multiple, "max": info.max_side},
-                        "num_images": {"min": 1, "max": MAX_IMAGES_PER_REQUEST}, "frames": {"min": 2, "max": MAX_FRAMES},
+                        "num_images": {"min": 1, "max": MAX_IMAGES_PER_REQUEST},
+                        "frames": {"min": 2, "max": MAX_FRAMES},
                         "seed": {"min": 0, "max": MAX_SEED}, "output_format": sorted(FORMATS)},
         ))
     return models

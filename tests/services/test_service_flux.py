@@ -104,7 +104,8 @@ def test_img2img_and_inpaint_serve_flux_with_its_strength_rounding(flux_server):
     ("/v1/txt2img", {"prompt": " ".join(["red"] * 40)}, "prompt"),
     ("/v1/txt2img", {"prompt": "a cat", "height": 18}, "height"),
     ("/v1/txt2img", {"prompt": "a cat", "negative_prompt": "blue"}, "negative_prompt"),  # would be ignored
-    ("/v1/txt2img", {"prompt": "a cat", "cache_interval": 2}, "cache_interval"),  # no shallow graph: DeepCache is U-Nets'
+    # no shallow graph: DeepCache is U-Nets'
+    ("/v1/txt2img", {"prompt": "a cat", "cache_interval": 2}, "cache_interval"),
     ("/v1/img2img", {"prompt": "a cat", "image": base64.b64encode(b"x" * 10).decode()}, "image"),
 ])
 def test_refusals_name_the_field(flux_server, path, body, field):

@@ -147,7 +147,8 @@ def main(argv: list[str] | None = None) -> None:
         print(f"best snapshot: step {best[0]} (diversity {best[1]:.3f} on the selection samples)")
     stats = class_accuracy(g_ema, load_classifier())
     training = {
-        "seed": args.seed, "steps": args.steps, "saved_step": best[0] if best else args.steps, "batch_size": args.batch_size,
+        "seed": args.seed, "steps": args.steps, "saved_step": best[0] if best else args.steps,
+        "batch_size": args.batch_size,
         "data": "sklearn digits 32x32, all 1,797 images",
         "recipe": f"hinge loss, spectral-norm projection discriminator with minibatch stddev (zoo/gan.py), "
                   f"Adam lr {args.lr:g} (mapping x{args.mapping_lr_mult:g}) betas (0, 0.99), style mixing "

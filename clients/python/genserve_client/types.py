@@ -6,7 +6,7 @@ import base64
 import io
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, List, Optional, Union
+from typing import Any, Optional, Union
 
 
 @dataclass(frozen=True)
@@ -39,13 +39,14 @@ class Image:
 class Tensor:
     """A latent or W tensor as the API carries it: shape, FP32, little-endian bytes."""
 
-    shape: List[int]
+    shape: list[int]
     data: bytes
     datatype: str = "FP32"
 
     @classmethod
     def from_json(cls, item: dict) -> Tensor:
-        return cls(shape=list(item["shape"]), data=base64.b64decode(item["data"]), datatype=item.get("datatype", "FP32"))
+        return cls(shape=list(item["shape"]), data=base64.b64decode(item["data"]),
+                   datatype=item.get("datatype", "FP32"))
 
     def to_json(self) -> dict:
         return {"shape": list(self.shape), "datatype": self.datatype, "data": base64.b64encode(self.data).decode()}
@@ -64,7 +65,7 @@ class GenerationResult:
     model: str
     backend: str
     parameters: dict  # every parameter after defaults, seed included
-    images: List[Image]
+    images: list[Image]
     timings: dict
     raw: dict = field(repr=False)
 
@@ -111,7 +112,7 @@ class ModelInfo:
 @dataclass(frozen=True)
 class Models:
     default_models: dict  # family -> model name
-    models: List[ModelInfo]
+    models: list[ModelInfo]
 
     def get(self, name: str) -> ModelInfo:
         return next(m for m in self.models if m.name == name)
@@ -128,7 +129,7 @@ class Progress:
 @dataclass(frozen=True)
 class Preview:
     step: int
-    images: List[Image]
+    images: list[Image]
 
 
 @dataclass(frozen=True)
