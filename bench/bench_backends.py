@@ -33,7 +33,6 @@ sys.path.insert(0, str(ROOT))
 
 from bench.load import measure, summarise  # noqa: E402
 from bench.report import append_report  # noqa: E402
-
 from tests.fixtures.local_server import LocalServer, free_port  # noqa: E402
 
 LAUNCH = ROOT / "deploy" / "triton_cpu" / "launch.py"

@@ -32,7 +32,6 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import export  # noqa: E402,F401 - first: diffusers finds torchvision importable
-
 from bench.report import append_report  # noqa: E402
 
 FOLDER = ROOT / "zoo" / "checkpoints" / "sd_digits"

@@ -30,7 +30,6 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import export  # noqa: E402,F401 - first: transformers/diffusers (the judge's zoo) find torchvision importable
-
 from bench.report import append_report  # noqa: E402
 from services.engine.engine import DiffusionEngine, EngineConfig  # noqa: E402
 from services.pipelines.pipeline_stable_diffusion import DiffusionRequest, pipelines  # noqa: E402
@@ -84,8 +83,9 @@ def main() -> None:
     if 1 not in args.intervals:
         args.intervals.insert(0, 1)  # the reference every ratio and PSNR is taken against
 
-    from zoo.checkpoint import load_checkpoint
     import torch
+
+    from zoo.checkpoint import load_checkpoint
 
     judge = load_checkpoint("digit_classifier")
     pipeline = pipelines(OnnxRuntimeBackend(ModelRepository(args.repository)))[args.model]

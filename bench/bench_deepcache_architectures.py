@@ -25,7 +25,6 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import export  # noqa: E402,F401 - first: diffusers finds torchvision importable
-
 from bench.report import append_report  # noqa: E402
 from export.deepcache import shallow_forward  # noqa: E402
 
@@ -63,7 +62,7 @@ def main() -> None:
                                            "time_ids": torch.randn(b, added[1])}
         captured = {}
         hook = unet.up_blocks[-1].register_forward_pre_hook(
-            lambda _m, _a, kw: captured.update(features=kw["hidden_states"]), with_kwargs=True)
+            lambda _m, _a, kw, captured=captured: captured.update(features=kw["hidden_states"]), with_kwargs=True)
         with torch.no_grad():
             unet(sample, t, text, added_cond_kwargs=cond)
         hook.remove()

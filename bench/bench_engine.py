@@ -60,7 +60,6 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.report import append_report  # noqa: E402
-
 from services.config import Settings  # noqa: E402
 from services.engine.engine import DiffusionEngine, EngineConfig  # noqa: E402
 from services.pipelines.controlnet import zero_residuals  # noqa: E402
@@ -147,7 +146,7 @@ class RequestLevel:
                     o += t.rows
             images = await self.pipeline.decode(np.concatenate([t.decoder_input() for t in trajectories]))
             o = 0
-            for (r, future), t in zip(group, trajectories):
+            for (r, future), _ in zip(group, trajectories):
                 future.set_result(images[o:o + r.num_images])
                 o += r.num_images
 
@@ -181,7 +180,7 @@ def unet_feeds(pipeline, rows: int) -> dict[str, np.ndarray]:
     return {"sample": np.zeros((rows, m.latent_channels, height, width), np.float32),
             "timestep": np.ones((rows, 1), np.float32),
             "encoder_hidden_states": np.zeros((rows, seq, hidden), np.float32),
-            **zero_residuals(spec, rows, side, side)}
+            **zero_residuals(spec, rows, height, width)}
 
 
 def unet_cost(pipeline, rows, repeats=15) -> dict[int, float]:
@@ -292,7 +291,8 @@ def main() -> int:
     parser.add_argument("--single", type=int, default=8, help="requests for the step-level c=1 mode")
     parser.add_argument("--note", default="", help="written under the table: was the machine quiet?")
     parser.add_argument("--modes", default="",
-                        help="semicolon-separated step-level modes to run (default all), e.g. 'step-level;step-level c=1'")
+                        help="semicolon-separated step-level modes to run (default all), "
+                             "e.g. 'step-level;step-level c=1'")
     parser.add_argument("--rounds", type=int, default=1,
                         help="run the step-level modes this many times, interleaved (rows named #1, #2, ...)")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "engine.md")
@@ -379,10 +379,12 @@ def main() -> int:
 
     base, req = rows["sequential"]["images_per_s"], rows["request-level"]["images_per_s"]
     lines = [
-        f"## {time.strftime('%Y-%m-%d %H:%M')} on {platform.node()} ({platform.machine()}, {__import__('os').cpu_count()} cores)",
+        f"## {time.strftime('%Y-%m-%d %H:%M')} on {platform.node()} "
+        f"({platform.machine()}, {__import__('os').cpu_count()} cores)",
         "", f"`{' '.join([Path(sys.executable).name, *sys.argv])}`", "",
         f"{args.clients} clients x {args.requests_per_client} requests, steps 10-30, guidance {{1, 3, 5, 7.5}}, "
-        f"DDIM, U-Net max batch {max_rows} rows; step-level c=1: the first {args.single} requests one after another", "",
+        f"DDIM, U-Net max batch {max_rows} rows; step-level c=1: the first {args.single} requests "
+        "one after another", "",
         "| mode | requests | efficiency, all clients sending | efficiency, whole run | images/s | x sequential "
         "| x request-level | p50 s | p95 s | U-Net calls | U-Net rows | rows / call | U-Net time / wall "
         "| all models / wall | non-model ms / iteration | reference ms / row |",
@@ -392,19 +394,22 @@ def main() -> int:
         wall = r["wall_s"] - r["probe_s"]
         its = r["iterations"] or r["unet_calls"]
         overhead = 1000 * (wall - r["unet_run_s"]) / its if its else float("nan")
-        lines.append(f"| {name} | {r['requests']} | **{r['efficiency_all_sending']:.2f}** | **{r['efficiency']:.2f}** | "
+        lines.append(f"| {name} | {r['requests']} | **{r['efficiency_all_sending']:.2f}** | "
+                     f"**{r['efficiency']:.2f}** | "
                      f"{r['images_per_s']:.2f} | {r['images_per_s'] / base:.2f} | "
                      f"{r['images_per_s'] / req:.2f} | {r['p50_s']:.3f} | {r['p95_s']:.3f} | {r['unet_calls']} | "
                      f"{r['unet_rows']} | {r['unet_rows'] / max(1, r['unet_calls']):.1f} | "
                      f"{r['unet_unet_s'] / wall:.2f} | {r['unet_model_s'] / wall:.2f} | {overhead:.2f} | "
-                     f"{1000 * statistics.median([s for _, s in r['unet_probes']] or [float('nan')]) / probe_rows:.3f} |")
+                     f"{1000 * statistics.median([s for _, s in r['unet_probes']] or [float('nan')]) / probe_rows:.3f}"
+                     " |")
     suffix = " #1" if args.rounds > 1 else ""
     c1, c1s = rows["step-level c=1" + suffix], rows["step-level c=1, ORT per-session pools" + suffix]
     c1_wall = c1["wall_s"] - c1["probe_s"]
     probe_ms = [1000 * s / probe_rows for r in rows.values() for _, s in r["unet_probes"]]
     lines += ["", f"Efficiency: rows priced at the median cost per row of the {PROBE_NEAREST} reference calls "
               f"nearest in time (a {probe_rows}-row call every {PROBE_EVERY_S * 1000:.0f} ms of each mode, "
-              "in the U-Net's worker thread; the probes' time is out of every wall figure). U-Net time and all models: the "
+              "in the U-Net's worker thread; the probes' time is out of every wall figure). "
+              "U-Net time and all models: the "
               "backend's timing of each call (a worker-thread hand-off counts in it); non-model ms per "
               "iteration: wall minus the time inside ONNX Runtime's session.run (every model), per U-Net "
               "call: everything the engine, the event loop and the thread hand-offs add.",

@@ -61,7 +61,8 @@ def main() -> int:
     ]
     for r in rows:
         lines.append(f"| {r['concurrency']} | {r['num_images']} | {r['requests']} | {r['errors']} | {r['rps']:.1f} | "
-                     f"{r['images_per_s']:.1f} | {r['images_per_s'] / base:.2f} | {r['p50_ms']:.1f} | {r['p95_ms']:.1f} |")
+                     f"{r['images_per_s']:.1f} | {r['images_per_s'] / base:.2f} | {r['p50_ms']:.1f} | "
+                     f"{r['p95_ms']:.1f} |")
     append_report(args.out, lines)
     return 1 if any(r["errors"] for r in rows) else 0
 

@@ -80,7 +80,6 @@ sys.path.insert(0, str(ROOT))
 
 from bench.bench_request_breakdown import execution_seconds, load_average  # noqa: E402
 from bench.report import append_report  # noqa: E402
-
 from services.engine.bench_policies import BENCH_POLICIES, BENCH_POLICY_ENV  # noqa: E402
 from tests.fixtures.local_server import LocalServer, free_port  # noqa: E402
 
@@ -226,7 +225,8 @@ def engine_rows(client: httpx.Client, url: str) -> dict[str, float]:
     """The service's U-Net rows and iterations so far (its genserve_engine_batch_rows histogram)."""
     out = {"rows": 0.0, "iterations": 0.0}
     for line in client.get(f"{url}/metrics").text.splitlines():
-        for key, metric in (("rows", "genserve_engine_batch_rows_sum{"), ("iterations", "genserve_engine_batch_rows_count{")):
+        for key, metric in (("rows", "genserve_engine_batch_rows_sum{"),
+                            ("iterations", "genserve_engine_batch_rows_count{")):
             if line.startswith(metric):
                 out[key] += float(line.rsplit(" ", 1)[1])
     return out
@@ -266,7 +266,8 @@ class Rung:
         lat = [o.latency for o in self.outcomes]
         censored = any(o.censored for o in self.outcomes)
         p99 = percentile(lat, 99)
-        p99_text = (">" if censored and p99 >= min(o.latency for o in self.outcomes if o.censored) else "") + f"{p99:.2f}"
+        at_least = censored and p99 >= min(o.latency for o in self.outcomes if o.censored)
+        p99_text = (">" if at_least else "") + f"{p99:.2f}"
         streams = [o for o in self.outcomes if MIX[o.cls].path.endswith("/stream")]
         if all(o.first_preview is None for o in streams):  # no streams, or a system without previews
             ttfp = "—"
@@ -416,7 +417,8 @@ def main() -> int:
     parser.add_argument("--min-requests", type=int, default=10, help="... but at least this many ...")
     parser.add_argument("--max-requests", type=int, default=150, help="... and at most this many")
     parser.add_argument("--stop-below", type=float, default=0.8,
-                        help="a system stops climbing below this share (one noisy miss in a small rung must not stop it)")
+                        help="a system stops climbing below this share "
+                             "(one noisy miss in a small rung must not stop it)")
     parser.add_argument("--calibration-repeats", type=int, default=3, help="standalone requests per class")
     parser.add_argument("--budget-s", type=float, default=600.0, help="no new round of rungs after this many seconds")
     parser.add_argument("--bursts", type=int, default=3, help="outside burst rounds (0: none)")
@@ -497,10 +499,12 @@ def main() -> int:
 
     # -- the report --------------------------------------------------------------------------
     mix_weight = sum(c.weight for c in MIX)
-    lines = [f"## {time.strftime('%Y-%m-%d %H:%M')} on {platform.node()} ({platform.machine()}, {os.cpu_count()} cores)",
+    lines = [f"## {time.strftime('%Y-%m-%d %H:%M')} on {platform.node()} "
+             f"({platform.machine()}, {os.cpu_count()} cores)",
              "", f"`{' '.join([Path(sys.executable).name, *sys.argv])}`", "",
              f"Load average {load_before} before, {load_after} after. {args.note}".strip(), "",
-             f"SLO = {SLO_FACTOR:g} x each request's standalone latency on genserve (nothing else sent to it, one at a time, median of "
+             f"SLO = {SLO_FACTOR:g} x each request's standalone latency on genserve "
+             "(nothing else sent to it, one at a time, median of "
              f"{args.calibration_repeats}); goodput = the highest rate with >= {100 * TARGET_SHARE:g}% within the SLO, "
              "interpolated between rungs.", "",
              "| system | goodput, requests/s | x genserve | start rung | rungs run |", "|---|---:|---:|---:|---|"]

@@ -31,8 +31,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from export.lora import add_adapter_slots, graph_targets  # noqa: E402
-from services.adapters import LayerFactors, StoredAdapter, slot_inputs  # noqa: E402
+from export.lora import add_adapter_slots, graph_targets
+from services.adapters import LayerFactors, StoredAdapter, slot_inputs
 
 ATTENTION = ("to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2", "proj_in", "proj_out")
 
@@ -92,11 +92,11 @@ def main(argv=None) -> int:
             per_adapter.append({**{k2: v[idx] for k2, v in feed.items()},
                                 **slot_inputs(graph, shapes, [adapters[a]], np.ones((len(idx), 1), np.float32))})
         cases = {
-            "plain": lambda: plain.run(None, feed),
-            "slots, no adapter": lambda: slotted.run(None, none),
-            "slots, 1 adapter": lambda: slotted.run(None, one),
-            "slots, 8 adapters mixed (1 call)": lambda: slotted.run(None, mixed),
-            "one adapter per call (8 calls)": lambda: [slotted.run(None, f) for f in per_adapter],
+            "plain": lambda feed=feed: plain.run(None, feed),
+            "slots, no adapter": lambda none=none: slotted.run(None, none),
+            "slots, 1 adapter": lambda one=one: slotted.run(None, one),
+            "slots, 8 adapters mixed (1 call)": lambda mixed=mixed: slotted.run(None, mixed),
+            "one adapter per call (8 calls)": lambda calls=per_adapter: [slotted.run(None, f) for f in calls],
         }
         for fn in cases.values():
             fn()
@@ -112,7 +112,8 @@ def main(argv=None) -> int:
             med = statistics.median(ts)
             rows.append(f"| {h}x{w} | {name} | {med:.2f} | {med / b:.3f} | {med / ref:.3f} |")
     header = [
-        f"## adapter slots, {graph}, batch {b}, rank {args.rank} ({platform.node()}, {time.strftime('%Y-%m-%d %H:%M')})",
+        f"## adapter slots, {graph}, batch {b}, rank {args.rank} "
+        f"({platform.node()}, {time.strftime('%Y-%m-%d %H:%M')})",
         "",
         f"`PYTHONPATH=. .venv/bin/python bench/bench_lora_slots.py {' '.join(sys.argv[1:] if argv is None else argv)}`",
         f"({slotted_layers} slotted layers; each adapter targets {adapter_layers} attention/feed-forward linears; "

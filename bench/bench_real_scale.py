@@ -72,8 +72,8 @@ def clip_bpe() -> Path:
 def write_clip_tokenizer(dest: Path, pad_token: str) -> int:
     """vocab.json + merges.txt from the CLIP BPE, as OpenAI's CLIP builds its vocabulary (byte
     symbols, the same with </w>, the first 48,894 merges, then the two specials): 49,408 ids."""
-    from transformers import CLIPTokenizer
     from open_clip.tokenizer import bytes_to_unicode
+    from transformers import CLIPTokenizer
 
     merges = gzip.open(clip_bpe()).read().decode("utf-8").split("\n")[1:49152 - 256 - 2 + 1]
     merges = [tuple(m.split()) for m in merges]
@@ -242,7 +242,8 @@ def main(argv=None) -> int:
     parser.add_argument("--results", type=Path, default=ROOT / "bench" / "results" / "real_scale.md")
     parser.add_argument("--reuse-export", action="store_true",
                         help="serve and compare the repository a previous run exported (its export_report.json "
-                             "gives the per-component figures; the export process's own wall and peak are not re-measured)")
+                             "gives the per-component figures; the export process's own wall and peak are "
+                             "not re-measured)")
     args = parser.parse_args(argv)
     import numpy as np
 

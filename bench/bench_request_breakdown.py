@@ -34,7 +34,6 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.report import append_report  # noqa: E402
-
 from tests.fixtures.local_server import LocalServer  # noqa: E402
 
 MODES = ("keep-alive", "new client")

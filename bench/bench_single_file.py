@@ -17,7 +17,7 @@ import resource
 import sys
 import tempfile
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -69,14 +69,15 @@ def main() -> int:
         for component in ("unet", "vae", "text_encoder", "text_encoder_2"):
             if not (tmp / "source" / component).is_dir():
                 continue
-            want = {k: v for f in (tmp / "source" / component).glob("*.safetensors") for k, v in load_file(str(f)).items()}
+            want = {k: v for f in (tmp / "source" / component).glob("*.safetensors")
+                    for k, v in load_file(str(f)).items()}
             got = {k: v for f in (out / component).glob("*.safetensors") for k, v in load_file(str(f)).items()}
             tensors += len(want)
             mismatched += [f"{component}.{k}" for k in want
                            if k not in got or not torch.equal(want[k], got[k].reshape(want[k].shape))]
         size_gb = checkpoint.stat().st_size / 1e9
     peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
-    line = (f"| {datetime.now(timezone.utc):%Y-%m-%d %H:%M} | {args.config} | {size_gb:.2f} GB fp16 | "
+    line = (f"| {datetime.now(UTC):%Y-%m-%d %H:%M} | {args.config} | {size_gb:.2f} GB fp16 | "
             f"{written:.0f} s | {converted:.0f} s | {tensors} | {len(mismatched)} | {peak_gb:.1f} GB |")
     print(line)
     if mismatched:

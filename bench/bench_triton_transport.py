@@ -8,7 +8,8 @@ pass-through denoisers at real latent and text-embedding sizes
 (SD 1.5: 64x64 latents, 77x768 text; SDXL: 128x128 latents, 77x2048 text), starts a real
 Triton on it (deploy/triton_cpu/launch.py), and times the service's own TritonBackend on
 the same inputs with GENSERVE_TRITON_SHARED_MEMORY=off and =required, calls interleaved
-so that both see the same machine (alternating which goes first). Outputs are checked equal (bit for bit) across the two.
+so that both see the same machine (alternating which goes first). Outputs are checked equal
+(bit for bit) across the two.
 The graph only copies `sample` to `noise_pred`: what is timed is the transport, Triton's
 request handling and, on this CPU server, the Python backend's own copy to its stub
 (a native backend on the NGC image does not have that copy). Appends the table, with the
@@ -34,7 +35,6 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.report import append_report  # noqa: E402
-
 from tests.fixtures.local_server import free_port  # noqa: E402
 from services.runtime.repository import ModelRepository  # noqa: E402
 from services.runtime.triton_backend import TritonBackend  # noqa: E402

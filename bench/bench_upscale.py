@@ -74,7 +74,8 @@ async def bench_http(url: str, bodies: list[str], sizes: list[int], concurrency:
         i = worker
         while time.perf_counter() < deadline:
             t0 = time.perf_counter()
-            r = await http.post(f"{url}/v1/upscale", json={"model": "esrgan_x4_photos", "image": bodies[i % len(bodies)]})
+            r = await http.post(f"{url}/v1/upscale",
+                                json={"model": "esrgan_x4_photos", "image": bodies[i % len(bodies)]})
             if r.status_code == 200:
                 latencies.append(time.perf_counter() - t0)
                 pixels += sizes[i % len(bodies)]
@@ -120,7 +121,8 @@ def main(argv=None) -> int:
     print(table)
     out = ROOT / "bench" / "results" / "upscale.md"
     with out.open("a") as f:
-        f.write(f"\n## {time.strftime('%Y-%m-%d %H:%M')} ({platform.machine()}, {__import__('os').cpu_count()} cores)\n\n"
+        f.write(f"\n## {time.strftime('%Y-%m-%d %H:%M')} "
+                f"({platform.machine()}, {__import__('os').cpu_count()} cores)\n\n"
                 f"`.venv/bin/python bench/bench_upscale.py --seconds {args.seconds:g}`\n\n{table}\n")
     return 0
 

@@ -29,7 +29,6 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import export.torchvision_compat  # noqa: E402,F401  (before diffusers: see DESIGN.md)
 import torch  # noqa: E402
 import uvicorn  # noqa: E402
 from diffusers import (  # noqa: E402
@@ -41,6 +40,8 @@ from diffusers import (  # noqa: E402
 from fastapi import FastAPI, Request  # noqa: E402
 from fastapi.responses import JSONResponse, StreamingResponse  # noqa: E402
 from PIL import Image  # noqa: E402
+
+import export.torchvision_compat  # noqa: E402,F401  (before diffusers: see DESIGN.md)
 
 SCHEDULERS = {"ddim": DDIMScheduler, "euler": EulerDiscreteScheduler}
 

@@ -33,6 +33,7 @@ ROOT = HERE.parent
 sys.path.insert(0, str(ROOT))
 
 from tests.fixtures.local_server import LocalServer  # noqa: E402
+
 LOCUSTFILE = HERE / "locustfile.py"
 MAX_DURATION_S = 3600
 
@@ -127,7 +128,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--spawn-rate", type=float, default=2.0, help="users started per second (default 2)")
     p.add_argument("--duration", type=int, default=30, help=f"seconds of load, 1-{MAX_DURATION_S} (default 30)")
     p.add_argument("--max-error-rate", type=float, default=0.01, help="fail above this failed/all ratio (default 0.01)")
-    p.add_argument("--max-p95-ms", type=float, default=5000.0, help="fail above this p95 over all requests (default 5000)")
+    p.add_argument("--max-p95-ms", type=float, default=5000.0,
+                   help="fail above this p95 over all requests (default 5000)")
     p.add_argument("--reports", type=Path, default=HERE / "reports", help="report folder (default loadtests/reports)")
     p.add_argument("user_classes", nargs="*", metavar="USER_CLASS",
                    help="run only these classes (Txt2ImgUser GANBurstUser StreamingUser); default: the mix")

@@ -188,7 +188,7 @@ def main(argv=None) -> int:
         failures.append(f"RSS peaked at {peak_mb:.0f} MB, over the {args.memory_limit_mb} MB ceiling")
     if after_mb - warm_mb > args.max_growth_mb:
         failures.append(f"RSS settled at {after_mb:.0f} MB, {after_mb - warm_mb:.0f} MB over warm ({warm_mb:.0f} MB)")
-    errors = {k: n for k, c in counts.items() for s, n in c.items() if s == 0 or s >= 500 and s != 503}
+    errors = {k: n for k, c in counts.items() for s, n in c.items() if s == 0 or (s >= 500 and s != 503)}
     if errors:
         failures.append(f"transport errors or 5xx: {errors}")
     result["failures"] = failures

@@ -12,9 +12,9 @@ without adapters). See export/lora.py for the graph side.
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping, Sequence
 
 import numpy as np
 
@@ -76,7 +76,7 @@ def slot_inputs(graph: str, input_shapes: Mapping[str, Sequence], adapters: Sequ
     """The slot inputs of one call of `graph`. `input_shapes`: the slotted graph's inputs
     (name -> shape, as the runtime reports them); `adapters`: the call's slots in order;
     `row_scales` [rows, len(adapters)]."""
-    rows, slots = row_scales.shape
+    _, slots = row_scales.shape
     if slots != len(adapters):
         raise ValueError(f"row_scales has {slots} slots for {len(adapters)} adapters")
     feeds = {SCALE_INPUT: np.ascontiguousarray(row_scales, dtype=np.float32)}

@@ -32,6 +32,7 @@ import re
 import uuid
 from collections import Counter
 from http import HTTPStatus
+from typing import ClassVar
 
 import h11
 from uvicorn.protocols.http.h11_impl import DEFAULT_MAX_INCOMPLETE_EVENT_SIZE, H11Protocol
@@ -49,7 +50,7 @@ def _networks(items) -> list:
 class EdgeProtocol(H11Protocol):
     settings = Settings()  # set by install()
     trusted = _networks(())
-    open_per_address: Counter = Counter()  # this process's connections by client address
+    open_per_address: ClassVar[Counter[str]] = Counter()  # this process's connections by client address
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)

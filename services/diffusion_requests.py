@@ -77,7 +77,8 @@ def build_request(task: str, body, pipeline) -> tuple[DiffusionRequest, dict]:
     params["scheduler"] = body.scheduler or pipeline.default_scheduler
     if spec.guidance == "embedded" and body.negative_prompt:
         raise InvalidRequest(f"negative_prompt is not used by model {spec.name!r}: a guidance-distilled model takes "
-                             f"guidance_scale as an input, not classifier-free guidance; omit it", field="negative_prompt")
+                             "guidance_scale as an input, not classifier-free guidance; omit it",
+                             field="negative_prompt")
     params["seed"] = resolve_seed(body.seed, body.num_images)
     check_cache_interval(spec, body.cache_interval)
     max_side = max(lim["max"] for lim in spec.side_limits().values())
@@ -93,8 +94,9 @@ def build_request(task: str, body, pipeline) -> tuple[DiffusionRequest, dict]:
         check_denoising_steps(body.num_inference_steps, body.strength, from_image=True,
                               rounding=spec.strength_rounding)
         init_image = decode_field(body.image, spec.image_channels, "image", max_side)
-        params["height"], params["width"] = init_image.shape[1:]
-        check_sides(spec, *init_image.shape[1:], field="image")
+        height, width = init_image.shape[1:]
+        params["height"], params["width"] = height, width
+        check_sides(spec, height, width, field="image")
         if task == "inpaint":
             mask = decode_field(body.mask, 1, "mask", max_side)[0]
             if mask.shape != init_image.shape[1:]:

@@ -15,8 +15,9 @@ points are therefore dotted strings ("module:function"), imported only when call
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 
 @dataclass(frozen=True)

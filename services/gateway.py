@@ -29,12 +29,17 @@ import signal
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from services.auth import KeyStore, presented_keys
 from services.config import Settings
 from services.memory import RETRY_AFTER_S, MemoryGuard, trim
 from services.ratelimit import RateLimiter, retry_after
+
+if TYPE_CHECKING:
+    from starlette.types import ASGIApp
 
 log = logging.getLogger("genserve")
 
@@ -102,17 +107,17 @@ class _Refused(Exception):
 
 @dataclass
 class Gateway:
-    app: object
+    app: ASGIApp
     settings: Settings
     routes: dict[str, Route]
     keys: KeyStore | None = None
     draining: bool = False
     inflight: int = 0
-    on_error: object = None  # callable(endpoint, code): counts refusals
-    on_rate_limited: object = None  # callable(client, limit): counts rate-limit refusals
+    on_error: Callable[[str, str], None] | None = None  # (endpoint, code): counts refusals
+    on_rate_limited: Callable[[str, str], None] | None = None  # (client, limit): counts rate-limit refusals
     _limiter: RateLimiter | None = field(default=None, repr=False)
     _auth_failures: RateLimiter | None = field(default=None, repr=False)  # per client address
-    memory: MemoryGuard | None = None
+    memory: MemoryGuard = field(init=False, repr=False)  # from settings.memory_limit_mb
 
     def __post_init__(self):
         if self.settings.edge.api_keys_file is not None:
@@ -123,8 +128,7 @@ class Gateway:
             log.warning("API keys are off (GENSERVE_API_KEYS_FILE is not set): every client is served")
         if self.settings.edge.rate_limit is not None:
             self._limiter = RateLimiter(self.settings.edge.rate_limit)
-        if self.memory is None:
-            self.memory = MemoryGuard(self.settings.memory.limit_mb << 20)
+        self.memory = MemoryGuard(self.settings.memory.limit_mb << 20)
 
     async def __call__(self, scope, receive, send):
         if scope["type"] == "lifespan":
@@ -219,9 +223,8 @@ class Gateway:
 
     def _authenticate(self, scope, route: Route) -> str:
         address = f"addr:{(scope.get('client') or ('unknown', 0))[0]}"
-        needs_key = self.keys is not None and (
-            not route.public or (scope["path"] == "/metrics" and self.settings.edge.metrics_require_key))
-        if not needs_key:
+        needs_key = not route.public or (scope["path"] == "/metrics" and self.settings.edge.metrics_require_key)
+        if self.keys is None or not needs_key:
             return address
         if self._auth_failures is not None and (wait := self._auth_failures.wait(address)) > 0:
             # Valid keys wait too: otherwise a guess that is right would still stand out.

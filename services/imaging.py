@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import io
 import json
-from typing import Mapping
+from collections.abc import Mapping
+from typing import ClassVar
 
 import numpy as np
 from PIL import Image, PngImagePlugin
@@ -53,7 +54,7 @@ ACCEPTED_FORMATS = ("PNG", "JPEG", "WEBP")
 
 
 class NotAnAcceptedImage(ValueError):
-    allowed = ["png", "jpeg", "webp"]
+    allowed: ClassVar[list[str]] = ["png", "jpeg", "webp"]
 
 
 def open_image(data: bytes, field: str) -> Image.Image:
@@ -68,7 +69,8 @@ def open_image(data: bytes, field: str) -> Image.Image:
         raise NotAnAcceptedImage(f"{field} is not a PNG, JPEG or WebP image, the formats accepted "
                                  f"({type(exc).__name__})") from None
     if getattr(image, "is_animated", False) and image.format != "MPO":  # MPO: a camera's JPEG, frame 0 is the photo
-        raise NotAnAcceptedImage(f"{field} is animated ({image.n_frames} frames): send a single image")
+        frames = getattr(image, "n_frames", "several")  # the multi-frame formats' attribute, not ImageFile's
+        raise NotAnAcceptedImage(f"{field} is animated ({frames} frames): send a single image")
     return image
 
 

@@ -5,6 +5,8 @@ prompt tokens), so generated clients and fuzzers send what the server accepts.""
 from __future__ import annotations
 
 import math
+from typing import Any
+
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 
@@ -33,7 +35,7 @@ POST_ERRORS = (400, 401, 404, 405, 408, 413, 415, 422, 429, 500, 503, 504)
 
 # Server-sent events, described per event (OpenAPI 3.1 tools read the schema that way):
 # `event` names it, `data` is its JSON.
-SSE_RESPONSE = {200: {
+SSE_RESPONSE: dict[int | str, dict[str, Any]] = {200: {
     "description": "Server-sent events: `progress` per step, `preview` every k steps, then `result` "
                    "(the non-streaming response) or `error` (the error shape with its `status`).",
     "content": {"text/event-stream": {"schema": {
@@ -42,8 +44,8 @@ SSE_RESPONSE = {200: {
                        "data": {"type": "string", "description": "The event's JSON."}}}}}}}
 
 
-def error_responses(statuses=POST_ERRORS) -> dict[int, dict]:
-    out = {}
+def error_responses(statuses=POST_ERRORS) -> dict[int | str, dict[str, Any]]:
+    out: dict[int | str, dict[str, Any]] = {}
     for status in statuses:
         out[status] = {"model": ErrorResponse, "description": ERROR_DESCRIPTIONS[status]}
         if status in (429, 503):
@@ -93,8 +95,9 @@ def document_limits(doc: dict, *, sides: list[dict], num_classes: list[int], pro
         if prompt_tokens:
             for key in ("prompt", "negative_prompt"):
                 if key in props:
-                    props[key]["description"] = (props[key].get("description", "") + f" At most {max(prompt_tokens)} "
-                                                 "tokens of the model's tokenizer (longer is refused, never truncated).")
+                    props[key]["description"] = (
+                        props[key].get("description", "") + f" At most {max(prompt_tokens)} tokens of the model's "
+                        "tokenizer (longer is refused, never truncated).")
     return doc
 
 
@@ -141,7 +144,7 @@ def vae_examples(doc: dict, info) -> dict:
     side = info.native_size
     image = _png_base64(np.full((side, side) if info.image_channels == 1 else (side, side, 3), 128, np.uint8))
     latent = np.zeros((1, *info.native_latent), "<f4")
-    bodies = {
+    bodies: dict[str, dict[str, Any]] = {
         "/vae/encode": {"image": image},
         "/vae/decode": {"latent": {"shape": list(latent.shape), "datatype": "FP32",
                                    "data": base64.b64encode(latent.tobytes()).decode("ascii")}},
@@ -163,7 +166,7 @@ def stylegan_examples(doc: dict, info) -> dict:
 
     w = np.zeros((1, info.w_dim), "<f4")
     labels = {"class_label": 0} if info.c_dim else {}
-    bodies = {
+    bodies: dict[str, dict[str, Any]] = {
         "/gan/mix": {"seed": 1, "style_seed": 2, **labels},
         "/gan/interpolate": {"seeds": [1, 2], "frames": 4},
         "/gan/latents": {"seeds": [1, 2]},
@@ -207,4 +210,4 @@ def install(app: FastAPI, image_example=None, vae_example=None, stylegan_example
         return app.openapi_schema
 
     app.openapi_schema = None
-    app.openapi = openapi
+    app.openapi = openapi  # type: ignore[method-assign]  # FastAPI's documented way to replace the generator

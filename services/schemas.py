@@ -11,7 +11,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from services.schedulers import SCHEDULERS
+from services.schedulers import SchedulerName
 
 MAX_IMAGES_PER_REQUEST = 16
 MAX_SEED = 2**32 - 1
@@ -104,7 +104,8 @@ UPSCALE_FIELD = Field(None, description="Run a super-resolution model on the gen
 
 class GANGenerateRequest(_Strict):
     model: str | None = Field(None, description="Generator to sample; default: the service's default GAN model.")
-    seed: int | None = Field(None, ge=0, le=MAX_SEED, description="Seed of image 0; image i uses seed + i. Random when absent.")
+    seed: int | None = Field(None, ge=0, le=MAX_SEED,
+                             description="Seed of image 0; image i uses seed + i. Random when absent.")
     num_images: int = Field(1, ge=1, le=MAX_IMAGES_PER_REQUEST)
     class_label: int | None = Field(
         None, ge=0, description="Class to generate (conditional models only; below the model's num_classes). "
@@ -116,8 +117,8 @@ class GANGenerateRequest(_Strict):
 
 class GeneratedImage(BaseModel):
     index: int
-    seed: int | None = Field(None, description="Reproduces this image alone with num_images 1 (None: the image "
-                             "came from given latents, not from a seed).")
+    seed: int | None = Field(default=None, description="Reproduces this image alone with num_images 1 (None: the "
+                             "image came from given latents, not from a seed).")
     class_label: int | None = None
     media_type: str
     width: int
@@ -155,7 +156,7 @@ class ModelDescription(BaseModel):
     inputs: list[TensorDescription]
     outputs: list[TensorDescription]
     parameters: dict = Field(description="Request parameters this model accepts, with their limits.")
-    cost_model: dict | None = Field(None, description=(
+    cost_model: dict | None = Field(default=None, description=(
         "Step engines only: the denoiser's measured milliseconds per call by batch rows at the native "
         "size (start-up timing refreshed by live calls), the rows per iteration the engine runs "
         "(most rows per second within the latency budget) and the throughput there."))
@@ -174,7 +175,6 @@ MAX_GUIDANCE_SCALE = 30.0
 MAX_PROMPT_CHARS = 2000
 MAX_IMAGE_BASE64_CHARS = 16 * 1024 * 1024
 
-SchedulerName = Literal[tuple(SCHEDULERS)]
 MAX_CONDITIONING_SIDE = 16384
 Side = Annotated[int, Field(ge=0, le=MAX_CONDITIONING_SIDE)]
 SizePair = Annotated[list[Side], Field(min_length=2, max_length=2)]
@@ -251,7 +251,8 @@ class _Control(BaseModel):
 class Txt2ImgRequest(_Strict, _SizeConditioning, _Control):
     model: str | None = Field(None, description="Diffusion pipeline; default: the service's default.")
     prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS, description="What to draw (not blank).")
-    negative_prompt: str = Field("", max_length=MAX_PROMPT_CHARS, description="What to steer away from (with guidance > 1).")
+    negative_prompt: str = Field("", max_length=MAX_PROMPT_CHARS,
+                                 description="What to steer away from (with guidance > 1).")
     num_images: int = Field(1, ge=1, le=MAX_DIFFUSION_IMAGES)
     num_inference_steps: int = Field(20, ge=1, le=MAX_INFERENCE_STEPS)
     guidance_scale: float | None = Field(
@@ -268,7 +269,8 @@ class Txt2ImgRequest(_Strict, _SizeConditioning, _Control):
                                 "reuse its deep features through the shallow U-Net (faster, an approximation; 1 = off, "
                                 "the exact image). Maximum and availability per model: GET /v1/models.")
     output_format: OutputFormat = "png"
-    timeout_s: float | None = Field(None, ge=MIN_TIMEOUT_S, description="Deadline in seconds; default and maximum: see /v1/models.")
+    timeout_s: float | None = Field(None, ge=MIN_TIMEOUT_S,
+                                    description="Deadline in seconds; default and maximum: see /v1/models.")
     upscale: UpscaleStage | None = UPSCALE_FIELD
 
 
@@ -279,7 +281,8 @@ class Txt2ImgStreamRequest(Txt2ImgRequest):
 
 class Img2ImgRequest(_Strict, _SizeConditioning, _Control):
     model: str | None = None
-    image: str = Field(max_length=MAX_IMAGE_BASE64_CHARS, description="Base64 PNG/JPEG/WebP; its size is the output size.")
+    image: str = Field(max_length=MAX_IMAGE_BASE64_CHARS,
+                       description="Base64 PNG/JPEG/WebP; its size is the output size.")
     prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS)
     negative_prompt: str = Field("", max_length=MAX_PROMPT_CHARS)
     strength: float = Field(0.8, gt=0.0, le=1.0, description="How far from the input: 1 = ignore it.")
@@ -296,7 +299,8 @@ class Img2ImgRequest(_Strict, _SizeConditioning, _Control):
 
 
 class InpaintRequest(Img2ImgRequest):
-    mask: str = Field(max_length=MAX_IMAGE_BASE64_CHARS, description="Base64 image of the image's size: white = repaint.")
+    mask: str = Field(max_length=MAX_IMAGE_BASE64_CHARS,
+                      description="Base64 image of the image's size: white = repaint.")
     strength: float = Field(1.0, gt=0.0, le=1.0)
 
 
@@ -373,7 +377,8 @@ class LatentTensor(BaseModel):
 
 
 class VAEEncodeRequest(_Strict):
-    model: str | None = Field(None, description="A VAE or a latent diffusion pipeline; default: the service's default VAE.")
+    model: str | None = Field(None,
+                              description="A VAE or a latent diffusion pipeline; default: the service's default VAE.")
     image: str = Field(max_length=MAX_IMAGE_BASE64_CHARS, description="Base64 PNG/JPEG/WebP.")
     sample: bool = Field(False, description="false: the posterior mean; true: a sample drawn with `seed`.")
     seed: int | None = Field(None, ge=0, le=MAX_SEED, description="Seed of the posterior sample (sample: true).")
@@ -405,9 +410,11 @@ class VAESampleRequest(_Strict):
 
 class VAEInterpolateRequest(_Strict):
     model: str | None = None
-    image_a: str | None = Field(None, max_length=MAX_IMAGE_BASE64_CHARS, description="Start: an image (its posterior mean).")
+    image_a: str | None = Field(None, max_length=MAX_IMAGE_BASE64_CHARS,
+                                description="Start: an image (its posterior mean).")
     image_b: str | None = Field(None, max_length=MAX_IMAGE_BASE64_CHARS, description="End: an image.")
-    seed_a: int | None = Field(None, ge=0, le=MAX_SEED, description="Start: N(0, I) latents of this seed (standalone VAEs).")
+    seed_a: int | None = Field(None, ge=0, le=MAX_SEED,
+                               description="Start: N(0, I) latents of this seed (standalone VAEs).")
     seed_b: int | None = Field(None, ge=0, le=MAX_SEED, description="End: N(0, I) latents of this seed.")
     frames: int = Field(8, ge=2, le=MAX_FRAMES, description="Images along the line, both ends included.")
     output_format: OutputFormat = "png"

@@ -35,7 +35,7 @@ def classifier():
 
     model = load_checkpoint("digit_classifier")
 
-    def predict(images: "np.ndarray") -> "np.ndarray":
+    def predict(images: np.ndarray) -> np.ndarray:
         with torch.no_grad():
             return model(torch.from_numpy(images.astype("float32"))).argmax(1).numpy()
 

@@ -23,11 +23,13 @@ class DigitClassifier(nn.Module):
         c = base_channels
 
         def stage(c_in: int, c_out: int) -> list[nn.Module]:
-            return [nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True), nn.MaxPool2d(2)]
+            return [nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True),
+                    nn.MaxPool2d(2)]
 
         self.features = nn.Sequential(*stage(image_channels, c), *stage(c, 2 * c), *stage(2 * c, 2 * c))
         self.head = nn.Sequential(
-            nn.Flatten(), nn.Dropout(0.3), nn.Linear(2 * c * 4 * 4, 128), nn.ReLU(inplace=True), nn.Linear(128, num_classes)
+            nn.Flatten(), nn.Dropout(0.3), nn.Linear(2 * c * 4 * 4, 128), nn.ReLU(inplace=True),
+            nn.Linear(128, num_classes),
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

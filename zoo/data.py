@@ -31,5 +31,5 @@ def train_test_split(
 ) -> tuple[np.ndarray, np.ndarray]:
     """A fixed, seeded split so every script holds out the same digits."""
     order = np.random.default_rng(seed).permutation(n)
-    n_test = int(round(n * test_fraction))
+    n_test = round(n * test_fraction)
     return order[n_test:], order[:n_test]

@@ -68,7 +68,8 @@ def main(argv: list[str] | None = None) -> None:
             sched.step()
             total += loss.item() * len(idx)
         if epoch % 5 == 4 or epoch == args.epochs - 1:
-            print(f"epoch {epoch + 1:3d}  loss {total / len(y_train):.4f}  held-out acc {heldout_accuracy(model):.4f}", flush=True)
+            print(f"epoch {epoch + 1:3d}  loss {total / len(y_train):.4f}  "
+                  f"held-out acc {heldout_accuracy(model):.4f}", flush=True)
 
     acc = heldout_accuracy(model.eval())
     wall = time.perf_counter() - start

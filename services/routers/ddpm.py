@@ -4,6 +4,7 @@ step engine like every diffusion family."""
 from __future__ import annotations
 
 import time
+from typing import TYPE_CHECKING
 
 import numpy as np
 from fastapi import APIRouter, Depends, Request
@@ -16,6 +17,7 @@ from services.gateway import request_id_var
 from services.imaging import FORMATS
 from services.openapi import SSE_RESPONSE, error_responses
 from services.pipelines.diffusion import DiffusionRequest
+from services.pipelines.pipeline_ddpm import DDPMPipeline
 from services.routers import engine_calls, image_to_image
 from services.schemas import (
     MAX_IMAGES_PER_REQUEST,
@@ -30,6 +32,9 @@ from services.schemas import (
     resolve_seed,
     tensors,
 )
+
+if TYPE_CHECKING:
+    from services.engine.engine import DiffusionEngine
 
 router = APIRouter()
 PIXEL_FAMILIES = families.names(router=__name__)  # pixel-space diffusion, on the step engine
@@ -64,7 +69,7 @@ def _submit(ctx: ServiceContext, body):
         raise ModelNotFound(f"model {name!r} is not a pixel-space diffusion model served here", field="model",
                             allowed=sorted(engines))
     engine = engines[name]
-    num_classes = engine.pipeline.num_classes
+    num_classes = _num_classes(engine)
     check_class_label(name, body.class_label, num_classes)
     seed = resolve_seed(body.seed, body.num_images)
     labels = None
@@ -76,8 +81,8 @@ def _submit(ctx: ServiceContext, body):
     request = DiffusionRequest(num_images=body.num_images, num_inference_steps=body.num_inference_steps,
                                guidance_scale=0.0, scheduler=body.scheduler, height=spec.native_height,
                                width=spec.native_width, seed=seed, class_labels=labels)
-    params = {**body.model_dump(exclude={"model", "upscale"}), "seed": seed, "class_labels": labels, "timeout_s": timeout_s,
-              "height": spec.native_height, "width": spec.native_width}
+    params = {**body.model_dump(exclude={"model", "upscale"}), "seed": seed, "class_labels": labels,
+              "timeout_s": timeout_s, "height": spec.native_height, "width": spec.native_width}
     if body.upscale is not None:  # refused before queuing, not after denoising
         image_to_image.check_upscale(ctx, body.upscale, spec.native_height, spec.native_width)
     handle = engine_calls.submit(ctx, engine, request, timeout_s, getattr(body, "preview_every", 0))
@@ -103,6 +108,13 @@ async def _respond(ctx: ServiceContext, name: str, body, params: dict, handle, s
     )
 
 
+def _num_classes(engine: DiffusionEngine) -> int:
+    """The model's class count (0: unconditional); the pixel-space families' pipelines are DDPMPipelines."""
+    pipeline = engine.pipeline
+    assert isinstance(pipeline, DDPMPipeline), f"{pipeline.name}: a pixel-space family's pipeline is a DDPMPipeline"
+    return pipeline.num_classes
+
+
 def describe(ctx: ServiceContext) -> list[ModelDescription]:
     models = []
     for name, engine in ctx.engines_of(*PIXEL_FAMILIES).items():
@@ -117,8 +129,8 @@ def describe(ctx: ServiceContext) -> list[ModelDescription]:
             "timeout_s": {"default": ctx.settings.engine.request_timeout_s, "min": MIN_TIMEOUT_S,
                           "max": ctx.settings.engine.max_request_timeout_s},
         }
-        if engine.pipeline.num_classes:
-            params["class_label"] = {"min": 0, "max": engine.pipeline.num_classes - 1}
+        if num_classes := _num_classes(engine):
+            params["class_label"] = {"min": 0, "max": num_classes - 1}
         models.append(ModelDescription(
             name=name, version=unet.version, pipeline=spec.family,
             endpoint="/v1/ddpm/generate, /v1/ddpm/generate/stream",

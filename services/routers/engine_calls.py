@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import json
-from typing import Callable
+from collections.abc import Callable
 
 from fastapi import Request
 
@@ -58,10 +58,10 @@ async def wait(engine, handle, http_request: Request) -> None:
     while not handle.status.finished:
         try:
             await asyncio.wait_for(handle.done.wait(), timeout=DISCONNECT_POLL_S)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             if await http_request.is_disconnected():
                 engine.cancel(handle)
-                raise ClientDisconnected()
+                raise ClientDisconnected() from None
 
 
 def result(handle, timeout_s: float):

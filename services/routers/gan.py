@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib
 import time
+from collections.abc import Sequence
 
 from fastapi import APIRouter, Depends
 
@@ -51,7 +52,7 @@ async def gan_generate(body: GANGenerateRequest, ctx: ServiceContext = Depends(c
     out = await pipeline(seed, body.num_images, body.truncation_psi, body.class_label)
 
     # 3. Encode, with provenance in each image's metadata.
-    labels = out.class_labels or [None] * len(out.seeds)
+    labels: Sequence[int | None] = out.class_labels or [None] * len(out.seeds)
     metas = [{"model": name, "version": pipeline.spec.version, "seed": seed, "class_label": label,
               "truncation_psi": body.truncation_psi} for seed, label in zip(out.seeds, labels)]
     parameters = {**body.model_dump(exclude={"model", "upscale"}), "seed": seed}  # upscale: set by the stage

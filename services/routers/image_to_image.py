@@ -23,6 +23,7 @@ import asyncio
 import base64
 import time
 from dataclasses import dataclass
+from typing import cast
 
 import numpy as np
 from fastapi import APIRouter, Depends, Request
@@ -66,7 +67,8 @@ def _documented(model) -> dict:
 
 
 # A 24x24 grey PNG, base64.
-_EXAMPLE_PNG = "iVBORw0KGgoAAAANSUhEUgAAABgAAAAYCAAAAADFHGIkAAAAFklEQVR4nGNsYMAOmHCIj0qMShAhAQBmJwCwf4V22QAAAABJRU5ErkJggg=="
+_EXAMPLE_PNG = ("iVBORw0KGgoAAAANSUhEUgAAABgAAAAYCAAAAADFHGIkAAAAFklEQVR4nGNsYMAOmHCIj0qMShAhAQBmJwCwf4V22QAAAABJRU5E"
+                "rkJggg==")
 
 ACCEPTED_MODES = ("1", "L", "LA", "La", "P", "PA", "RGB", "RGBA", "RGBa", "RGBX", "CMYK", "YCbCr")
 ENDPOINTS = {"super_resolution": "/v1/upscale", "restoration": "/v1/upscale", "translation": "/v1/translate"}
@@ -76,7 +78,7 @@ ENDPOINTS = {"super_resolution": "/v1/upscale", "restoration": "/v1/upscale", "t
              openapi_extra=_documented(UpscaleRequest))
 async def upscale(request: Request, ctx: ServiceContext = Depends(context)) -> DiffusionResponse:
     """An image of any size (up to the output limit) x the model's scale, in overlapping tiles."""
-    body = await parse_body(request, UpscaleRequest)
+    body = cast(UpscaleRequest, await parse_body(request, UpscaleRequest))
     return await _serve(ctx, body, "/v1/upscale")
 
 
@@ -84,7 +86,7 @@ async def upscale(request: Request, ctx: ServiceContext = Depends(context)) -> D
              openapi_extra=_documented(TranslateRequest))
 async def translate(request: Request, ctx: ServiceContext = Depends(context)) -> DiffusionResponse:
     """An image through an image-to-image translator (Pix2Pix, CycleGAN, style transfer)."""
-    body = await parse_body(request, TranslateRequest)
+    body = cast(TranslateRequest, await parse_body(request, TranslateRequest))
     return await _serve(ctx, body, "/v1/translate")
 
 
@@ -135,8 +137,9 @@ def example_models(ctx: ServiceContext) -> dict[str, str]:
     """{endpoint: the first served model}, for the documented examples."""
     models: dict[str, str] = {}
     for name, pipeline in sorted(ctx.image_to_image.items()):
-        models.setdefault(ENDPOINTS.get(pipeline.info.task), name)
-    models.pop(None, None)
+        endpoint = ENDPOINTS.get(pipeline.info.task)
+        if endpoint is not None:
+            models.setdefault(endpoint, name)
     return models
 
 
@@ -221,7 +224,8 @@ def decode_upload(data: str, field: str, info, max_output_pixels: int) -> Decode
                              f"{most}x{most} in)", field=field, limit=max_output_pixels)
     if image.mode not in ACCEPTED_MODES:
         raise InvalidRequest(f"{field} has pixel mode {image.mode!r} (16-bit, float or another colour space): send "
-                             f"8-bit grey, RGB or RGBA (with or without alpha)", field=field, allowed=list(ACCEPTED_MODES))
+                             "8-bit grey, RGB or RGBA (with or without alpha)", field=field,
+                             allowed=list(ACCEPTED_MODES))
     try:
         image.seek(0)
         image.load()
@@ -256,7 +260,7 @@ def with_alpha(out: np.ndarray, alpha: np.ndarray, value_range) -> np.ndarray:
     _, h, w = out.shape
     if out.shape[0] == 1:
         out = np.repeat(out, 3, axis=0)
-    resized = np.asarray(Image.fromarray(alpha).resize((w, h), Image.BICUBIC), dtype=np.float32)
+    resized = np.asarray(Image.fromarray(alpha).resize((w, h), Image.Resampling.BICUBIC), dtype=np.float32)
     low, high = value_range
     return np.concatenate([out, (resized * ((high - low) / 255.0) + low)[None]])
 

@@ -38,7 +38,7 @@ import io
 import json
 import re
 import time
-from typing import Literal
+from typing import Any, Literal, cast
 
 import numpy as np
 from fastapi import APIRouter, Depends, Request
@@ -182,10 +182,11 @@ _EVENT_SCHEMA = {"type": "object", "required": ["data"], "properties": {
     "event": {"type": "string"}, "data": {"type": "string", "description": "The event's JSON."}}}
 
 
-def _responses() -> dict:
-    out = {200: {"description": "The images (JSON), or with `stream: true` server-sent events: "
-                 "`*.partial_image`, then `*.completed` per image, or `error`.",
-                 "content": {"text/event-stream": {"schema": _EVENT_SCHEMA}}}}
+def _responses() -> dict[int | str, dict[str, Any]]:
+    out: dict[int | str, dict[str, Any]] = {200: {
+        "description": "The images (JSON), or with `stream: true` server-sent events: "
+                       "`*.partial_image`, then `*.completed` per image, or `error`.",
+        "content": {"text/event-stream": {"schema": _EVENT_SCHEMA}}}}
     for status, text in _ERRORS.items():
         out[status] = {"model": OpenAIErrorResponse, "description": text}
         if status in (429, 503):
@@ -215,7 +216,7 @@ def _generation_body() -> dict:
 @router.post("/generations", response_model=ImagesResponse, responses=_responses(), openapi_extra=_generation_body())
 async def generations(request: Request, ctx: ServiceContext = Depends(context)):
     """OpenAI's image generation: text to image on a genserve diffusion pipeline."""
-    body = await parse_body(request, ImageGenerationRequest)
+    body = cast(ImageGenerationRequest, await parse_body(request, ImageGenerationRequest))
     _check_common(body)
     name, spec = _pipeline(ctx, body.model)
     height, width = _size(body.size, spec)
@@ -229,11 +230,12 @@ async def generations(request: Request, ctx: ServiceContext = Depends(context)):
 async def edits(request: Request, ctx: ServiceContext = Depends(context)):
     """OpenAI's image edit: img2img, or inpainting where the mask is transparent.
     Multipart (image and mask as files, as the SDK sends) or JSON (base64)."""
-    body = await parse_body(request, ImageEditRequest)
+    body = cast(ImageEditRequest, await parse_body(request, ImageEditRequest))
     _check_common(body)
     name, spec = _pipeline(ctx, body.model)
     fields = _genserve_fields(body, name)
     fields["image"] = body.image
+    model: type[Img2ImgRequest]
     if body.mask is not None:
         task, model = "inpaint", _InpaintStream
         fields["mask"] = await asyncio.to_thread(openai_mask_to_genserve, body.mask)

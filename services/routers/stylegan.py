@@ -52,8 +52,10 @@ async def generate(ctx: ServiceContext, name: str, body: GANGenerateRequest) -> 
     seeds = [seed + i for i in range(body.num_images)]
     w, labels = await g.seeds_to_w(seeds, [body.class_label] * body.num_images, body.truncation_psi)
     images = await g.synthesis(g.broadcast(w))
-    metas = [{"seed": s, "class_label": label, "truncation_psi": body.truncation_psi} for s, label in zip(seeds, labels)]
-    params, timings = {**body.model_dump(exclude={"model", "upscale"}), "seed": seed}, {}
+    metas = [{"seed": s, "class_label": label, "truncation_psi": body.truncation_psi}
+             for s, label in zip(seeds, labels)]
+    params = {**body.model_dump(exclude={"model", "upscale"}), "seed": seed}
+    timings: dict[str, float] = {}
     images, value_range, fmt = await image_to_image.chain(ctx, body.upscale, images, g.info.output_range,
                                                           body.output_format, metas, params, timings)
     return _respond(ctx, "gan", name, images, metas, fmt, start, params, value_range, timings)
@@ -210,7 +212,8 @@ def describe(ctx: ServiceContext) -> list[ModelDescription]:
         params = {
             "num_images": {"min": 1, "max": MAX_IMAGES_PER_REQUEST}, "seed": {"min": 0, "max": MAX_SEED},
             "truncation_psi": {"min": 0.0, "max": 1.0}, "output_format": sorted(FORMATS),
-            "z_dim": info.z_dim, "w_dim": info.w_dim, "num_ws": info.num_ws, "crossover": {"min": 0, "max": info.num_ws},
+            "z_dim": info.z_dim, "w_dim": info.w_dim, "num_ws": info.num_ws,
+            "crossover": {"min": 0, "max": info.num_ws},
             "directions": sorted(info.directions), "frames": {"min": 2, "max": MAX_FRAMES},
             "seeds": {"min": 2, "max": MAX_INTERPOLATION_SEEDS},
         }

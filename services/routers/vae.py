@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from typing import cast
 
 import numpy as np
 from fastapi import APIRouter, Depends, Request
@@ -19,7 +20,6 @@ from services.gateway import request_id_var
 from services.http import parse_body
 from services.imaging import FORMATS
 from services.openapi import body_schema, error_responses
-from services.tensors import decode_tensor, encode_tensor
 from services.schemas import (
     MAX_FRAMES,
     MAX_IMAGES_PER_REQUEST,
@@ -35,6 +35,7 @@ from services.schemas import (
     resolve_seed,
     tensors,
 )
+from services.tensors import decode_tensor, encode_tensor
 
 router = APIRouter()
 
@@ -44,7 +45,7 @@ router = APIRouter()
 async def vae_encode(request: Request, ctx: ServiceContext = Depends(context)) -> VAEEncodeResponse:
     """An image -> its latent: the posterior mean, or a sample drawn from `seed`."""
     start = time.perf_counter()
-    body = await parse_body(request, VAEEncodeRequest)
+    body = cast(VAEEncodeRequest, await parse_body(request, VAEEncodeRequest))
     name, vae = _vae(ctx, body.model, need_encoder=True)
     if body.seed is not None and not body.sample:
         raise InvalidRequest("seed draws a posterior sample: set sample to true, or omit seed", field="seed")
@@ -85,10 +86,9 @@ async def vae_interpolate(request: Request, ctx: ServiceContext = Depends(contex
     """`frames` images along the straight latent line between two images (their posterior
     means) or two seeds (N(0, I) latents, standalone VAEs)."""
     start = time.perf_counter()
-    body = await parse_body(request, VAEInterpolateRequest)
-    images_given = (body.image_a is not None, body.image_b is not None)
-    seeds_given = (body.seed_a is not None, body.seed_b is not None)
-    if images_given == (True, True) and seeds_given == (False, False):
+    body = cast(VAEInterpolateRequest, await parse_body(request, VAEInterpolateRequest))
+    params: dict[str, object]
+    if body.image_a is not None and body.image_b is not None and body.seed_a is None and body.seed_b is None:
         name, vae = _vae(ctx, body.model, need_encoder=True)
         a = await asyncio.to_thread(_image, vae, body.image_a, "image_a")
         b = await asyncio.to_thread(_image, vae, body.image_b, "image_b")
@@ -97,7 +97,7 @@ async def vae_interpolate(request: Request, ctx: ServiceContext = Depends(contex
                                  "they must match", field="image_b")
         za, zb = await vae.encode(a), await vae.encode(b)
         params = {"ends": "images"}
-    elif seeds_given == (True, True) and images_given == (False, False):
+    elif body.seed_a is not None and body.seed_b is not None and body.image_a is None and body.image_b is None:
         name, vae = _vae(ctx, body.model, standalone=True)
         za, zb = vae.prior_latents(body.seed_a, 1), vae.prior_latents(body.seed_b, 1)
         params = {"ends": "seeds", "seed_a": body.seed_a, "seed_b": body.seed_b}
@@ -176,7 +176,8 @@ def describe(ctx: ServiceContext) -> list[ModelDescription]:
             parameters={"latent_shape": list(info.native_latent), "scale_factor": info.scale_factor,
                         "image_channels": info.image_channels, "native_size": info.native_size,
                         "image_side": {"multiple_of": info.size_multiple, "max": info.max_side},
-                        "num_images": {"min": 1, "max": MAX_IMAGES_PER_REQUEST}, "frames": {"min": 2, "max": MAX_FRAMES},
+                        "num_images": {"min": 1, "max": MAX_IMAGES_PER_REQUEST},
+                        "frames": {"min": 2, "max": MAX_FRAMES},
                         "seed": {"min": 0, "max": MAX_SEED}, "output_format": sorted(FORMATS)},
         ))
     return models

@@ -12,7 +12,7 @@ import contextlib
 import contextvars
 import dataclasses
 import time
-from typing import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Mapping, Sequence
 
 import numpy as np
 
@@ -90,7 +90,7 @@ class AdaptiveBatcher(InferenceBackend):
                     break
                 try:
                     item = await asyncio.wait_for(queue.get(), remaining)
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     break
                 if item.signature != group[0].signature or rows + item.rows > limit:
                     carry.append(item)  # starts the next batch

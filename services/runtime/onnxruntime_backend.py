@@ -23,7 +23,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import Mapping
+from collections.abc import Mapping
 
 import numpy as np
 import onnxruntime as ort
@@ -126,9 +126,10 @@ class OnnxRuntimeBackend(InferenceBackend):
             feeds[t.name] = x
         names = [t.name for t in spec.outputs]
         first = next(iter(feeds.values()), None)
-        batched = spec.max_batch_size > 0 and first is not None
-        rows = max(1, len(first)) if batched else 1
-        key = (spec.name, first.shape[1:] if batched else getattr(first, "shape", ()))
+        if spec.max_batch_size > 0 and first is not None:
+            rows, key = max(1, len(first)), (spec.name, first.shape[1:])
+        else:
+            rows, key = 1, (spec.name, getattr(first, "shape", ()))
         per_row = self._seconds_per_row.get(key)
 
         def run():

@@ -26,8 +26,8 @@ import re
 import time
 import weakref
 from collections import OrderedDict
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Mapping
 
 import grpc
 import grpc.aio
@@ -39,8 +39,17 @@ from tritonclient.utils import InferenceServerException, np_to_triton_dtype
 from services.errors import BackendUnavailable, InferenceFailed, ServiceError
 from services.runtime.base import InferenceBackend
 from services.runtime.repository import ModelRepository, ModelSpec
-from services.runtime.triton_shm import (SHM_DIR, SHM_ERROR, Region, RegionPool, aligned, is_stale,
-                                         process_prefix, region_prefix, sweep_stale)
+from services.runtime.triton_shm import (
+    SHM_DIR,
+    SHM_ERROR,
+    Region,
+    RegionPool,
+    aligned,
+    is_stale,
+    process_prefix,
+    region_prefix,
+    sweep_stale,
+)
 
 log = logging.getLogger("genserve.triton")
 
@@ -96,7 +105,7 @@ def _release_at_exit(pool: RegionPool, url: str) -> None:
                 client.unregister_system_shared_memory(region.name, client_timeout=1)
         finally:
             client.close()
-    except Exception:  # noqa: BLE001 - exiting: Triton down or gone is fine
+    except Exception:  # exiting: Triton down or gone is fine
         pass
 
 

@@ -62,7 +62,7 @@ class Region:
         return "/" + self.path.name
 
     @classmethod
-    def create(cls, directory: Path, name: str, size: int) -> "Region":
+    def create(cls, directory: Path, name: str, size: int) -> Region:
         path = directory / name
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o660)
         try:

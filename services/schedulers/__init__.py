@@ -9,7 +9,7 @@ Noise-drawing steps take one numpy Generator, or one per batch row (see `schedul
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Literal
 
 from .scheduling_ddim import DDIMScheduler
 from .scheduling_ddpm import DDPMScheduler
@@ -19,6 +19,8 @@ from .scheduling_euler_discrete import EulerDiscreteScheduler
 from .scheduling_flow_match_euler_discrete import FlowMatchEulerDiscreteScheduler
 from .scheduling_utils import SchedulerMixin, SchedulerOutput
 
+# The names a request may pick, as a type for the API schemas; a test keeps it equal to SCHEDULERS' keys.
+SchedulerName = Literal["ddim", "euler", "euler_ancestral", "dpmpp_2m", "ddpm", "flow_match_euler"]
 SCHEDULERS: dict[str, type[SchedulerMixin]] = {
     "ddim": DDIMScheduler,
     "euler": EulerDiscreteScheduler,
@@ -76,6 +78,7 @@ __all__ = [
     "EulerAncestralDiscreteScheduler",
     "EulerDiscreteScheduler",
     "FlowMatchEulerDiscreteScheduler",
+    "SchedulerName",
     "SchedulerOutput",
     "is_flow_matching",
     "make_scheduler",

@@ -130,9 +130,9 @@ class DPMSolverMultistepScheduler(StepIndexMixin, SchedulerMixin):
         self.lower_order_nums = 0
         self._reset_step_index()
 
-    def _data_prediction(self, model_output: np.ndarray, sample: np.ndarray) -> np.ndarray:
+    def _data_prediction(self, model_output: np.ndarray, sample: np.ndarray, sigma: float) -> np.ndarray:
         """x_theta(x_t, t): DPM-Solver++ works with the model's estimate of x_0 (Lu et al. 2022, sec. 4)."""
-        alpha_t, sigma_t, _ = _alpha_sigma_lambda(float(self.sigmas[self._step_index]))
+        alpha_t, sigma_t, _ = _alpha_sigma_lambda(sigma)
         if self.config.prediction_type == "epsilon":
             return (sample - sigma_t * model_output) / alpha_t
         if self.config.prediction_type == "v_prediction":
@@ -152,16 +152,14 @@ class DPMSolverMultistepScheduler(StepIndexMixin, SchedulerMixin):
         r = h_{i-1} / h. Deterministic: `generator` is accepted for a uniform interface and unused.
         `pred_original_sample` is D0.
         """
-        if self.num_inference_steps is None:
+        if self.timesteps is None or self.sigmas is None:
             raise ValueError("call set_timesteps before step")
         c = self.config
-        if self._step_index is None:
-            self._init_step_index(timestep)
-        i, n = self._step_index, len(self.timesteps)
+        i, n = self._current_step_index(timestep), len(self.timesteps)
         lower_order_final = i == n - 1 and (
             c.euler_at_final or (c.lower_order_final and n < 15) or c.final_sigmas_type == "zero"
         )
-        x0 = self._data_prediction(model_output, sample)
+        x0 = self._data_prediction(model_output, sample, float(self.sigmas[i]))
         self.model_outputs = [*self.model_outputs[1:], x0]
         sample = sample.astype(np.float32, copy=False)
 
@@ -180,7 +178,7 @@ class DPMSolverMultistepScheduler(StepIndexMixin, SchedulerMixin):
                 prev_sample = prev_sample + (alpha_t * (phi / h + 1.0)) * d1
 
         self.lower_order_nums = min(self.lower_order_nums + 1, c.solver_order)
-        self._step_index += 1
+        self._step_index = i + 1
         return SchedulerOutput(prev_sample.astype(model_output.dtype, copy=False), x0)
 
     def add_noise(self, original_samples: np.ndarray, noise: np.ndarray, timesteps) -> np.ndarray:

@@ -20,7 +20,7 @@ class EulerAncestralDiscreteScheduler(EulerDiscreteScheduler):
     prediction_type epsilon or v_prediction.
     """
 
-    _prediction_types = ("epsilon", "v_prediction")
+    _prediction_types: tuple[str, ...] = ("epsilon", "v_prediction")
 
     def __init__(
         self,
@@ -57,15 +57,15 @@ class EulerAncestralDiscreteScheduler(EulerDiscreteScheduler):
 
         z ~ N(0, I) is drawn from `generator` at every step (times 0 on the last one, as in diffusers).
         """
-        self._check_timestep(timestep)
+        i = self._checked_step_index(timestep)
         sample = sample.astype(np.float32, copy=False)
-        sigma = float(self.sigmas[self._step_index])
-        sigma_next = float(self.sigmas[self._step_index + 1])
+        sigma = float(self.sigmas[i])
+        sigma_next = float(self.sigmas[i + 1])
         pred_original_sample = self._pred_original_sample(model_output, sample, sigma)
         sigma_up = (sigma_next**2 * (sigma**2 - sigma_next**2) / sigma**2) ** 0.5
         sigma_down = max(sigma_next**2 - sigma_up**2, 0.0) ** 0.5
         derivative = (sample - pred_original_sample) / sigma
         prev_sample = sample + derivative * (sigma_down - sigma)
         prev_sample = prev_sample + randn(model_output.shape, generator, model_output.dtype) * sigma_up
-        self._step_index += 1
+        self._step_index = i + 1
         return SchedulerOutput(prev_sample.astype(model_output.dtype, copy=False), pred_original_sample)

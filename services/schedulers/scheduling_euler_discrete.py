@@ -5,6 +5,7 @@ no churn), a numpy port of diffusers' `EulerDiscreteScheduler`."""
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -33,7 +34,8 @@ class EulerDiscreteScheduler(StepIndexMixin, SchedulerMixin):
     Euler); they raise ValueError.
     """
 
-    _prediction_types = ("epsilon", "v_prediction", "sample")
+    _prediction_types: tuple[str, ...] = ("epsilon", "v_prediction", "sample")
+    timesteps: np.ndarray  # set from the constructor on
 
     def __init__(
         self,
@@ -99,20 +101,18 @@ class EulerDiscreteScheduler(StepIndexMixin, SchedulerMixin):
         self.num_inference_steps = num_inference_steps
         self._reset_step_index()
 
-    def scale_model_input(self, sample: np.ndarray, timestep) -> np.ndarray:
+    def scale_model_input(self, sample: np.ndarray, timestep: Any = None) -> np.ndarray:
         """The model was trained on x_t = sqrt(alpha_bar) (x_0 + sigma eps): feed it x / sqrt(sigma^2 + 1)."""
-        if self._step_index is None:
-            self._init_step_index(timestep)
-        sigma = float(self.sigmas[self._step_index])
+        sigma = float(self.sigmas[self._current_step_index(timestep)])
         return sample / (sigma**2 + 1) ** 0.5
 
-    def _check_timestep(self, timestep) -> None:
+    def _checked_step_index(self, timestep: Any) -> int:
+        """The step index of `timestep`, refusing an integer step index passed in its place."""
         if isinstance(timestep, (int, np.integer)):
             raise ValueError(
                 f"{type(self).__name__}.step takes a value from scheduler.timesteps, not an integer step index"
             )
-        if self._step_index is None:
-            self._init_step_index(timestep)
+        return self._current_step_index(timestep)
 
     def _pred_original_sample(self, model_output: np.ndarray, sample: np.ndarray, sigma: float) -> np.ndarray:
         """The x_0 estimate D(x; sigma) (Karras et al. 2022, eq. 3) for each prediction type."""
@@ -131,14 +131,14 @@ class EulerDiscreteScheduler(StepIndexMixin, SchedulerMixin):
 
         Deterministic: `generator` is accepted for a uniform interface and unused.
         """
-        self._check_timestep(timestep)
+        i = self._checked_step_index(timestep)
         sample = sample.astype(np.float32, copy=False)
-        sigma = float(self.sigmas[self._step_index])
-        sigma_next = float(self.sigmas[self._step_index + 1])
+        sigma = float(self.sigmas[i])
+        sigma_next = float(self.sigmas[i + 1])
         pred_original_sample = self._pred_original_sample(model_output, sample, sigma)
         derivative = (sample - pred_original_sample) / sigma
         prev_sample = sample + derivative * (sigma_next - sigma)
-        self._step_index += 1
+        self._step_index = i + 1
         return SchedulerOutput(prev_sample.astype(model_output.dtype, copy=False), pred_original_sample)
 
     def add_noise(self, original_samples: np.ndarray, noise: np.ndarray, timesteps) -> np.ndarray:

@@ -39,6 +39,8 @@ class FlowMatchEulerDiscreteScheduler(StepIndexMixin, SchedulerMixin):
     drawn under the project's determinism rule). Not implemented: use_beta_sigmas (scipy),
     per-token timesteps; they raise ValueError."""
 
+    timesteps: np.ndarray  # set from the constructor on
+
     def __init__(
         self,
         num_train_timesteps: int = 1000,
@@ -84,36 +86,39 @@ class FlowMatchEulerDiscreteScheduler(StepIndexMixin, SchedulerMixin):
         if c.use_dynamic_shifting and mu is None:
             raise ValueError("mu must be passed when use_dynamic_shifting is set")
         if sigmas is None:
+            if num_inference_steps is None:
+                raise TypeError("set_timesteps needs num_inference_steps or sigmas")
             timesteps = np.linspace(self.sigma_max * c.num_train_timesteps, self.sigma_min * c.num_train_timesteps,
                                     num_inference_steps)
-            sigmas = timesteps / c.num_train_timesteps
+            schedule = timesteps / c.num_train_timesteps
         else:
             if num_inference_steps is not None and len(sigmas) != num_inference_steps:
                 raise ValueError("sigmas must have num_inference_steps entries")
-            sigmas = np.array(sigmas).astype(np.float32)
-        num_inference_steps = len(sigmas)
+            schedule = np.array(sigmas).astype(np.float32)
+        num_inference_steps = len(schedule)
         self.num_inference_steps = num_inference_steps
 
-        if c.use_dynamic_shifting:
-            sigmas = self.time_shift(mu, 1.0, sigmas)
+        if c.use_dynamic_shifting and mu is not None:  # mu was checked above: set whenever shifting is dynamic
+            schedule = self.time_shift(mu, 1.0, schedule)
         else:
-            sigmas = c.shift * sigmas / (1 + (c.shift - 1) * sigmas)
+            schedule = c.shift * schedule / (1 + (c.shift - 1) * schedule)
         if c.shift_terminal:
-            one_minus = 1 - sigmas
-            sigmas = 1 - one_minus / (one_minus[-1] / (1 - c.shift_terminal))
+            one_minus = 1 - schedule
+            schedule = 1 - one_minus / (one_minus[-1] / (1 - c.shift_terminal))
         if c.use_karras_sigmas:
-            sigmas = karras_sigmas(float(sigmas[-1]), float(sigmas[0]), num_inference_steps)
+            schedule = karras_sigmas(float(schedule[-1]), float(schedule[0]), num_inference_steps)
         elif c.use_exponential_sigmas:
-            sigmas = np.exp(np.linspace(math.log(float(sigmas[0])), math.log(float(sigmas[-1])), num_inference_steps))
-        sigmas = np.asarray(sigmas).astype(np.float32)
-        timesteps = sigmas * np.float32(c.num_train_timesteps)
+            schedule = np.exp(np.linspace(math.log(float(schedule[0])), math.log(float(schedule[-1])),
+                                          num_inference_steps))
+        schedule = np.asarray(schedule).astype(np.float32)
+        timesteps = schedule * np.float32(c.num_train_timesteps)
         if c.invert_sigmas:
-            sigmas = 1.0 - sigmas
-            timesteps = sigmas * np.float32(c.num_train_timesteps)
-            sigmas = np.concatenate([sigmas, np.ones(1, np.float32)])
+            schedule = 1.0 - schedule
+            timesteps = schedule * np.float32(c.num_train_timesteps)
+            schedule = np.concatenate([schedule, np.ones(1, np.float32)])
         else:
-            sigmas = np.concatenate([sigmas, np.zeros(1, np.float32)])
-        self.timesteps, self.sigmas = timesteps.astype(np.float32), sigmas.astype(np.float32)
+            schedule = np.concatenate([schedule, np.zeros(1, np.float32)])
+        self.timesteps, self.sigmas = timesteps.astype(np.float32), schedule.astype(np.float32)
         self._reset_step_index()
 
     def scale_noise(self, sample: np.ndarray, timestep, noise: np.ndarray) -> np.ndarray:
@@ -128,16 +133,15 @@ class FlowMatchEulerDiscreteScheduler(StepIndexMixin, SchedulerMixin):
 
     def step(self, model_output: np.ndarray, timestep, sample: np.ndarray,
              generator: Generators = None) -> SchedulerOutput:
-        if self._step_index is None:
-            self._init_step_index(timestep)
+        i = self._current_step_index(timestep)
         sample = sample.astype(np.float32)
-        sigma = float(self.sigmas[self._step_index])
-        sigma_next = float(self.sigmas[self._step_index + 1])
+        sigma = float(self.sigmas[i])
+        sigma_next = float(self.sigmas[i + 1])
         x0 = sample - np.float32(sigma) * model_output
         if self.config.stochastic_sampling:
             noise = randn(sample.shape, generator)
             prev_sample = np.float32(1.0 - sigma_next) * x0 + np.float32(sigma_next) * noise
         else:
-            prev_sample = sample + (self.sigmas[self._step_index + 1] - self.sigmas[self._step_index]) * model_output
-        self._step_index += 1
+            prev_sample = sample + (self.sigmas[i + 1] - self.sigmas[i]) * model_output
+        self._step_index = i + 1
         return SchedulerOutput(prev_sample.astype(model_output.dtype), x0)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import functools
 import inspect
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -54,8 +54,12 @@ class SchedulerMixin:
     """Config storage, `from_config`, and the defaults most schedulers share."""
 
     order = 1
-    init_noise_sigma = 1.0
     config: SchedulerConfig
+
+    @property
+    def init_noise_sigma(self) -> float:
+        """Standard deviation of the initial noise; sigma-parameterised schedulers override it."""
+        return 1.0
 
     def _register_config(self, init_locals: dict[str, Any]) -> None:
         """Store the constructor's arguments; call first thing in `__init__` with `locals()`."""
@@ -70,7 +74,7 @@ class SchedulerMixin:
         `_use_default_values` (left at their defaults by the config's own class) are dropped so this
         class's defaults apply, and `overrides` win over the config.
         """
-        params = _init_parameters(cls)
+        params = _init_parameters(cls.__init__)
         defaulted = set(config.get("_use_default_values", ()))
         kwargs = {k: v for k, v in config.items() if k in params and k not in defaulted}
         return cls(**{**kwargs, **overrides})
@@ -90,7 +94,7 @@ class StepIndexMixin:
     `set_begin_index` (image-to-image pipelines start part-way through the schedule).
     """
 
-    timesteps: np.ndarray
+    timesteps: np.ndarray | None  # None until set_timesteps, in schedulers that have no default schedule
     _step_index: int | None = None
     _begin_index: int | None = None
 
@@ -109,17 +113,25 @@ class StepIndexMixin:
         self._step_index = None
         self._begin_index = None
 
-    def _init_step_index(self, timestep: Any) -> None:
-        if self._begin_index is None:
-            self._step_index = index_for_timestep(self.timesteps, timestep)
-        else:
-            self._step_index = self._begin_index
+    def _current_step_index(self, timestep: Any) -> int:
+        """The index of the step at `timestep`: found from it (or the begin index) on the first step."""
+        if self._step_index is None:
+            if self._begin_index is None:
+                self._step_index = index_for_timestep(self._schedule_timesteps(), timestep)
+            else:
+                self._step_index = self._begin_index
+        return self._step_index
 
     def _noise_indices(self, timesteps: np.ndarray) -> list[int]:
         """Schedule indices for `add_noise`, following diffusers' begin/step index precedence."""
         if self._begin_index is None:
-            return [index_for_timestep(self.timesteps, t) for t in timesteps]
+            return [index_for_timestep(self._schedule_timesteps(), t) for t in timesteps]
         return [self._step_index if self._step_index is not None else self._begin_index] * len(timesteps)
+
+    def _schedule_timesteps(self) -> np.ndarray:
+        if self.timesteps is None:
+            raise ValueError(f"{type(self).__name__}: call set_timesteps first")
+        return self.timesteps
 
 
 def index_for_timestep(schedule: np.ndarray, timestep: Any) -> int:
@@ -177,9 +189,9 @@ def make_alphas_cumprod(
 
 
 @functools.lru_cache(maxsize=64)
-def _init_parameters(cls: type) -> frozenset[str]:
+def _init_parameters(init: Callable[..., None]) -> frozenset[str]:
     """The constructor's argument names (what `from_config` passes on)."""
-    return frozenset(inspect.signature(cls.__init__).parameters) - {"self"}
+    return frozenset(inspect.signature(init).parameters) - {"self"}
 
 
 @functools.lru_cache(maxsize=64)

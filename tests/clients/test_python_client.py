@@ -2,7 +2,6 @@
 one call per family, streaming events, async, typed errors, retries honouring Retry-After."""
 
 import asyncio
-import io
 import re
 import time
 

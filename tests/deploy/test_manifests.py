@@ -394,8 +394,8 @@ def test_images_are_set_once_in_an_images_block(rendered):
             text = json.dumps(doc)
             for image in re.findall(r'"image": "([^"]+)"', text):
                 assert image in placeholders, f"{path}: image {image!r} is not a placeholder"
-    for name, objs in rendered.items():
-        for owner, pod in pod_specs(rendered, name):
+    for name in rendered:
+        for _owner, pod in pod_specs(rendered, name):
             for c in containers(pod):
                 assert c["image"] in placeholders.values(), f"{name}: {c['image']}"
     assert placeholders["tritonserver"].startswith("nvcr.io/nvidia/tritonserver:")
@@ -441,7 +441,8 @@ def test_keda_overlay_replaces_the_hpas(rendered):
 def test_monitors_scrape_named_ports(rendered):
     name = "overlays/gpu"
     sm = one(rendered, name, "ServiceMonitor", "genserve")
-    assert sm["spec"]["endpoints"][0]["port"] in {p["name"] for p in one(rendered, name, "Service", "genserve")["spec"]["ports"]}
+    service_ports = {p["name"] for p in one(rendered, name, "Service", "genserve")["spec"]["ports"]}
+    assert sm["spec"]["endpoints"][0]["port"] in service_ports
     assert sm["spec"]["endpoints"][0]["honorLabels"] is True   # keeps BentoML's `endpoint` label
     pm = one(rendered, name, "PodMonitor", "triton")
     triton = one(rendered, name, "Deployment", "triton")["spec"]["template"]["spec"]["containers"][0]

@@ -124,7 +124,7 @@ def send_traffic(url: str) -> None:
 
 def scrape_names(url: str) -> set[str]:
     text = httpx.get(url, timeout=10).text
-    return {re.split(r"[{ ]", line, 1)[0] for line in text.splitlines() if line and not line.startswith("#")}
+    return {re.split(r"[{ ]", line, maxsplit=1)[0] for line in text.splitlines() if line and not line.startswith("#")}
 
 
 @pytest.fixture(scope="module")
@@ -250,7 +250,8 @@ def test_prometheus_evaluates_every_rule_without_error(prometheus):
     for rule in rules:
         if rule["name"] in ("GenserveDown", "TritonDown"):
             assert prometheus.query(rule["query"]) == [], rule["name"]
-    assert {t["health"] for t in httpx.get(f"{prometheus.url}/api/v1/targets").json()["data"]["activeTargets"]} == {"up"}
+    targets = httpx.get(f"{prometheus.url}/api/v1/targets").json()["data"]["activeTargets"]
+    assert {t["health"] for t in targets} == {"up"}
 
 
 def test_recording_rules_return_values(prometheus):
@@ -261,7 +262,8 @@ def test_recording_rules_return_values(prometheus):
                    if not any(math.isfinite(v) for v in numbers(prometheus.query(name)))]
         time.sleep(1)
     assert not missing, f"no finite value for {missing}"
-    images = {r["metric"]["pipeline"]: float(r["value"][1]) for r in prometheus.query("genserve:images_generated:rate5m")}
+    images = {r["metric"]["pipeline"]: float(r["value"][1])
+              for r in prometheus.query("genserve:images_generated:rate5m")}
     assert images["gan"] > 0 and images["txt2img"] > 0
     p95 = {r["metric"]["endpoint"] for r in prometheus.query("genserve:request_duration_seconds:p95_5m")}
     assert {"/v1/gan/generate", "/v1/txt2img"} <= p95

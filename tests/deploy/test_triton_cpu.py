@@ -16,7 +16,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 import tritonclient.grpc as grpcclient
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
@@ -177,7 +176,7 @@ def test_backend_error_stays_with_its_request(triton):
     try:
         _onnx_reference(triton.repository, model, config, {n: a[3:4] for n, a in feeds.items()})
         pytest.skip(f"{model} accepts out-of-range labels")
-    except Exception:  # noqa: BLE001 - ORT rejects it: Triton must too
+    except Exception:  # ORT rejects it: Triton must too
         pass
     outcome: dict[int, object] = {}
     start = threading.Barrier(8)
@@ -220,7 +219,7 @@ def test_concurrent_batch1_requests_are_batched(triton):
             for k in range(per_client):
                 i = c * per_client + k
                 results[i] = _infer(client, model, {n: a[i:i + 1] for n, a in feeds.items()})[0]
-        except BaseException as exc:  # noqa: BLE001 - reported below
+        except BaseException as exc:  # reported below
             errors.append(exc)
 
     count0 = _metric(triton, "nv_inference_count", model)
@@ -273,7 +272,7 @@ def test_each_request_gets_the_outputs_it_asked_for(triton):
                 inputs.append(tensor)
             result = triton.grpc().infer(model, inputs, outputs=[grpcclient.InferRequestedOutput(n) for n in wanted[i]])
             got[i] = {o.name: result.as_numpy(o.name) for o in result.get_response().outputs}
-        except BaseException as exc:  # noqa: BLE001 - reported below
+        except BaseException as exc:  # reported below
             errors.append(exc)
 
     threads = [threading.Thread(target=call, args=(i,)) for i in range(12)]

@@ -25,7 +25,8 @@ def test_fp16_graphs_keep_fp32_inputs_and_outputs_and_match_pytorch(tmp_path, ca
     assert main(["vae", "--folder", str(folder), "--name", "h", "--repository", str(repo), "--dtype", "fp16"]) == 0
     graph = repo / "h_vae_decoder" / "1" / "model.onnx"
     assert onnx.TensorProto.FLOAT16 in _weight_types(graph) and onnx.TensorProto.FLOAT not in _weight_types(graph)
-    assert 'key: "genserve.precision"\n  value {\n    string_value: "fp16"' in (repo / "h_vae_decoder" / "config.pbtxt").read_text()
+    config = (repo / "h_vae_decoder" / "config.pbtxt").read_text()
+    assert 'key: "genserve.precision"\n  value {\n    string_value: "fp16"' in config
     session = ort.InferenceSession(str(graph))
     assert [i.type for i in session.get_inputs()] == [o.type for o in session.get_outputs()] == ["tensor(float)"]
     latents = np.random.default_rng(0).standard_normal((2, 4, 6, 10), dtype=np.float32)

@@ -104,7 +104,8 @@ def test_stored_layout_names_graph_nodes_ranks_and_scaling(lora_setup):
     assert tensors[f"sd_random_unet:{to_k['node']}:down"].shape == (2, to_k["in_features"])
     kohya = json.loads((repo / "sd_random_unet" / "adapters" / "kohya" / "adapter.json").read_text())
     assert kohya["format"] == "kohya" and {layer["scale"] for layer in kohya["layers"]} == {0.5, 2 / 5}
-    assert json.loads((repo / "sd_random_unet" / "adapters" / "peft16" / "adapter.json").read_text())["dtype"] == "float16"
+    stored = json.loads((repo / "sd_random_unet" / "adapters" / "peft16" / "adapter.json").read_text())
+    assert stored["dtype"] == "float16"
 
 
 @pytest.mark.parametrize("name", ["peft", "kohya", "peft16"])
@@ -222,7 +223,8 @@ def test_cli_writes_slotted_graphs_beside_the_plain_ones(lora_setup, tmp_path):
     _, repo, _, _ = lora_setup
     copy = tmp_path / "repo"
     for role in ("unet", "text_encoder"):
-        shutil.copytree(repo / f"sd_random_{role}", copy / f"sd_random_{role}", ignore=shutil.ignore_patterns("model_lora.onnx"))
+        shutil.copytree(repo / f"sd_random_{role}", copy / f"sd_random_{role}",
+                        ignore=shutil.ignore_patterns("model_lora.onnx"))
     assert main(["lora-slots", "--pipeline", "sd_random", "--repository", str(copy)]) == 0
     for role in ("unet", "text_encoder"):
         inputs = {i.name for i in onnx.load(str(copy / f"sd_random_{role}" / "1" / "model_lora.onnx")).graph.input}

@@ -44,7 +44,7 @@ def test_ncnn_files_read_back_into_the_original_model(tmp_path, kind, float16):
 def test_the_ncnn_runtime_computes_what_the_read_model_computes(tmp_path, kind):
     """The files written here are real ncnn models: the runtime gives the same pixels (it mirrors
     each tile by 10 pixels before the network, hence the reference's reflect padding)."""
-    model, param = written(kind, tmp_path, float16=True)
+    _, param = written(kind, tmp_path, float16=True)
     image = np.random.default_rng(0).uniform(0, 255, (19, 23, 3)).astype(np.uint8)
     got = run_ncnn(param, param.with_suffix(".bin"), 4, image)
     descriptor, _ = load_ncnn_model(param)
@@ -112,14 +112,14 @@ def test_a_resize_after_the_network_is_refused_with_the_way_out(tmp_path):
                                      "Interp                   Resize_2                 1 1 sum output 0=3 "
                                      "1=5.000000e-01 2=5.000000e-01")
     param.write_text(text.replace("\n14 15\n", "\n15 16\n"))
-    with pytest.raises(NcnnError, match="followed by a resize by 0.5"):
+    with pytest.raises(NcnnError, match=r"followed by a resize by 0.5"):
         export_sr(param, tmp_path / "repo", "x2")
 
 
 def test_a_missing_bin_is_named(tmp_path):
     _, param = written("compact", tmp_path, float16=True)
     param.with_suffix(".bin").unlink()
-    with pytest.raises(NcnnError, match="compact-fp16.bin.*no such file"):
+    with pytest.raises(NcnnError, match=r"compact-fp16.bin.*no such file"):
         read_ncnn(param)
 
 

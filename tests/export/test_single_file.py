@@ -105,11 +105,11 @@ def test_the_architecture_is_detected_from_keys_and_shapes_as_diffusers_does(sta
 
 def test_architectures_not_served_are_refused_by_name():
     inpainting = _marker_state(**{f"{UNET}input_blocks.0.0.weight": (1, 9, 1, 1)})
-    with pytest.raises(SingleFileError, match="'inpainting' model.*--config FOLDER"):
+    with pytest.raises(SingleFileError, match=r"'inpainting' model.*--config FOLDER"):
         detect_config(inpainting)
     sdxl_unet_with_sd_text = _marker_state(**{f"{UNET}output_blocks.11.0.skip_connection.weight": (1,),
                                               "conditioner.embedders.0.transformer.x": (1,)})
-    with pytest.raises(SingleFileError, match="looks like sd15.*no cond_stage_model.transformer"):
+    with pytest.raises(SingleFileError, match=r"looks like sd15.*no cond_stage_model.transformer"):
         detect_config(sdxl_unet_with_sd_text)
 
 
@@ -132,9 +132,10 @@ def test_files_that_are_not_single_file_pipelines_are_refused(tmp_path, capsys):
 def test_shipped_configurations_are_the_published_architectures(name, tmp_path):
     """Parameter counts of the released models, built on the meta device from the shipped
     configs; tokenizers complete offline with CLIP's own ids."""
-    import export.torchvision_compat  # noqa: F401
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import AutoTokenizer, CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    import export.torchvision_compat  # noqa: F401
 
     expected = {"sd15": (859_520_964, {"text_encoder": 123_060_480}),
                 "sd21": (865_910_724, {"text_encoder": 340_387_840}),

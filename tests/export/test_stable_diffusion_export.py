@@ -14,7 +14,7 @@ pytestmark = pytest.mark.slow
 
 
 def test_five_graphs_with_their_pipeline_files(random_sd):
-    folder, repo = random_sd
+    _, repo = random_sd
     models = ModelRepository(repo).models
     assert set(models) == {f"sd_random_{c}" for c in
                            ("text_encoder", "unet", "unet_shallow", "vae_decoder", "vae_encoder")}

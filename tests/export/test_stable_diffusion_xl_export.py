@@ -110,7 +110,8 @@ def test_repository_layout_and_configs(exported):
         "time_ids": (fp32, (6,), None)}
     shallow = config(repo, "base_unet_shallow")
     deep = int(params(shallow)["genserve.deep_channels"])
-    assert tensors(unet.output) == {"noise_pred": (fp32, (4, -1, -1), None), "deep_features": (fp32, (deep, -1, -1), None)}
+    assert tensors(unet.output) == {"noise_pred": (fp32, (4, -1, -1), None),
+                                    "deep_features": (fp32, (deep, -1, -1), None)}
     # DeepCache's shallow U-Net: SDXL's shallowest blocks have no cross attention, so no text input.
     assert tensors(shallow.input) == {"sample": (fp32, (4, -1, -1), None), "timestep": (fp32, (1,), ()),
                                       "deep_features": (fp32, (deep, -1, -1), None),

@@ -50,9 +50,10 @@ def test_checkpoints_are_read_as_published_and_other_files_refused(checkpoints, 
     # BasicSR's training checkpoints keep the weights twice: the error lists them, the key picks one.
     state = build("compact").state_dict()
     torch.save({"params": state, "params_ema": state}, tmp_path / "net_g_latest.bin")
-    with pytest.raises(ImageExportError, match="2 dicts of tensors.*'params_ema'.*--state-dict-key"):
+    with pytest.raises(ImageExportError, match=r"2 dicts of tensors.*'params_ema'.*--state-dict-key"):
         export_sr(tmp_path / "net_g_latest.bin", tmp_path / "repo", "m")
-    assert export_sr(tmp_path / "net_g_latest.bin", tmp_path / "repo", "m", state_dict_key="params_ema").facts.scale == 2
+    exported = export_sr(tmp_path / "net_g_latest.bin", tmp_path / "repo", "m", state_dict_key="params_ema")
+    assert exported.facts.scale == 2
     (tmp_path / "model.onnx").write_bytes(b"x")
     with pytest.raises(ImageExportError, match="no format read here"):
         export_sr(tmp_path / "model.onnx", tmp_path / "repo", "m")

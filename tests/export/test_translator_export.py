@@ -37,7 +37,8 @@ GENERATORS = textwrap.dedent('''
             def __init__(self):
                 super().__init__()
                 self.body = nn.Sequential(nn.ReflectionPad2d(1), nn.Conv2d(ngf, ngf, 3), nn.InstanceNorm2d(ngf),
-                                          nn.ReLU(), nn.ReflectionPad2d(1), nn.Conv2d(ngf, ngf, 3), nn.InstanceNorm2d(ngf))
+                                          nn.ReLU(), nn.ReflectionPad2d(1), nn.Conv2d(ngf, ngf, 3),
+                                          nn.InstanceNorm2d(ngf))
             def forward(self, x):
                 return x + self.body(x)
         return nn.Sequential(nn.ReflectionPad2d(3), nn.Conv2d(channels, ngf, 7), nn.InstanceNorm2d(ngf), nn.ReLU(),

@@ -1,9 +1,8 @@
 """Generated configs must be what Triton parses: checked with Triton's own proto."""
 
+import pytest
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
-
-import pytest
 
 from export.triton_config import (
     BatchingPolicy,

@@ -80,7 +80,7 @@ def test_serial_runs_the_oldest_request_alone_until_it_is_done():
 
 def test_request_batching_needs_every_pipeline_parameter_to_match():
     s = make(RequestBatchScheduler)
-    s.requests = mixed() + [running("a-twin", arrival=8), running("a-img2img", image=True, arrival=9)]
+    s.requests = [*mixed(), running("a-twin", arrival=8), running("a-img2img", image=True, arrival=9)]
     assert names(s.schedule(now=10)) == ["a", "a-twin"]  # steps, and text vs image input, must match too
 
 

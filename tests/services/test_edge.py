@@ -131,7 +131,7 @@ def test_kept_alive_connections_close_when_idle_and_each_head_has_its_deadline(e
             try:
                 slow.sendall(line)
                 answer += slow.recv(4096)
-            except socket.timeout:
+            except TimeoutError:
                 continue
             except OSError:
                 break

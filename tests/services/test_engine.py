@@ -1,6 +1,7 @@
 """The step-level engine: batch invariance, join/leave, cancellation, deadlines, back-pressure."""
 
 import asyncio
+import itertools
 
 import pytest
 
@@ -162,7 +163,7 @@ def test_a_long_request_keeps_moving_among_a_stream_of_short_ones(pipeline):
             await engine.step()
             if long.trajectory.steps_done > before:
                 turns.append(engine.iterations)
-        gaps = [b - a for a, b in zip(turns, turns[1:])]
+        gaps = [b - a for a, b in itertools.pairwise(turns)]
         assert len(turns) >= 150 // (2 * MAX_STEP_GAP), f"the long request stepped {len(turns)} times in 150"
         assert max(gaps) <= 2 * MAX_STEP_GAP, f"gaps between its steps: {gaps}"
         # The short ones still flow (overloaded: 16 rows wanted an iteration, 8 run).

@@ -223,8 +223,9 @@ def test_submit_refuses_a_request_with_no_denoising_step(faulty):
     assert "num_inference_steps=20, strength must be at least 0.05" in info.value.message
     assert not engine.scheduler.requests
     for n in range(1, 151):  # the limit given is always enough
-        limit = pytest.raises(InvalidRequest, engine.submit, req(steps=n, init_image=image(), strength=0.0),
-                              timeout_s=600).value.limit
+        with pytest.raises(InvalidRequest) as refused:
+            engine.submit(req(steps=n, init_image=image(), strength=0.0), timeout_s=600)
+        limit = refused.value.limit
         assert int(n * limit) >= 1 and limit - 1 / n < 1e-4
 
 

@@ -24,9 +24,9 @@ import sys
 import threading
 import time
 import urllib.request
-from xml.etree import ElementTree
 from pathlib import Path
 from urllib.parse import urlsplit
+from xml.etree import ElementTree
 
 import pytest
 

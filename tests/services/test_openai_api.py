@@ -189,7 +189,8 @@ def test_what_other_openai_clients_send_is_understood(keyed_server):
     r = sdk.images.edit(image=[image], prompt=PROMPT, quality="low", input_fidelity="high")
     assert r.genserve["task"] == "img2img" and r.size == "32x32"
     e = bad(lambda: sdk.images.edit(image=[image, image], prompt=PROMPT))
-    assert isinstance(e, openai.BadRequestError) and e.body["param"] == "image" and "more than once" in e.body["message"]
+    assert isinstance(e, openai.BadRequestError)
+    assert e.body["param"] == "image" and "more than once" in e.body["message"]
     r = sdk.images.generate(prompt=PROMPT, quality="standard", moderation="low", safety_identifier="u-1",
                             extra_body={"num_inference_steps": 2})
     assert r.quality == "medium" and len(r.data) == 1

@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 
 from services.config import Settings
-
 from services.runtime.onnxruntime_backend import OnnxRuntimeBackend
 from services.runtime.repository import ModelRepository
 

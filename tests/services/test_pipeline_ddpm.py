@@ -88,7 +88,9 @@ def test_matches_a_diffusers_reference_loop(variant, scheduler):
 
 def test_an_image_is_the_same_alone_or_batched_on_the_engine(variant):
     ours, _, _ = variant
-    labels = (lambda n, base: [(base + i) % ours.num_classes for i in range(n)] if ours.num_classes else None)
+
+    def labels(n, base):
+        return [(base + i) % ours.num_classes for i in range(n)] if ours.num_classes else None
 
     async def main():
         alone = await ours(DiffusionRequest(num_images=2, num_inference_steps=6, guidance_scale=0.0,

@@ -14,8 +14,8 @@ from services.pipelines.pipeline_stable_diffusion_xl import pipelines
 from services.runtime.onnxruntime_backend import OnnxRuntimeBackend
 from services.runtime.repository import ModelRepository
 from tests.fixtures.deepcache import diffusers_deepcache
-from tests.fixtures.sdxl_folder import build_random_sdxl_folder
 from tests.fixtures.images import psnr, to_uint8
+from tests.fixtures.sdxl_folder import build_random_sdxl_folder
 
 pytestmark = pytest.mark.slow
 

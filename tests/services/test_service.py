@@ -105,9 +105,10 @@ def test_metrics_count_images_and_model_time(server):
     generate(server, seed=3, num_images=5, class_label=1)
     generate(server, num_images=0)
     text = httpx.get(f"{server.url}/metrics").text
-    images = [l for l in text.splitlines()
-              if l.startswith("genserve_images_generated_total{") and 'model="cgan_digits"' in l]
-    assert images and float(images[0].rsplit(" ", 1)[1]) >= 5, [l for l in text.splitlines() if "images_generated" in l or "execution_seconds_count" in l]
+    images = [line for line in text.splitlines()
+              if line.startswith("genserve_images_generated_total{") and 'model="cgan_digits"' in line]
+    assert images and float(images[0].rsplit(" ", 1)[1]) >= 5, [
+        line for line in text.splitlines() if "images_generated" in line or "execution_seconds_count" in line]
     assert 'genserve_model_execution_seconds_count{backend="onnxruntime",model="cgan_digits"}' in text
     assert 'genserve_errors_total{code="invalid_request",endpoint="/v1/gan/generate"}' in text
     assert "bentoml_service_request_total" in text

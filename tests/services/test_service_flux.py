@@ -98,7 +98,8 @@ class TestFluxFamily(FamilyServiceTests):
         BadRequest({"prompt": " ".join(["red"] * 40)}, "prompt"),
         BadRequest({"prompt": "a cat", "height": 18}, "height"),
         BadRequest({"prompt": "a cat", "negative_prompt": "blue"}, "negative_prompt"),  # would be ignored
-        BadRequest({"prompt": "a cat", "cache_interval": 2}, "cache_interval"),  # no shallow graph: DeepCache is U-Nets'
+        # no shallow graph: DeepCache is U-Nets'
+        BadRequest({"prompt": "a cat", "cache_interval": 2}, "cache_interval"),
         BadRequest({"prompt": "a cat", "image": base64.b64encode(b"x" * 10).decode()}, "image", path="/v1/img2img"),
     )
 

@@ -71,8 +71,9 @@ def test_txt2img_non_square_with_size_conditioning_equals_the_pipeline(sdxl_serv
         prompt=body["prompt"], negative_prompt="blue", num_images=2, num_inference_steps=5, guidance_scale=4.0,
         scheduler="euler", seed=9, height=32, width=16,
         extras={"original_size": (256, 128), "crops_coords_top_left": (8, 0), "target_size": (32, 16)})))
-    from PIL import Image
     import io
+
+    from PIL import Image
     served = np.stack([np.asarray(Image.open(io.BytesIO(base64.b64decode(i["data"])))) for i in out["images"]])
     expected = np.clip(np.rint((alone.images.transpose(0, 2, 3, 1) / 2 + 0.5) * 255), 0, 255).astype(np.uint8)
     assert np.array_equal(served, expected)

@@ -98,7 +98,8 @@ def test_concurrent_requests_are_batched_by_triton(triton, triton_service):
     deadline = time.monotonic() + 10
     while True:  # Triton updates its counters just after responding
         after = triton.metrics()
-        inferences = _counter(after, "nv_inference_count", "cgan_digits") - _counter(before, "nv_inference_count", "cgan_digits")
+        inferences = (_counter(after, "nv_inference_count", "cgan_digits")
+                      - _counter(before, "nv_inference_count", "cgan_digits"))
         if inferences >= 32 or time.monotonic() > deadline:
             break
         time.sleep(0.2)

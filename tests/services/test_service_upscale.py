@@ -44,9 +44,9 @@ def served(tmp_path_factory):
         export_sr(path, repo, f"{kind}_random", tile=32, tile_overlap=8)
     (root / "translator.py").write_text(TRANSLATOR)
     torch.manual_seed(3)
-    from safetensors.torch import save_file
-
     import importlib.util
+
+    from safetensors.torch import save_file
 
     spec = importlib.util.spec_from_file_location("t_translator", root / "translator.py")
     module = importlib.util.module_from_spec(spec)

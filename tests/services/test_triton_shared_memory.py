@@ -172,9 +172,9 @@ def test_start_up_falls_back_to_the_socket_when_triton_cannot_open_the_regions(s
 
 
 def test_required_fails_loudly_at_start_up(specs, url, tmp_path):
-    with pytest.raises(RuntimeError, match="GENSERVE_TRITON_SHARED_MEMORY=required.*Unable to open"):
+    with pytest.raises(RuntimeError, match=r"GENSERVE_TRITON_SHARED_MEMORY=required.*Unable to open"):
         TritonBackend(specs, url, shared_memory="required", shm_dir=tmp_path)
-    with pytest.raises(RuntimeError, match="required.*not reachable"):
+    with pytest.raises(RuntimeError, match=r"required.*not reachable"):
         TritonBackend(specs, f"127.0.0.1:{free_port()}", timeout_s=1, shared_memory="required")
 
 

@@ -16,7 +16,7 @@ import pytest
 from PIL import Image
 
 from zoo.super_resolution import CHECKPOINT as SR_CHECKPOINT
-from zoo.super_resolution.data import HELD_OUT, bicubic_down, bicubic_up, crop_to_multiple, load_photo
+from zoo.super_resolution.data import HELD_OUT, bicubic_down, crop_to_multiple, load_photo
 from zoo.super_resolution.evaluate import evaluate as evaluate_sr
 from zoo.super_resolution.evaluate import psnr
 from zoo.translator import CHECKPOINT as TRANSLATOR_CHECKPOINT
@@ -84,7 +84,7 @@ def test_served_translator_matches_pytorch(server, classifier):
     from zoo.translator.data import edges2digits
     from zoo.translator.evaluate import load_generator
 
-    sketches, digits, labels = edges2digits()["test"]
+    sketches, _, labels = edges2digits()["test"]
     g = load_generator(TRANSLATOR_CHECKPOINT)
     outs = []
     for i in range(16):

@@ -37,8 +37,9 @@ def empty_prompt_embedding(folder: Path) -> torch.Tensor:
 
 
 def main(argv=None) -> int:
-    import export  # noqa: F401 - diffusers finds torchvision importable
     from diffusers import AutoencoderKL, ControlNetModel, DDPMScheduler, UNet2DConditionModel
+
+    import export  # noqa: F401 - diffusers finds torchvision importable
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=1500)

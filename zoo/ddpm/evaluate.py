@@ -14,7 +14,6 @@ import argparse
 import json
 import time
 
-import numpy as np
 import torch
 
 from zoo.ddpm import CHECKPOINT, load_scheduler_config, load_unet, sample

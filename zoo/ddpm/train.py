@@ -38,8 +38,8 @@ from pathlib import Path
 import torch
 
 from zoo.data import load_digit_images
-from zoo.latent_diffusion.train import batches, cosine_lr, ema_update
 from zoo.ddpm import CHECKPOINT, SCHEDULER_CONFIG, build_unet
+from zoo.latent_diffusion.train import batches, cosine_lr, ema_update
 
 
 def save_folder(unet, out: Path, training: dict) -> None:

@@ -25,6 +25,7 @@ import json
 import unicodedata
 from collections import Counter
 from functools import lru_cache
+from itertools import pairwise
 from pathlib import Path
 
 import regex
@@ -71,12 +72,12 @@ def learn_merges(texts: list[str]) -> list[tuple[str, str]]:
 
     Ties break on the pair itself so the result is deterministic.
     """
-    words = Counter(tuple(w[:-1]) + (w[-1] + "</w>",) for t in texts for w in pretokens(t))
+    words = Counter((*w[:-1], w[-1] + "</w>") for t in texts for w in pretokens(t))
     merges: list[tuple[str, str]] = []
     while True:
         pairs: Counter = Counter()
         for word, freq in words.items():
-            for pair in zip(word, word[1:]):
+            for pair in pairwise(word):
                 pairs[pair] += freq
         if not pairs:
             return merges
@@ -148,9 +149,9 @@ class ReferenceCLIPTokenizer:
         self.max_length = max_length
 
     def bpe(self, token: str) -> list[str]:
-        word = tuple(token[:-1]) + (token[-1] + "</w>",)
+        word = (*token[:-1], token[-1] + "</w>")
         while len(word) > 1:
-            pair = min(zip(word, word[1:]), key=lambda p: self.ranks.get(p, float("inf")))
+            pair = min(pairwise(word), key=lambda p: self.ranks.get(p, float("inf")))
             if pair not in self.ranks:
                 break
             out, i = [], 0
@@ -174,5 +175,5 @@ class ReferenceCLIPTokenizer:
                 ids.append(self.encoder[t])
             else:
                 ids += [self.encoder.get(p, unk) for p in self.bpe(t)]
-        ids = [self.encoder[BOS]] + ids[: self.max_length - 2] + [self.encoder[EOS]]
+        ids = [self.encoder[BOS], *ids[: self.max_length - 2], self.encoder[EOS]]
         return ids + [self.encoder[EOS]] * (self.max_length - len(ids))

@@ -30,6 +30,7 @@ batch axis dynamic (a grouped conv would fix groups = batch at trace time).
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import torch
@@ -49,7 +50,7 @@ class MappingNetwork(nn.Module):
         self.w_avg_beta = w_avg_beta
         self.embed = nn.Linear(c_dim, w_dim) if c_dim > 0 else None
         dims = [(z_dim if z_dim > 0 else 0) + (w_dim if c_dim > 0 else 0)] + [w_dim] * num_layers
-        self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(dims[:-1], dims[1:]))
+        self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in itertools.pairwise(dims))
         for layer in self.layers:  # keeps w's 2nd moment ~1 through leaky ReLU(0.2); see the module docstring
             nn.init.normal_(layer.weight, std=math.sqrt(2 / (1 + 0.2 ** 2) / layer.in_features))
             nn.init.zeros_(layer.bias)

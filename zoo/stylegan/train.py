@@ -98,6 +98,7 @@ def main(argv: list[str] | None = None) -> None:
     opt_d = torch.optim.Adam(d.parameters(), lr=args.lr, betas=(0.0, 0.99))
 
     best = None
+    classifier = None  # loaded at the first evaluation
     order, pos = torch.randperm(len(y), generator=gen), 0
     for step in range(1, args.steps + 1):
         if pos + args.batch_size > len(order):
@@ -128,7 +129,8 @@ def main(argv: list[str] | None = None) -> None:
             # asked digit (accuracy >= 0.9, every digit >= 0.7) and keep the class under coarse styles.
             from zoo.stylegan.evaluate import class_accuracy, load_classifier, mixing_curve
 
-            classifier = classifier if "classifier" in locals() else load_classifier()
+            if classifier is None:
+                classifier = load_classifier()
             stats = class_accuracy(g_ema, classifier, samples_per_class=50, seed=1000 + step)
             curve = mixing_curve(g_ema, classifier, pairs=200, seed=2000 + step)
             ok = stats["overall"] >= 0.92 and min(stats["per_class"]) >= 0.75 and curve[5] >= 0.83
@@ -145,7 +147,8 @@ def main(argv: list[str] | None = None) -> None:
         print(f"best snapshot: step {best[0]} (diversity {best[1]:.3f} on the selection samples)")
     stats = class_accuracy(g_ema, load_classifier())
     training = {
-        "seed": args.seed, "steps": args.steps, "saved_step": best[0] if best else args.steps, "batch_size": args.batch_size,
+        "seed": args.seed, "steps": args.steps, "saved_step": best[0] if best else args.steps,
+        "batch_size": args.batch_size,
         "data": "sklearn digits 32x32, all 1,797 images",
         "recipe": f"hinge loss, spectral-norm projection discriminator with minibatch stddev (zoo/gan.py), "
                   f"Adam lr {args.lr:g} (mapping x{args.mapping_lr_mult:g}) betas (0, 0.99), style mixing "

@@ -53,7 +53,8 @@ def main(argv=None) -> int:
         fake = g(a)
         # D: real pairs -> 1, generated pairs -> 0.
         real_logits, fake_logits = d(a, b), d(a, fake.detach())
-        loss_d = 0.5 * (bce(real_logits, torch.ones_like(real_logits)) + bce(fake_logits, torch.zeros_like(fake_logits)))
+        loss_d = 0.5 * (bce(real_logits, torch.ones_like(real_logits))
+                        + bce(fake_logits, torch.zeros_like(fake_logits)))
         opt_d.zero_grad(set_to_none=True)
         loss_d.backward()
         opt_d.step()

@@ -6,7 +6,7 @@ import base64
 import io
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, List, Optional, Union
+from typing import Any, Optional, Union
 
 
 @dataclass(frozen=True)
@@ -20,7 +20,7 @@ class Image:
     class_label: Optional[int] = None
 
     @classmethod
-    def from_json(cls, item: dict) -> "Image":
+    def from_json(cls, item: dict) -> Image:
         return cls(index=item.get("index", 0), seed=item.get("seed"), media_type=item.get("media_type", "image/png"),
                    width=item.get("width", 0), height=item.get("height", 0), data=base64.b64decode(item["data"]),
                    class_label=item.get("class_label"))
@@ -39,13 +39,14 @@ class Image:
 class Tensor:
     """A latent or W tensor as the API carries it: shape, FP32, little-endian bytes."""
 
-    shape: List[int]
+    shape: list[int]
     data: bytes
     datatype: str = "FP32"
 
     @classmethod
-    def from_json(cls, item: dict) -> "Tensor":
-        return cls(shape=list(item["shape"]), data=base64.b64decode(item["data"]), datatype=item.get("datatype", "FP32"))
+    def from_json(cls, item: dict) -> Tensor:
+        return cls(shape=list(item["shape"]), data=base64.b64decode(item["data"]),
+                   datatype=item.get("datatype", "FP32"))
 
     def to_json(self) -> dict:
         return {"shape": list(self.shape), "datatype": self.datatype, "data": base64.b64encode(self.data).decode()}
@@ -64,12 +65,12 @@ class GenerationResult:
     model: str
     backend: str
     parameters: dict  # every parameter after defaults, seed included
-    images: List[Image]
+    images: list[Image]
     timings: dict
     raw: dict = field(repr=False)
 
     @classmethod
-    def from_json(cls, body: dict) -> "GenerationResult":
+    def from_json(cls, body: dict) -> GenerationResult:
         return cls(request_id=body.get("request_id", ""), model=body.get("model", ""), backend=body.get("backend", ""),
                    parameters=body.get("parameters", {}), images=[Image.from_json(i) for i in body.get("images", [])],
                    timings=body.get("timings", {}), raw=body)
@@ -86,7 +87,7 @@ class LatentResult:
     raw: dict = field(repr=False)
 
     @classmethod
-    def from_json(cls, body: dict) -> "LatentResult":
+    def from_json(cls, body: dict) -> LatentResult:
         tensor = body.get("latent") or body.get("w")
         return cls(request_id=body.get("request_id", ""), model=body.get("model", ""),
                    parameters=body.get("parameters", {}), tensor=Tensor.from_json(tensor), raw=body)
@@ -103,7 +104,7 @@ class ModelInfo:
     parameters: dict  # request parameters the model accepts, with their limits
 
     @classmethod
-    def from_json(cls, item: dict) -> "ModelInfo":
+    def from_json(cls, item: dict) -> ModelInfo:
         return cls(**{k: item[k] for k in ("name", "version", "pipeline", "endpoint", "backend", "max_batch_size",
                                            "parameters")})
 
@@ -111,7 +112,7 @@ class ModelInfo:
 @dataclass(frozen=True)
 class Models:
     default_models: dict  # family -> model name
-    models: List[ModelInfo]
+    models: list[ModelInfo]
 
     def get(self, name: str) -> ModelInfo:
         return next(m for m in self.models if m.name == name)
@@ -128,7 +129,7 @@ class Progress:
 @dataclass(frozen=True)
 class Preview:
     step: int
-    images: List[Image]
+    images: list[Image]
 
 
 @dataclass(frozen=True)

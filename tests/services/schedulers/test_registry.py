@@ -1,12 +1,14 @@
 """make_scheduler: names, building from a model's diffusers config, the options a name pins."""
 
+import typing
+
 import diffusers
 import diffusers.schedulers.scheduling_ddim
 import diffusers.schedulers.scheduling_ddpm
 import diffusers.schedulers.scheduling_euler_ancestral_discrete
 import pytest
 
-from services.schedulers import FLOW_SCHEDULERS, SCHEDULERS, make_scheduler, supported_schedulers
+from services.schedulers import FLOW_SCHEDULERS, SCHEDULERS, SchedulerName, make_scheduler, supported_schedulers
 
 REFERENCES = {
     "ddim": (diffusers.DDIMScheduler, None),
@@ -20,8 +22,13 @@ REFERENCES = {
 }
 
 
+def test_the_api_type_names_every_scheduler_in_order():
+    """SchedulerName is the schemas' (and OpenAPI's) enum of SCHEDULERS: same names, same order."""
+    assert list(typing.get_args(SchedulerName)) == list(SCHEDULERS)
+
+
 def test_unknown_name_lists_the_names():
-    with pytest.raises(ValueError, match="available: .*'ddim'.*'dpmpp_2m'"):
+    with pytest.raises(ValueError, match=r"available: .*'ddim'.*'dpmpp_2m'"):
         make_scheduler("plms", {})
 
 

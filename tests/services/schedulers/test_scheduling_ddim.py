@@ -1,6 +1,5 @@
 """DDIMScheduler against diffusers.DDIMScheduler."""
 
-import diffusers
 import diffusers.schedulers.scheduling_ddim as reference_module
 import numpy as np
 import pytest

@@ -1,6 +1,5 @@
 """DDPMScheduler against diffusers.DDPMScheduler, same noise fed to both."""
 
-import diffusers
 import diffusers.schedulers.scheduling_ddpm as reference_module
 import numpy as np
 import pytest

@@ -1,6 +1,5 @@
 """DPMSolverMultistepScheduler (DPM++ 2M) against diffusers.DPMSolverMultistepScheduler."""
 
-import diffusers
 import numpy as np
 import pytest
 import torch

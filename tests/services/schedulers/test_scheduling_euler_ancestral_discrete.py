@@ -1,6 +1,5 @@
 """EulerAncestralDiscreteScheduler against diffusers.EulerAncestralDiscreteScheduler, same noise fed to both."""
 
-import diffusers
 import diffusers.schedulers.scheduling_euler_ancestral_discrete as reference_module
 import numpy as np
 import pytest

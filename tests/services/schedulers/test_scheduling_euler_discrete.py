@@ -1,6 +1,5 @@
 """EulerDiscreteScheduler against diffusers.EulerDiscreteScheduler."""
 
-import diffusers
 import numpy as np
 import pytest
 import torch
@@ -60,7 +59,7 @@ def test_step_rejects_integer_index(configs):
     scheduler = EulerDiscreteScheduler.from_config(configs["sd15"])
     scheduler.set_timesteps(10)
     sample = np.zeros((1, 4, 2, 2), np.float32)
-    with pytest.raises(ValueError, match="scheduler.timesteps"):
+    with pytest.raises(ValueError, match=r"scheduler.timesteps"):
         scheduler.step(sample, 0, sample)
 
 
