@@ -35,9 +35,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.report import append_report  # noqa: E402
-from tests.fixtures.local_server import free_port  # noqa: E402
 from services.runtime.repository import ModelRepository  # noqa: E402
 from services.runtime.triton_backend import TritonBackend  # noqa: E402
+from tests.fixtures.local_server import free_port  # noqa: E402
 
 LAUNCH = ROOT / "deploy" / "triton_cpu" / "launch.py"
 # name -> (latent channels, latent side, text tokens, text width)

@@ -20,9 +20,9 @@ from __future__ import annotations
 import argparse
 import hashlib
 import shutil
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Callable, Mapping, Sequence
 
 import numpy as np
 import torch

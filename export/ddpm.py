@@ -57,7 +57,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from export.core import DENOISER_QUEUE_DELAY_US, ComponentReport, ExportOptions, GraphExporter, load_fp32, sample_size_hw
+from export.core import (
+    DENOISER_QUEUE_DELAY_US,
+    ComponentReport,
+    ExportOptions,
+    GraphExporter,
+    load_fp32,
+    sample_size_hw,
+)
 from export.errors import UnsupportedFolder
 from export.triton_config import TensorSpec
 from export.verification import unet_activation

@@ -8,7 +8,7 @@ family to fail, and the command line maps each failure to its message and exit c
 from __future__ import annotations
 
 import sys
-from typing import Callable
+from collections.abc import Callable
 
 
 class ExportError(ValueError):

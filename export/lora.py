@@ -89,7 +89,11 @@ def _refuse_unsupported(keys) -> None:
 
 def _component_config(prefix: str, state_dict: dict, network_alphas: dict | None, metadata: dict | None):
     """(peft state dict of one component, LoraConfig) as diffusers' loaders build them."""
-    from diffusers.utils import convert_state_dict_to_diffusers, convert_state_dict_to_peft, convert_unet_state_dict_to_peft
+    from diffusers.utils import (
+        convert_state_dict_to_diffusers,
+        convert_state_dict_to_peft,
+        convert_unet_state_dict_to_peft,
+    )
     from diffusers.utils.peft_utils import _create_lora_config
 
     if metadata is not None:
@@ -114,9 +118,10 @@ def _component_config(prefix: str, state_dict: dict, network_alphas: dict | None
 
 def read_lora(path: Path) -> Adapter:
     """The adapter's layers with diffusers' rank/alpha semantics; refuses what it cannot serve."""
-    import export.torchvision_compat  # noqa: F401  (before diffusers)
     from diffusers import StableDiffusionPipeline
     from peft.utils.other import get_pattern_key
+
+    import export.torchvision_compat  # noqa: F401  (before diffusers)
 
     path = Path(path)
     raw = _raw_keys(path)

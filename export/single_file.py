@@ -153,9 +153,10 @@ def _complete_tokenizers(folder: Path) -> None:
 def convert_to_folder(checkpoint: str | Path, dest: Path, config: str | Path | None = None,
                       progress=print) -> Path:
     """The single-file checkpoint -> a diffusers folder at `dest` (configs, tokenizers, weights)."""
-    import export.torchvision_compat  # noqa: F401  (before diffusers/transformers)
     from diffusers import pipelines
     from diffusers.loaders.single_file import load_single_file_sub_model
+
+    import export.torchvision_compat  # noqa: F401  (before diffusers/transformers)
 
     state, step = read_checkpoint(checkpoint)
     source, how = config_folder(config, state, step)

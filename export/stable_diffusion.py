@@ -36,7 +36,14 @@ from export.controlnet import (
     residual_layout,
     residual_profiles,
 )
-from export.core import DENOISER_QUEUE_DELAY_US, ComponentReport, ExportOptions, GraphExporter, load_fp32, sample_size_hw
+from export.core import (
+    DENOISER_QUEUE_DELAY_US,
+    ComponentReport,
+    ExportOptions,
+    GraphExporter,
+    load_fp32,
+    sample_size_hw,
+)
 from export.deepcache import export_unet
 from export.errors import UnsupportedFolder
 from export.triton_config import TensorSpec

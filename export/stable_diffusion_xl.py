@@ -81,7 +81,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from export.core import DENOISER_QUEUE_DELAY_US, ComponentReport, ExportOptions, GraphExporter, load_fp32, sample_size_hw
+from export.core import (
+    DENOISER_QUEUE_DELAY_US,
+    ComponentReport,
+    ExportOptions,
+    GraphExporter,
+    load_fp32,
+    sample_size_hw,
+)
 from export.deepcache import export_unet
 from export.errors import UnsupportedFolder
 from export.stable_diffusion import fast_tokenizer_json

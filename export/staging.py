@@ -16,10 +16,10 @@ import shutil
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 REPORT_FILE = "export_report.json"
 
@@ -85,7 +85,7 @@ class PeakRSS:
         while not self._stop.wait(self.interval):
             self.peak = max(self.peak, self.current())
 
-    def __enter__(self) -> "PeakRSS":
+    def __enter__(self) -> PeakRSS:
         self.peak = self.current()
         self._thread = threading.Thread(target=self._sample, daemon=True)
         self._thread.start()

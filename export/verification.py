@@ -27,8 +27,8 @@ and a fixed length.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Iterable
 
 from export.errors import VerificationBudgetError
 from services.engine.memory import available_memory
@@ -129,7 +129,7 @@ class ActivationModel:
         grid = (2 * m, 3 * m)
         return grid if grid != tuple(self.native) else (3 * m, 2 * m)
 
-    def shallowest(self) -> "ActivationModel":
+    def shallowest(self) -> ActivationModel:
         """The sites at full grid resolution alone (DeepCache's shallow U-Net runs only them)."""
         return ActivationModel(self.native, self.multiple, tuple(a for a in self.attention if a.scale >= 1),
                                tuple(f for f in self.features if f.scale >= 1))

@@ -10,9 +10,10 @@ Fields are grouped by who reads them: `settings.edge`, `settings.ort`, `settings
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from services.memory import default_limit_mb
 
@@ -102,7 +103,7 @@ def flag(name: str, raw: str, default: bool) -> bool:
     raise ValueError(f"{name} must be 0 or 1, got {value!r}")
 
 
-def rate(name: str, raw: str, default: "Rate | None") -> "Rate | None":
+def rate(name: str, raw: str, default: Rate | None) -> Rate | None:
     value = raw.strip()
     if not value:
         return default
@@ -143,7 +144,7 @@ class Rate:
              "h": 3600.0, "hour": 3600.0}
 
     @classmethod
-    def parse(cls, text: str) -> "Rate":
+    def parse(cls, text: str) -> Rate:
         count, _, unit = text.partition("/")
         try:
             value = float(count)
@@ -362,7 +363,7 @@ class Settings:
     edge: EdgeSettings = group(EdgeSettings)
 
     @classmethod
-    def from_env(cls) -> "Settings":
+    def from_env(cls) -> Settings:
         settings = _load(cls)
         ort = settings.ort
         if settings.backend == "onnxruntime" and ort.thread_pool == "shared" and not ort.allow_spinning:
@@ -370,7 +371,7 @@ class Settings:
                              "ONNX Runtime's shared thread pool always spins")
         return settings
 
-    def with_defaults(self, **models: str | None) -> "Settings":
+    def with_defaults(self, **models: str | None) -> Settings:
         """These settings with some default models replaced (GenServe._check_defaults)."""
         return replace(self, defaults=replace(self.defaults, **models))
 

@@ -24,8 +24,9 @@ Torch-free: services/ imports it, and so does export/.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Mapping
 from dataclasses import MISSING, dataclass, field, fields
-from typing import Any, Callable, Mapping, Self
+from typing import Any, Self
 
 PREFIX = "genserve."
 VERSION_KEY = "genserve.contract_version"

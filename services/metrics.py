@@ -110,7 +110,7 @@ class ServiceMetrics:
     def observe_prompt_cache(self, model: str, hit: bool) -> None:
         self.prompt_cache_lookups.labels(model, "hit" if hit else "miss").inc()
 
-    def engine_observer(self) -> "EngineMetrics":
+    def engine_observer(self) -> EngineMetrics:
         return EngineMetrics(self)
 
     def observe_execution(self, model: str, backend: str, batch: int, seconds: float) -> None:

@@ -17,8 +17,8 @@ from services import connections, families, metrics_dir, playground
 from services.config import Settings
 from services.gateway import Gateway, Route
 from services.http import install_error_handlers
-from services.startup import failure_stops_the_server, supervise
 from services.routers import diffusion, image_to_image, models, openai_images
+from services.startup import failure_stops_the_server, supervise
 
 log = logging.getLogger("genserve")
 
@@ -94,9 +94,9 @@ class GenServe:
         from services.engine.engine import DiffusionEngine, EngineConfig
         from services.engine.memory import engine_max_rows
         from services.engine.prompt_cache import PromptCache
+        from services.memory import MemoryGuard, tune_allocator
         from services.metrics import service_metrics
         from services.pipelines import diffusion_pipelines
-        from services.memory import MemoryGuard, tune_allocator
         from services.ratelimit import RateLimiter
         from services.runtime import create_backend
 

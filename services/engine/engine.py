@@ -27,8 +27,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Awaitable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Awaitable, Protocol, TypeVar
+from typing import TYPE_CHECKING, Protocol, TypeVar
 
 import numpy as np
 
@@ -94,8 +95,8 @@ class EngineConfig:
     scheduler_class: type[StepScheduler] = StepScheduler
 
     @classmethod
-    def from_settings(cls, settings: "EngineSettings", max_batch_rows: int,
-                      scheduler_class: type[StepScheduler] = StepScheduler) -> "EngineConfig":
+    def from_settings(cls, settings: EngineSettings, max_batch_rows: int,
+                      scheduler_class: type[StepScheduler] = StepScheduler) -> EngineConfig:
         return cls(max_batch_rows, settings.max_queued_steps, latency_budget_s=settings.step_budget_ms / 1000,
                    max_queue_seconds=settings.max_queue_seconds, policy=settings.policy,
                    scheduler_class=scheduler_class)
@@ -297,7 +298,7 @@ class DiffusionEngine:
                 else:  # only waiting on deadlines
                     try:
                         await asyncio.wait_for(self._wakeup.wait(), timeout=0.05)
-                    except asyncio.TimeoutError:
+                    except TimeoutError:
                         pass
 
     async def step(self) -> bool:
@@ -342,7 +343,7 @@ class DiffusionEngine:
             next_deadline = min(r.deadline for r in self.scheduler.requests)
             try:
                 await asyncio.wait_for(self._wakeup.wait(), timeout=max(0.0, min(until, next_deadline + 1e-3) - now))
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass
             self._finish_leaving()
             self._report_queue()
@@ -353,7 +354,7 @@ class DiffusionEngine:
         try:
             await asyncio.wait_for(self._wakeup.wait(), timeout=self._backoff_s)
             return
-        except asyncio.TimeoutError:
+        except TimeoutError:
             pass
         self._backoff_s = min(2 * self._backoff_s, BACKOFF_MAX_S)
         try:

@@ -7,7 +7,7 @@ The unconditional embedding (token ids of "") is pinned, so it is computed once 
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 

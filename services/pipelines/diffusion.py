@@ -84,7 +84,7 @@ class DiffusionSpec:
     # the deep features its full graph returned as DEEP_FEATURES; None: requests cannot cache.
     shallow_denoiser: str | None = None
 
-    def classifier_free(self, req: "DiffusionRequest") -> bool:
+    def classifier_free(self, req: DiffusionRequest) -> bool:
         """Whether the request runs a negative half per image (as diffusers: scale 1 is the
         conditional model alone)."""
         return self.guidance == "classifier_free" and req.guidance_scale > 1.0

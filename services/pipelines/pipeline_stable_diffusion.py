@@ -15,6 +15,9 @@ from typing import Any
 
 import numpy as np
 
+from services.contract import TextEncoderFacts, UNetFacts, VAEFacts
+from services.pipelines.controlnet import ControlNets
+from services.pipelines.controlnet import discover as discover_controlnets
 from services.pipelines.diffusion import (  # noqa: F401 - re-exported for the family's users
     DiffusionOutput,
     DiffusionPipeline,
@@ -28,9 +31,6 @@ from services.pipelines.diffusion import (  # noqa: F401 - re-exported for the f
     initial_latents,
     shallow_denoiser,
 )
-from services.contract import TextEncoderFacts, UNetFacts, VAEFacts
-from services.pipelines.controlnet import ControlNets
-from services.pipelines.controlnet import discover as discover_controlnets
 from services.runtime import InferenceBackend, ModelSpec
 
 
@@ -106,7 +106,7 @@ class ClipConditioner:
     """SD 1/2: one tokenizer, one text encoder; its last hidden state is the U-Net's
     `encoder_hidden_states`, repeated per image."""
 
-    def __init__(self, backend: InferenceBackend, models: "StableDiffusionModels"):
+    def __init__(self, backend: InferenceBackend, models: StableDiffusionModels):
         self.backend = backend
         self.text_encoder = models.text_encoder
         self.tokenizer = PromptTokenizer(models.tokenizer_file, models.max_length, models.pad_token_id)

@@ -16,8 +16,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from services.families import names
 from services.contract import UNetFacts, VAEFacts
+from services.families import names
 from services.pipelines.diffusion import gaussian_posterior
 from services.runtime import InferenceBackend, ModelSpec
 

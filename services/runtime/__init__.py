@@ -14,13 +14,12 @@ if TYPE_CHECKING:
 __all__ = ["InferenceBackend", "ModelRepository", "ModelSpec", "RepositoryError", "create_backend"]
 
 
-def create_backend(settings: Settings, metrics: "ServiceMetrics | None" = None) -> InferenceBackend:
+def create_backend(settings: Settings, metrics: ServiceMetrics | None = None) -> InferenceBackend:
     """`metrics`: where the Triton backend counts its transports (None: nowhere)."""
     if settings.backend == "onnxruntime":
-        from services.runtime.onnxruntime_backend import OnnxRuntimeBackend
-
         from services.families import names
         from services.runtime.batching import AdaptiveBatcher
+        from services.runtime.onnxruntime_backend import OnnxRuntimeBackend
 
         backend = OnnxRuntimeBackend(
             ModelRepository(settings.model_repository),

@@ -15,8 +15,8 @@ import pytest
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
-from export.diffusers_folder import UnsupportedFolder, export_folder
 from export.core import EXTERNAL_DATA_FILE
+from export.diffusers_folder import UnsupportedFolder, export_folder
 from tests.fixtures.sd_folder import build_random_sd_folder
 
 pytestmark = pytest.mark.slow

@@ -9,8 +9,8 @@ import time
 import httpx
 import pytest
 
-from tests.fixtures.local_server import LocalServer
 from tests.conftest import running_server
+from tests.fixtures.local_server import LocalServer
 
 pytestmark = pytest.mark.server
 

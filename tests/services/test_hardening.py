@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.fixtures.local_server import LocalServer
 from tests.conftest import running_server
+from tests.fixtures.local_server import LocalServer
 
 pytestmark = pytest.mark.server
 

@@ -8,8 +8,8 @@ import pytest
 from services.config import Settings
 from services.context import ServiceContext
 from services.errors import InvalidRequest
-from tests.fixtures.local_server import LocalServer
 from services.service import GenServe
+from tests.fixtures.local_server import LocalServer
 
 
 def context(**vae) -> ServiceContext:

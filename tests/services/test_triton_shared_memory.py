@@ -15,11 +15,11 @@ import pytest
 
 from services.config import Settings
 from services.errors import BackendUnavailable
-from tests.fixtures.local_server import LocalServer, free_port
 from services.pipelines.controlnet import zero_residuals
 from services.runtime.repository import ModelRepository
 from services.runtime.triton_backend import TritonBackend
 from services.runtime.triton_shm import SHM_DIR
+from tests.fixtures.local_server import LocalServer, free_port
 
 pytestmark = pytest.mark.server
 
