@@ -191,6 +191,13 @@ def test_the_scale_range_is_checked_by_the_schema():
     assert info.value.errors()[0]["loc"] == ("lora", 0, "scale")
 
 
+def test_a_multipart_form_sends_lora_as_json_text():
+    from services.schemas import Img2ImgRequest
+
+    form = {"image": "aGk=", "prompt": PROMPT, "lora": '[{"name": "peft", "scale": 0.5}]'}
+    assert Img2ImgRequest.model_validate(form, strict=False).lora[0].scale == 0.5
+
+
 def test_parameters_echo_lora_and_the_image_metadata_names_the_adapters(pipeline):
     from services.diffusion_requests import build_request
     from services.routers.diffusion import _metas
