@@ -218,3 +218,21 @@ def test_openai_routes_take_lora_in_extra_body():
 
     body = ImageGenerationRequest.model_validate({"prompt": PROMPT, "lora": [{"name": "peft", "scale": 0.5}]})
     assert Txt2ImgStreamRequest.model_validate(_genserve_fields(body, "sd_random")).lora[0].scale == 0.5
+
+
+@pytest.mark.server
+def test_refusals_over_http_in_the_one_error_shape(server):
+    """The demo model has no adapter slots: `lora` is refused naming the field, on genserve's
+    routes (422) and OpenAI's (400, its shape); a scale out of range is refused by the schema."""
+    import httpx
+
+    def post(path, body):
+        return httpx.post(f"{server.url}{path}", json={"prompt": "7", "num_inference_steps": 1, **body}, timeout=60)
+
+    r = post("/v1/txt2img", {"lora": [{"name": "style", "scale": 0.5}]})
+    assert r.status_code == 422 and r.json()["error"]["field"] == "lora"
+    assert "python -m export lora-slots" in r.json()["error"]["message"]
+    r = post("/v1/txt2img", {"lora": [{"name": "style", "scale": 9}]})
+    assert r.status_code == 422 and r.json()["error"]["field"] == "lora.0.scale"
+    r = post("/v1/images/generations", {"lora": [{"name": "style"}]})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "lora"
