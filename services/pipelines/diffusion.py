@@ -454,7 +454,7 @@ class DiffusionPipeline:
             image_latents = await self.encode_image(req.init_image, req.num_images, rngs)
         guided = self.spec.classifier_free(req)
         cond = self.conditioner.rows(req, encoded, guided=guided)
-        if req.lora:  # every row of the request, both halves with guidance, as diffusers' set_adapters
+        if req.lora and self.adapters is not None:  # every row, both halves with guidance, as diffusers
             cond.update(self.adapters.rows(req.lora, req.num_images * (2 if guided else 1)))
         return Trajectory(self.spec, req, cond, rngs, image_latents, self.denoiser)
 
