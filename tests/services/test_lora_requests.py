@@ -130,6 +130,24 @@ def test_requests_with_different_adapter_sets_in_one_batch_equal_each_alone(pipe
         assert psnr(one, many, peak=2.0) >= 50, sets[i]
 
 
+def test_img2img_and_inpaint_with_adapters_batched_equal_each_alone(pipeline):
+    rng = np.random.default_rng(0)
+    image = rng.uniform(-1, 1, (3, 16, 16)).astype(np.float32)
+    mask = (rng.uniform(size=(16, 16)) > 0.5).astype(np.float32)
+    requests = [req([("kohya", 0.9)], init_image=image, strength=0.75),
+                req([("peft", 0.4)], init_image=image, mask=mask, strength=1.0), req()]
+    alone = [generate(pipeline, r) for r in requests]
+
+    async def batched():
+        engine = DiffusionEngine(pipeline, EngineConfig(32, 10_000), start_loop=False)
+        handles = [engine.submit(r, timeout_s=600) for r in requests]
+        await drain(engine, handles)
+        return [h.result.images for h in handles]
+
+    for one, many in zip(alone, asyncio.run(batched())):
+        assert psnr(one, many, peak=2.0) >= 50
+
+
 def test_without_adapters_a_slotted_model_gives_the_plain_image(pipeline, repositories):
     plain = _pipeline(repositories[2])
     assert plain.backend.adapter_slots("sd_random_unet") is None
