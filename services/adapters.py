@@ -7,6 +7,13 @@ factors padded to the layer's largest rank among them, and `lora_scale` [rows, S
 row's scale per slot (0 where the row does not use it). A layer none of the call's adapters
 targets gets factors with no columns, and its If skips the low-rank sum (S = 0 for a call
 without adapters). See export/lora.py for the graph side.
+
+Serving (`PipelineAdapters`): a pipeline loads its stored adapters once at start-up. A request's
+`lora` becomes one per-row scale input per adapter (`lora:<name>` [rows], beside its
+conditioning rows), so the engine's merge of several requests' rows (merge_rows: zeros where a
+request lacks the key) holds the union of their adapters with each row's own scales; at the
+graph call those keys become the slot inputs above. The text encoder's part changes a prompt's
+encoding, so it is part of the prompt's key (`text_key`), and the prompt cache tells them apart.
 """
 
 from __future__ import annotations
@@ -18,10 +25,24 @@ from pathlib import Path
 
 import numpy as np
 
+from services.errors import InvalidRequest
+
 ADAPTERS_FOLDER = "adapters"
 MANIFEST = "adapter.json"
 WEIGHTS = "weights.safetensors"
 SCALE_INPUT = "lora_scale"
+SLOTTED_GRAPH = "model_lora.onnx"  # export/lora.py writes it beside model.onnx
+ROW_PREFIX = "lora:"  # a denoiser row input: one adapter's scale per row (0: the row does not use it)
+
+
+def is_slot_input(name: str) -> bool:
+    """An input only the slotted graph has (not in the model's config)."""
+    return name == SCALE_INPUT or is_slot_weight(name)
+
+
+def is_slot_weight(name: str) -> bool:
+    """A slot input without a batch axis: the call's adapter factors."""
+    return name.startswith(("lora_down:", "lora_up:"))
 
 
 @dataclass(frozen=True)
@@ -107,3 +128,96 @@ def slot_inputs(graph: str, input_shapes: Mapping[str, Sequence], adapters: Sequ
             feeds[name] = np.ascontiguousarray(down.reshape(slots * rank, in_f).T)
             feeds[f"lora_up:{node}"] = np.ascontiguousarray(up.reshape(out_f, slots * rank).T)
     return feeds
+
+
+class PipelineAdapters:
+    """The adapters one pipeline serves, and the slot inputs of its graphs' calls.
+
+    `slots`: graph -> its slot inputs' shapes, for the graphs the backend serves with adapter
+    slots (InferenceBackend.adapter_slots); adapters are loaded only when the denoiser has them.
+    """
+
+    def __init__(self, pipeline: str, denoiser: str, stored: Mapping[str, Path],
+                 slots: Mapping[str, Mapping[str, Sequence]]):
+        self.pipeline = pipeline
+        self.denoiser = denoiser
+        self.names = sorted(stored)
+        self.slots = dict(slots)
+        self.adapters = {name: load_adapter(stored[name]) for name in self.names} if denoiser in slots else {}
+        self.index = {name: i for i, name in enumerate(self.names)}  # an adapter's number in text keys
+
+    def check(self, lora: Sequence[tuple[str, float]], cache_interval: int = 1, limit: int | None = None) -> None:
+        """Refuses (InvalidRequest, 422) adapters the pipeline cannot serve for this request;
+        `limit`: the most per request (GENSERVE_MAX_ADAPTERS_PER_REQUEST)."""
+        if not lora:
+            return
+        if self.denoiser not in self.slots:
+            raise InvalidRequest(
+                f"model {self.pipeline!r} serves no LoRA adapters: its denoiser graph has no adapter slots here; "
+                f"run `python -m export lora-slots --pipeline {self.pipeline}` (the embedded ONNX Runtime "
+                f"backend serves them)", field="lora")
+        if limit is not None and len(lora) > limit:
+            raise InvalidRequest(f"lora names {len(lora)} adapters; at most {limit} per request",
+                                 field="lora", limit=limit)
+        seen = set()
+        for i, (name, _) in enumerate(lora):
+            field = f"lora[{i}].name"
+            if name not in self.adapters:
+                known = ", ".join(self.names) or "none (store one with `python -m export lora`)"
+                raise InvalidRequest(f"no adapter {name!r} for model {self.pipeline!r}; its adapters: {known}",
+                                     field=field, allowed=self.names)
+            if name in seen:
+                raise InvalidRequest(f"adapter {name!r} is named twice in lora: give it once, with one scale",
+                                     field=field)
+            seen.add(name)
+            unslotted = sorted(self.adapters[name].graphs() - set(self.slots))
+            if unslotted:
+                raise InvalidRequest(f"adapter {name!r} acts on {', '.join(unslotted)}, served without adapter "
+                                     f"slots: run `python -m export lora-slots --pipeline {self.pipeline}`",
+                                     field=field)
+        if cache_interval > 1:
+            raise InvalidRequest("cache_interval must be 1 with lora: DeepCache's shallow U-Net has no adapter slots",
+                                 field="cache_interval", limit=1)
+
+    def rows(self, lora: Sequence[tuple[str, float]], rows: int) -> dict[str, np.ndarray]:
+        """A request's per-row adapter inputs (all its rows take its scales)."""
+        return {ROW_PREFIX + name: np.full(rows, scale, np.float32) for name, scale in lora}
+
+    def call_inputs(self, graph: str, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """`inputs` of one call of `graph` with the rows' adapter inputs replaced by the slot
+        inputs of the adapters that act on it; none: no slot input (the backend feeds empty slots)."""
+        plain = {k: v for k, v in inputs.items() if not k.startswith(ROW_PREFIX)}
+        names = sorted(k.removeprefix(ROW_PREFIX) for k in inputs if k.startswith(ROW_PREFIX))
+        names = [n for n in names if graph in self.adapters[n].graphs()]
+        if not names:
+            return plain
+        scales = np.stack([inputs[ROW_PREFIX + n] for n in names], axis=1)
+        return {**plain, **slot_inputs(graph, self.slots[graph], [self.adapters[n] for n in names], scales)}
+
+    def text_key(self, ids: np.ndarray, lora: Sequence[tuple[str, float]], graph: str) -> np.ndarray:
+        """A text's key: its token ids, then (adapter number, the scale's float32 bits) for each
+        adapter of `lora` acting on the text encoder `graph`, so that encodings under different
+        adapters or scales are told apart (and cached apart)."""
+        tail = [v for name, scale in sorted(lora) if name in self.adapters and graph in self.adapters[name].graphs()
+                for v in (self.index[name], int(np.float32(scale).view(np.int32)))]
+        return np.concatenate([ids, np.asarray(tail, np.int64)]) if tail else ids
+
+    def text_rows(self, keys: Sequence[np.ndarray], length: int) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """Keys made by text_key -> (token ids [T, length], each adapter's per-row scales as
+        `lora:<name>` inputs, for call_inputs)."""
+        scales: dict[str, np.ndarray] = {}
+        for row, key in enumerate(keys):
+            tail = key[length:].reshape(-1, 2)
+            for index, bits in tail:
+                name = self.names[int(index)]
+                scales.setdefault(ROW_PREFIX + name, np.zeros(len(keys), np.float32))[row] = \
+                    np.int32(bits).view(np.float32)
+        return np.stack([k[:length] for k in keys]), scales
+
+
+def pipeline_adapters(backend, pipeline: str, denoiser, graphs: Sequence[str]) -> PipelineAdapters:
+    """What `python -m export lora` stored for `pipeline` beside its denoiser (`denoiser`: its
+    ModelSpec), with the slots the backend serves for `graphs` (the denoiser's first)."""
+    stored = stored_adapters(denoiser.model_dir.parent, pipeline) if denoiser.model_dir is not None else {}
+    slots = {g: shapes for g in graphs if (shapes := backend.adapter_slots(g)) is not None}
+    return PipelineAdapters(pipeline, denoiser.name, stored, slots)

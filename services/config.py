@@ -215,6 +215,9 @@ class EngineSettings:
                                      "largest `timeout_s` a client may ask for")
     prompt_cache_size: int = env("GENSERVE_PROMPT_CACHE_SIZE", 1024, integer(),
                                  "prompt embeddings kept (LRU; the empty prompt is pinned)")
+    max_adapters_per_request: int = env(
+        "GENSERVE_MAX_ADAPTERS_PER_REQUEST", 4, integer(),
+        "LoRA adapters one diffusion request may name in `lora`; past it, `422` (0: requests take none)")
 
 
 @dataclass(frozen=True)

@@ -66,8 +66,9 @@ def family_extras(body, spec: DiffusionSpec, height: int, width: int) -> dict:
     return extras
 
 
-def build_request(task: str, body, pipeline) -> tuple[DiffusionRequest, dict]:
-    """(the pipeline request, every parameter after defaults for the response)."""
+def build_request(task: str, body, pipeline, max_adapters: int | None = None) -> tuple[DiffusionRequest, dict]:
+    """(the pipeline request, every parameter after defaults for the response); `max_adapters`:
+    the most LoRA adapters per request (GENSERVE_MAX_ADAPTERS_PER_REQUEST)."""
     spec = pipeline.spec
     if not body.prompt.strip():
         raise InvalidRequest("prompt must not be blank", field="prompt")
@@ -118,7 +119,9 @@ def build_request(task: str, body, pipeline) -> tuple[DiffusionRequest, dict]:
         init_image=init_image, strength=getattr(body, "strength", 1.0), mask=mask, extras=extras,
         cache_interval=body.cache_interval, controlnet=control,
         guess_mode=bool(control) and (getattr(body, "guess_mode", False) or pipeline.control.global_pool(control)),
+        lora=[(a.name, a.scale) for a in body.lora],
     )
+    pipeline.check_adapters(request, max_adapters)
     if hasattr(body, "guess_mode"):
         params["guess_mode"] = request.guess_mode  # on when the first ControlNet pools its conditions
     return request, params

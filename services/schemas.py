@@ -248,7 +248,39 @@ class _Control(BaseModel):
         return data
 
 
-class Txt2ImgRequest(_Strict, _SizeConditioning, _Control):
+MIN_LORA_SCALE, MAX_LORA_SCALE = -2.0, 2.0
+MAX_ADAPTER_NAME_CHARS = 256
+
+
+class LoraAdapter(_Strict):
+    """One LoRA adapter acting on a request (diffusers' `set_adapters(names, adapter_weights)`)."""
+
+    name: str = Field(min_length=1, max_length=MAX_ADAPTER_NAME_CHARS,
+                      description="An adapter stored for the model (GET /v1/models lists them).")
+    scale: float = Field(1.0, ge=MIN_LORA_SCALE, le=MAX_LORA_SCALE, description="Its weight on the U-Net and text "
+                         "encoder alike (0: no effect; negative: away from it).")
+
+
+class AdapterFields(BaseModel):
+    lora: list[LoraAdapter] = Field(
+        default_factory=list, description="LoRA adapters, each with its own scale (several: their low-rank "
+        "updates add up); at most GENSERVE_MAX_ADAPTERS_PER_REQUEST (GET /v1/models).")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _lora_from_form(cls, data):
+        """A multipart form sends `lora` as JSON text."""
+        if not isinstance(data, dict) or not isinstance(data.get("lora"), str):
+            return data
+        import json
+
+        try:
+            return {**data, "lora": json.loads(data["lora"])}
+        except ValueError:
+            raise ValueError("lora: a form field of JSON text (a list of {name, scale})") from None
+
+
+class Txt2ImgRequest(_Strict, _SizeConditioning, _Control, AdapterFields):
     model: str | None = Field(None, description="Diffusion pipeline; default: the service's default.")
     prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS, description="What to draw (not blank).")
     negative_prompt: str = Field("", max_length=MAX_PROMPT_CHARS,
@@ -279,7 +311,7 @@ class Txt2ImgStreamRequest(Txt2ImgRequest):
                                description="Send a preview of the current estimate every k steps (0: none).")
 
 
-class Img2ImgRequest(_Strict, _SizeConditioning, _Control):
+class Img2ImgRequest(_Strict, _SizeConditioning, _Control, AdapterFields):
     model: str | None = None
     image: str = Field(max_length=MAX_IMAGE_BASE64_CHARS,
                        description="Base64 PNG/JPEG/WebP; its size is the output size.")

@@ -150,8 +150,9 @@ class DiffusionEngine:
     def submit(self, request: DiffusionRequest, timeout_s: float, preview_every: int = 0,
                tenant: str = "") -> EngineRequest:
         """Admits a request (raises QueueFull when the step queue is full, PromptTooLong
-        for a prompt that does not fit, InvalidRequest for one that would run no step)
-        and returns its handle; await `handle.done`."""
+        for a prompt that does not fit, InvalidRequest for one that would run no step or
+        names adapters the pipeline cannot serve) and returns its handle; await `handle.done`."""
+        self.pipeline.check_adapters(request)  # before tokenize: adapters are part of the texts' keys
         self.pipeline.tokenize(request)  # reject bad prompts before they queue
         rounding = self.pipeline.spec.strength_rounding
         check_denoising_steps(request.num_inference_steps, request.strength, request.init_image is not None, rounding)

@@ -34,6 +34,8 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from services.adapters import PipelineAdapters
+from services.errors import InvalidRequest
 from services.pipelines.controlnet import ControlNets, ControlUnit, control_rows
 from services.runtime import InferenceBackend, ModelSpec
 from services.schedulers import make_scheduler, supported_schedulers
@@ -166,6 +168,7 @@ class DiffusionRequest:
     cache_interval: int = 1  # DeepCache: a full denoiser step every N steps, shallow ones between (1: off)
     controlnet: list[ControlUnit] = field(default_factory=list)  # ControlNet units (services.pipelines.controlnet)
     guess_mode: bool = False  # ControlNet guess mode, as diffusers
+    lora: list[tuple[str, float]] = field(default_factory=list)  # (adapter, scale): services.adapters
     extras: dict[str, Any] = field(default_factory=dict)  # family conditioning (e.g. SDXL sizes)
 
 
@@ -421,6 +424,16 @@ class DiffusionPipeline:
             raise ValueError(f"pipeline {spec.name!r}: no scheduler here can be built from its scheduler config")
         self.default_scheduler = spec.default_scheduler(self.schedulers)
         self.control: ControlNets | None = None  # set by families whose denoiser takes ControlNet residuals
+        self.adapters: PipelineAdapters | None = None  # set by families that serve LoRA adapters
+
+    def check_adapters(self, req: DiffusionRequest, limit: int | None = None) -> None:
+        """Refuses `req.lora` this pipeline cannot serve (InvalidRequest naming `lora`)."""
+        if not req.lora:
+            return
+        if self.adapters is None:
+            raise InvalidRequest(f"model {self.name!r} ({self.spec.family}) takes no LoRA adapters here",
+                                 field="lora")
+        self.adapters.check(req.lora, req.cache_interval, limit)
 
     # -- what the engine calls -----------------------------------------------------------
     def tokenize(self, req: DiffusionRequest) -> list[np.ndarray]:
@@ -439,7 +452,10 @@ class DiffusionPipeline:
         image_latents = None
         if req.init_image is not None:
             image_latents = await self.encode_image(req.init_image, req.num_images, rngs)
-        cond = self.conditioner.rows(req, encoded, guided=self.spec.classifier_free(req))
+        guided = self.spec.classifier_free(req)
+        cond = self.conditioner.rows(req, encoded, guided=guided)
+        if req.lora and self.adapters is not None:  # every row, both halves with guidance, as diffusers
+            cond.update(self.adapters.rows(req.lora, req.num_images * (2 if guided else 1)))
         return Trajectory(self.spec, req, cond, rngs, image_latents, self.denoiser)
 
     async def denoise(self, inputs: dict[str, np.ndarray],
@@ -457,6 +473,8 @@ class DiffusionPipeline:
             inputs = {t.name: inputs[t.name] for t in self.backend.models()[model].inputs}
         elif self.control is not None:  # the ControlNets' residuals (zeros for rows without control)
             inputs = await self.control.unet_inputs(inputs)
+        if self.adapters is not None:  # the rows' adapters as the graph's slot inputs
+            inputs = self.adapters.call_inputs(model, inputs)
         out = await self.backend.infer(model, inputs, wanted)
         return out[self.spec.output_name], out.get(DEEP_FEATURES)
 
@@ -486,6 +504,7 @@ class DiffusionPipeline:
         """One request alone: encode, denoise, decode (the engine does the same, batched)."""
         timings: dict[str, float] = {}
         # 1. Encode the texts; with guidance, [negative, positive].
+        self.check_adapters(req)
         t0 = time.perf_counter()
         keys = self.tokenize(req)
         encoded = await self.encode_prompts(keys) if keys else []

@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from services.adapters import PipelineAdapters, pipeline_adapters
 from services.contract import TextEncoderFacts, UNetFacts, VAEFacts
 from services.pipelines.controlnet import ControlNets
 from services.pipelines.controlnet import discover as discover_controlnets
@@ -104,24 +105,35 @@ def discover_stable_diffusion(models: dict[str, ModelSpec]) -> dict[str, StableD
 
 class ClipConditioner:
     """SD 1/2: one tokenizer, one text encoder; its last hidden state is the U-Net's
-    `encoder_hidden_states`, repeated per image."""
+    `encoder_hidden_states`, repeated per image. A request's adapters acting on the text
+    encoder are part of its texts' keys (PipelineAdapters.text_key)."""
 
-    def __init__(self, backend: InferenceBackend, models: StableDiffusionModels):
+    def __init__(self, backend: InferenceBackend, models: StableDiffusionModels,
+                 adapters: PipelineAdapters | None = None):
         self.backend = backend
         self.text_encoder = models.text_encoder
         self.tokenizer = PromptTokenizer(models.tokenizer_file, models.max_length, models.pad_token_id)
         self.empty_key = self.tokenizer("")
         self.max_tokens = models.max_length
+        self.adapters = adapters
 
     def tokenize(self, req: DiffusionRequest) -> list[np.ndarray]:
         ids = [self.tokenizer(req.prompt, "prompt")]
         if req.guidance_scale > 1.0:
             ids.insert(0, self.tokenizer(req.negative_prompt, "negative_prompt"))
+        if req.lora and self.adapters is not None:
+            ids = [self.adapters.text_key(x, req.lora, self.text_encoder) for x in ids]
         return ids
 
     async def encode(self, keys: list[np.ndarray]) -> list[np.ndarray]:
-        """[T, L] token ids -> T embeddings [L, D], one text-encoder call."""
-        out = await self.backend.infer(self.text_encoder, {"input_ids": np.stack(keys)})
+        """T keys -> T embeddings [L, D], one text-encoder call (rows with adapters and
+        without side by side)."""
+        if self.adapters is None:
+            inputs = {"input_ids": np.stack(keys)}
+        else:
+            ids, scales = self.adapters.text_rows(keys, self.max_tokens)
+            inputs = self.adapters.call_inputs(self.text_encoder, {"input_ids": ids, **scales})
+        out = await self.backend.infer(self.text_encoder, inputs)
         return list(out["last_hidden_state"])
 
     def rows(self, req: DiffusionRequest, encoded: list[Any], guided: bool) -> dict[str, np.ndarray]:
@@ -130,7 +142,10 @@ class ClipConditioner:
 
 class StableDiffusionPipeline(DiffusionPipeline):
     def __init__(self, backend: InferenceBackend, models: StableDiffusionModels):
-        super().__init__(backend, models.spec(), ClipConditioner(backend, models))
+        adapters = pipeline_adapters(backend, models.name, backend.models()[models.unet],
+                                     (models.unet, models.text_encoder))
+        super().__init__(backend, models.spec(), ClipConditioner(backend, models, adapters))
+        self.adapters = adapters
         self.models = models
         self.tokenizer = self.conditioner.tokenizer
         unet = backend.models()[models.unet]

@@ -25,7 +25,9 @@ from services.schemas import (
     MAX_DIFFUSION_IMAGES,
     MAX_GUIDANCE_SCALE,
     MAX_INFERENCE_STEPS,
+    MAX_LORA_SCALE,
     MAX_SEED,
+    MIN_LORA_SCALE,
     MIN_TIMEOUT_S,
     DiffusionResponse,
     Img2ImgRequest,
@@ -90,10 +92,11 @@ async def _submit(ctx: ServiceContext, task: str, body):
                             allowed=sorted(engines))
     engine = engines[name]
     timeout_s = ctx.timeout_s(body.timeout_s)
+    max_adapters = ctx.settings.engine.max_adapters_per_request
     if task == "txt2img" and not getattr(body, "controlnet", None):
-        request, params = build_request(task, body, engine.pipeline)
+        request, params = build_request(task, body, engine.pipeline, max_adapters)
     else:  # decoding images (init, mask, control) is CPU work: off the event loop
-        request, params = await asyncio.to_thread(build_request, task, body, engine.pipeline)
+        request, params = await asyncio.to_thread(build_request, task, body, engine.pipeline, max_adapters)
     params["timeout_s"] = timeout_s
     params.pop("upscale", None)  # echoed by the upscale stage, when there is one
     if getattr(body, "upscale", None) is not None:  # refused before queuing, not after denoising
@@ -123,9 +126,10 @@ async def _respond_chained(ctx: ServiceContext, task: str, name: str, body, para
 
 
 def _metas(task: str, name: str, body, params: dict, seeds) -> list[dict]:
+    adapters = {"lora": params["lora"]} if params.get("lora") else {}  # the adapters and their scales
     return [{"model": name, "task": task, "seed": seed, "prompt": body.prompt,
              "num_inference_steps": body.num_inference_steps, "guidance_scale": params["guidance_scale"],
-             "scheduler": params["scheduler"]} for seed in seeds]
+             "scheduler": params["scheduler"], **adapters} for seed in seeds]
 
 
 def _encode(ctx: ServiceContext, task: str, name: str, params: dict, pixels, value_range, fmt: str, metas: list,
@@ -161,6 +165,10 @@ def describe(ctx: ServiceContext) -> list[ModelDescription]:
                           "max": ctx.settings.engine.max_request_timeout_s},
         }
         params.update({key: "optional [2 ints]" for key in spec.extra_fields})
+        adapters = engine.pipeline.adapters
+        params["lora"] = ({"adapters": adapters.names, "max_per_request": ctx.settings.engine.max_adapters_per_request,
+                           "scale": {"min": MIN_LORA_SCALE, "max": MAX_LORA_SCALE, "default": 1.0}}
+                          if adapters is not None and adapters.adapters else None)
         control = engine.pipeline.control
         params["controlnet"] = ({"models": sorted(control.models), "max_units": MAX_CONTROLNET_UNITS,
                                  "conditioning_scale": {"min": 0.0, "max": MAX_CONDITIONING_SCALE}}

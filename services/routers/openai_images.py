@@ -22,7 +22,7 @@ Translation rules (README "OpenAI-compatible Images API"):
     inpaint mask marks it *white*. The alpha channel is converted: alpha < 128 -> white.
     Without a mask an edit is img2img at `strength` (extension, default 0.8).
   - genserve extensions: negative_prompt, seed, num_inference_steps, guidance_scale, cache_interval,
-    scheduler, strength (edits), timeout_s.
+    scheduler, strength (edits), timeout_s, lora.
 
 Errors on /v1/images/* leave in OpenAI's shape, {"error": {"message", "type", "param",
 "code"}} (plus genserve's `limit` and `request_id`), with 400 for invalid input, so the
@@ -58,6 +58,7 @@ from services.schemas import (
     MAX_PROMPT_CHARS,
     MAX_SEED,
     MIN_TIMEOUT_S,
+    AdapterFields,
     Img2ImgRequest,
     InpaintRequest,
     OutputFormat,
@@ -78,7 +79,7 @@ _SIZE = re.compile(r"^([1-9][0-9]{0,4})x([1-9][0-9]{0,4})$")
 
 
 # -- bodies ------------------------------------------------------------------------------
-class _OpenAIImageFields(BaseModel):
+class _OpenAIImageFields(AdapterFields):  # lora: a genserve extension, as on /v1/txt2img
     model_config = ConfigDict(extra="forbid", strict=True, protected_namespaces=())
 
     prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS, description="What to draw (not blank).")
@@ -292,7 +293,7 @@ def _genserve_fields(body: _OpenAIImageFields, name: str) -> dict:
     fields = {"model": name, "prompt": body.prompt, "negative_prompt": body.negative_prompt,
               "num_images": body.n or 1, "output_format": body.output_format or "png",
               "num_inference_steps": body.num_inference_steps or QUALITY_STEPS[body.quality or "auto"]}
-    for key in ("seed", "guidance_scale", "scheduler", "timeout_s", "cache_interval"):
+    for key in ("seed", "guidance_scale", "scheduler", "timeout_s", "cache_interval", "lora"):
         if getattr(body, key) is not None:
             fields[key] = getattr(body, key)
     return fields

@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 
+from services.adapters import is_slot_input, is_slot_weight
 from services.runtime.repository import ModelSpec
 
 # Called after each model execution with (model, backend, batch size, seconds).
@@ -62,6 +63,11 @@ class InferenceBackend(abc.ABC):
     async def is_ready(self) -> bool:
         return True
 
+    def adapter_slots(self, model: str) -> Mapping[str, Sequence] | None:
+        """The shapes of the slot inputs (services.adapters) this backend serves `model` with,
+        None where it serves it without adapter slots (this default)."""
+        return None
+
     async def close(self) -> None:
         return None
 
@@ -69,21 +75,26 @@ class InferenceBackend(abc.ABC):
                     outputs: Sequence[str] | None = None) -> dict[str, np.ndarray]:
         """Runs the model on a batch of any size: batches past the model's max_batch_size
         are split into executions the model accepts, and the outputs concatenated.
-        `outputs`: the outputs to fetch (default all); Triton sends back only those."""
+        `outputs`: the outputs to fetch (default all); Triton sends back only those.
+        Slot inputs (services.adapters) go along where adapter_slots(model) has them; their
+        factors, which have no batch axis, go whole to every execution."""
         spec = self.models()[model]
         if outputs is not None:  # once per (model, outputs): the step engine asks every iteration
             key = (model, tuple(outputs))
             spec = self._narrowed.get(key) or self._narrowed.setdefault(key, select_outputs(spec, outputs))
         limit = spec.max_batch_size
-        batch = len(next(iter(inputs.values()))) if limit > 0 else 1
+        batch = len(next(v for k, v in inputs.items() if not is_slot_weight(k))) if limit > 0 else 1
         if limit <= 0 or batch <= limit:
             return await self._run(spec, inputs)
-        parts = [await self._run(spec, {k: v[i:i + limit] for k, v in inputs.items()})
+        parts = [await self._run(spec, {k: v if is_slot_weight(k) else v[i:i + limit] for k, v in inputs.items()})
                  for i in range(0, batch, limit)]
         return {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}
 
     async def _run(self, spec: ModelSpec, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        batch = validate_inputs(spec, inputs)
+        slotted = [k for k in inputs if is_slot_input(k)]
+        if slotted and self.adapter_slots(spec.name) is None:
+            raise ValueError(f"{spec.name} is served without adapter slots: no input {slotted[0]!r}")
+        batch = validate_inputs(spec, {k: v for k, v in inputs.items() if not is_slot_input(k)} if slotted else inputs)
         start = time.perf_counter()
         outputs = await self._execute(spec, inputs)
         seconds = time.perf_counter() - start

@@ -51,6 +51,9 @@ class AdaptiveBatcher(InferenceBackend):
     async def is_ready(self) -> bool:
         return await self.inner.is_ready()
 
+    def adapter_slots(self, model: str) -> Mapping[str, Sequence] | None:
+        return self.inner.adapter_slots(model)
+
     async def _execute(self, spec, inputs):  # pragma: no cover - infer() is overridden
         raise NotImplementedError
 

@@ -16,6 +16,11 @@ wake-ups: 0.1-0.3 ms per call measured on 2 cores, against a 2-row demo U-Net ca
     final decode).
 The measured time is kept per model and per row shape: a request at another size is not
 priced at the native size, and a shape's first call always runs in a worker.
+
+A model with a slotted graph beside its own (`model_lora.onnx`, `python -m export lora-slots`)
+is served by that graph alone, for calls with adapters and without (empty slots: one small If
+per layer, measured in bench/results/lora_slots.md), rather than by two sessions holding the
+weights twice. A row without adapters gets exactly its base layer's output either way.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from collections.abc import Mapping
 import numpy as np
 import onnxruntime as ort
 
+from services.adapters import SCALE_INPUT, SLOTTED_GRAPH, is_slot_input, slot_inputs
 from services.runtime.base import InferenceBackend, latency_first_requested
 from services.runtime.repository import ModelRepository, ModelSpec
 
@@ -105,16 +111,25 @@ class OnnxRuntimeBackend(InferenceBackend):
             return o
 
         self._sessions: dict[str, ort.InferenceSession] = {}
+        self._slots: dict[str, dict[str, list]] = {}  # slotted models: their slot inputs' shapes
+        self._empty_slots: dict[str, dict[str, np.ndarray]] = {}  # their factors for a call without adapters
         for name, spec in repository.models.items():
             if spec.model_file is None or spec.model_file.suffix != ".onnx":
                 continue  # TensorRT plans only run on Triton
-            self._sessions[name] = ort.InferenceSession(
-                str(spec.model_file), sess_options=options(arena=not releases_activations(spec)),
-                providers=["CPUExecutionProvider"])
+            slotted = spec.model_file.with_name(SLOTTED_GRAPH)
+            self._sessions[name] = session = ort.InferenceSession(
+                str(slotted if slotted.exists() else spec.model_file),
+                sess_options=options(arena=not releases_activations(spec)), providers=["CPUExecutionProvider"])
+            if slotted.exists():
+                self._slots[name] = {i.name: i.shape for i in session.get_inputs() if is_slot_input(i.name)}
+                self._empty_slots[name] = slot_inputs(name, self._slots[name], [], np.zeros((0, 0), np.float32))
         self._specs = {name: repository[name] for name in self._sessions}
 
     def models(self) -> dict[str, ModelSpec]:
         return self._specs
+
+    def adapter_slots(self, model: str) -> dict[str, list] | None:
+        return self._slots.get(model)
 
     async def _execute(self, spec: ModelSpec, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         session = self._sessions[spec.name]
@@ -126,10 +141,12 @@ class OnnxRuntimeBackend(InferenceBackend):
             feeds[t.name] = x
         names = [t.name for t in spec.outputs]
         first = next(iter(feeds.values()), None)
-        if spec.max_batch_size > 0 and first is not None:
-            rows, key = max(1, len(first)), (spec.name, first.shape[1:])
-        else:
-            rows, key = 1, (spec.name, getattr(first, "shape", ()))
+        batched = spec.max_batch_size > 0 and first is not None
+        rows = max(1, len(first)) if batched else 1
+        if spec.name in self._slots:  # the call's adapters, or empty slots
+            given = {k: v for k, v in inputs.items() if is_slot_input(k)}
+            feeds.update(given or {**self._empty_slots[spec.name], SCALE_INPUT: np.zeros((rows, 0), np.float32)})
+        key = (spec.name, first.shape[1:] if batched else getattr(first, "shape", ()))
         per_row = self._seconds_per_row.get(key)
 
         def run():
