@@ -24,8 +24,13 @@ def lora_setup(random_sd, tmp_path_factory):
     from export.lora import add_adapter_slots, export_lora
     from tests.fixtures.lora_files import write_kohya_lora, write_peft_lora
 
-    folder, repo = random_sd
+    import shutil
+
+    folder, shared = random_sd
     tmp = tmp_path_factory.mktemp("lora")
+    # A copy: with model_lora.onnx beside a graph the embedded backend serves the slotted one, which
+    # would change what every later test of the session's repository runs.
+    repo = shutil.copytree(shared, tmp / "repo")
     files = {"peft": write_peft_lora(folder, tmp / "peft"),
              "kohya": write_kohya_lora(folder, tmp / "kohya.safetensors", text_model_prefix=False),
              "peft16": write_peft_lora(folder, tmp / "peft16", seed=1, dtype="float16")}
