@@ -70,7 +70,7 @@ class RequestBatchScheduler(StepScheduler):
         self.cohort = [r for r in self.cohort if r.status == RequestStatus.RUNNING]
         if not self.cohort:
             self.cohort = super().schedule(now).requests
-        return StepBatch(list(self.cohort), sum(r.trajectory.rows for r in self.cohort))
+        return StepBatch(list(self.cohort), sum(r.started.rows for r in self.cohort))
 
 
 class MatchingScheduler(StepScheduler):

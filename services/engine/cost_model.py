@@ -24,6 +24,9 @@ import time
 from dataclasses import dataclass
 
 Bucket = tuple[int, int]
+# What callers pass: a request's (height, width), None where it leaves a side to the model
+# (the native size), or None for the native bucket.
+Shape = tuple[int | None, int | None] | None
 
 # Moving-average weight of a live timing: live calls refresh the table without one noisy
 # call (another process on the cores) moving it far.
@@ -66,14 +69,15 @@ class CostModel:
         self.tables: dict[Bucket, dict[int, Entry]] = {}
         self._decisions = 0
 
-    def _key(self, bucket) -> Bucket:
+    def _key(self, bucket: Shape) -> Bucket:
         """A request that leaves its size to the model (None) runs at the native size."""
-        if bucket is None or None in bucket:
+        height, width = bucket if bucket is not None else (None, None)
+        if height is None or width is None:
             return self.native if self.native is not None else (0, 0)
-        return bucket
+        return (height, width)
 
     # -- feeding ---------------------------------------------------------------------
-    def seed(self, bucket: Bucket, seconds_by_rows: dict[int, float], now: float | None = None) -> None:
+    def seed(self, bucket: Shape, seconds_by_rows: dict[int, float], now: float | None = None) -> None:
         """A measured table (start-up): replaces the bucket's entries of those sizes."""
         now = time.monotonic() if now is None else now
         bucket = self._key(bucket)
@@ -84,7 +88,7 @@ class CostModel:
         if self.native is None:
             self.native = bucket
 
-    def observe(self, bucket: Bucket, rows: int, seconds: float, now: float | None = None) -> None:
+    def observe(self, bucket: Shape, rows: int, seconds: float, now: float | None = None) -> None:
         """One live call's duration refreshes its entry (a new size gets its own)."""
         if rows < 1 or seconds <= 0 or not self.learn:
             return
@@ -104,7 +108,7 @@ class CostModel:
         return any(self.tables.values())
 
     # -- reading ---------------------------------------------------------------------
-    def _table(self, bucket: Bucket) -> tuple[dict[int, float], float]:
+    def _table(self, bucket: Shape) -> tuple[dict[int, float], float]:
         """(seconds by rows, scale): the bucket's own table, else the native one scaled by area."""
         bucket = self._key(bucket)
         own = self.tables.get(bucket)
@@ -115,7 +119,7 @@ class CostModel:
             return {n: e.seconds for n, e in self.tables[self.native].items()}, scale
         return {}, 1.0
 
-    def latency(self, bucket: Bucket, rows: int) -> float | None:
+    def latency(self, bucket: Shape, rows: int) -> float | None:
         """Seconds for one call of `rows` rows: interpolated between measured sizes, past the
         largest extrapolated at its cost per row; None before any measure."""
         table, scale = self._table(bucket)
@@ -133,7 +137,7 @@ class CostModel:
         a, b = sizes[i - 1], sizes[i]
         return (table[a] + (table[b] - table[a]) * (rows - a) / (b - a)) * scale
 
-    def best_rows(self, bucket: Bucket, limit: int | None = None) -> int:
+    def best_rows(self, bucket: Shape, limit: int | None = None) -> int:
         """The size (<= limit, <= max_rows) with the most rows per second within the latency
         budget; the smallest within TIE_TOLERANCE of the best. max_rows before any measure
         (then "as many as fit" is all there is to go on)."""
@@ -157,13 +161,13 @@ class CostModel:
             return max(best, min(limit, int(self.latency_budget_s / per_row)))
         return best
 
-    def seconds_per_row(self, bucket: Bucket) -> float | None:
+    def seconds_per_row(self, bucket: Shape) -> float | None:
         """Cost of one row at the best size (None before any measure)."""
         n = self.best_rows(bucket)
         seconds = self.latency(bucket, n)
         return None if seconds is None else seconds / n
 
-    def target_rows(self, bucket: Bucket, waiting_rows: int, now: float | None = None) -> int:
+    def target_rows(self, bucket: Shape, waiting_rows: int, now: float | None = None) -> int:
         """Rows to run this iteration when `waiting_rows` could: the best size, except that
         every EXPLORE_EVERY-th decision with more rows waiting than that runs the stalest
         measured size that the waiting rows can fill (to keep its entry current)."""
@@ -177,7 +181,7 @@ class CostModel:
         candidates = [(e.updated, n) for n, e in own.items() if n <= min(waiting_rows, self.max_rows) and n != best]
         return min(candidates)[1] if candidates else best
 
-    def describe(self, bucket: Bucket | None = None) -> dict:
+    def describe(self, bucket: Shape = None) -> dict:
         """For GET /v1/models: the table (ms per call by rows) and what the policy makes of it."""
         bucket = self._key(bucket)
         if not self.tables.get(bucket):
@@ -191,7 +195,7 @@ class CostModel:
             "ms_per_call": {str(n): round(1000 * table[n].seconds, 3) for n in sorted(table)},
             "best_rows": best,
             "ms_per_row_at_best": round(1000 * table[best].seconds / best, 4) if best in table else None,
-            "rows_per_second": round(best / self.latency(bucket, best), 1),
+            "rows_per_second": round(best / (self.latency(bucket, best) or table[best].seconds), 1),
             "max_rows": self.max_rows,
             "latency_budget_ms": round(1000 * self.latency_budget_s, 3) or None,
         }

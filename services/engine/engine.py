@@ -76,8 +76,23 @@ class EngineObserver(Protocol):
     def first_step(self, model: str, seconds: float) -> None: ...  # arrival to the end of its first step
 
 
-class NoObserver(EngineObserver):
-    """Ignores everything (the Protocol's methods do nothing): engines built without metrics."""
+class NoObserver:
+    """Ignores everything: engines built without metrics."""
+
+    def iteration(self, model: str, rows: int, requests: int, images: int) -> None:
+        pass
+
+    def cost(self, model: str, table: dict) -> None:
+        pass
+
+    def queue(self, model: str, requests: int, image_steps: int) -> None:
+        pass
+
+    def finished(self, model: str, reason: str) -> None:
+        pass
+
+    def first_step(self, model: str, seconds: float) -> None:
+        pass
 
 
 @dataclass(frozen=True)
@@ -179,7 +194,7 @@ class DiffusionEngine:
             await req.done.wait()
         finally:
             self.cancel(req)
-        if req.status != RequestStatus.FINISHED_DONE:
+        if req.status != RequestStatus.FINISHED_DONE or req.result is None:
             raise req.error or RuntimeError(FINISH_REASONS[req.status])
         return req.result
 
@@ -257,6 +272,8 @@ class DiffusionEngine:
             return
         try:
             _, features = await self.pipeline.denoise(inputs, keep_features=True)
+            if features is None:
+                raise ValueError("the full U-Net returned no deep features")
             await self.pipeline.denoise({**inputs, DEEP_FEATURES: features})
         except Exception as exc:
             log.warning("engine %s: shallow U-Net warm-up failed (%s: %s)", self.model, type(exc).__name__, exc)
@@ -471,8 +488,8 @@ class DiffusionEngine:
         for r in batch.requests:
             try:
                 if not shallow_ok:  # the shallow graph is unavailable: a full (exact) step instead
-                    r.trajectory.deep_features = None
-                inputs[r] = r.trajectory.model_inputs()
+                    r.started.deep_features = None
+                inputs[r] = r.started.model_inputs()
             except Exception as exc:  # e.g. no timestep left to run
                 self._fail(r, exc)
         # b. The shared calls: full rows, then shallow ones. A call that meets an outage leaves
@@ -495,27 +512,27 @@ class DiffusionEngine:
                             "for %.0f s", self.model, exc, SHALLOW_RETRY_S)
                 self._shallow_retry_at = time.monotonic() + SHALLOW_RETRY_S
                 for r in shallow:
-                    r.trajectory.deep_features = None
+                    r.started.deep_features = None
         if outage is not None and not outputs:
             raise outage
         seconds = time.perf_counter() - start
         self.iterations += 1
         advanced = StepBatch([r for r in batch.requests if r in outputs],
-                             sum(r.trajectory.rows for r in outputs))
+                             sum(r.started.rows for r in outputs))
         self.observer.iteration(self.model, advanced.rows, len(advanced.requests),
                                 sum(r.request.num_images for r in advanced.requests))
         # c. Guidance and the scheduler step, per request; non-finite latents fail their request.
         for r, (noise_pred, features) in outputs.items():
             try:
-                r.trajectory.advance(noise_pred, features)
-                check_finite(r.trajectory.latents, f"the latents after step {r.trajectory.steps_done}")
+                r.started.advance(noise_pred, features)
+                check_finite(r.started.latents, f"the latents after step {r.started.steps_done}")
             except Exception as exc:
                 self._fail(r, exc)
                 continue
             r.timings["denoising_seconds"] += time.perf_counter() - start
-            if r.trajectory.steps_done == 1:
+            if r.started.steps_done == 1:
                 self.observer.first_step(self.model, time.monotonic() - r.arrival)
-            r.emit("progress", step=r.trajectory.steps_done, total=r.trajectory.num_steps,
+            r.emit("progress", step=r.started.steps_done, total=r.started.num_steps,
                    elapsed=round(time.monotonic() - r.arrival, 6))
         self.scheduler.update_from_output(advanced, seconds)
         await self._previews(advanced)
@@ -533,7 +550,7 @@ class DiffusionEngine:
         if not requests:
             return {}
         merged = merge_rows([inputs[r] for r in requests])  # rows without control get zero control inputs
-        keep = any(r.trajectory.caching for r in requests)  # the full graph's features, for requests that cache
+        keep = any(r.started.caching for r in requests)  # the full graph's features, for requests that cache
         try:
             t0 = time.perf_counter()
             call = self.pipeline.denoise(merged, keep)
@@ -553,12 +570,12 @@ class DiffusionEngine:
                     **await self._unet(requests[half:], inputs, record_outage)}
         offset, result = 0, {}
         for r in requests:
-            rows = slice(offset, offset + r.trajectory.rows)
+            rows = slice(offset, offset + r.started.rows)
             # A caching request keeps a copy of its own rows: a view would keep the whole call's
             # features (every row of it, [rows, C_f, h, w]) alive until its next full step.
-            own = features[rows].copy() if features is not None and r.trajectory.caching else None
+            own = features[rows].copy() if features is not None and r.started.caching else None
             result[r] = (noise_pred[rows], own)
-            offset += r.trajectory.rows
+            offset += r.started.rows
         return result
 
     def _observe_cost(self, bucket, rows: int, seconds: float) -> None:
@@ -571,18 +588,18 @@ class DiffusionEngine:
         """The x0 estimate, decoded, every `preview_every` steps for streaming clients.
         A preview that fails fails its request; one that meets an outage is skipped."""
         wanted = [r for r in batch.requests if r.preview_every and not r.status.finished
-                  and not r.trajectory.done and r.trajectory.steps_done % r.preview_every == 0
-                  and r.trajectory.pred_original_sample is not None]
+                  and not r.started.done and r.started.steps_done % r.preview_every == 0
+                  and r.started.pred_original_sample is not None]
         for r in wanted:
             try:
                 images = await self._backend(self.pipeline.decode(
-                    r.trajectory.decoder_input(r.trajectory.pred_original_sample)))
+                    r.started.decoder_input(r.started.pred_original_sample)))
             except BackendUnavailable:
                 return
             except Exception as exc:
                 self._fail(r, exc)
                 continue
-            r.emit("preview", step=r.trajectory.steps_done, images=images)
+            r.emit("preview", step=r.started.steps_done, images=images)
 
     # -- stage 4: decoding ---------------------------------------------------------------
     async def _decode(self) -> bool:
@@ -600,7 +617,7 @@ class DiffusionEngine:
             latents = {}
             for r in group:
                 try:
-                    latents[r] = r.trajectory.decoder_input()
+                    latents[r] = r.started.decoder_input()
                 except Exception as exc:
                     self._fail(r, exc)
             group = list(latents)

@@ -59,8 +59,17 @@ class EngineRequest:
     last_turn: int = 0  # the scheduler's iteration in which it last took a step (the fair policy's aging)
 
     @property
-    def shape(self) -> tuple[int, int]:
-        """The shape bucket: requests of one bucket can share a U-Net call."""
+    def started(self) -> Trajectory:
+        """Its trajectory, which the engine starts before it schedules the request for a step
+        and drops when the request finishes."""
+        if self.trajectory is None:
+            raise RuntimeError(f"engine request {self.id} has no trajectory ({self.status.name})")
+        return self.trajectory
+
+    @property
+    def shape(self) -> tuple[int | None, int | None]:
+        """The shape bucket: requests of one bucket can share a U-Net call (None: the model's
+        native size)."""
         return (self.request.height, self.request.width)
 
     @property

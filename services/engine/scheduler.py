@@ -169,20 +169,20 @@ class StepScheduler:
             self.served = {running[0].tenant: self.served.get(running[0].tenant, 0.0)}
         else:
             order = self._fair_order(running, now)
-            starving = sorted((r for r in order if r.trajectory.steps_done
+            starving = sorted((r for r in order if r.started.steps_done
                                and self.iteration - r.last_turn > MAX_STEP_GAP), key=lambda r: (r.last_turn, r.arrival))
             if starving:  # the progress guarantee first (MAX_STEP_GAP), in its own bucket
                 ids = {id(r) for r in starving}
                 order = starving + [r for r in order if id(r) not in ids]
         head = order[0]
-        waiting = sum(r.trajectory.rows for r in running if self.can_share(head, r))
+        waiting = sum(r.started.rows for r in running if self.can_share(head, r))
         target = min(self.max_batch_rows, self.cost.target_rows(head.shape, waiting))
         first_step_rows, first_step_cap = 0, max(1, int(target * FIRST_STEP_SHARE))
         for r in order:
-            rows = r.trajectory.rows
+            rows = r.started.rows
             if not self.can_share(head, r) or (batch.requests and batch.rows + rows > target):
                 continue
-            if self.policy == "fair" and r.trajectory.steps_done == 0:
+            if self.policy == "fair" and r.started.steps_done == 0:
                 if batch.requests and first_step_rows + rows > first_step_cap:
                     continue  # waits for its turn by virtual deadline, or the next iteration
                 first_step_rows += rows
@@ -192,7 +192,7 @@ class StepScheduler:
             r.last_turn = self.iteration
         if self.policy == "fair":
             for r in batch.requests:
-                self.served[r.tenant] = self.served.get(r.tenant, 0.0) + r.trajectory.rows
+                self.served[r.tenant] = self.served.get(r.tenant, 0.0) + r.started.rows
         return batch
 
     def can_share(self, head: EngineRequest, r: EngineRequest) -> bool:
@@ -210,7 +210,7 @@ class StepScheduler:
             return iteration_s[r.shape]
 
         def key(r):
-            t = r.trajectory
+            t = r.started
             left = t.num_steps - t.steps_done
             if t.steps_done == 0:
                 return (0, r.arrival)
@@ -227,7 +227,8 @@ class StepScheduler:
             return next(iter(by_tenant.values()))
         self.served = {t: self.served.get(t, 0.0) for t in by_tenant}  # a tenant that left starts over
         turns = sorted(by_tenant, key=lambda t: (self.served[t], t))
-        order, depth = [], 0
+        order: list[EngineRequest] = []
+        depth = 0
         while len(order) < len(running):
             for t in turns:
                 if depth < len(by_tenant[t]):
@@ -245,7 +246,7 @@ class StepScheduler:
         for r in batch.requests:
             if r.status.finished:  # failed during the step: it leaves at prune()
                 continue
-            if r.trajectory.done:
+            if r.started.done:
                 r.status = RequestStatus.DECODING
                 finished.append(r)
         return finished
@@ -268,7 +269,7 @@ class StepScheduler:
             elif now > r.deadline and outage is None:
                 r.finish(RequestStatus.FINISHED_TIMEOUT)
                 gone.append(r)
-            elif now > r.deadline:
+            elif now > r.deadline and outage is not None:
                 r.finish(RequestStatus.FINISHED_ERROR, BackendUnavailable(
                     f"the backend was unavailable until the request's deadline passed: {outage.message}",
                     retry_after_s=outage.retry_after_s))

@@ -316,7 +316,9 @@ class Trajectory:
         # Timesteps (img2img and inpainting start part-way, at `strength`).
         self.scheduler = make_scheduler(req.scheduler, spec.scheduler_config)
         denoiser.set_timesteps(self.scheduler, req.num_inference_steps, latent_shape)
-        self.timesteps = self.scheduler.timesteps
+        if self.scheduler.timesteps is None:
+            raise RuntimeError(f"{type(self.scheduler).__name__}.set_timesteps set no schedule")
+        self.timesteps: np.ndarray = self.scheduler.timesteps
         if req.init_image is not None:
             self.timesteps = img2img_timesteps(self.scheduler, req.num_inference_steps, req.strength,
                                                spec.strength_rounding)
@@ -373,7 +375,7 @@ class Trajectory:
         if self.req.controlnet:
             inputs.update(control_rows(self.req.controlnet, self.req.guess_mode, self.steps_done, self.num_steps,
                                        len(self.latents), self.do_cfg))
-        if self.shallow:
+        if self.shallow and self.deep_features is not None:  # (shallow implies features; said for the type)
             inputs[DEEP_FEATURES] = self.deep_features
         return inputs
 
@@ -390,8 +392,9 @@ class Trajectory:
             noise_pred = uncond + np.float32(self.req.guidance_scale) * (cond - uncond)
         out = self.scheduler.step(noise_pred, t, self.latents, generator=self.rngs)
         self.latents, self.pred_original_sample = out.prev_sample, out.pred_original_sample
-        if self.mask is not None:
-            # Latent blending: outside the mask, the original image noised to the next level.
+        if self.mask is not None and self.image_latents is not None and self.noise is not None:
+            # Latent blending (inpainting, which always starts from an image): outside the mask,
+            # the original image noised to the next level.
             known = self.image_latents
             if i < self.num_steps - 1:
                 known = self.scheduler.add_noise(self.image_latents, self.noise, self.timesteps[i + 1:i + 2])
@@ -468,7 +471,11 @@ class DiffusionPipeline:
         wanted = [self.spec.output_name]
         if keep_features and not shallow:
             wanted.append(DEEP_FEATURES)
-        model = self.spec.shallow_denoiser if shallow else self.spec.denoiser
+        model = self.spec.denoiser
+        if shallow:
+            if self.spec.shallow_denoiser is None:
+                raise ValueError(f"{self.spec.name}: rows with deep features, but no shallow U-Net is served")
+            model = self.spec.shallow_denoiser
         if shallow:  # it may not read every input of the full graph (the text, without cross attention)
             inputs = {t.name: inputs[t.name] for t in self.backend.models()[model].inputs}
         elif self.control is not None:  # the ControlNets' residuals (zeros for rows without control)

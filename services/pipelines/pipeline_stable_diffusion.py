@@ -144,10 +144,11 @@ class StableDiffusionPipeline(DiffusionPipeline):
     def __init__(self, backend: InferenceBackend, models: StableDiffusionModels):
         adapters = pipeline_adapters(backend, models.name, backend.models()[models.unet],
                                      (models.unet, models.text_encoder))
-        super().__init__(backend, models.spec(), ClipConditioner(backend, models, adapters))
+        conditioner = ClipConditioner(backend, models, adapters)
+        super().__init__(backend, models.spec(), conditioner)
         self.adapters = adapters
         self.models = models
-        self.tokenizer = self.conditioner.tokenizer
+        self.tokenizer = conditioner.tokenizer
         unet = backend.models()[models.unet]
         if ControlNets.accepts(unet):  # a U-Net exported with ControlNet residual inputs
             self.control = ControlNets(backend, unet, discover_controlnets(backend.models(), models.name))

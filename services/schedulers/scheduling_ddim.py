@@ -27,6 +27,8 @@ class DDIMScheduler(SchedulerMixin):
     One instance follows one trajectory at a time; `set_timesteps` starts a new one.
     """
 
+    timesteps: np.ndarray  # set from the constructor on
+
     def __init__(
         self,
         num_train_timesteps: int = 1000,

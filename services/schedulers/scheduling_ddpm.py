@@ -29,6 +29,8 @@ class DDPMScheduler(SchedulerMixin):
     and log variances, thresholding, the sigmoid/laplace beta schedules, custom timesteps.
     """
 
+    timesteps: np.ndarray  # set from the constructor on
+
     def __init__(
         self,
         num_train_timesteps: int = 1000,

@@ -55,6 +55,16 @@ class SchedulerMixin:
 
     order = 1
     config: SchedulerConfig
+    timesteps: np.ndarray | None  # the schedule set_timesteps chose; None before, where there is no default
+
+    def step(self, model_output: np.ndarray, timestep: Any, sample: np.ndarray,
+             generator: Generators = None) -> SchedulerOutput:
+        """One denoising step (each scheduler's own update rule)."""
+        raise NotImplementedError
+
+    def add_noise(self, original_samples: np.ndarray, noise: np.ndarray, timesteps: Any) -> np.ndarray:
+        """The forward process at `timesteps` (image-to-image's starting latents)."""
+        raise NotImplementedError
 
     @property
     def init_noise_sigma(self) -> float:
