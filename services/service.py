@@ -94,14 +94,14 @@ class GenServe:
         from services.engine.engine import DiffusionEngine, EngineConfig
         from services.engine.memory import engine_max_rows
         from services.engine.prompt_cache import PromptCache
-        from services.memory import MemoryGuard, tune_allocator
+        from services.memory import MemoryGuard, limit_arenas
         from services.metrics import service_metrics
         from services.pipelines import diffusion_pipelines
         from services.ratelimit import RateLimiter
         from services.runtime import create_backend
 
         log.setLevel(logging.INFO)  # request ids in the log, beside BentoML's access log
-        tune_allocator()  # before the worker threads that run models exist (services.memory)
+        limit_arenas()  # before the worker threads that run models exist (services.memory)
         settings = Settings.from_env()
         metrics = service_metrics()
         install_error_handlers(app, on_error=lambda path, code: metrics.errors.labels(path, code).inc())

@@ -73,12 +73,12 @@ HELD_AFTER_CALLS = """
 import asyncio, sys
 from pathlib import Path
 import numpy as np
-from services.memory import rss_bytes, trim, tune_allocator
+from services.memory import limit_arenas, rss_bytes, trim
 from services.pipelines.pipeline_image_to_image import ImageToImagePipeline
 from services.runtime.onnxruntime_backend import OnnxRuntimeBackend
 from services.runtime.repository import ModelRepository
 
-tune_allocator()  # as the service does
+limit_arenas()  # as the service does
 p = ImageToImagePipeline(OnnxRuntimeBackend(ModelRepository(Path(sys.argv[1]))), "esrgan")
 asyncio.run(p.calibrate())
 trim()
