@@ -22,7 +22,7 @@ PIPELINE, CONTROLNET = "sd_digits", "outline"
 
 def generate(repository: Path, controls: np.ndarray | None, count: int, steps: int = 20) -> np.ndarray:
     """[count, C, H, W] images in [-1, 1]: request i with seed i, and control image i when given."""
-    from services.engine.engine import DiffusionEngine
+    from services.engine.engine import DiffusionEngine, EngineConfig
     from services.pipelines.controlnet import ControlUnit
     from services.pipelines.pipeline_stable_diffusion import DiffusionRequest, pipelines
     from services.runtime.onnxruntime_backend import OnnxRuntimeBackend
@@ -31,7 +31,7 @@ def generate(repository: Path, controls: np.ndarray | None, count: int, steps: i
     pipeline = pipelines(OnnxRuntimeBackend(ModelRepository(repository)))[PIPELINE]
 
     async def run():
-        engine = DiffusionEngine(pipeline, max_batch_rows=32, max_queued_image_steps=10**7)
+        engine = DiffusionEngine(pipeline, EngineConfig(max_batch_rows=32, max_queued_image_steps=10**7))
         units = (lambda i: [ControlUnit(CONTROLNET, controls[i])]) if controls is not None else (lambda i: [])
         out = await asyncio.gather(*(engine.generate(DiffusionRequest(
             prompt="", guidance_scale=1.0, num_inference_steps=steps, scheduler="ddim", seed=i,
