@@ -67,7 +67,7 @@ def tile_starts(side: int, tile: int, overlap: int) -> list[int]:
         return [0]
     stride = tile - overlap
     starts = list(range(0, side - tile, stride))
-    return starts + [side - tile]
+    return [*starts, side - tile]
 
 
 def ramp(length: int, fade: int, fade_start: bool, fade_end: bool) -> np.ndarray:

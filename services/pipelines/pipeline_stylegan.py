@@ -13,6 +13,7 @@ Graphs and files: export/stylegan.py.
 
 from __future__ import annotations
 
+import itertools
 import json
 from dataclasses import dataclass, field
 
@@ -127,7 +128,7 @@ class StyleGANPipeline:
         pairs = [self.seed_latents(s, label) for s, label in zip(seeds, labels)]
         t = np.linspace(0.0, 1.0, frames)
         zs, cs = [], []
-        for i, ((za, la), (zb, lb)) in enumerate(zip(pairs, pairs[1:])):
+        for i, ((za, la), (zb, lb)) in enumerate(itertools.pairwise(pairs)):
             keep = slice(None) if i == 0 else slice(1, None)  # segments share their ends
             zs.append(slerp(za, zb, t)[keep])
             if self.info.c_dim:
@@ -141,7 +142,7 @@ class StyleGANPipeline:
         """w [K, w_dim] -> lerp segments between consecutive rows, ends shared: [(K-1)(frames-1)+1, w_dim]."""
         t = np.linspace(0.0, 1.0, frames, dtype=np.float32)[:, None]
         parts = [((1 - t) * a + t * b)[slice(None) if i == 0 else slice(1, None)]
-                 for i, (a, b) in enumerate(zip(w, w[1:]))]
+                 for i, (a, b) in enumerate(itertools.pairwise(w))]
         out = np.concatenate(parts).astype(np.float32)
         return out
 
