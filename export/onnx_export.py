@@ -14,9 +14,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-log = logging.getLogger(__name__)
-
 from export.errors import ParityError
+
+log = logging.getLogger(__name__)
 
 OPSET = 17
 

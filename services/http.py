@@ -94,7 +94,7 @@ async def parse_body(request: Request, model: type[BaseModel]) -> BaseModel:
             data = json.loads(raw)
         except (ValueError, RecursionError):  # RecursionError: nesting deeper than the parser goes
             raise RequestValidationError([{"loc": ("body",), "msg": "body is not valid JSON (UTF-8, "
-                                           "nested at most a few hundred levels)", "type": "json_invalid"}])
+                                           "nested at most a few hundred levels)", "type": "json_invalid"}]) from None
         return model.model_validate(data)
     except ValidationError as exc:
         raise RequestValidationError(exc.errors(include_url=False)) from None
