@@ -194,7 +194,8 @@ def main(argv: list[str] | None = None) -> int:
         description="Export a ControlNet (SD 1.x/2.x) as <pipeline>_controlnet_<name>, checked against the "
                     "pipeline's U-Net (which must have been exported with its ControlNet inputs) and verified "
                     "against PyTorch. Requests name it in `controlnet: [{\"model\": name, ...}]`.")
-    controlnet.add_argument("--folder", type=Path, required=True, help="the ControlNetModel folder (config.json + weights)")
+    controlnet.add_argument("--folder", type=Path, required=True,
+                            help="the ControlNetModel folder (config.json + weights)")
     controlnet.add_argument("--pipeline", required=True, help="the SD pipeline it controls")
     controlnet.add_argument("--name", help="its name in requests (default: the folder's name)")
     ExportOptions.add_arguments(controlnet)

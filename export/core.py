@@ -247,7 +247,8 @@ class GraphExporter:
         options, dtype = self.options, precision or self.options.graphs.dtype
         model_dir, say = self.model_dir(role), self._progress
         with measured() as cost:
-            native = {k: v.shape[1:] for k, v in make_inputs(1, activation.native).items()}  # warm up at the native size
+            # warm up at the native size
+            native = {k: v.shape[1:] for k, v in make_inputs(1, activation.native).items()}
             say(f"exporting {role} ...")
             spec = ModelConfigSpec(
                 name=f"{self.name}_{role}", inputs=inputs, outputs=outputs,

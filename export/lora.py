@@ -259,7 +259,8 @@ def store_adapter(adapter: Adapter, repository: Path, pipeline: str, name: str, 
     tensors, entries = {}, []
     for layer in adapter.layers:
         if layer.component not in targets:
-            raise UnsupportedAdapter(f"{layer.component}.{layer.module}: pipeline {pipeline!r} has no {layer.component} graph")
+            raise UnsupportedAdapter(
+                f"{layer.component}.{layer.module}: pipeline {pipeline!r} has no {layer.component} graph")
         graph, graph_nodes = targets[layer.component]
         target = _match(layer, graph_nodes, graph)
         key = f"{graph}:{target.node}"
@@ -270,8 +271,9 @@ def store_adapter(adapter: Adapter, repository: Path, pipeline: str, name: str, 
             down, up = down[:, :, 0, 0], up[:, :, 0, 0]
         tensors[f"{key}:down"] = np.ascontiguousarray(down)
         tensors[f"{key}:up"] = np.ascontiguousarray(up)
-        entries.append({"graph": graph, "node": target.node, "weight": target.weight, "module": f"{layer.component}.{layer.module}",
-                        "kind": target.kind, "rank": layer.rank, "alpha": layer.alpha, "scale": layer.scale,
+        entries.append({"graph": graph, "node": target.node, "weight": target.weight,
+                        "module": f"{layer.component}.{layer.module}", "kind": target.kind, "rank": layer.rank,
+                        "alpha": layer.alpha, "scale": layer.scale,
                         "in_features": target.in_features, "out_features": target.out_features,
                         "kernel": list(down.shape[2:])})
     folder = unet_dir / ADAPTERS_FOLDER / name
@@ -301,8 +303,10 @@ def add_parsers(sub) -> None:
     """`python -m export lora` (store an adapter) and `python -m export lora-slots` (graphs that
     serve adapters, see add_adapter_slots)."""
     lora = sub.add_parser("lora", help="store a LoRA adapter (diffusers/PEFT or kohya-ss format) for a pipeline")
-    lora.add_argument("--pipeline", required=True, help="the exported pipeline's name (<pipeline>_unet in the repository)")
-    lora.add_argument("--weights", type=Path, required=True, help="the LoRA file as published (.safetensors or torch file)")
+    lora.add_argument("--pipeline", required=True,
+                      help="the exported pipeline's name (<pipeline>_unet in the repository)")
+    lora.add_argument("--weights", type=Path, required=True,
+                      help="the LoRA file as published (.safetensors or torch file)")
     lora.add_argument("--name", required=True, help="the adapter's name in requests")
     lora.add_argument("--repository", type=Path, default=Path("model_repository"))
     slots = sub.add_parser("lora-slots", help="write the pipeline's U-Net and text encoder with adapter slots")

@@ -232,7 +232,8 @@ def _compact_state_dict(graph: NcnnGraph) -> dict[str, torch.Tensor]:
     (shuffle,) = graph.of_type("PixelShuffle")
     scale = int(shuffle.param(0, 1))
     interps = graph.of_type("Interp")
-    nearest = [i for i in interps if int(i.param(0)) == NEAREST and float(i.param(1, 1)) == float(i.param(2, 1)) == scale]
+    nearest = [i for i in interps
+               if int(i.param(0)) == NEAREST and float(i.param(1, 1)) == float(i.param(2, 1)) == scale]
     if len(nearest) != 1 or not graph.of_type("BinaryOp"):
         raise NcnnError(f"{graph.param_path}: a Compact network adds the input upsampled x{scale} (nearest) to its "
                         f"output; this graph does not")

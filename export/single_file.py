@@ -129,8 +129,8 @@ def clip_bpe_files() -> tuple[dict[str, int], list[str]]:
     spec = importlib.util.find_spec("open_clip")
     table = Path(next(iter(spec.submodule_search_locations))) / "bpe_simple_vocab_16e6.txt.gz" if spec else None
     if table is None or not table.is_file():
-        raise SingleFileError("the CLIP tokenizer's vocabulary comes from open_clip_torch's bpe_simple_vocab_16e6.txt.gz "
-                              "(requirements-pretrained.txt; make install installs it)")
+        raise SingleFileError("the CLIP tokenizer's vocabulary comes from open_clip_torch's "
+                              "bpe_simple_vocab_16e6.txt.gz (requirements-pretrained.txt; make install installs it)")
     merges = gzip.open(table).read().decode("utf-8").split("\n")[1:49152 - 256 - 2 + 1]
     byte_chars = _bytes_to_unicode()
     tokens = byte_chars + [c + "</w>" for c in byte_chars] + ["".join(m.split()) for m in merges]

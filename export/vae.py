@@ -100,7 +100,8 @@ def export_vae_graphs(export, vae, rng, latent_channels: int, image_channels: in
     export("vae_encoder", VAEEncoderGraph(vae),
            lambda b, grid: {"sample": rng.uniform(-1, 1, (b, ic, grid[0] * scale, grid[1] * scale))
                             .astype(np.float32)},
-           [TensorSpec("sample", "float32", (ic, -1, -1))], [TensorSpec("latent_parameters", "float32", (2 * c, -1, -1))],
+           [TensorSpec("sample", "float32", (ic, -1, -1))],
+           [TensorSpec("latent_parameters", "float32", (2 * c, -1, -1))],
            {"sample": spatial, "latent_parameters": spatial}, parameters, atol=1e-3, delay_us=2000,
            activation=activation, precision=precision, **extra.get("vae_encoder", {}))
 
