@@ -47,8 +47,8 @@ def discover(models: dict[str, ModelSpec]) -> dict[str, StyleGANInfo]:
         if {"mapping", "synthesis"} - set(parts):
             raise ValueError(f"StyleGAN model {name!r} lacks {sorted({'mapping', 'synthesis'} - set(parts))}")
         mapping = parts["mapping"]
-        w_avg = np.asarray(json.loads((mapping.model_dir / "w_avg.json").read_text())["w_avg"], np.float32)
-        directions_file = mapping.model_dir / "directions.json"
+        w_avg = np.asarray(json.loads(mapping.file("w_avg.json").read_text())["w_avg"], np.float32)
+        directions_file = mapping.file("directions.json")
         directions = {k: np.asarray(v, np.float32) for k, v in
                       json.loads(directions_file.read_text())["directions"].items()} if directions_file.exists() else {}
         found[name] = StyleGANInfo(
@@ -96,6 +96,8 @@ class StyleGANPipeline:
         """z [N, z_dim] (and c [N, c_dim]) -> w [N, w_dim], untruncated."""
         feeds = {"z": z.astype(np.float32)}
         if self.info.c_dim:
+            if c is None:
+                raise ValueError(f"{self.info.mapping} is conditional: its mapping needs c [N, {self.info.c_dim}]")
             feeds["c"] = c.astype(np.float32)
         return (await self.backend.infer(self.info.mapping, feeds))["w"]
 
