@@ -124,11 +124,12 @@ def export_demos(repository: Path, target: DeploymentTarget) -> list[str]:
     if folder is None:
         lines += [f"{name}: skipped, {NCNN_PACKAGE} is not installed (the export extra has it)"
                   for name in DEMO_NCNN.values()]
-    for stem, name in DEMO_NCNN.items() if folder else ():
-        start = time.perf_counter()
-        report = export_sr(folder / f"{stem}.param", repository, name, target=target, license=NCNN_LICENSE)
-        lines.append(f"{name}: {report.facts.architecture} x{report.facts.scale} from ncnn files, verified, max abs "
-                     f"error {report.max_abs_error:.2e} ({time.perf_counter() - start:.1f}s)")
+    else:
+        for stem, name in DEMO_NCNN.items():
+            start = time.perf_counter()
+            report = export_sr(folder / f"{stem}.param", repository, name, target=target, license=NCNN_LICENSE)
+            lines.append(f"{name}: {report.facts.architecture} x{report.facts.scale} from ncnn files, verified, "
+                         f"max abs error {report.max_abs_error:.2e} ({time.perf_counter() - start:.1f}s)")
     for checkpoint, name in DEMO_TRANSLATORS.items():
         meta = checkpoint.with_suffix(".json")
         if checkpoint.exists() and meta.exists():

@@ -32,6 +32,7 @@ import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -256,7 +257,8 @@ def store_adapter(adapter: Adapter, repository: Path, pipeline: str, name: str, 
         onnx_path = repository / graph / "1" / "model.onnx"
         if onnx_path.exists():
             targets[component] = (graph, graph_targets(onnx_path, graph))
-    tensors, entries = {}, []
+    tensors: dict[str, np.ndarray] = {}
+    entries: list[dict[str, Any]] = []  # the manifest's, as JSON
     for layer in adapter.layers:
         if layer.component not in targets:
             raise UnsupportedAdapter(

@@ -91,9 +91,9 @@ def load_pipeline_components(folder: Path):
 def fast_tokenizer_json(folder: Path, dest: Path, subfolder: str = "tokenizer") -> dict:
     """Writes tokenizer.json (the folder's, or converted from vocab.json/merges.txt) and
     returns the facts the pipeline needs (max length, pad/bos/eos ids)."""
-    from transformers import CLIPTokenizerFast
+    from transformers import CLIPTokenizer  # transformers 5: the tokenizers-backed one (CLIPTokenizerFast aliases it)
 
-    tokenizer = CLIPTokenizerFast.from_pretrained(folder / subfolder)
+    tokenizer = CLIPTokenizer.from_pretrained(folder / subfolder)
     with tempfile.TemporaryDirectory() as tmp:
         tokenizer.save_pretrained(tmp)
         shutil.copy(Path(tmp) / "tokenizer.json", dest / "tokenizer.json")

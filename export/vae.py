@@ -150,7 +150,7 @@ def export_vae(
                          "the VAE graphs assume one image channel count")
     facts = vae_facts(config)
     scale, c_img, c_lat = facts.vae_scale_factor, facts.image_channels, facts.latent_channels
-    height, width = facts.native_height, facts.native_width
+    height, width = sample_size_hw(config.sample_size, "the VAE's config.json")  # as vae_facts reads it
     # force_upcast: a record of the folder's setting ("True"/"False"), not read by services
     params = facts.to_parameters() | {"genserve.force_upcast": str(bool(getattr(config, "force_upcast", True)))}
     if height % scale or width % scale:
