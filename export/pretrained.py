@@ -57,8 +57,9 @@ PACKAGED_GANS = {
 }
 
 
-def packaged_gan_exports(repository: Path, target, tensorrt: bool = False,
-                         ) -> list[tuple[str, Callable[[], ExportReport]]]:
+def packaged_gan_exports(
+    repository: Path, target, tensorrt: bool = False
+) -> list[tuple[str, Callable[[], ExportReport]]]:
     """(name, export callable) for each packaged GAN that is installed, as `export demo` runs
     them; a missing package is said on stderr and left out (the digit demos still build)."""
     import sys

@@ -75,8 +75,6 @@ W_AVG_SAMPLES = 10_000
 NvidiaGenerator = Any
 
 
-
-
 @dataclass
 class StyleGANExportReport:
     mapping_dir: Path
