@@ -33,13 +33,19 @@ import json
 import logging
 import sys
 import time
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from export import image_to_image_cli, lora
 from export.core import ExportOptions
 from export.errors import run_command
 from export.verification import DTYPES, VERIFY_MODES
+
+if TYPE_CHECKING:
+    from export.gan import ExportReport
+    from export.stylegan import StyleGANExportReport
 
 # Demo checkpoints committed in zoo/checkpoints and the model names they serve under.
 CHECKPOINTS = Path(__file__).resolve().parents[1] / "zoo" / "checkpoints"
@@ -65,7 +71,7 @@ def add_state_dict_key(p) -> None:
 def _glue_negative_values(argv: list[str]) -> list[str]:
     """`--output-range -1,1` -> `--output-range=-1,1`: argparse takes a value that starts with '-'
     (and is no plain negative number) for an option and would refuse the range."""
-    out = []
+    out: list[str] = []
     for arg in argv:
         if out and out[-1] == "--output-range" and arg.startswith("-"):
             out[-1] = f"--output-range={arg}"
@@ -194,7 +200,8 @@ def main(argv: list[str] | None = None) -> int:
         description="Export a ControlNet (SD 1.x/2.x) as <pipeline>_controlnet_<name>, checked against the "
                     "pipeline's U-Net (which must have been exported with its ControlNet inputs) and verified "
                     "against PyTorch. Requests name it in `controlnet: [{\"model\": name, ...}]`.")
-    controlnet.add_argument("--folder", type=Path, required=True, help="the ControlNetModel folder (config.json + weights)")
+    controlnet.add_argument("--folder", type=Path, required=True,
+                            help="the ControlNetModel folder (config.json + weights)")
     controlnet.add_argument("--pipeline", required=True, help="the SD pipeline it controls")
     controlnet.add_argument("--name", help="its name in requests (default: the folder's name)")
     ExportOptions.add_arguments(controlnet)
@@ -238,8 +245,9 @@ def _export(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         from export.tensorrt import require_tensorrt
 
         require_tensorrt()
-    gans, pipelines = [], []  # pipelines: (folder, name, family or None to detect)
-    stylegans = []  # (name, export callable) -> StyleGANExportReport
+    gans: list[tuple[str, Callable[[], ExportReport]]] = []
+    pipelines: list[tuple[Path | None, str, str | None]] = []  # (folder, name, family or None to detect)
+    stylegans: list[tuple[str, Callable[[], StyleGANExportReport]]] = []
     if args.command == "gan" and args.module is not None:
         gans = [(args.name, partial(
             export_gan_module, args.module, args.weights, args.repository, args.name, args.latent_dim,
@@ -272,11 +280,11 @@ def _export(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         report = export()
         print(f"{name}: {report.onnx_path} verified, max abs error {report.max_abs_error:.2e} "
               f"({time.perf_counter() - start:.1f}s)")
-    for name, export in stylegans:
+    for name, export_pair in stylegans:
         start = time.perf_counter()
-        report = export()
-        errors = ", ".join(f"{k} {v:.2e}" for k, v in report.max_abs_error.items())
-        print(f"{name}: {report.mapping_dir.name} + {report.synthesis_dir.name} verified, max abs error "
+        pair = export_pair()
+        errors = ", ".join(f"{k} {v:.2e}" for k, v in pair.max_abs_error.items())
+        print(f"{name}: {pair.mapping_dir.name} + {pair.synthesis_dir.name} verified, max abs error "
               f"{errors} ({time.perf_counter() - start:.1f}s)")
     for folder, name, family in pipelines:
         start = time.perf_counter()

@@ -118,6 +118,8 @@ def _base_unet(repository: Path, pipeline: str):
 def check_fits(controlnet, layout, unet_spec) -> None:
     """The ControlNet's residuals, latent channels and text width must be the base U-Net's."""
     facts = UNetFacts.from_spec(unet_spec)
+    if facts.controlnet_residuals is None:  # _base_unet refuses such a U-Net first
+        raise ControlNetExportError(f"{unet_spec.name}: exported without ControlNet inputs")
     base = parse_layout(facts.controlnet_residuals)
     if [(c, f) for _, c, f in layout] != [(c, f) for _, c, f in base]:
         raise ControlNetExportError(
@@ -155,7 +157,7 @@ def export_controlnet(folder: Path, repository: Path, pipeline: str, name: str |
     check_fits(controlnet, layout, unet_spec)
     unet = UNetFacts.from_spec(unet_spec)
     latent_c, (length, hidden) = unet_spec.input("sample").dims[0], unet_spec.input("encoder_hidden_states").dims
-    scale = unet.vae_scale_factor
+    scale = unet.vae_scale_factor or 1  # None: a pixel-space U-Net (UNetFacts reads it so too)
     h, w = unet.native_height // scale, unet.native_width // scale  # native latent size
     cond_c = controlnet.config.conditioning_channels
     rng = np.random.default_rng(0)

@@ -22,7 +22,9 @@ import hashlib
 import shutil
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -247,7 +249,8 @@ class GraphExporter:
         options, dtype = self.options, precision or self.options.graphs.dtype
         model_dir, say = self.model_dir(role), self._progress
         with measured() as cost:
-            native = {k: v.shape[1:] for k, v in make_inputs(1, activation.native).items()}  # warm up at the native size
+            # warm up at the native size
+            native = {k: v.shape[1:] for k, v in make_inputs(1, activation.native).items()}
             say(f"exporting {role} ...")
             spec = ModelConfigSpec(
                 name=f"{self.name}_{role}", inputs=inputs, outputs=outputs,
@@ -267,7 +270,7 @@ class GraphExporter:
                                    verification_budget(weight_bytes) if budget is None else budget)
                 planned.extend(plan.checks)
                 skipped.extend(plan.skipped)
-                return [ParityCheck(lambda c=c: make_inputs(c.batch, c.grid), c.describe()) for c in plan.checks]
+                return [ParityCheck(partial(make_inputs, c.batch, c.grid), c.describe()) for c in plan.checks]
 
             if tensorrt_profile is not None:
                 from export.tensorrt import precision_for
@@ -359,7 +362,7 @@ def convert_to_fp16(path: Path, external: bool) -> bool:
     return external
 
 
-def sha256(path: Path) -> str:
+def sha256(path: str | Path) -> str:
     """The weights' digest, recorded in the config (genserve.source_sha256) as their provenance."""
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
@@ -373,6 +376,7 @@ def load_fp32(cls, path: Path):
     Loaded with low_cpu_mem_usage (diffusers, through accelerate; transformers 5 always): the
     module is built without weights and the checkpoint's tensors are placed into it, so a 3.4 GB
     U-Net is not held twice (random initial weights plus the state dict) while it loads."""
+    kwargs: dict[str, Any]
     if cls.__module__.startswith("transformers"):
         kwargs = {"dtype": torch.float32}
     else:

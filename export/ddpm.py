@@ -160,7 +160,7 @@ def export_ddpm(
         dynamic["class_labels"] = {0: "batch"}
     outputs = [TensorSpec("noise_pred", "float32", (c_out, -1, -1))]
 
-    progress(f"[{name}] unet: {'%d classes' % num_classes if num_classes else 'unconditional'}, "
+    progress(f"[{name}] unet: {f'{num_classes} classes' if num_classes else 'unconditional'}, "
              f"{c_in}->{c_out} channels, {h}x{w}")
     parameters = UNetFacts(in_channels=c_in, out_channels=c_out, native_height=h, native_width=w,
                            size_multiple=size_multiple, num_classes=num_classes,

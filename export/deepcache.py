@@ -65,7 +65,7 @@ def shallow_forward(unet, sample, timestep, encoder_hidden_states, deep_features
         _, res = first(hidden_states=hidden, temb=emb)
     # The last up block takes conv_in's output and the first down block's resnet outputs (its
     # downsampler output feeds the deeper levels; the exporter drops that unused branch).
-    skips = ((hidden,) + tuple(res))[:len(last.resnets)]
+    skips = (hidden, *res)[:len(last.resnets)]
     if _cross(last):
         out = last(hidden_states=deep_features, temb=emb, res_hidden_states_tuple=skips,
                    encoder_hidden_states=encoder_hidden_states)

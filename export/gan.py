@@ -159,8 +159,11 @@ def export_gan(
     """Exports a zoo checkpoint (<name>.json + <name>.safetensors); the module knows its facts.
     `options`: the shared arguments (export.core.ExportOptions), or any of them as keywords."""
     from zoo.checkpoint import checkpoint_stem, load_checkpoint
+    from zoo.gan import DCGANGenerator
 
     generator = load_checkpoint(checkpoint)
+    if not isinstance(generator, DCGANGenerator):
+        raise GANExportError(f"{checkpoint} holds a {type(generator).__name__}, not a zoo GAN generator")
     s = generator.image_size
     facts = GeneratorFacts((generator.latent_dim,), generator.num_classes, generator.image_channels, s, s)
     source = {"genserve.source_sha256": sha256(checkpoint_stem(checkpoint).with_suffix(".safetensors"))}
@@ -347,12 +350,12 @@ def parse_output_range(text: str | tuple[float, float]) -> tuple[float, float]:
 
 def parse_latent_shape(latent_dim: int | None, latent_shape: str | tuple[int, ...] | None) -> tuple[int, ...]:
     """z's shape per image from --latent-dim N (a vector) or --latent-shape C,H,W (any rank)."""
-    if (latent_dim is None) == (latent_shape is None):
-        raise GANExportError("give z's shape once: --latent-dim N for a vector, or --latent-shape C,H,W for a map")
-    if latent_dim is not None:
+    if latent_dim is not None and latent_shape is None:
         if latent_dim < 1:
             raise GANExportError(f"--latent-dim must be at least 1, got {latent_dim}")
         return (int(latent_dim),)
+    if latent_shape is None or latent_dim is not None:
+        raise GANExportError("give z's shape once: --latent-dim N for a vector, or --latent-shape C,H,W for a map")
     if isinstance(latent_shape, str):
         try:
             shape = tuple(int(part) for part in latent_shape.split(","))

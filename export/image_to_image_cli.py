@@ -38,7 +38,8 @@ def published_ncnn_models() -> Path | None:
 
 def add_parsers(sub, add_state_dict_key) -> None:
     sr = sub.add_parser(
-        "sr", help="export a super-resolution checkpoint (ESRGAN, Real-ESRGAN, SPAN, SwinIR, ...) recognised by spandrel",
+        "sr",
+        help="export a super-resolution checkpoint (ESRGAN, Real-ESRGAN, SPAN, SwinIR, ...) recognised by spandrel",
         description="Export a super-resolution checkpoint as users bring it (.pth, .safetensors, ... read from "
                     "their content, or ncnn's .param/.bin). spandrel reads "
                     "the architecture, scale, channels and size requirements from the state dict; the graph takes "
@@ -121,12 +122,14 @@ def export_demos(repository: Path, target: DeploymentTarget) -> list[str]:
                          f"{report.max_abs_error:.2e} ({time.perf_counter() - start:.1f}s)")
     folder = published_ncnn_models()
     if folder is None:
-        lines += [f"{name}: skipped, {NCNN_PACKAGE} is not installed (the export extra has it)" for name in DEMO_NCNN.values()]
-    for stem, name in DEMO_NCNN.items() if folder else ():
-        start = time.perf_counter()
-        report = export_sr(folder / f"{stem}.param", repository, name, target=target, license=NCNN_LICENSE)
-        lines.append(f"{name}: {report.facts.architecture} x{report.facts.scale} from ncnn files, verified, max abs "
-                     f"error {report.max_abs_error:.2e} ({time.perf_counter() - start:.1f}s)")
+        lines += [f"{name}: skipped, {NCNN_PACKAGE} is not installed (the export extra has it)"
+                  for name in DEMO_NCNN.values()]
+    else:
+        for stem, name in DEMO_NCNN.items():
+            start = time.perf_counter()
+            report = export_sr(folder / f"{stem}.param", repository, name, target=target, license=NCNN_LICENSE)
+            lines.append(f"{name}: {report.facts.architecture} x{report.facts.scale} from ncnn files, verified, "
+                         f"max abs error {report.max_abs_error:.2e} ({time.perf_counter() - start:.1f}s)")
     for checkpoint, name in DEMO_TRANSLATORS.items():
         meta = checkpoint.with_suffix(".json")
         if checkpoint.exists() and meta.exists():

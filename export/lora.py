@@ -32,6 +32,7 @@ import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -256,10 +257,12 @@ def store_adapter(adapter: Adapter, repository: Path, pipeline: str, name: str, 
         onnx_path = repository / graph / "1" / "model.onnx"
         if onnx_path.exists():
             targets[component] = (graph, graph_targets(onnx_path, graph))
-    tensors, entries = {}, []
+    tensors: dict[str, np.ndarray] = {}
+    entries: list[dict[str, Any]] = []  # the manifest's, as JSON
     for layer in adapter.layers:
         if layer.component not in targets:
-            raise UnsupportedAdapter(f"{layer.component}.{layer.module}: pipeline {pipeline!r} has no {layer.component} graph")
+            raise UnsupportedAdapter(
+                f"{layer.component}.{layer.module}: pipeline {pipeline!r} has no {layer.component} graph")
         graph, graph_nodes = targets[layer.component]
         target = _match(layer, graph_nodes, graph)
         key = f"{graph}:{target.node}"
@@ -270,8 +273,9 @@ def store_adapter(adapter: Adapter, repository: Path, pipeline: str, name: str, 
             down, up = down[:, :, 0, 0], up[:, :, 0, 0]
         tensors[f"{key}:down"] = np.ascontiguousarray(down)
         tensors[f"{key}:up"] = np.ascontiguousarray(up)
-        entries.append({"graph": graph, "node": target.node, "weight": target.weight, "module": f"{layer.component}.{layer.module}",
-                        "kind": target.kind, "rank": layer.rank, "alpha": layer.alpha, "scale": layer.scale,
+        entries.append({"graph": graph, "node": target.node, "weight": target.weight,
+                        "module": f"{layer.component}.{layer.module}", "kind": target.kind, "rank": layer.rank,
+                        "alpha": layer.alpha, "scale": layer.scale,
                         "in_features": target.in_features, "out_features": target.out_features,
                         "kernel": list(down.shape[2:])})
     folder = unet_dir / ADAPTERS_FOLDER / name
@@ -301,8 +305,10 @@ def add_parsers(sub) -> None:
     """`python -m export lora` (store an adapter) and `python -m export lora-slots` (graphs that
     serve adapters, see add_adapter_slots)."""
     lora = sub.add_parser("lora", help="store a LoRA adapter (diffusers/PEFT or kohya-ss format) for a pipeline")
-    lora.add_argument("--pipeline", required=True, help="the exported pipeline's name (<pipeline>_unet in the repository)")
-    lora.add_argument("--weights", type=Path, required=True, help="the LoRA file as published (.safetensors or torch file)")
+    lora.add_argument("--pipeline", required=True,
+                      help="the exported pipeline's name (<pipeline>_unet in the repository)")
+    lora.add_argument("--weights", type=Path, required=True,
+                      help="the LoRA file as published (.safetensors or torch file)")
     lora.add_argument("--name", required=True, help="the adapter's name in requests")
     lora.add_argument("--repository", type=Path, default=Path("model_repository"))
     slots = sub.add_parser("lora-slots", help="write the pipeline's U-Net and text encoder with adapter slots")

@@ -204,7 +204,7 @@ def read_ncnn(param_path: str | Path, bin_path: str | Path | None = None) -> Ncn
 # --- recognising the architecture ----------------------------------------------------------
 
 
-def _activation(graph: NcnnGraph, conv: Layer) -> tuple[str, object]:
+def _activation(graph: NcnnGraph, conv: Layer) -> tuple[str, float | Layer | None]:
     """How a convolution's output is activated: fused into it, or by the one layer after it."""
     fused = int(conv.param(9))
     if fused == 1:
@@ -232,7 +232,8 @@ def _compact_state_dict(graph: NcnnGraph) -> dict[str, torch.Tensor]:
     (shuffle,) = graph.of_type("PixelShuffle")
     scale = int(shuffle.param(0, 1))
     interps = graph.of_type("Interp")
-    nearest = [i for i in interps if int(i.param(0)) == NEAREST and float(i.param(1, 1)) == float(i.param(2, 1)) == scale]
+    nearest = [i for i in interps
+               if int(i.param(0)) == NEAREST and float(i.param(1, 1)) == float(i.param(2, 1)) == scale]
     if len(nearest) != 1 or not graph.of_type("BinaryOp"):
         raise NcnnError(f"{graph.param_path}: a Compact network adds the input upsampled x{scale} (nearest) to its "
                         f"output; this graph does not")
@@ -251,7 +252,7 @@ def _compact_state_dict(graph: NcnnGraph) -> dict[str, torch.Tensor]:
                             f"; Compact has a PReLU after every convolution but the last")
         state[f"body.{2 * i}.weight"] = _tensor(conv.weights[0])
         state[f"body.{2 * i}.bias"] = _tensor(conv.weights[1] if len(conv.weights) > 1 else np.zeros(conv.param(0)))
-        if not last:
+        if isinstance(prelu, Layer):  # every convolution but the last (checked above)
             state[f"body.{2 * i + 1}.weight"] = _tensor(prelu.weights[0])
     return state
 

@@ -14,9 +14,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-log = logging.getLogger(__name__)
-
 from export.errors import ParityError
+
+log = logging.getLogger(__name__)
 
 OPSET = 17
 
@@ -55,7 +55,7 @@ def export_onnx(
             program = torch.onnx.export(module, (), kwargs=dict(example_inputs), dynamo=True, dynamic_shapes=shapes,
                                         input_names=names, output_names=list(output_names),
                                         opset_version=max(OPSET, 18), verbose=False)
-        program.save(str(path), external_data=large)
+        program.save(str(path), external_data=large)  # type: ignore[union-attr]  # stub: dynamo=True returns it
         return path
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")  # the exporter's deprecation chatter

@@ -10,8 +10,13 @@ installed by `make install` from requirements-pretrained.txt, without their own 
 from __future__ import annotations
 
 import importlib.util
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from export.gan import ExportReport
 
 
 @dataclass(frozen=True)
@@ -52,7 +57,9 @@ PACKAGED_GANS = {
 }
 
 
-def packaged_gan_exports(repository: Path, target, tensorrt: bool = False) -> list[tuple[str, object]]:
+def packaged_gan_exports(
+    repository: Path, target, tensorrt: bool = False
+) -> list[tuple[str, Callable[[], ExportReport]]]:
     """(name, export callable) for each packaged GAN that is installed, as `export demo` runs
     them; a missing package is said on stderr and left out (the digit demos still build)."""
     import sys
@@ -60,7 +67,7 @@ def packaged_gan_exports(repository: Path, target, tensorrt: bool = False) -> li
 
     from export.gan import export_gan_module
 
-    exports = []
+    exports: list[tuple[str, Callable[[], ExportReport]]] = []
     for name, gan in PACKAGED_GANS.items():
         folder = gan.folder()
         if folder is None:

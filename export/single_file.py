@@ -127,10 +127,11 @@ def clip_bpe_files() -> tuple[dict[str, int], list[str]]:
     """CLIP's vocabulary and merges, built from open_clip's BPE table the way CLIP builds them
     (open_clip is located, not imported: its import pulls torch and timm)."""
     spec = importlib.util.find_spec("open_clip")
-    table = Path(next(iter(spec.submodule_search_locations))) / "bpe_simple_vocab_16e6.txt.gz" if spec else None
+    locations = spec.submodule_search_locations if spec else None
+    table = Path(next(iter(locations))) / "bpe_simple_vocab_16e6.txt.gz" if locations else None
     if table is None or not table.is_file():
-        raise SingleFileError("the CLIP tokenizer's vocabulary comes from open_clip_torch's bpe_simple_vocab_16e6.txt.gz "
-                              "(requirements-pretrained.txt; make install installs it)")
+        raise SingleFileError("the CLIP tokenizer's vocabulary comes from open_clip_torch's "
+                              "bpe_simple_vocab_16e6.txt.gz (requirements-pretrained.txt; make install installs it)")
     merges = gzip.open(table).read().decode("utf-8").split("\n")[1:49152 - 256 - 2 + 1]
     byte_chars = _bytes_to_unicode()
     tokens = byte_chars + [c + "</w>" for c in byte_chars] + ["".join(m.split()) for m in merges]
@@ -140,12 +141,12 @@ def clip_bpe_files() -> tuple[dict[str, int], list[str]]:
 
 def _complete_tokenizers(folder: Path) -> None:
     """Writes vocab.json and merges.txt into each tokenizer folder that lacks them."""
-    vocab = merges = None
+    bpe: tuple[dict[str, int], list[str]] | None = None  # built once, for the first folder that needs it
     for tokenizer in sorted(folder.glob("tokenizer*")):
         if (tokenizer / "tokenizer.json").exists() or (tokenizer / "vocab.json").exists():
             continue
-        if vocab is None:
-            vocab, merges = clip_bpe_files()
+        bpe = bpe or clip_bpe_files()
+        vocab, merges = bpe
         (tokenizer / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False))
         (tokenizer / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
 

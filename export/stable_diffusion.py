@@ -1,7 +1,7 @@
 """Export a Stable-Diffusion-format diffusers folder (SD 1.x/2.x layout) into Triton models.
 
-One folder becomes four graphs (five with DeepCache's shallow U-Net), each verified against PyTorch, plus what the torch-free
-pipeline needs beside them, as plain files Triton ignores:
+One folder becomes four graphs (five with DeepCache's shallow U-Net), each verified against PyTorch, plus what the
+torch-free pipeline needs beside them, as plain files Triton ignores:
 
   <name>_text_encoder   input_ids INT64 [B, L]            -> last_hidden_state FP32 [B, L, D]
                         + tokenizer.json (the `tokenizers` library loads it without torch)
@@ -91,9 +91,9 @@ def load_pipeline_components(folder: Path):
 def fast_tokenizer_json(folder: Path, dest: Path, subfolder: str = "tokenizer") -> dict:
     """Writes tokenizer.json (the folder's, or converted from vocab.json/merges.txt) and
     returns the facts the pipeline needs (max length, pad/bos/eos ids)."""
-    from transformers import CLIPTokenizerFast
+    from transformers import CLIPTokenizer  # transformers 5: the tokenizers-backed one (CLIPTokenizerFast aliases it)
 
-    tokenizer = CLIPTokenizerFast.from_pretrained(folder / subfolder)
+    tokenizer = CLIPTokenizer.from_pretrained(folder / subfolder)
     with tempfile.TemporaryDirectory() as tmp:
         tokenizer.save_pretrained(tmp)
         shutil.copy(Path(tmp) / "tokenizer.json", dest / "tokenizer.json")
@@ -148,7 +148,8 @@ def export_stable_diffusion(
                 image_channels=image_c, vae_scale=vae_scale, native_latent=(h, w),
                 min_latent=size_multiple // vae_scale, max_latent=(2 * h, 2 * w), deep_channels=deep_channels)
             names = {t.name for t in inputs}  # a shallow graph may not take the text
-            profile.update(residual_profiles(residuals, max_batch_size, size_multiple // vae_scale, (h, w), (2 * h, 2 * w)))
+            profile.update(residual_profiles(residuals, max_batch_size, size_multiple // vae_scale, (h, w),
+                                             (2 * h, 2 * w)))
             profile = {k: v for k, v in profile.items() if k in names}
         return export_graph(role, module, make_inputs, inputs, outputs, dynamic, parameters, atol, delay_us,
                             files=files, tensorrt_profile=profile, activation=activation, precision=precision)

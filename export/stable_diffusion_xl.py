@@ -240,7 +240,7 @@ def export_stable_diffusion_xl(
     export_unet(
         export_graph, _SDXLUNet(unet), unet,
         lambda b, grid: {"sample": rng.standard_normal((b, latent_c, *grid), dtype=np.float32),
-                      "timestep": rng.uniform(0, 999, b).astype(np.float32),
+                      "timestep": rng.uniform(0, 999, (b,)).astype(np.float32),
                       "encoder_hidden_states": rng.standard_normal((b, length, context), dtype=np.float32),
                       "text_embeds": rng.standard_normal((b, pooled_dim), dtype=np.float32),
                       "time_ids": rng.uniform(0, 1024, (b, n_time_ids)).astype(np.float32)},
@@ -264,12 +264,13 @@ def export_stable_diffusion_xl(
 
     # 3. VAE decoder and encoder (SD's graphs) with SDXL's extra latent facts.
     mean, std = getattr(vae.config, "latents_mean", None), getattr(vae.config, "latents_std", None)
-    both = mean is not None and std is not None
+    if mean is None or std is None:  # the latent statistics come as a pair or not at all
+        mean = std = None
     vae_params = VAEFacts(vae_scale_factor=vae_scale, scaling_factor=vae.config.scaling_factor,
                           image_channels=image_c, latent_channels=vae.config.latent_channels,
                           shift_factor=getattr(vae.config, "shift_factor", None),
-                          latents_mean=tuple(mean) if both else None,
-                          latents_std=tuple(std) if both else None).to_parameters()
+                          latents_mean=tuple(mean) if mean is not None else None,
+                          latents_std=tuple(std) if std is not None else None).to_parameters()
     # a record of the folder's setting (graphs are exported fp32 whatever it says), not read by services
     vae_params["genserve.force_upcast"] = FLAG.format(getattr(vae.config, "force_upcast", False))
     export_vae_graphs(export_graph, vae, rng, latent_c, image_c, h, w, vae_scale, vae_params)

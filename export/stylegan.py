@@ -70,7 +70,9 @@ REQUIRED = ("z_dim", "c_dim", "w_dim", "num_ws", "img_resolution", "img_channels
 DIRECTION_SAMPLES, DIRECTION_SEED = 1000, 0
 W_AVG_SAMPLES = 10_000
 
-
+# An nn.Module with NVIDIA's interface (REQUIRED), checked at run time by probe_stylegan: its
+# attributes are plain ints and callables, which nn.Module's typing (Tensor | Module) cannot state.
+NvidiaGenerator = Any
 
 
 @dataclass
@@ -84,7 +86,7 @@ class StyleGANExportReport:
 class MappingGraph(nn.Module):
     """(z[, c]) -> w = mapping(z, c, truncation_psi=1)[:, 0]."""
 
-    def __init__(self, generator: nn.Module) -> None:
+    def __init__(self, generator: NvidiaGenerator) -> None:
         super().__init__()
         self.generator = generator
         self.conditional = int(generator.c_dim) > 0
@@ -97,9 +99,10 @@ class MappingGraph(nn.Module):
 class SynthesisGraph(nn.Module):
     """ws -> image; noise_mode="const" where synthesis takes one (NVIDIA's random noise otherwise)."""
 
-    def __init__(self, generator: nn.Module) -> None:
+    def __init__(self, generator: NvidiaGenerator) -> None:
         super().__init__()
         self.generator = generator
+        params: Mapping[str, inspect.Parameter]
         try:
             params = inspect.signature(generator.synthesis.forward).parameters
         except (TypeError, ValueError):
@@ -114,7 +117,7 @@ def _one_hot(labels: torch.Tensor, c_dim: int) -> torch.Tensor:
     return torch.nn.functional.one_hot(labels, c_dim).float()
 
 
-def probe_stylegan(generator: nn.Module, output_range: tuple[float, float] = (-1.0, 1.0)) -> StyleGANFacts:
+def probe_stylegan(generator: NvidiaGenerator, output_range: tuple[float, float] = (-1.0, 1.0)) -> StyleGANFacts:
     """Checks NVIDIA's attributes and runs mapping + synthesis once; refuses what cannot be served."""
     missing = [a for a in REQUIRED if not hasattr(generator, a)]
     if missing:
@@ -161,7 +164,7 @@ def probe_stylegan(generator: nn.Module, output_range: tuple[float, float] = (-1
     if not torch.allclose(alone, img[:1], atol=1e-4, rtol=1e-3):
         raise StyleGANExportError("synthesis: an image depends on its batch-mates or on hidden randomness "
                                   "(noise inputs must be constant, batch norm in eval mode)")
-    return StyleGANFacts(z_dim, c_dim, w_dim, num_ws, ch, h, w, tuple(float(v) for v in output_range))
+    return StyleGANFacts(z_dim, c_dim, w_dim, num_ws, ch, h, w, (float(output_range[0]), float(output_range[1])))
 
 
 @torch.no_grad()

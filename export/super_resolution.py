@@ -7,7 +7,8 @@ one graph contract every image-to-image model is served under.
 The weight file is read by export/weights.py (format from the content, weights_only, nested
 state dicts such as BasicSR's `params_ema`), and its state dict recognised by spandrel
 (ESRGAN / Real-ESRGAN, Real-ESRGAN Compact, SPAN, SwinIR, HAT, ... from the shapes and names),
-which says the architecture, scale, channels and size requirements. Those travel in the config, so the service needs nothing else.
+which says the architecture, scale, channels and size requirements. Those travel in the config, so the service
+needs nothing else.
 
 Graph contract (what services/pipelines/pipeline_image_to_image.py relies on):
   input   image         FP32 [batch, C_in, H, W]       H, W dynamic, multiples of size_multiple

@@ -68,7 +68,8 @@ def stable_diffusion_profile(component: str, *, max_rows: int, seq_len: int, hid
         profile = {
             "sample": ShapeRange((1, c, lo, lo), (2, c, mh, mw), (max_rows, c, hh, hw)),
             "timestep": ShapeRange((1,), (2,), (max_rows,)),
-            "encoder_hidden_states": ShapeRange((1, seq_len, hidden), (2, seq_len, hidden), (max_rows, seq_len, hidden)),
+            "encoder_hidden_states": ShapeRange((1, seq_len, hidden), (2, seq_len, hidden),
+                                                (max_rows, seq_len, hidden)),
         }
         if component == "unet_shallow":
             d = deep_channels
@@ -158,7 +159,8 @@ def graph_sha256(onnx_path: Path) -> str:
     """The graph and the weights beside it (external data): two fine-tunes of one architecture
     have the same graph file, and must not share a plan."""
     digest = hashlib.sha256(onnx_path.read_bytes())
-    for data in sorted(p for p in onnx_path.parent.iterdir() if p.name.startswith(("model.onnx_data", "model.onnx.data"))):
+    external = ("model.onnx_data", "model.onnx.data")
+    for data in sorted(p for p in onnx_path.parent.iterdir() if p.name.startswith(external)):
         with open(data, "rb") as f:
             while chunk := f.read(1 << 24):
                 digest.update(chunk)

@@ -100,7 +100,8 @@ def export_vae_graphs(export, vae, rng, latent_channels: int, image_channels: in
     export("vae_encoder", VAEEncoderGraph(vae),
            lambda b, grid: {"sample": rng.uniform(-1, 1, (b, ic, grid[0] * scale, grid[1] * scale))
                             .astype(np.float32)},
-           [TensorSpec("sample", "float32", (ic, -1, -1))], [TensorSpec("latent_parameters", "float32", (2 * c, -1, -1))],
+           [TensorSpec("sample", "float32", (ic, -1, -1))],
+           [TensorSpec("latent_parameters", "float32", (2 * c, -1, -1))],
            {"sample": spatial, "latent_parameters": spatial}, parameters, atol=1e-3, delay_us=2000,
            activation=activation, precision=precision, **extra.get("vae_encoder", {}))
 
@@ -149,7 +150,7 @@ def export_vae(
                          "the VAE graphs assume one image channel count")
     facts = vae_facts(config)
     scale, c_img, c_lat = facts.vae_scale_factor, facts.image_channels, facts.latent_channels
-    height, width = facts.native_height, facts.native_width
+    height, width = sample_size_hw(config.sample_size, "the VAE's config.json")  # as vae_facts reads it
     # force_upcast: a record of the folder's setting ("True"/"False"), not read by services
     params = facts.to_parameters() | {"genserve.force_upcast": str(bool(getattr(config, "force_upcast", True)))}
     if height % scale or width % scale:

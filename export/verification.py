@@ -224,7 +224,7 @@ def unet_activation(config, native: tuple[int, int], multiple: int, text_length:
     if mid_attends and config.mid_block_type is not None:
         attention.append(Attention(heads[-1], 1 / 2**(levels - 1), context=text_length))
     features = [Features(2 * c, 1 / 2**i) for i, c in enumerate(channels)]
-    return ActivationModel(tuple(native), multiple, tuple(attention), tuple(features))
+    return ActivationModel(native, multiple, tuple(attention), tuple(features))
 
 
 def vae_activation(config, native: tuple[int, int], multiple: int = 1) -> ActivationModel:
@@ -235,14 +235,14 @@ def vae_activation(config, native: tuple[int, int], multiple: int = 1) -> Activa
     n, scale = len(channels), 2 ** (len(channels) - 1)
     attention = (Attention(1, 1.0),) if getattr(config, "mid_block_add_attention", True) else ()
     features = tuple(Features(max(channels[i], channels[min(i + 1, n - 1)]), scale / 2**i) for i in range(n))
-    return ActivationModel(tuple(native), multiple, attention, features)
+    return ActivationModel(native, multiple, attention, features)
 
 
 def flux_activation(config, native: tuple[int, int], text_length: int, mlp_ratio: float = 4.0) -> ActivationModel:
     """FluxTransformer2DModel over the latent grid: joint attention over the 2x2 patches and the
     text, and a single block's fused attention + MLP width."""
     inner = config.num_attention_heads * config.attention_head_dim
-    return ActivationModel(tuple(native), 2, (Attention(config.num_attention_heads, 0.5, text_length),),
+    return ActivationModel(native, 2, (Attention(config.num_attention_heads, 0.5, text_length),),
                            (Features(int(inner * (1 + mlp_ratio)), 0.5, text_length),))
 
 

@@ -13,7 +13,7 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from services.memory import default_limit_mb
 
@@ -140,8 +140,8 @@ class Rate:
     count: float
     per_s: float
 
-    UNITS = {"s": 1.0, "sec": 1.0, "second": 1.0, "m": 60.0, "min": 60.0, "minute": 60.0,
-             "h": 3600.0, "hour": 3600.0}
+    UNITS: ClassVar[dict[str, float]] = {"s": 1.0, "sec": 1.0, "second": 1.0, "m": 60.0, "min": 60.0,
+                                         "minute": 60.0, "h": 3600.0, "hour": 3600.0}
 
     @classmethod
     def parse(cls, text: str) -> Rate:

@@ -25,8 +25,8 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping
-from dataclasses import MISSING, dataclass, field, fields
-from typing import Any, Self
+from dataclasses import MISSING, Field, dataclass, field, fields
+from typing import Any, ClassVar, Self
 
 PREFIX = "genserve."
 VERSION_KEY = "genserve.contract_version"
@@ -137,6 +137,8 @@ class Reader:
 
 class Role:
     """to_parameters / from_parameters for the dataclasses below, from their fields' codecs."""
+
+    __dataclass_fields__: ClassVar[dict[str, Field[Any]]]  # every subclass is a dataclass
 
     def to_parameters(self) -> dict[str, str]:
         out = {}
@@ -249,7 +251,7 @@ class VAEFacts(Role):
     native_width: int | None = sized(None)
 
     def _size_parameters(self) -> dict[str, int]:
-        if self.native_height is None:
+        if self.native_height is None or self.native_width is None:
             return {}
         return {"sample_size": self.native_height, "sample_height": self.native_height,
                 "sample_width": self.native_width}

@@ -2,6 +2,7 @@
 (Request ids, limits and keys are the gateway's: services.gateway.)"""
 
 import logging
+from typing import TypeVar
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -23,6 +24,8 @@ from services.errors import (
 from services.gateway import request_id_var
 
 log = logging.getLogger("genserve")
+
+M = TypeVar("M", bound=BaseModel)
 
 # Multipart limits: a form holds a few fields and at most two images.
 MAX_FORM_FIELDS = 64
@@ -65,7 +68,7 @@ class EventStream(StreamingResponse):
             await self.body_iterator.aclose()
 
 
-async def parse_body(request: Request, model: type[BaseModel]) -> BaseModel:
+async def parse_body(request: Request, model: type[M]) -> M:
     """A JSON body (strict types, images as base64) or a multipart form (form fields are
     text, so their types are coerced; image files are base64-encoded for the model).
     Validation errors surface exactly as for a typed FastAPI body."""
@@ -94,7 +97,7 @@ async def parse_body(request: Request, model: type[BaseModel]) -> BaseModel:
             data = json.loads(raw)
         except (ValueError, RecursionError):  # RecursionError: nesting deeper than the parser goes
             raise RequestValidationError([{"loc": ("body",), "msg": "body is not valid JSON (UTF-8, "
-                                           "nested at most a few hundred levels)", "type": "json_invalid"}])
+                                           "nested at most a few hundred levels)", "type": "json_invalid"}]) from None
         return model.model_validate(data)
     except ValidationError as exc:
         raise RequestValidationError(exc.errors(include_url=False)) from None

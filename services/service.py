@@ -12,6 +12,7 @@ import os
 
 import bentoml
 from fastapi import FastAPI
+from starlette.routing import Route as PlainRoute
 
 from services import connections, families, metrics_dir, playground
 from services.config import Settings
@@ -43,15 +44,15 @@ for _module in (*FAMILY_ROUTERS, models, openai_images):
 def edge_routes(api: FastAPI) -> dict[str, Route]:
     """What the gateway lets through: BentoML's health and metrics, the /v1 API (paths,
     methods and body types as its OpenAPI document states them) and its docs pages."""
-    health = dict(public=True, limited=False, drains=False, shaped=False)
-    routes = {path: Route(frozenset({"GET"}), **health) for path in ("/livez", "/readyz", "/healthz", "/metrics")}
+    routes = {path: Route(frozenset({"GET"}), public=True, limited=False, drains=False, shaped=False)
+              for path in ("/livez", "/readyz", "/healthz", "/metrics")}
     for path, operations in api.openapi()["paths"].items():
         content = set()
         for op in operations.values():
             content |= set(op.get("requestBody", {}).get("content", {}))
         routes["/v1" + path] = Route(frozenset(m.upper() for m in operations), frozenset(content))
     for r in api.routes:  # the docs pages and openapi.json are plain routes
-        if getattr(r, "include_in_schema", True) is False and hasattr(r, "methods"):
+        if isinstance(r, PlainRoute) and not r.include_in_schema and r.methods:
             routes["/v1" + r.path] = Route(frozenset(r.methods), public=True, limited=False)
     api.openapi_schema = None  # rebuilt with the served models' limits (services.openapi)
     return routes
@@ -108,7 +109,7 @@ class GenServe:
         backend = create_backend(settings, metrics)
         backend.add_observer(metrics.observe_execution)
         limit = settings.edge.rate_limit_image_steps
-        ctx = ServiceContext(settings, backend, metrics, image_step_limiter=limit and RateLimiter(limit),
+        ctx = ServiceContext(settings, backend, metrics, image_step_limiter=RateLimiter(limit) if limit else None,
                              describers=[module.describe for module in FAMILY_ROUTERS],
                              memory=MemoryGuard(settings.memory.limit_mb << 20))
 
@@ -155,14 +156,16 @@ class GenServe:
 
         text = self.ctx.engines_of(*diffusion.TEXT_FAMILIES)
         specs = [e.pipeline.spec for e in text.values()]  # the request bodies with sizes are theirs
-        default = text.get(self.ctx.settings.defaults.diffusion)
+        defaults = self.ctx.settings.defaults
+        default = text.get(defaults.diffusion) if defaults.diffusion is not None else None
+        vae = self.ctx.vae.get(defaults.vae) if defaults.vae is not None else None
         gan_families = families.names(gan=True)  # the class labels GET /v1/models states for the GANs
         gans = [m for describe in self.ctx.describers for m in describe(self.ctx) if m.pipeline in gan_families]
         install(app, sides=[lim for s in specs for lim in s.side_limits().values()],
                 num_classes=[m.parameters["class_label"]["max"] + 1 for m in gans if "class_label" in m.parameters],
                 prompt_tokens=[t for e in text.values() if (t := getattr(e.pipeline.conditioner, "max_tokens", None))],
-                image_example=default and default.pipeline.spec,
-                vae_example=(vae := self.ctx.vae.get(self.ctx.settings.defaults.vae)) and vae.info,
+                image_example=default.pipeline.spec if default else None,
+                vae_example=vae.info if vae else None,
                 stylegan_example=next((g.info for g in self.ctx.stylegan.values()), None),
                 image_models=image_to_image.example_models(self.ctx))
 
@@ -176,12 +179,12 @@ class GenServe:
                 await engine.warmup(self.ctx.settings.engine.warmup_budget_s)
         for name, pipeline in self.ctx.image_to_image.items():  # the cost that sizes and bounds requests
             try:
-                await pipeline.calibrate()
+                bytes_per_pixel, seconds_per_pixel = await pipeline.calibrate()
             except Exception as exc:  # an optimisation: requests run unmeasured until their first call
                 log.warning("image model %s: calibration skipped (%s: %s)", name, type(exc).__name__, exc)
                 continue
             log.info("image model %s: %.0f activation bytes and %.2f us per output pixel", name,
-                     pipeline.bytes_per_pixel, pipeline.seconds_per_pixel * 1e6)
+                     bytes_per_pixel, seconds_per_pixel * 1e6)
 
     @bentoml.on_shutdown
     async def _close(self) -> None:

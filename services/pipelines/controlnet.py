@@ -200,7 +200,7 @@ def prepare_control_image(data: bytes, height: int, width: int, channels: int, p
     from PIL import Image
 
     try:
-        image = Image.open(io.BytesIO(data))
+        image: Image.Image = Image.open(io.BytesIO(data))
     except Exception as exc:
         raise ValueError(f"not a decodable PNG/JPEG/WebP image ({type(exc).__name__})") from None
     if max(image.size) > max_side:
@@ -213,6 +213,6 @@ def prepare_control_image(data: bytes, height: int, width: int, channels: int, p
         image = canny(image, *thresholds)
     image = image.convert("L" if channels == 1 else "RGB")
     if image.size != (width, height):
-        image = image.resize((width, height), resample=Image.LANCZOS)
+        image = image.resize((width, height), resample=Image.Resampling.LANCZOS)
     pixels = np.asarray(image, dtype=np.float32) / 255.0
     return pixels[None] if channels == 1 else pixels.transpose(2, 0, 1).copy()

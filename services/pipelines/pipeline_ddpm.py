@@ -33,7 +33,7 @@ def discover(models: dict[str, ModelSpec]) -> dict[str, tuple[DiffusionSpec, int
         num_classes = unet.num_classes or 0
         found[name] = (DiffusionSpec(
             name=name, family="ddpm", denoiser=spec.name,
-            scheduler_config=json.loads((spec.model_dir / "scheduler_config.json").read_text()),
+            scheduler_config=json.loads(spec.file("scheduler_config.json").read_text()),
             latent_channels=unet.in_channels, image_channels=unet.in_channels,
             vae_scale_factor=1, native_height=unet.native_height,
             native_width=unet.native_width, size_multiple=unet.size_multiple,
@@ -44,7 +44,7 @@ def discover(models: dict[str, ModelSpec]) -> dict[str, tuple[DiffusionSpec, int
 class ClassConditioner:
     """Class labels per image (wire shape [rows, 1]); nothing for unconditional models."""
 
-    empty_key = None
+    empty_key: np.ndarray | None = None  # no text
 
     def __init__(self, num_classes: int):
         self.num_classes = num_classes

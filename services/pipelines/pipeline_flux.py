@@ -41,7 +41,7 @@ def pack(latents: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(x.reshape(r, (h // 2) * (w // 2), c * 4))
 
 
-def unpack(packed: np.ndarray, latent_shape: tuple[int, int, int]) -> np.ndarray:
+def unpack(packed: np.ndarray, latent_shape: tuple[int, ...]) -> np.ndarray:
     """The inverse of pack, for a latent of (C, h, w)."""
     c, h, w = latent_shape
     x = packed.reshape(len(packed), h // 2, w // 2, c, 2, 2).transpose(0, 3, 1, 4, 2, 5)
@@ -81,11 +81,11 @@ class FluxConditioner:
         self.backend, self.spec, self.guidance_embeds = backend, spec, guidance_embeds
         self.clip, self.t5 = clip.name, t5.name
         cp, tp = TextEncoderFacts.from_spec(clip), TextEncoderFacts.from_spec(t5)
-        self.clip_tokenizer = PromptTokenizer(clip.model_dir / "tokenizer.json", cp.max_length, cp.pad_token_id,
+        self.clip_tokenizer = PromptTokenizer(clip.file("tokenizer.json"), cp.max_length, cp.pad_token_id,
                                               truncate=True)
-        self.t5_tokenizer = PromptTokenizer(t5.model_dir / "tokenizer.json", tp.max_length, tp.pad_token_id)
+        self.t5_tokenizer = PromptTokenizer(t5.file("tokenizer.json"), tp.max_length, tp.pad_token_id)
         self.max_tokens = self.t5_tokenizer.max_length  # the prompt limit requests see
-        self.empty_key = self._key("", "prompt")
+        self.empty_key: np.ndarray | None = self._key("", "prompt")  # the Conditioner protocol's type
 
     def _key(self, text: str, field_name: str) -> np.ndarray:
         return np.concatenate([self.clip_tokenizer(text, field_name), self.t5_tokenizer(text, field_name)])
@@ -134,7 +134,7 @@ def build(backend: InferenceBackend, name: str, parts: dict[str, ModelSpec]) -> 
     transformer, dec = parts["transformer"], parts["vae_decoder"]
     t, d = TransformerFacts.from_spec(transformer), VAEFacts.from_spec(dec)
     guidance_embeds = t.guidance_embeds
-    scheduler_config = json.loads((transformer.model_dir / "scheduler_config.json").read_text())
+    scheduler_config = json.loads(transformer.file("scheduler_config.json").read_text())
     if not is_flow_matching(scheduler_config):
         raise ValueError(f"FLUX pipeline {name!r}: its scheduler config is not a flow-matching one")
     spec = DiffusionSpec(

@@ -39,6 +39,7 @@ import asyncio
 import contextlib
 import time
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 
@@ -67,7 +68,7 @@ def tile_starts(side: int, tile: int, overlap: int) -> list[int]:
         return [0]
     stride = tile - overlap
     starts = list(range(0, side - tile, stride))
-    return starts + [side - tile]
+    return [*starts, side - tile]
 
 
 def ramp(length: int, fade: int, fade_start: bool, fade_end: bool) -> np.ndarray:
@@ -90,7 +91,7 @@ def pad_to(image: np.ndarray, height: int, width: int) -> np.ndarray:
     ph, pw = height - h, width - w
     if ph == 0 and pw == 0:
         return image
-    mode = "reflect" if ph < h and pw < w else "edge"
+    mode: Literal["reflect", "edge"] = "reflect" if ph < h and pw < w else "edge"
     return np.pad(image, ((0, 0), (0, ph), (0, pw)), mode=mode)
 
 
@@ -173,9 +174,10 @@ class ImageToImagePipeline:
             return None
         return layout.computed_pixels * self.seconds_per_pixel
 
-    async def calibrate(self) -> None:
+    async def calibrate(self) -> tuple[float, float]:
         """One row of the default tile, with this process's RSS sampled while it runs: the
-        activation bytes and seconds per output pixel that size calls and bound requests."""
+        activation bytes and seconds per output pixel that size calls and bound requests (kept,
+        and returned)."""
         import threading
 
         from services.memory import rss_bytes, trim
@@ -202,9 +204,10 @@ class ImageToImagePipeline:
             done.set()
             sampler.join()
         pixels = side * side * info.scale * info.scale
-        self.bytes_per_pixel = max(0, peak[0] - before) / pixels
-        self.seconds_per_pixel = seconds / pixels
+        self.bytes_per_pixel = bytes_per_pixel = max(0, peak[0] - before) / pixels
+        self.seconds_per_pixel = seconds_per_pixel = seconds / pixels
         trim()
+        return bytes_per_pixel, seconds_per_pixel
 
     async def __call__(self, image: np.ndarray, tile: int | None = None,
                        tile_overlap: int | None = None) -> ImageToImageOutput:

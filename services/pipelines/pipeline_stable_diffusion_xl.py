@@ -49,10 +49,10 @@ def discover(models: dict[str, ModelSpec]) -> dict[str, tuple[DiffusionSpec, lis
     """Groups the repository's `genserve.pipeline = stable_diffusion_xl` graphs by pipeline:
     name -> (spec, text encoders in order, U-Net facts)."""
     groups: dict[str, dict[str, ModelSpec]] = {}
-    for spec in models.values():
-        p = spec.parameters
+    for model in models.values():
+        p = model.parameters
         if p.get("genserve.pipeline") == "stable_diffusion_xl":
-            groups.setdefault(p["genserve.pipeline_name"], {})[p["genserve.component"]] = spec
+            groups.setdefault(p["genserve.pipeline_name"], {})[p["genserve.component"]] = model
     found = {}
     for name, parts in sorted(groups.items()):
         missing = {"text_encoder_2", "unet", "vae_decoder"} - set(parts)
@@ -63,14 +63,14 @@ def discover(models: dict[str, ModelSpec]) -> dict[str, tuple[DiffusionSpec, lis
             if role in parts:
                 te = TextEncoderFacts.from_spec(parts[role])
                 encoders.append(TextEncoder(parts[role].name, PromptTokenizer(
-                    parts[role].model_dir / "tokenizer.json", te.max_length, te.pad_token_id), bool(te.pooled)))
+                    parts[role].file("tokenizer.json"), te.max_length, te.pad_token_id), bool(te.pooled)))
         unet, dec = parts["unet"], parts["vae_decoder"]
         u, d = UNetFacts.from_spec(unet), VAEFacts.from_spec(dec)
         if u.num_time_ids is None:
             raise refuse(unet.parameters, unet.name, "its config lacks genserve.num_time_ids (an SDXL U-Net's)")
         spec = DiffusionSpec(
             name=name, family="stable_diffusion_xl", denoiser=unet.name,
-            scheduler_config=json.loads((unet.model_dir / "scheduler_config.json").read_text()),
+            scheduler_config=json.loads(unet.file("scheduler_config.json").read_text()),
             latent_channels=d.latent_channels, image_channels=d.image_channels,
             vae_scale_factor=d.vae_scale_factor, native_height=u.native_height,
             native_width=u.native_width, size_multiple=u.size_multiple,
@@ -92,7 +92,7 @@ class SDXLConditioner:
         # diffusers registers force_zeros_for_empty_prompt=True when model_index.json has none
         self.force_zeros = unet.force_zeros_for_empty_prompt is not False
         self.max_tokens = min(e.tokenizer.max_length for e in encoders)
-        self.empty_key = self._key("", "prompt")
+        self.empty_key: np.ndarray | None = self._key("", "prompt")  # the Conditioner protocol's type
 
     def _key(self, text: str, field_name: str) -> np.ndarray:
         """Every tokenizer's ids, end to end: one text's cache key and encoder inputs."""
@@ -115,8 +115,9 @@ class SDXLConditioner:
             hidden.append(out["hidden_states"])
             if e.pooled and pooled is None:
                 pooled = out["pooled"]
-        hidden = np.concatenate(hidden, axis=-1)
-        return [{"hidden": h, "pooled": p} for h, p in zip(hidden, pooled)]
+        if pooled is None:
+            raise ValueError("an SDXL pipeline needs a text encoder with pooled output (text_encoder_2)")
+        return [{"hidden": h, "pooled": p} for h, p in zip(np.concatenate(hidden, axis=-1), pooled)]
 
     def rows(self, req: DiffusionRequest, encoded: list[Any], guided: bool) -> dict[str, np.ndarray]:
         hidden = np.stack([e["hidden"] for e in encoded])

@@ -13,6 +13,7 @@ Graphs and files: export/stylegan.py.
 
 from __future__ import annotations
 
+import itertools
 import json
 from dataclasses import dataclass, field
 
@@ -46,8 +47,8 @@ def discover(models: dict[str, ModelSpec]) -> dict[str, StyleGANInfo]:
         if {"mapping", "synthesis"} - set(parts):
             raise ValueError(f"StyleGAN model {name!r} lacks {sorted({'mapping', 'synthesis'} - set(parts))}")
         mapping = parts["mapping"]
-        w_avg = np.asarray(json.loads((mapping.model_dir / "w_avg.json").read_text())["w_avg"], np.float32)
-        directions_file = mapping.model_dir / "directions.json"
+        w_avg = np.asarray(json.loads(mapping.file("w_avg.json").read_text())["w_avg"], np.float32)
+        directions_file = mapping.file("directions.json")
         directions = {k: np.asarray(v, np.float32) for k, v in
                       json.loads(directions_file.read_text())["directions"].items()} if directions_file.exists() else {}
         found[name] = StyleGANInfo(
@@ -95,6 +96,8 @@ class StyleGANPipeline:
         """z [N, z_dim] (and c [N, c_dim]) -> w [N, w_dim], untruncated."""
         feeds = {"z": z.astype(np.float32)}
         if self.info.c_dim:
+            if c is None:
+                raise ValueError(f"{self.info.mapping} is conditional: its mapping needs c [N, {self.info.c_dim}]")
             feeds["c"] = c.astype(np.float32)
         return (await self.backend.infer(self.info.mapping, feeds))["w"]
 
@@ -127,7 +130,7 @@ class StyleGANPipeline:
         pairs = [self.seed_latents(s, label) for s, label in zip(seeds, labels)]
         t = np.linspace(0.0, 1.0, frames)
         zs, cs = [], []
-        for i, ((za, la), (zb, lb)) in enumerate(zip(pairs, pairs[1:])):
+        for i, ((za, la), (zb, lb)) in enumerate(itertools.pairwise(pairs)):
             keep = slice(None) if i == 0 else slice(1, None)  # segments share their ends
             zs.append(slerp(za, zb, t)[keep])
             if self.info.c_dim:
@@ -141,7 +144,7 @@ class StyleGANPipeline:
         """w [K, w_dim] -> lerp segments between consecutive rows, ends shared: [(K-1)(frames-1)+1, w_dim]."""
         t = np.linspace(0.0, 1.0, frames, dtype=np.float32)[:, None]
         parts = [((1 - t) * a + t * b)[slice(None) if i == 0 else slice(1, None)]
-                 for i, (a, b) in enumerate(zip(w, w[1:]))]
+                 for i, (a, b) in enumerate(itertools.pairwise(w))]
         out = np.concatenate(parts).astype(np.float32)
         return out
 

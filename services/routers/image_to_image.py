@@ -23,7 +23,6 @@ import asyncio
 import base64
 import time
 from dataclasses import dataclass
-from typing import cast
 
 import numpy as np
 from fastapi import APIRouter, Depends, Request
@@ -78,7 +77,7 @@ ENDPOINTS = {"super_resolution": "/v1/upscale", "restoration": "/v1/upscale", "t
              openapi_extra=_documented(UpscaleRequest))
 async def upscale(request: Request, ctx: ServiceContext = Depends(context)) -> DiffusionResponse:
     """An image of any size (up to the output limit) x the model's scale, in overlapping tiles."""
-    body = cast(UpscaleRequest, await parse_body(request, UpscaleRequest))
+    body = await parse_body(request, UpscaleRequest)
     return await _serve(ctx, body, "/v1/upscale")
 
 
@@ -86,7 +85,7 @@ async def upscale(request: Request, ctx: ServiceContext = Depends(context)) -> D
              openapi_extra=_documented(TranslateRequest))
 async def translate(request: Request, ctx: ServiceContext = Depends(context)) -> DiffusionResponse:
     """An image through an image-to-image translator (Pix2Pix, CycleGAN, style transfer)."""
-    body = cast(TranslateRequest, await parse_body(request, TranslateRequest))
+    body = await parse_body(request, TranslateRequest)
     return await _serve(ctx, body, "/v1/translate")
 
 

@@ -38,7 +38,7 @@ import io
 import json
 import re
 import time
-from typing import Any, Literal, cast
+from typing import Any, Literal
 
 import numpy as np
 from fastapi import APIRouter, Depends, Request
@@ -217,7 +217,7 @@ def _generation_body() -> dict:
 @router.post("/generations", response_model=ImagesResponse, responses=_responses(), openapi_extra=_generation_body())
 async def generations(request: Request, ctx: ServiceContext = Depends(context)):
     """OpenAI's image generation: text to image on a genserve diffusion pipeline."""
-    body = cast(ImageGenerationRequest, await parse_body(request, ImageGenerationRequest))
+    body = await parse_body(request, ImageGenerationRequest)
     _check_common(body)
     name, spec = _pipeline(ctx, body.model)
     height, width = _size(body.size, spec)
@@ -231,7 +231,7 @@ async def generations(request: Request, ctx: ServiceContext = Depends(context)):
 async def edits(request: Request, ctx: ServiceContext = Depends(context)):
     """OpenAI's image edit: img2img, or inpainting where the mask is transparent.
     Multipart (image and mask as files, as the SDK sends) or JSON (base64)."""
-    body = cast(ImageEditRequest, await parse_body(request, ImageEditRequest))
+    body = await parse_body(request, ImageEditRequest)
     _check_common(body)
     name, spec = _pipeline(ctx, body.model)
     fields = _genserve_fields(body, name)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import cast
 
 import numpy as np
 from fastapi import APIRouter, Depends, Request
@@ -45,7 +44,7 @@ router = APIRouter()
 async def vae_encode(request: Request, ctx: ServiceContext = Depends(context)) -> VAEEncodeResponse:
     """An image -> its latent: the posterior mean, or a sample drawn from `seed`."""
     start = time.perf_counter()
-    body = cast(VAEEncodeRequest, await parse_body(request, VAEEncodeRequest))
+    body = await parse_body(request, VAEEncodeRequest)
     name, vae = _vae(ctx, body.model, need_encoder=True)
     if body.seed is not None and not body.sample:
         raise InvalidRequest("seed draws a posterior sample: set sample to true, or omit seed", field="seed")
@@ -86,7 +85,7 @@ async def vae_interpolate(request: Request, ctx: ServiceContext = Depends(contex
     """`frames` images along the straight latent line between two images (their posterior
     means) or two seeds (N(0, I) latents, standalone VAEs)."""
     start = time.perf_counter()
-    body = cast(VAEInterpolateRequest, await parse_body(request, VAEInterpolateRequest))
+    body = await parse_body(request, VAEInterpolateRequest)
     params: dict[str, object]
     if body.image_a is not None and body.image_b is not None and body.seed_a is None and body.seed_b is None:
         name, vae = _vae(ctx, body.model, need_encoder=True)

@@ -54,6 +54,12 @@ class ModelSpec:
     model_dir: Path | None = None  # holds config.pbtxt and pipeline files (tokenizer, ...)
     contract_version: int = 1  # the genserve.* contract its config was written to
 
+    def file(self, name: str) -> Path:
+        """A file its pipeline reads beside config.pbtxt (tokenizer.json, scheduler_config.json, ...)."""
+        if self.model_dir is None:
+            raise ValueError(f"model {self.name!r} was not read from a repository folder, so it has no {name}")
+        return self.model_dir / name
+
     def input(self, name: str) -> TensorInfo:
         for t in self.inputs:
             if t.name == name:

@@ -3,6 +3,7 @@ seeds and labels, streaming with previews, clear 4xx."""
 
 import base64
 import io
+from typing import ClassVar
 
 import httpx
 import numpy as np
@@ -50,7 +51,7 @@ def test_drawn_labels_follow_the_seeds(server):
 
 class TestDDPMFamily(FamilyServiceTests):
     model, pipeline, path = "ddpm_digits", "ddpm", "/v1/ddpm/generate"
-    request = {"scheduler": "ddpm"}
+    request: ClassVar[dict] = {"scheduler": "ddpm"}
     steps = 10
     bad_requests = (
         BadRequest({"class_label": 10}, "class_label"),

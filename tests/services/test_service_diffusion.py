@@ -5,6 +5,7 @@ import io
 import json
 import threading
 import time
+from typing import ClassVar
 
 import httpx
 import numpy as np
@@ -159,7 +160,7 @@ def test_a_full_queue_answers_429_at_once(small_queue_server):
 
 class TestStableDiffusionFamily(FamilyServiceTests):
     model, pipeline, path = "sd_digits", "stable_diffusion", "/v1/txt2img"
-    request = {"prompt": "a handwritten digit two"}
+    request: ClassVar[dict] = {"prompt": "a handwritten digit two"}
     bad_requests = (
         BadRequest({"prompt": ""}, "prompt"),
         BadRequest({"prompt": "   "}, "prompt"),

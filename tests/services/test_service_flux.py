@@ -6,6 +6,7 @@ a beta-schedule sampler, a prompt past T5's length)."""
 import asyncio
 import base64
 import io
+from typing import ClassVar
 
 import httpx
 import numpy as np
@@ -92,7 +93,7 @@ def test_img2img_and_inpaint_serve_flux_with_its_strength_rounding(flux_server):
 
 class TestFluxFamily(FamilyServiceTests):
     model, pipeline, path = NAME, "flux", "/v1/txt2img"
-    request = {"prompt": "a small digit"}
+    request: ClassVar[dict] = {"prompt": "a small digit"}
     bad_requests = (
         BadRequest({"prompt": "a cat", "scheduler": "ddim"}, "scheduler"),
         BadRequest({"prompt": " ".join(["red"] * 40)}, "prompt"),

@@ -17,12 +17,14 @@ SEEDS = [11, 12]
 def test_matches_diffusers(check_parity, configs, config, spacing, prediction_type, steps):
     if config == "linear_trailing":
         spacing = "trailing" if spacing == "leading" else spacing
-    ours, reference = scheduler_pair(EulerAncestralDiscreteScheduler, configs[config], timestep_spacing=spacing, prediction_type=prediction_type)
+    ours, reference = scheduler_pair(EulerAncestralDiscreteScheduler, configs[config], timestep_spacing=spacing,
+                                     prediction_type=prediction_type)
     check_parity(ours, reference, steps, seeds=SEEDS, diffusers_module=reference_module)
 
 
 def test_cosine_schedule_matches_diffusers(check_parity, configs):
-    check_parity(*scheduler_pair(EulerAncestralDiscreteScheduler, configs["cosine_linspace"]), 10, seeds=SEEDS, diffusers_module=reference_module)
+    check_parity(*scheduler_pair(EulerAncestralDiscreteScheduler, configs["cosine_linspace"]), 10, seeds=SEEDS,
+                 diffusers_module=reference_module)
 
 
 def test_img2img_matches_diffusers(check_parity, configs):

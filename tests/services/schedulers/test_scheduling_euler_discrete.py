@@ -15,7 +15,8 @@ from tests.fixtures.schedulers import scheduler_pair
 def test_matches_diffusers(check_parity, configs, config, spacing, prediction_type, steps):
     if config == "linear_trailing":
         spacing = "trailing" if spacing == "leading" else spacing
-    check_parity(*scheduler_pair(EulerDiscreteScheduler, configs[config], timestep_spacing=spacing, prediction_type=prediction_type), steps)
+    check_parity(*scheduler_pair(EulerDiscreteScheduler, configs[config], timestep_spacing=spacing,
+                                 prediction_type=prediction_type), steps)
 
 
 @pytest.mark.parametrize(
