@@ -81,7 +81,7 @@ def define_unguarded_schemas() -> None:
         if torch._C._jit_get_schemas_for_operator(f"torchvision::{schema.split('(')[0]}"):
             continue
         if _library is None:
-            _library = torch.library.Library("torchvision", "DEF")  # noqa: TOR  (schemas only, no kernels)
+            _library = torch.library.Library("torchvision", "DEF")  # schemas only, no kernels
         _library.define(schema)
 
 

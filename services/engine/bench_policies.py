@@ -94,5 +94,6 @@ def scheduler_class_from_env() -> type[StepScheduler]:
     if not name:
         return StepScheduler
     if name not in BENCH_POLICIES:
-        raise ValueError(f"{BENCH_POLICY_ENV} must be one of {', '.join(BENCH_POLICIES)} (benchmarks only), got {name!r}")
+        raise ValueError(f"{BENCH_POLICY_ENV} must be one of {', '.join(BENCH_POLICIES)} (benchmarks only), "
+                         f"got {name!r}")
     return BENCH_POLICIES[name]

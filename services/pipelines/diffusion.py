@@ -182,7 +182,9 @@ class DiffusionOutput:
 class Conditioner(Protocol):
     """A family's conditioning. Keys identify a text's encoding (the engine caches by them)."""
 
-    empty_key: np.ndarray | None  # the key of "" (pinned in the cache); None without text
+    @property
+    def empty_key(self) -> np.ndarray | None:
+        """The key of "" (pinned in the cache); None without text."""
 
     def tokenize(self, req: DiffusionRequest) -> list[np.ndarray]:
         """One key per text to encode: [negative, positive] with guidance, [positive]

@@ -85,7 +85,7 @@ class FluxConditioner:
                                               truncate=True)
         self.t5_tokenizer = PromptTokenizer(t5.file("tokenizer.json"), tp.max_length, tp.pad_token_id)
         self.max_tokens = self.t5_tokenizer.max_length  # the prompt limit requests see
-        self.empty_key: np.ndarray | None = self._key("", "prompt")  # the Conditioner protocol's type
+        self.empty_key = self._key("", "prompt")
 
     def _key(self, text: str, field_name: str) -> np.ndarray:
         return np.concatenate([self.clip_tokenizer(text, field_name), self.t5_tokenizer(text, field_name)])

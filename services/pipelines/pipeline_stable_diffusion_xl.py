@@ -92,7 +92,7 @@ class SDXLConditioner:
         # diffusers registers force_zeros_for_empty_prompt=True when model_index.json has none
         self.force_zeros = unet.force_zeros_for_empty_prompt is not False
         self.max_tokens = min(e.tokenizer.max_length for e in encoders)
-        self.empty_key: np.ndarray | None = self._key("", "prompt")  # the Conditioner protocol's type
+        self.empty_key = self._key("", "prompt")
 
     def _key(self, text: str, field_name: str) -> np.ndarray:
         """Every tokenizer's ids, end to end: one text's cache key and encoder inputs."""

@@ -141,12 +141,13 @@ class OnnxRuntimeBackend(InferenceBackend):
             feeds[t.name] = x
         names = [t.name for t in spec.outputs]
         first = next(iter(feeds.values()), None)
-        batched = spec.max_batch_size > 0 and first is not None
-        rows = max(1, len(first)) if batched else 1
+        if spec.max_batch_size > 0 and first is not None:
+            rows, key = max(1, len(first)), (spec.name, first.shape[1:])
+        else:
+            rows, key = 1, (spec.name, getattr(first, "shape", ()))
         if spec.name in self._slots:  # the call's adapters, or empty slots
             given = {k: v for k, v in inputs.items() if is_slot_input(k)}
             feeds.update(given or {**self._empty_slots[spec.name], SCALE_INPUT: np.zeros((rows, 0), np.float32)})
-        key = (spec.name, first.shape[1:] if batched else getattr(first, "shape", ()))
         per_row = self._seconds_per_row.get(key)
 
         def run():

@@ -20,11 +20,11 @@ SCALE = 0.7
 
 @pytest.fixture(scope="module")
 def lora_setup(random_sd, tmp_path_factory):
+    import shutil
+
     import export.torchvision_compat  # noqa: F401
     from export.lora import add_adapter_slots, export_lora
     from tests.fixtures.lora_files import write_kohya_lora, write_peft_lora
-
-    import shutil
 
     folder, shared = random_sd
     tmp = tmp_path_factory.mktemp("lora")
