@@ -28,6 +28,7 @@ class Family:
     # and the service's Settings where `pipelines_take_settings`
     pipelines: str
     export: str  # "module:function": its exporter (for diffusers folders, what export_folder calls)
+    export_commands: tuple[str, ...]  # the `python -m export` subcommands that export it
     diffusers_pipelines: tuple[str, ...] = ()  # model_index.json `_class_name`s exported as this family
     diffusers_models: tuple[str, ...] = ()  # single-model folders' config.json `_class_name`s
     export_options: tuple[str, ...] = ()  # export_folder's family-specific options its exporter takes
@@ -53,42 +54,44 @@ def load(entry_point: str) -> Callable[..., Any]:
 
 FAMILIES = (
     Family("gan", router="services.routers.gan", pipelines="services.pipelines:gan_pipelines",
-           export="export.gan:export_generator", default_model="gan", single_pass=True, gan=True,
-           playground_tab="tab-gan"),
+           export="export.gan:export_generator", export_commands=("gan",), default_model="gan", single_pass=True,
+           gan=True, playground_tab="tab-gan"),
     Family("stylegan", router="services.routers.stylegan",
            pipelines="services.pipelines.pipeline_stylegan:stylegan_pipelines",
-           export="export.stylegan:export_stylegan", default_model="gan", single_pass=True, gan=True,
-           playground_tab="tab-style"),
+           export="export.stylegan:export_stylegan", export_commands=("stylegan",), default_model="gan",
+           single_pass=True, gan=True, playground_tab="tab-style"),
     Family("stable_diffusion", router="services.routers.diffusion",
            pipelines="services.pipelines.pipeline_stable_diffusion:pipelines",
-           export="export.stable_diffusion:export_stable_diffusion",
+           export="export.stable_diffusion:export_stable_diffusion", export_commands=("diffusers",),
            diffusers_pipelines=("StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline",
                                 "StableDiffusionInpaintPipeline"),
            export_options=("tensorrt", "deepcache", "controlnet_inputs"), default_model="diffusion",
            text_conditioned=True, latent_vae=True, step_engine=True, playground_tab="tab-txt2img"),
     Family("stable_diffusion_xl", router="services.routers.diffusion",
            pipelines="services.pipelines.pipeline_stable_diffusion_xl:pipelines",
-           export="export.stable_diffusion_xl:export_stable_diffusion_xl",
+           export="export.stable_diffusion_xl:export_stable_diffusion_xl", export_commands=("diffusers",),
            diffusers_pipelines=("StableDiffusionXLPipeline", "StableDiffusionXLImg2ImgPipeline",
                                 "StableDiffusionXLInpaintPipeline"),
            export_options=("tensorrt", "deepcache"), default_model="diffusion",
            text_conditioned=True, latent_vae=True, step_engine=True, playground_tab="tab-txt2img"),
     Family("ddpm", router="services.routers.ddpm", pipelines="services.pipelines.pipeline_ddpm:pipelines",
-           export="export.ddpm:export_ddpm", diffusers_pipelines=("DDPMPipeline", "DDIMPipeline"),
-           diffusers_models=("UNet2DModel",), default_model="ddpm", step_engine=True, playground_tab="tab-ddpm"),
+           export="export.ddpm:export_ddpm", export_commands=("ddpm", "diffusers"),
+           diffusers_pipelines=("DDPMPipeline", "DDIMPipeline"), diffusers_models=("UNet2DModel",),
+           default_model="ddpm", step_engine=True, playground_tab="tab-ddpm"),
     # FLUX's VAE is exported (export/flux.py) but not served on /v1/vae/*: its native size is the
     # transformer's, which services.pipelines.pipeline_vae does not read.
     Family("flux", router="services.routers.diffusion", pipelines="services.pipelines.pipeline_flux:pipelines",
-           export="export.flux:export_flux",
+           export="export.flux:export_flux", export_commands=("diffusers",),
            diffusers_pipelines=("FluxPipeline", "FluxImg2ImgPipeline", "FluxInpaintPipeline"),
            export_options=("tensorrt", "max_sequence_length", "native_size"), default_model="diffusion",
            text_conditioned=True, step_engine=True, playground_tab="tab-txt2img"),
     Family("vae", router="services.routers.vae", pipelines="services.pipelines.pipeline_vae:vae_pipelines",
-           export="export.vae:export_vae", diffusers_models=("AutoencoderKL",), default_model="vae",
-           latent_vae=True, playground_tab="tab-vae"),
+           export="export.vae:export_vae", export_commands=("vae", "diffusers"), diffusers_models=("AutoencoderKL",),
+           default_model="vae", latent_vae=True, playground_tab="tab-vae"),
     Family("image_to_image", router="services.routers.image_to_image",
            pipelines="services.pipelines:image_to_image_pipelines", pipelines_take_settings=True,
-           export="export.super_resolution:export_image_graph", single_pass=True, playground_tab="tab-upscale"),
+           export="export.super_resolution:export_image_graph", export_commands=("sr", "translator"),
+           single_pass=True, playground_tab="tab-upscale"),
 )
 BY_NAME = {family.name: family for family in FAMILIES}
 

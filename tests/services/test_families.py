@@ -163,3 +163,15 @@ def test_the_exporter_knows_its_classes(tmp_path, family):
         folder.mkdir()
         (folder / "config.json").write_text(json.dumps({"_class_name": class_name}))
         assert detect_family(folder) == family.name
+
+
+@pytest.mark.parametrize("family", FAMILIES, ids=lambda f: f.name)
+def test_the_export_cli_has_its_commands(capsys, family):
+    from export.__main__ import main
+
+    with pytest.raises(SystemExit) as exited:
+        main(["--help"])
+    assert exited.value.code == 0
+    listed = re.search(r"\{([a-z0-9,-]+)\}", capsys.readouterr().out)
+    assert listed, "python -m export --help lists no subcommands"
+    assert family.export_commands and set(family.export_commands) <= set(listed.group(1).split(","))
