@@ -2,6 +2,7 @@
 one call per family, streaming events, async, typed errors, retries honouring Retry-After."""
 
 import asyncio
+import json
 import re
 import time
 
@@ -150,3 +151,23 @@ def test_a_generation_is_not_sent_twice_after_the_server_may_have_started_it(mon
         with pytest.raises(gc.APIConnectionError):
             c.models()
     assert sent == ["GET"] * 3
+
+
+def test_lora_is_sent_as_the_requests_adapter_list_in_order():
+    sent = []
+
+    def handler(request):
+        sent.append((request.url.path, json.loads(request.content)))
+        return httpx.Response(422, json={"error": {"code": "invalid_request", "message": "lora: no slots",
+                                                   "field": "lora"}})
+
+    with gc.Client("http://test", transport=httpx.MockTransport(handler)) as c:
+        for call in (lambda: c.txt2img("a cat", lora={"ink": 0.8, "paper": -1}),
+                     lambda: c.img2img(b"png", "a cat", lora={"ink": 1}),
+                     lambda: c.inpaint(b"png", b"png", "a cat", lora={})):
+            with pytest.raises(gc.InvalidRequestError) as refused:
+                call()
+            assert refused.value.field == "lora"
+    assert [body["lora"] for _, body in sent] == [
+        [{"name": "ink", "scale": 0.8}, {"name": "paper", "scale": -1.0}], [{"name": "ink", "scale": 1.0}], []]
+    assert [path for path, _ in sent] == ["/v1/txt2img", "/v1/img2img", "/v1/inpaint"]

@@ -17,7 +17,7 @@ import base64
 import io
 import json
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Mapping
 from pathlib import Path
 from typing import Any, Callable, Optional, Union
 
@@ -54,9 +54,18 @@ def encode_image(image: ImageInput) -> str:
     return base64.b64encode(raw).decode("ascii")
 
 
+def _adapters(lora: Optional[Mapping[str, float]]) -> Optional[list]:
+    """{adapter name: scale, ...} -> the request's `lora` list, in the mapping's order."""
+    if lora is None:
+        return None
+    return [{"name": name, "scale": float(scale)} for name, scale in lora.items()]
+
+
 def _body(**fields) -> dict:
     """The JSON body: fields left at None are omitted (the server's defaults apply)."""
     extra = fields.pop("extra", None) or {}
+    if "lora" in fields:
+        fields["lora"] = _adapters(fields["lora"])
     return {**{k: v for k, v in fields.items() if v is not None}, **extra}
 
 
@@ -114,13 +123,15 @@ class _Endpoints:
                 guidance_scale: Optional[float] = None, scheduler: Optional[str] = None,
                 height: Optional[int] = None, width: Optional[int] = None, seed: Optional[int] = None,
                 output_format: Optional[str] = None, timeout_s: Optional[float] = None,
-                cache_interval: Optional[int] = None, extra: Optional[dict] = None) -> GenerationResult:
-        """POST /v1/txt2img. `cache_interval` > 1: DeepCache (faster, approximate; see GET /v1/models)."""
+                cache_interval: Optional[int] = None, lora: Optional[Mapping[str, float]] = None,
+                extra: Optional[dict] = None) -> GenerationResult:
+        """POST /v1/txt2img. `cache_interval` > 1: DeepCache (faster, approximate; see GET /v1/models).
+        `lora`: {adapter name: scale}, the model's LoRA adapters to apply (GET /v1/models lists them)."""
         return self._call("POST", "/v1/txt2img", _body(
             prompt=prompt, model=model, negative_prompt=negative_prompt, num_images=num_images,
             num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, scheduler=scheduler,
             height=height, width=width, seed=seed, output_format=output_format, timeout_s=timeout_s,
-            cache_interval=cache_interval, extra=extra),
+            cache_interval=cache_interval, lora=lora, extra=extra),
             GenerationResult.from_json)
 
     def txt2img_stream(self, prompt: str, *, preview_every: Optional[int] = None, model: Optional[str] = None,
@@ -129,6 +140,7 @@ class _Endpoints:
                        scheduler: Optional[str] = None, height: Optional[int] = None, width: Optional[int] = None,
                        seed: Optional[int] = None, output_format: Optional[str] = None,
                        timeout_s: Optional[float] = None, cache_interval: Optional[int] = None,
+                       lora: Optional[Mapping[str, float]] = None,
                        extra: Optional[dict] = None) -> Iterator[Event]:
         """POST /v1/txt2img/stream: Progress per step, Preview every `preview_every` steps, then
         Result. Leaving the loop early (break, or closing the iterator) cancels the request."""
@@ -136,20 +148,21 @@ class _Endpoints:
             prompt=prompt, preview_every=preview_every, model=model, negative_prompt=negative_prompt,
             num_images=num_images, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
             scheduler=scheduler, height=height, width=width, seed=seed, output_format=output_format,
-            timeout_s=timeout_s, cache_interval=cache_interval, extra=extra))
+            timeout_s=timeout_s, cache_interval=cache_interval, lora=lora, extra=extra))
 
     def img2img(self, image: ImageInput, prompt: str, *, strength: Optional[float] = None,
                 model: Optional[str] = None, negative_prompt: Optional[str] = None, num_images: Optional[int] = None,
                 num_inference_steps: Optional[int] = None, guidance_scale: Optional[float] = None,
                 scheduler: Optional[str] = None, seed: Optional[int] = None, output_format: Optional[str] = None,
                 timeout_s: Optional[float] = None, cache_interval: Optional[int] = None,
+                lora: Optional[Mapping[str, float]] = None,
                 extra: Optional[dict] = None) -> GenerationResult:
         """POST /v1/img2img: `image` noised to `strength`, then denoised toward the prompt."""
         return self._call("POST", "/v1/img2img", _body(
             image=encode_image(image), prompt=prompt, strength=strength, model=model, negative_prompt=negative_prompt,
             num_images=num_images, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
             scheduler=scheduler, seed=seed, output_format=output_format, timeout_s=timeout_s,
-            cache_interval=cache_interval, extra=extra),
+            cache_interval=cache_interval, lora=lora, extra=extra),
             GenerationResult.from_json)
 
     def inpaint(self, image: ImageInput, mask: ImageInput, prompt: str, *, strength: Optional[float] = None,
@@ -157,13 +170,14 @@ class _Endpoints:
                 num_inference_steps: Optional[int] = None, guidance_scale: Optional[float] = None,
                 scheduler: Optional[str] = None, seed: Optional[int] = None, output_format: Optional[str] = None,
                 timeout_s: Optional[float] = None, cache_interval: Optional[int] = None,
+                lora: Optional[Mapping[str, float]] = None,
                 extra: Optional[dict] = None) -> GenerationResult:
         """POST /v1/inpaint: repaints the white area of `mask` (same size as `image`)."""
         return self._call("POST", "/v1/inpaint", _body(
             image=encode_image(image), mask=encode_image(mask), prompt=prompt, strength=strength, model=model,
             negative_prompt=negative_prompt, num_images=num_images, num_inference_steps=num_inference_steps,
             guidance_scale=guidance_scale, scheduler=scheduler, seed=seed, output_format=output_format,
-            timeout_s=timeout_s, cache_interval=cache_interval, extra=extra), GenerationResult.from_json)
+            timeout_s=timeout_s, cache_interval=cache_interval, lora=lora, extra=extra), GenerationResult.from_json)
 
     # -- pixel-space diffusion --------------------------------------------------------------
     def ddpm_generate(self, *, model: Optional[str] = None, seed: Optional[int] = None,
