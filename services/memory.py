@@ -59,7 +59,7 @@ def collect_cycles() -> None:
     """Frees what reference cycles still hold now, not at the next full collection: a request's
     objects can sit in a cycle that reaches the oldest generation, which Python's collector
     visits rarely. Measured: 40 bodies of 6.7 MB on one kept-alive connection left the worker
-    +64 to +158 MB in about half the runs; with a full collection after each, -15 to +1 MB
+    +64 to +158 MB in about half the runs; with a full collection after each, -16 to +1 MB
     (a young-generation collection, or a frozen start-up heap, still left +64 to +109 MB).
     Costs one full collection, ~60-70 ms of the GIL with the demo repository loaded: called
     after requests whose bodies are large, whose own work costs far more."""
