@@ -78,13 +78,11 @@ FAMILIES = (
            export="export.ddpm:export_ddpm", export_commands=("ddpm", "diffusers"),
            diffusers_pipelines=("DDPMPipeline", "DDIMPipeline"), diffusers_models=("UNet2DModel",),
            default_model="ddpm", step_engine=True, playground_tab="tab-ddpm"),
-    # FLUX's VAE is exported (export/flux.py) but not served on /v1/vae/*: its native size is the
-    # transformer's, which services.pipelines.pipeline_vae does not read.
     Family("flux", router="services.routers.diffusion", pipelines="services.pipelines.pipeline_flux:pipelines",
            export="export.flux:export_flux", export_commands=("diffusers",),
            diffusers_pipelines=("FluxPipeline", "FluxImg2ImgPipeline", "FluxInpaintPipeline"),
            export_options=("tensorrt", "max_sequence_length", "native_size"), default_model="diffusion",
-           text_conditioned=True, step_engine=True, playground_tab="tab-txt2img"),
+           text_conditioned=True, latent_vae=True, step_engine=True, playground_tab="tab-txt2img"),
     Family("vae", router="services.routers.vae", pipelines="services.pipelines.pipeline_vae:vae_pipelines",
            export="export.vae:export_vae", export_commands=("vae", "diffusers"), diffusers_models=("AutoencoderKL",),
            default_model="vae", latent_vae=True, playground_tab="tab-vae"),

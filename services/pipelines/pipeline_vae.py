@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from services.contract import UNetFacts, VAEFacts
+from services.contract import TransformerFacts, UNetFacts, VAEFacts
 from services.families import names
 from services.pipelines.diffusion import gaussian_posterior
 from services.runtime import InferenceBackend, ModelSpec
@@ -75,13 +75,19 @@ def discover(models: dict[str, ModelSpec]) -> dict[str, VAEInfo]:
 
 
 def _pipeline_native(models: dict[str, ModelSpec], name: str) -> int:
-    """A pipeline's VAE has no size of its own: the U-Net's native latent side x the factor."""
+    """A pipeline's VAE has no size of its own: its denoiser's (a U-Net's, or FLUX's
+    transformer's) native side in pixels."""
     for spec in models.values():
         p = spec.parameters
-        if p.get("genserve.pipeline_name") == name and p.get("genserve.component") == "unet":
+        if p.get("genserve.pipeline_name") != name:
+            continue
+        if p.get("genserve.component") == "unet":
             unet = UNetFacts.from_spec(spec)
             return max(unet.native_height, unet.native_width)
-    raise ValueError(f"pipeline {name!r} has a VAE but no U-Net to size it by")
+        if p.get("genserve.component") == "transformer":
+            transformer = TransformerFacts.from_spec(spec)
+            return max(transformer.native_height, transformer.native_width)
+    raise ValueError(f"pipeline {name!r} has a VAE but no denoiser to size it by")
 
 
 class VAEPipeline:

@@ -138,3 +138,38 @@ def test_triton_serves_the_same_images_as_the_embedded_backend(flux_server, flux
     assert r.json()["backend"] == "triton"
     mse = float(np.mean((images[0] - images[1]) ** 2))
     assert mse == 0 or 10 * np.log10(255.0**2 / mse) >= 45
+
+
+def test_its_vae_is_served_on_the_vae_endpoints_equal_to_diffusers(flux_server, flux_export):
+    """FLUX's VAE (16 latent channels, shift_factor) decodes and encodes under the pipeline's
+    name, sized by the transformer's native size, as diffusers' AutoencoderKL does (raw latents:
+    no scaling or shift, as for every VAE on /v1/vae/*)."""
+    import torch
+    from diffusers import AutoencoderKL
+    from PIL import Image
+
+    [model] = httpx.get(f"{flux_server.url}/v1/models").json()["models"]
+    assert "/v1/vae/decode" in model["endpoint"] and "/v1/vae/encode" in model["endpoint"]
+    vae = AutoencoderKL.from_pretrained(flux_export[0] / "vae").eval()
+    factor = 2 ** (len(vae.config.block_out_channels) - 1)
+    latent = np.random.default_rng(3).standard_normal((1, vae.config.latent_channels, 24 // factor, 24 // factor),
+                                                      dtype=np.float32)
+    r = httpx.post(f"{flux_server.url}/v1/vae/decode", timeout=60, json={"model": NAME, "latent": {
+        "shape": list(latent.shape), "datatype": "FP32", "data": base64.b64encode(latent.tobytes()).decode()}})
+    assert r.status_code == 200, r.text
+    [image] = r.json()["images"]
+    served = np.asarray(Image.open(io.BytesIO(base64.b64decode(image["data"]))), np.float64)
+    with torch.no_grad():
+        reference = vae.decode(torch.from_numpy(latent)).sample[0].clamp(-1, 1)
+    expected = ((reference.permute(1, 2, 0).numpy() + 1) * 127.5).round()
+    assert served.shape[:2] == (24, 24)
+    assert np.abs(served.reshape(expected.shape) - expected).max() <= 1  # 8-bit rounding apart
+
+    r = httpx.post(f"{flux_server.url}/v1/vae/encode", timeout=60, json={"model": NAME, "image": image["data"]})
+    assert r.status_code == 200, r.text
+    t = r.json()["latent"]
+    mean = np.frombuffer(base64.b64decode(t["data"]), dtype="<f4").reshape(t["shape"])
+    pixels = torch.from_numpy(served.reshape(expected.shape).transpose(2, 0, 1)[None] / 127.5 - 1).float()
+    with torch.no_grad():
+        expected_mean = vae.encode(pixels).latent_dist.mean.numpy()
+    np.testing.assert_allclose(mean, expected_mean, atol=1e-3)
