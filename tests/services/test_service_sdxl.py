@@ -1,18 +1,21 @@
 """An SDXL-format folder, exported with `python -m export diffusers` and served over HTTP:
 listed with its limits, non-square sizes, size conditioning echoed, the same bytes as the
-pipeline alone, image-to-image and streaming; SD models refuse SDXL-only fields by name."""
+pipeline alone, image-to-image, and the checks every family owes (tests/fixtures/family_tests.py:
+seed rule, stream with previews, refusals); SD models refuse SDXL-only fields by name."""
 
 import asyncio
 import base64
 import subprocess
 import sys
 from pathlib import Path
+from typing import ClassVar
 
 import httpx
 import numpy as np
 import pytest
 
 from tests.conftest import running_server
+from tests.fixtures.family_tests import BadRequest, FamilyServiceTests
 from tests.fixtures.sdxl_folder import build_random_sdxl_folder
 
 pytestmark = [pytest.mark.server, pytest.mark.slow]
@@ -79,17 +82,27 @@ def test_txt2img_non_square_with_size_conditioning_equals_the_pipeline(sdxl_serv
     assert np.array_equal(served, expected)
 
 
-def test_img2img_and_stream(sdxl_server):
+def test_img2img(sdxl_server):
     txt = httpx.post(f"{sdxl_server.url}/v1/txt2img", json={"prompt": "a small digit", "seed": 1,
                                                             "num_inference_steps": 4}, timeout=120).json()
     r = httpx.post(f"{sdxl_server.url}/v1/img2img", json={"prompt": "a small digit", "image": txt["images"][0]["data"],
                                                           "strength": 0.5, "num_inference_steps": 4}, timeout=120)
     assert r.status_code == 200, r.text
     assert r.json()["parameters"]["original_size"] == [16, 24]
-    with httpx.stream("POST", f"{sdxl_server.url}/v1/txt2img/stream", timeout=120,
-                      json={"prompt": "a small digit", "seed": 1, "num_inference_steps": 4}) as s:
-        lines = [line for line in s.iter_lines() if line.startswith("event: ")]
-    assert lines == ["event: progress"] * 4 + ["event: result"]
+
+
+class TestSDXLFamily(FamilyServiceTests):
+    model, pipeline, path = NAME, "stable_diffusion_xl", "/v1/txt2img"
+    request: ClassVar[dict] = {"prompt": "a small digit"}
+    bad_requests = (
+        BadRequest({"prompt": "a cat", "height": 20}, "height"),  # not a multiple of 8
+        BadRequest({"prompt": "a cat", "scheduler": "nope"}, "scheduler"),
+        BadRequest({"prompt": "a cat", "model": "nope"}, "model", status=404),
+    )
+
+    @pytest.fixture
+    def service(self, sdxl_server):
+        return sdxl_server
 
 
 def test_sd_models_refuse_sdxl_fields_by_name(server):
