@@ -16,44 +16,15 @@ import argparse
 import base64
 import hashlib
 import json
-import os
-import socket
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start(repository: Path, port: int, log: Path) -> subprocess.Popen:
-    env = {**os.environ, "GENSERVE_MODEL_REPOSITORY": str(repository), "GENSERVE_BACKEND": "onnxruntime",
-           "HF_HUB_OFFLINE": "1"}
-    return subprocess.Popen([str(Path(sys.executable).parent / "bentoml"), "serve", "services.service:GenServe",
-                             "--host", "127.0.0.1", "--port", str(port)], cwd=ROOT, env=env,
-                            stdout=log.open("wb"), stderr=subprocess.STDOUT, start_new_session=True)
-
-
-def wait_ready(url: str, proc: subprocess.Popen, timeout_s: float = 600) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"server exited with {proc.returncode}")
-        try:
-            if httpx.get(url + "/readyz", timeout=5).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(1)
-    raise SystemExit("server not ready in time")
+from tests.fixtures.local_server import LocalServer  # noqa: E402
 
 
 def image_hashes(body) -> list[str]:
@@ -113,14 +84,13 @@ def main() -> int:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--compare", type=Path, help="an earlier run's output: exit 1 on any difference")
     args = parser.parse_args()
-    port = free_port()
-    proc = start(args.repository.resolve(), port, args.out.with_suffix(".log"))
+    server = LocalServer({"GENSERVE_MODEL_REPOSITORY": str(args.repository.resolve()),
+                          "GENSERVE_BACKEND": "onnxruntime"}, args.out.with_suffix(".log"))
     try:
-        wait_ready(f"http://127.0.0.1:{port}", proc)
-        results = run(f"http://127.0.0.1:{port}")
+        server.wait_ready(timeout=600)
+        results = run(server.url)
     finally:
-        os.killpg(proc.pid, 15)
-        proc.wait(30)
+        server.stop()
     args.out.write_text(json.dumps(results, indent=1, sort_keys=True))
     images = sum(len(v) - 1 for v in results.values() if v[0] == "200")
     print(f"{len(results)} requests, {images} images -> {args.out}")
