@@ -17,27 +17,31 @@ import socket
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from urllib.parse import urlsplit
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def probe(host: str, port: int, slow: int, silent: int, every_s: float, seconds: float) -> None:
-    conns = [socket.create_connection((host, port), timeout=10) for _ in range(slow + silent)]
-    for c in conns[:slow]:
+def hold(slow: list[socket.socket], silent: list[socket.socket], every_s: float, seconds: float,
+         on_tick: Callable[[float, int], None] | None = None) -> tuple[dict[socket.socket, bytes], int, float]:
+    """Starts a request on each `slow` connection and sends it one more header line every
+    `every_s`; reads what the server answers on all of them until each is closed or `seconds`
+    pass. `on_tick(elapsed_s, open)` after each read. Returns (answer per connection, how many
+    are still open, seconds held)."""
+    for c in slow:
         c.sendall(b"GET /livez HTTP/1.1\r\nHost: x\r\n")
-    answers = {c: b"" for c in conns}
-    open_ = set(conns)
+    answers = {c: b"" for c in slow + silent}
+    open_ = set(answers)
     start = last_line = time.monotonic()
-    marks = [1, 5, 12, 20, 40, 60, 97]
     while open_ and time.monotonic() - start < seconds:
         if time.monotonic() - last_line >= every_s:
             last_line = time.monotonic()
-            for c in [c for c in conns[:slow] if c in open_]:
+            for c in [c for c in slow if c in open_]:
                 try:
                     c.sendall(b"X-Slow: 1\r\n")
-                except OSError:
+                except OSError:  # reset or closed: the server is done with it
                     open_.discard(c)
         for c in select.select(list(open_), [], [], 0.5)[0]:
             try:
@@ -47,9 +51,21 @@ def probe(host: str, port: int, slow: int, silent: int, every_s: float, seconds:
             answers[c] += data
             if not data:
                 open_.discard(c)
-        while marks and time.monotonic() - start >= marks[0]:
-            print(f"t={marks.pop(0)}s: {len(open_)} of {len(conns)} connections open", flush=True)
-    print(f"t={time.monotonic() - start:.0f}s: {len(open_)} of {len(conns)} connections open")
+        if on_tick is not None:
+            on_tick(time.monotonic() - start, len(open_))
+    return answers, len(open_), time.monotonic() - start
+
+
+def probe(host: str, port: int, slow: int, silent: int, every_s: float, seconds: float) -> None:
+    conns = [socket.create_connection((host, port), timeout=10) for _ in range(slow + silent)]
+    marks = [1, 5, 12, 20, 40, 60, 97]
+
+    def report(elapsed_s: float, still_open: int) -> None:
+        while marks and elapsed_s >= marks[0]:
+            print(f"t={marks.pop(0)}s: {still_open} of {len(conns)} connections open", flush=True)
+
+    answers, still_open, held = hold(conns[:slow], conns[slow:], every_s, seconds, report)
+    print(f"t={held:.0f}s: {still_open} of {len(conns)} connections open")
     seen = collections.Counter(a.split(b"\r\n", 1)[0].decode(errors="replace") or "closed without an answer"
                                for a in answers.values())
     print("answers:", dict(seen))

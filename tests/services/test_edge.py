@@ -2,13 +2,13 @@
 start-up failures, connections, forwarded addresses, logs."""
 
 import re
-import select
 import socket
 import time
 
 import httpx
 import pytest
 
+from loadtests.slowloris import hold
 from tests.conftest import running_server
 from tests.fixtures.local_server import LocalServer
 
@@ -76,30 +76,10 @@ def test_slowloris_connections_are_closed_past_the_header_timeout(edge):
     the head deadline passes, the slow ones with a 408."""
     slow = [connect(edge) for _ in range(10)]
     silent = [connect(edge) for _ in range(10)]
-    for s in slow:
-        s.sendall(b"GET /livez HTTP/1.1\r\nHost: x\r\n")
-    answers = {s: b"" for s in slow + silent}
-    open_ = set(answers)
-    start = time.monotonic()
-    while open_ and time.monotonic() - start < 4 * HEADER_TIMEOUT_S:
-        for s in [s for s in slow if s in open_]:
-            try:
-                s.sendall(b"X-Slow: 1\r\n")
-            except OSError:  # reset or closed: the server is done with it
-                open_.discard(s)
-        readable, _, _ = select.select(list(open_), [], [], 0.5)
-        for s in readable:
-            try:
-                data = s.recv(4096)
-            except OSError:
-                data = b""
-            answers[s] += data
-            if not data:
-                open_.discard(s)
-    held = time.monotonic() - start
+    answers, still_open, held = hold(slow, silent, every_s=0.5, seconds=4 * HEADER_TIMEOUT_S)
     for s in answers:
         s.close()
-    assert not open_, f"{len(open_)} of 20 connections still open after {held:.1f}s"
+    assert not still_open, f"{still_open} of 20 connections still open after {held:.1f}s"
     assert held < HEADER_TIMEOUT_S + 3
     assert all(answers[s].startswith(b"HTTP/1.1 408") for s in slow), [answers[s][:40] for s in slow]
     assert all(answers[s] == b"" for s in silent)
