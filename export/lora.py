@@ -241,8 +241,10 @@ def _match(layer: LoraLayer, targets: dict[str, GraphTarget], graph: str) -> Gra
     return target
 
 
-def store_adapter(adapter: Adapter, repository: Path, pipeline: str, name: str, source: str = "") -> Path:
-    """Writes the adapter beside `<pipeline>_unet` (see the module docstring); returns its folder."""
+def store_adapter(adapter: Adapter, repository: Path, pipeline: str, name: str, source: str = "",
+                  out: Path | None = None) -> Path:
+    """Writes the adapter beside `<pipeline>_unet` (see the module docstring), or in `out/<name>`
+    (a directory the service loads adapters from at run time); returns its folder."""
     from safetensors.numpy import save_file
 
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}", name):
@@ -278,7 +280,7 @@ def store_adapter(adapter: Adapter, repository: Path, pipeline: str, name: str, 
                         "alpha": layer.alpha, "scale": layer.scale,
                         "in_features": target.in_features, "out_features": target.out_features,
                         "kernel": list(down.shape[2:])})
-    folder = unet_dir / ADAPTERS_FOLDER / name
+    folder = (Path(out) if out is not None else unet_dir / ADAPTERS_FOLDER) / name
     folder.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(folder / WEIGHTS))
     ranks = sorted({e["rank"] for e in entries})
@@ -292,9 +294,10 @@ def store_adapter(adapter: Adapter, repository: Path, pipeline: str, name: str, 
     return folder
 
 
-def export_lora(weights: Path, repository: Path, pipeline: str, name: str, progress=print) -> Path:
+def export_lora(weights: Path, repository: Path, pipeline: str, name: str, progress=print,
+                out: Path | None = None) -> Path:
     adapter = read_lora(weights)
-    folder = store_adapter(adapter, repository, pipeline, name, source=Path(weights).name)
+    folder = store_adapter(adapter, repository, pipeline, name, source=Path(weights).name, out=out)
     manifest = json.loads((folder / MANIFEST).read_text())
     progress(f"[{pipeline}] adapter {name}: {len(manifest['layers'])} layers ({adapter.source_format} format, "
              f"ranks {manifest['ranks']}, {manifest['bytes'] / 1e6:.1f} MB {manifest['dtype']}) -> {folder}")
@@ -310,7 +313,11 @@ def add_parsers(sub) -> None:
     lora.add_argument("--weights", type=Path, required=True,
                       help="the LoRA file as published (.safetensors or torch file)")
     lora.add_argument("--name", required=True, help="the adapter's name in requests")
-    lora.add_argument("--repository", type=Path, default=Path("model_repository"))
+    lora.add_argument("--repository", type=Path, default=Path("model_repository"),
+                      help="the repository holding the pipeline (its graphs name the adapter's targets)")
+    lora.add_argument("--out", type=Path, default=None,
+                      help="write the adapter to OUT/<name> instead of beside the pipeline's U-Net: a directory "
+                           "of GENSERVE_ADAPTER_DIRS, loaded at run time")
     slots = sub.add_parser("lora-slots", help="write the pipeline's U-Net and text encoder with adapter slots")
     slots.add_argument("--pipeline", required=True)
     slots.add_argument("--repository", type=Path, default=Path("model_repository"))
@@ -318,7 +325,7 @@ def add_parsers(sub) -> None:
 
 def run(args) -> int:
     if args.command == "lora":
-        export_lora(args.weights, args.repository, args.pipeline, args.name)
+        export_lora(args.weights, args.repository, args.pipeline, args.name, out=args.out)
         return 0
     for graph in SD_COMPONENTS.values():
         path = Path(args.repository) / f"{args.pipeline}_{graph}" / "1" / "model.onnx"

@@ -19,7 +19,7 @@ encoding, so it is part of the prompt's key (`text_key`), and the prompt cache t
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -134,24 +134,42 @@ class PipelineAdapters:
     """The adapters one pipeline serves, and the slot inputs of its graphs' calls.
 
     `slots`: graph -> its slot inputs' shapes, for the graphs the backend serves with adapter
-    slots (InferenceBackend.adapter_slots); adapters are loaded only when the denoiser has them.
+    slots (InferenceBackend.adapter_slots); without slots on the denoiser it serves none.
+    Which adapters are loaded is the library's business (services.adapter_library: memory cap,
+    LRU, allowed directories, loading on first use); here each load has an id, unique in the
+    process, that a request holds from admission (`resolve`) to its end: its rows' inputs
+    (`lora:<id>`) and its texts' keys name that load, so an adapter unloaded or replaced
+    meanwhile neither changes a running request nor answers from the prompt cache for the new one.
     """
 
     def __init__(self, pipeline: str, denoiser: str, stored: Mapping[str, Path],
-                 slots: Mapping[str, Mapping[str, Sequence]]):
+                 slots: Mapping[str, Mapping[str, Sequence]], library=None):
+        from services.adapter_library import AdapterLibrary
+
         self.pipeline = pipeline
         self.denoiser = denoiser
-        self.names = sorted(stored)
         self.slots = dict(slots)
-        self.adapters = {name: load_adapter(stored[name]) for name in self.names} if denoiser in slots else {}
-        self.index = {name: i for i, name in enumerate(self.names)}  # an adapter's number in text keys
+        self.stored = dict(stored)  # the repository's adapters: name -> folder
+        self.live: dict[int, StoredAdapter] = {}  # by load id: the loaded ones, and unloaded ones still in use
+        self.in_use: Callable[[], set[int]] = set  # the engine's: load ids its unfinished requests hold
+        self.library = library if library is not None else AdapterLibrary()
+        self.library.attach(self)
+
+    @property
+    def serves(self) -> bool:
+        return self.denoiser in self.slots
+
+    @property
+    def names(self) -> list[str]:
+        """Every adapter a request may name: loaded, or loadable (repository, allowed directories)."""
+        return self.library.available(self) if self.serves else []
 
     def check(self, lora: Sequence[tuple[str, float]], cache_interval: int = 1, limit: int | None = None) -> None:
         """Refuses (InvalidRequest, 422) adapters the pipeline cannot serve for this request;
         `limit`: the most per request (GENSERVE_MAX_ADAPTERS_PER_REQUEST)."""
         if not lora:
             return
-        if self.denoiser not in self.slots:
+        if not self.serves:
             raise InvalidRequest(
                 f"model {self.pipeline!r} serves no LoRA adapters: its denoiser graph has no adapter slots here; "
                 f"run `python -m export lora-slots --pipeline {self.pipeline}` (the embedded ONNX Runtime "
@@ -161,56 +179,78 @@ class PipelineAdapters:
                                  field="lora", limit=limit)
         seen = set()
         for i, (name, _) in enumerate(lora):
-            field = f"lora[{i}].name"
-            if name not in self.adapters:
-                known = ", ".join(self.names) or "none (store one with `python -m export lora`)"
+            if not self.library.knows(self, name):
+                names = self.names
+                known = ", ".join(names) or "none (store one with `python -m export lora`)"
                 raise InvalidRequest(f"no adapter {name!r} for model {self.pipeline!r}; its adapters: {known}",
-                                     field=field, allowed=self.names)
+                                     field=f"lora[{i}].name", allowed=names)
             if name in seen:
                 raise InvalidRequest(f"adapter {name!r} is named twice in lora: give it once, with one scale",
-                                     field=field)
+                                     field=f"lora[{i}].name")
             seen.add(name)
-            unslotted = sorted(self.adapters[name].graphs() - set(self.slots))
-            if unslotted:
-                raise InvalidRequest(f"adapter {name!r} acts on {', '.join(unslotted)}, served without adapter "
-                                     f"slots: run `python -m export lora-slots --pipeline {self.pipeline}`",
-                                     field=field)
         if cache_interval > 1:
             raise InvalidRequest("cache_interval must be 1 with lora: DeepCache's shallow U-Net has no adapter slots",
                                  field="cache_interval", limit=1)
 
-    def rows(self, lora: Sequence[tuple[str, float]], rows: int) -> dict[str, np.ndarray]:
+    def fits(self, adapter: StoredAdapter, field: str) -> None:
+        """Refuses an adapter whose layers this pipeline's slotted graphs do not have, with
+        their shapes (one exported for another base model, or before a re-export)."""
+        if adapter.pipeline != self.pipeline:
+            raise InvalidRequest(f"adapter {adapter.name!r} was stored for pipeline {adapter.pipeline!r}, "
+                                 f"not {self.pipeline!r}", field=field)
+        for (graph, node), f in adapter.layers.items():
+            shapes = self.slots.get(graph)
+            if shapes is None:
+                raise InvalidRequest(f"adapter {adapter.name!r} acts on {graph}, served without adapter slots: "
+                                     f"run `python -m export lora-slots --pipeline {self.pipeline}`", field=field)
+            down = shapes.get(f"lora_down:{node}")
+            conv = f.kind == "conv"
+            in_f = f.down.shape[1]
+            if down is None or (down[1] if conv else down[0]) != in_f or \
+                    shapes[f"lora_up:{node}"][0 if conv else 1] != f.up.shape[0]:
+                raise InvalidRequest(f"adapter {adapter.name!r}: {graph} has no layer {node} of its shape "
+                                     f"(stored for another export of {self.pipeline!r}?)", field=field)
+
+    async def ensure(self, lora: Sequence[tuple[str, float]]) -> None:
+        """Loads the adapters of `lora` not loaded yet (first use pays; off the event loop)."""
+        for i, (name, _) in enumerate(lora):
+            await self.library.ensure(self, name, field=f"lora[{i}].name")
+
+    def resolve(self, lora: Sequence[tuple[str, float]]) -> tuple[int, ...]:
+        """The load ids a request holds until it ends (its adapters must be loaded: `ensure`)."""
+        return tuple(self.library.use(self, name, field=f"lora[{i}].name") for i, (name, _) in enumerate(lora))
+
+    def rows(self, lora: Sequence[tuple[str, float]], ids: Sequence[int], rows: int) -> dict[str, np.ndarray]:
         """A request's per-row adapter inputs (all its rows take its scales)."""
-        return {ROW_PREFIX + name: np.full(rows, scale, np.float32) for name, scale in lora}
+        return {f"{ROW_PREFIX}{i}": np.full(rows, scale, np.float32) for i, (_, scale) in zip(ids, lora)}
 
     def call_inputs(self, graph: str, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """`inputs` of one call of `graph` with the rows' adapter inputs replaced by the slot
         inputs of the adapters that act on it; none: no slot input (the backend feeds empty slots)."""
         plain = {k: v for k, v in inputs.items() if not k.startswith(ROW_PREFIX)}
-        names = sorted(k.removeprefix(ROW_PREFIX) for k in inputs if k.startswith(ROW_PREFIX))
-        names = [n for n in names if graph in self.adapters[n].graphs()]
-        if not names:
+        ids = sorted(int(k.removeprefix(ROW_PREFIX)) for k in inputs if k.startswith(ROW_PREFIX))
+        ids = [i for i in ids if graph in self.live[i].graphs()]
+        if not ids:
             return plain
-        scales = np.stack([inputs[ROW_PREFIX + n] for n in names], axis=1)
-        return {**plain, **slot_inputs(graph, self.slots[graph], [self.adapters[n] for n in names], scales)}
+        scales = np.stack([inputs[f"{ROW_PREFIX}{i}"] for i in ids], axis=1)
+        return {**plain, **slot_inputs(graph, self.slots[graph], [self.live[i] for i in ids], scales)}
 
-    def text_key(self, ids: np.ndarray, lora: Sequence[tuple[str, float]], graph: str) -> np.ndarray:
-        """A text's key: its token ids, then (adapter number, the scale's float32 bits) for each
-        adapter of `lora` acting on the text encoder `graph`, so that encodings under different
+    def text_key(self, ids: np.ndarray, lora: Sequence[tuple[str, float]], loads: Sequence[int],
+                 graph: str) -> np.ndarray:
+        """A text's key: its token ids, then (load id, the scale's float32 bits) for each adapter
+        of the request acting on the text encoder `graph`, so that encodings under different
         adapters or scales are told apart (and cached apart)."""
-        tail = [v for name, scale in sorted(lora) if name in self.adapters and graph in self.adapters[name].graphs()
-                for v in (self.index[name], int(np.float32(scale).view(np.int32)))]
+        tail = [v for load, (_, scale) in sorted(zip(loads, lora)) if graph in self.live[load].graphs()
+                for v in (load, int(np.float32(scale).view(np.int32)))]
         return np.concatenate([ids, np.asarray(tail, np.int64)]) if tail else ids
 
     def text_rows(self, keys: Sequence[np.ndarray], length: int) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         """Keys made by text_key -> (token ids [T, length], each adapter's per-row scales as
-        `lora:<name>` inputs, for call_inputs)."""
+        `lora:<id>` inputs, for call_inputs)."""
         scales: dict[str, np.ndarray] = {}
         for row, key in enumerate(keys):
-            tail = key[length:].reshape(-1, 2)
-            for index, bits in tail:
-                name = self.names[int(index)]
-                scales.setdefault(ROW_PREFIX + name, np.zeros(len(keys), np.float32))[row] = \
+            for load, bits in key[length:].reshape(-1, 2):
+                scales.setdefault(f"{ROW_PREFIX}{int(load)}", np.zeros(len(keys), np.float32))[row] = \
                     np.int32(bits).view(np.float32)
         return np.stack([k[:length] for k in keys]), scales
 

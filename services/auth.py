@@ -48,8 +48,9 @@ def parse_keys(text: str, source: str = "keys file") -> list[bytes]:
 
 
 class KeyStore:
-    def __init__(self, path: Path, clock=None):
+    def __init__(self, path: Path, clock=None, variable: str = "GENSERVE_API_KEYS_FILE"):
         self.path = Path(path)
+        self.variable = variable
         self._clock = clock or (lambda: time.monotonic())
         self._digests: list[bytes] = []
         self._stamp: tuple | None = None
@@ -68,7 +69,7 @@ class KeyStore:
                 raise ValueError(f"{self.path} holds no keys")
         except (OSError, ValueError) as exc:
             if force:
-                raise ValueError(f"GENSERVE_API_KEYS_FILE: {exc}") from None
+                raise ValueError(f"{self.variable}: {exc}") from None
             log.error("API keys file %s could not be re-read (%s); keeping the %d keys read before",
                       self.path, exc, len(self._digests))
             return

@@ -4,7 +4,7 @@ Each variable is declared once, beside its field (`env(...)`: name, default, par
 the meaning the README's configuration table shows); `Settings.from_env()` is the one
 loader, and `python -m services.config` prints the table (a test keeps the README's equal).
 Fields are grouped by who reads them: `settings.edge`, `settings.ort`, `settings.triton`,
-`settings.engine`, `settings.defaults`, `settings.images`, `settings.memory`.
+`settings.engine`, `settings.adapters`, `settings.defaults`, `settings.images`, `settings.memory`.
 """
 
 from __future__ import annotations
@@ -128,6 +128,15 @@ def networks(name: str, raw: str, default: Any) -> tuple[str, ...]:
     return tuple(items)
 
 
+def paths(name: str, raw: str, default: Any) -> tuple[Path, ...]:
+    """Comma-separated directories; each must exist."""
+    found = tuple(Path(p.strip()) for p in raw.split(",") if p.strip())
+    for p in found:
+        if not p.is_dir():
+            raise ValueError(f"{name}: {str(p)!r} is not a directory")
+    return found
+
+
 def origins(name: str, raw: str, default: Any) -> tuple[str, ...]:
     return tuple(o.strip().rstrip("/") for o in raw.split(",") if o.strip())
 
@@ -218,6 +227,25 @@ class EngineSettings:
     max_adapters_per_request: int = env(
         "GENSERVE_MAX_ADAPTERS_PER_REQUEST", 4, integer(),
         "LoRA adapters one diffusion request may name in `lora`; past it, `422` (0: requests take none)")
+
+
+@dataclass(frozen=True)
+class AdapterSettings:
+    """LoRA adapters loaded at run time (services.adapter_library, `/v1/adapters`)."""
+
+    dirs: tuple[Path, ...] = env(
+        "GENSERVE_ADAPTER_DIRS", (), paths,
+        "comma-separated directories adapters load from at run time (`POST /v1/adapters`, or a request naming "
+        "`<name>` found there as `<name>.safetensors` or a `python -m export lora --out` folder)",
+        shown_default="empty (the repository's adapters only)")
+    memory_mb: int = env(
+        "GENSERVE_ADAPTER_MEMORY_MB", 1024, integer(),
+        "memory for loaded adapters (fp32 factors); a load past it unloads the least recently used idle ones "
+        "(0 = no cap)")
+    cache_dir: Path | None = env(
+        "GENSERVE_ADAPTER_CACHE_DIR", None, optional_path,
+        "where LoRA files as published are converted to for this pipeline (kept while the file is unchanged)",
+        shown_default="unset (a temporary folder)")
 
 
 @dataclass(frozen=True)
@@ -318,6 +346,10 @@ class EdgeSettings:
     api_keys_file: Path | None = env(
         "GENSERVE_API_KEYS_FILE", None, optional_path,
         "keys file: one key, or `sha256:<hex>` of one, per line; re-read on change", shown_default="unset (auth off)")
+    admin_keys_file: Path | None = env(
+        "GENSERVE_ADMIN_KEYS_FILE", None, optional_path,
+        "keys file (as above) for the operators' endpoints (`POST`/`DELETE /v1/adapters`): only these keys may "
+        "call them", shown_default="unset (API keys apply)")
     metrics_require_key: bool = env("GENSERVE_METRICS_REQUIRE_KEY", False, flag, "`1`: `/metrics` needs a key too",
                                     shown_default="`0`")
     rate_limit: Rate | None = env(
@@ -359,6 +391,7 @@ class Settings:
                                  "Triton model repository to serve")
     defaults: DefaultModels = group(DefaultModels)
     engine: EngineSettings = group(EngineSettings)
+    adapters: AdapterSettings = group(AdapterSettings)
     images: ImageSettings = group(ImageSettings)
     memory: MemorySettings = group(MemorySettings)
     ort: OrtSettings = group(OrtSettings)

@@ -22,6 +22,7 @@ from services.imaging import FORMATS, encode_image, to_uint8
 from services.schemas import GeneratedImage, ModelDescription
 
 if TYPE_CHECKING:  # annotations only: these import the runtime, the engine and their dependencies
+    from services.adapter_library import AdapterLibrary
     from services.engine.engine import DiffusionEngine
     from services.families import Family
     from services.memory import MemoryGuard
@@ -49,6 +50,7 @@ class ServiceContext:
     image_step_limiter: RateLimiter | None = None
     memory: MemoryGuard | None = None  # GENSERVE_MEMORY_LIMIT_MB
     describers: list[Callable[[ServiceContext], list[ModelDescription]]] = field(default_factory=list)
+    adapters: AdapterLibrary = field(default_factory=lambda: _adapter_library())  # LoRA adapters loaded
 
     def model_name(self, asked: str | None, family: str, served) -> str:
         """The model a request names, else its family's default (`gan`, `diffusion`, `ddpm`,
@@ -121,3 +123,9 @@ async def context(request: Request) -> ServiceContext:
     if ctx is None:
         raise BackendUnavailable("the service is starting; retry", retry_after_s=1)
     return ctx
+
+
+def _adapter_library() -> AdapterLibrary:
+    from services.adapter_library import AdapterLibrary
+
+    return AdapterLibrary()

@@ -50,6 +50,10 @@ class ModelNotFound(ServiceError):
     code = "model_not_found"
 
 
+class AdapterNotFound(ServiceError):
+    code = "adapter_not_found"
+
+
 class BackendUnavailable(ServiceError):
     """The inference backend (named in the message) cannot serve right now.
 

@@ -92,6 +92,7 @@ class Route:
     limited: bool = True  # counts against the request rate limit
     drains: bool = True  # refused while shutting down (health and metrics stay up)
     shaped: bool = True  # the app answers errors in the one shape (BentoML's own routes answer plain text)
+    admin_methods: frozenset[str] = frozenset()  # operators' methods: admin keys only, when there are some
 
 
 def error_body(status: int, code: str, message: str, **extra) -> dict:
@@ -112,6 +113,7 @@ class Gateway:
     settings: Settings
     routes: dict[str, Route]
     keys: KeyStore | None = None
+    admin_keys: KeyStore | None = None  # GENSERVE_ADMIN_KEYS_FILE: the only keys of operators' methods
     draining: bool = False
     inflight: int = 0
     on_error: Callable[[str, str], None] | None = None  # (endpoint, code): counts refusals
@@ -127,6 +129,10 @@ class Gateway:
                 self._auth_failures = RateLimiter(self.settings.edge.auth_failure_limit)
         else:
             log.warning("API keys are off (GENSERVE_API_KEYS_FILE is not set): every client is served")
+        if self.settings.edge.admin_keys_file is not None:
+            self.admin_keys = KeyStore(self.settings.edge.admin_keys_file, variable="GENSERVE_ADMIN_KEYS_FILE")
+            if self._auth_failures is None and self.settings.edge.auth_failure_limit is not None:
+                self._auth_failures = RateLimiter(self.settings.edge.auth_failure_limit)
         if self.settings.edge.rate_limit is not None:
             self._limiter = RateLimiter(self.settings.edge.rate_limit)
         self.memory = MemoryGuard(self.settings.memory.limit_mb << 20)
@@ -225,8 +231,10 @@ class Gateway:
 
     def _authenticate(self, scope, route: Route) -> str:
         address = f"addr:{(scope.get('client') or ('unknown', 0))[0]}"
+        admin = self.admin_keys is not None and scope["method"] in route.admin_methods
         needs_key = not route.public or (scope["path"] == "/metrics" and self.settings.edge.metrics_require_key)
-        if self.keys is None or not needs_key:
+        store = self.admin_keys if admin else self.keys
+        if store is None or not needs_key:
             return address
         if self._auth_failures is not None and (wait := self._auth_failures.wait(address)) > 0:
             # Valid keys wait too: otherwise a guess that is right would still stand out.
@@ -241,10 +249,13 @@ class Gateway:
             raise _Refused(400, "bad_request", "send one API key, in one `Authorization` or `X-API-Key` header",
                            field="Authorization")
         presented = keys[0] if keys else None
-        kid = None if presented is None else self.keys.identify(presented)
+        kid = None if presented is None else store.identify(presented)
         if kid is None:
             if self._auth_failures is not None:
                 self._auth_failures.acquire(address)
+            if admin and presented is not None and self.keys is not None and self.keys.identify(presented):
+                raise _Refused(403, "forbidden", f"{scope['method']} {scope['path']} needs an admin key "
+                               "(GENSERVE_ADMIN_KEYS_FILE)")
             if presented is None:
                 raise _Refused(401, "unauthorized", "an API key is required: send `Authorization: Bearer <key>` "
                                "or `X-API-Key: <key>`", headers={"WWW-Authenticate": "Bearer"})

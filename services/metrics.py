@@ -75,6 +75,24 @@ class ServiceMetrics:
         self.prompt_cache_lookups = prom.Counter(
             "genserve_prompt_cache_lookups", "Prompt-embedding cache lookups by result (hit, miss).",
             ["model", "result"], **kw)
+        self.adapter_lookups = prom.Counter(
+            "genserve_adapter_lookups", "LoRA adapters named by requests, by whether they were loaded already "
+            "(hit) or had to be loaded first (miss).", ["model", "result"], **kw)
+        self.adapter_loads = prom.Counter(
+            "genserve_adapter_loads", "LoRA adapters loaded, by where from (repository, directory, converted: a "
+            "file as published, converted first).", ["model", "source"], **kw)
+        self.adapter_load_seconds = prom.Histogram(
+            "genserve_adapter_load_seconds", "Time to load a LoRA adapter (a conversion included).",
+            ["source"], buckets=LATENCY_BUCKETS, **kw)
+        self.adapter_evictions = prom.Counter(
+            "genserve_adapter_evictions", "LoRA adapters unloaded, by reason (memory: the least recently used "
+            "idle one, under GENSERVE_ADAPTER_MEMORY_MB; deleted: DELETE /v1/adapters or a reload).",
+            ["model", "reason"], **kw)
+        self.adapters_loaded = prom.Gauge(
+            "genserve_adapters_loaded", "LoRA adapters loaded now.", multiprocess_mode="livesum", **kw)
+        self.adapter_bytes = prom.Gauge(
+            "genserve_adapter_bytes", "Bytes of LoRA adapters in memory (loaded, or held by running requests).",
+            multiprocess_mode="livesum", **kw)
 
         self.triton_calls = prom.Counter(
             "genserve_triton_calls", "Calls to Triton by how their tensors travelled (shared_memory: "
@@ -112,6 +130,9 @@ class ServiceMetrics:
 
     def engine_observer(self) -> EngineMetrics:
         return EngineMetrics(self)
+
+    def adapter_observer(self) -> AdapterMetrics:
+        return AdapterMetrics(self)
 
     def observe_execution(self, model: str, backend: str, batch: int, seconds: float) -> None:
         """An InferenceBackend observer (see services.runtime.base)."""
@@ -157,6 +178,27 @@ class EngineMetrics:
             m.engine_cost_seconds.labels(model, rows).set(ms / 1000)
         m.engine_best_rows.labels(model).set(table["best_rows"])
         m.engine_rows_per_second.labels(model).set(table["rows_per_second"])
+
+
+class AdapterMetrics:
+    """The adapter library's observer (services.adapter_library.AdapterObserver)."""
+
+    def __init__(self, metrics: ServiceMetrics):
+        self.metrics = metrics
+
+    def loaded(self, pipeline: str, source: str, seconds: float) -> None:
+        self.metrics.adapter_loads.labels(pipeline, source).inc()
+        self.metrics.adapter_load_seconds.labels(source).observe(seconds)
+
+    def evicted(self, pipeline: str, reason: str) -> None:
+        self.metrics.adapter_evictions.labels(pipeline, reason).inc()
+
+    def lookup(self, pipeline: str, hit: bool) -> None:
+        self.metrics.adapter_lookups.labels(pipeline, "hit" if hit else "miss").inc()
+
+    def memory(self, adapters: int, nbytes: int) -> None:
+        self.metrics.adapters_loaded.set(adapters)
+        self.metrics.adapter_bytes.set(nbytes)
 
 
 _metrics: ServiceMetrics | None = None

@@ -15,6 +15,7 @@ from services.schemas import ErrorResponse
 ERROR_DESCRIPTIONS = {
     400: "Two different API keys in one request (send one).",
     401: "No valid API key (only when the server has keys: GENSERVE_API_KEYS_FILE).",
+    403: "A valid API key that is not an admin key (GENSERVE_ADMIN_KEYS_FILE) on an operators' endpoint.",
     404: "Unknown model (`allowed` lists the served ones) or path.",
     405: "Method not allowed on this path (`Allow` header).",
     408: "The request body (GENSERVE_BODY_READ_TIMEOUT_S) or its headers (GENSERVE_HEADER_TIMEOUT_S) did not "
@@ -31,6 +32,9 @@ ERROR_DESCRIPTIONS = {
 RETRY_AFTER = {"Retry-After": {"description": "Seconds to wait before retrying.", "schema": {"type": "integer"}}}
 GET_ERRORS = (400, 401, 405, 429, 500, 503)
 POST_ERRORS = (400, 401, 404, 405, 408, 413, 415, 422, 429, 500, 503, 504)
+ADMIN_ERRORS = (400, 401, 403, 404, 405, 408, 413, 415, 422, 429, 500, 503)
+# An operation only operators' keys may call (services.gateway: GENSERVE_ADMIN_KEYS_FILE).
+ADMIN = {"x-genserve-admin": True}
 
 
 # Server-sent events, described per event (OpenAPI 3.1 tools read the schema that way):

@@ -18,7 +18,7 @@ from services import connections, families, metrics_dir, playground
 from services.config import Settings
 from services.gateway import Gateway, Route
 from services.http import install_error_handlers
-from services.routers import diffusion, image_to_image, models, openai_images
+from services.routers import adapters, diffusion, image_to_image, models, openai_images
 from services.startup import failure_stops_the_server, supervise
 
 log = logging.getLogger("genserve")
@@ -37,7 +37,7 @@ app = FastAPI(
     docs_url=None,  # /v1/docs is services.playground's: Swagger UI from local files (FastAPI's loads a CDN)
     redoc_url=None,
 )
-for _module in (*FAMILY_ROUTERS, models, openai_images):
+for _module in (*FAMILY_ROUTERS, models, adapters, openai_images):
     app.include_router(_module.router)
 
 
@@ -50,7 +50,8 @@ def edge_routes(api: FastAPI) -> dict[str, Route]:
         content = set()
         for op in operations.values():
             content |= set(op.get("requestBody", {}).get("content", {}))
-        routes["/v1" + path] = Route(frozenset(m.upper() for m in operations), frozenset(content))
+        admin = frozenset(m.upper() for m, op in operations.items() if op.get("x-genserve-admin"))
+        routes["/v1" + path] = Route(frozenset(m.upper() for m in operations), frozenset(content), admin_methods=admin)
     for r in api.routes:  # the docs pages and openapi.json are plain routes
         if isinstance(r, PlainRoute) and not r.include_in_schema and r.methods:
             routes["/v1" + r.path] = Route(frozenset(r.methods), public=True, limited=False)
@@ -91,6 +92,7 @@ class GenServe:
         # Imported here: the runtime loads ONNX Runtime, and metrics must be created
         # after BentoML's worker set up multiprocess Prometheus (see services.metrics).
         from services.context import ServiceContext
+        from services.adapter_library import AdapterLibrary
         from services.engine import bench_policies
         from services.engine.engine import DiffusionEngine, EngineConfig
         from services.engine.memory import engine_max_rows
@@ -120,11 +122,16 @@ class GenServe:
         # 2. One step-level engine per diffusion pipeline, whatever its family; its batch
         #    limit is its denoiser's.
         cache = PromptCache(settings.engine.prompt_cache_size, on_lookup=metrics.observe_prompt_cache)
+        ctx.adapters = AdapterLibrary.from_settings(settings.adapters, settings.model_repository,
+                                                    metrics.adapter_observer())
         for name, pipeline in diffusion_pipelines(backend, settings).items():
+            if pipeline.adapters is not None:
+                ctx.adapters.adopt(pipeline.adapters)
             rows = engine_max_rows(backend.models()[pipeline.spec.denoiser])
             config = EngineConfig.from_settings(settings.engine, rows, bench_policies.scheduler_class_from_env())
             ctx.engines[name] = DiffusionEngine(pipeline, config, prompt_cache=cache,
                                                 observer=metrics.engine_observer())
+        ctx.adapters.preload()  # the repository's, while they fit GENSERVE_ADAPTER_MEMORY_MB
         self._check_defaults(ctx)
         self.ctx = ctx
         app.state.context = ctx  # what the routers' `context` dependency answers with

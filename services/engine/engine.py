@@ -137,6 +137,8 @@ class DiffusionEngine:
         self.scheduler = config.scheduler_class(config.max_batch_rows, config.max_queued_image_steps, cost=self.cost,
                                                 max_queue_seconds=config.max_queue_seconds, policy=config.policy)
         self.cache = prompt_cache if prompt_cache is not None else PromptCache(0)
+        if pipeline.adapters is not None:  # what its unfinished requests hold stays in memory
+            pipeline.adapters.in_use = lambda: {i for r in self.scheduler.requests for i in r.request.adapter_loads}
         self.observer = observer or NoObserver()
         self.iterations = 0  # U-Net iterations run: a step counter tests can assert on
         self._wakeup = asyncio.Event()
@@ -167,7 +169,7 @@ class DiffusionEngine:
         """Admits a request (raises QueueFull when the step queue is full, PromptTooLong
         for a prompt that does not fit, InvalidRequest for one that would run no step or
         names adapters the pipeline cannot serve) and returns its handle; await `handle.done`."""
-        self.pipeline.check_adapters(request)  # before tokenize: adapters are part of the texts' keys
+        self.pipeline.resolve_adapters(request)  # before tokenize: adapters are part of the texts' keys
         self.pipeline.tokenize(request)  # reject bad prompts before they queue
         rounding = self.pipeline.spec.strength_rounding
         check_denoising_steps(request.num_inference_steps, request.strength, request.init_image is not None, rounding)
@@ -189,6 +191,9 @@ class DiffusionEngine:
             self._wakeup.set()
 
     async def generate(self, request: DiffusionRequest, timeout_s: float) -> DiffusionOutput:
+        if request.lora and self.pipeline.adapters is not None:  # loaded before it queues (first use pays)
+            self.pipeline.check_adapters(request)
+            await self.pipeline.adapters.ensure(request.lora)
         req = self.submit(request, timeout_s)
         try:
             await req.done.wait()

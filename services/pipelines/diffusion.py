@@ -169,6 +169,7 @@ class DiffusionRequest:
     controlnet: list[ControlUnit] = field(default_factory=list)  # ControlNet units (services.pipelines.controlnet)
     guess_mode: bool = False  # ControlNet guess mode, as diffusers
     lora: list[tuple[str, float]] = field(default_factory=list)  # (adapter, scale): services.adapters
+    adapter_loads: tuple[int, ...] = ()  # the loads of `lora`'s adapters it holds from admission (resolve_adapters)
     extras: dict[str, Any] = field(default_factory=dict)  # family conditioning (e.g. SDXL sizes)
 
 
@@ -440,6 +441,13 @@ class DiffusionPipeline:
                                  field="lora")
         self.adapters.check(req.lora, req.cache_interval, limit)
 
+    def resolve_adapters(self, req: DiffusionRequest) -> None:
+        """At admission: the loads of the request's adapters (loaded: PipelineAdapters.ensure)
+        that its rows and texts name until it ends."""
+        self.check_adapters(req)
+        if req.lora and self.adapters is not None:
+            req.adapter_loads = self.adapters.resolve(req.lora)
+
     # -- what the engine calls -----------------------------------------------------------
     def tokenize(self, req: DiffusionRequest) -> list[np.ndarray]:
         return self.conditioner.tokenize(req)
@@ -460,7 +468,7 @@ class DiffusionPipeline:
         guided = self.spec.classifier_free(req)
         cond = self.conditioner.rows(req, encoded, guided=guided)
         if req.lora and self.adapters is not None:  # every row, both halves with guidance, as diffusers
-            cond.update(self.adapters.rows(req.lora, req.num_images * (2 if guided else 1)))
+            cond.update(self.adapters.rows(req.lora, req.adapter_loads, req.num_images * (2 if guided else 1)))
         return Trajectory(self.spec, req, cond, rngs, image_latents, self.denoiser)
 
     async def denoise(self, inputs: dict[str, np.ndarray],
@@ -513,7 +521,10 @@ class DiffusionPipeline:
         """One request alone: encode, denoise, decode (the engine does the same, batched)."""
         timings: dict[str, float] = {}
         # 1. Encode the texts; with guidance, [negative, positive].
-        self.check_adapters(req)
+        if req.lora and self.adapters is not None:
+            self.check_adapters(req)
+            await self.adapters.ensure(req.lora)
+        self.resolve_adapters(req)
         t0 = time.perf_counter()
         keys = self.tokenize(req)
         encoded = await self.encode_prompts(keys) if keys else []

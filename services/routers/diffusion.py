@@ -97,6 +97,8 @@ async def _submit(ctx: ServiceContext, task: str, body):
         request, params = build_request(task, body, engine.pipeline, max_adapters)
     else:  # decoding images (init, mask, control) is CPU work: off the event loop
         request, params = await asyncio.to_thread(build_request, task, body, engine.pipeline, max_adapters)
+    if request.lora:  # loaded before it queues: the first request naming an adapter pays its load
+        await engine.pipeline.adapters.ensure(request.lora)
     params["timeout_s"] = timeout_s
     params.pop("upscale", None)  # echoed by the upscale stage, when there is one
     if getattr(body, "upscale", None) is not None:  # refused before queuing, not after denoising
@@ -167,8 +169,9 @@ def describe(ctx: ServiceContext) -> list[ModelDescription]:
         params.update({key: "optional [2 ints]" for key in spec.extra_fields})
         adapters = engine.pipeline.adapters
         params["lora"] = ({"adapters": adapters.names, "max_per_request": ctx.settings.engine.max_adapters_per_request,
-                           "scale": {"min": MIN_LORA_SCALE, "max": MAX_LORA_SCALE, "default": 1.0}}
-                          if adapters is not None and adapters.adapters else None)
+                           "scale": {"min": MIN_LORA_SCALE, "max": MAX_LORA_SCALE, "default": 1.0},
+                           "manage": "/v1/adapters"}
+                          if adapters is not None and adapters.serves else None)
         control = engine.pipeline.control
         params["controlnet"] = ({"models": sorted(control.models), "max_units": MAX_CONTROLNET_UNITS,
                                  "conditioning_scale": {"min": 0.0, "max": MAX_CONDITIONING_SCALE}}

@@ -59,8 +59,11 @@ def repositories(random_sd, tmp_path_factory):
 
 
 def _pipeline(repo) -> StableDiffusionPipeline:
+    """The pipeline with its repository's adapters loaded (as the service's start-up does)."""
     backend = OnnxRuntimeBackend(ModelRepository(repo))
-    return StableDiffusionPipeline(backend, discover_stable_diffusion(backend.models())["sd_random"])
+    pipeline = StableDiffusionPipeline(backend, discover_stable_diffusion(backend.models())["sd_random"])
+    pipeline.adapters.library.preload()
+    return pipeline
 
 
 @pytest.fixture(scope="module")
