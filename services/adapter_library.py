@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from services.adapters import MANIFEST, PipelineAdapters, StoredAdapter, load_adapter
+from services.adapters import MANIFEST, PipelineAdapters, StoredAdapter, load_adapter, stored_adapters
 from services.errors import AdapterNotFound, InvalidRequest, MemoryLimited
 
 log = logging.getLogger("genserve")
@@ -404,3 +404,11 @@ def _estimate(folder: Path) -> int:
     except (OSError, ValueError, KeyError):
         return 0
 
+
+def pipeline_adapters(backend, pipeline: str, denoiser, graphs: Sequence[str]) -> PipelineAdapters:
+    """What `python -m export lora` stored for `pipeline` beside its denoiser (`denoiser`: its
+    ModelSpec), with the slots the backend serves for `graphs` (the denoiser's first), in a
+    library of its own until the service's adopts it (AdapterLibrary.adopt)."""
+    stored = stored_adapters(denoiser.model_dir.parent, pipeline) if denoiser.model_dir is not None else {}
+    slots = {g: shapes for g in graphs if (shapes := backend.adapter_slots(g)) is not None}
+    return PipelineAdapters(pipeline, denoiser.name, stored, slots, AdapterLibrary())

@@ -22,6 +22,7 @@ import json
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 
@@ -130,6 +131,16 @@ def slot_inputs(graph: str, input_shapes: Mapping[str, Sequence], adapters: Sequ
     return feeds
 
 
+class Library(Protocol):
+    """Where a pipeline's adapters are loaded (services.adapter_library.AdapterLibrary)."""
+
+    def attach(self, adapters: PipelineAdapters) -> None: ...
+    def available(self, adapters: PipelineAdapters) -> list[str]: ...
+    def knows(self, adapters: PipelineAdapters, name: str) -> bool: ...
+    async def ensure(self, adapters: PipelineAdapters, name: str, field: str = "name") -> object: ...
+    def use(self, adapters: PipelineAdapters, name: str, field: str = "name") -> int: ...
+
+
 class PipelineAdapters:
     """The adapters one pipeline serves, and the slot inputs of its graphs' calls.
 
@@ -143,17 +154,15 @@ class PipelineAdapters:
     """
 
     def __init__(self, pipeline: str, denoiser: str, stored: Mapping[str, Path],
-                 slots: Mapping[str, Mapping[str, Sequence]], library=None):
-        from services.adapter_library import AdapterLibrary
-
+                 slots: Mapping[str, Mapping[str, Sequence]], library: Library):
         self.pipeline = pipeline
         self.denoiser = denoiser
         self.slots = dict(slots)
         self.stored = dict(stored)  # the repository's adapters: name -> folder
         self.live: dict[int, StoredAdapter] = {}  # by load id: the loaded ones, and unloaded ones still in use
         self.in_use: Callable[[], set[int]] = set  # the engine's: load ids its unfinished requests hold
-        self.library = library if library is not None else AdapterLibrary()
-        self.library.attach(self)
+        self.library = library
+        library.attach(self)
 
     @property
     def serves(self) -> bool:
@@ -254,10 +263,3 @@ class PipelineAdapters:
                     np.int32(bits).view(np.float32)
         return np.stack([k[:length] for k in keys]), scales
 
-
-def pipeline_adapters(backend, pipeline: str, denoiser, graphs: Sequence[str]) -> PipelineAdapters:
-    """What `python -m export lora` stored for `pipeline` beside its denoiser (`denoiser`: its
-    ModelSpec), with the slots the backend serves for `graphs` (the denoiser's first)."""
-    stored = stored_adapters(denoiser.model_dir.parent, pipeline) if denoiser.model_dir is not None else {}
-    slots = {g: shapes for g in graphs if (shapes := backend.adapter_slots(g)) is not None}
-    return PipelineAdapters(pipeline, denoiser.name, stored, slots)

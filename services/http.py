@@ -132,7 +132,8 @@ def _validation_body(exc: RequestValidationError, request_id: str) -> dict:
 
 # Each domain error's HTTP status (services.errors); a subclass has its nearest listed base's.
 STATUS: dict[type[ServiceError], int] = {
-    InvalidRequest: 422, ModelNotFound: 404, AdapterNotFound: 404, RateLimited: 429, TooManyRequests: 429, ClientDisconnected: 499,
+    InvalidRequest: 422, ModelNotFound: 404, AdapterNotFound: 404, RateLimited: 429, TooManyRequests: 429,
+    ClientDisconnected: 499,
     InferenceFailed: 500, BackendUnavailable: 503, DeadlineExceeded: 504, ServiceError: 500,
 }
 

@@ -91,8 +91,8 @@ class GenServe:
     def _start(self) -> None:
         # Imported here: the runtime loads ONNX Runtime, and metrics must be created
         # after BentoML's worker set up multiprocess Prometheus (see services.metrics).
-        from services.context import ServiceContext
         from services.adapter_library import AdapterLibrary
+        from services.context import ServiceContext
         from services.engine import bench_policies
         from services.engine.engine import DiffusionEngine, EngineConfig
         from services.engine.memory import engine_max_rows

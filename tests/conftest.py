@@ -90,6 +90,32 @@ def random_sd(tmp_path_factory):
     return folder, repo
 
 
+@pytest.fixture(scope="session")
+def lora_repositories(random_sd, tmp_path_factory):
+    """(folder, LoRA files as published, repository with adapters but no slots, the same with
+    slots): random_sd with a PEFT-format and a kohya-format LoRA stored (`export lora`) as
+    `peft` and `kohya`, and its U-Net and text encoder given adapter slots (`export lora-slots`)."""
+    import shutil
+
+    import export.torchvision_compat  # noqa: F401
+    from export.__main__ import main
+    from export.lora import export_lora
+    from tests.fixtures.lora_files import write_kohya_lora, write_peft_lora
+
+    folder, exported = random_sd
+    tmp = tmp_path_factory.mktemp("lora_repositories")
+    plain = tmp / "plain"  # a copy: other modules may add adapters to random_sd's
+    shutil.copytree(exported, plain, ignore=shutil.ignore_patterns("adapters", "model_lora.onnx"))
+    files = {"peft": write_peft_lora(folder, tmp / "peft"),
+             "kohya": write_kohya_lora(folder, tmp / "kohya.safetensors")}
+    for name, path in files.items():
+        export_lora(path, plain, "sd_random", name, progress=lambda _: None)
+    slotted = tmp / "slotted"
+    shutil.copytree(plain, slotted)
+    assert main(["lora-slots", "--pipeline", "sd_random", "--repository", str(slotted)]) == 0
+    return folder, files, plain, slotted
+
+
 # API keys of the shared keyed server: one per test module that spends its rate limit.
 SERVER_KEYS = ("key-openai", "key-openai-rate", "key-openai-compat", "key-client", "key-client-rate",
                "key-playground")

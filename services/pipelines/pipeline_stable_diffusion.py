@@ -15,7 +15,8 @@ from typing import Any
 
 import numpy as np
 
-from services.adapters import PipelineAdapters, pipeline_adapters
+from services.adapter_library import pipeline_adapters
+from services.adapters import PipelineAdapters
 from services.contract import TextEncoderFacts, UNetFacts, VAEFacts
 from services.pipelines.controlnet import ControlNets
 from services.pipelines.controlnet import discover as discover_controlnets

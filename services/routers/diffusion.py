@@ -97,7 +97,7 @@ async def _submit(ctx: ServiceContext, task: str, body):
         request, params = build_request(task, body, engine.pipeline, max_adapters)
     else:  # decoding images (init, mask, control) is CPU work: off the event loop
         request, params = await asyncio.to_thread(build_request, task, body, engine.pipeline, max_adapters)
-    if request.lora:  # loaded before it queues: the first request naming an adapter pays its load
+    if request.lora and engine.pipeline.adapters is not None:  # loaded before it queues (first use pays)
         await engine.pipeline.adapters.ensure(request.lora)
     params["timeout_s"] = timeout_s
     params.pop("upscale", None)  # echoed by the upscale stage, when there is one

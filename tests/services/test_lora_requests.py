@@ -1,17 +1,16 @@
 """Requests with LoRA adapters (`lora`), served in process against diffusers.
 
-A tiny random SD folder (tests/fixtures/sd_folder.py) with a PEFT-format and a kohya-format
-LoRA (tests/fixtures/lora_files.py) is exported, its adapters stored (`export lora`) and its
-U-Net and text encoder given adapter slots (`export lora-slots`) in a repository of this
-module. An image with adapters must equal diffusers' `load_lora_weights` + `set_adapters` at
-the same scales; requests with different adapter sets (none among them) batched in the engine
-must each equal that request alone; what cannot be served is refused naming the field.
+A tiny random SD folder (tests/fixtures/sd_folder.py) with a PEFT-format and a kohya-format LoRA
+(tests/fixtures/lora_files.py) is exported, its adapters stored (`export lora`) and its U-Net and
+text encoder given adapter slots (`export lora-slots`): conftest's lora_repositories. An image
+with adapters must equal diffusers' `load_lora_weights` + `set_adapters` at the same scales;
+requests with different adapter sets (none among them) batched in the engine must each equal that
+request alone; what cannot be served is refused naming the field.
 """
 
 from __future__ import annotations
 
 import asyncio
-import shutil
 
 import numpy as np
 import pytest
@@ -37,25 +36,8 @@ STEPS, SEED = 4, 7
 
 
 @pytest.fixture(scope="module")
-def repositories(random_sd, tmp_path_factory):
-    """(folder, LoRA files, repository with adapters but no slots, the same with slots)."""
-    import export.torchvision_compat  # noqa: F401
-    from export.__main__ import main
-    from export.lora import export_lora
-    from tests.fixtures.lora_files import write_kohya_lora, write_peft_lora
-
-    folder, exported = random_sd
-    tmp = tmp_path_factory.mktemp("lora_requests")
-    plain = tmp / "plain"  # this module's own copy: other modules may add adapters to the shared one
-    shutil.copytree(exported, plain, ignore=shutil.ignore_patterns("adapters", "model_lora.onnx"))
-    files = {"peft": write_peft_lora(folder, tmp / "peft"),
-             "kohya": write_kohya_lora(folder, tmp / "kohya.safetensors")}
-    for name, path in files.items():
-        export_lora(path, plain, "sd_random", name, progress=lambda _: None)
-    slotted = tmp / "slotted"
-    shutil.copytree(plain, slotted)
-    assert main(["lora-slots", "--pipeline", "sd_random", "--repository", str(slotted)]) == 0
-    return folder, files, plain, slotted
+def repositories(lora_repositories):
+    return lora_repositories
 
 
 def _pipeline(repo) -> StableDiffusionPipeline:
