@@ -38,9 +38,12 @@ import numpy as np
 
 from export.errors import UnsupportedAdapter
 
-# Components of an SD 1.x/2.x pipeline an adapter may target: the prefix in diffusers' keys
-# and the graph role the exporter writes (<pipeline>_<role>).
-SD_COMPONENTS = {"unet": "unet", "text_encoder": "text_encoder"}
+# Components of an SD 1.x/2.x or SDXL pipeline an adapter may target: the prefix in diffusers'
+# keys and the graph role the exporter writes (<pipeline>_<role>).
+SD_COMPONENTS = {"unet": "unet", "text_encoder": "text_encoder", "text_encoder_2": "text_encoder_2"}
+# A text-encoder layer past the deepest the graph holds: the exported encoders end at the
+# penultimate hidden states (SDXL's), so the last layer's LoRA cannot change what they output.
+ENCODER_LAYER = re.compile(r"(?:^|\.)encoder\.layers\.(\d+)\.")
 WEIGHT_OPS = ("MatMul", "Gemm", "Conv")
 ADAPTERS_FOLDER = "adapters"
 MANIFEST = "adapter.json"
@@ -134,8 +137,8 @@ def read_lora(path: Path) -> Adapter:
     for key in state_dict:
         prefix = key.split(".")[0]
         if prefix not in SD_COMPONENTS:
-            raise UnsupportedAdapter(f"{key}: targets '{prefix}', which a Stable Diffusion 1.x/2.x pipeline "
-                                     f"does not have (components: {', '.join(SD_COMPONENTS)})")
+            raise UnsupportedAdapter(f"{key}: targets '{prefix}', which a Stable Diffusion 1.x/2.x or SDXL "
+                                     f"pipeline does not have (components: {', '.join(SD_COMPONENTS)})")
     layers = []
     for prefix in SD_COMPONENTS:
         part = {k.removeprefix(f"{prefix}."): v for k, v in state_dict.items() if k.startswith(f"{prefix}.")}
@@ -217,8 +220,16 @@ def graph_targets(onnx_path: Path, graph: str) -> dict[str, GraphTarget]:
     return targets
 
 
+def _beyond_the_graph(layer: LoraLayer, targets: dict[str, GraphTarget]) -> bool:
+    """A text-encoder layer deeper than any the graph holds (see ENCODER_LAYER)."""
+    own = ENCODER_LAYER.search(layer.module)
+    depths = [int(m.group(1)) for path in targets if (m := ENCODER_LAYER.search(path))]
+    return own is not None and bool(depths) and int(own.group(1)) > max(depths)
+
+
 def _match(layer: LoraLayer, targets: dict[str, GraphTarget], graph: str) -> GraphTarget:
-    suffix = f"{layer.component}.{layer.module}"
+    """The node of `graph` (the component's own graph) that `layer` adapts, by its module path."""
+    suffix = layer.module
     found = [t for path, t in targets.items() if path == suffix or path.endswith("." + suffix)]
     if len(found) != 1:
         raise UnsupportedAdapter(
@@ -266,6 +277,8 @@ def store_adapter(adapter: Adapter, repository: Path, pipeline: str, name: str, 
             raise UnsupportedAdapter(
                 f"{layer.component}.{layer.module}: pipeline {pipeline!r} has no {layer.component} graph")
         graph, graph_nodes = targets[layer.component]
+        if layer.component != "unet" and _beyond_the_graph(layer, graph_nodes):
+            continue
         target = _match(layer, graph_nodes, graph)
         key = f"{graph}:{target.node}"
         down, up = layer.down, layer.up

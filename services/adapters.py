@@ -245,11 +245,11 @@ class PipelineAdapters:
         return {**plain, **slot_inputs(graph, self.slots[graph], [self.live[i] for i in ids], scales)}
 
     def text_key(self, ids: np.ndarray, lora: Sequence[tuple[str, float]], loads: Sequence[int],
-                 graph: str) -> np.ndarray:
+                 graphs: Sequence[str]) -> np.ndarray:
         """A text's key: its token ids, then (load id, the scale's float32 bits) for each adapter
-        of the request acting on the text encoder `graph`, so that encodings under different
-        adapters or scales are told apart (and cached apart)."""
-        tail = [v for load, (_, scale) in sorted(zip(loads, lora)) if graph in self.live[load].graphs()
+        of the request acting on one of the text encoders `graphs`, so that encodings under
+        different adapters or scales are told apart (and cached apart)."""
+        tail = [v for load, (_, scale) in sorted(zip(loads, lora)) if self.live[load].graphs() & set(graphs)
                 for v in (load, int(np.float32(scale).view(np.int32)))]
         return np.concatenate([ids, np.asarray(tail, np.int64)]) if tail else ids
 

@@ -123,7 +123,7 @@ class ClipConditioner:
         if req.guidance_scale > 1.0:
             ids.insert(0, self.tokenizer(req.negative_prompt, "negative_prompt"))
         if req.lora and self.adapters is not None:
-            ids = [self.adapters.text_key(x, req.lora, req.adapter_loads, self.text_encoder) for x in ids]
+            ids = [self.adapters.text_key(x, req.lora, req.adapter_loads, (self.text_encoder,)) for x in ids]
         return ids
 
     async def encode(self, keys: list[np.ndarray]) -> list[np.ndarray]:

@@ -24,6 +24,8 @@ from typing import Any
 
 import numpy as np
 
+from services.adapter_library import pipeline_adapters
+from services.adapters import PipelineAdapters
 from services.contract import TextEncoderFacts, UNetFacts, VAEFacts, refuse
 from services.pipelines.diffusion import (
     DiffusionPipeline,
@@ -83,9 +85,13 @@ def discover(models: dict[str, ModelSpec]) -> dict[str, tuple[DiffusionSpec, lis
 
 
 class SDXLConditioner:
+    """A request's adapters acting on either text encoder are part of its texts' keys
+    (PipelineAdapters.text_key), after both tokenizers' ids."""
+
     def __init__(self, backend: InferenceBackend, spec: DiffusionSpec, encoders: list[TextEncoder],
-                 unet: UNetFacts):
+                 unet: UNetFacts, adapters: PipelineAdapters | None = None):
         self.backend = backend
+        self.adapters = adapters
         self.native = (spec.native_height, spec.native_width)
         self.encoders = encoders
         self.num_time_ids = unet.num_time_ids
@@ -102,15 +108,26 @@ class SDXLConditioner:
         keys = [self._key(req.prompt, "prompt")]
         if req.guidance_scale > 1.0:
             keys.insert(0, self._key(req.negative_prompt, "negative_prompt"))
+        if req.lora and self.adapters is not None:
+            graphs = [e.model for e in self.encoders]
+            keys = [self.adapters.text_key(k, req.lora, req.adapter_loads, graphs) for k in keys]
         return keys
 
     async def encode(self, keys: list[np.ndarray]) -> list[dict[str, np.ndarray]]:
-        """Both encoders, one call each for all texts: hidden states concatenated, pooled."""
-        ids = np.stack(keys)
+        """Both encoders, one call each for all texts (rows with adapters and without side by
+        side): hidden states concatenated, pooled."""
+        scales: dict[str, np.ndarray] = {}
+        if self.adapters is None:
+            ids = np.stack(keys)
+        else:
+            ids, scales = self.adapters.text_rows(keys, sum(e.tokenizer.max_length for e in self.encoders))
         hidden, pooled, offset = [], None, 0
         for e in self.encoders:
             length = e.tokenizer.max_length
-            out = await self.backend.infer(e.model, {"input_ids": ids[:, offset:offset + length]})
+            inputs = {"input_ids": ids[:, offset:offset + length], **scales}
+            if self.adapters is not None:
+                inputs = self.adapters.call_inputs(e.model, inputs)
+            out = await self.backend.infer(e.model, inputs)
             offset += length
             hidden.append(out["hidden_states"])
             if e.pooled and pooled is None:
@@ -141,6 +158,16 @@ class SDXLConditioner:
         return np.asarray(ids, dtype=np.float32)
 
 
+def pipeline(backend: InferenceBackend, spec: DiffusionSpec, encoders: list[TextEncoder],
+             unet: UNetFacts) -> DiffusionPipeline:
+    """The pipeline, with the LoRA adapters stored beside its U-Net (services.adapters)."""
+    adapters = pipeline_adapters(backend, spec.name, backend.models()[spec.denoiser],
+                                 (spec.denoiser, *(e.model for e in encoders)))
+    built = DiffusionPipeline(backend, spec, SDXLConditioner(backend, spec, encoders, unet, adapters))
+    built.adapters = adapters
+    return built
+
+
 def pipelines(backend: InferenceBackend) -> dict[str, DiffusionPipeline]:
-    return {name: DiffusionPipeline(backend, spec, SDXLConditioner(backend, spec, encoders, unet))
+    return {name: pipeline(backend, spec, encoders, unet)
             for name, (spec, encoders, unet) in discover(backend.models()).items()}
