@@ -156,8 +156,8 @@ def main() -> int:
     parser.add_argument("--note", default="", help="written under the table: was the machine quiet?")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "lora_batching.md")
     args = parser.parse_args()
-    if not 0 <= args.with_adapter <= CONCURRENCY:
-        parser.error(f"--with-adapter must be 0..{CONCURRENCY}")
+    if not 1 <= args.with_adapter <= CONCURRENCY:
+        parser.error(f"--with-adapter must be 1..{CONCURRENCY}")
 
     load_before = load_average()
     began = time.monotonic()
