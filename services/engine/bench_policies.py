@@ -9,12 +9,17 @@ runs) the engine's own policy (GENSERVE_ENGINE_POLICY) decides.
             pipeline (ComfyUI, BentoDiffusion, the Triton Stable Diffusion tutorial)
   request   request-level batching (SGLang's dynamic batching, vLLM-Omni's request mode):
             the requests that one pipeline call could take together (same size, steps,
-            strength, guidance scale and scheduler) are batched when the previous batch
-            ends, and the batch runs to its end: nobody joins it between steps
+            strength, guidance scale, scheduler and LoRA adapters) are batched when the
+            previous batch ends, and the batch runs to its end: nobody joins it between steps
   matching  step-level batching restricted to matching parameters (vLLM-Omni's and
             SGLang's step modes): requests join and leave between steps, but share a
-            U-Net call only when their size, guidance scale and scheduler match; the
-            order is the engine's own (fair)
+            U-Net call only when their size, guidance scale, scheduler and LoRA adapters
+            match; the order is the engine's own (fair)
+
+The adapters match when a request names the same adapters at the same scales: vLLM-Omni
+activates one LoRA request on the whole model per step (`set_active_adapter(lora_request,
+lora_scale)`, the scale folded into the weights), so one call serves one adapter set at one
+scale: one adapter combination per batch (bench/bench_lora_batching.py).
 """
 
 from __future__ import annotations
@@ -33,9 +38,14 @@ def guidance(r: EngineRequest) -> float | None:
     return r.request.guidance_scale if r.rows_per_image == 2 else None
 
 
+def adapter_set(r: EngineRequest) -> tuple[tuple[str, float], ...]:
+    """The request's LoRA adapters with their scales, in a fixed order (none: empty)."""
+    return tuple(sorted((name, float(scale)) for name, scale in r.request.lora))
+
+
 def step_parameters(r: EngineRequest) -> tuple:
     """What a step-mode server requires to match before two requests share a denoiser call."""
-    return r.shape, guidance(r), r.request.scheduler
+    return r.shape, guidance(r), r.request.scheduler, adapter_set(r)
 
 
 def pipeline_parameters(r: EngineRequest) -> tuple:
@@ -75,7 +85,7 @@ class RequestBatchScheduler(StepScheduler):
 
 class MatchingScheduler(StepScheduler):
     """The engine's step-level batching and order, with calls shared only by requests whose
-    size, guidance scale and scheduler match."""
+    size, guidance scale, scheduler and adapters match."""
 
     def can_share(self, head: EngineRequest, r: EngineRequest) -> bool:
         return step_parameters(r) == step_parameters(head)

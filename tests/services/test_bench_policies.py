@@ -26,10 +26,11 @@ def make(cls):
 
 
 def running(name, steps=20, guidance=5.0, scheduler="ddim", size=NATIVE, arrival=0.0, done=1, image=False,
-            strength=0.8):
+            strength=0.8, lora=()):
     r = EngineRequest(DiffusionRequest(prompt=name, num_inference_steps=steps, guidance_scale=guidance,
                                        scheduler=scheduler, height=size[0], width=size[1], strength=strength,
-                                       init_image=np.zeros((3, *size), np.float32) if image else None),
+                                       init_image=np.zeros((3, *size), np.float32) if image else None,
+                                       lora=list(lora)),
                       deadline=float("inf"), arrival=arrival)
     r.status = RequestStatus.RUNNING
     rows = 2 if guidance > 1 else 1
@@ -67,6 +68,33 @@ def test_matching_treats_every_guidance_that_turns_guidance_off_as_one():
     s.requests = [running("unguided", guidance=1.0), running("unguided-0", guidance=0.0, arrival=1),
                   running("guided", arrival=2)]
     assert names(s.schedule(now=10)) == ["unguided", "unguided-0"]
+
+
+def adapter_mix():
+    """Oldest first: 'a' with two adapters, the same pair in the other order, then one difference each."""
+    return [running("a", lora=[("x", 0.8), ("y", 1.0)]),
+            running("a-reordered", lora=[("y", 1.0), ("x", 0.8)], arrival=1),
+            running("x-only", lora=[("x", 0.8)], arrival=2),
+            running("x-weaker", lora=[("x", 0.5), ("y", 1.0)], arrival=3),
+            running("none", arrival=4)]
+
+
+def test_the_engine_shares_a_call_across_adapter_sets():
+    s = make(StepScheduler)
+    s.requests = adapter_mix()
+    assert set(names(s.schedule(now=10))) == {"a", "a-reordered", "x-only", "x-weaker", "none"}
+
+
+def test_matching_shares_a_call_only_between_the_same_adapters_at_the_same_scales():
+    s = make(MatchingScheduler)
+    s.requests = adapter_mix()
+    assert names(s.schedule(now=10)) == ["a", "a-reordered"]  # the order a request names them in does not matter
+
+
+def test_request_batching_needs_the_same_adapters_too():
+    s = make(RequestBatchScheduler)
+    s.requests = [running("none"), running("x", lora=[("x", 1.0)], arrival=1), running("none-twin", arrival=2)]
+    assert names(s.schedule(now=10)) == ["none", "none-twin"]
 
 
 def test_serial_runs_the_oldest_request_alone_until_it_is_done():
