@@ -1,29 +1,35 @@
 """LoRA adapters as users publish them, stored in the model repository for the torch-free side.
 
 `read_lora` reads a LoRA file in the formats people download, through diffusers' own loaders
-(`StableDiffusionPipeline.lora_state_dict` converts kohya-ss / A1111 keys; PEFT's `LoraConfig`
-and pattern lookup give each layer the rank and alpha diffusers would give it):
+(`StableDiffusionPipeline.lora_state_dict` converts kohya-ss / A1111 keys, `FluxPipeline`'s the
+FLUX formats; PEFT's `LoraConfig` and pattern lookup give each layer the rank and alpha diffusers
+would give it):
 
   diffusers / PEFT   `unet.<module>.lora_A.weight` / `.lora_B.weight`, `text_encoder.<module>...`,
-                     alpha and ranks from the `lora_adapter_metadata` header when present
+                     `text_encoder_2.` (SDXL), `transformer.` (FLUX); alpha and ranks from the
+                     `lora_adapter_metadata` header when present
   kohya-ss / A1111   `lora_unet_<module>.lora_down.weight` / `.lora_up.weight` / `.alpha`,
-                     `lora_te_...`; conv (LoCon) layers included
+                     `lora_te_...` (`lora_te1_` / `lora_te2_` for SDXL); conv (LoCon) layers included
+  FLUX               kohya's and XLabs' FLUX keys, converted by diffusers (fused qkv split as
+                     diffusers splits it)
 
 Each layer becomes `delta(x) = scale * up(down(x))` with `scale = alpha / rank` (PEFT's
 scaling; rsLoRA's `alpha / sqrt(rank)` when its config says so). What the low-rank product
 cannot express (DoRA, LoHa, LoKr, biases on lora_B, ...) is refused naming the key.
 
-`store_adapter` places an adapter beside the pipeline's U-Net model:
+`store_adapter` places an adapter beside the pipeline's denoiser (`<pipeline>_unet`, or FLUX's
+`<pipeline>_transformer`):
 
-  <repository>/<pipeline>_unet/adapters/<adapter>/adapter.json   base pipeline, layers (graph,
+  <repository>/<denoiser>/adapters/<adapter>/adapter.json   base pipeline, layers (graph,
         ONNX node, module, kind, rank, alpha, scale, shapes), bytes: what the service lists
-  <repository>/<pipeline>_unet/adapters/<adapter>/weights.safetensors
+  <repository>/<denoiser>/adapters/<adapter>/weights.safetensors
         `<graph>:<node>:down` / `:up` in the file's own dtype (fp16 files stay fp16),
         read with `safetensors.numpy`; Triton ignores a model folder's non-numeric folders.
 
-The targets are named by the exported graph's own nodes (the exporter's scope names, e.g.
-`/wrapper/unet/down_blocks.1/attentions.0/.../attn1/to_q/MatMul`), and each layer's shapes are
-checked against the node's weight: an adapter for another base model is refused.
+The targets are named by the exported graph's own nodes, found by module path: the TorchScript
+exporter's scope names (`/wrapper/unet/down_blocks.1/attentions.0/.../attn1/to_q/MatMul`), or the
+dynamo exporter's `pkg.torch.onnx.name_scopes` metadata (FLUX's transformer); each layer's shapes
+are checked against the node's weight: an adapter for another base model is refused.
 """
 
 from __future__ import annotations
@@ -38,9 +44,11 @@ import numpy as np
 
 from export.errors import UnsupportedAdapter
 
-# Components of an SD 1.x/2.x or SDXL pipeline an adapter may target: the prefix in diffusers'
-# keys and the graph role the exporter writes (<pipeline>_<role>).
-SD_COMPONENTS = {"unet": "unet", "text_encoder": "text_encoder", "text_encoder_2": "text_encoder_2"}
+# Components of an SD 1.x/2.x, SDXL or FLUX pipeline an adapter may target: the prefix in
+# diffusers' keys and the graph role the exporter writes (<pipeline>_<role>).
+COMPONENTS = {"unet": "unet", "transformer": "transformer", "text_encoder": "text_encoder",
+              "text_encoder_2": "text_encoder_2"}
+DENOISERS = ("unet", "transformer")
 # A text-encoder layer past the deepest the graph holds: the exported encoders end at the
 # penultimate hidden states (SDXL's), so the last layer's LoRA cannot change what they output.
 ENCODER_LAYER = re.compile(r"(?:^|\.)encoder\.layers\.(\d+)\.")
@@ -105,7 +113,7 @@ def _component_config(prefix: str, state_dict: dict, network_alphas: dict | None
     if network_alphas:
         network_alphas = {k.removeprefix(f"{prefix}."): v for k, v in network_alphas.items()
                           if k.split(".")[0] == prefix}
-    if prefix == "unet":
+    if prefix in DENOISERS:
         if "lora_A" not in next(iter(state_dict)):
             state_dict = convert_unet_state_dict_to_peft(state_dict)
         rank = {f"^{k}": v.shape[1] for k, v in state_dict.items() if "lora_B" in k and v.ndim > 1}
@@ -120,9 +128,9 @@ def _component_config(prefix: str, state_dict: dict, network_alphas: dict | None
     return state_dict, config
 
 
-def read_lora(path: Path) -> Adapter:
-    """The adapter's layers with diffusers' rank/alpha semantics; refuses what it cannot serve."""
-    from diffusers import StableDiffusionPipeline
+def read_lora(path: Path, flux: bool = False) -> Adapter:
+    """The adapter's layers with diffusers' rank/alpha semantics; refuses what it cannot serve.
+    `flux`: read as diffusers' FluxPipeline does (for a FLUX pipeline), else as its SD/SDXL ones."""
     from peft.utils.other import get_pattern_key
 
     import export.torchvision_compat  # noqa: F401  (before diffusers)
@@ -131,16 +139,26 @@ def read_lora(path: Path) -> Adapter:
     raw = _raw_keys(path)
     _refuse_unsupported(raw)
     source_format = "kohya" if any(k.startswith(("lora_unet_", "lora_te_", "lora_te1_")) for k in raw) else "peft"
-    state_dict, network_alphas, metadata = StableDiffusionPipeline.lora_state_dict(
-        str(path), return_lora_metadata=True)
+    if flux:
+        from diffusers import FluxPipeline
+
+        state_dict, network_alphas, metadata = FluxPipeline.lora_state_dict(
+            str(path), return_alphas=True, return_lora_metadata=True)
+    else:
+        from diffusers import StableDiffusionPipeline
+
+        state_dict, network_alphas, metadata = StableDiffusionPipeline.lora_state_dict(
+            str(path), return_lora_metadata=True)
     _refuse_unsupported(state_dict)
+    allowed = ("transformer", "text_encoder") if flux else ("unet", "text_encoder", "text_encoder_2")
     for key in state_dict:
         prefix = key.split(".")[0]
-        if prefix not in SD_COMPONENTS:
-            raise UnsupportedAdapter(f"{key}: targets '{prefix}', which a Stable Diffusion 1.x/2.x or SDXL "
-                                     f"pipeline does not have (components: {', '.join(SD_COMPONENTS)})")
+        if prefix not in allowed:
+            kind = "FLUX" if flux else "Stable Diffusion 1.x/2.x or SDXL"
+            raise UnsupportedAdapter(f"{key}: targets '{prefix}', which a {kind} pipeline does not have "
+                                     f"(components: {', '.join(allowed)})")
     layers = []
-    for prefix in SD_COMPONENTS:
+    for prefix in COMPONENTS:
         part = {k.removeprefix(f"{prefix}."): v for k, v in state_dict.items() if k.startswith(f"{prefix}.")}
         if not part:
             continue
@@ -186,9 +204,19 @@ class GraphTarget:
     kernel: tuple[int, ...] = ()
 
 
-def _module_path(node_name: str) -> str:
-    """`/wrapper/unet/down_blocks.1/attn1/to_q/MatMul` -> `wrapper.unet.down_blocks.1.attn1.to_q`."""
-    return ".".join(node_name.strip("/").split("/")[:-1]).replace("text_model.", "")
+def _module_path(node) -> str:
+    """The module a node belongs to, without `text_model.`: from the dynamo exporter's name
+    scopes (`[..., 'transformer.transformer_blocks.0.attn.to_q', 'linear_10']`), else from the
+    TorchScript exporter's node name (`/wrapper/unet/down_blocks.1/attn1/to_q/MatMul`)."""
+    scopes = next((p.value for p in node.metadata_props if p.key == "pkg.torch.onnx.name_scopes"), None)
+    if scopes:
+        import ast
+
+        names = ast.literal_eval(scopes)
+        path = names[-2] if len(names) >= 2 else ""
+    else:
+        path = ".".join(node.name.strip("/").split("/")[:-1])
+    return path.replace("text_model.", "")
 
 
 def graph_targets(onnx_path: Path, graph: str) -> dict[str, GraphTarget]:
@@ -216,7 +244,7 @@ def graph_targets(onnx_path: Path, graph: str) -> dict[str, GraphTarget]:
             target = GraphTarget(graph, node.name, node.input[1], "conv", dims[1], dims[0], tuple(dims[2:]))
         else:
             continue
-        targets[_module_path(node.name)] = target
+        targets[_module_path(node)] = target
     return targets
 
 
@@ -227,10 +255,25 @@ def _beyond_the_graph(layer: LoraLayer, targets: dict[str, GraphTarget]) -> bool
     return own is not None and bool(depths) and int(own.group(1)) > max(depths)
 
 
+def _root(targets: dict[str, GraphTarget]) -> str:
+    """The module path every target of a graph starts with (the exporter's wrapper and the
+    component's attribute), found as their common dotted prefix."""
+    paths = [path.split(".")[:-1] for path in targets]
+    common = paths[0] if paths else []
+    for parts in paths[1:]:
+        n = 0
+        while n < min(len(common), len(parts)) and common[n] == parts[n]:
+            n += 1
+        common = common[:n]
+    return ".".join(common)
+
+
 def _match(layer: LoraLayer, targets: dict[str, GraphTarget], graph: str) -> GraphTarget:
     """The node of `graph` (the component's own graph) that `layer` adapts, by its module path."""
     suffix = layer.module
-    found = [t for path, t in targets.items() if path == suffix or path.endswith("." + suffix)]
+    root = _root(targets)  # the component's own module: `wrapper.unet`, `transformer`, ...
+    exact = targets.get(f"{root}.{suffix}" if root else suffix)  # `proj_out`, not `blocks.0.proj_out`
+    found = [exact] if exact else [t for path, t in targets.items() if path == suffix or path.endswith("." + suffix)]
     if len(found) != 1:
         raise UnsupportedAdapter(
             f"{layer.component}.{layer.module}: {'no' if not found else 'more than one'} layer of {graph} "
@@ -252,6 +295,16 @@ def _match(layer: LoraLayer, targets: dict[str, GraphTarget], graph: str) -> Gra
     return target
 
 
+def denoiser_folder(repository: Path, pipeline: str) -> Path:
+    """The pipeline's U-Net or transformer model folder, where its adapters are stored."""
+    for role in DENOISERS:
+        folder = Path(repository) / f"{pipeline}_{role}"
+        if folder.is_dir():
+            return folder
+    raise UnsupportedAdapter(f"{repository}: no pipeline {pipeline!r} (neither {pipeline}_unet nor "
+                             f"{pipeline}_transformer is there)")
+
+
 def store_adapter(adapter: Adapter, repository: Path, pipeline: str, name: str, source: str = "",
                   out: Path | None = None) -> Path:
     """Writes the adapter beside `<pipeline>_unet` (see the module docstring), or in `out/<name>`
@@ -261,11 +314,9 @@ def store_adapter(adapter: Adapter, repository: Path, pipeline: str, name: str, 
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}", name):
         raise UnsupportedAdapter(f"adapter name {name!r}: letters, digits, '_', '.', '-' (at most 64)")
     repository = Path(repository)
-    unet_dir = repository / f"{pipeline}_unet"
-    if not unet_dir.is_dir():
-        raise UnsupportedAdapter(f"{repository}: no pipeline {pipeline!r} ({unet_dir.name} is missing)")
+    denoiser_dir = denoiser_folder(repository, pipeline)
     targets = {}
-    for component, role in SD_COMPONENTS.items():
+    for component, role in COMPONENTS.items():
         graph = f"{pipeline}_{role}"
         onnx_path = repository / graph / "1" / "model.onnx"
         if onnx_path.exists():
@@ -293,7 +344,7 @@ def store_adapter(adapter: Adapter, repository: Path, pipeline: str, name: str, 
                         "alpha": layer.alpha, "scale": layer.scale,
                         "in_features": target.in_features, "out_features": target.out_features,
                         "kernel": list(down.shape[2:])})
-    folder = (Path(out) if out is not None else unet_dir / ADAPTERS_FOLDER) / name
+    folder = (Path(out) if out is not None else denoiser_dir / ADAPTERS_FOLDER) / name
     folder.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(folder / WEIGHTS))
     ranks = sorted({e["rank"] for e in entries})
@@ -309,7 +360,8 @@ def store_adapter(adapter: Adapter, repository: Path, pipeline: str, name: str, 
 
 def export_lora(weights: Path, repository: Path, pipeline: str, name: str, progress=print,
                 out: Path | None = None) -> Path:
-    adapter = read_lora(weights)
+    flux = denoiser_folder(repository, pipeline).name.endswith("_transformer")
+    adapter = read_lora(weights, flux=flux)
     folder = store_adapter(adapter, repository, pipeline, name, source=Path(weights).name, out=out)
     manifest = json.loads((folder / MANIFEST).read_text())
     progress(f"[{pipeline}] adapter {name}: {len(manifest['layers'])} layers ({adapter.source_format} format, "
@@ -340,7 +392,7 @@ def run(args) -> int:
     if args.command == "lora":
         export_lora(args.weights, args.repository, args.pipeline, args.name, out=args.out)
         return 0
-    for graph in SD_COMPONENTS.values():
+    for graph in COMPONENTS.values():
         path = Path(args.repository) / f"{args.pipeline}_{graph}" / "1" / "model.onnx"
         if path.exists():
             out = add_adapter_slots(path)

@@ -1,7 +1,7 @@
 """Which LoRA adapters are loaded, and from where: one library per worker, over every pipeline.
 
 Loadable adapters, by name, for a pipeline:
-  - the repository's (`python -m export lora` stored them beside `<pipeline>_unet`);
+  - the repository's (`python -m export lora` stored them beside the pipeline's denoiser);
   - in a directory of GENSERVE_ADAPTER_DIRS: `<dir>/<name>/adapter.json` (stored there with
     `python -m export lora --out <dir>`, for the pipeline its manifest names), or a LoRA file as
     published, `<dir>/<name>.safetensors` (or .ckpt/.pt/.pth/.bin), converted on first use by
@@ -409,6 +409,6 @@ def pipeline_adapters(backend, pipeline: str, denoiser, graphs: Sequence[str]) -
     """What `python -m export lora` stored for `pipeline` beside its denoiser (`denoiser`: its
     ModelSpec), with the slots the backend serves for `graphs` (the denoiser's first), in a
     library of its own until the service's adopts it (AdapterLibrary.adopt)."""
-    stored = stored_adapters(denoiser.model_dir.parent, pipeline) if denoiser.model_dir is not None else {}
+    stored = stored_adapters(denoiser.model_dir) if denoiser.model_dir is not None else {}
     slots = {g: shapes for g in graphs if (shapes := backend.adapter_slots(g)) is not None}
     return PipelineAdapters(pipeline, denoiser.name, stored, slots, AdapterLibrary())

@@ -87,9 +87,10 @@ def load_adapter(folder: Path) -> StoredAdapter:
     return StoredAdapter(manifest["name"], manifest["pipeline"], manifest, layers)
 
 
-def stored_adapters(repository: Path, pipeline: str) -> dict[str, Path]:
-    """Adapter name -> folder, for what `python -m export lora` stored for `pipeline`."""
-    root = Path(repository) / f"{pipeline}_unet" / ADAPTERS_FOLDER
+def stored_adapters(denoiser_dir: Path) -> dict[str, Path]:
+    """Adapter name -> folder, for what `python -m export lora` stored beside a pipeline's
+    denoiser (its model folder: `<pipeline>_unet`, `<pipeline>_transformer`)."""
+    root = Path(denoiser_dir) / ADAPTERS_FOLDER
     return {p.name: p for p in sorted(root.iterdir()) if (p / MANIFEST).exists()} if root.is_dir() else {}
 
 

@@ -25,6 +25,8 @@ from typing import Any
 
 import numpy as np
 
+from services.adapter_library import pipeline_adapters
+from services.adapters import PipelineAdapters
 from services.contract import TextEncoderFacts, TransformerFacts, VAEFacts
 from services.pipelines.diffusion import DiffusionPipeline, DiffusionRequest, DiffusionSpec, PromptTokenizer
 from services.runtime import InferenceBackend, ModelSpec
@@ -74,11 +76,13 @@ class FluxDenoiser:
 
 
 class FluxConditioner:
-    """CLIP pooled + T5 hidden states; the cache key is both tokenizers' ids end to end."""
+    """CLIP pooled + T5 hidden states; the cache key is both tokenizers' ids end to end, then
+    the request's adapters acting on either encoder (PipelineAdapters.text_key)."""
 
     def __init__(self, backend: InferenceBackend, spec: DiffusionSpec, clip: ModelSpec, t5: ModelSpec,
-                 guidance_embeds: bool):
+                 guidance_embeds: bool, adapters: PipelineAdapters | None = None):
         self.backend, self.spec, self.guidance_embeds = backend, spec, guidance_embeds
+        self.adapters = adapters
         self.clip, self.t5 = clip.name, t5.name
         cp, tp = TextEncoderFacts.from_spec(clip), TextEncoderFacts.from_spec(t5)
         self.clip_tokenizer = PromptTokenizer(clip.file("tokenizer.json"), cp.max_length, cp.pad_token_id,
@@ -94,13 +98,23 @@ class FluxConditioner:
         keys = [self._key(req.prompt, "prompt")]
         if self.spec.classifier_free(req):
             keys.insert(0, self._key(req.negative_prompt, "negative_prompt"))
+        if req.lora and self.adapters is not None:
+            keys = [self.adapters.text_key(k, req.lora, req.adapter_loads, (self.clip, self.t5)) for k in keys]
         return keys
 
     async def encode(self, keys: list[np.ndarray]) -> list[dict[str, np.ndarray]]:
-        ids, split = np.stack(keys), self.clip_tokenizer.max_length
-        pooled = (await self.backend.infer(self.clip, {"input_ids": ids[:, :split]}))["pooled"]
-        hidden = (await self.backend.infer(self.t5, {"input_ids": ids[:, split:]}))["hidden_states"]
+        split, scales = self.clip_tokenizer.max_length, {}
+        if self.adapters is None:
+            ids = np.stack(keys)
+        else:
+            ids, scales = self.adapters.text_rows(keys, split + self.t5_tokenizer.max_length)
+        pooled = (await self.backend.infer(self.clip, self._inputs(self.clip, ids[:, :split], scales)))["pooled"]
+        hidden = (await self.backend.infer(self.t5, self._inputs(self.t5, ids[:, split:], scales)))["hidden_states"]
         return [{"pooled": p, "hidden": h} for p, h in zip(pooled, hidden)]
+
+    def _inputs(self, model: str, ids: np.ndarray, scales: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        inputs = {"input_ids": ids, **scales}
+        return self.adapters.call_inputs(model, inputs) if self.adapters is not None else inputs
 
     def rows(self, req: DiffusionRequest, encoded: list[Any], guided: bool) -> dict[str, np.ndarray]:
         n, spec = req.num_images, self.spec
@@ -148,8 +162,13 @@ def build(backend: InferenceBackend, name: str, parts: dict[str, ModelSpec]) -> 
         guidance="embedded" if guidance_embeds else "classifier_free",
         default_guidance_scale=FLUX_DEFAULT_GUIDANCE if guidance_embeds else 1.0,
         strength_rounding="start")
-    conditioner = FluxConditioner(backend, spec, parts["text_encoder"], parts["text_encoder_2"], guidance_embeds)
-    return DiffusionPipeline(backend, spec, conditioner, FluxDenoiser())
+    adapters = pipeline_adapters(backend, name, transformer,
+                                 (transformer.name, parts["text_encoder"].name, parts["text_encoder_2"].name))
+    conditioner = FluxConditioner(backend, spec, parts["text_encoder"], parts["text_encoder_2"], guidance_embeds,
+                                  adapters)
+    pipeline = DiffusionPipeline(backend, spec, conditioner, FluxDenoiser())
+    pipeline.adapters = adapters  # LoRA adapters stored beside the transformer (services.adapters)
+    return pipeline
 
 
 def pipelines(backend: InferenceBackend) -> dict[str, DiffusionPipeline]:
