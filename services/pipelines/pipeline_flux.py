@@ -103,7 +103,8 @@ class FluxConditioner:
         return keys
 
     async def encode(self, keys: list[np.ndarray]) -> list[dict[str, np.ndarray]]:
-        split, scales = self.clip_tokenizer.max_length, {}
+        split = self.clip_tokenizer.max_length
+        scales: dict[str, np.ndarray] = {}
         if self.adapters is None:
             ids = np.stack(keys)
         else:
