@@ -102,7 +102,15 @@ def slot_inputs(graph: str, input_shapes: Mapping[str, Sequence], adapters: Sequ
     _, slots = row_scales.shape
     if slots != len(adapters):
         raise ValueError(f"row_scales has {slots} slots for {len(adapters)} adapters")
-    feeds = {SCALE_INPUT: np.ascontiguousarray(row_scales, dtype=np.float32)}
+    return {SCALE_INPUT: np.ascontiguousarray(row_scales, dtype=np.float32),
+            **slot_factors(graph, input_shapes, adapters)}
+
+
+def slot_factors(graph: str, input_shapes: Mapping[str, Sequence],
+                 adapters: Sequence[StoredAdapter]) -> dict[str, np.ndarray]:
+    """The `lora_down:` / `lora_up:` inputs of a call of `graph` whose slots are `adapters`."""
+    slots = len(adapters)
+    feeds = {}
     for name, shape in input_shapes.items():
         if not name.startswith("lora_down:"):
             continue
@@ -162,6 +170,10 @@ class PipelineAdapters:
         self.stored = dict(stored)  # the repository's adapters: name -> folder
         self.live: dict[int, StoredAdapter] = {}  # by load id: the loaded ones, and unloaded ones still in use
         self.in_use: Callable[[], set[int]] = set  # the engine's: load ids its unfinished requests hold
+        # Per graph, the last call's slot factors and their load ids: built once while a batch's
+        # adapters stay the same (padding and copying every slotted layer's factors each step
+        # would cost about as much as reading the adapters).
+        self._factors: dict[str, tuple[tuple[int, ...], dict[str, np.ndarray]]] = {}
         self.library = library
         library.attach(self)
 
@@ -242,8 +254,12 @@ class PipelineAdapters:
         ids = [i for i in ids if graph in self.live[i].graphs()]
         if not ids:
             return plain
-        scales = np.stack([inputs[f"{ROW_PREFIX}{i}"] for i in ids], axis=1)
-        return {**plain, **slot_inputs(graph, self.slots[graph], [self.live[i] for i in ids], scales)}
+        scales = np.stack([inputs[f"{ROW_PREFIX}{i}"] for i in ids], axis=1).astype(np.float32)
+        key = tuple(ids)
+        cached = self._factors.get(graph)
+        if cached is None or cached[0] != key:  # a batch's adapters mostly stay the same from step to step
+            cached = self._factors[graph] = (key, slot_factors(graph, self.slots[graph], [self.live[i] for i in ids]))
+        return {**plain, SCALE_INPUT: scales, **cached[1]}
 
     def text_key(self, ids: np.ndarray, lora: Sequence[tuple[str, float]], loads: Sequence[int],
                  graphs: Sequence[str]) -> np.ndarray:

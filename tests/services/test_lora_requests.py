@@ -239,3 +239,26 @@ def test_refusals_over_http_in_the_one_error_shape(server):
     assert r.status_code == 422 and r.json()["error"]["field"] == "lora.0.scale"
     r = post("/v1/images/generations", {"lora": [{"name": "style"}]})
     assert r.status_code == 400 and r.json()["error"]["param"] == "lora"
+
+
+def test_a_calls_slot_factors_are_built_once_while_its_adapters_stay_the_same(pipeline):
+    """Step after step a batch keeps its adapters: the padded factors are reused, equal to what
+    slot_inputs builds, and built anew when the call's adapters change."""
+    from services.adapters import SCALE_INPUT, slot_inputs
+
+    adapters = pipeline.adapters
+    ids = adapters.resolve([("peft", 0.5), ("kohya", 1.0)])
+    graph = "sd_random_unet"
+    rows = {f"lora:{ids[0]}": np.array([0.5, 0.0], np.float32), f"lora:{ids[1]}": np.array([1.0, 1.0], np.float32)}
+    first = adapters.call_inputs(graph, {"sample": np.zeros(2), **rows})
+    again = adapters.call_inputs(graph, {"sample": np.zeros(2), **{k: v * 2 for k, v in rows.items()}})
+    factors = [k for k in first if k.startswith("lora_down:")]
+    assert factors and all(again[k] is first[k] for k in factors)  # reused, not rebuilt
+    slots = sorted(ids)  # a call's slots: its adapters in load order
+    np.testing.assert_array_equal(again[SCALE_INPUT], np.stack([2 * rows[f"lora:{i}"] for i in slots], axis=1))
+    want = slot_inputs(graph, adapters.slots[graph], [adapters.live[i] for i in slots],
+                       np.stack([rows[f"lora:{i}"] for i in slots], axis=1))
+    for key, value in want.items():
+        np.testing.assert_array_equal(first[key], value)
+    only = adapters.call_inputs(graph, {"sample": np.zeros(2), f"lora:{ids[0]}": rows[f"lora:{ids[0]}"]})
+    assert only[factors[0]] is not first[factors[0]] and only[SCALE_INPUT].shape == (2, 1)
