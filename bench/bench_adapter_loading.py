@@ -41,11 +41,12 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.bench_lora_batching import PARTS, PIPELINE, random_adapter  # noqa: E402
+from bench.bench_lora_batching import PARTS, PIPELINE  # noqa: E402
 from bench.bench_request_breakdown import load_average  # noqa: E402
 from bench.report import append_report  # noqa: E402
 from export.lora import graph_targets, store_adapter  # noqa: E402
 from tests.fixtures.local_server import LocalServer  # noqa: E402
+from tests.fixtures.lora_files import random_adapter  # noqa: E402
 
 STREAM_STEPS = 150  # the most a request may ask; the clock sends one stream after another
 

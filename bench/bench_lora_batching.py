@@ -52,12 +52,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.bench_goodput import DIGITS, engine_rows  # noqa: E402
-from bench.bench_lora_slots import ATTENTION  # noqa: E402
 from bench.bench_request_breakdown import execution_seconds, load_average  # noqa: E402
 from bench.report import append_report  # noqa: E402
-from export.lora import Adapter, LoraLayer, graph_targets, store_adapter  # noqa: E402
+from export.lora import graph_targets, store_adapter  # noqa: E402
 from services.engine.bench_policies import BENCH_POLICY_ENV  # noqa: E402
 from tests.fixtures.local_server import LocalServer  # noqa: E402
+from tests.fixtures.lora_files import random_adapter  # noqa: E402
 
 PIPELINE = "sd_digits"
 PARTS = ("text_encoder", "unet", "vae_decoder")  # what txt2img runs
@@ -65,16 +65,6 @@ ADAPTERS = 8
 CONCURRENCY = 16
 SCALE = 0.8
 SYSTEMS = {"genserve": "", "matching": "matching"}  # name -> GENSERVE_BENCH_POLICY
-
-
-def random_adapter(targets, rank: int, rng) -> Adapter:
-    """Random rank-`rank` factors on every attention / feed-forward linear of the U-Net, in
-    export.lora's form (module paths as diffusers names them, alpha = rank: scale 1)."""
-    layers = [LoraLayer("unet", path.split("unet.", 1)[1],
-                        rng.standard_normal((rank, t.in_features), dtype=np.float32) * 0.1,
-                        rng.standard_normal((t.out_features, rank), dtype=np.float32) * 0.1, float(rank), 1.0)
-              for path, t in targets.items() if t.kind == "linear" and path.endswith(ATTENTION)]
-    return Adapter(layers, "random")
 
 
 def build_repository(source: Path, folder: Path, rank: int) -> list[str]:

@@ -351,3 +351,60 @@ def test_tabs_appear_only_for_the_families_served(browser, gan_and_upscaler_serv
     expect(page.get_by_role("tab", name="GAN")).to_be_focused()
     watched.check()
     page.close()
+
+
+@pytest.fixture(scope="module")
+def lora_server(repository, tmp_path_factory):
+    """The demo's sd_digits with adapter slots and one stored (random) adapter, `ink`."""
+    import subprocess
+    import sys
+
+    import numpy as np
+
+    from export.lora import graph_targets, store_adapter
+    from tests.conftest import running_server
+    from tests.fixtures.lora_files import random_adapter
+
+    folder = tmp_path_factory.mktemp("lora_playground")
+    repo = folder / "repository"
+    for part in ("text_encoder", "unet", "vae_decoder"):
+        shutil.copytree(repository / f"sd_digits_{part}", repo / f"sd_digits_{part}",
+                        ignore=shutil.ignore_patterns("adapters", "model_lora.onnx"))
+    subprocess.run([sys.executable, "-m", "export", "lora-slots", "--pipeline", "sd_digits", "--repository",
+                    str(repo)], cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
+    targets = graph_targets(repo / "sd_digits_unet" / "1" / "model.onnx", "sd_digits_unet")
+    store_adapter(random_adapter(targets, 8, np.random.default_rng(0)), repo, "sd_digits", "ink")
+    yield from running_server({"GENSERVE_MODEL_REPOSITORY": str(repo), "GENSERVE_WARMUP_BUDGET_S": "2"}, folder)
+
+
+def test_the_lora_control_sends_the_adapter_and_reproduces_it(browser, lora_server, keyed_server):
+    """Offered where the model serves adapters (not on the demo), sent as `lora`, shown in the
+    gallery, and put back by Reproduce."""
+    import json
+
+    from playwright.sync_api import expect
+
+    page = browser.new_page()
+    watched = Watched(page, lora_server.url)
+    page.goto(f"{lora_server.url}/")
+    expect(page.locator("#server-status")).to_contain_text("Connected")
+    expect(page.get_by_label("LoRA adapter")).to_be_visible()
+    page.get_by_label("LoRA adapter").select_option("ink")
+    page.get_by_label("LoRA scale").fill("0.6")
+    page.locator("#t-prompt").fill("a handwritten digit 4")
+    page.locator("#t-steps").fill("3")
+    page.locator("#t-generate").click()
+    item = page.locator("#gallery li").first
+    expect(item).to_contain_text("ink × 0.6")
+    sent = json.loads(item.get_attribute("data-request"))
+    assert sent["lora"] == [{"name": "ink", "scale": 0.6}]
+    page.get_by_label("LoRA adapter").select_option("")
+    item.get_by_role("button", name=re.compile("Put the parameters")).click()
+    expect(page.get_by_label("LoRA adapter")).to_have_value("ink")
+    page.screenshot(path=str(ARTIFACTS / "lora.png"))
+    watched.check()
+    page.close()
+    plain = browser.new_page()  # the demo serves no adapters: no control
+    plain.goto(f"{keyed_server.url}/")
+    expect(plain.locator("#t-lora-field")).to_be_hidden()
+    plain.close()

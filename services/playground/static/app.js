@@ -130,6 +130,22 @@ function applyLimits(model) {
   const current = scheduler.value;
   fillSelect(scheduler, p.schedulers || [], current);
   scheduler.prepend(new Option("model default", "", false, !current));
+  // LoRA: the model's adapters (loaded or loadable), where it serves them
+  const lora = p.lora;
+  const adapter = $("t-lora");
+  const chosen = adapter.value;
+  fillSelect(adapter, lora ? lora.adapters : [], chosen);
+  adapter.prepend(new Option("none", "", false, !chosen || !(lora && lora.adapters.includes(chosen))));
+  $("t-lora-field").hidden = $("t-lora-scale-field").hidden = !lora;
+  if (lora) setLimits("t-lora-scale", lora.scale);
+}
+
+// the form's LoRA adapter as the request's `lora` (none chosen: the field is left out)
+function loraBody(body) {
+  if (!$("t-lora-field").hidden && $("t-lora").value) {
+    body.lora = [{ name: $("t-lora").value, scale: Number($("t-lora-scale").value || 1) }];
+  }
+  return body;
 }
 
 async function loadModels() {
@@ -226,6 +242,7 @@ function addToGallery(result, task, request) {
       if (params[key] !== undefined && params[key] !== null && params[key] !== "") shown[key] = params[key];
     }
     if (image.class_label !== undefined && image.class_label !== null) shown.class_label = image.class_label;
+    if (params.lora) shown.lora = params.lora.map((a) => `${a.name} × ${a.scale}`).join(", ");
     for (const [key, value] of Object.entries(shown)) {
       const dt = document.createElement("dt");
       dt.textContent = key;
@@ -276,6 +293,11 @@ function fillForm(task, model, params, image) {
     else if (el.name === "height") el.value = image.height;
     else if (params[el.name] !== undefined && params[el.name] !== null) el.value = params[el.name];
   }
+  if (task === "txt2img") {  // its LoRA adapter too (the form's first; none when the image had none)
+    const [first] = params.lora || [];
+    $("t-lora").value = first ? first.name : "";
+    if (first) $("t-lora-scale").value = first.scale;
+  }
   selectTab($(tab));
   $(button).focus();
 }
@@ -288,7 +310,7 @@ async function txt2img(event) {
   const form = $("txt2img-form");
   const box = $("t-error");
   clearError(box, form);
-  const body = formBody(form);
+  const body = loraBody(formBody(form));
   const progress = $("t-progress");
   const status = $("t-status");
   const previews = $("t-previews");
