@@ -121,6 +121,7 @@ class Gateway:
     _limiter: RateLimiter | None = field(default=None, repr=False)
     _auth_failures: RateLimiter | None = field(default=None, repr=False)  # per client address
     memory: MemoryGuard = field(init=False, repr=False)  # from settings.memory_limit_mb
+    _request_ids: set[str] = field(default_factory=set, repr=False)  # of the requests in flight
 
     def __post_init__(self):
         if self.settings.edge.api_keys_file is not None:
@@ -154,7 +155,11 @@ class Gateway:
     async def _serve_http(self, scope, receive, send):
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
         given = headers.get(REQUEST_ID_HEADER, "")
-        request_id = given if _VALID_REQUEST_ID.match(given) else uuid.uuid4().hex
+        # The caller's id, unless malformed or already naming a request in flight (one id, one
+        # request in the logs): then a fresh one, which the answer's X-Request-ID says.
+        fresh = not _VALID_REQUEST_ID.match(given) or given in self._request_ids
+        request_id = uuid.uuid4().hex if fresh else given
+        self._request_ids.add(request_id)
         token = request_id_var.set(request_id)
         cors = self._cors_headers(headers)
         state = {"status": 0}
@@ -181,6 +186,7 @@ class Gateway:
             log.info("request_id=%s %s %s -> %s in %.3fs", request_id, scope["method"], scope["path"],
                      state["status"], time.perf_counter() - start)
             request_id_var.reset(token)
+            self._request_ids.discard(request_id)
 
     # -- the checks, in order ----------------------------------------------------------
     async def _handle(self, scope, receive, send, headers, cors):

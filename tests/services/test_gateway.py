@@ -79,6 +79,35 @@ def test_request_ids_are_echoed_or_fresh_per_request():
     assert bad.headers["x-request-id"] != "no spaces\tor tabs"
 
 
+def test_a_request_id_in_flight_is_not_given_to_a_second_request():
+    """Two requests at once with one X-Request-ID: the second gets a fresh id (its answer says
+    which); once the first has finished, the id may be used again."""
+    started, release = asyncio.Event(), asyncio.Event()
+
+    async def slow(scope, receive, send):
+        if scope["path"] == "/v1/echo":
+            started.set()
+            await release.wait()
+        await inner(scope, receive, send)
+
+    g = Gateway(slow, Settings(), ROUTES)
+
+    async def go():
+        transport = httpx.ASGITransport(app=g)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            same = {"X-Request-ID": "job-7", "content-type": "application/json"}
+            first = asyncio.create_task(client.post("/v1/echo", content=b"{}", headers=same))
+            await started.wait()
+            second = await client.get("/v1/models", headers=same)
+            release.set()
+            return (await first), second, await client.get("/v1/models", headers=same)
+
+    first, second, later = asyncio.run(go())
+    assert first.headers["x-request-id"] == first.json()["request_id"] == "job-7"
+    assert second.headers["x-request-id"] == second.json()["request_id"] != "job-7"
+    assert later.headers["x-request-id"] == "job-7"
+
+
 def test_an_exception_in_the_app_is_a_500_in_the_error_shape():
     assert_error(call(make(), "GET", "/v1/boom"), 500, "internal_error")
 
