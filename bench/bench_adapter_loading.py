@@ -41,10 +41,10 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.bench_lora_batching import PARTS, PIPELINE  # noqa: E402
+from bench.bench_lora_batching import PIPELINE, slotted_copy  # noqa: E402
 from bench.bench_request_breakdown import load_average  # noqa: E402
 from bench.report import append_report  # noqa: E402
-from export.lora import graph_targets, store_adapter  # noqa: E402
+from export.lora import store_adapter  # noqa: E402
 from tests.fixtures.local_server import LocalServer  # noqa: E402
 from tests.fixtures.lora_files import random_adapter  # noqa: E402
 
@@ -53,18 +53,10 @@ STREAM_STEPS = 150  # the most a request may ask; the clock sends one stream aft
 
 def build(source: Path, tmp: Path, rank: int) -> tuple[Path, Path, Path]:
     """(repository with slots, allowed directory with the stored adapter and the published file)."""
-    import subprocess
-
     from tests.fixtures.lora_files import write_kohya_lora
 
     repo, dirs = tmp / "repository", tmp / "adapters"
-    for part in PARTS:
-        shutil.copytree(source / f"{PIPELINE}_{part}", repo / f"{PIPELINE}_{part}",
-                        ignore=shutil.ignore_patterns("adapters", "model_lora.onnx"))
-    subprocess.run([sys.executable, "-m", "export", "lora-slots", "--pipeline", PIPELINE, "--repository", str(repo)],
-                   cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
-    unet = f"{PIPELINE}_unet"
-    targets = graph_targets(repo / unet / "1" / "model.onnx", unet)
+    targets = slotted_copy(source, repo)
     stored = store_adapter(random_adapter(targets, rank, np.random.default_rng(0)), repo, PIPELINE, "stored",
                            source="random (bench)", out=dirs)
     published = write_kohya_lora(ROOT / "zoo" / "checkpoints" / PIPELINE, tmp / "published.safetensors", rank=rank)

@@ -67,15 +67,20 @@ SCALE = 0.8
 SYSTEMS = {"genserve": "", "matching": "matching"}  # name -> GENSERVE_BENCH_POLICY
 
 
-def build_repository(source: Path, folder: Path, rank: int) -> list[str]:
-    """The pipeline's parts with adapter slots and ADAPTERS stored adapters; returns their names."""
+def slotted_copy(source: Path, folder: Path) -> dict:
+    """The pipeline's parts copied from `source` with adapter slots; the U-Net's LoRA targets."""
     for part in PARTS:
         shutil.copytree(source / f"{PIPELINE}_{part}", folder / f"{PIPELINE}_{part}",
                         ignore=shutil.ignore_patterns("adapters", "model_lora.onnx"))
     subprocess.run([sys.executable, "-m", "export", "lora-slots", "--pipeline", PIPELINE, "--repository", str(folder)],
                    cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
     unet = f"{PIPELINE}_unet"
-    targets = graph_targets(folder / unet / "1" / "model.onnx", unet)
+    return graph_targets(folder / unet / "1" / "model.onnx", unet)
+
+
+def build_repository(source: Path, folder: Path, rank: int) -> list[str]:
+    """The pipeline's parts with adapter slots and ADAPTERS stored adapters; returns their names."""
+    targets = slotted_copy(source, folder)
     rng = np.random.default_rng(0)
     names = [f"style{i}" for i in range(ADAPTERS)]
     for name in names:

@@ -29,6 +29,7 @@ from services.runtime.onnxruntime_backend import OnnxRuntimeBackend
 from services.runtime.repository import ModelRepository
 from tests.fixtures.engine import drain
 from tests.fixtures.images import psnr, psnr_signed
+from tests.fixtures.lora_family import use_adapters
 
 pytestmark = pytest.mark.slow
 PROMPT, NEGATIVE = "a photo of a red cat", "blue"
@@ -72,11 +73,7 @@ def generate(pipeline, request: DiffusionRequest) -> np.ndarray:
 def diffusers_images(reference, files, lora, num_images=1) -> np.ndarray:
     import torch
 
-    reference.unload_lora_weights()
-    for name, _ in lora:
-        reference.load_lora_weights(str(files[name]), adapter_name=name)
-    if lora:
-        reference.set_adapters([n for n, _ in lora], [s for _, s in lora])
+    use_adapters(reference, files, lora)
     latents = torch.from_numpy(np.stack(initial_latents(SEED, num_images, (4, 8, 8))))
     images = reference(PROMPT, negative_prompt=NEGATIVE, num_images_per_prompt=num_images,
                        num_inference_steps=STEPS, guidance_scale=5.0, latents=latents, output_type="np").images

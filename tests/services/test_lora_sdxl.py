@@ -10,19 +10,16 @@ batched in the engine must each equal that request alone.
 
 from __future__ import annotations
 
-import asyncio
 import json
 
 import numpy as np
 import pytest
 
-from services.engine.engine import DiffusionEngine, EngineConfig
 from services.pipelines.diffusion import DiffusionRequest, initial_latents
 from services.pipelines.pipeline_stable_diffusion_xl import pipelines
 from services.runtime.onnxruntime_backend import OnnxRuntimeBackend
 from services.runtime.repository import ModelRepository
-from tests.fixtures.engine import drain
-from tests.fixtures.images import psnr, to_uint8
+from tests.fixtures.lora_family import LoraFamily, LoraFamilyTests, use_adapters
 
 pytestmark = pytest.mark.slow
 NAME, PROMPT, NEGATIVE, STEPS, SEED = "hid_sdxl", "a photo of a red cat", "blue", 4, 7
@@ -62,20 +59,12 @@ def req(lora=(), seed=SEED, num_images=1) -> DiffusionRequest:
                             lora=list(lora))
 
 
-def generate(pipeline, request) -> np.ndarray:
-    return asyncio.run(pipeline(request)).images
-
-
 def diffusers_images(sdxl, lora, num_images=2) -> np.ndarray:
     import torch
 
     ours, reference, files, _ = sdxl
     spec = ours.spec
-    reference.unload_lora_weights()
-    for name, _ in lora:
-        reference.load_lora_weights(str(files[name]), adapter_name=name)
-    if lora:
-        reference.set_adapters([n for n, _ in lora], [s for _, s in lora])
+    use_adapters(reference, files, lora)
     shape = (spec.latent_channels, spec.native_height // spec.vae_scale_factor,
              spec.native_width // spec.vae_scale_factor)
     latents = torch.from_numpy(np.stack(initial_latents(SEED, num_images, shape)))
@@ -91,28 +80,7 @@ def test_the_adapters_act_on_the_unet_and_both_text_encoders(sdxl):
         assert manifest["graphs"] == [f"{NAME}_text_encoder", f"{NAME}_text_encoder_2", f"{NAME}_unet"], name
 
 
-@pytest.mark.parametrize("lora", [[("peft", 0.8)], [("kohya", 0.9)], [("peft", 0.6), ("kohya", -0.5)]],
-                         ids=["peft", "kohya", "both"])
-def test_an_image_with_adapters_matches_diffusers_at_the_same_scales(sdxl, lora):
-    ours = sdxl[0]
-    got = to_uint8(generate(ours, req(lora, num_images=2)).transpose(0, 2, 3, 1))
-    want = np.clip(np.rint(diffusers_images(sdxl, lora) * 255), 0, 255)
-    assert psnr(got, want) >= 35
-    plain = to_uint8(generate(ours, req(num_images=2)).transpose(0, 2, 3, 1))
-    assert psnr(got, plain) < 30  # the adapters changed the image
-
-
-def test_requests_with_different_adapter_sets_in_one_batch_equal_each_alone(sdxl):
-    ours = sdxl[0]
-    sets = [[], [("peft", 0.8)], [("kohya", 0.6)], [("peft", 0.3), ("kohya", 1.2)]]
-    alone = [generate(ours, req(lora, seed=SEED + i)) for i, lora in enumerate(sets)]
-
-    async def batched():
-        engine = DiffusionEngine(ours, EngineConfig(32, 10_000), start_loop=False)
-        handles = [engine.submit(req(lora, seed=SEED + i), timeout_s=600) for i, lora in enumerate(sets)]
-        await drain(engine, handles)
-        assert engine.iterations == STEPS  # every request's steps in the same calls
-        return [h.result.images for h in handles]
-
-    for lora, one, many in zip(sets, alone, asyncio.run(batched())):
-        assert psnr(one, many, peak=2.0) >= 50, lora
+class TestSDXLAdapters(LoraFamilyTests):
+    @pytest.fixture(scope="class")
+    def lora_family(self, sdxl):
+        return LoraFamily(sdxl[0], req, lambda lora, n: diffusers_images(sdxl, lora, n), STEPS)
