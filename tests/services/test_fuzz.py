@@ -148,8 +148,12 @@ def test_schemathesis_finds_nothing(server, tmp_path):
     operations = {(method.upper(), path) for path, item in document["paths"].items() for method in item
                   if method in ("get", "post", "put", "patch", "delete")}
     assert {"/img2img", "/inpaint"} <= {p for _, p in operations}
+    with urllib.request.urlopen(f"{base}/adapters", timeout=30) as response:
+        if not json.load(response)["adapters"]:  # no model here serves adapters: loading can only be refused
+            operations -= {("POST", "/adapters"), ("DELETE", "/adapters")}
     for method, path in sorted(operations):
-        assert statuses[(method, path)][200] >= 1, f"{method} {path} never answered 200:\n{summary}"
+        ok = statuses[(method, path)][200] + statuses[(method, path)][201]
+        assert ok >= 1, f"{method} {path} never answered 2xx:\n{summary}"
     assert len(entries) >= 500, f"only {len(entries)} requests sent:\n{summary}"
 
 
