@@ -8,11 +8,12 @@ row's scale per slot (0 where the row does not use it). A layer none of the call
 targets gets factors with no columns, and its If skips the low-rank sum (S = 0 for a call
 without adapters). See export/lora.py for the graph side.
 
-Serving (`PipelineAdapters`): a pipeline loads its stored adapters once at start-up. A request's
-`lora` becomes one per-row scale input per adapter (`lora:<name>` [rows], beside its
+Serving (`PipelineAdapters`): which adapters are loaded is services.adapter_library's business;
+a request admitted with `lora` holds its adapters' loads (ids unique in the process) until it
+ends. Its `lora` becomes one per-row scale input per adapter (`lora:<load id>` [rows], beside its
 conditioning rows), so the engine's merge of several requests' rows (merge_rows: zeros where a
 request lacks the key) holds the union of their adapters with each row's own scales; at the
-graph call those keys become the slot inputs above. The text encoder's part changes a prompt's
+graph call those keys become the slot inputs above. The text encoders' part changes a prompt's
 encoding, so it is part of the prompt's key (`text_key`), and the prompt cache tells them apart.
 """
 
