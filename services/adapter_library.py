@@ -37,8 +37,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from services.adapters import MANIFEST, PipelineAdapters, StoredAdapter, load_adapter, stored_adapters
-from services.errors import AdapterNotFound, InvalidRequest, MemoryLimited
+from services.adapters import MANIFEST, RELOAD_ATTEMPTS, PipelineAdapters, StoredAdapter, load_adapter, stored_adapters
+from services.errors import AdapterNotFound, AdapterUnavailable, InvalidRequest, MemoryLimited
 
 log = logging.getLogger("genserve")
 
@@ -176,25 +176,36 @@ class AdapterLibrary:
         return resolved
 
     # -- loading -----------------------------------------------------------------------
-    async def ensure(self, adapters: PipelineAdapters, name: str, field: str = "name") -> Loaded:
-        """`name` loaded for `adapters` (loaded now if it is not: first use pays)."""
+    async def ensure(self, adapters: PipelineAdapters, name: str, field: str = "name", count: bool = True) -> Loaded:
+        """`name` loaded for `adapters` (loaded now if it is not: first use pays), as loaded when
+        this returns. A load it waited for may have been replaced or deleted by the time this
+        task runs again (a POST reloading the name, a DELETE): then it looks again, a few times.
+        `count`: a request's lookup for the hit-rate metric (not for a second look)."""
         key = (adapters.pipeline, name)
-        if key in self.loaded:
-            self.observer.lookup(adapters.pipeline, True)
-            return self.loaded[key]
-        self.observer.lookup(adapters.pipeline, False)
-        pending = self._loading.get(key)
-        if pending is None:
-            pending = self._loading[key] = asyncio.ensure_future(self._load(adapters, name, field))
-            pending.add_done_callback(lambda _: self._loading.pop(key, None))
-        return await asyncio.shield(pending)
+        for attempt in range(RELOAD_ATTEMPTS):
+            entry = self.loaded.get(key)
+            if count and attempt == 0:
+                self.observer.lookup(adapters.pipeline, entry is not None)
+            if entry is not None:
+                return entry
+            pending = self._loading.get(key)
+            if pending is None or pending.done():  # done: its clean-up callback has not run yet
+                pending = self._loading[key] = asyncio.ensure_future(self._load(adapters, name, field))
+                pending.add_done_callback(lambda done: self._loading.pop(key, None) if self._loading.get(key) is done
+                                      else None)
+            await asyncio.shield(pending)
+        raise AdapterUnavailable(f"adapter {name!r} was unloaded or replaced while it loaded, {RELOAD_ATTEMPTS} "
+                                 "times: retry", retry_after_s=1, field=field)
+
+    def is_loaded(self, adapters: PipelineAdapters, name: str) -> bool:
+        return (adapters.pipeline, name) in self.loaded
 
     async def register(self, adapters: PipelineAdapters, name: str, path: Path) -> Loaded:
         """POST /v1/adapters: `name` loads from `path` (an allowed one), now."""
         key = (adapters.pipeline, name)
         if not NAME.fullmatch(name):
             raise InvalidRequest(f"adapter name {name!r}: letters, digits, '_', '.', '-' (at most 64)", field="name")
-        if key in self._loading:
+        if key in self._loading and not self._loading[key].done():
             await asyncio.shield(self._loading[key])
         previous = self.registered.get(key)
         self.registered[key] = path

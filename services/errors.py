@@ -68,6 +68,12 @@ class BackendUnavailable(ServiceError):
         self.headers.setdefault("Retry-After", str(retry_after_s))
 
 
+class AdapterUnavailable(BackendUnavailable):
+    """A LoRA adapter was unloaded or replaced again and again while a request waited for it."""
+
+    code = "adapter_unavailable"
+
+
 class MemoryLimited(BackendUnavailable):
     """The worker is near GENSERVE_MEMORY_LIMIT_MB: new work waits for running work to end."""
 

@@ -197,6 +197,32 @@ def test_an_unload_or_reload_leaves_running_requests_and_the_prompt_cache_right(
     assert library.loaded[("sd_random", "style")].id != first
 
 
+def test_a_request_waiting_for_a_load_that_a_reload_replaces_gets_the_new_one(backend, slotted, tmp_path):
+    """A first use is loading; an operator's POST of the name waits for it and then reloads it;
+    a request that joined the first load after the POST must return with the name loaded (the
+    engine's submit follows without an await), not with the replaced load."""
+    copy_adapter(slotted, "kohya", tmp_path, "style")
+    library = AdapterLibrary(dirs=[tmp_path])
+    adapters = pipeline_with(backend, library).adapters
+
+    async def request() -> bool:
+        await adapters.ensure([("style", 1.0)])
+        return ("sd_random", "style") in library.loaded  # what submit would find now
+
+    async def run():
+        first = asyncio.ensure_future(library.ensure(adapters, "style"))
+        await asyncio.sleep(0)  # its load has started
+        post = asyncio.ensure_future(library.register(adapters, "style", tmp_path / "style"))
+        await asyncio.sleep(0)
+        joined = asyncio.ensure_future(request())
+        results = await asyncio.gather(first, post, joined)
+        return results, library.loaded[("sd_random", "style")]
+
+    (first, posted, joined_loaded), now = asyncio.run(run())
+    assert joined_loaded and posted is now and first is not now  # the POST's reload replaced the first load
+    adapters.resolve([("style", 1.0)])  # admitted with the current load
+
+
 def test_what_cannot_be_loaded_is_refused_naming_the_field(backend, slotted, tmp_path):
     library = AdapterLibrary(dirs=[tmp_path / "allowed"])
     (tmp_path / "allowed").mkdir()
@@ -302,7 +328,8 @@ def test_the_adapter_endpoints_with_admin_keys_and_hot_loads_under_load(adapter_
     stop.set()
     for t in threads:
         t.join()
-    assert len(results) >= 12 and all(status == 200 for _, status, _ in results), results
+    assert len(results) >= 12 and all(status == 200 for _, status, _ in results), \
+        [r for r in results if r[1] != 200]
     metrics = httpx.get(f"{url}/metrics").text
     assert 'genserve_adapter_evictions_total{model="sd_random",reason="deleted"}' in metrics
     assert 'genserve_adapter_lookups_total{model="sd_random",result="hit"}' in metrics
