@@ -7,7 +7,8 @@
 Writes `<pipeline>_unet/1/model_lora.onnx` (export.lora.add_adapter_slots) in a temporary
 folder, or times the slotted graphs given with `--slotted` (a graph with external weights must
 lie beside them: the one `python -m export lora-slots` writes), and times, interleaved per round
-(median of rounds, each the mean of `--calls` calls):
+in a shuffled order (each case the mean of `--calls` calls; "vs plain" is the median over rounds
+of the case's time over plain's in the same round, so a load change between rounds cancels):
 
   plain           the U-Net as exported (no slots)
   no adapter      the slotted graph with S = 0: the no-adapter overhead
@@ -128,15 +129,16 @@ def main(argv=None) -> int:
             fn()
         times = {name: [] for name in cases}
         for _ in range(args.rounds):
-            for name, fn in cases.items():
+            for name in rng.permutation(list(cases)):
                 start = time.perf_counter()
                 for _ in range(args.calls):
-                    fn()
+                    cases[name]()
                 times[name].append((time.perf_counter() - start) / args.calls * 1e3)
-        ref = statistics.median(times["plain"])
         for name, ts in times.items():
             med = statistics.median(ts)
-            rows.append(f"| {h}x{w} | {name} | {med:.2f} | {med / b:.3f} | {med / ref:.3f} |")
+            ratios = [t / ref for t, ref in zip(ts, times["plain"])]
+            rows.append(f"| {h}x{w} | {name} | {med:.2f} | {med / b:.3f} | {statistics.median(ratios):.3f} | "
+                        f"{min(ratios):.3f}-{max(ratios):.3f} |")
     load_after = os.getloadavg()
     header = [
         f"## adapter slots, {graph}, batch {b}, rank {args.rank} "
@@ -147,8 +149,8 @@ def main(argv=None) -> int:
         f"median of {args.rounds} interleaved rounds of {args.calls} calls; ORT 2 threads; "
         f"load average before/after {load_before[0]:.2f}/{load_after[0]:.2f} on {os.cpu_count()} cores)",
         "",
-        "| latent | case | ms / call | ms / row | vs plain |",
-        "|---|---|---|---|---|",
+        "| latent | case | ms / call | ms / row | vs plain | rounds' range |",
+        "|---|---|---|---|---|---|",
     ]
     text = "\n".join([*header, *rows, ""])
     print(text)
