@@ -429,11 +429,13 @@ def add_adapter_slots(onnx_path: Path, out_path: Path | None = None, nodes: set[
     shared with the plain graph). The plain graph is left as it is.
 
     Each slotted node keeps its place in the main graph (what ONNX Runtime optimises best:
-    conv layouts, fusions) and is followed by a small If that adds the low-rank sum only when
-    its `lora_down` has columns: a layer none of the call's adapters targets, and every layer
-    of a call without adapters, costs one If. (One If around two copies of the whole graph,
-    plain and slotted, measured 1.07-1.96x the plain graph without adapters against 1.04-1.15x
-    for this: bench/results/lora_slots.md.)"""
+    conv layouts, fusions) and a small If adds the low-rank sum only when its `lora_down` has
+    columns: a layer none of the call's adapters targets, and every layer of a call without
+    adapters, costs one If. (One If around two copies of the whole graph, plain and slotted,
+    measured 1.07-1.96x the plain graph without adapters against 1.04-1.15x for this:
+    bench/results/lora_slots.md.) Where the If sits keeps the no-adapter path close to the plain
+    graph (see slot_placement): an If that passes its input through copies it, and a node's
+    input or output the If reads cannot be fused away."""
     import onnx
     from onnx import TensorProto, helper
 
@@ -441,15 +443,23 @@ def add_adapter_slots(onnx_path: Path, out_path: Path | None = None, nodes: set[
     out_path = Path(out_path) if out_path else onnx_path.with_name(SLOTTED_GRAPH)
     model = onnx.load(str(onnx_path), load_external_data=False)
     inferred = onnx.shape_inference.infer_shapes(model)
-    ranks = {v.name: len(v.type.tensor_type.shape.dim)
-             for v in (*inferred.graph.value_info, *inferred.graph.input) if v.type.tensor_type.HasField("shape")}
+    dims = {v.name: [d.dim_value if d.HasField("dim_value") else None for d in v.type.tensor_type.shape.dim]
+            for v in (*inferred.graph.value_info, *inferred.graph.input) if v.type.tensor_type.HasField("shape")}
+    dims.update({t.name: [1, *t.dims] for t in model.graph.initializer})  # a constant broadcasts like one row
+    value_types = {v.name: v for v in inferred.graph.value_info}
     graph = model.graph
     targets = {t.node: t for t in graph_targets(onnx_path, "").values()}
     chosen = {n.name for n in graph.node if n.name in targets and (nodes is None or n.name in nodes)}
+    users = {}
+    for n in graph.node:
+        for name in n.input:
+            users.setdefault(name, []).append(n)
+    producers = {out: n for n in graph.node for out in n.output}
+    graph_outputs = {o.name for o in graph.output}
     new_inputs = []
 
-    def delta_nodes(node, x: str, y_base: str, y: str) -> list:
-        """Nodes computing y = y_base + ((x @ down) * row scales) @ up for one slotted node."""
+    def delta_nodes(node, x: str) -> list:
+        """Nodes computing f"lora/{node.name}/delta" = ((x @ down) * row scales) @ up."""
         target = targets[node.name]
         down, up = slot_input_names(node.name)
         p = f"lora/{node.name}/"
@@ -475,7 +485,8 @@ def add_adapter_slots(onnx_path: Path, out_path: Path | None = None, nodes: set[
                 helper.make_node("Conv", [f"{p}ts", up], [f"{p}delta"]),
             ]
         else:
-            k = 2 if node.op_type == "Gemm" else ranks.get(node.input[0], 3)
+            dim = dims.get(node.input[0])
+            k = 2 if node.op_type == "Gemm" else len(dim) if dim else 3
             scale_k = f"{p}scale_rows"
             if k > 2:
                 out.append(helper.make_node("Unsqueeze", [scale_k, f"lora/axes_mid{k}"], [f"{p}scale_k"]))
@@ -485,28 +496,101 @@ def add_adapter_slots(onnx_path: Path, out_path: Path | None = None, nodes: set[
                 helper.make_node("Mul", [f"{p}t", scale_k], [f"{p}ts"]),
                 helper.make_node("MatMul", [f"{p}ts", up], [f"{p}delta"]),
             ]
-        out.append(helper.make_node("Add", [y_base, f"{p}delta"], [y]))
         return out
 
-    body = []
+    def per_row_values(name: str) -> int | None:
+        shape = dims.get(name)
+        if not shape or not all(shape[1:]):
+            return None
+        return int(np.prod(shape[1:]))
+
+    def sole_user(value: str):
+        """The one node reading `value` besides Shape nodes (which read the same shape either way)."""
+        readers = [n for n in users.get(value, []) if n.op_type != "Shape"]
+        return readers[0] if len(readers) == 1 and value not in graph_outputs else None
+
+    claimed = set()  # nodes an If already sits after or feeds (one If each keeps the order simple)
+
+    def slot_placement(node):
+        """(anchor, transposes, add, operand): where the low-rank sum of `node` joins the graph.
+
+        From the node's output, the sum follows Transposes (applied to it, so ONNX Runtime can
+        still fold a Conv's Transpose into its layout change) to the anchor, whose output the If
+        replaces; when instead it reaches an Add of a bias or per-channel shift (at most
+        out_features values per row), the If replaces that small operand (plain: the operand
+        itself, no copy of the activation): `add` is that Add and `operand` the small operand's
+        position in it."""
+        value, transposes, anchor = node.output[0], [], node
+        while (user := sole_user(value)) is not None and id(user) not in claimed:
+            if user.op_type == "Add" and len(set(user.input)) == 2:
+                other = user.input[1] if user.input[0] == value else user.input[0]
+                size = per_row_values(other)
+                if size is not None and size <= targets[node.name].out_features:
+                    return anchor, transposes, user, list(user.input).index(other)
+            if user.op_type != "Transpose":
+                break
+            transposes.append(user)
+            value, anchor = user.output[0], user
+        return anchor, transposes, None, None
+
+    def delta_input(node) -> tuple[str, list]:
+        """The node's input for the low-rank sum, and nodes recomputing it inside the If: a
+        Transpose read only by the node is redone there, so ONNX Runtime can still fold it into
+        the node's layout change (Transpose + Conv)."""
+        x = node.input[0]
+        source = producers.get(x)
+        if source is None or source.op_type != "Transpose" or sole_user(x) is not node or id(source) in claimed:
+            return x, []
+        redo = onnx.NodeProto()
+        redo.CopyFrom(source)
+        del redo.output[:]
+        redo.output.append(f"lora/{node.name}/x")
+        redo.name = f"lora/{node.name}/x"
+        return redo.output[0], [redo]
+
+    before, after = {}, {}  # id(node) -> the If nodes emitted just before / after it
+    known_shapes = []  # values whose shapes the plain graph's inference knew, restated
     for node in graph.node:
-        body.append(node)
         if node.name not in chosen:
             continue
-        y, p = node.output[0], f"lora/{node.name}/"
-        y_base = f"{y}/lora_base"
-        node.output[0] = y_base
-        with_adapters = helper.make_graph(delta_nodes(node, node.input[0], y_base, f"{p}sum"), "adapters", [],
+        p = f"lora/{node.name}/"
+        anchor, transposes, add, operand = slot_placement(node)
+        x, redo = delta_input(node)
+        branch = [*redo, *delta_nodes(node, x)]
+        delta = f"{p}delta"
+        for i, t in enumerate(transposes):
+            attrs = {a.name: helper.get_attribute_value(a) for a in t.attribute}
+            branch.append(helper.make_node("Transpose", [delta], [f"{p}delta_t{i}"], **attrs))
+            delta = f"{p}delta_t{i}"
+        if add is not None:  # the If stands for the Add's small operand
+            passed, result = add.input[operand], f"{p}shift"
+            add.input[operand] = result
+            claimed.add(id(add))
+            where = before
+            # The If's branches differ in shape (the operand, or the activation's), so the Add's
+            # output shape is not inferred: stated, it lets ONNX Runtime remove a following
+            # x / 1 as in the plain graph.
+            known_shapes.append(add.output[0])
+        else:  # the If stands for the anchor's output
+            result = anchor.output[0]
+            passed = anchor.output[0] = f"{result}/lora_base"
+            claimed.add(id(anchor))
+            where = after
+            known_shapes.append(result)
+        branch.append(helper.make_node("Add", [passed, delta], [f"{p}sum"]))
+        with_adapters = helper.make_graph(branch, "adapters", [],
                                           [helper.make_tensor_value_info(f"{p}sum", TensorProto.FLOAT, None)])
-        without = helper.make_graph([helper.make_node("Identity", [y_base], [f"{p}plain"])], "plain", [],
+        without = helper.make_graph([helper.make_node("Identity", [passed], [f"{p}plain"])], "plain", [],
                                     [helper.make_tensor_value_info(f"{p}plain", TensorProto.FLOAT, None)])
         conv = targets[node.name].kind == "conv"
-        body += [
+        where.setdefault(id(add if add is not None else anchor), []).extend([
             helper.make_node("Shape", [slot_input_names(node.name)[0]], [f"{p}down_shape"]),
             helper.make_node("Gather", [f"{p}down_shape", f"lora/axis_{0 if conv else 1}"], [f"{p}cols"], axis=0),
             helper.make_node("Greater", [f"{p}cols", "lora/zero"], [f"{p}any"]),  # one element: If's condition
-            helper.make_node("If", [f"{p}any"], [y], name=f"{p}if", then_branch=with_adapters, else_branch=without),
-        ]
+            helper.make_node("If", [f"{p}any"], [result], name=f"{p}if", then_branch=with_adapters,
+                             else_branch=without),
+        ])
+    body = [n for node in graph.node for n in (*before.get(id(node), ()), node, *after.get(id(node), ()))]
 
     def const(name, values):
         return helper.make_node("Constant", [], [name],
@@ -526,6 +610,8 @@ def add_adapter_slots(onnx_path: Path, out_path: Path | None = None, nodes: set[
     del graph.node[:]
     graph.node.extend([*prelude, *body])
     graph.input.extend([scale_input, *new_inputs])
+    graph.value_info.extend(value_types[name] for name in known_shapes
+                            if name in value_types and name not in {v.name for v in graph.value_info})
     onnx.save_model(model, str(out_path))
     onnx.checker.check_model(str(out_path))
     return out_path
