@@ -450,7 +450,7 @@ def add_adapter_slots(onnx_path: Path, out_path: Path | None = None, nodes: set[
     graph = model.graph
     targets = {t.node: t for t in graph_targets(onnx_path, "").values()}
     chosen = {n.name for n in graph.node if n.name in targets and (nodes is None or n.name in nodes)}
-    users = {}
+    users: dict[str, list[Any]] = {}
     for n in graph.node:
         for name in n.input:
             users.setdefault(name, []).append(n)
@@ -502,7 +502,10 @@ def add_adapter_slots(onnx_path: Path, out_path: Path | None = None, nodes: set[
         shape = dims.get(name)
         if not shape or not all(shape[1:]):
             return None
-        return int(np.prod(shape[1:]))
+        values = 1
+        for d in shape[1:]:
+            values *= int(d or 0)
+        return values
 
     def sole_user(value: str):
         """The one node reading `value` besides Shape nodes (which read the same shape either way)."""
@@ -548,7 +551,8 @@ def add_adapter_slots(onnx_path: Path, out_path: Path | None = None, nodes: set[
         redo.name = f"lora/{node.name}/x"
         return redo.output[0], [redo]
 
-    before, after = {}, {}  # id(node) -> the If nodes emitted just before / after it
+    before: dict[int, list[Any]] = {}  # id(node) -> the If nodes emitted just before / after it
+    after: dict[int, list[Any]] = {}
     known_shapes = []  # values whose shapes the plain graph's inference knew, restated
     for node in graph.node:
         if node.name not in chosen:
