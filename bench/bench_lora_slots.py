@@ -42,9 +42,9 @@ from export.lora import add_adapter_slots, graph_targets
 from services.adapters import LayerFactors, StoredAdapter, slot_inputs
 from services.pipelines.controlnet import zero_residuals
 from services.runtime.repository import parse_model_config, spec_from_config
+from tests.fixtures.lora_files import ATTENTION
 
 CASES = ("none", "one", "mixed", "per-adapter")  # each slotted graph's; plain is always timed
-ATTENTION = ("to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2", "proj_in", "proj_out")
 
 
 def random_adapter(name, graph, targets, rank, rng) -> StoredAdapter:
