@@ -129,8 +129,12 @@ class AdapterLibrary:
                     log.info("adapter %s/%s not preloaded: GENSERVE_ADAPTER_MEMORY_MB is full", adapters.pipeline, name)
                     continue
                 start = time.perf_counter()
-                self._admit(adapters, name, self._read(adapters, name, folder), "repository", folder,
-                            time.perf_counter() - start)
+                try:
+                    adapter = self._read(adapters, name, folder)
+                except InvalidRequest as exc:  # one stale adapter must not stop the service
+                    log.warning("adapter %s/%s not loaded: %s", adapters.pipeline, name, exc.message)
+                    continue
+                self._admit(adapters, name, adapter, "repository", folder, time.perf_counter() - start)
 
     # -- what a pipeline may serve -----------------------------------------------------
     def knows(self, adapters: PipelineAdapters, name: str) -> bool:

@@ -252,6 +252,9 @@ def test_what_cannot_be_loaded_is_refused_naming_the_field(backend, slotted, tmp
         generate(pipeline, req([("stale", 1.0)]))
     assert info.value.field == "lora[0].name"
     assert ("sd_random", "stale") not in library.loaded
+    pipeline.adapters.stored["stale"] = folder  # as if stored in the repository: start-up skips it, says why
+    library.preload()
+    assert ("sd_random", "stale") not in library.loaded and ("sd_random", "kohya") in library.loaded
 
 
 # -- over HTTP ---------------------------------------------------------------------------
