@@ -258,7 +258,7 @@ class AdapterLibrary:
         source = "repository" if adapters.stored.get(name) == path else "directory"
         folder = path
         if path.is_file():
-            folder = await self._convert(adapters, name, path, field)
+            folder = await convert_published(path, name, adapters.pipeline, self.repository, self.cache_dir, field)
             source = "converted"
         needed = _estimate(folder)
         self._make_room(needed, field)
@@ -289,47 +289,6 @@ class AdapterLibrary:
         log.info("adapter %s/%s loaded from %s (%s, %.1f MB) in %.2fs", adapters.pipeline, name, path, source,
                  adapter.nbytes / 1e6, seconds)
         return entry
-
-    async def _convert(self, adapters: PipelineAdapters, name: str, path: Path, field: str) -> Path:
-        """A LoRA file as published -> an adapter folder for this pipeline, by `python -m export
-        lora` in a child process (torch stays out of the worker), cached by the file's identity."""
-        st = path.stat()
-        digest = hashlib.sha256(f"{path}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:16]
-        folder = self.cache_dir / adapters.pipeline / f"{name}-{digest}"
-        if (folder / MANIFEST).exists():
-            return folder
-        if self.repository is None or importlib.util.find_spec("torch") is None \
-                or importlib.util.find_spec("diffusers") is None:
-            raise InvalidRequest(
-                f"{path.name} is a LoRA file as published; converting it needs the export tools in this "
-                f"worker (pip install 'genserve[export]'). Or store it beforehand with `python -m export lora "
-                f"--pipeline {adapters.pipeline} --weights {path.name} --name {name} --out DIR` and put DIR in "
-                "GENSERVE_ADAPTER_DIRS", field=field)
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        scratch = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=folder.parent))
-        command = [sys.executable, "-m", "export", "lora", "--pipeline", adapters.pipeline, "--weights", str(path),
-                   "--name", name, "--repository", str(self.repository), "--out", str(scratch)]
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(PROJECT_ROOT),
-                                                                         os.environ.get("PYTHONPATH")]))}
-        process = await asyncio.create_subprocess_exec(*command, cwd=PROJECT_ROOT, env=env,
-                                                       stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
-        try:
-            output, _ = await asyncio.wait_for(process.communicate(), CONVERT_TIMEOUT_S)
-        except BaseException:
-            process.kill()
-            await process.wait()
-            shutil.rmtree(scratch, ignore_errors=True)
-            raise
-        if process.returncode != 0:
-            shutil.rmtree(scratch, ignore_errors=True)
-            lines = [line for line in output.decode(errors="replace").splitlines() if line.strip()]
-            reason = lines[-1] if lines else f"exit status {process.returncode}"
-            raise InvalidRequest(f"adapter {name!r}: {path.name} could not be converted for model "
-                                 f"{adapters.pipeline!r}: {reason}", field=field,
-                                 detail=output.decode(errors="replace")[-4000:])
-        (scratch / name).rename(folder)
-        shutil.rmtree(scratch, ignore_errors=True)
-        return folder
 
     @property
     def cache_dir(self) -> Path:
@@ -392,6 +351,55 @@ class AdapterLibrary:
                              "source": "repository" if name in adapters.stored else "directory"})
         return {"adapters": rows, "memory": {"bytes": self.nbytes, "limit_bytes": self.memory_bytes or None},
                 "directories": [str(d) for d in self.dirs]}
+
+
+async def convert_published(path: Path, name: str, pipeline: str, repository: Path | None, cache_dir: Path,
+                            field: str) -> Path:
+    """A LoRA file as published -> an adapter folder for `pipeline` (its graphs in `repository`),
+    by `python -m export lora` in a child process (torch stays out of the worker), kept in
+    `cache_dir` under the file's identity (path, size, modification time)."""
+    st = path.stat()
+    digest = hashlib.sha256(f"{path}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:16]
+    folder = cache_dir / pipeline / f"{name}-{digest}"
+    if (folder / MANIFEST).exists():
+        return folder
+    if repository is None or importlib.util.find_spec("torch") is None \
+            or importlib.util.find_spec("diffusers") is None:
+        raise InvalidRequest(
+            f"{path.name} is a LoRA file as published; converting it needs the export tools in this "
+            f"worker (pip install 'genserve[export]'). Or store it beforehand with `python -m export lora "
+            f"--pipeline {pipeline} --weights {path.name} --name {name} --out DIR` and put DIR in "
+            "GENSERVE_ADAPTER_DIRS", field=field)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=folder.parent))
+    command = [sys.executable, "-m", "export", "lora", "--pipeline", pipeline, "--weights", str(path),
+               "--name", name, "--repository", str(repository), "--out", str(scratch)]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(PROJECT_ROOT),
+                                                                     os.environ.get("PYTHONPATH")]))}
+    process = await asyncio.create_subprocess_exec(*command, cwd=PROJECT_ROOT, env=env,
+                                                   stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+    try:
+        output, _ = await asyncio.wait_for(process.communicate(), CONVERT_TIMEOUT_S)
+    except BaseException:
+        process.kill()
+        await process.wait()
+        shutil.rmtree(scratch, ignore_errors=True)
+        raise
+    if process.returncode != 0:
+        shutil.rmtree(scratch, ignore_errors=True)
+        lines = [line for line in output.decode(errors="replace").splitlines() if line.strip()]
+        reason = lines[-1] if lines else f"exit status {process.returncode}"
+        raise InvalidRequest(f"adapter {name!r}: {path.name} could not be converted for model "
+                             f"{pipeline!r}: {reason}", field=field,
+                             detail=output.decode(errors="replace")[-4000:])
+    try:
+        (scratch / name).rename(folder)
+    except OSError:
+        if not (folder / MANIFEST).exists():  # else another worker converted the same file first
+            raise
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return folder
 
 
 def _name_of(path: Path, pipeline: str) -> str | None:
