@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from services.adapters import MANIFEST, RELOAD_ATTEMPTS, PipelineAdapters, StoredAdapter, load_adapter, stored_adapters
+from services.adapters import MANIFEST, PipelineAdapters, StoredAdapter, load_adapter, stored_adapters
 from services.errors import AdapterNotFound, AdapterUnavailable, InvalidRequest, MemoryLimited
 
 log = logging.getLogger("genserve")
@@ -45,6 +45,7 @@ log = logging.getLogger("genserve")
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")  # as `python -m export lora` accepts
 PUBLISHED_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
 CONVERT_TIMEOUT_S = 600
+RELOAD_ATTEMPTS = 3  # a request's looks at adapters unloaded again while it waited for their loads
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -180,26 +181,38 @@ class AdapterLibrary:
         return resolved
 
     # -- loading -----------------------------------------------------------------------
-    async def ensure(self, adapters: PipelineAdapters, name: str, field: str = "name", count: bool = True) -> Loaded:
-        """`name` loaded for `adapters` (loaded now if it is not: first use pays), as loaded when
-        this returns. A load it waited for may have been replaced or deleted by the time this
-        task runs again (a POST reloading the name, a DELETE): then it looks again, a few times.
-        `count`: a request's lookup for the hit-rate metric (not for a second look)."""
-        key = (adapters.pipeline, name)
+    async def ensure(self, adapters: PipelineAdapters, names: Sequence[tuple[str, str]], field: str) -> None:
+        """The adapters `names` ((name, its request field) pairs) loaded for `adapters`, those not
+        loaded yet loaded now (first use pays). On return all of them are loaded at once: the
+        caller submits before its next await. A load it waited for may have been replaced or
+        deleted by the time this task runs again (a POST reloading the name, a DELETE): then it
+        looks again, a few times; after that, 503 naming `field`."""
         for attempt in range(RELOAD_ATTEMPTS):
-            entry = self.loaded.get(key)
-            if count and attempt == 0:
-                self.observer.lookup(adapters.pipeline, entry is not None)
-            if entry is not None:
-                return entry
-            pending = self._loading.get(key)
-            if pending is None or pending.done():  # done: its clean-up callback has not run yet
-                pending = self._loading[key] = asyncio.ensure_future(self._load(adapters, name, field))
-                pending.add_done_callback(lambda done: self._loading.pop(key, None) if self._loading.get(key) is done
+            for name, name_field in names:
+                loaded = self.is_loaded(adapters, name)
+                if attempt == 0:  # a request's lookup, for the hit rate (not its second looks)
+                    self.observer.lookup(adapters.pipeline, loaded)
+                if not loaded:
+                    await self._load_once(adapters, name, name_field)
+            if all(self.is_loaded(adapters, name) for name, _ in names):
+                return
+        raise AdapterUnavailable(f"{', '.join(repr(n) for n, _ in names)} unloaded or replaced while loading, "
+                                 f"{RELOAD_ATTEMPTS} times: retry", retry_after_s=1, field=field)
+
+    async def _load_once(self, adapters: PipelineAdapters, name: str, field: str) -> None:
+        """Waits for `name`'s load under way, or starts one (concurrent first uses share it)."""
+        key = (adapters.pipeline, name)
+        pending = self._loading_now(key)
+        if pending is None:
+            pending = self._loading[key] = asyncio.ensure_future(self._load(adapters, name, field))
+            pending.add_done_callback(lambda done: self._loading.pop(key, None) if self._loading.get(key) is done
                                       else None)
-            await asyncio.shield(pending)
-        raise AdapterUnavailable(f"adapter {name!r} was unloaded or replaced while it loaded, {RELOAD_ATTEMPTS} "
-                                 "times: retry", retry_after_s=1, field=field)
+        await asyncio.shield(pending)
+
+    def _loading_now(self, key: tuple[str, str]) -> asyncio.Future | None:
+        """The load of `key` under way (a finished one whose clean-up has not run yet is not)."""
+        pending = self._loading.get(key)
+        return pending if pending is not None and not pending.done() else None
 
     def is_loaded(self, adapters: PipelineAdapters, name: str) -> bool:
         return (adapters.pipeline, name) in self.loaded
@@ -209,20 +222,21 @@ class AdapterLibrary:
         key = (adapters.pipeline, name)
         if not NAME.fullmatch(name):
             raise InvalidRequest(f"adapter name {name!r}: letters, digits, '_', '.', '-' (at most 64)", field="name")
-        if key in self._loading and not self._loading[key].done():
-            await asyncio.shield(self._loading[key])
+        if (pending := self._loading_now(key)) is not None:
+            await asyncio.shield(pending)
         previous = self.registered.get(key)
         self.registered[key] = path
         if key in self.loaded:
             self._unload(key, "deleted")  # replaced: requests under way keep the old one (adapters.live)
         try:
-            return await self.ensure(adapters, name, field="path")
+            await self.ensure(adapters, [(name, "path")], field="path")
         except BaseException:
             if previous is None:
                 self.registered.pop(key, None)
             else:
                 self.registered[key] = previous
             raise
+        return self.loaded[key]
 
     def delete(self, adapters: PipelineAdapters, name: str) -> dict[str, Any]:
         """DELETE /v1/adapters: unloads `name` and forgets what POST registered for it. A

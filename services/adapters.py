@@ -27,14 +27,13 @@ from typing import Protocol
 
 import numpy as np
 
-from services.errors import AdapterUnavailable, InvalidRequest
+from services.errors import InvalidRequest
 
 ADAPTERS_FOLDER = "adapters"
 MANIFEST = "adapter.json"
 WEIGHTS = "weights.safetensors"
 SCALE_INPUT = "lora_scale"
 SLOTTED_GRAPH = "model_lora.onnx"  # export/lora.py writes it beside model.onnx
-RELOAD_ATTEMPTS = 3  # a request's looks at adapters unloaded again while it waited for their loads
 ROW_PREFIX = "lora:"  # a denoiser row input: one adapter's scale per row (0: the row does not use it)
 
 
@@ -148,10 +147,8 @@ class Library(Protocol):
     def attach(self, adapters: PipelineAdapters) -> None: ...
     def available(self, adapters: PipelineAdapters) -> list[str]: ...
     def knows(self, adapters: PipelineAdapters, name: str) -> bool: ...
-    async def ensure(self, adapters: PipelineAdapters, name: str, field: str = "name",
-                     count: bool = True) -> object: ...
+    async def ensure(self, adapters: PipelineAdapters, names: Sequence[tuple[str, str]], field: str) -> None: ...
     def use(self, adapters: PipelineAdapters, name: str, field: str = "name") -> int: ...
-    def is_loaded(self, adapters: PipelineAdapters, name: str) -> bool: ...
 
 
 class PipelineAdapters:
@@ -240,14 +237,8 @@ class PipelineAdapters:
     async def ensure(self, lora: Sequence[tuple[str, float]]) -> None:
         """Loads the adapters of `lora` not loaded yet (first use pays; off the event loop).
         On return all of them are loaded at once: the caller submits before its next await."""
-        for attempt in range(RELOAD_ATTEMPTS):
-            for i, (name, _) in enumerate(lora):
-                if attempt == 0 or not self.library.is_loaded(self, name):
-                    await self.library.ensure(self, name, field=f"lora[{i}].name", count=attempt == 0)
-            if all(self.library.is_loaded(self, name) for name, _ in lora):
-                return
-        raise AdapterUnavailable(f"the adapters of lora were unloaded while loading, {RELOAD_ATTEMPTS} times: "
-                                 "retry", retry_after_s=1, field="lora")
+        names = [(name, f"lora[{i}].name") for i, (name, _) in enumerate(lora)]
+        await self.library.ensure(self, names, field="lora")
 
     def resolve(self, lora: Sequence[tuple[str, float]]) -> tuple[int, ...]:
         """The load ids a request holds until it ends (its adapters must be loaded: `ensure`)."""

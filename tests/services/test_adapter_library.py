@@ -209,8 +209,12 @@ def test_a_request_waiting_for_a_load_that_a_reload_replaces_gets_the_new_one(ba
         await adapters.ensure([("style", 1.0)])
         return ("sd_random", "style") in library.loaded  # what submit would find now
 
+    async def first_use():  # the load that was current when its wait ended
+        await library.ensure(adapters, [("style", "name")], field="name")
+        return library.loaded[("sd_random", "style")]
+
     async def run():
-        first = asyncio.ensure_future(library.ensure(adapters, "style"))
+        first = asyncio.ensure_future(first_use())
         await asyncio.sleep(0)  # its load has started
         post = asyncio.ensure_future(library.register(adapters, "style", tmp_path / "style"))
         await asyncio.sleep(0)
