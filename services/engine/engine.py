@@ -191,9 +191,7 @@ class DiffusionEngine:
             self._wakeup.set()
 
     async def generate(self, request: DiffusionRequest, timeout_s: float) -> DiffusionOutput:
-        if request.lora and self.pipeline.adapters is not None:  # loaded before it queues (first use pays)
-            self.pipeline.check_adapters(request)
-            await self.pipeline.adapters.ensure(request.lora)
+        await self.pipeline.load_adapters(request)  # before it queues (first use pays)
         req = self.submit(request, timeout_s)
         try:
             await req.done.wait()

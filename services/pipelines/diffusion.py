@@ -441,6 +441,13 @@ class DiffusionPipeline:
                                  field="lora")
         self.adapters.check(req.lora, req.cache_interval, limit)
 
+    async def load_adapters(self, req: DiffusionRequest) -> None:
+        """Before queuing: checks `req.lora` and loads the adapters not loaded yet (first use
+        pays); the caller admits it before its next await (resolve_adapters)."""
+        self.check_adapters(req)
+        if req.lora and self.adapters is not None:
+            await self.adapters.ensure(req.lora)
+
     def resolve_adapters(self, req: DiffusionRequest) -> None:
         """At admission: the loads of the request's adapters (loaded: PipelineAdapters.ensure)
         that its rows and texts name until it ends."""
@@ -521,9 +528,7 @@ class DiffusionPipeline:
         """One request alone: encode, denoise, decode (the engine does the same, batched)."""
         timings: dict[str, float] = {}
         # 1. Encode the texts; with guidance, [negative, positive].
-        if req.lora and self.adapters is not None:
-            self.check_adapters(req)
-            await self.adapters.ensure(req.lora)
+        await self.load_adapters(req)
         self.resolve_adapters(req)
         t0 = time.perf_counter()
         keys = self.tokenize(req)

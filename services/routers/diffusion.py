@@ -97,8 +97,7 @@ async def _submit(ctx: ServiceContext, task: str, body):
         request, params = build_request(task, body, engine.pipeline, max_adapters)
     else:  # decoding images (init, mask, control) is CPU work: off the event loop
         request, params = await asyncio.to_thread(build_request, task, body, engine.pipeline, max_adapters)
-    if request.lora and engine.pipeline.adapters is not None:  # loaded before it queues (first use pays)
-        await engine.pipeline.adapters.ensure(request.lora)
+    await engine.pipeline.load_adapters(request)  # before it queues: the first use pays the load
     params["timeout_s"] = timeout_s
     params.pop("upscale", None)  # echoed by the upscale stage, when there is one
     if getattr(body, "upscale", None) is not None:  # refused before queuing, not after denoising
