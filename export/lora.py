@@ -43,6 +43,14 @@ from typing import Any
 import numpy as np
 
 from export.errors import UnsupportedAdapter
+from services.adapters import (  # the stored layout and the slotted graph's names, read by the service
+    ADAPTER_NAME,
+    ADAPTERS_FOLDER,
+    MANIFEST,
+    SCALE_INPUT,
+    SLOTTED_GRAPH,
+    WEIGHTS,
+)
 
 # Components of an SD 1.x/2.x, SDXL or FLUX pipeline an adapter may target: the prefix in
 # diffusers' keys and the graph role the exporter writes (<pipeline>_<role>).
@@ -53,9 +61,6 @@ DENOISERS = ("unet", "transformer")
 # penultimate hidden states (SDXL's), so the last layer's LoRA cannot change what they output.
 ENCODER_LAYER = re.compile(r"(?:^|\.)encoder\.layers\.(\d+)\.")
 WEIGHT_OPS = ("MatMul", "Gemm", "Conv")
-ADAPTERS_FOLDER = "adapters"
-MANIFEST = "adapter.json"
-WEIGHTS = "weights.safetensors"
 
 # Key fragments of adapter kinds that are not a plain low-rank product.
 UNSUPPORTED_KEYS = {
@@ -311,7 +316,7 @@ def store_adapter(adapter: Adapter, repository: Path, pipeline: str, name: str, 
     (a directory the service loads adapters from at run time); returns its folder."""
     from safetensors.numpy import save_file
 
-    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}", name):
+    if not ADAPTER_NAME.fullmatch(name):
         raise UnsupportedAdapter(f"adapter name {name!r}: letters, digits, '_', '.', '-' (at most 64)")
     repository = Path(repository)
     denoiser_dir = denoiser_folder(repository, pipeline)
@@ -415,8 +420,6 @@ def run(args) -> int:
 # without adapters) skips its low-rank sum through one small If (see add_adapter_slots).
 # ---------------------------------------------------------------------------------------------
 
-SLOTTED_GRAPH = "model_lora.onnx"
-SCALE_INPUT = "lora_scale"
 
 
 def slot_input_names(node: str) -> tuple[str, str]:

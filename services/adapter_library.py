@@ -27,7 +27,6 @@ import importlib.util
 import json
 import logging
 import os
-import re
 import shutil
 import sys
 import tempfile
@@ -37,12 +36,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from services.adapters import MANIFEST, PipelineAdapters, StoredAdapter, load_adapter, stored_adapters
+from services.adapters import ADAPTER_NAME, MANIFEST, PipelineAdapters, StoredAdapter, load_adapter, stored_adapters
 from services.errors import AdapterNotFound, AdapterUnavailable, InvalidRequest, MemoryLimited
 
 log = logging.getLogger("genserve")
 
-NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")  # as `python -m export lora` accepts
 PUBLISHED_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
 CONVERT_TIMEOUT_S = 600
 RELOAD_ATTEMPTS = 3  # a request's looks at adapters unloaded again while it waited for their loads
@@ -158,7 +156,7 @@ class AdapterLibrary:
             return self.registered[key]
         if name in adapters.stored:
             return adapters.stored[name]
-        if not NAME.fullmatch(name):
+        if not ADAPTER_NAME.fullmatch(name):
             return None
         for d in self.dirs:
             candidates = [d / name, *(d / f"{name}{suffix}" for suffix in PUBLISHED_SUFFIXES)]
@@ -220,7 +218,7 @@ class AdapterLibrary:
     async def register(self, adapters: PipelineAdapters, name: str, path: Path) -> Loaded:
         """POST /v1/adapters: `name` loads from `path` (an allowed one), now."""
         key = (adapters.pipeline, name)
-        if not NAME.fullmatch(name):
+        if not ADAPTER_NAME.fullmatch(name):
             raise InvalidRequest(f"adapter name {name!r}: letters, digits, '_', '.', '-' (at most 64)", field="name")
         if (pending := self._loading_now(key)) is not None:
             await asyncio.shield(pending)
@@ -426,8 +424,8 @@ def _name_of(path: Path, pipeline: str) -> str | None:
             meta = json.loads(manifest.read_text())
         except (OSError, ValueError):
             return None
-        return path.name if meta.get("pipeline") == pipeline and NAME.fullmatch(path.name) else None
-    if path.is_file() and path.suffix in PUBLISHED_SUFFIXES and NAME.fullmatch(path.stem):
+        return path.name if meta.get("pipeline") == pipeline and ADAPTER_NAME.fullmatch(path.name) else None
+    if path.is_file() and path.suffix in PUBLISHED_SUFFIXES and ADAPTER_NAME.fullmatch(path.stem):
         return path.stem
     return None
 

@@ -20,6 +20,7 @@ encoding, so it is part of the prompt's key (`text_key`), and the prompt cache t
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +31,7 @@ import numpy as np
 from services.errors import InvalidRequest
 
 ADAPTERS_FOLDER = "adapters"
+ADAPTER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")  # what requests, folders and files may be named
 MANIFEST = "adapter.json"
 WEIGHTS = "weights.safetensors"
 SCALE_INPUT = "lora_scale"
