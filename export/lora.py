@@ -34,6 +34,7 @@ are checked against the node's weight: an adapter for another base model is refu
 
 from __future__ import annotations
 
+import itertools
 import json
 import re
 from dataclasses import dataclass, field
@@ -253,31 +254,35 @@ def graph_targets(onnx_path: Path, graph: str) -> dict[str, GraphTarget]:
     return targets
 
 
-def _beyond_the_graph(layer: LoraLayer, targets: dict[str, GraphTarget]) -> bool:
-    """A text-encoder layer deeper than any the graph holds (see ENCODER_LAYER)."""
-    own = ENCODER_LAYER.search(layer.module)
-    depths = [int(m.group(1)) for path in targets if (m := ENCODER_LAYER.search(path))]
-    return own is not None and bool(depths) and int(own.group(1)) > max(depths)
+@dataclass
+class ComponentGraph:
+    """One component's exported graph, as store_adapter matches layers to it: its targets by
+    module path, the module path they all start with (the exporter's wrapper and the component's
+    attribute: `wrapper.unet`, `transformer`), and its deepest text-encoder layer, if any."""
+
+    graph: str
+    targets: dict[str, GraphTarget]
+    root: str
+    depth: int | None
+
+    @classmethod
+    def read(cls, onnx_path: Path, graph: str) -> ComponentGraph:
+        targets = graph_targets(onnx_path, graph)
+        modules = [path.split(".")[:-1] for path in targets]  # each target's enclosing modules
+        root = [names[0] for names in itertools.takewhile(lambda names: len(set(names)) == 1, zip(*modules))]
+        depths = [int(m.group(1)) for path in targets if (m := ENCODER_LAYER.search(path))]
+        return cls(graph, targets, ".".join(root), max(depths, default=None))
+
+    def beyond(self, layer: LoraLayer) -> bool:
+        """A text-encoder layer deeper than any the graph holds (see ENCODER_LAYER)."""
+        own = ENCODER_LAYER.search(layer.module)
+        return own is not None and self.depth is not None and int(own.group(1)) > self.depth
 
 
-def _root(targets: dict[str, GraphTarget]) -> str:
-    """The module path every target of a graph starts with (the exporter's wrapper and the
-    component's attribute), found as their common dotted prefix."""
-    paths = [path.split(".")[:-1] for path in targets]
-    common = paths[0] if paths else []
-    for parts in paths[1:]:
-        n = 0
-        while n < min(len(common), len(parts)) and common[n] == parts[n]:
-            n += 1
-        common = common[:n]
-    return ".".join(common)
-
-
-def _match(layer: LoraLayer, targets: dict[str, GraphTarget], graph: str) -> GraphTarget:
-    """The node of `graph` (the component's own graph) that `layer` adapts, by its module path."""
-    suffix = layer.module
-    root = _root(targets)  # the component's own module: `wrapper.unet`, `transformer`, ...
-    exact = targets.get(f"{root}.{suffix}" if root else suffix)  # `proj_out`, not `blocks.0.proj_out`
+def _match(layer: LoraLayer, component: ComponentGraph) -> GraphTarget:
+    """The node of the component's own graph that `layer` adapts, by its module path."""
+    suffix, targets, graph = layer.module, component.targets, component.graph
+    exact = targets.get(f"{component.root}.{suffix}" if component.root else suffix)  # not `blocks.0.proj_out`
     found = [exact] if exact else [t for path, t in targets.items() if path == suffix or path.endswith("." + suffix)]
     if len(found) != 1:
         raise UnsupportedAdapter(
@@ -320,22 +325,23 @@ def store_adapter(adapter: Adapter, repository: Path, pipeline: str, name: str, 
         raise UnsupportedAdapter(f"adapter name {name!r}: letters, digits, '_', '.', '-' (at most 64)")
     repository = Path(repository)
     denoiser_dir = denoiser_folder(repository, pipeline)
-    targets = {}
+    components = {}
     for component, role in COMPONENTS.items():
         graph = f"{pipeline}_{role}"
         onnx_path = repository / graph / "1" / "model.onnx"
         if onnx_path.exists():
-            targets[component] = (graph, graph_targets(onnx_path, graph))
+            components[component] = ComponentGraph.read(onnx_path, graph)
     tensors: dict[str, np.ndarray] = {}
     entries: list[dict[str, Any]] = []  # the manifest's, as JSON
     for layer in adapter.layers:
-        if layer.component not in targets:
+        if layer.component not in components:
             raise UnsupportedAdapter(
                 f"{layer.component}.{layer.module}: pipeline {pipeline!r} has no {layer.component} graph")
-        graph, graph_nodes = targets[layer.component]
-        if layer.component != "unet" and _beyond_the_graph(layer, graph_nodes):
+        part = components[layer.component]
+        graph = part.graph
+        if layer.component != "unet" and part.beyond(layer):
             continue
-        target = _match(layer, graph_nodes, graph)
+        target = _match(layer, part)
         key = f"{graph}:{target.node}"
         down, up = layer.down, layer.up
         if target.kind == "conv" and down.ndim == 2:
