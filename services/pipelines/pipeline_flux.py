@@ -80,7 +80,7 @@ class FluxConditioner:
     the request's adapters acting on either encoder (PipelineAdapters.text_key)."""
 
     def __init__(self, backend: InferenceBackend, spec: DiffusionSpec, clip: ModelSpec, t5: ModelSpec,
-                 guidance_embeds: bool, adapters: PipelineAdapters | None = None):
+                 guidance_embeds: bool, adapters: PipelineAdapters):
         self.backend, self.spec, self.guidance_embeds = backend, spec, guidance_embeds
         self.adapters = adapters
         self.clip, self.t5 = clip.name, t5.name
@@ -98,24 +98,18 @@ class FluxConditioner:
         keys = [self._key(req.prompt, "prompt")]
         if self.spec.classifier_free(req):
             keys.insert(0, self._key(req.negative_prompt, "negative_prompt"))
-        if req.lora and self.adapters is not None:
+        if req.lora:
             keys = [self.adapters.text_key(k, req.lora, req.adapter_loads, (self.clip, self.t5)) for k in keys]
         return keys
 
     async def encode(self, keys: list[np.ndarray]) -> list[dict[str, np.ndarray]]:
         split = self.clip_tokenizer.max_length
-        scales: dict[str, np.ndarray] = {}
-        if self.adapters is None:
-            ids = np.stack(keys)
-        else:
-            ids, scales = self.adapters.text_rows(keys, split + self.t5_tokenizer.max_length)
-        pooled = (await self.backend.infer(self.clip, self._inputs(self.clip, ids[:, :split], scales)))["pooled"]
-        hidden = (await self.backend.infer(self.t5, self._inputs(self.t5, ids[:, split:], scales)))["hidden_states"]
+        ids, scales = self.adapters.text_rows(keys, split + self.t5_tokenizer.max_length)
+        clip = self.adapters.call_inputs(self.clip, {"input_ids": ids[:, :split], **scales})
+        t5 = self.adapters.call_inputs(self.t5, {"input_ids": ids[:, split:], **scales})
+        pooled = (await self.backend.infer(self.clip, clip))["pooled"]
+        hidden = (await self.backend.infer(self.t5, t5))["hidden_states"]
         return [{"pooled": p, "hidden": h} for p, h in zip(pooled, hidden)]
-
-    def _inputs(self, model: str, ids: np.ndarray, scales: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        inputs = {"input_ids": ids, **scales}
-        return self.adapters.call_inputs(model, inputs) if self.adapters is not None else inputs
 
     def rows(self, req: DiffusionRequest, encoded: list[Any], guided: bool) -> dict[str, np.ndarray]:
         n, spec = req.num_images, self.spec

@@ -110,7 +110,7 @@ class ClipConditioner:
     encoder are part of its texts' keys (PipelineAdapters.text_key)."""
 
     def __init__(self, backend: InferenceBackend, models: StableDiffusionModels,
-                 adapters: PipelineAdapters | None = None):
+                 adapters: PipelineAdapters):
         self.backend = backend
         self.text_encoder = models.text_encoder
         self.tokenizer = PromptTokenizer(models.tokenizer_file, models.max_length, models.pad_token_id)
@@ -122,18 +122,15 @@ class ClipConditioner:
         ids = [self.tokenizer(req.prompt, "prompt")]
         if req.guidance_scale > 1.0:
             ids.insert(0, self.tokenizer(req.negative_prompt, "negative_prompt"))
-        if req.lora and self.adapters is not None:
+        if req.lora:
             ids = [self.adapters.text_key(x, req.lora, req.adapter_loads, (self.text_encoder,)) for x in ids]
         return ids
 
     async def encode(self, keys: list[np.ndarray]) -> list[np.ndarray]:
         """T keys -> T embeddings [L, D], one text-encoder call (rows with adapters and
         without side by side)."""
-        if self.adapters is None:
-            inputs = {"input_ids": np.stack(keys)}
-        else:
-            ids, scales = self.adapters.text_rows(keys, self.max_tokens)
-            inputs = self.adapters.call_inputs(self.text_encoder, {"input_ids": ids, **scales})
+        ids, scales = self.adapters.text_rows(keys, self.max_tokens)
+        inputs = self.adapters.call_inputs(self.text_encoder, {"input_ids": ids, **scales})
         out = await self.backend.infer(self.text_encoder, inputs)
         return list(out["last_hidden_state"])
 

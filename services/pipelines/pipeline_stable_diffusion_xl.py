@@ -89,7 +89,7 @@ class SDXLConditioner:
     (PipelineAdapters.text_key), after both tokenizers' ids."""
 
     def __init__(self, backend: InferenceBackend, spec: DiffusionSpec, encoders: list[TextEncoder],
-                 unet: UNetFacts, adapters: PipelineAdapters | None = None):
+                 unet: UNetFacts, adapters: PipelineAdapters):
         self.backend = backend
         self.adapters = adapters
         self.native = (spec.native_height, spec.native_width)
@@ -108,7 +108,7 @@ class SDXLConditioner:
         keys = [self._key(req.prompt, "prompt")]
         if req.guidance_scale > 1.0:
             keys.insert(0, self._key(req.negative_prompt, "negative_prompt"))
-        if req.lora and self.adapters is not None:
+        if req.lora:
             graphs = [e.model for e in self.encoders]
             keys = [self.adapters.text_key(k, req.lora, req.adapter_loads, graphs) for k in keys]
         return keys
@@ -116,17 +116,11 @@ class SDXLConditioner:
     async def encode(self, keys: list[np.ndarray]) -> list[dict[str, np.ndarray]]:
         """Both encoders, one call each for all texts (rows with adapters and without side by
         side): hidden states concatenated, pooled."""
-        scales: dict[str, np.ndarray] = {}
-        if self.adapters is None:
-            ids = np.stack(keys)
-        else:
-            ids, scales = self.adapters.text_rows(keys, sum(e.tokenizer.max_length for e in self.encoders))
+        ids, scales = self.adapters.text_rows(keys, sum(e.tokenizer.max_length for e in self.encoders))
         hidden, pooled, offset = [], None, 0
         for e in self.encoders:
             length = e.tokenizer.max_length
-            inputs = {"input_ids": ids[:, offset:offset + length], **scales}
-            if self.adapters is not None:
-                inputs = self.adapters.call_inputs(e.model, inputs)
+            inputs = self.adapters.call_inputs(e.model, {"input_ids": ids[:, offset:offset + length], **scales})
             out = await self.backend.infer(e.model, inputs)
             offset += length
             hidden.append(out["hidden_states"])
