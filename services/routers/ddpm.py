@@ -84,7 +84,7 @@ def _submit(ctx: ServiceContext, body):
     params = {**body.model_dump(exclude={"model", "upscale"}), "seed": seed, "class_labels": labels,
               "timeout_s": timeout_s, "height": spec.native_height, "width": spec.native_width}
     if body.upscale is not None:  # refused before queuing, not after denoising
-        image_to_image.check_upscale(ctx, body.upscale, spec.native_height, spec.native_width)
+        image_to_image.check_upscale(ctx, body.upscale, spec.native_height, spec.native_width, body.num_images)
     handle = engine_calls.submit(ctx, engine, request, timeout_s, getattr(body, "preview_every", 0))
     return name, engine, handle, params
 

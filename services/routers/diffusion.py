@@ -101,7 +101,8 @@ async def _submit(ctx: ServiceContext, task: str, body):
     params["timeout_s"] = timeout_s
     params.pop("upscale", None)  # echoed by the upscale stage, when there is one
     if getattr(body, "upscale", None) is not None:  # refused before queuing, not after denoising
-        image_to_image.check_upscale(ctx, body.upscale, params["height"], params["width"])
+        image_to_image.check_upscale(ctx, body.upscale, params["height"], params["width"],
+                                     request.num_images)
     handle = engine_calls.submit(ctx, engine, request, timeout_s, getattr(body, "preview_every", 0))
     return name, engine, handle, params
 

@@ -46,7 +46,8 @@ async def gan_generate(body: GANGenerateRequest, ctx: ServiceContext = Depends(c
     check_class_label(name, body.class_label, pipeline.info.num_classes)
     seed = resolve_seed(body.seed, body.num_images)
     if body.upscale is not None:  # refused before generating, not after
-        image_to_image.check_upscale(ctx, body.upscale, pipeline.info.image_size, pipeline.info.image_size)
+        image_to_image.check_upscale(ctx, body.upscale, pipeline.info.image_size, pipeline.info.image_size,
+                                     body.num_images)
 
     # 2. Generate (and upscale, when asked).
     out = await pipeline(seed, body.num_images, body.truncation_psi, body.class_label)

@@ -168,9 +168,10 @@ def check_tiling(info, tile: int | None, overlap: int | None) -> tuple[int, int]
     return tile, overlap
 
 
-def check_work(ctx: ServiceContext, pipeline, layout, tile_asked: bool = True) -> None:
-    """Before any model call: the request's bounds, each a 422 naming the limit, then the
-    memory it needs against GENSERVE_MEMORY_LIMIT_MB (503)."""
+def check_work(ctx: ServiceContext, pipeline, layout, tile_asked: bool = True, images: int = 1) -> None:
+    """Before any model call: the request's bounds for its `images` images of this layout (a
+    chained upscale runs them all at once), each a 422 naming the limit, then the memory they
+    need against GENSERVE_MEMORY_LIMIT_MB (503)."""
     settings = ctx.settings
     budget = settings.images.call_mb << 20
     row = pipeline.call_bytes(layout)
@@ -180,15 +181,20 @@ def check_work(ctx: ServiceContext, pipeline, layout, tile_asked: bool = True) -
             f"a {layout.th}x{layout.tw} tile needs about {row >> 20} MB of model memory per call, more than "
             f"GENSERVE_IMAGE_CALL_MB={settings.images.call_mb}: use tile <= {max(fit, MIN_TILE)}",
             field="tile" if tile_asked else "image", limit=max(fit, MIN_TILE))
-    seconds = pipeline.work_seconds(layout)
-    if settings.images.max_work_s and seconds is not None and seconds > settings.images.max_work_s:
+    per_image = pipeline.work_seconds(layout)
+    if settings.images.max_work_s and per_image is not None and per_image * images > settings.images.max_work_s:
+        what = (f"this image is {layout.tiles} tiles" if images == 1
+                else f"{images} images of {layout.tiles} tiles each are {images * layout.tiles} tiles")
+        fewer = "send a smaller image" if images == 1 else "ask for fewer images or upscale them one request at a time"
         raise InvalidRequest(
-            f"this image is {layout.tiles} tiles of {layout.th}x{layout.tw}: about {seconds:.0f}s of model work at "
-            f"the measured cost, more than GENSERVE_MAX_IMAGE_WORK_S={settings.images.max_work_s}: send a smaller "
-            "image", field="image", limit=settings.images.max_work_s)
+            f"{what} of {layout.th}x{layout.tw}: about {per_image * images:.0f}s of model work at the measured "
+            f"cost, more than GENSERVE_MAX_IMAGE_WORK_S={settings.images.max_work_s}: {fewer}",
+            field="image" if images == 1 else "num_images", limit=settings.images.max_work_s)
     if ctx.memory is not None:
-        ctx.memory.check(f"a {layout.tiles}-tile {pipeline.info.task.replace('_', ' ')}",
-                         pipeline.canvas_bytes(layout) + min(budget, row or 0) * pipeline.rows_per_call(layout))
+        task = f"{layout.tiles}-tile {pipeline.info.task.replace('_', ' ')}"
+        ctx.memory.check(f"a {task}" if images == 1 else f"{images} images' {task}",
+                         pipeline.canvas_bytes(layout) * images
+                         + min(budget, row or 0) * pipeline.rows_per_call(layout))
 
 
 @dataclass
@@ -285,16 +291,17 @@ def describe(ctx: ServiceContext) -> list[ModelDescription]:
 
 
 # -- chained after generation: "upscale": {"model": ...} on the generating endpoints -------
-def check_upscale(ctx: ServiceContext, stage, height: int, width: int):
-    """Before anything is generated: the stage's model is served and the upscaled size fits
-    GENSERVE_MAX_UPSCALE_PIXELS. Returns (name, pipeline)."""
+def check_upscale(ctx: ServiceContext, stage, height: int, width: int, images: int):
+    """Before anything is generated: the stage's model is served, each upscaled image fits
+    GENSERVE_MAX_UPSCALE_PIXELS and the request's `images` fit the work and memory bounds.
+    Returns (name, pipeline)."""
     name, pipeline = pick_model(ctx, stage.model, "/v1/upscale", field="upscale.model")
     s, most = pipeline.info.scale, ctx.settings.images.max_upscale_pixels
     if height * width * s * s > most:
         raise InvalidRequest(f"{width}x{height} images x{s} ({name}) would be {width * s}x{height * s} = "
                              f"{height * width * s * s} pixels, more than the {most} allowed "
                              f"(GENSERVE_MAX_UPSCALE_PIXELS)", field="upscale.model", limit=most)
-    check_work(ctx, pipeline, pipeline.layout(height, width), tile_asked=False)
+    check_work(ctx, pipeline, pipeline.layout(height, width), tile_asked=False, images=images)
     return name, pipeline
 
 
@@ -330,7 +337,7 @@ async def chain(ctx: ServiceContext, stage, images: np.ndarray, value_range, fmt
     with provenance naming both models in `metas`, the stage in `params`, its seconds in `timings`."""
     if stage is None:
         return images, value_range, fmt
-    name, pipeline = check_upscale(ctx, stage, *images.shape[2:])
+    name, pipeline = check_upscale(ctx, stage, *images.shape[2:], images=len(images))
     images, seconds = await upscale_generated(pipeline, images, value_range)
     fmt = stage.output_format or fmt
     for meta in metas:

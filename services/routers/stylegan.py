@@ -48,7 +48,7 @@ async def generate(ctx: ServiceContext, name: str, body: GANGenerateRequest) -> 
     check_class_label(name, body.class_label, g.info.c_dim, "class_label")
     seed = resolve_seed(body.seed, body.num_images)
     if body.upscale is not None:  # refused before generating, not after
-        image_to_image.check_upscale(ctx, body.upscale, g.info.image_height, g.info.image_width)
+        image_to_image.check_upscale(ctx, body.upscale, g.info.image_height, g.info.image_width, body.num_images)
     seeds = [seed + i for i in range(body.num_images)]
     w, labels = await g.seeds_to_w(seeds, [body.class_label] * body.num_images, body.truncation_psi)
     images = await g.synthesis(g.broadcast(w))

@@ -176,3 +176,32 @@ def test_work_and_tile_bounds_are_checked_before_work(repo):
         check_work(full, p, p.layout(256, 256, 128))  # 16 MB of canvases + 7 rows of 26 MB, 10 MB left
     assert http_status(memory.value) == 503 and memory.value.headers["Retry-After"]
     assert not calls
+
+
+def test_a_chained_upscale_is_bounded_by_all_its_images(repo):
+    """Generating endpoints upscale all their images at once: the work and memory bounds count
+    every image, not one (a 64-image request of a bound-sized image was 64x the bound)."""
+    from types import SimpleNamespace
+
+    from services.config import ImageSettings, Settings
+    from services.errors import InvalidRequest, MemoryLimited
+    from services.memory import MemoryGuard
+    from services.routers.image_to_image import check_upscale
+
+    p = ImageToImagePipeline(backend(repo), "esrgan")
+    p.bytes_per_pixel, p.seconds_per_pixel = 100.0, 1e-6
+    ctx = SimpleNamespace(settings=Settings(images=ImageSettings(max_work_s=10, call_mb=64)), memory=None,
+                          image_to_image={"esrgan": p})
+    stage = SimpleNamespace(model="esrgan")
+    assert check_upscale(ctx, stage, 256, 256, images=1) == ("esrgan", p)  # 2.4 s of work
+    check_upscale(ctx, stage, 256, 256, images=4)  # 9.4 s
+    with pytest.raises(InvalidRequest) as work:
+        check_upscale(ctx, stage, 256, 256, images=5)  # 11.8 s
+    assert work.value.field == "num_images" and work.value.limit == 10 and "5 images" in str(work.value)
+    # Memory: every image's canvas is held at once (16 MB each here) besides one call's rows (~200 MB).
+    guard = MemoryGuard(2000 << 20, read_rss=lambda: 1600 << 20)
+    spacious = SimpleNamespace(settings=Settings(images=ImageSettings(max_work_s=0, call_mb=64)),
+                               memory=guard, image_to_image={"esrgan": p})
+    check_upscale(spacious, stage, 256, 256, images=1)
+    with pytest.raises(MemoryLimited):
+        check_upscale(spacious, stage, 256, 256, images=64)
