@@ -337,7 +337,8 @@ async def chain(ctx: ServiceContext, stage, images: np.ndarray, value_range, fmt
     with provenance naming both models in `metas`, the stage in `params`, its seconds in `timings`."""
     if stage is None:
         return images, value_range, fmt
-    name, pipeline = check_upscale(ctx, stage, *images.shape[2:], images=len(images))
+    height, width = images.shape[2:]
+    name, pipeline = check_upscale(ctx, stage, height, width, images=len(images))
     images, seconds = await upscale_generated(pipeline, images, value_range)
     fmt = stage.output_format or fmt
     for meta in metas:
