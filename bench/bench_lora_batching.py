@@ -71,7 +71,7 @@ def slotted_copy(source: Path, folder: Path) -> dict:
     """The pipeline's parts copied from `source` with adapter slots; the U-Net's LoRA targets."""
     for part in PARTS:
         shutil.copytree(source / f"{PIPELINE}_{part}", folder / f"{PIPELINE}_{part}",
-                        ignore=shutil.ignore_patterns("adapters", "model_lora.onnx"))
+                        ignore=shutil.ignore_patterns("adapters", "model_lora.onnx", "*_lora"))
     subprocess.run([sys.executable, "-m", "export", "lora-slots", "--pipeline", PIPELINE, "--repository", str(folder)],
                    cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
     unet = f"{PIPELINE}_unet"

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -407,8 +408,69 @@ def run(args) -> int:
         path = Path(args.repository) / f"{args.pipeline}_{graph}" / "1" / "model.onnx"
         if path.exists():
             out = add_adapter_slots(path)
-            print(f"[{args.pipeline}] {graph}: {out}")
+            triton = write_slotted_model(path.parent.parent, out)
+            print(f"[{args.pipeline}] {graph}: {out} (for Triton: model {triton.name})")
     return 0
+
+
+def write_slotted_model(model_dir: Path, slotted: Path) -> Path:
+    """The slotted graph as Triton serves it: model `<model>_lora` beside `model_dir`, whose
+    config says `genserve.adapter_slots_of` (services.runtime.repository) and whose version
+    folder hard-links the slotted graph and its external data (a copy where links cannot be
+    made). max_batch_size 0, every shape stated whole: the factor inputs have no batch axis,
+    so Triton's batcher could not merge such calls (the step engine batches rows itself).
+    Written beside the repository and moved into place whole."""
+    import onnx
+    from tritonclient.grpc import model_config_pb2 as mc
+
+    from export.staging import staged_repository
+    from export.triton_config import write_model_config
+    from services.adapters import SLOTTED_MODEL_SUFFIX, is_slot_input
+    from services.runtime.repository import SLOTS_OF_KEY, parse_model_config
+
+    model_dir, slotted = Path(model_dir), Path(slotted)
+    config = parse_model_config((model_dir / "config.pbtxt").read_text())
+    name = f"{model_dir.name}{SLOTTED_MODEL_SUFFIX}"
+    triton = mc.ModelConfig()
+    triton.CopyFrom(config)
+    triton.name = name
+    for unused in ("dynamic_batching", "model_warmup", "default_model_filename"):
+        triton.ClearField(unused)
+    batched = config.max_batch_size > 0
+    triton.max_batch_size = 0
+    for t in (*triton.input, *triton.output):
+        shape = list(t.reshape.shape) if t.HasField("reshape") else list(t.dims)
+        t.ClearField("reshape")
+        del t.dims[:]
+        t.dims.extend([-1, *shape] if batched else shape)
+    graph = onnx.load(str(slotted), load_external_data=False)
+    for value in graph.graph.input:
+        if is_slot_input(value.name):
+            dims = [d.dim_value if d.HasField("dim_value") else -1 for d in value.type.tensor_type.shape.dim]
+            triton.input.add(name=value.name, data_type=mc.TYPE_FP32, dims=dims)
+    triton.parameters[SLOTS_OF_KEY].string_value = model_dir.name
+    external = {entry.value for t in graph.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL
+                for entry in t.external_data if entry.key == "location"}
+    repository, version = model_dir.parent, slotted.parent.name
+    with staged_repository(repository, name) as staging:
+        out = staging / name
+        (out / version).mkdir(parents=True)
+        write_model_config(triton, out)
+        _link(slotted, out / version / "model.onnx")
+        for location in sorted(external):
+            _link(slotted.parent / location, out / version / location)
+    return repository / name
+
+
+def _link(src: Path, dest: Path) -> None:
+    """`dest` as a hard link of `src` (same bytes, no copy), else a copy."""
+    import shutil
+
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.link(src, dest)
+    except OSError:
+        shutil.copy2(src, dest)
 
 
 # ---------------------------------------------------------------------------------------------

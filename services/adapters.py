@@ -36,6 +36,7 @@ MANIFEST = "adapter.json"
 WEIGHTS = "weights.safetensors"
 SCALE_INPUT = "lora_scale"
 SLOTTED_GRAPH = "model_lora.onnx"  # export/lora.py writes it beside model.onnx
+SLOTTED_MODEL_SUFFIX = "_lora"  # and, for Triton, model <model>_lora serving it (services.runtime.repository)
 ROW_PREFIX = "lora:"  # a denoiser row input: one adapter's scale per row (0: the row does not use it)
 
 
@@ -197,8 +198,7 @@ class PipelineAdapters:
         if not self.serves:
             raise InvalidRequest(
                 f"model {self.pipeline!r} serves no LoRA adapters: its denoiser graph has no adapter slots here; "
-                f"run `python -m export lora-slots --pipeline {self.pipeline}` (the embedded ONNX Runtime "
-                f"backend serves them)", field="lora")
+                f"run `python -m export lora-slots --pipeline {self.pipeline}`", field="lora")
         if limit is not None and len(lora) > limit:
             raise InvalidRequest(f"lora names {len(lora)} adapters; at most {limit} per request",
                                  field="lora", limit=limit)

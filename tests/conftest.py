@@ -105,7 +105,7 @@ def lora_repositories(random_sd, tmp_path_factory):
     folder, exported = random_sd
     tmp = tmp_path_factory.mktemp("lora_repositories")
     plain = tmp / "plain"  # a copy: other modules may add adapters to random_sd's
-    shutil.copytree(exported, plain, ignore=shutil.ignore_patterns("adapters", "model_lora.onnx"))
+    shutil.copytree(exported, plain, ignore=shutil.ignore_patterns("adapters", "model_lora.onnx", "*_lora"))
     files = {"peft": write_peft_lora(folder, tmp / "peft"),
              "kohya": write_kohya_lora(folder, tmp / "kohya.safetensors")}
     for name, path in files.items():

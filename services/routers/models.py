@@ -42,6 +42,8 @@ class SharedMemoryStatus(BaseModel):
     socket_calls: int
     fallbacks: int = Field(description="times the service fell back to the socket")
     recoveries: int = Field(description="times shared memory was re-established mid-run")
+    adapter_factor_registrations: int = Field(
+        0, description="LoRA factor sets written and registered once for the calls that use them")
 
 
 class ServedModels(ModelList):

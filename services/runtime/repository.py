@@ -3,6 +3,10 @@
 The repository is the contract between export/ and both backends (design principle 1):
 the embedded backend reads these configs exactly as Triton would (version policy,
 batching limit, reshape of per-sample scalars), so a pipeline cannot tell them apart.
+
+A model whose config says `genserve.adapter_slots_of: <model>` is that model's graph with
+LoRA adapter slots as Triton serves it (`python -m export lora-slots`, services.adapters):
+not a model of its own to pipelines, it is listed in `adapter_slots` under the model it serves.
 """
 
 from __future__ import annotations
@@ -15,6 +19,8 @@ from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
 from services.contract import VERSION_KEY, ContractError, contract_version
+
+SLOTS_OF_KEY = "genserve.adapter_slots_of"
 
 # Triton data type -> numpy dtype
 NUMPY_DTYPES = {
@@ -127,6 +133,8 @@ class ModelRepository:
                 f"model repository {self.root} does not exist: build it with `make model-repository`"
             )
         self.models: dict[str, ModelSpec] = {}
+        self.adapter_slots: dict[str, ModelSpec] = {}  # model -> its slotted graph's model, for Triton
+        slotted: dict[str, ModelSpec] = {}
         for config_path in sorted(self.root.glob("*/config.pbtxt")):
             model_dir = config_path.parent
             try:
@@ -144,9 +152,18 @@ class ModelRepository:
             newest = versions[-1]
             model_file = next(model_dir / newest / f for f in MODEL_FILES if (model_dir / newest / f).exists())
             try:
-                self.models[model_dir.name] = spec_from_config(config, newest, model_file, model_dir)
+                spec = spec_from_config(config, newest, model_file, model_dir)
             except ContractError as exc:
                 raise RepositoryError(f"{config_path}: {exc}") from exc
+            if SLOTS_OF_KEY in spec.parameters:
+                slotted[spec.parameters[SLOTS_OF_KEY]] = spec
+            else:
+                self.models[model_dir.name] = spec
+        for of, spec in slotted.items():
+            if of not in self.models:
+                raise RepositoryError(f"{spec.model_dir}: the adapter-slot graph of {of!r}, which the repository "
+                                      f"does not hold: remove it or export {of!r} again")
+            self.adapter_slots[of] = spec
 
     def __contains__(self, name: str) -> bool:
         return name in self.models

@@ -16,11 +16,20 @@ and `required` refuses to start. A region Triton stops knowing mid-run (Triton r
 is re-registered and the call retried; if that fails too the call goes over the socket
 (`auto`) or fails as unavailable (`required`). Which way tensors travel never changes the
 numbers: the same bytes reach the same graph.
+
+LoRA adapters (services.adapters): a call with slot inputs goes to the model's slotted graph,
+Triton model `<model>_lora` (the repository's `adapter_slots`); a call without them to the
+plain model, which has no slots to pay for. The adapters' factors, the bulk of such a call, are
+the same arrays call after call while a batch's adapters stay the same (PipelineAdapters keeps
+them per graph): they are written once into a pinned region, registered once, and every call
+names them there; the region goes once those arrays are gone (a new combination of adapters).
+Over the socket (shared memory off or unusable) they travel with every call.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import re
 import time
@@ -36,6 +45,7 @@ import tritonclient.grpc as grpcclient
 import tritonclient.grpc.aio as grpcaio
 from tritonclient.utils import InferenceServerException, np_to_triton_dtype
 
+from services.adapters import SCALE_INPUT, is_slot_input, is_slot_weight
 from services.errors import BackendUnavailable, InferenceFailed, ServiceError
 from services.runtime.base import InferenceBackend
 from services.runtime.repository import ModelRepository, ModelSpec
@@ -66,6 +76,9 @@ _UNAVAILABLE = {"StatusCode.UNAVAILABLE", "StatusCode.DEADLINE_EXCEEDED", "Statu
 _MODEL_NOT_SERVING = re.compile(
     r"unknown model|no available versions?|not ready|not found|unavailable|not loaded|is not available", re.I)
 _MAX_MESSAGE = 2**31 - 1
+# Pinned factor regions kept while their arrays live: the step engine needs one per slotted
+# graph (its batch's adapters); more only for callers that hold several sets of factors.
+MAX_PINNED_FACTORS = 8
 
 
 def classify_error(exc: BaseException, url: str, model: str) -> tuple[ServiceError, bool]:
@@ -109,6 +122,20 @@ def _release_at_exit(pool: RegionPool, url: str) -> None:
         pass
 
 
+@dataclasses.dataclass(eq=False)
+class PinnedFactors:
+    """One call's adapter factors in a pinned region, registered with Triton: valid while
+    the arrays it was written from live (`refs`); `users`: calls naming it now."""
+
+    region: Region
+    refs: list[weakref.ref]
+    inputs: list  # InferInputs pointing into the region, shared by the calls (read-only)
+    users: int = 0
+
+    def alive(self) -> bool:
+        return all(ref() is not None for ref in self.refs)
+
+
 class SharedMemoryFailure(Exception):
     """Triton could not use a region named in a request (unknown to it, or too small)."""
 
@@ -138,6 +165,11 @@ class TritonBackend(InferenceBackend):
         self.url = url
         self.timeout_s = timeout_s
         self._specs = dict(repository.models)
+        self._slotted = dict(repository.adapter_slots)  # model -> its slotted graph's Triton model
+        self._slotted_calls: dict[tuple, ModelSpec] = {}  # (model, outputs) -> the slotted call's spec
+        # (model, factor arrays by identity) -> their pinned region.
+        self._pinned: OrderedDict[tuple, PinnedFactors] = OrderedDict()
+        self._pinning: dict[tuple, asyncio.Future] = {}  # keys being pinned now, for concurrent calls to wait on
         self._client: grpcaio.InferenceServerClient | None = None
         # Channels dropped after connection errors, each with the task that closes it later.
         self._retired: dict[asyncio.Task, grpcaio.InferenceServerClient] = {}
@@ -155,7 +187,8 @@ class TritonBackend(InferenceBackend):
         self._lock: asyncio.Lock | None = None
         # (model, input shapes) -> [(output, dtype, shape)]: what a call's outputs will take.
         self._output_shapes: OrderedDict[tuple, list[tuple[str, np.dtype, tuple]]] = OrderedDict()
-        self.counters = {"shared_memory_calls": 0, "socket_calls": 0, "fallbacks": 0, "recoveries": 0}
+        self.counters = {"shared_memory_calls": 0, "socket_calls": 0, "fallbacks": 0, "recoveries": 0,
+                         "adapter_factor_registrations": 0}
         self._metrics = metrics
         # A process that exits without close() (BentoML's worker does) still unregisters
         # its regions and removes their files; one that is killed leaves both to the next
@@ -287,6 +320,7 @@ class TritonBackend(InferenceBackend):
             self._generation += 1
             log.warning("Triton at %s: a shared-memory call failed (%s); registering regions again",
                         self.url, message)
+            self._pinned.clear()
             await self._unregister(self._pool.clear())
             self._recovering = True
             self._report()
@@ -321,13 +355,17 @@ class TritonBackend(InferenceBackend):
     def models(self) -> dict[str, ModelSpec]:
         return self._specs
 
+    def adapter_slots(self, model: str) -> dict[str, list] | None:
+        spec = self._slotted.get(model)
+        return None if spec is None else {t.name: list(t.dims) for t in spec.inputs if is_slot_input(t.name)}
+
     async def is_ready(self) -> bool:
         """Ready when Triton is, and every model the service needs is loaded there (and,
         with shared memory `required`, when Triton can use this process's regions)."""
         try:
             if not await self.client.is_server_ready(client_timeout=2):
                 return False
-            for name in self._specs:
+            for name in (*self._specs, *(spec.name for spec in self._slotted.values())):
                 if not await self.client.is_model_ready(name, client_timeout=2):
                     return False
             await self._ensure_negotiated()  # Triton just became reachable: decide now
@@ -338,6 +376,7 @@ class TritonBackend(InferenceBackend):
     async def close(self) -> None:
         """Unregisters this process's regions from Triton and removes them, then closes
         the channels."""
+        self._pinned.clear()
         regions = self._pool.clear()
         if regions and self._client is not None:
             await self._unregister(regions)
@@ -351,6 +390,34 @@ class TritonBackend(InferenceBackend):
             self._client = None
 
     async def _execute(self, spec: ModelSpec, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if SCALE_INPUT not in inputs:
+            return await self._execute_any(spec, inputs)
+        # The slotted graph: its whole shapes (max_batch_size 0), the factors kept apart.
+        call = self._slotted_spec(spec)
+        graph_inputs = {t.name: inputs[t.name] if t.reshape is None or spec.max_batch_size <= 0
+                        else inputs[t.name].reshape((len(inputs[t.name]), *t.reshape)) for t in spec.inputs}
+        graph_inputs[SCALE_INPUT] = inputs[SCALE_INPUT]
+        factors = {k: v for k, v in inputs.items() if is_slot_weight(k)}
+        values = await self._execute_any(call, graph_inputs, factors)
+        rows = len(inputs[SCALE_INPUT])
+        return {t.name: values[t.name] if t.reshape is None or spec.max_batch_size <= 0
+                else values[t.name].reshape((rows, *t.dims)) for t in spec.outputs}
+
+    def _slotted_spec(self, spec: ModelSpec) -> ModelSpec:
+        """The slotted model's spec for a call of `spec` (its outputs), less the factor inputs,
+        which travel apart (_factor_inputs)."""
+        key = (spec.name, tuple(t.name for t in spec.outputs))
+        call = self._slotted_calls.get(key)
+        if call is None:
+            slotted = self._slotted[spec.name]
+            wanted = {t.name for t in spec.outputs}
+            call = self._slotted_calls[key] = dataclasses.replace(
+                slotted, inputs=tuple(t for t in slotted.inputs if not is_slot_weight(t.name)),
+                outputs=tuple(t for t in slotted.outputs if t.name in wanted))
+        return call
+
+    async def _execute_any(self, spec: ModelSpec, inputs: Mapping[str, np.ndarray],
+                           factors: Mapping[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
         if self.shared_memory != "off" and not any(inputs[t.name].dtype == object for t in spec.inputs):
             await self._ensure_negotiated()
             for attempt in range(2):
@@ -358,7 +425,7 @@ class TritonBackend(InferenceBackend):
                     break
                 generation = self._generation
                 try:
-                    values = await self._execute_shared(spec, inputs)
+                    values = await self._execute_shared(spec, inputs, factors)
                     if self._recovering:
                         self._recovering = False
                         self.counters["recoveries"] += 1
@@ -375,15 +442,22 @@ class TritonBackend(InferenceBackend):
             if self.shared_memory == "required" and self.transport != SHARED_MEMORY:
                 raise BackendUnavailable("Triton cannot use shared memory (GENSERVE_TRITON_SHARED_MEMORY=required)",
                                          detail=f"Triton at {self.url}: {self.transport_reason}")
-        return await self._execute_socket(spec, inputs)
+        return await self._execute_socket(spec, inputs, factors)
 
-    async def _execute_socket(self, spec: ModelSpec, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        infer_inputs = []
-        for t in spec.inputs:
-            x = np.ascontiguousarray(inputs[t.name])
-            item = grpcclient.InferInput(t.name, list(x.shape), np_to_triton_dtype(x.dtype))
+    @staticmethod
+    def _raw_inputs(arrays) -> list:
+        items = []
+        for name, x in arrays:
+            x = np.ascontiguousarray(x)
+            item = grpcclient.InferInput(name, list(x.shape), np_to_triton_dtype(x.dtype))
             item.set_data_from_numpy(x)
-            infer_inputs.append(item)
+            items.append(item)
+        return items
+
+    async def _execute_socket(self, spec: ModelSpec, inputs: Mapping[str, np.ndarray],
+                              factors: Mapping[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
+        infer_inputs = self._raw_inputs([(t.name, inputs[t.name]) for t in spec.inputs])
+        infer_inputs += self._raw_inputs(sorted((factors or {}).items()))
         outputs = [grpcclient.InferRequestedOutput(t.name) for t in spec.outputs]
         result = await self._infer(spec, infer_inputs, outputs)
         values = {t.name: result.as_numpy(t.name) for t in spec.outputs}
@@ -391,10 +465,12 @@ class TritonBackend(InferenceBackend):
         self._count(spec.name, SOCKET)
         return values
 
-    async def _execute_shared(self, spec: ModelSpec, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    async def _execute_shared(self, spec: ModelSpec, inputs: Mapping[str, np.ndarray],
+                              factors: Mapping[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
         """One call through a region of its own: inputs written at aligned offsets, the
         outputs (when their shapes are known from an earlier call with the same input
-        shapes) placed after them; outputs of a first-seen shape come by socket once."""
+        shapes) placed after them; outputs of a first-seen shape come by socket once.
+        Adapter `factors` are named where they are pinned (_pin_factors)."""
         arrays = [(t.name, np.ascontiguousarray(inputs[t.name])) for t in spec.inputs]
         known = self._output_shapes.get(self._shape_key(spec, inputs))
         needed = sum(aligned(a.nbytes) for _, a in arrays)
@@ -402,9 +478,13 @@ class TritonBackend(InferenceBackend):
             needed += sum(aligned(int(np.prod(shape)) * dtype.itemsize) for _, dtype, shape in known)
         region = await self._take_region(needed)
         if region is None:  # every region is out on a call and the pool is at its bound
-            return await self._execute_socket(spec, inputs)
+            return await self._execute_socket(spec, inputs, factors)
+        pinned = None
         try:
-            offset, infer_inputs = 0, []
+            if factors:
+                pinned = await self._pin_factors(spec.name, factors)
+            offset, infer_inputs = 0, list(pinned.inputs) if pinned is not None else \
+                self._raw_inputs(sorted((factors or {}).items()))
             for name, x in arrays:
                 region.write(offset, x)
                 item = grpcclient.InferInput(name, list(x.shape), np_to_triton_dtype(x.dtype))
@@ -431,10 +511,70 @@ class TritonBackend(InferenceBackend):
                     values[t.name] = result.as_numpy(t.name)
         finally:
             self._pool.give_back(region)
+            if pinned is not None:
+                pinned.users -= 1
         if known is None:
             self._learn_outputs(spec, inputs, values)
         self._count(spec.name, SHARED_MEMORY)
         return values
+
+    async def _pin_factors(self, model: str, factors: Mapping[str, np.ndarray]) -> PinnedFactors | None:
+        """The pinned region holding these factor arrays (by identity), written and registered
+        the first time they come; None when the pool is at its bound (they go by socket).
+        Regions whose arrays are gone are unregistered first: those can never come again.
+        Factors without elements (layers no adapter of the call targets) go by socket: nothing
+        to send. The caller holds the result (`users`) until its call returns."""
+        names = sorted(factors)
+        key = (model, *((name, id(factors[name])) for name in names))
+        while (pending := self._pinning.get(key)) is not None:  # another call is pinning them now
+            await asyncio.shield(pending)
+        pinned = self._pinned.get(key)
+        if pinned is None or not pinned.alive():
+            self._pinning[key] = done = asyncio.get_running_loop().create_future()
+            try:
+                pinned = await self._replace_pinned(key, [(name, factors[name]) for name in names])
+            finally:
+                del self._pinning[key]
+                done.set_result(None)
+            if pinned is None:
+                return None
+        self._pinned.move_to_end(key)
+        pinned.users += 1
+        return pinned
+
+    async def _replace_pinned(self, key: tuple, factors: list[tuple[str, np.ndarray]]) -> PinnedFactors | None:
+        """Unregisters the idle pinned regions that can go (dead arrays, past the bound), then
+        pins `factors` under `key`."""
+        stale = [k for k, p in self._pinned.items() if p.users == 0 and (k == key or not p.alive())]
+        idle = [k for k, p in self._pinned.items() if p.users == 0 and k not in stale]
+        stale += idle[:max(0, len(self._pinned) - len(stale) - MAX_PINNED_FACTORS + 1)]  # least recent first
+        gone = [self._pinned.pop(k).region for k in stale]
+        for region in gone:
+            self._pool.drop(region)
+        await self._unregister(gone)
+        pinned = await self._pin(factors)
+        if pinned is not None:
+            self._pinned[key] = pinned
+        return pinned
+
+    async def _pin(self, factors: list[tuple[str, np.ndarray]]) -> PinnedFactors | None:
+        shared = [(name, np.ascontiguousarray(x)) for name, x in factors if x.size]
+        if not self._pool.can_grow():
+            return None
+        try:
+            region = self._pool.pin(sum(aligned(x.nbytes) for _, x in shared))
+        except OSError as exc:  # /dev/shm full (its sizeLimit) or gone
+            raise SharedMemoryFailure(f"cannot create a region for adapter factors: {exc}") from None
+        offset, inputs = 0, self._raw_inputs([(name, x) for name, x in factors if not x.size])
+        for name, x in shared:
+            region.write(offset, x)
+            item = grpcclient.InferInput(name, list(x.shape), np_to_triton_dtype(x.dtype))
+            item.set_shared_memory(region.name, x.nbytes, offset)
+            inputs.append(item)
+            offset += aligned(x.nbytes)
+        await self._register(region)
+        self.counters["adapter_factor_registrations"] += 1
+        return PinnedFactors(region, [weakref.ref(x) for _, x in factors], inputs)
 
     async def _take_region(self, nbytes: int) -> Region | None:
         region = self._pool.take(nbytes)
@@ -452,6 +592,11 @@ class TritonBackend(InferenceBackend):
             region = self._pool.create(nbytes)
         except OSError as exc:  # /dev/shm full (its sizeLimit) or gone
             raise SharedMemoryFailure(f"cannot create a {nbytes}-byte region: {exc}") from None
+        await self._register(region)
+        return region
+
+    async def _register(self, region: Region) -> None:
+        """Registers a region the pool just made; dropped again if Triton will not have it."""
         try:
             await self.client.register_system_shared_memory(region.name, region.key, region.size,
                                                             client_timeout=self.timeout_s)
@@ -464,7 +609,6 @@ class TritonBackend(InferenceBackend):
                 self._reset_client()
             raise error from None
         self._report()
-        return region
 
     async def _infer(self, spec: ModelSpec, infer_inputs, outputs, shared: bool = False):
         try:

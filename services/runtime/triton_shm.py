@@ -9,7 +9,9 @@ Triton reads the inputs from, and writes the outputs into, the same pages.
 Regions are pooled: a call takes one free region for itself (inputs and outputs side by
 side), and gives it back once the outputs are copied out, so concurrent calls never
 share one and steady state allocates nothing. A region too small for a call is replaced
-by one of twice the size (the only allocation after warm-up).
+by one of twice the size (the only allocation after warm-up). Pinned regions hold tensors
+that many calls read and none writes (a call's LoRA adapter factors): written once,
+registered once, named by every call that needs them until the pool's owner unpins them.
 
 Files are created mode 0660 so a Triton running as another user of the same group (two
 containers of one pod, see deploy/README.md) can open them; they are unlinked when the
@@ -103,6 +105,7 @@ class RegionPool:
         self.max_regions = max_regions
         self._free: list[Region] = []
         self._busy: set[Region] = set()
+        self._pinned: set[Region] = set()
         self.regions: set[Region] = set()
         self.allocations = 0  # regions ever created: flat in steady state
 
@@ -134,6 +137,15 @@ class RegionPool:
         self.allocations += 1
         return region
 
+    def pin(self, nbytes: int) -> Region:
+        """A new region of exactly `nbytes` (aligned) kept out of the calls' rotation until
+        drop(); it counts toward max_regions (can_grow) like the others."""
+        region = Region.create(self.directory, f"{self.prefix}{uuid.uuid4().hex[:12]}", max(ALIGN, aligned(nbytes)))
+        self.regions.add(region)
+        self._pinned.add(region)
+        self.allocations += 1
+        return region
+
     def give_back(self, region: Region) -> None:
         self._busy.discard(region)
         if region in self.regions:
@@ -144,6 +156,7 @@ class RegionPool:
     def drop(self, region: Region) -> None:
         self.regions.discard(region)
         self._busy.discard(region)
+        self._pinned.discard(region)
         if region in self._free:
             self._free.remove(region)
         region.destroy()
@@ -152,10 +165,11 @@ class RegionPool:
         """Forgets every region; free ones are destroyed now, those out on a call when the
         call gives them back. Returns them all (for the caller to unregister)."""
         dropped = list(self.regions)
-        for region in self._free:
+        for region in (*self._free, *self._pinned):
             region.destroy()
         self.regions.clear()
         self._free.clear()
+        self._pinned.clear()
         return dropped
 
 

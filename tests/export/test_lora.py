@@ -229,7 +229,7 @@ def test_cli_writes_slotted_graphs_beside_the_plain_ones(lora_setup, tmp_path):
     copy = tmp_path / "repo"
     for role in ("unet", "text_encoder"):
         shutil.copytree(repo / f"sd_random_{role}", copy / f"sd_random_{role}",
-                        ignore=shutil.ignore_patterns("model_lora.onnx"))
+                        ignore=shutil.ignore_patterns("model_lora.onnx", "*_lora"))
     assert main(["lora-slots", "--pipeline", "sd_random", "--repository", str(copy)]) == 0
     for role in ("unet", "text_encoder"):
         inputs = {i.name for i in onnx.load(str(copy / f"sd_random_{role}" / "1" / "model_lora.onnx")).graph.input}

@@ -369,7 +369,7 @@ def lora_server(repository, tmp_path_factory):
     repo = folder / "repository"
     for part in ("text_encoder", "unet", "vae_decoder"):
         shutil.copytree(repository / f"sd_digits_{part}", repo / f"sd_digits_{part}",
-                        ignore=shutil.ignore_patterns("adapters", "model_lora.onnx"))
+                        ignore=shutil.ignore_patterns("adapters", "model_lora.onnx", "*_lora"))
     subprocess.run([sys.executable, "-m", "export", "lora-slots", "--pipeline", "sd_digits", "--repository",
                     str(repo)], cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
     targets = graph_targets(repo / "sd_digits_unet" / "1" / "model.onnx", "sd_digits_unet")
