@@ -136,8 +136,11 @@ class TritonPythonModel:
     def _feeds(self, request):
         """The request's inputs as numpy arrays in the graph's shapes."""
         feeds = {}
+        # One pass over the request's tensors: get_input_tensor_by_name scans them per name, which
+        # is quadratic for a graph with adapter slots (hundreds of inputs).
+        given = {t.name(): t for t in request.inputs()}
         for name, (dtype, _, graph_dims) in self.inputs.items():
-            tensor = pb_utils.get_input_tensor_by_name(request, name)
+            tensor = given.get(name)
             if tensor is None:
                 raise ValueError(f"missing input '{name}'")
             array = tensor.as_numpy()
