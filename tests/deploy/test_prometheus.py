@@ -38,6 +38,11 @@ NOT_SCRAPED = {
     "DCGM_FI_DEV_FB_USED": "NVIDIA DCGM exporter: GPU nodes only",
     "genserve_rate_limited_total": "a labelled counter appears with its first refusal; the service here runs "
                                    "without rate limits (tests/services/test_hardening.py scrapes it after one)",
+    **dict.fromkeys(
+        ("genserve_adapter_lookups_total", "genserve_adapter_loads_total", "genserve_adapter_load_seconds_bucket",
+         "genserve_adapter_evictions_total"),
+        "labelled series appear with the first adapter named, loaded or unloaded; the demo repository here has "
+        "no adapters (tests/services/test_adapter_library.py scrapes them after loads and deletions)"),
 }
 # Recording rules that must hold a number once traffic has flowed (NaN allowed for
 # per-model series of models that saw no traffic, not for all of them).
