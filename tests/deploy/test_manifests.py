@@ -262,14 +262,15 @@ def triton_shutdown_problems(deployment: dict) -> list[str]:
     return []
 
 
-def api_keys_problems(objs: list[dict], deployment: dict) -> list[str]:
-    """GENSERVE_API_KEYS_FILE must be a file of a Secret mounted whole (a subPath mount is
-    never updated, so a rotation would need a restart), read-only, holding hashes only."""
+def api_keys_problems(objs: list[dict], deployment: dict, variable: str = "GENSERVE_API_KEYS_FILE") -> list[str]:
+    """`variable` (a keys file: API or admin keys) must be a file of a Secret mounted whole (a
+    subPath mount is never updated, so a rotation would need a restart), read-only, holding
+    hashes only."""
     pod = deployment["spec"]["template"]["spec"]
     c = container(deployment, "genserve")
-    path = env_of(c).get("GENSERVE_API_KEYS_FILE")
+    path = env_of(c).get(variable)
     if not path:
-        return ["GENSERVE_API_KEYS_FILE is not set"]
+        return [f"{variable} is not set"]
     path = PurePosixPath(path)
     mounts = [m for m in c.get("volumeMounts", []) if path.is_relative_to(m["mountPath"])]
     if not mounts:

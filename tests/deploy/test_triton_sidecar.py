@@ -1,6 +1,7 @@
 """overlays/cpu-sidecar: Triton inside the genserve pod, both containers on one memory-backed
 /dev/shm, the service told to require shared memory and to call Triton on loopback, and
-the standalone Triton objects gone while its metrics keep their job label."""
+the standalone Triton objects gone while its metrics keep their job label; LoRA adapters
+(components/lora-adapters) from a read-only volume, with operators' keys of their own."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.deploy.test_manifests import checks, container, env_of, objects, one, require
+from tests.deploy.test_manifests import api_keys_problems, checks, container, env_of, objects, one, require
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
 OVERLAY = "overlays/cpu-sidecar"
@@ -70,3 +71,20 @@ def test_every_container_is_locked_down_with_resources(pod):
         sc = c["securityContext"]
         assert sc["readOnlyRootFilesystem"] is True and sc["allowPrivilegeEscalation"] is False, c["name"]
         assert sc["capabilities"]["drop"] == ["ALL"], c["name"]
+
+
+def test_adapters_load_from_a_read_only_volume_with_admin_keys_of_their_own(rendered, pod):
+    deployment = one(rendered, OVERLAY, "Deployment", "genserve")
+    genserve = container(deployment, "genserve")
+    env = env_of(genserve)
+    mounts = {m["mountPath"]: m for m in genserve["volumeMounts"]}
+    directory = mounts[env["GENSERVE_ADAPTER_DIRS"]]
+    assert directory["readOnly"] is True
+    volume = next(v for v in pod["volumes"] if v["name"] == directory["name"])
+    one(rendered, OVERLAY, "PersistentVolumeClaim", volume["persistentVolumeClaim"]["claimName"])
+    # The cap fits in the container's memory limit with room for the work itself.
+    limit = genserve["resources"]["limits"]["memory"]
+    limit_mb = int(limit.removesuffix("Gi")) * 1024 if limit.endswith("Gi") else int(limit.removesuffix("Mi"))
+    assert 0 < int(env["GENSERVE_ADAPTER_MEMORY_MB"]) <= limit_mb // 2
+    assert api_keys_problems(rendered[OVERLAY], deployment, "GENSERVE_ADMIN_KEYS_FILE") == []
+    assert env["GENSERVE_ADMIN_KEYS_FILE"] != env["GENSERVE_API_KEYS_FILE"]
