@@ -405,7 +405,7 @@ class TritonBackend(InferenceBackend):
 
     def _slotted_spec(self, spec: ModelSpec) -> ModelSpec:
         """The slotted model's spec for a call of `spec` (its outputs), less the factor inputs,
-        which travel apart (_factor_inputs)."""
+        which travel apart (_pin_factors)."""
         key = (spec.name, tuple(t.name for t in spec.outputs))
         call = self._slotted_calls.get(key)
         if call is None:
