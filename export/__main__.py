@@ -166,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
                                     help="SD/SDXL: leave out DeepCache's shallow U-Net graph and the full U-Net's "
                                          "deep_features output (requests' cache_interval is then limited to 1)")
             folder_cmd.add_argument("--no-controlnet-inputs", dest="controlnet_inputs", action="store_false",
-                                    help="SD 1/2: leave out the U-Net's ControlNet residual inputs (the pipeline "
+                                    help="SD/SDXL: leave out the U-Net's ControlNet residual inputs (the pipeline "
                                          "then takes no ControlNet; see export/controlnet.py)")
         folder_cmd.add_argument("--verify", choices=VERIFY_MODES, default="full",
                                 help="parity checks against PyTorch, sized from each graph's activation memory: "

@@ -1,5 +1,5 @@
-"""ControlNet for Stable Diffusion 1.x/2.x pipelines: the U-Net's residual inputs and the
-ControlNet graphs that feed them.
+"""ControlNet for Stable Diffusion 1.x/2.x and SDXL pipelines: the U-Net's residual inputs and
+the ControlNet graphs that feed them.
 
 A ControlNet (Zhang et al., 2023) is a trainable copy of a U-Net's encoder that reads a
 control image (edges, depth, pose, ...) and returns one residual per skip connection of the
@@ -14,7 +14,8 @@ U-Net's down path plus one for its mid block; the U-Net adds them where it reads
                                leaves them out (such a pipeline takes no ControlNet).
   <name>_controlnet_<cn>       `export controlnet --pipeline <name> --name <cn>`:
                                sample, timestep, encoder_hidden_states, controlnet_cond FP32
-                               [B, C_cond, H, W] in [0, 1] -> the residuals above, unscaled
+                               [B, C_cond, H, W] in [0, 1] (and SDXL's text_embeds, time_ids,
+                               as its U-Net takes them) -> the residuals above, unscaled
                                (conditioning scale 1, no guess mode: the pipeline scales per row).
 
 A ControlNet can be added to a pipeline exported earlier: it is checked against the base
@@ -40,11 +41,12 @@ NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9_]{0,63}$")
 
 
 @torch.no_grad()
-def residual_layout(unet) -> list[tuple[str, int, int]]:
+def residual_layout(unet, added: dict[str, int] | None = None) -> list[tuple[str, int, int]]:
     """(input name, channels, downsampling factor) of each residual a ControlNet gives this
     UNet2DConditionModel, in its forward's order, found by running it once at the smallest side
     every level can halve (hooks on conv_in, each down block and the mid block): the layout follows the U-Net's own
-    blocks, whatever their number and layers."""
+    blocks, whatever their number and layers. `added`: the added conditioning it takes (SDXL's
+    text_embeds and time_ids: name -> features)."""
     size = 2 ** len(unet.down_blocks)
     shapes: list[torch.Size] = []
     mid: list[torch.Size] = []
@@ -55,7 +57,8 @@ def residual_layout(unet) -> list[tuple[str, int, int]]:
     try:
         sample = torch.zeros(1, unet.config.in_channels, size, size)
         text = torch.zeros(1, 1, unet.config.cross_attention_dim)
-        unet(sample, torch.zeros(1), text, return_dict=False)
+        kwargs = {"added_cond_kwargs": {k: torch.zeros(1, n) for k, n in added.items()}} if added else {}
+        unet(sample, torch.zeros(1), text, return_dict=False, **kwargs)
     finally:
         for hook in hooks:
             hook.remove()
@@ -86,16 +89,24 @@ def residual_profiles(layout, max_rows: int, min_latent: int, native_latent: tup
 
 class ControlNetGraph(torch.nn.Module):
     """A diffusers ControlNetModel as an export module: the residuals at conditioning scale 1
-    without guess mode (the pipeline applies both per row), one output per residual."""
+    without guess mode (the pipeline applies both per row), one output per residual. An SDXL
+    ControlNet also takes the U-Net's added conditioning, text_embeds and time_ids."""
 
     def __init__(self, controlnet):
         super().__init__()
         self.controlnet = controlnet
 
-    def forward(self, sample, timestep, encoder_hidden_states, controlnet_cond):
+    def forward(self, sample, timestep, encoder_hidden_states, controlnet_cond, text_embeds=None, time_ids=None):
+        added = {"added_cond_kwargs": {"text_embeds": text_embeds, "time_ids": time_ids}} \
+            if text_embeds is not None else {}
         down, mid = self.controlnet(sample, timestep, encoder_hidden_states, controlnet_cond,
-                                    conditioning_scale=1.0, guess_mode=False, return_dict=False)
+                                    conditioning_scale=1.0, guess_mode=False, return_dict=False, **added)
         return (*down, mid)
+
+
+# The U-Net inputs an SDXL ControlNet reads besides the text (the U-Net's added conditioning).
+ADDED_INPUTS = ("text_embeds", "time_ids")
+BASE_PIPELINES = ("stable_diffusion", "stable_diffusion_xl")
 
 
 def _base_unet(repository: Path, pipeline: str):
@@ -103,11 +114,11 @@ def _base_unet(repository: Path, pipeline: str):
 
     models = ModelRepository(repository).models
     unet = models.get(f"{pipeline}_unet")
-    if unet is None or unet.parameters.get("genserve.pipeline") != "stable_diffusion":
+    if unet is None or unet.parameters.get("genserve.pipeline") not in BASE_PIPELINES:
         found = sorted(m.parameters["genserve.pipeline_name"] for m in models.values()
-                       if m.parameters.get("genserve.pipeline") == "stable_diffusion"
+                       if m.parameters.get("genserve.pipeline") in BASE_PIPELINES
                        and m.parameters.get("genserve.component") == "unet")
-        raise ControlNetExportError(f"no Stable Diffusion pipeline {pipeline!r} in {repository} "
+        raise ControlNetExportError(f"no Stable Diffusion (1.x/2.x or XL) pipeline {pipeline!r} in {repository} "
                                     f"(found: {', '.join(found) or 'none'})")
     if UNetFacts.from_spec(unet).controlnet_residuals is None:
         raise ControlNetExportError(f"pipeline {pipeline!r}: its U-Net was exported without ControlNet inputs "
@@ -136,6 +147,20 @@ def check_fits(controlnet, layout, unet_spec) -> None:
     if controlnet.config.cross_attention_dim != text.dims[-1]:
         raise ControlNetExportError(f"the ControlNet reads text of width {controlnet.config.cross_attention_dim}, "
                                     f"{unet_spec.name}'s text encoder gives {text.dims[-1]}")
+    takes_added = controlnet.config.addition_embed_type == "text_time"
+    base_added = all(n in {t.name for t in unet_spec.inputs} for n in ADDED_INPUTS)
+    if takes_added != base_added:
+        raise ControlNetExportError(
+            f"the ControlNet is for {'an SDXL' if takes_added else 'an SD 1.x/2.x'} U-Net, {unet_spec.name} is "
+            f"{'an SDXL' if base_added else 'an SD 1.x/2.x'} one")
+    if takes_added:
+        pooled, time_ids = (unet_spec.input(n).dims[0] for n in ADDED_INPUTS)
+        wants = controlnet.config.projection_class_embeddings_input_dim
+        if wants != pooled + time_ids * controlnet.config.addition_time_embed_dim:
+            made = pooled + time_ids * controlnet.config.addition_time_embed_dim
+            raise ControlNetExportError(
+                f"the ControlNet's added conditioning takes {wants} features, {unet_spec.name}'s text_embeds "
+                f"({pooled}) and {time_ids} time ids make {made}")
 
 
 def export_controlnet(folder: Path, repository: Path, pipeline: str, name: str | None = None,
@@ -160,6 +185,8 @@ def export_controlnet(folder: Path, repository: Path, pipeline: str, name: str |
     scale = unet.vae_scale_factor or 1  # None: a pixel-space U-Net (UNetFacts reads it so too)
     h, w = unet.native_height // scale, unet.native_width // scale  # native latent size
     cond_c = controlnet.config.conditioning_channels
+    sdxl = controlnet.config.addition_embed_type == "text_time"
+    added = [(n, unet_spec.input(n).dims[0]) for n in ADDED_INPUTS if sdxl]
     rng = np.random.default_rng(0)
 
     def make_inputs(b, grid):
@@ -167,17 +194,20 @@ def export_controlnet(folder: Path, repository: Path, pipeline: str, name: str |
                 "timestep": rng.uniform(0, 999, b).astype(np.float32),
                 "encoder_hidden_states": rng.standard_normal((b, length, hidden), dtype=np.float32),
                 "controlnet_cond": rng.uniform(0, 1, (b, cond_c, grid[0] * scale, grid[1] * scale))
-                .astype(np.float32)}
+                .astype(np.float32),
+                **{n: rng.uniform(0, 1024, (b, d)).astype(np.float32) if n == "time_ids"
+                   else rng.standard_normal((b, d), dtype=np.float32) for n, d in added}}
 
     spatial = {0: "batch", 2: "height", 3: "width"}
     inputs = [TensorSpec("sample", "float32", (latent_c, -1, -1)),
               TensorSpec("timestep", "float32", (1,), reshape=()),
               TensorSpec("encoder_hidden_states", "float32", (length, hidden)),
-              TensorSpec("controlnet_cond", "float32", (cond_c, -1, -1))]
+              TensorSpec("controlnet_cond", "float32", (cond_c, -1, -1)),
+              *(TensorSpec(n, "float32", (d,)) for n, d in added)]
     outputs = [TensorSpec(n, "float32", (c, -1, -1)) for n, c, _ in layout]
     axes = {"sample": spatial, "timestep": {0: "batch"}, "encoder_hidden_states": {0: "batch"},
-            "controlnet_cond": spatial, **{n: spatial for n, _, _ in layout}}
-    export = GraphExporter(repository, pipeline, "stable_diffusion", options)
+            "controlnet_cond": spatial, **{n: {0: "batch"} for n, _ in added}, **{n: spatial for n, _, _ in layout}}
+    export = GraphExporter(repository, pipeline, unet_spec.parameters["genserve.pipeline"], options)
     export(f"controlnet_{name}", ControlNetGraph(controlnet), make_inputs, inputs, outputs, axes,
            ControlNetFacts(name=name, conditioning_channels=cond_c, vae_scale_factor=scale,
                            global_pool_conditions=bool(controlnet.config.global_pool_conditions),
@@ -203,6 +233,10 @@ def residual_layout_of_controlnet(controlnet) -> list[tuple[str, int, int]]:
     sample = torch.zeros(1, controlnet.config.in_channels, size, size)
     cond = torch.zeros(1, controlnet.config.conditioning_channels, size * scale, size * scale)
     text = torch.zeros(1, 1, controlnet.config.cross_attention_dim)
-    down, mid = controlnet(sample, torch.zeros(1), text, cond, return_dict=False)
+    kwargs = {}
+    if controlnet.config.addition_embed_type == "text_time":  # SDXL: any split of the added features will do
+        pooled = controlnet.config.projection_class_embeddings_input_dim - controlnet.config.addition_time_embed_dim
+        kwargs["added_cond_kwargs"] = {"time_ids": torch.zeros(1, 1), "text_embeds": torch.zeros(1, pooled)}
+    down, mid = controlnet(sample, torch.zeros(1), text, cond, return_dict=False, **kwargs)
     named = [(down_residual(i), t.shape) for i, t in enumerate(down)] + [(MID_RESIDUAL, mid.shape)]
     return [(n, int(s[1]), size // int(s[2])) for n, s in named]

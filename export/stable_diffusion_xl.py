@@ -36,6 +36,9 @@ written "1" / "0". B is the batch axis (dynamic, up to max_batch_size); h, w are
                                      original (h, w), crop (y, x), aesthetic score.
                                      N is derived from the weights: add_embedding.linear_1
                                      .in_features = P + N * addition_time_embed_dim.
+              down_block_res_i,      ControlNet residuals (export.controlnet; zeros: no control),
+              mid_block_res          with genserve.controlnet_residuals; not with
+                                     controlnet_inputs=False (--no-controlnet-inputs)
       output  noise_pred             FP32 [B, C, h, w]
               deep_features          FP32 [B, C_f, h, w], for DeepCache (export.deepcache)
       files   scheduler_config.json (folder/scheduler's)
@@ -81,6 +84,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from export.controlnet import format_layout, residual_inputs, residual_layout
 from export.core import (
     DENOISER_QUEUE_DELAY_US,
     ComponentReport,
@@ -115,13 +119,22 @@ class _SDXLTextEncoder(torch.nn.Module):
 
 
 class _SDXLUNet(torch.nn.Module):
-    def __init__(self, unet):
-        super().__init__()
-        self.unet = unet
+    """`residuals`: the ControlNet residual inputs' names (export.controlnet), down blocks' then
+    the mid block's, taken after the added conditioning (positionally or by name)."""
 
-    def forward(self, sample, timestep, encoder_hidden_states, text_embeds, time_ids):
-        return self.unet(sample, timestep, encoder_hidden_states,
-                         added_cond_kwargs={"text_embeds": text_embeds, "time_ids": time_ids}, return_dict=False)[0]
+    def __init__(self, unet, residuals: tuple[str, ...] = ()):
+        super().__init__()
+        self.unet, self.residuals = unet, tuple(residuals)
+
+    def forward(self, sample, timestep, encoder_hidden_states, text_embeds, time_ids, *residuals, **named):
+        added = {"text_embeds": text_embeds, "time_ids": time_ids}
+        named.update(zip(self.residuals, residuals))
+        if not self.residuals:
+            return self.unet(sample, timestep, encoder_hidden_states, added_cond_kwargs=added, return_dict=False)[0]
+        given = [named[n] for n in self.residuals]
+        return self.unet(sample, timestep, encoder_hidden_states, added_cond_kwargs=added,
+                         down_block_additional_residuals=tuple(given[:-1]), mid_block_additional_residual=given[-1],
+                         return_dict=False)[0]
 
 
 def _present(folder: Path, index: dict, component: str) -> bool:
@@ -140,10 +153,13 @@ def export_stable_diffusion_xl(
     options: ExportOptions | None = None,
     *,
     deepcache: bool = True,
+    controlnet_inputs: bool = True,
     **shared,
 ) -> list[ComponentReport]:
     """`options`: the shared arguments (export.core.ExportOptions), or any of them as keywords.
-    `deepcache`: also the shallow U-Net graph and the deep-features output (export.deepcache)."""
+    `deepcache`: also the shallow U-Net graph and the deep-features output (export.deepcache).
+    `controlnet_inputs`: the U-Net takes ControlNet residuals (export.controlnet), so SDXL
+    ControlNets can be added to the pipeline later."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
@@ -237,26 +253,31 @@ def export_stable_diffusion_xl(
     h, w = sample_size_hw(unet.config.sample_size, f"{folder}/unet/config.json")
     size_multiple = vae_scale * 2 ** (len(unet.config.down_block_types) - 1)
     spatial = {0: "batch", 2: "height", 3: "width"}
+    residuals = residual_layout(unet, {"text_embeds": pooled_dim, "time_ids": n_time_ids}) if controlnet_inputs else []
     export_unet(
-        export_graph, _SDXLUNet(unet), unet,
+        export_graph, _SDXLUNet(unet, tuple(n for n, _, _ in residuals)), unet,
         lambda b, grid: {"sample": rng.standard_normal((b, latent_c, *grid), dtype=np.float32),
                       "timestep": rng.uniform(0, 999, (b,)).astype(np.float32),
                       "encoder_hidden_states": rng.standard_normal((b, length, context), dtype=np.float32),
                       "text_embeds": rng.standard_normal((b, pooled_dim), dtype=np.float32),
-                      "time_ids": rng.uniform(0, 1024, (b, n_time_ids)).astype(np.float32)},
+                      "time_ids": rng.uniform(0, 1024, (b, n_time_ids)).astype(np.float32),
+                      **residual_inputs(residuals, rng, b, *grid)},
         [TensorSpec("sample", "float32", (latent_c, -1, -1)),
          TensorSpec("timestep", "float32", (1,), reshape=()),
          TensorSpec("encoder_hidden_states", "float32", (length, context)),
          TensorSpec("text_embeds", "float32", (pooled_dim,)),
-         TensorSpec("time_ids", "float32", (n_time_ids,))],
+         TensorSpec("time_ids", "float32", (n_time_ids,)),
+         *(TensorSpec(n, "float32", (c, -1, -1)) for n, c, _ in residuals)],
         TensorSpec("noise_pred", "float32", (latent_c, -1, -1)),
         {"sample": spatial, "timestep": {0: "batch"}, "encoder_hidden_states": {0: "batch"},
-         "text_embeds": {0: "batch"}, "time_ids": {0: "batch"}, "noise_pred": spatial},
+         "text_embeds": {0: "batch"}, "time_ids": {0: "batch"}, "noise_pred": spatial,
+         **{n: spatial for n, _, _ in residuals}},
         UNetFacts(in_channels=latent_c, native_height=h * vae_scale, native_width=w * vae_scale,
                   vae_scale_factor=vae_scale, size_multiple=size_multiple, num_time_ids=n_time_ids,
                   text_embeds_dim=pooled_dim, cross_attention_dim=context,
                   force_zeros_for_empty_prompt=bool(index.get("force_zeros_for_empty_prompt", True)),
-                  requires_aesthetics_score=bool(index.get("requires_aesthetics_score", False))),
+                  requires_aesthetics_score=bool(index.get("requires_aesthetics_score", False)),
+                  controlnet_residuals=format_layout(residuals) if residuals else None),
         deepcache=deepcache, rng=rng, added=("text_embeds", "time_ids"), atol=1e-3, delay_us=DENOISER_QUEUE_DELAY_US,
         files=[(folder / "scheduler" / "scheduler_config.json", "scheduler_config.json")],
         activation=unet_activation(unet.config, (h, w), size_multiple // vae_scale, length),

@@ -72,7 +72,7 @@ FAMILIES = (
            export="export.stable_diffusion_xl:export_stable_diffusion_xl", export_commands=("diffusers",),
            diffusers_pipelines=("StableDiffusionXLPipeline", "StableDiffusionXLImg2ImgPipeline",
                                 "StableDiffusionXLInpaintPipeline"),
-           export_options=("tensorrt", "deepcache"), default_model="diffusion",
+           export_options=("tensorrt", "deepcache", "controlnet_inputs"), default_model="diffusion",
            text_conditioned=True, latent_vae=True, step_engine=True, playground_tab="tab-txt2img"),
     Family("ddpm", router="services.routers.ddpm", pipelines="services.pipelines.pipeline_ddpm:pipelines",
            export="export.ddpm:export_ddpm", export_commands=("ddpm", "diffusers"),

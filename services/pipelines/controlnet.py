@@ -159,9 +159,12 @@ class ControlNets:
             if not picks:
                 continue
             rows = np.concatenate([r for _, r in picks])
-            feed = {k: plain[k][rows] for k in ("sample", "timestep", "encoder_hidden_states")}
+            graph = self.models[model].graph
+            # The U-Net's inputs the ControlNet reads (SDXL's: its added conditioning too).
+            feed = {t.name: plain[t.name][rows] for t in self.backend.models()[graph].inputs
+                    if t.name != "controlnet_cond"}
             feed["controlnet_cond"] = np.concatenate([inputs[f"{slot}:cond"][r] for slot, r in picks])
-            out = await self.backend.infer(self.models[model].graph, feed, [n for n, _, _ in self.layout])
+            out = await self.backend.infer(graph, feed, [n for n, _, _ in self.layout])
             offset = 0
             for slot, r in picks:
                 part = slice(offset, offset + len(r))

@@ -27,6 +27,8 @@ import numpy as np
 from services.adapter_library import pipeline_adapters
 from services.adapters import PipelineAdapters
 from services.contract import TextEncoderFacts, UNetFacts, VAEFacts, refuse
+from services.pipelines.controlnet import ControlNets
+from services.pipelines.controlnet import discover as discover_controlnets
 from services.pipelines.diffusion import (
     DiffusionPipeline,
     DiffusionRequest,
@@ -159,6 +161,9 @@ def pipeline(backend: InferenceBackend, spec: DiffusionSpec, encoders: list[Text
                                  (spec.denoiser, *(e.model for e in encoders)))
     built = DiffusionPipeline(backend, spec, SDXLConditioner(backend, spec, encoders, unet, adapters))
     built.adapters = adapters
+    unet_spec = backend.models()[spec.denoiser]
+    if ControlNets.accepts(unet_spec):  # a U-Net exported with ControlNet residual inputs
+        built.control = ControlNets(backend, unet_spec, discover_controlnets(backend.models(), spec.name))
     return built
 
 
