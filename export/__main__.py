@@ -8,7 +8,7 @@
                        [--verify full|small|off] [--verify-memory GIB] [--dtype fp32|fp16]
   python -m export sd --checkpoint FILE --name NAME [--config sd15|sd21|sd21-base|sdxl-base|sdxl-refiner|FOLDER]
                                        # a single-file SD/SDXL checkpoint (.safetensors/.ckpt)
-  python -m export controlnet --folder PATH --pipeline NAME [--name CN]   # a ControlNetModel for an SD pipeline
+  python -m export controlnet --folder PATH --pipeline NAME [--name CN]   # a ControlNetModel for an SD/SDXL pipeline
   python -m export ddpm --folder PATH --name NAME        # a UNet2DModel folder (+ scheduler config)
   python -m export vae --folder PATH --name NAME         # an AutoencoderKL folder
   python -m export stylegan --module FILE.py:NAME --weights PATH --name NAME [--init-args JSON]
@@ -196,13 +196,13 @@ def main(argv: list[str] | None = None) -> int:
     ExportOptions.add_arguments(stylegan)
     image_to_image_cli.add_parsers(sub, add_state_dict_key)
     controlnet = sub.add_parser(
-        "controlnet", help="export a diffusers ControlNetModel folder for an SD pipeline already in the repository",
-        description="Export a ControlNet (SD 1.x/2.x) as <pipeline>_controlnet_<name>, checked against the "
+        "controlnet", help="export a diffusers ControlNetModel folder for an SD or SDXL pipeline in the repository",
+        description="Export a ControlNet (SD 1.x/2.x, SDXL) as <pipeline>_controlnet_<name>, checked against the "
                     "pipeline's U-Net (which must have been exported with its ControlNet inputs) and verified "
                     "against PyTorch. Requests name it in `controlnet: [{\"model\": name, ...}]`.")
     controlnet.add_argument("--folder", type=Path, required=True,
                             help="the ControlNetModel folder (config.json + weights)")
-    controlnet.add_argument("--pipeline", required=True, help="the SD pipeline it controls")
+    controlnet.add_argument("--pipeline", required=True, help="the SD or SDXL pipeline it controls")
     controlnet.add_argument("--name", help="its name in requests (default: the folder's name)")
     ExportOptions.add_arguments(controlnet)
     lora.add_parsers(sub)

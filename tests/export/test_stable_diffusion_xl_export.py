@@ -16,6 +16,7 @@ import torch
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
+from services.pipelines.controlnet import parse_layout
 from tests.fixtures.sdxl_folder import MAX_LENGTH, PROMPTS, build_random_sdxl_folder
 
 pytestmark = pytest.mark.slow
@@ -104,10 +105,14 @@ def test_repository_layout_and_configs(exported):
     assert (repo / "base_text_encoder_2" / "tokenizer.json").exists()
 
     unet = config(repo, "base_unet")
+    # ControlNet residual inputs (export.controlnet): one per down-block skip and the mid block's,
+    # at the U-Net's channels and resolutions, zero for rows without control.
+    residuals = {f"down_block_res_{i}": (fp32, (c, -1, -1), None) for i, c in enumerate((16, 16, 16, 32))}
     assert tensors(unet.input) == {
         "sample": (fp32, (4, -1, -1), None), "timestep": (fp32, (1,), ()),
         "encoder_hidden_states": (fp32, (MAX_LENGTH, 80), None), "text_embeds": (fp32, (40,), None),
-        "time_ids": (fp32, (6,), None)}
+        "time_ids": (fp32, (6,), None), **residuals, "mid_block_res": (fp32, (32, -1, -1), None)}
+    assert params(unet)["genserve.controlnet_residuals"] == "16/1,16/1,16/2,32/2,32/2"  # channels/downsampling
     shallow = config(repo, "base_unet_shallow")
     deep = int(params(shallow)["genserve.deep_channels"])
     assert tensors(unet.output) == {"noise_pred": (fp32, (4, -1, -1), None),
@@ -226,11 +231,17 @@ def test_unet_graph_takes_per_sample_timesteps_and_other_sizes(exported, variant
         "time_ids": np.array([[1024, 1024, 0, 0, 1024, 1024], [768, 1344, 32, 0, 1024, 1024],
                               [512, 512, 0, 64, 512, 768]], np.float32)[:, :dims["time_ids"][0]],
     }
+    # ControlNet residuals, random so that the check sees the graph add them where diffusers does.
+    layout = parse_layout(params(cfg)["genserve.controlnet_residuals"])
+    residuals = {n: rng.standard_normal((3, c, size[0] // f, size[1] // f), dtype=np.float32) for n, c, f in layout}
+    inputs.update(residuals)
     got = session(repo, f"{variant}_unet").run(None, inputs)[0]
     t = {k: torch.from_numpy(v) for k, v in inputs.items()}
     with torch.no_grad():
         want = unet(t["sample"], t["timestep"], t["encoder_hidden_states"],
-                    added_cond_kwargs={"text_embeds": t["text_embeds"], "time_ids": t["time_ids"]}).sample.numpy()
+                    added_cond_kwargs={"text_embeds": t["text_embeds"], "time_ids": t["time_ids"]},
+                    down_block_additional_residuals=tuple(t[n] for n, _, _ in layout[:-1]),
+                    mid_block_additional_residual=t[layout[-1][0]]).sample.numpy()
     assert got.shape == (3, 4, *size)
     np.testing.assert_allclose(got, want, atol=1e-4)
     # each row is its own request: row 1 alone gives the same as inside the batch

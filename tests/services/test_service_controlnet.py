@@ -49,7 +49,7 @@ def test_export_refuses_a_pipeline_without_controlnet_inputs(repository):
 
     with pytest.raises(ControlNetExportError, match="without ControlNet inputs"):
         export_controlnet(repository.parent / "edges", repository, "sd_plain", progress=lambda _: None)
-    with pytest.raises(ControlNetExportError, match="no Stable Diffusion pipeline 'sd_nope'"):
+    with pytest.raises(ControlNetExportError, match=r"no Stable Diffusion \(1.x/2.x or XL\) pipeline 'sd_nope'"):
         export_controlnet(repository.parent / "edges", repository, "sd_nope", progress=lambda _: None)
 
 

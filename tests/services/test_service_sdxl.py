@@ -50,8 +50,9 @@ def test_listed_with_its_own_limits(sdxl_server):
     assert p["height"]["default"] == 16 and p["width"]["default"] == 24  # latents 8x12, VAE factor 2
     assert p["height"]["max"] == 32 and p["width"]["max"] == 48 and p["width"]["multiple_of"] == 8
     assert {"original_size", "target_size", "crops_coords_top_left"} <= set(p)
-    assert {t["name"] for t in model["inputs"]} == {"sample", "timestep", "encoder_hidden_states", "text_embeds",
-                                                   "time_ids"}
+    names = {t["name"] for t in model["inputs"]}
+    residuals = {n for n in names if n.startswith("down_block_res_")} | {"mid_block_res"}  # ControlNet's
+    assert names == {"sample", "timestep", "encoder_hidden_states", "text_embeds", "time_ids"} | residuals
 
 
 def test_txt2img_non_square_with_size_conditioning_equals_the_pipeline(sdxl_server, sdxl_repository):

@@ -1,0 +1,185 @@
+"""SDXL ControlNet: a random SDXL folder exported with `export sd` (its U-Net takes ControlNet
+residuals, as SD's does), an SDXL ControlNet added afterwards with `export controlnet`, served
+against diffusers' StableDiffusionXLControlNetPipeline; requests with and without control share
+the step engine's U-Net calls; an SD ControlNet is refused for an SDXL pipeline."""
+
+import asyncio
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from services.engine.engine import DiffusionEngine, EngineConfig
+from services.engine.request import RequestStatus
+from services.pipelines.controlnet import ControlUnit
+from services.pipelines.diffusion import DiffusionRequest, initial_latents
+from services.pipelines.pipeline_stable_diffusion_xl import pipelines
+from services.runtime.onnxruntime_backend import OnnxRuntimeBackend
+from services.runtime.repository import ModelRepository
+from tests.fixtures.engine import drain
+from tests.fixtures.images import psnr_signed
+
+pytestmark = pytest.mark.slow
+
+PROMPT, NEGATIVE = "a photo of a red cat", "blue"
+NAME = "xl"
+
+
+@pytest.fixture(scope="module")
+def controlled(tmp_path_factory):
+    """(SDXL folder, {name: ControlNet folder}, repository)."""
+    from export.controlnet import export_controlnet
+    from export.stable_diffusion_xl import export_stable_diffusion_xl
+    from tests.fixtures.controlnet_folder import build_random_controlnet_folder
+    from tests.fixtures.sdxl_folder import build_random_sdxl_folder
+
+    root = tmp_path_factory.mktemp("controlnet_sdxl")
+    folder = build_random_sdxl_folder(root / "folder", seed=3)
+    repo = root / "repository"
+    export_stable_diffusion_xl(folder, repo, NAME, progress=lambda _: None)
+    nets = {name: build_random_controlnet_folder(folder, root / name, seed=seed)
+            for name, seed in (("edges", 1), ("depth", 2))}
+    for name, net in nets.items():
+        export_controlnet(net, repo, NAME, name, progress=lambda _: None)
+    return folder, nets, repo
+
+
+@pytest.fixture(scope="module")
+def pipeline(controlled):
+    return pipelines(OnnxRuntimeBackend(ModelRepository(controlled[2])))[NAME]
+
+
+@pytest.fixture(scope="module")
+def reference(controlled):
+    from diffusers import ControlNetModel, EulerDiscreteScheduler, StableDiffusionXLControlNetPipeline
+
+    folder, nets, _ = controlled
+    models = {name: ControlNetModel.from_pretrained(path) for name, path in nets.items()}
+
+    def make(*names):
+        net = models[names[0]] if len(names) == 1 else [models[n] for n in names]
+        pipe = StableDiffusionXLControlNetPipeline.from_pretrained(folder, controlnet=net)
+        pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config)  # what requests name below
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+    return make
+
+
+def control_image(pipeline, seed: int) -> np.ndarray:
+    """A [3, H, W] control image at the native size, in [0, 1] as 8-bit pixels (what a PNG carries)."""
+    spec = pipeline.spec
+    shape = (3, spec.native_height, spec.native_width)
+    return np.random.default_rng(seed).integers(0, 256, shape).astype(np.float32) / 255.0
+
+
+def to_pil(image: np.ndarray):
+    from PIL import Image
+
+    return Image.fromarray(np.rint(image.transpose(1, 2, 0) * 255).astype(np.uint8))
+
+
+def request(units, **kw) -> DiffusionRequest:
+    return DiffusionRequest(prompt=PROMPT, negative_prompt=NEGATIVE, controlnet=units, scheduler="euler", **kw)
+
+
+def ours(pipeline, units, **kw) -> np.ndarray:
+    return asyncio.run(pipeline(request(units, **kw))).images
+
+
+def theirs(pipeline, reference, units, *, num_images=1, num_inference_steps, guidance_scale, seed,
+           guess_mode=False) -> np.ndarray:
+    spec = pipeline.spec
+    single = len(units) == 1
+    pick = (lambda v: v[0]) if single else (lambda v: v)
+    pipe = reference(*[u.model for u in units])
+    shape = (spec.latent_channels, spec.native_height // spec.vae_scale_factor,
+             spec.native_width // spec.vae_scale_factor)
+    latents = torch.from_numpy(np.stack(initial_latents(seed, num_images, shape)))
+    with torch.no_grad():
+        images = pipe(PROMPT, negative_prompt=NEGATIVE, image=pick([to_pil(u.image) for u in units]),
+                      num_images_per_prompt=num_images, num_inference_steps=num_inference_steps,
+                      guidance_scale=guidance_scale, latents=latents, height=spec.native_height,
+                      width=spec.native_width, output_type="np",
+                      controlnet_conditioning_scale=pick([u.conditioning_scale for u in units]),
+                      control_guidance_start=pick([u.guidance_start for u in units]),
+                      control_guidance_end=pick([u.guidance_end for u in units]), guess_mode=guess_mode).images
+    return images.transpose(0, 3, 1, 2) * 2 - 1
+
+
+@pytest.mark.parametrize("case", ["single", "multi-with-window", "guess-mode", "unguided-two-images"])
+def test_sdxl_controlnet_matches_diffusers(pipeline, reference, case):
+    units, options = {
+        "single": ([ControlUnit("edges", control_image(pipeline, 0), 0.8)], dict(guidance_scale=5.0)),
+        "multi-with-window": ([ControlUnit("edges", control_image(pipeline, 0), 1.0),
+                               ControlUnit("depth", control_image(pipeline, 1), 0.6, 0.25, 0.75)],
+                              dict(guidance_scale=4.0)),
+        "guess-mode": ([ControlUnit("depth", control_image(pipeline, 3), 1.0)],
+                       dict(guidance_scale=4.0, guess_mode=True)),
+        "unguided-two-images": ([ControlUnit("edges", control_image(pipeline, 2), 1.0)],
+                                dict(guidance_scale=1.0, num_images=2)),
+    }[case]
+    kw = dict(num_inference_steps=6, seed=11, **options)
+    got, want = ours(pipeline, units, **kw), theirs(pipeline, reference, units, **kw)
+    assert got.shape == want.shape
+    assert psnr_signed(got, want) >= 35
+    plain = ours(pipeline, [], **{k: v for k, v in kw.items() if k != "guess_mode"})
+    assert psnr_signed(got, plain) < 30  # control visibly changes the image (the comparison is not blind)
+
+
+def test_sdxl_requests_with_and_without_control_share_calls_and_equal_each_alone(pipeline):
+    requests = [request([ControlUnit("edges", control_image(pipeline, 5), 0.9)], num_inference_steps=5,
+                        guidance_scale=4.0, seed=1),
+                request([], num_inference_steps=5, guidance_scale=4.0, seed=2),
+                request([ControlUnit("depth", control_image(pipeline, 6), 1.1, 0.0, 0.6)], num_inference_steps=5,
+                        guidance_scale=2.0, seed=3)]
+    alone = [asyncio.run(pipeline(r)).images for r in requests]
+
+    async def batched():
+        engine = DiffusionEngine(pipeline, EngineConfig(32, 10_000), start_loop=False)
+        handles = [engine.submit(r, timeout_s=600) for r in requests]
+        await drain(engine, handles)
+        assert all(h.status == RequestStatus.FINISHED_DONE for h in handles)
+        assert engine.iterations == 5  # one U-Net call per step for all three
+        return [h.result.images for h in handles]
+
+    for one, many in zip(alone, asyncio.run(batched())):
+        assert psnr_signed(one, many) >= 50
+
+
+def test_an_sd_controlnet_is_refused_for_an_sdxl_pipeline(controlled, random_sd, tmp_path):
+    from export.controlnet import export_controlnet
+    from export.errors import ControlNetExportError
+    from tests.fixtures.controlnet_folder import build_random_controlnet_folder
+
+    repo = tmp_path / "repository"
+    shutil.copytree(controlled[2], repo)
+    sd_net = build_random_controlnet_folder(random_sd[0], tmp_path / "sd_edges", seed=4)
+    with pytest.raises(ControlNetExportError) as refused:
+        export_controlnet(sd_net, repo, NAME, "sd_edges", progress=lambda _: None)
+    assert "made for another base model" in str(refused.value)
+    assert not (repo / f"{NAME}_controlnet_sd_edges").exists()
+
+
+def test_a_controlnet_must_take_the_base_unets_added_conditioning(controlled):
+    """Layouts alike, the added conditioning still tells SDXL from SD 1.x/2.x ControlNets apart."""
+    import dataclasses
+
+    from diffusers import ControlNetModel
+
+    from export.controlnet import check_fits, residual_layout_of_controlnet
+    from export.errors import ControlNetExportError
+
+    _, nets, repo = controlled
+    controlnet = ControlNetModel.from_pretrained(nets["edges"])
+    layout = residual_layout_of_controlnet(controlnet)
+    unet = ModelRepository(repo)[f"{NAME}_unet"]
+    check_fits(controlnet, layout, unet)  # its own base: fits
+    without_added = dataclasses.replace(unet, inputs=tuple(t for t in unet.inputs
+                                                           if t.name not in ("text_embeds", "time_ids")))
+    with pytest.raises(ControlNetExportError, match="is for an SDXL U-Net"):
+        check_fits(controlnet, layout, without_added)
+    fewer_ids = dataclasses.replace(unet, inputs=tuple(
+        dataclasses.replace(t, dims=(t.dims[0] - 1,)) if t.name == "time_ids" else t for t in unet.inputs))
+    with pytest.raises(ControlNetExportError, match="added conditioning takes"):
+        check_fits(controlnet, layout, fewer_ids)
