@@ -146,6 +146,41 @@ def test_img2img_with_controlnet_matches_diffusers(pipeline, controlled, monkeyp
     assert psnr_signed(got, want.transpose(0, 3, 1, 2) * 2 - 1) >= 35
 
 
+@pytest.mark.parametrize("strength", [1.0, 0.7])
+def test_inpaint_with_controlnet_matches_diffusers(pipeline, controlled, monkeypatch, strength):
+    """As StableDiffusionControlNetInpaintPipeline with this text-to-image U-Net (latent blending
+    outside the mask), drawing our numbers in our order (the VAE posterior's, then the noise's;
+    diffusers' third draw, the masked image's posterior, is unused by a 4-channel U-Net)."""
+    import diffusers.models.autoencoders.vae as vae_module
+    import diffusers.pipelines.controlnet.pipeline_controlnet_inpaint as inpaint_module
+    from diffusers import ControlNetModel, StableDiffusionControlNetInpaintPipeline
+    from PIL import Image
+
+    from tests.services.schedulers.conftest import numpy_noise
+
+    folder, nets, _ = controlled
+    rng = np.random.default_rng(8)
+    pixels = rng.integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8)
+    mask = np.zeros((SIZE, SIZE), np.uint8)
+    mask[2:12, 4:14] = 255  # repaint a block; keep the rest
+    unit = ControlUnit("depth", control_image(9), 1.1)
+    kw = dict(num_inference_steps=8, guidance_scale=4.0, seed=23, strength=strength)
+    got = ours(pipeline, [unit], init_image=(pixels.astype(np.float32) / 127.5 - 1).transpose(2, 0, 1),
+               mask=(mask / 255.0).astype(np.float32), **kw)
+    noise = numpy_noise([23])
+    for module in (vae_module, inpaint_module):
+        monkeypatch.setattr(module, "randn_tensor", noise)
+    pipe = StableDiffusionControlNetInpaintPipeline.from_pretrained(
+        folder, controlnet=ControlNetModel.from_pretrained(nets["depth"]), safety_checker=None)
+    want = pipe(PROMPT, negative_prompt=NEGATIVE, image=Image.fromarray(pixels), mask_image=Image.fromarray(mask),
+                control_image=to_pil(unit.image), strength=strength, num_inference_steps=8, guidance_scale=4.0,
+                controlnet_conditioning_scale=1.1, height=SIZE, width=SIZE, output_type="np").images
+    assert psnr_signed(got, want.transpose(0, 3, 1, 2) * 2 - 1) >= 35
+    plain = ours(pipeline, [], init_image=(pixels.astype(np.float32) / 127.5 - 1).transpose(2, 0, 1),
+                 mask=(mask / 255.0).astype(np.float32), **kw)
+    assert psnr_signed(got, plain) < 30  # the control acts inside the mask
+
+
 def test_a_mixed_batch_gives_each_request_its_image_alone(pipeline):
     """Requests with different ControlNets, scales, windows, guess mode, steps, guidance and
     schedulers, and requests without control, share every U-Net call; each image equals its
