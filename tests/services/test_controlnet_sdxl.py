@@ -183,3 +183,33 @@ def test_a_controlnet_must_take_the_base_unets_added_conditioning(controlled):
         dataclasses.replace(t, dims=(t.dims[0] - 1,)) if t.name == "time_ids" else t for t in unet.inputs))
     with pytest.raises(ControlNetExportError, match="added conditioning takes"):
         check_fits(controlnet, layout, fewer_ids)
+
+
+def test_sdxl_img2img_with_controlnet_matches_diffusers(pipeline, controlled, monkeypatch):
+    """As StableDiffusionXLControlNetImg2ImgPipeline, drawing our numbers in our order (the VAE
+    posterior's, then the noise's)."""
+    import diffusers.models.autoencoders.vae as vae_module
+    import diffusers.pipelines.controlnet.pipeline_controlnet_sd_xl_img2img as img2img_module
+    from diffusers import ControlNetModel, EulerDiscreteScheduler, StableDiffusionXLControlNetImg2ImgPipeline
+    from PIL import Image
+
+    from tests.services.schedulers.conftest import numpy_noise
+
+    folder, nets, _ = controlled
+    spec = pipeline.spec
+    pixels = np.random.default_rng(6).integers(0, 256, (spec.native_height, spec.native_width, 3), dtype=np.uint8)
+    unit = ControlUnit("edges", control_image(pipeline, 7), 0.9)
+    kw = dict(num_inference_steps=10, guidance_scale=4.0, seed=21, strength=0.6)
+    got = ours(pipeline, [unit], init_image=(pixels.astype(np.float32) / 127.5 - 1).transpose(2, 0, 1), **kw)
+    noise = numpy_noise([21])
+    for module in (vae_module, img2img_module):
+        monkeypatch.setattr(module, "randn_tensor", noise)
+    pipe = StableDiffusionXLControlNetImg2ImgPipeline.from_pretrained(
+        folder, controlnet=ControlNetModel.from_pretrained(nets["edges"]))
+    pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    with torch.no_grad():
+        want = pipe(PROMPT, negative_prompt=NEGATIVE, image=Image.fromarray(pixels), control_image=to_pil(unit.image),
+                    strength=0.6, num_inference_steps=10, guidance_scale=4.0, controlnet_conditioning_scale=0.9,
+                    height=spec.native_height, width=spec.native_width, output_type="np").images
+    assert psnr_signed(got, want.transpose(0, 3, 1, 2) * 2 - 1) >= 35
