@@ -34,6 +34,14 @@ def sdxl_repository(tmp_path_factory):
                            "--repository", str(repo)], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "stable_diffusion_xl" in done.stdout
+    # An SDXL ControlNet added to the exported pipeline afterwards, as a user does.
+    from tests.fixtures.controlnet_folder import build_random_controlnet_folder
+
+    net = build_random_controlnet_folder(folder, tmp_path_factory.mktemp("sdxl_controlnet") / "edges", seed=2)
+    done = subprocess.run([sys.executable, "-m", "export", "controlnet", "--folder", str(net), "--pipeline", NAME,
+                           "--name", "edges", "--repository", str(repo)], cwd=ROOT, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
     return repo
 
 
@@ -80,6 +88,41 @@ def test_txt2img_non_square_with_size_conditioning_equals_the_pipeline(sdxl_serv
     from PIL import Image
     served = np.stack([np.asarray(Image.open(io.BytesIO(base64.b64decode(i["data"])))) for i in out["images"]])
     expected = np.clip(np.rint((alone.images.transpose(0, 2, 3, 1) / 2 + 0.5) * 255), 0, 255).astype(np.uint8)
+    assert np.array_equal(served, expected)
+
+
+def test_txt2img_with_a_controlnet_equals_the_pipeline(sdxl_server, sdxl_repository):
+    """An SDXL ControlNet over HTTP: listed, a control image (PNG) steering a non-square request,
+    the same bytes as the pipeline given the same control image; the image is echoed as a hash."""
+    import io
+
+    from PIL import Image
+
+    from services.pipelines.controlnet import ControlUnit
+    from services.pipelines.diffusion import DiffusionRequest
+    from services.pipelines.pipeline_stable_diffusion_xl import pipelines
+    from services.runtime.onnxruntime_backend import OnnxRuntimeBackend
+    from services.runtime.repository import ModelRepository
+
+    [model] = httpx.get(f"{sdxl_server.url}/v1/models").json()["models"]
+    assert model["parameters"]["controlnet"]["models"] == ["edges"]
+    control = np.random.default_rng(4).integers(0, 256, (32, 16, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(control).save(buffer, format="PNG")
+    body = {"prompt": "a photo of a red cat", "seed": 5, "num_inference_steps": 4, "guidance_scale": 3.0,
+            "scheduler": "euler", "height": 32, "width": 16,
+            "controlnet": [{"model": "edges", "image": base64.b64encode(buffer.getvalue()).decode(),
+                            "conditioning_scale": 0.8}]}
+    r = httpx.post(f"{sdxl_server.url}/v1/txt2img", json=body, timeout=120)
+    assert r.status_code == 200, r.text
+    echoed = r.json()["parameters"]["controlnet"][0]
+    assert echoed["model"] == "edges" and echoed["image_sha256"].startswith("sha256:") and "image" not in echoed
+    pipeline = pipelines(OnnxRuntimeBackend(ModelRepository(sdxl_repository)))[NAME]
+    unit = ControlUnit("edges", control.transpose(2, 0, 1).astype(np.float32) / 255.0, 0.8)
+    alone = asyncio.run(pipeline(DiffusionRequest(prompt=body["prompt"], num_inference_steps=4, guidance_scale=3.0,
+                                                  scheduler="euler", seed=5, height=32, width=16, controlnet=[unit])))
+    served = np.asarray(Image.open(io.BytesIO(base64.b64decode(r.json()["images"][0]["data"]))))
+    expected = np.clip(np.rint((alone.images[0].transpose(1, 2, 0) / 2 + 0.5) * 255), 0, 255).astype(np.uint8)
     assert np.array_equal(served, expected)
 
 
