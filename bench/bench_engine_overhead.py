@@ -47,7 +47,7 @@ def main() -> int:
     pipeline = StableDiffusionPipeline(backend, models)
 
     class Zero:
-        def run(self, names, feeds):
+        def run(self, names, feeds, *run_options):
             return [np.zeros_like(feeds["sample"])]
 
     backend._sessions[models.unet] = Zero()

@@ -25,9 +25,9 @@ def test_short_calls_run_inline_and_long_ones_in_a_thread(repository):
     real_run = session.run
 
     class Recording:
-        def run(self, names, feeds):
+        def run(self, names, feeds, run_options=None):
             threads.append(threading.get_ident())
-            return real_run(names, feeds)
+            return real_run(names, feeds, run_options)
 
     backend._sessions[name] = Recording()
     feeds = {t.name: np.zeros((2, *t.dims), t.dtype) for t in spec.inputs}
@@ -159,9 +159,9 @@ def test_the_engine_runs_a_lone_request_s_calls_on_its_own_thread(repository):
         real = backend._sessions[models.unet]
 
         class Recording:
-            def run(self, names, feeds):
+            def run(self, names, feeds, run_options=None):
                 calls.append((threading.get_ident(), len(engine.scheduler.requests)))
-                return real.run(names, feeds)
+                return real.run(names, feeds, run_options)
 
         backend._sessions[models.unet] = Recording()
 
