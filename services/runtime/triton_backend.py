@@ -445,6 +445,19 @@ class TritonBackend(InferenceBackend):
         return await self._execute_socket(spec, inputs, factors)
 
     @staticmethod
+    def _shared_inputs(region: Region, offset: int, arrays) -> tuple[list, int]:
+        """Writes `arrays` ((name, contiguous array)) into `region` from `offset`, each aligned;
+        returns the inputs naming them there and the offset after them."""
+        items = []
+        for name, x in arrays:
+            region.write(offset, x)
+            item = grpcclient.InferInput(name, list(x.shape), np_to_triton_dtype(x.dtype))
+            item.set_shared_memory(region.name, x.nbytes, offset)
+            items.append(item)
+            offset += aligned(x.nbytes)
+        return items, offset
+
+    @staticmethod
     def _raw_inputs(arrays) -> list:
         items = []
         for name, x in arrays:
@@ -483,14 +496,10 @@ class TritonBackend(InferenceBackend):
         try:
             if factors:
                 pinned = await self._pin_factors(spec.name, factors)
-            offset, infer_inputs = 0, list(pinned.inputs) if pinned is not None else \
+            infer_inputs = list(pinned.inputs) if pinned is not None else \
                 self._raw_inputs(sorted((factors or {}).items()))
-            for name, x in arrays:
-                region.write(offset, x)
-                item = grpcclient.InferInput(name, list(x.shape), np_to_triton_dtype(x.dtype))
-                item.set_shared_memory(region.name, x.nbytes, offset)
-                infer_inputs.append(item)
-                offset += aligned(x.nbytes)
+            placed_inputs, offset = self._shared_inputs(region, 0, arrays)
+            infer_inputs += placed_inputs
             outputs, placed = [], {}
             for t in spec.outputs:
                 item = grpcclient.InferRequestedOutput(t.name)
@@ -565,13 +574,8 @@ class TritonBackend(InferenceBackend):
             region = self._pool.pin(sum(aligned(x.nbytes) for _, x in shared))
         except OSError as exc:  # /dev/shm full (its sizeLimit) or gone
             raise SharedMemoryFailure(f"cannot create a region for adapter factors: {exc}") from None
-        offset, inputs = 0, self._raw_inputs([(name, x) for name, x in factors if not x.size])
-        for name, x in shared:
-            region.write(offset, x)
-            item = grpcclient.InferInput(name, list(x.shape), np_to_triton_dtype(x.dtype))
-            item.set_shared_memory(region.name, x.nbytes, offset)
-            inputs.append(item)
-            offset += aligned(x.nbytes)
+        inputs = self._raw_inputs([(name, x) for name, x in factors if not x.size])
+        inputs += self._shared_inputs(region, 0, shared)[0]
         await self._register(region)
         self.counters["adapter_factor_registrations"] += 1
         return PinnedFactors(region, [weakref.ref(x) for _, x in factors], inputs)

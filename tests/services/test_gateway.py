@@ -62,6 +62,19 @@ def assert_error(r: httpx.Response, status: int, code: str) -> dict:
     return error
 
 
+def held_echo_gateway() -> tuple[Gateway, asyncio.Event, asyncio.Event]:
+    """A gateway whose /v1/echo waits, once started (first event), until released (second)."""
+    started, release = asyncio.Event(), asyncio.Event()
+
+    async def slow(scope, receive, send):
+        if scope["path"] == "/v1/echo":
+            started.set()
+            await release.wait()
+        await inner(scope, receive, send)
+
+    return Gateway(slow, Settings(), ROUTES), started, release
+
+
 def test_unknown_paths_and_methods_get_the_error_shape():
     g = make()
     assert_error(call(g, "GET", "/v1/nope"), 404, "not_found")
@@ -82,15 +95,7 @@ def test_request_ids_are_echoed_or_fresh_per_request():
 def test_a_request_id_in_flight_is_not_given_to_a_second_request():
     """Two requests at once with one X-Request-ID: the second gets a fresh id (its answer says
     which); once the first has finished, the id may be used again."""
-    started, release = asyncio.Event(), asyncio.Event()
-
-    async def slow(scope, receive, send):
-        if scope["path"] == "/v1/echo":
-            started.set()
-            await release.wait()
-        await inner(scope, receive, send)
-
-    g = Gateway(slow, Settings(), ROUTES)
+    g, started, release = held_echo_gateway()
 
     async def go():
         transport = httpx.ASGITransport(app=g)
@@ -368,15 +373,7 @@ def test_an_idle_worker_trims_once_after_work(monkeypatch):
     trims = []
     monkeypatch.setattr(gateway, "IDLE_TRIM_S", 0.05)
     monkeypatch.setattr(gateway, "trim", lambda: trims.append(1))
-    started, release = asyncio.Event(), asyncio.Event()
-
-    async def slow(scope, receive, send):
-        if scope["path"] == "/v1/echo":
-            started.set()
-            await release.wait()
-        await inner(scope, receive, send)
-
-    g = Gateway(slow, Settings(), ROUTES)
+    g, started, release = held_echo_gateway()
 
     async def go():
         transport = httpx.ASGITransport(app=g)
