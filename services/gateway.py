@@ -80,10 +80,6 @@ BODY_METHODS = {"POST", "PUT", "PATCH"}
 # and the freed memory goes back to the system (services.memory.trim), which glibc would keep
 # (a soak of 20 MB bodies on 8 connections held ~200 MB after the load).
 TRIM_AFTER_BODY_BYTES = 1024 * 1024
-# A worker idle this long after serving work collects and trims once: what many concurrent
-# requests freed (each under the size above) glibc keeps otherwise, and the soak's worker
-# then stayed ~100 MB over its warm level after 10,000 requests (bench/results/soak.md).
-IDLE_TRIM_S = 2.0
 CORS_ALLOWED_HEADERS = ("authorization", "content-type", "x-api-key", "x-request-id")
 CORS_EXPOSED_HEADERS = "X-Request-ID, Retry-After"
 
@@ -126,9 +122,6 @@ class Gateway:
     _auth_failures: RateLimiter | None = field(default=None, repr=False)  # per client address
     memory: MemoryGuard = field(init=False, repr=False)  # from settings.memory_limit_mb
     _request_ids: set[str] = field(default_factory=set, repr=False)  # of the requests in flight
-    _worked: bool = field(default=False, repr=False)  # work was served since the last idle trim
-    _idle_trim: asyncio.TimerHandle | None = field(default=None, repr=False)
-    _trimming: set[asyncio.Task] = field(default_factory=set, repr=False)
 
     def __post_init__(self):
         if self.settings.edge.api_keys_file is not None:
@@ -194,27 +187,6 @@ class Gateway:
                      state["status"], time.perf_counter() - start)
             request_id_var.reset(token)
             self._request_ids.discard(request_id)
-            if not self._request_ids and self._worked:
-                self._arm_idle_trim()
-
-    def _arm_idle_trim(self) -> None:
-        if self._idle_trim is not None:
-            self._idle_trim.cancel()
-        self._idle_trim = asyncio.get_running_loop().call_later(IDLE_TRIM_S, self._trim_if_idle)
-
-    def _trim_if_idle(self) -> None:
-        self._idle_trim = None
-        if self._request_ids or not self._worked:
-            return
-        self._worked = False
-        task = asyncio.get_running_loop().create_task(self._trim())
-        self._trimming.add(task)
-        task.add_done_callback(self._trimming.discard)
-
-    @staticmethod
-    async def _trim() -> None:
-        collect_cycles()
-        await asyncio.to_thread(trim)
 
     # -- the checks, in order ----------------------------------------------------------
     async def _handle(self, scope, receive, send, headers, cors):
@@ -252,7 +224,6 @@ class Gateway:
             receive = _replay(body, receive)
             del body
         client_token = client_var.set(client)
-        self._worked |= route.drains  # health checks and scrapes are not work to trim after
         self.inflight += route.drains
         try:
             await (self.app if route.shaped else self._shape_errors)(scope, receive, send)

@@ -41,18 +41,31 @@ def _glibc():
     return _libc or None
 
 
-M_ARENA_MAX = -8  # mallopt's parameter number (malloc.h)
+M_ARENA_MAX = -8  # mallopt's parameter numbers (malloc.h)
+M_MMAP_THRESHOLD = -3
 MALLOC_ARENAS = 2
+# Allocations from this size on are their own mappings, unmapped when freed.
+MMAP_THRESHOLD_BYTES = 1 << 20
 
 
 def limit_arenas(arenas: int = MALLOC_ARENAS) -> None:
     """At most `arenas` malloc arenas for the threads made from now on (glibc; unless the
     operator set MALLOC_ARENA_MAX). glibc gives threads arenas of their own, up to 8 per
     core, and trimming does not hand their freed pages back: measured on a 256 px tile x4,
-    worker threads kept +8, +34, +50, +112 MB after four calls; with two arenas, nothing."""
+    worker threads kept +8, +34, +50, +112 MB after four calls; with two arenas, nothing.
+
+    Also a fixed mmap threshold (unless MALLOC_MMAP_THRESHOLD_ is set): glibc otherwise raises
+    it to the size of each large block freed (up to 32 MB), after which request bodies and
+    images of several MB come from the heap and stay there, fragmented, until a trim finds
+    them; as their own mappings they go back to the system when freed. The 10,000-request
+    soak's worker stayed 101 MB over its warm level without it (bench/results/soak.md)."""
     lib = _glibc()
-    if lib is not None and "MALLOC_ARENA_MAX" not in os.environ:
+    if lib is None:
+        return
+    if "MALLOC_ARENA_MAX" not in os.environ:
         lib.mallopt(M_ARENA_MAX, arenas)
+    if "MALLOC_MMAP_THRESHOLD_" not in os.environ:
+        lib.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)
 
 
 def collect_cycles() -> None:

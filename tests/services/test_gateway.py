@@ -363,37 +363,3 @@ def test_the_memory_limit_defaults_to_a_share_of_the_container_limit(tmp_path):
     assert default_limit_mb((v2, v1)) == int((2 << 30) * CONTAINER_SHARE) >> 20
     v1.write_text("9223372036854771712\n")  # cgroup v1's "unlimited"
     assert default_limit_mb((v2, v1)) == 0
-
-
-def test_an_idle_worker_trims_once_after_work(monkeypatch):
-    """Once no request is in flight for IDLE_TRIM_S after work, the allocator's free pages go
-    back (collect + trim), once; a request still in flight, or only health checks, do not."""
-    import services.gateway as gateway
-
-    trims = []
-    monkeypatch.setattr(gateway, "IDLE_TRIM_S", 0.05)
-    monkeypatch.setattr(gateway, "trim", lambda: trims.append(1))
-    g, started, release = held_echo_gateway()
-
-    async def go():
-        transport = httpx.ASGITransport(app=g)
-        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
-            await client.get("/livez")
-            await asyncio.sleep(0.2)
-            assert trims == []  # a health check is not work
-            held = asyncio.create_task(client.post("/v1/echo", content=b"{}",
-                                                   headers={"content-type": "application/json"}))
-            await started.wait()
-            await client.get("/v1/models")  # ends while the echo is still in flight
-            await asyncio.sleep(0.2)
-            assert trims == []
-            release.set()
-            await held
-            await asyncio.sleep(0.2)
-            assert trims == [1]  # idle after work: once
-            await asyncio.sleep(0.2)
-            await client.get("/livez")
-            await asyncio.sleep(0.2)
-            assert trims == [1]
-
-    asyncio.run(go())
