@@ -66,6 +66,20 @@ def residual_layout(unet, added: dict[str, int] | None = None) -> list[tuple[str
     return [(n, int(s[1]), size // int(s[2])) for n, s in named]
 
 
+def residual_kwargs(names: tuple[str, ...], positional, named: dict) -> dict:
+    """A U-Net wrapper's residual inputs (`names`, given positionally or by name) as diffusers'
+    UNet2DConditionModel keywords: the down blocks' then the mid block's; {} without them."""
+    if not names:
+        return {}
+    given = [{**named, **dict(zip(names, positional))}[n] for n in names]
+    return {"down_block_additional_residuals": tuple(given[:-1]), "mid_block_additional_residual": given[-1]}
+
+
+def takes_added_conditioning(controlnet) -> bool:
+    """An SDXL ControlNet: it reads the U-Net's text_embeds and time_ids (`text_time`)."""
+    return controlnet.config.addition_embed_type == "text_time"
+
+
 def format_layout(layout: list[tuple[str, int, int]]) -> str:
     return ",".join(f"{c}/{f}" for _, c, f in layout)
 
@@ -147,7 +161,7 @@ def check_fits(controlnet, layout, unet_spec) -> None:
     if controlnet.config.cross_attention_dim != text.dims[-1]:
         raise ControlNetExportError(f"the ControlNet reads text of width {controlnet.config.cross_attention_dim}, "
                                     f"{unet_spec.name}'s text encoder gives {text.dims[-1]}")
-    takes_added = controlnet.config.addition_embed_type == "text_time"
+    takes_added = takes_added_conditioning(controlnet)
     base_added = all(n in {t.name for t in unet_spec.inputs} for n in ADDED_INPUTS)
     if takes_added != base_added:
         raise ControlNetExportError(
@@ -156,8 +170,8 @@ def check_fits(controlnet, layout, unet_spec) -> None:
     if takes_added:
         pooled, time_ids = (unet_spec.input(n).dims[0] for n in ADDED_INPUTS)
         wants = controlnet.config.projection_class_embeddings_input_dim
-        if wants != pooled + time_ids * controlnet.config.addition_time_embed_dim:
-            made = pooled + time_ids * controlnet.config.addition_time_embed_dim
+        made = pooled + time_ids * controlnet.config.addition_time_embed_dim
+        if wants != made:
             raise ControlNetExportError(
                 f"the ControlNet's added conditioning takes {wants} features, {unet_spec.name}'s text_embeds "
                 f"({pooled}) and {time_ids} time ids make {made}")
@@ -185,8 +199,7 @@ def export_controlnet(folder: Path, repository: Path, pipeline: str, name: str |
     scale = unet.vae_scale_factor or 1  # None: a pixel-space U-Net (UNetFacts reads it so too)
     h, w = unet.native_height // scale, unet.native_width // scale  # native latent size
     cond_c = controlnet.config.conditioning_channels
-    sdxl = controlnet.config.addition_embed_type == "text_time"
-    added = [(n, unet_spec.input(n).dims[0]) for n in ADDED_INPUTS if sdxl]
+    added = [(n, unet_spec.input(n).dims[0]) for n in ADDED_INPUTS if takes_added_conditioning(controlnet)]
     rng = np.random.default_rng(0)
 
     def make_inputs(b, grid):
@@ -234,7 +247,7 @@ def residual_layout_of_controlnet(controlnet) -> list[tuple[str, int, int]]:
     cond = torch.zeros(1, controlnet.config.conditioning_channels, size * scale, size * scale)
     text = torch.zeros(1, 1, controlnet.config.cross_attention_dim)
     kwargs = {}
-    if controlnet.config.addition_embed_type == "text_time":  # SDXL: any split of the added features will do
+    if takes_added_conditioning(controlnet):  # any split of the added features will do
         pooled = controlnet.config.projection_class_embeddings_input_dim - controlnet.config.addition_time_embed_dim
         kwargs["added_cond_kwargs"] = {"time_ids": torch.zeros(1, 1), "text_embeds": torch.zeros(1, pooled)}
     down, mid = controlnet(sample, torch.zeros(1), text, cond, return_dict=False, **kwargs)

@@ -33,6 +33,7 @@ import torch
 from export.controlnet import (
     format_layout,
     residual_inputs,
+    residual_kwargs,
     residual_layout,
     residual_profiles,
 )
@@ -72,12 +73,8 @@ class _UNet(torch.nn.Module):
         self.unet, self.residuals = unet, tuple(residuals)
 
     def forward(self, sample, timestep, encoder_hidden_states, *residuals, **named):
-        named.update(zip(self.residuals, residuals))
-        if not self.residuals:
-            return self.unet(sample, timestep, encoder_hidden_states, return_dict=False)[0]
-        given = [named[n] for n in self.residuals]
-        return self.unet(sample, timestep, encoder_hidden_states, down_block_additional_residuals=tuple(given[:-1]),
-                         mid_block_additional_residual=given[-1], return_dict=False)[0]
+        return self.unet(sample, timestep, encoder_hidden_states, return_dict=False,
+                         **residual_kwargs(self.residuals, residuals, named))[0]
 
 
 def load_pipeline_components(folder: Path):

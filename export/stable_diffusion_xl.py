@@ -84,7 +84,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from export.controlnet import format_layout, residual_inputs, residual_layout
+from export.controlnet import format_layout, residual_inputs, residual_kwargs, residual_layout
 from export.core import (
     DENOISER_QUEUE_DELAY_US,
     ComponentReport,
@@ -127,14 +127,9 @@ class _SDXLUNet(torch.nn.Module):
         self.unet, self.residuals = unet, tuple(residuals)
 
     def forward(self, sample, timestep, encoder_hidden_states, text_embeds, time_ids, *residuals, **named):
-        added = {"text_embeds": text_embeds, "time_ids": time_ids}
-        named.update(zip(self.residuals, residuals))
-        if not self.residuals:
-            return self.unet(sample, timestep, encoder_hidden_states, added_cond_kwargs=added, return_dict=False)[0]
-        given = [named[n] for n in self.residuals]
-        return self.unet(sample, timestep, encoder_hidden_states, added_cond_kwargs=added,
-                         down_block_additional_residuals=tuple(given[:-1]), mid_block_additional_residual=given[-1],
-                         return_dict=False)[0]
+        return self.unet(sample, timestep, encoder_hidden_states, return_dict=False,
+                         added_cond_kwargs={"text_embeds": text_embeds, "time_ids": time_ids},
+                         **residual_kwargs(self.residuals, residuals, named))[0]
 
 
 def _present(folder: Path, index: dict, component: str) -> bool:

@@ -19,6 +19,7 @@ from services.pipelines.pipeline_stable_diffusion import (
 )
 from services.runtime.onnxruntime_backend import OnnxRuntimeBackend
 from services.runtime.repository import ModelRepository
+from tests.fixtures.controlnet_folder import control_arguments, diffusers_pipelines, to_pil
 from tests.fixtures.engine import drain
 from tests.fixtures.images import psnr_signed
 
@@ -54,26 +55,15 @@ def pipeline(controlled):
 
 @pytest.fixture(scope="module")
 def reference(controlled):
-    from diffusers import ControlNetModel, StableDiffusionControlNetPipeline
+    from diffusers import StableDiffusionControlNetPipeline
 
     folder, nets, _ = controlled
-    models = {name: ControlNetModel.from_pretrained(path) for name, path in nets.items()}
-
-    def make(*names):
-        net = models[names[0]] if len(names) == 1 else [models[n] for n in names]
-        return StableDiffusionControlNetPipeline.from_pretrained(folder, controlnet=net, safety_checker=None)
-    return make
+    return diffusers_pipelines(StableDiffusionControlNetPipeline, folder, nets, safety_checker=None)
 
 
 def control_image(seed: int) -> np.ndarray:
     """A [3, H, W] control image in [0, 1] as 8-bit pixels (what a PNG carries)."""
     return np.random.default_rng(seed).integers(0, 256, (3, SIZE, SIZE)).astype(np.float32) / 255.0
-
-
-def to_pil(image: np.ndarray):
-    from PIL import Image
-
-    return Image.fromarray(np.rint(image.transpose(1, 2, 0) * 255).astype(np.uint8))
 
 
 def ours(pipeline, units, **kw) -> np.ndarray:
@@ -84,16 +74,11 @@ def ours(pipeline, units, **kw) -> np.ndarray:
 
 def theirs(reference, units, *, num_images=1, num_inference_steps, guidance_scale, seed,
            guess_mode=False) -> np.ndarray:
-    single = len(units) == 1
-    pick = (lambda v: v[0]) if single else (lambda v: v)
     pipe = reference(*[u.model for u in units])
     latents = torch.from_numpy(np.stack(initial_latents(seed, num_images, (4, SIZE // 2, SIZE // 2))))
-    images = pipe(PROMPT, negative_prompt=NEGATIVE, image=pick([to_pil(u.image) for u in units]),
-                  num_images_per_prompt=num_images, num_inference_steps=num_inference_steps,
-                  guidance_scale=guidance_scale, latents=latents, height=SIZE, width=SIZE, output_type="np",
-                  controlnet_conditioning_scale=pick([u.conditioning_scale for u in units]),
-                  control_guidance_start=pick([u.guidance_start for u in units]),
-                  control_guidance_end=pick([u.guidance_end for u in units]), guess_mode=guess_mode).images
+    images = pipe(PROMPT, negative_prompt=NEGATIVE, num_images_per_prompt=num_images,
+                  num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, latents=latents,
+                  height=SIZE, width=SIZE, output_type="np", guess_mode=guess_mode, **control_arguments(units)).images
     return images.transpose(0, 3, 1, 2) * 2 - 1
 
 
@@ -125,7 +110,7 @@ def test_img2img_with_controlnet_matches_diffusers(pipeline, controlled, monkeyp
     posterior's, then the noise's)."""
     import diffusers.models.autoencoders.vae as vae_module
     import diffusers.pipelines.controlnet.pipeline_controlnet_img2img as img2img_module
-    from diffusers import ControlNetModel, StableDiffusionControlNetImg2ImgPipeline
+    from diffusers import StableDiffusionControlNetImg2ImgPipeline
     from PIL import Image
 
     from tests.services.schedulers.conftest import numpy_noise
@@ -138,8 +123,7 @@ def test_img2img_with_controlnet_matches_diffusers(pipeline, controlled, monkeyp
     noise = numpy_noise([21])
     for module in (vae_module, img2img_module):
         monkeypatch.setattr(module, "randn_tensor", noise)
-    pipe = StableDiffusionControlNetImg2ImgPipeline.from_pretrained(
-        folder, controlnet=ControlNetModel.from_pretrained(nets["edges"]), safety_checker=None)
+    pipe = diffusers_pipelines(StableDiffusionControlNetImg2ImgPipeline, folder, nets, safety_checker=None)("edges")
     want = pipe(PROMPT, negative_prompt=NEGATIVE, image=Image.fromarray(pixels), control_image=to_pil(unit.image),
                 strength=0.6, num_inference_steps=10, guidance_scale=4.0, controlnet_conditioning_scale=0.9,
                 height=SIZE, width=SIZE, output_type="np").images
@@ -153,7 +137,7 @@ def test_inpaint_with_controlnet_matches_diffusers(pipeline, controlled, monkeyp
     diffusers' third draw, the masked image's posterior, is unused by a 4-channel U-Net)."""
     import diffusers.models.autoencoders.vae as vae_module
     import diffusers.pipelines.controlnet.pipeline_controlnet_inpaint as inpaint_module
-    from diffusers import ControlNetModel, StableDiffusionControlNetInpaintPipeline
+    from diffusers import StableDiffusionControlNetInpaintPipeline
     from PIL import Image
 
     from tests.services.schedulers.conftest import numpy_noise
@@ -170,8 +154,7 @@ def test_inpaint_with_controlnet_matches_diffusers(pipeline, controlled, monkeyp
     noise = numpy_noise([23])
     for module in (vae_module, inpaint_module):
         monkeypatch.setattr(module, "randn_tensor", noise)
-    pipe = StableDiffusionControlNetInpaintPipeline.from_pretrained(
-        folder, controlnet=ControlNetModel.from_pretrained(nets["depth"]), safety_checker=None)
+    pipe = diffusers_pipelines(StableDiffusionControlNetInpaintPipeline, folder, nets, safety_checker=None)("depth")
     want = pipe(PROMPT, negative_prompt=NEGATIVE, image=Image.fromarray(pixels), mask_image=Image.fromarray(mask),
                 control_image=to_pil(unit.image), strength=strength, num_inference_steps=8, guidance_scale=4.0,
                 controlnet_conditioning_scale=1.1, height=SIZE, width=SIZE, output_type="np").images

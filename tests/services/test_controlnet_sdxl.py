@@ -17,6 +17,7 @@ from services.pipelines.diffusion import DiffusionRequest, initial_latents
 from services.pipelines.pipeline_stable_diffusion_xl import pipelines
 from services.runtime.onnxruntime_backend import OnnxRuntimeBackend
 from services.runtime.repository import ModelRepository
+from tests.fixtures.controlnet_folder import control_arguments, diffusers_pipelines, to_pil
 from tests.fixtures.engine import drain
 from tests.fixtures.images import psnr_signed
 
@@ -50,20 +51,19 @@ def pipeline(controlled):
     return pipelines(OnnxRuntimeBackend(ModelRepository(controlled[2])))[NAME]
 
 
+def euler(pipe) -> None:
+    """The scheduler requests name below."""
+    from diffusers import EulerDiscreteScheduler
+
+    pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config)
+
+
 @pytest.fixture(scope="module")
 def reference(controlled):
-    from diffusers import ControlNetModel, EulerDiscreteScheduler, StableDiffusionXLControlNetPipeline
+    from diffusers import StableDiffusionXLControlNetPipeline
 
     folder, nets, _ = controlled
-    models = {name: ControlNetModel.from_pretrained(path) for name, path in nets.items()}
-
-    def make(*names):
-        net = models[names[0]] if len(names) == 1 else [models[n] for n in names]
-        pipe = StableDiffusionXLControlNetPipeline.from_pretrained(folder, controlnet=net)
-        pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config)  # what requests name below
-        pipe.set_progress_bar_config(disable=True)
-        return pipe
-    return make
+    return diffusers_pipelines(StableDiffusionXLControlNetPipeline, folder, nets, prepare=euler)
 
 
 def control_image(pipeline, seed: int) -> np.ndarray:
@@ -71,12 +71,6 @@ def control_image(pipeline, seed: int) -> np.ndarray:
     spec = pipeline.spec
     shape = (3, spec.native_height, spec.native_width)
     return np.random.default_rng(seed).integers(0, 256, shape).astype(np.float32) / 255.0
-
-
-def to_pil(image: np.ndarray):
-    from PIL import Image
-
-    return Image.fromarray(np.rint(image.transpose(1, 2, 0) * 255).astype(np.uint8))
 
 
 def request(units, **kw) -> DiffusionRequest:
@@ -90,20 +84,15 @@ def ours(pipeline, units, **kw) -> np.ndarray:
 def theirs(pipeline, reference, units, *, num_images=1, num_inference_steps, guidance_scale, seed,
            guess_mode=False) -> np.ndarray:
     spec = pipeline.spec
-    single = len(units) == 1
-    pick = (lambda v: v[0]) if single else (lambda v: v)
     pipe = reference(*[u.model for u in units])
     shape = (spec.latent_channels, spec.native_height // spec.vae_scale_factor,
              spec.native_width // spec.vae_scale_factor)
     latents = torch.from_numpy(np.stack(initial_latents(seed, num_images, shape)))
     with torch.no_grad():
-        images = pipe(PROMPT, negative_prompt=NEGATIVE, image=pick([to_pil(u.image) for u in units]),
-                      num_images_per_prompt=num_images, num_inference_steps=num_inference_steps,
-                      guidance_scale=guidance_scale, latents=latents, height=spec.native_height,
-                      width=spec.native_width, output_type="np",
-                      controlnet_conditioning_scale=pick([u.conditioning_scale for u in units]),
-                      control_guidance_start=pick([u.guidance_start for u in units]),
-                      control_guidance_end=pick([u.guidance_end for u in units]), guess_mode=guess_mode).images
+        images = pipe(PROMPT, negative_prompt=NEGATIVE, num_images_per_prompt=num_images,
+                      num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, latents=latents,
+                      height=spec.native_height, width=spec.native_width, output_type="np", guess_mode=guess_mode,
+                      **control_arguments(units)).images
     return images.transpose(0, 3, 1, 2) * 2 - 1
 
 
@@ -190,7 +179,7 @@ def test_sdxl_img2img_with_controlnet_matches_diffusers(pipeline, controlled, mo
     posterior's, then the noise's)."""
     import diffusers.models.autoencoders.vae as vae_module
     import diffusers.pipelines.controlnet.pipeline_controlnet_sd_xl_img2img as img2img_module
-    from diffusers import ControlNetModel, EulerDiscreteScheduler, StableDiffusionXLControlNetImg2ImgPipeline
+    from diffusers import StableDiffusionXLControlNetImg2ImgPipeline
     from PIL import Image
 
     from tests.services.schedulers.conftest import numpy_noise
@@ -204,10 +193,7 @@ def test_sdxl_img2img_with_controlnet_matches_diffusers(pipeline, controlled, mo
     noise = numpy_noise([21])
     for module in (vae_module, img2img_module):
         monkeypatch.setattr(module, "randn_tensor", noise)
-    pipe = StableDiffusionXLControlNetImg2ImgPipeline.from_pretrained(
-        folder, controlnet=ControlNetModel.from_pretrained(nets["edges"]))
-    pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config)
-    pipe.set_progress_bar_config(disable=True)
+    pipe = diffusers_pipelines(StableDiffusionXLControlNetImg2ImgPipeline, folder, nets, prepare=euler)("edges")
     with torch.no_grad():
         want = pipe(PROMPT, negative_prompt=NEGATIVE, image=Image.fromarray(pixels), control_image=to_pil(unit.image),
                     strength=0.6, num_inference_steps=10, guidance_scale=4.0, controlnet_conditioning_scale=0.9,
