@@ -44,6 +44,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.report import append_report  # noqa: E402
+from bench.triton_server import started_triton  # noqa: E402
 from export.lora import graph_targets, store_adapter  # noqa: E402
 from services.adapters import load_adapter, slot_inputs  # noqa: E402
 from services.pipelines.pipeline_stable_diffusion import (  # noqa: E402
@@ -54,10 +55,8 @@ from services.pipelines.pipeline_stable_diffusion import (  # noqa: E402
 from services.runtime.onnxruntime_backend import OnnxRuntimeBackend  # noqa: E402
 from services.runtime.repository import ModelRepository  # noqa: E402
 from services.runtime.triton_backend import TritonBackend  # noqa: E402
-from tests.fixtures.local_server import free_port  # noqa: E402
 from tests.fixtures.lora_files import random_adapter  # noqa: E402
 
-LAUNCH = ROOT / "deploy" / "triton_cpu" / "launch.py"
 PIPELINE = "sd_digits"
 UNET = f"{PIPELINE}_unet"
 PARTS = ("text_encoder", "unet", "vae_decoder")
@@ -155,15 +154,10 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="genserve-lora-triton-"))
     repository = work / "repository"
     adapters = build_repository(args.repository, repository, args.rank, max(args.adapters))
-    http_port, grpc_port, metrics_port = free_port(), free_port(), free_port()
-    subprocess.run([sys.executable, str(LAUNCH), "--model-repository", str(repository),
-                    "--address", "127.0.0.1", "--http-port", str(http_port), "--grpc-port", str(grpc_port),
-                    "--metrics-port", str(metrics_port), "--workdir", str(work), "--wait-ready", "180"],
-                   check=True, stdout=subprocess.DEVNULL)
     try:
-        results = asyncio.run(measure(f"127.0.0.1:{grpc_port}", repository, adapters, args.adapters, args.calls))
+        with started_triton(repository, work) as url:
+            results = asyncio.run(measure(url, repository, adapters, args.adapters, args.calls))
     finally:
-        subprocess.run([sys.executable, str(LAUNCH), "stop", "--workdir", str(work)], stdout=subprocess.DEVNULL)
         shutil.rmtree(work, ignore_errors=True)
     after = " ".join(f"{x:.2f}" for x in os.getloadavg())
 

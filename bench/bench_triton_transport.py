@@ -23,7 +23,6 @@ import asyncio
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -35,11 +34,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.report import append_report  # noqa: E402
+from bench.triton_server import started_triton  # noqa: E402
 from services.runtime.repository import ModelRepository  # noqa: E402
 from services.runtime.triton_backend import TritonBackend  # noqa: E402
-from tests.fixtures.local_server import free_port  # noqa: E402
 
-LAUNCH = ROOT / "deploy" / "triton_cpu" / "launch.py"
 # name -> (latent channels, latent side, text tokens, text width)
 MODELS = {"sd_digits_unet": (4, 8, 16, 64),  # the demo U-Net itself (a real graph)
           "passthrough_sd15": (4, 64, 77, 768), "passthrough_sdxl": (4, 128, 77, 2048)}
@@ -88,6 +86,8 @@ def inputs(name: str, rows: int, seed: int) -> dict[str, np.ndarray]:
 
 
 async def measure(url: str, repository: Path, rows_list: list[int], calls: int, models: list[str]) -> list[dict]:
+    from services.pipelines.controlnet import zero_residuals
+
     specs = ModelRepository(repository)
     backends = {"socket": TritonBackend(specs, url, shared_memory="off"),
                 "shm": TritonBackend(specs, url, shared_memory="required")}
@@ -96,6 +96,7 @@ async def measure(url: str, repository: Path, rows_list: list[int], calls: int, 
         for name in models:
             for rows in rows_list:
                 x = inputs(name, rows, seed=rows)
+                x.update(zero_residuals(specs[name], rows, *x["sample"].shape[2:]))  # the demo's ControlNet inputs
                 outs = {k: await b.infer(name, x) for k, b in backends.items()}  # warm-up, learns shapes
                 assert np.array_equal(outs["socket"]["noise_pred"], outs["shm"]["noise_pred"])
                 if name != DEMO.name:  # the pass-through graphs return their input
@@ -130,15 +131,8 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="genserve-transport-"))
     repository = work / "repository"
     build_repository(repository)
-    http_port, grpc_port, metrics_port = free_port(), free_port(), free_port()
-    subprocess.run([sys.executable, str(LAUNCH), "--model-repository", str(repository),
-                    "--address", "127.0.0.1", "--http-port", str(http_port), "--grpc-port", str(grpc_port),
-                    "--metrics-port", str(metrics_port), "--workdir", str(work), "--wait-ready", "180"],
-                   check=True, stdout=subprocess.DEVNULL)
-    try:
-        results = asyncio.run(measure(f"127.0.0.1:{grpc_port}", repository, args.rows, args.calls, args.models))
-    finally:
-        subprocess.run([sys.executable, str(LAUNCH), "stop", "--workdir", str(work)], stdout=subprocess.DEVNULL)
+    with started_triton(repository, work) as url:
+        results = asyncio.run(measure(url, repository, args.rows, args.calls, args.models))
 
     lines = [f"## {time.strftime('%Y-%m-%d %H:%M')} on {platform.node()} ({platform.machine()}, "
              f"{os.cpu_count()} cores, load average {load})", "",
