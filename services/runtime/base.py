@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 import numpy as np
 
 from services.adapters import is_slot_input, is_slot_weight
-from services.runtime.repository import ModelSpec
+from services.runtime.repository import ModelSpec, TensorInfo
 
 # Called after each model execution with (model, backend, batch size, seconds).
 ExecutionObserver = Callable[[str, str, int, float], None]
@@ -101,6 +101,21 @@ class InferenceBackend(abc.ABC):
         for observe in self._observers:
             observe(spec.name, self.name, batch, seconds)
         return outputs
+
+
+def graph_shaped(spec: ModelSpec, t: TensorInfo, x: np.ndarray) -> np.ndarray:
+    """`x`, in the config's wire shape, in the shape the graph sees: Triton's config-level
+    reshape of tensor `t` (per sample when the model batches), applied as Triton applies it."""
+    if t.reshape is None:
+        return x
+    return x.reshape((len(x), *t.reshape) if spec.max_batch_size > 0 else t.reshape)
+
+
+def wire_shaped(spec: ModelSpec, t: TensorInfo, x: np.ndarray) -> np.ndarray:
+    """The reverse of graph_shaped: a graph's output `x` in the config's dims."""
+    if t.reshape is None:
+        return x
+    return x.reshape((len(x), *t.dims) if spec.max_batch_size > 0 else t.dims)
 
 
 def select_outputs(spec: ModelSpec, names: Sequence[str] | None) -> ModelSpec:

@@ -35,7 +35,7 @@ import onnxruntime as ort
 
 from services.adapters import SCALE_INPUT, SLOTTED_GRAPH, is_slot_input, slot_inputs
 from services.engine.memory import ACTIVATION_BYTES_PARAMETER
-from services.runtime.base import InferenceBackend, latency_first_requested
+from services.runtime.base import InferenceBackend, graph_shaped, latency_first_requested
 from services.runtime.repository import ModelRepository, ModelSpec
 
 log = logging.getLogger("genserve.onnxruntime")
@@ -155,12 +155,7 @@ class OnnxRuntimeBackend(InferenceBackend):
 
     async def _execute(self, spec: ModelSpec, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         session = self._sessions[spec.name]
-        feeds = {}
-        for t in spec.inputs:
-            x = inputs[t.name]
-            if t.reshape is not None:  # Triton's config-level reshape, applied the same way
-                x = x.reshape((x.shape[0], *t.reshape) if spec.max_batch_size > 0 else t.reshape)
-            feeds[t.name] = x
+        feeds = {t.name: graph_shaped(spec, t, inputs[t.name]) for t in spec.inputs}  # as Triton reshapes them
         names = [t.name for t in spec.outputs]
         first = next(iter(feeds.values()), None)
         if spec.max_batch_size > 0 and first is not None:

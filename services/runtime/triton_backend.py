@@ -47,7 +47,7 @@ from tritonclient.utils import InferenceServerException, np_to_triton_dtype
 
 from services.adapters import SCALE_INPUT, is_slot_input, is_slot_weight
 from services.errors import BackendUnavailable, InferenceFailed, ServiceError
-from services.runtime.base import InferenceBackend
+from services.runtime.base import InferenceBackend, graph_shaped, wire_shaped
 from services.runtime.repository import ModelRepository, ModelSpec
 from services.runtime.triton_shm import (
     SHM_DIR,
@@ -394,14 +394,11 @@ class TritonBackend(InferenceBackend):
             return await self._execute_any(spec, inputs)
         # The slotted graph: its whole shapes (max_batch_size 0), the factors kept apart.
         call = self._slotted_spec(spec)
-        graph_inputs = {t.name: inputs[t.name] if t.reshape is None or spec.max_batch_size <= 0
-                        else inputs[t.name].reshape((len(inputs[t.name]), *t.reshape)) for t in spec.inputs}
+        graph_inputs = {t.name: graph_shaped(spec, t, inputs[t.name]) for t in spec.inputs}
         graph_inputs[SCALE_INPUT] = inputs[SCALE_INPUT]
         factors = {k: v for k, v in inputs.items() if is_slot_weight(k)}
         values = await self._execute_any(call, graph_inputs, factors)
-        rows = len(inputs[SCALE_INPUT])
-        return {t.name: values[t.name] if t.reshape is None or spec.max_batch_size <= 0
-                else values[t.name].reshape((rows, *t.dims)) for t in spec.outputs}
+        return {t.name: wire_shaped(spec, t, values[t.name]) for t in spec.outputs}
 
     def _slotted_spec(self, spec: ModelSpec) -> ModelSpec:
         """The slotted model's spec for a call of `spec` (its outputs), less the factor inputs,
