@@ -12,7 +12,10 @@ seeded). Modes, all in this process on the embedded ONNX Runtime backend:
                   its answer when the group ends; newcomers wait for the next group — how
                   request-batching servers treat multi-step pipelines
   step-level      the DiffusionEngine (the service's settings: one ONNX Runtime thread pool
-                  shared by every session)
+                  shared by every session; the overlapped loop: the next U-Net call starts as
+                  soon as the last one's outputs are applied, the rest runs while it executes)
+  step-level, no overlap   the same engine running its stages one after another
+                  (GENSERVE_ENGINE_OVERLAP=0): the loop before the overlap
   step-level, inline calls   the same, with ONNX Runtime calls of at most 5 ms run on the
                   event loop's thread instead of a worker (GENSERVE_ORT_INLINE_MS=5)
   step-level, ORT per-session pools / threads sleep / 1 thread   the same on a backend
@@ -122,42 +125,50 @@ class RequestLevel:
                     carry = item
                     break
                 group.append(item)
-            reqs = [r for r, _ in group]
-            embeddings = await self.pipeline.encode_prompts([x for r in reqs for x in self.pipeline.tokenize(r)])
-            trajectories, offset = [], 0
-            for r in reqs:
-                k = len(self.pipeline.tokenize(r))
-                trajectories.append(await self.pipeline.start(r, embeddings[offset:offset + k]))
-                offset += k
-            last_inputs = {}
-            while not all(t.done for t in trajectories):
-                # Finished members still occupy their rows: the batch is fixed for the call.
-                inputs = []
-                for t in trajectories:
-                    if not t.done:
-                        last_inputs[id(t)] = t.model_inputs()
-                    inputs.append(last_inputs[id(t)])
-                merged = {k: np.concatenate([x[k] for x in inputs]) for k in inputs[0]}
-                out = (await self.pipeline.backend.infer(self.pipeline.models.unet, merged))["noise_pred"]
-                o = 0
-                for t in trajectories:
-                    if not t.done:
-                        t.advance(out[o:o + t.rows])
-                    o += t.rows
-            images = await self.pipeline.decode(np.concatenate([t.decoder_input() for t in trajectories]))
+            try:
+                await self._serve(group)
+            except Exception as exc:  # the callers see it (a silent worker would leave them waiting)
+                for _, future in group:
+                    if not future.done():
+                        future.set_exception(exc)
+
+    async def _serve(self, group):
+        reqs = [r for r, _ in group]
+        embeddings = await self.pipeline.encode_prompts([x for r in reqs for x in self.pipeline.tokenize(r)])
+        trajectories, offset = [], 0
+        for r in reqs:
+            k = len(self.pipeline.tokenize(r))
+            trajectories.append(await self.pipeline.start(r, embeddings[offset:offset + k]))
+            offset += k
+        last_inputs = {}
+        while not all(t.done for t in trajectories):
+            # Finished members still occupy their rows: the batch is fixed for the call.
+            inputs = []
+            for t in trajectories:
+                if not t.done:
+                    last_inputs[id(t)] = t.model_inputs()
+                inputs.append(last_inputs[id(t)])
+            merged = {k: np.concatenate([x[k] for x in inputs]) for k in inputs[0]}
+            out, _ = await self.pipeline.denoise(merged)  # the pipeline's call: control inputs filled
             o = 0
-            for (r, future), _ in zip(group, trajectories):
-                future.set_result(images[o:o + r.num_images])
-                o += r.num_images
+            for t in trajectories:
+                if not t.done:
+                    t.advance(out[o:o + t.rows])
+                o += t.rows
+        images = await self.pipeline.decode(np.concatenate([t.decoder_input() for t in trajectories]))
+        o = 0
+        for (r, future), _ in zip(group, trajectories):
+            future.set_result(images[o:o + r.num_images])
+            o += r.num_images
 
 
 class StepLevel:
-    def __init__(self, pipeline, max_rows: int):
-        self.pipeline, self.max_rows, self.engine = pipeline, max_rows, None
+    def __init__(self, pipeline, max_rows: int, overlap: bool = True):
+        self.pipeline, self.max_rows, self.overlap, self.engine = pipeline, max_rows, overlap, None
 
     async def prepare(self):
         """Inside the mode's event loop, before its clock starts: warmed like the service."""
-        self.engine = DiffusionEngine(self.pipeline, EngineConfig(self.max_rows, 10**9))
+        self.engine = DiffusionEngine(self.pipeline, EngineConfig(self.max_rows, 10**9, overlap=self.overlap))
         await self.engine.warmup()
 
     async def __call__(self, req):
@@ -214,7 +225,7 @@ class Timed:
         self.session, self.work, self.probe = session, work, probe
         self.last_probe = 0.0
 
-    def run(self, names, feeds):
+    def run(self, names, feeds, *run_options):
         work = self.work
         if self.probe is not None and time.perf_counter() - self.last_probe >= PROBE_EVERY_S:
             # Right before the call, in its thread: the same conditions as the call. (A pause
@@ -225,7 +236,7 @@ class Timed:
             work["probes"].append((t0, t1 - t0))
         t0 = time.perf_counter()
         try:
-            return self.session.run(names, feeds)
+            return self.session.run(names, feeds, *run_options)
         finally:
             took = time.perf_counter() - t0
             work["run_s"] += took
@@ -334,7 +345,9 @@ def main() -> int:
     cost_before = unet_cost(pipeline, sizes)
     probe_rows = min(sizes, key=lambda n: cost_before[n] / n)
     modes = {"sequential": Sequential(pipeline), "request-level": RequestLevel(pipeline, max_rows),
-             "step-level": StepLevel(pipeline, max_rows), "step-level, inline calls": StepLevel(pipeline, max_rows),
+             "step-level": StepLevel(pipeline, max_rows),
+             "step-level, no overlap": StepLevel(pipeline, max_rows, overlap=False),
+             "step-level, inline calls": StepLevel(pipeline, max_rows),
              "step-level, ORT per-session pools": StepLevel(per_session, max_rows),
              "step-level, ORT threads sleep": StepLevel(sleeping, max_rows),
              "step-level, ORT 1 thread": StepLevel(one_thread, max_rows),
@@ -363,6 +376,7 @@ def main() -> int:
         schedule += [(f"{n} #{i + 1}", m) for i in range(args.rounds) for n, m in step_modes]
     rows = {}
     for name, mode in schedule:
+        print(f"{time.strftime('%H:%M:%S')} {name}", file=sys.stderr, flush=True)
         backend.inline_max_s = 0.005 if "inline" in name else inline_s
         r = asyncio.run(run_mode(mode, single if "c=1" in name else jobs,
                                  reset=lambda: work.update(fresh_work()), probes=lambda: work["probes"]))

@@ -25,8 +25,9 @@ scale: one adapter combination per batch (bench/bench_lora_batching.py).
 from __future__ import annotations
 
 import os
+from collections.abc import Collection
 
-from services.engine.request import EngineRequest, RequestStatus
+from services.engine.request import EngineRequest
 from services.engine.scheduler import StepBatch, StepScheduler
 
 BENCH_POLICY_ENV = "GENSERVE_BENCH_POLICY"
@@ -76,10 +77,10 @@ class RequestBatchScheduler(StepScheduler):
     def can_share(self, head: EngineRequest, r: EngineRequest) -> bool:
         return pipeline_parameters(r) == pipeline_parameters(head)
 
-    def schedule(self, now: float | None = None) -> StepBatch:
-        self.cohort = [r for r in self.cohort if r.status == RequestStatus.RUNNING]
+    def schedule(self, now: float | None = None, ahead: Collection[EngineRequest] = ()) -> StepBatch:
+        self.cohort = [r for r in self.cohort if self.runs_next(r, ahead)]
         if not self.cohort:
-            self.cohort = super().schedule(now).requests
+            self.cohort = super().schedule(now, ahead).requests
         return StepBatch(list(self.cohort), sum(r.started.rows for r in self.cohort))
 
 

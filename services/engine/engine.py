@@ -8,6 +8,15 @@ pipeline, batching across requests at each stage:
 Cancellation and deadlines take effect between iterations, so a cancelled request
 costs at most the step already in flight.
 
+Overlap (vLLM v1's engine-core shape; EngineConfig.overlap, the service's default): the
+next U-Net call starts as soon as the last one's outputs are applied (guidance, scheduler
+steps, who is done), and everything else of the iteration runs while it executes: the
+previews and decodes of requests the last call finished, the text encoding of new requests
+(they join the call after), the cost model, and the event loop's other tasks (HTTP, PNG
+encoding, streams). Without it (and in `step()`, which tests drive) the stages run one after
+another. Images are the same either way: a request's arithmetic does not depend on which
+calls it shares.
+
 Failures stay with their owner:
   - whatever one request does (bad parameters, an init image that fails to encode, an
     exception in its own scheduler step, NaN latents, a decode that fails) finishes that
@@ -108,13 +117,30 @@ class EngineConfig:
     policy: str = "fair"
     # Another system's batching rule (services.engine.bench_policies: benchmarks only).
     scheduler_class: type[StepScheduler] = StepScheduler
+    # The background loop's shape: housekeeping while the U-Net call runs (see the module's docstring).
+    overlap: bool = True
 
     @classmethod
     def from_settings(cls, settings: EngineSettings, max_batch_rows: int,
                       scheduler_class: type[StepScheduler] = StepScheduler) -> EngineConfig:
         return cls(max_batch_rows, settings.max_queued_steps, latency_budget_s=settings.step_budget_ms / 1000,
                    max_queue_seconds=settings.max_queue_seconds, policy=settings.policy,
-                   scheduler_class=scheduler_class)
+                   scheduler_class=scheduler_class, overlap=settings.overlap)
+
+
+@dataclass
+class InFlight:
+    """One iteration's denoiser calls, started and not applied yet."""
+
+    batch: StepBatch
+    # -> (outputs by request, the outage that stopped a call or None): a task when overlapped
+    # (it runs while the loop goes on), else the coroutine itself (awaited at once, no hop).
+    outputs: Awaitable[tuple[dict, BackendUnavailable | None]]
+    start: float  # perf_counter() at launch
+
+    def cancel(self) -> None:
+        if isinstance(self.outputs, asyncio.Task):
+            self.outputs.cancel()
 
 
 def check_finite(x: np.ndarray, what: str) -> None:
@@ -141,6 +167,10 @@ class DiffusionEngine:
             pipeline.adapters.in_use = lambda: {i for r in self.scheduler.requests for i in r.request.adapter_loads}
         self.observer = observer or NoObserver()
         self.iterations = 0  # U-Net iterations run: a step counter tests can assert on
+        self.overlap = config.overlap
+        self._flight: InFlight | None = None  # the overlapped loop's U-Net call in progress
+        self._planned: StepBatch | None = None  # the next call's requests, scheduled while _flight runs
+        self._previews_due: list[tuple[EngineRequest, int, np.ndarray]] = []  # (request, step, x0) to decode
         self._wakeup = asyncio.Event()
         self._loop_task: asyncio.Task | None = None
         self._start_loop = start_loop
@@ -282,6 +312,9 @@ class DiffusionEngine:
             log.warning("engine %s: shallow U-Net warm-up failed (%s: %s)", self.model, type(exc).__name__, exc)
 
     async def close(self) -> None:
+        if self._flight is not None:
+            self._flight.cancel()
+            self._flight = None
         if self._loop_task is not None:
             self._loop_task.cancel()
             try:
@@ -298,11 +331,14 @@ class DiffusionEngine:
     async def _run(self) -> None:
         while True:
             try:
-                worked = await self.step()
+                worked = await (self._overlapped_iteration() if self.overlap else self.step())
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # an engine bug (model failures fail their own requests)
                 log.exception("engine %s iteration failed", self.model)
+                if self._flight is not None:
+                    self._flight.cancel()
+                    self._flight = None
                 for r in list(self.scheduler.requests):
                     self._fail(r, exc)
                 self.scheduler.prune()
@@ -323,26 +359,61 @@ class DiffusionEngine:
                         pass
 
     async def step(self) -> bool:
-        """One iteration; returns whether anything ran (or was tried, in an outage).
+        """One iteration, stage after stage; returns whether anything ran (or was tried, in
+        an outage). Tests drive this by hand; the background loop runs it without overlap.
 
         Each stage stands alone: when the backend is unavailable for one, its requests
         stay where they are and the next stages still run (a model reloading on Triton
         stalls only the requests that need it)."""
         self._step_outage, self._step_progress = None, False
         self._finish_leaving()  # 1. cancellations and deadlines
-        worked = False
         # Serving one request, its calls have nothing to overlap: the embedded backend may run
         # them on this thread (measured at concurrency 1: half the non-model time per step).
         with latency_first(len(self.scheduler.requests) == 1):
-            for stage in (self._admit, self._denoise, self._decode):  # 2. prompts, 3. one U-Net step, 4. VAE
-                try:
-                    worked = await stage() or worked
-                except BackendUnavailable:
-                    worked = True  # paused, not failed: _run backs off, the next iteration retries
-                self.scheduler.prune()
-                # A stage whose calls ran inline never suspended: the loop's other tasks (reading
-                # the next request, answering finished ones) get their turn between stages.
-                await asyncio.sleep(0)
+            worked = await self._stage(self._admit)  # 2. prompts
+            worked = await self._stage(self._denoise) or worked  # 3. one U-Net step
+            worked = await self._stage(self._previews) or worked
+            worked = await self._stage(self._decode) or worked  # 4. VAE
+        self._note_outage()
+        return worked
+
+    async def _overlapped_iteration(self) -> bool:
+        """One iteration of the overlapped loop: the last call's outputs applied, the next
+        call started at once, then the rest while it runs (see the module's docstring)."""
+        self._step_outage, self._step_progress = None, False
+        worked = False
+        with latency_first(len(self.scheduler.requests) == 1):
+            if self._flight is not None:
+                flight, self._flight = self._flight, None
+                worked = await self._stage(lambda: self._land(flight), yield_after=False)
+            self._finish_leaving()
+            planned, self._planned = self._planned, None
+            if self._step_outage is None or self._step_progress:  # after an outage, _run backs off first
+                self._flight = self._launch(planned, overlap=True)
+                worked = worked or self._flight is not None
+            await asyncio.sleep(0)  # the call starts; the loop's other tasks run beside it
+            for stage in (self._previews, self._decode, self._admit):
+                worked = await self._stage(stage) or worked
+            if self._flight is not None:  # the next call's requests, while this one runs
+                self._planned = self.scheduler.schedule(ahead=set(self._flight.batch.requests))
+        self._note_outage()
+        return worked
+
+    async def _stage(self, stage, yield_after: bool = True) -> bool:
+        """Runs one stage: an outage pauses its requests (they stay where they are; _run backs
+        off and a later iteration retries), never fails them."""
+        try:
+            worked = await stage()
+        except BackendUnavailable:
+            worked = True
+        self.scheduler.prune()
+        if yield_after:
+            # A stage whose calls ran inline never suspended: the loop's other tasks (reading
+            # the next request, answering finished ones) get their turn between stages.
+            await asyncio.sleep(0)
+        return worked
+
+    def _note_outage(self) -> None:
         if self._step_outage is not None:
             if self._outage is None:
                 log.warning("engine %s: backend unavailable, pausing the requests that need it: %s",
@@ -352,7 +423,6 @@ class DiffusionEngine:
             if self._outage is not None:
                 log.info("engine %s: backend answers again, resuming", self.model)
             self._outage, self._backoff_s = None, BACKOFF_MIN_S
-        return worked
 
     async def _back_off(self) -> None:
         """Nothing could run: waits before the next try (0.25 s doubling to 2 s), waking
@@ -479,14 +549,25 @@ class DiffusionEngine:
 
     # -- stage 3: one denoising step -----------------------------------------------------
     async def _denoise(self) -> bool:
-        """One U-Net call for every scheduled request, then each advances its own state.
-        With DeepCache, rows taking a shallow step this iteration share a second call."""
-        batch = self.scheduler.schedule()
+        """One U-Net call for every scheduled request, then each advances its own state."""
+        flight = self._launch()
+        return flight is not None and await self._land(flight)
+
+    def _launch(self, planned: StepBatch | None = None, overlap: bool = False) -> InFlight | None:
+        """Builds the inputs of a batch (`planned` while the last call ran, else scheduled now)
+        and its calls; `overlap`: they start now, as a task of their own. A planned request
+        that left or failed since is dropped from it."""
+        batch = StepBatch()
+        if planned is not None:
+            batch.requests = [r for r in planned.requests if self.scheduler.runs_next(r)]
+            batch.rows = sum(r.started.rows for r in batch.requests)
         if not batch.requests:
-            return False
+            batch = self.scheduler.schedule()
+        if not batch.requests:
+            return None
         start = time.perf_counter()
         shallow_ok = time.monotonic() >= self._shallow_retry_at
-        # a. Each request's rows; one whose inputs cannot be built fails alone.
+        # Each request's rows; one whose inputs cannot be built fails alone.
         inputs: dict[EngineRequest, dict[str, np.ndarray]] = {}
         for r in batch.requests:
             try:
@@ -495,8 +576,13 @@ class DiffusionEngine:
                 inputs[r] = r.started.model_inputs()
             except Exception as exc:  # e.g. no timestep left to run
                 self._fail(r, exc)
-        # b. The shared calls: full rows, then shallow ones. A call that meets an outage leaves
-        #    its trajectories untouched; after a full call's outage the shallow one is not tried.
+        calls = self._calls(inputs)
+        return InFlight(batch, asyncio.get_running_loop().create_task(calls) if overlap else calls, start)
+
+    async def _calls(self, inputs: dict[EngineRequest, dict[str, np.ndarray]]):
+        """The shared calls: full rows, then shallow ones (DeepCache). A call that meets an
+        outage leaves its trajectories untouched; after a full call's outage the shallow one
+        is not tried."""
         full = [r for r in inputs if DEEP_FEATURES not in inputs[r]]
         shallow = [r for r in inputs if DEEP_FEATURES in inputs[r]]
         outputs, outage = {}, None
@@ -515,16 +601,23 @@ class DiffusionEngine:
                             "for %.0f s", self.model, exc, SHALLOW_RETRY_S)
                 self._shallow_retry_at = time.monotonic() + SHALLOW_RETRY_S
                 for r in shallow:
-                    r.started.deep_features = None
+                    if r.trajectory is not None:
+                        r.trajectory.deep_features = None
+        return outputs, outage
+
+    async def _land(self, flight: InFlight) -> bool:
+        """Applies a call's outputs: guidance and the scheduler step per request (non-finite
+        latents fail their request), who is done, progress events; previews are queued for
+        the previews stage. A request that finished while the call ran (cancelled, failed)
+        is skipped."""
+        outputs, outage = await flight.outputs
         if outage is not None and not outputs:
             raise outage
-        seconds = time.perf_counter() - start
+        seconds = time.perf_counter() - flight.start
         self.iterations += 1
-        advanced = StepBatch([r for r in batch.requests if r in outputs],
+        outputs = {r: out for r, out in outputs.items() if not r.status.finished}
+        advanced = StepBatch([r for r in flight.batch.requests if r in outputs],
                              sum(r.started.rows for r in outputs))
-        self.observer.iteration(self.model, advanced.rows, len(advanced.requests),
-                                sum(r.request.num_images for r in advanced.requests))
-        # c. Guidance and the scheduler step, per request; non-finite latents fail their request.
         for r, (noise_pred, features) in outputs.items():
             try:
                 r.started.advance(noise_pred, features)
@@ -532,13 +625,20 @@ class DiffusionEngine:
             except Exception as exc:
                 self._fail(r, exc)
                 continue
-            r.timings["denoising_seconds"] += time.perf_counter() - start
-            if r.started.steps_done == 1:
-                self.observer.first_step(self.model, time.monotonic() - r.arrival)
-            r.emit("progress", step=r.started.steps_done, total=r.started.num_steps,
-                   elapsed=round(time.monotonic() - r.arrival, 6))
+            r.timings["denoising_seconds"] += time.perf_counter() - flight.start
         self.scheduler.update_from_output(advanced, seconds)
-        await self._previews(advanced)
+        self.observer.iteration(self.model, advanced.rows, len(advanced.requests),
+                                sum(r.request.num_images for r in advanced.requests))
+        for r in advanced.requests:
+            if r.status.finished:
+                continue
+            t = r.started
+            if t.steps_done == 1:
+                self.observer.first_step(self.model, time.monotonic() - r.arrival)
+            r.emit("progress", step=t.steps_done, total=t.num_steps, elapsed=round(time.monotonic() - r.arrival, 6))
+            if (r.preview_every and not t.done and t.steps_done % r.preview_every == 0
+                    and t.pred_original_sample is not None):
+                self._previews_due.append((r, t.steps_done, t.pred_original_sample))
         if outage is not None:
             raise outage
         return True
@@ -553,7 +653,9 @@ class DiffusionEngine:
         if not requests:
             return {}
         merged = merge_rows([inputs[r] for r in requests])  # rows without control get zero control inputs
-        keep = any(r.started.caching for r in requests)  # the full graph's features, for requests that cache
+        # Read before the call: a request may finish (cancelled, failed) while it runs.
+        caching = {r: r.started.caching for r in requests}
+        keep = any(caching.values())  # the full graph's features, for requests that cache
         try:
             t0 = time.perf_counter()
             call = self.pipeline.denoise(merged, keep)
@@ -573,12 +675,13 @@ class DiffusionEngine:
                     **await self._unet(requests[half:], inputs, record_outage)}
         offset, result = 0, {}
         for r in requests:
-            rows = slice(offset, offset + r.started.rows)
+            n = len(next(iter(inputs[r].values())))
+            rows = slice(offset, offset + n)
             # A caching request keeps a copy of its own rows: a view would keep the whole call's
             # features (every row of it, [rows, C_f, h, w]) alive until its next full step.
-            own = features[rows].copy() if features is not None and r.started.caching else None
+            own = features[rows].copy() if features is not None and caching[r] else None
             result[r] = (noise_pred[rows], own)
-            offset += r.started.rows
+            offset += n
         return result
 
     def _observe_cost(self, bucket, rows: int, seconds: float) -> None:
@@ -587,22 +690,23 @@ class DiffusionEngine:
         if self.iterations % 50 == 0:
             self.observer.cost(self.model, self.cost.describe())
 
-    async def _previews(self, batch: StepBatch) -> None:
-        """The x0 estimate, decoded, every `preview_every` steps for streaming clients.
-        A preview that fails fails its request; one that meets an outage is skipped."""
-        wanted = [r for r in batch.requests if r.preview_every and not r.status.finished
-                  and not r.started.done and r.started.steps_done % r.preview_every == 0
-                  and r.started.pred_original_sample is not None]
-        for r in wanted:
+    async def _previews(self) -> bool:
+        """The x0 estimates queued by the last call, decoded for streaming clients (every
+        `preview_every` steps). A preview that fails fails its request; one that meets an
+        outage is skipped."""
+        due, self._previews_due = self._previews_due, []
+        for r, step, x0 in due:
+            if r.status.finished or r.trajectory is None:
+                continue
             try:
-                images = await self._backend(self.pipeline.decode(
-                    r.started.decoder_input(r.started.pred_original_sample)))
+                images = await self._backend(self.pipeline.decode(r.trajectory.decoder_input(x0)))
             except BackendUnavailable:
-                return
+                return True
             except Exception as exc:
                 self._fail(r, exc)
                 continue
-            r.emit("preview", step=r.started.steps_done, images=images)
+            r.emit("preview", step=step, images=images)
+        return bool(due)
 
     # -- stage 4: decoding ---------------------------------------------------------------
     async def _decode(self) -> bool:

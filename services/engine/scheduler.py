@@ -2,7 +2,8 @@
 
 Contract (called by DiffusionEngine, in this order every iteration):
   add_request(req)          when a request is admitted (after the queue-bound check)
-  schedule() -> StepBatch   which RUNNING requests advance one step together
+  schedule() -> StepBatch   which RUNNING requests advance one step together (the overlapped
+                            loop asks while the previous call runs: schedule(ahead=its requests))
   update_from_output(batch) after the U-Net call: who is done, who leaves
   finish_requests(...)      cancellations and deadlines, between iterations
 """
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Collection
 from dataclasses import dataclass, field
 
 from services.engine.cost_model import CostModel
@@ -138,8 +140,10 @@ class StepScheduler:
         self.requests.append(req)
 
     # -- policy ----------------------------------------------------------------------
-    def schedule(self, now: float | None = None) -> StepBatch:
-        """Which RUNNING requests advance one step together. The first in the policy's order
+    def schedule(self, now: float | None = None, ahead: Collection[EngineRequest] = ()) -> StepBatch:
+        """Which RUNNING requests advance one step together. `ahead`: requests whose step is
+        in flight (the overlapped loop plans the next call while the current one runs): each
+        counts as one step further, so one whose last step is in flight is left out. The first in the policy's order
         fixes the shape bucket; then every later request of that bucket that still fits under
         the target rows: the size with the most rows per second by the cost model (never past
         max_batch_rows; all of them before anything was measured). The first always runs;
@@ -157,7 +161,7 @@ class StepScheduler:
                 least so far picks first, then the next, and so on.
         """
         batch = StepBatch()
-        running = [r for r in self.requests if r.status == RequestStatus.RUNNING]
+        running = [r for r in self.requests if self.runs_next(r, ahead)]
         if not running:
             return batch
         now = time.monotonic() if now is None else now
@@ -168,8 +172,8 @@ class StepScheduler:
             order = running
             self.served = {running[0].tenant: self.served.get(running[0].tenant, 0.0)}
         else:
-            order = self._fair_order(running, now)
-            starving = sorted((r for r in order if r.started.steps_done
+            order = self._fair_order(running, now, ahead)
+            starving = sorted((r for r in order if self.steps_done(r, ahead)
                                and self.iteration - r.last_turn > MAX_STEP_GAP), key=lambda r: (r.last_turn, r.arrival))
             if starving:  # the progress guarantee first (MAX_STEP_GAP), in its own bucket
                 ids = {id(r) for r in starving}
@@ -182,7 +186,7 @@ class StepScheduler:
             rows = r.started.rows
             if not self.can_share(head, r) or (batch.requests and batch.rows + rows > target):
                 continue
-            if self.policy == "fair" and r.started.steps_done == 0:
+            if self.policy == "fair" and self.steps_done(r, ahead) == 0:
                 if batch.requests and first_step_rows + rows > first_step_cap:
                     continue  # waits for its turn by virtual deadline, or the next iteration
                 first_step_rows += rows
@@ -195,12 +199,22 @@ class StepScheduler:
                 self.served[r.tenant] = self.served.get(r.tenant, 0.0) + r.started.rows
         return batch
 
+    @staticmethod
+    def steps_done(r: EngineRequest, ahead: Collection[EngineRequest] = ()) -> int:
+        """Its steps done, counting one in flight (`ahead`) as done."""
+        return r.started.steps_done + (r in ahead)
+
+    def runs_next(self, r: EngineRequest, ahead: Collection[EngineRequest] = ()) -> bool:
+        """RUNNING, and not with its last step in flight (`ahead`)."""
+        return r.status == RequestStatus.RUNNING and (r not in ahead or r.started.steps_done + 1 < r.started.num_steps)
+
     def can_share(self, head: EngineRequest, r: EngineRequest) -> bool:
         """Whether `r` may join the U-Net call that `head` (the first in the policy's order)
         fixes: any request of its shape bucket (steps, guidance and schedulers may differ)."""
         return r.shape == head.shape
 
-    def _fair_order(self, running: list[EngineRequest], now: float) -> list[EngineRequest]:
+    def _fair_order(self, running: list[EngineRequest], now: float,
+                    ahead: Collection[EngineRequest] = ()) -> list[EngineRequest]:
         iteration_s = {}
 
         def step_s(r):  # one iteration's measured time at the request's bucket (0: unmeasured)
@@ -210,9 +224,9 @@ class StepScheduler:
             return iteration_s[r.shape]
 
         def key(r):
-            t = r.started
-            left = t.num_steps - t.steps_done
-            if t.steps_done == 0:
+            done = self.steps_done(r, ahead)
+            left = r.started.num_steps - done
+            if done == 0:
                 return (0, r.arrival)
             alone = left * step_s(r)
             if r.deadline - now < 2 * alone:  # the deadline is near: earliest deadline first

@@ -1,5 +1,6 @@
-"""The benchmark's stand-ins for other servers' batching rules: given running requests,
-which of them share a U-Net call. Pure scheduler, no model, no timing."""
+"""Batching rules, given running requests: which of them share a U-Net call. The benchmark's
+stand-ins for other servers' rules, the engine's own, and both planning the next call while one
+is in flight (the overlapped engine). Pure scheduler, no model, no timing."""
 
 from types import SimpleNamespace
 
@@ -150,3 +151,33 @@ def test_the_policy_comes_from_the_bench_variable_and_a_typo_is_refused(monkeypa
     monkeypatch.setenv(BENCH_POLICY_ENV, "serail")
     with pytest.raises(ValueError, match=BENCH_POLICY_ENV):
         scheduler_class_from_env()
+
+
+# -- planning the next call while one runs (the overlapped engine: schedule(ahead=...)) ---------
+def test_planned_ahead_a_request_whose_last_step_is_in_flight_is_left_out():
+    s = make(StepScheduler)
+    last, more, idle = running("last", steps=5, done=4), running("more", steps=5, done=3, arrival=1), running(
+        "idle", steps=9, done=2, arrival=2)
+    s.requests = [last, more, idle]
+    assert set(names(s.schedule(now=10, ahead={last, more}))) == {"more", "idle"}
+    assert set(names(s.schedule(now=10))) == {"last", "more", "idle"}  # nothing in flight: all of them
+
+
+def test_planned_ahead_a_first_step_in_flight_no_longer_counts_as_a_first_step():
+    """At most half the rows go to first steps: a request whose first step is in flight takes
+    its second in the next call, so it does not use that share."""
+    s = StepScheduler(4, 10_000, cost=CostModel(4, native=NATIVE, learn=False))  # 4 rows: 2 for first steps
+    old = running("old", done=5, arrival=5)
+    fresh = [running(f"fresh-{i}", done=0, arrival=i) for i in range(2)]
+    s.requests = [old, *fresh]
+    assert names(s.schedule(now=10)) == ["fresh-0", "old"]  # fresh-1 waits: the first-step share is full
+    assert names(s.schedule(now=10, ahead={fresh[0], fresh[1]})) == ["fresh-0", "fresh-1"]
+
+
+def test_planned_ahead_a_request_batch_ends_when_its_last_step_is_in_flight():
+    s = make(RequestBatchScheduler)
+    a, b, other = running("a", steps=5, done=4), running("b", steps=5, done=4, arrival=1), running(
+        "other", steps=30, arrival=2)
+    s.requests = [a, b, other]
+    assert names(s.schedule(now=10)) == ["a", "b"]
+    assert names(s.schedule(now=10, ahead={a, b})) == ["other"]  # the next batch, planned during a and b's last
