@@ -20,7 +20,9 @@ the same arrival times and requests at a given rate (seeded by the rate).
 Systems, all on the same model (model_repository/'s sd_digits, exported from
 zoo/checkpoints/sd_digits) and the same 2 cores:
   genserve   the service as deployed: step-level batching across steps, guidance and
-             schedulers (services/engine)
+             schedulers, the engine loop overlapping its work with the U-Net call (services/engine)
+  no-overlap the same service with the engine's stages one after another (the loop before the
+             overlap)                                              GENSERVE_ENGINE_OVERLAP=0
   matching   the same service with step batching restricted to matching size, guidance and
              scheduler (vLLM-Omni's, SGLang's step modes)          GENSERVE_BENCH_POLICY=matching
   request    request-level batching: a batch of requests one pipeline call could take, run to
@@ -40,7 +42,8 @@ both targets: genserve's (the user's target, the headline) and 3x its own standa
 
 Rungs: the --rates ladder. A system starts at the highest rung at or below START_FRACTION of its
 standalone capacity (1 / its mean standalone latency over the mix; lower rungs are not run) and
-climbs until a rung's share falls below --stop-below or the ladder ends. Systems run their rungs
+climbs until a rung's share falls below --stop-below or the ladder ends; if no rung from the start
+up passed, it then runs the rungs below the start, down to the first that passes. Systems run their rungs
 round by round, interleaved in rotating order, so that a drift in the machine's speed lands on
 all of them. Each rung sends max(--min-requests, rate x --seconds) requests, at most
 --max-requests; a request still unanswered GIVE_UP x its SLO after its arrival is cancelled
@@ -54,6 +57,18 @@ figure of bench/bench_engine.py (its step-level mode at 16 clients, run here as 
 
 Appends the tables, the command and the load average before and after to
 bench/results/goodput.md; say with --note whether the machine was quiet.
+
+On a GPU host (one command; a Triton serving the exported SD 1.5 repository with TensorRT
+plans at localhost:8001, its diffusers folder beside it):
+
+    python bench/bench_goodput.py --repository /models/sd15 --sizes 512,768 \
+        --service-env GENSERVE_BACKEND=triton --service-env GENSERVE_TRITON_URL=localhost:8001 \
+        --service-env GENSERVE_DEFAULT_DIFFUSION_MODEL=sd15 --peer-folder /models/sd15-diffusers \
+        --peer-device cuda --rates 0.5,1,2,3,4,6,8,12 --bursts 0 --no-in-process \
+        --note "1x H100, TensorRT plans"
+
+(--bursts 0 and --no-in-process: those price the U-Net with this process's ONNX Runtime on the
+CPU, which says nothing about the GPU.)
 """
 
 from __future__ import annotations
@@ -68,6 +83,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -103,25 +119,31 @@ def txt(steps, guidance, scheduler, size=32, **extra) -> dict:
             "height": size, "width": size, **extra}
 
 
-MIX = [
-    RequestClass("txt2img 32px 4 steps unguided ddim", 3, "/v1/txt2img", txt(4, 1.0, "ddim")),
-    RequestClass("txt2img 32px 8 steps g3 euler", 2, "/v1/txt2img", txt(8, 3.0, "euler")),
-    RequestClass("txt2img 32px 20 steps g7.5 ddim", 3, "/v1/txt2img", txt(20, 7.5, "ddim")),
-    RequestClass("txt2img 32px 30 steps g5 euler", 2, "/v1/txt2img", txt(30, 5.0, "euler")),
-    RequestClass("txt2img 32px 50 steps g7.5 ddim", 1, "/v1/txt2img", txt(50, 7.5, "ddim")),
-    RequestClass("txt2img 48px 12 steps unguided euler", 1, "/v1/txt2img", txt(12, 1.0, "euler", 48)),
-    RequestClass("txt2img 48px 25 steps g5 ddim", 1, "/v1/txt2img", txt(25, 5.0, "ddim", 48)),
-    RequestClass("stream 32px 20 steps g5 euler, preview every 5", 2, "/v1/txt2img/stream",
-                 txt(20, 5.0, "euler", preview_every=5)),
-    RequestClass("stream 48px 30 steps g3 ddim, preview every 10", 1, "/v1/txt2img/stream",
-                 txt(30, 3.0, "ddim", 48, preview_every=10)),
-    RequestClass("img2img 32px 20 steps strength 0.6 g5 ddim", 2, "/v1/img2img",
-                 {"num_inference_steps": 20, "strength": 0.6, "guidance_scale": 5.0, "scheduler": "ddim"}),
-    RequestClass("img2img 32px 40 steps strength 0.5 unguided euler", 1, "/v1/img2img",
-                 {"num_inference_steps": 40, "strength": 0.5, "guidance_scale": 1.0, "scheduler": "euler"}),
-]
+def mix(small: int = 32, large: int = 48) -> list[RequestClass]:
+    """The fixed mix at two output sizes (the demo's 32 and 48 px; 512 and 768 for SD 1.5)."""
+    return [
+        RequestClass(f"txt2img {small}px 4 steps unguided ddim", 3, "/v1/txt2img", txt(4, 1.0, "ddim", small)),
+        RequestClass(f"txt2img {small}px 8 steps g3 euler", 2, "/v1/txt2img", txt(8, 3.0, "euler", small)),
+        RequestClass(f"txt2img {small}px 20 steps g7.5 ddim", 3, "/v1/txt2img", txt(20, 7.5, "ddim", small)),
+        RequestClass(f"txt2img {small}px 30 steps g5 euler", 2, "/v1/txt2img", txt(30, 5.0, "euler", small)),
+        RequestClass(f"txt2img {small}px 50 steps g7.5 ddim", 1, "/v1/txt2img", txt(50, 7.5, "ddim", small)),
+        RequestClass(f"txt2img {large}px 12 steps unguided euler", 1, "/v1/txt2img", txt(12, 1.0, "euler", large)),
+        RequestClass(f"txt2img {large}px 25 steps g5 ddim", 1, "/v1/txt2img", txt(25, 5.0, "ddim", large)),
+        RequestClass(f"stream {small}px 20 steps g5 euler, preview every 5", 2, "/v1/txt2img/stream",
+                     txt(20, 5.0, "euler", small, preview_every=5)),
+        RequestClass(f"stream {large}px 30 steps g3 ddim, preview every 10", 1, "/v1/txt2img/stream",
+                     txt(30, 3.0, "ddim", large, preview_every=10)),
+        # img2img at the init image's size (`small`)
+        RequestClass(f"img2img {small}px 20 steps strength 0.6 g5 ddim", 2, "/v1/img2img",
+                     {"num_inference_steps": 20, "strength": 0.6, "guidance_scale": 5.0, "scheduler": "ddim"}),
+        RequestClass(f"img2img {small}px 40 steps strength 0.5 unguided euler", 1, "/v1/img2img",
+                     {"num_inference_steps": 40, "strength": 0.5, "guidance_scale": 1.0, "scheduler": "euler"}),
+    ]
+
+
+MIX = mix()  # main() sets the sizes (--sizes) in place
 WEIGHTS = np.array([c.weight for c in MIX], float) / sum(c.weight for c in MIX)
-ENGINE_SYSTEMS = ("genserve", *BENCH_POLICIES)
+ENGINE_SYSTEMS = ("genserve", "no-overlap", *BENCH_POLICIES)
 SYSTEMS = (*ENGINE_SYSTEMS, "diffusers")
 
 
@@ -278,7 +300,12 @@ class Rung:
         own = f" | {100 * self.share(own_slo):.1f}%" if own_slo is not None else " | —"
         return (f"| {self.rate:g} | {len(self.outcomes)} | **{100 * self.share(slo):.1f}%**{own} | "
                 f"{percentile(lat, 50):.2f} | {p99_text} | {ttfp} | {images / self.wall:.2f} | {errors} | "
-                f"{self.model_shares()} | {self.unet_rows()} |")
+                f"{self.model_shares()} | {self.unet_rows()} | {self.misses(slo)} |")
+
+    def misses(self, slo: list[float]) -> str:
+        """The requests past their SLO by class of the mix (its row number: count)."""
+        missed = Counter(o.cls + 1 for o in self.outcomes if not (o.ok and o.latency <= slo[o.cls]))
+        return ", ".join(f"#{c}: {n}" for c, n in sorted(missed.items())) or "—"
 
 
 def goodput(rungs: list[Rung], slo: list[float]) -> tuple[float, str]:
@@ -361,7 +388,24 @@ class System:
     start_rate: float
     rungs: list[Rung] = field(default_factory=list)
     next_rung: int = 0
+    start_index: int = 0  # the start rung's index in the ladder
+    lowest_rate: float = 0.0  # the ladder's
     done: bool = False
+    descending: bool = False  # no rung from the start up passed: the rungs below it, down to one that does
+
+    def advance(self, rung: Rung, stop_below: float, rungs: int) -> None:
+        """The next rung: up while the share stays >= `stop_below`; if none of those passed,
+        down from the start until one passes (a start rung that fails says nothing of the lower ones)."""
+        if self.descending:
+            self.next_rung -= 1
+            self.done = self.best_share(rung) >= TARGET_SHARE or self.next_rung < 0
+            return
+        self.next_rung += 1
+        self.done = self.best_share(rung) < stop_below or self.next_rung == rungs
+        start = min(r.rate for r in self.rungs)
+        if self.done and all(self.best_share(r) < TARGET_SHARE for r in self.rungs) and start > self.lowest_rate:
+            self.descending, self.done = True, False
+            self.next_rung = self.start_index - 1
 
     @property
     def give_up(self) -> list[float]:
@@ -376,11 +420,12 @@ class System:
 class PeerServer:
     """bench/peer_diffusers.py in its own process."""
 
-    def __init__(self, log_path: Path):
+    def __init__(self, log_path: Path, folder: Path, device: str):
         port = free_port()
         self.url = f"http://127.0.0.1:{port}"
         self._log = open(log_path, "wb")
-        self.proc = subprocess.Popen([sys.executable, str(ROOT / "bench" / "peer_diffusers.py"), "--port", str(port)],
+        self.proc = subprocess.Popen([sys.executable, str(ROOT / "bench" / "peer_diffusers.py"), "--port", str(port),
+                                      "--folder", str(folder), "--device", device],
                                      cwd=ROOT, stdout=self._log, stderr=subprocess.STDOUT,
                                      env={**os.environ, "HF_HUB_OFFLINE": "1"}, start_new_session=True)
 
@@ -423,6 +468,13 @@ def main() -> int:
     parser.add_argument("--budget-s", type=float, default=600.0, help="no new round of rungs after this many seconds")
     parser.add_argument("--bursts", type=int, default=3, help="outside burst rounds (0: none)")
     parser.add_argument("--no-in-process", action="store_true", help="skip bench_engine.py's in-process figure")
+    parser.add_argument("--sizes", default="32,48", help="the mix's two output sizes, px (SD 1.5: 512,768)")
+    parser.add_argument("--service-env", action="append", default=[], metavar="NAME=VALUE",
+                        help="for every genserve service started, e.g. GENSERVE_BACKEND=triton "
+                             "GENSERVE_TRITON_URL=localhost:8001 on a GPU host (repeat the option)")
+    parser.add_argument("--peer-folder", type=Path, default=ROOT / "zoo" / "checkpoints" / "sd_digits",
+                        help="the diffusers folder the peer serves (the one the repository was exported from)")
+    parser.add_argument("--peer-device", default="cpu", help="the peer's torch device (cuda on a GPU host)")
     parser.add_argument("--note", default="", help="written under the tables: was the machine quiet?")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "goodput.md")
     args = parser.parse_args()
@@ -432,17 +484,22 @@ def main() -> int:
     if unknown:
         parser.error(f"unknown systems {sorted(unknown)}; choose from {', '.join(SYSTEMS)}")
     rates = sorted(float(r) for r in args.rates.split(","))
-    image = init_image()
+    small, large = (int(x) for x in args.sizes.split(","))
+    MIX[:] = mix(small, large)
+    image = init_image(small)
+    extra_env = dict(item.split("=", 1) for item in args.service_env)
     load_before = load_average()
     began = time.monotonic()
     servers: dict[str, LocalServer | PeerServer] = {}
     try:
         for name in names:
             if name == "diffusers":
-                servers[name] = PeerServer(Path("/tmp/genserve-goodput-diffusers.log"))
+                servers[name] = PeerServer(Path("/tmp/genserve-goodput-diffusers.log"), args.peer_folder,
+                                           args.peer_device)
             else:
-                env = {"GENSERVE_MODEL_REPOSITORY": str(args.repository),
-                       BENCH_POLICY_ENV: "" if name == "genserve" else name}
+                env = {"GENSERVE_MODEL_REPOSITORY": str(args.repository), **extra_env,
+                       BENCH_POLICY_ENV: name if name in BENCH_POLICIES else "",
+                       "GENSERVE_ENGINE_OVERLAP": "0" if name == "no-overlap" else "1"}
                 servers[name] = LocalServer(env, Path(f"/tmp/genserve-goodput-{name}.log"))
         for server in servers.values():
             server.wait_ready()
@@ -460,7 +517,8 @@ def main() -> int:
             start = max([r for r in rates if r <= START_FRACTION * capacity] or [rates[0]])
             systems.append(System(name, servers[name].url, slo,
                                   [SLO_FACTOR * t for t in own] if name == "diffusers" else None, start,
-                                  next_rung=rates.index(start)))
+                                  next_rung=rates.index(start), start_index=rates.index(start),
+                                  lowest_rate=rates[0]))
         # The ladder, round by round, systems interleaved in rotating order.
         round_ = 0
         while any(not s.done for s in systems) and time.monotonic() - began < args.budget_s:
@@ -476,8 +534,7 @@ def main() -> int:
                 rung = Rung(rate, outcomes, wall, {k: v - before.get(k, 0.0) for k, v in after.items()})
                 s.rungs.append(rung)
                 print(f"{s.name} @ {rate:g}/s: {100 * rung.share(s.slo):.1f}% within SLO ({n} requests)", flush=True)
-                s.next_rung += 1
-                s.done = s.best_share(rung) < args.stop_below or s.next_rung == len(rates)
+                s.advance(rung, args.stop_below, len(rates))
             round_ += 1
         cut_short = [s.name for s in systems if not s.done]
         # The outside burst, per engine system, rounds interleaved; the U-Net priced around it.
@@ -524,17 +581,17 @@ def main() -> int:
                   "first preview of the streams, '—' where the system sends none):", "",
               "| system | rate /s | requests | within SLO | within own 3x SLO | p50 s | p99 s | p99 TTFP s | "
               "images/s | errors | % of wall in U-Net / text encoder / VAE decoder / VAE encoder | "
-              "rows / U-Net call | U-Net ms / row in the service |",
-              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|"]
+              "rows / U-Net call | U-Net ms / row in the service | misses by class (# of the mix) |",
+              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---|"]
     for s in systems:
         for rung in s.rungs:
             lines.append(f"| {s.name} " + rung.row(s.slo, s.own_slo))
     lines += ["", f"The mix (weights of {mix_weight}), standalone latency ms on genserve"
               + (" and on the diffusers peer" if "diffusers" in alone else "") + ":", "",
-              "| class | weight | genserve ms | diffusers ms |", "|---|---:|---:|---:|"]
+              "| # | class | weight | genserve ms | diffusers ms |", "|---:|---|---:|---:|---:|"]
     for c, cls in enumerate(MIX):
         other = f"{1000 * alone['diffusers'][c]:.0f}" if "diffusers" in alone else "—"
-        lines.append(f"| {cls.name} | {cls.weight} | {1000 * alone[reference][c]:.0f} | {other} |")
+        lines.append(f"| {c + 1} | {cls.name} | {cls.weight} | {1000 * alone[reference][c]:.0f} | {other} |")
     if burst_walls:
         best = statistics.mean(b for b, _ in per_row)
         lines += ["", f"Outside burst: 16 mixed txt2img at once (10/17/24 steps, guidance 1-5, DDIM), wall time until "

@@ -10,7 +10,8 @@ It speaks the subset of genserve's API the goodput mix uses, so the bench sends 
 bodies to both: POST /v1/txt2img and /v1/img2img (JSON, `image` as base64 PNG) answer
 {"images": [{"image": <base64 PNG>, "seed": ...}]}; POST /v1/txt2img/stream answers the same
 as one server-sent `result` event (a pipeline call has no previews to stream). GET /readyz.
-Torch on CPU; the benchmark's client is the only caller.
+Torch on CPU by default (`--device cuda`: fp16 on the GPU, for the same bench on a GPU host);
+the benchmark's client is the only caller.
 """
 
 from __future__ import annotations
@@ -50,8 +51,11 @@ class RequestScoped:
     """One loaded pipeline; per request a shallow copy with a fresh scheduler, so that
     concurrent calls share the weights and never each other's timesteps."""
 
-    def __init__(self, folder: Path):
-        self.txt2img = StableDiffusionPipeline.from_pretrained(folder, safety_checker=None)
+    def __init__(self, folder: Path, device: str = "cpu"):
+        dtype = torch.float16 if device.startswith("cuda") else torch.float32
+        self.device = device
+        pipeline = StableDiffusionPipeline.from_pretrained(folder, safety_checker=None, torch_dtype=dtype)
+        self.txt2img = pipeline.to(device)
         self.txt2img.set_progress_bar_config(disable=True)
         self.img2img = StableDiffusionImg2ImgPipeline(**self.txt2img.components)
         self.img2img.set_progress_bar_config(disable=True)
@@ -64,7 +68,7 @@ class RequestScoped:
         scheduler = SCHEDULERS[body.get("scheduler") or "ddim"]
         local.scheduler = scheduler.from_config(base.scheduler.config)
         local.tokenizer = LockedTokenizer(base.tokenizer, self.tokenizer_lock)
-        generator = torch.Generator().manual_seed(int(body.get("seed", 0)))
+        generator = torch.Generator(self.device).manual_seed(int(body.get("seed", 0)))
         kwargs = dict(prompt=body["prompt"], negative_prompt=body.get("negative_prompt") or None,
                       num_inference_steps=int(body.get("num_inference_steps", 20)),
                       guidance_scale=float(body.get("guidance_scale", 7.5)), generator=generator,
@@ -140,9 +144,10 @@ def main() -> int:
                         help="torch intra-op threads per call. 1: on 2 shared cores (load ~9) one 20-step guided "
                              "call took 0.9-1.1 s with 1 thread and 11.6 s with 2 (threads waiting on each other); "
                              "the worker threads use the cores instead")
+    parser.add_argument("--device", default="cpu", help="torch device: cpu, or cuda (fp16) on a GPU host")
     args = parser.parse_args()
     torch.set_num_threads(args.torch_threads)
-    pipeline = RequestScoped(args.folder)
+    pipeline = RequestScoped(args.folder, args.device)
     uvicorn.run(build_app(pipeline, args.workers), host="127.0.0.1", port=args.port, log_level="warning")
     return 0
 

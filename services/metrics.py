@@ -8,6 +8,8 @@ earlier, it would count in process-local memory that /metrics never reads.
 
 from __future__ import annotations
 
+import time
+
 # From a 1 ms GAN call to a multi-minute diffusion request.
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
                    1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
@@ -104,6 +106,14 @@ class ServiceMetrics:
         self.triton_shared_memory_bytes = prom.Gauge(
             "genserve_triton_shared_memory_bytes", "Bytes of shared-memory regions mapped and registered "
             "with Triton.", multiprocess_mode="livesum", **kw)
+        self.gc_frozen_objects = prom.Gauge(
+            "genserve_gc_frozen_objects", "Objects of the start-up heap taken out of the garbage collector's "
+            "full collections (services.memory.freeze_startup_heap).", multiprocess_mode="livemin", **kw)
+        self.gc_full_collection_seconds = prom.Histogram(
+            "genserve_gc_full_collection_seconds", "Python's full garbage collections (generation 2), each "
+            "holding the GIL: every request and engine iteration of the worker waits.",
+            buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0), **kw)
+        self._gc_started = 0.0
         # Labelled children of the metrics observed on every model call and engine iteration,
         # by label values: `labels()` costs a lock and a lookup each time (7 per iteration).
         self._children: dict[tuple, tuple] = {}
@@ -113,6 +123,16 @@ class ServiceMetrics:
         if children is None:
             children = self._children[key] = tuple(m.labels(*key[1:]) for m in metrics)
         return children
+
+    def observe_gc(self, phase: str, info: dict) -> None:
+        """A gc.callbacks hook: times full collections (the young ones cost microseconds)."""
+        if info.get("generation") != 2:
+            return
+        if phase == "start":
+            self._gc_started = time.perf_counter()
+        elif self._gc_started:
+            self.gc_full_collection_seconds.observe(time.perf_counter() - self._gc_started)
+            self._gc_started = 0.0
 
     def observe_triton_call(self, model: str, transport: str) -> None:
         self.triton_calls.labels(model, transport).inc()

@@ -6,6 +6,7 @@ FastAPI app mounted into the service, one router per family (services.routers), 
 endpoint shares one error shape, request ids, and typed bodies on the OpenAPI page.
 """
 
+import gc
 import importlib
 import logging
 import os
@@ -18,6 +19,7 @@ from services import connections, families, metrics_dir, playground
 from services.config import Settings
 from services.gateway import Gateway, Route
 from services.http import install_error_handlers
+from services.memory import freeze_startup_heap
 from services.routers import adapters, diffusion, image_to_image, models, openai_images
 from services.startup import failure_stops_the_server, supervise
 
@@ -108,6 +110,7 @@ class GenServe:
         settings = Settings.from_env()
         metrics = service_metrics()
         install_error_handlers(app, on_error=lambda path, code: metrics.errors.labels(path, code).inc())
+        gc.callbacks.append(metrics.observe_gc)
         backend = create_backend(settings, metrics)
         backend.add_observer(metrics.observe_execution)
         limit = settings.edge.rate_limit_image_steps
@@ -192,6 +195,8 @@ class GenServe:
                 continue
             log.info("image model %s: %.0f activation bytes and %.2f us per output pixel", name,
                      bytes_per_pixel, seconds_per_pixel * 1e6)
+        # Last: what start-up built stays, and full collections no longer walk it (services.memory).
+        self.ctx.metrics.gc_frozen_objects.set(freeze_startup_heap())
 
     @bentoml.on_shutdown
     async def _close(self) -> None:

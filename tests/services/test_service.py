@@ -101,6 +101,22 @@ def test_malformed_json_is_a_4xx(server):
     assert r.json()["error"]["code"] == "invalid_request"
 
 
+def test_the_start_up_heap_is_frozen_and_full_collections_are_timed(server):
+    """A full garbage collection holds the GIL for every request of the worker (71-76 ms with
+    the demo loaded): the worker freezes what start-up built (services.memory.freeze_startup_heap)
+    and times the full collections Python still runs."""
+    lines = httpx.get(f"{server.url}/metrics").text.splitlines()
+
+    def value(name):
+        found = [float(line.rsplit(" ", 1)[1]) for line in lines if line.startswith(name + " ")
+                 or line.startswith(name + "{")]
+        assert found, name
+        return found[0]
+
+    assert value("genserve_gc_frozen_objects") > 10_000
+    assert value("genserve_gc_full_collection_seconds_count") >= 1  # the one before the freeze
+
+
 def test_metrics_count_images_and_model_time(server):
     generate(server, seed=3, num_images=5, class_label=1)
     generate(server, num_images=0)
