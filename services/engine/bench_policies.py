@@ -77,6 +77,9 @@ class RequestBatchScheduler(StepScheduler):
     def can_share(self, head: EngineRequest, r: EngineRequest) -> bool:
         return pipeline_parameters(r) == pipeline_parameters(head)
 
+    def join_late(self, batch: StepBatch) -> StepBatch:
+        return batch  # a batch runs to its end as it began
+
     def schedule(self, now: float | None = None, ahead: Collection[EngineRequest] = ()) -> StepBatch:
         self.cohort = [r for r in self.cohort if self.runs_next(r, ahead)]
         if not self.cohort:

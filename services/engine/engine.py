@@ -10,10 +10,10 @@ costs at most the step already in flight.
 
 Overlap (vLLM v1's engine-core shape; EngineConfig.overlap, the service's default): the
 next U-Net call starts as soon as the last one's outputs are applied (guidance, scheduler
-steps, who is done), and everything else of the iteration runs while it executes: the
-previews and decodes of requests the last call finished, the text encoding of new requests
-(they join the call after), the cost model, and the event loop's other tasks (HTTP, PNG
-encoding, streams). Without it (and in `step()`, which tests drive) the stages run one after
+steps, who is done), on requests scheduled while it ran, and everything else runs while it
+executes: the previews and decodes of requests the last call finished, the text encoding of
+new requests (as they arrive: the next call takes them on, `StepScheduler.join_late`), and
+the event loop's other tasks (HTTP, PNG encoding, streams). Without it (and in `step()`, which tests drive) the stages run one after
 another. Images are the same either way: a request's arithmetic does not depend on which
 calls it shares.
 
@@ -170,6 +170,8 @@ class DiffusionEngine:
         self.overlap = config.overlap
         self._flight: InFlight | None = None  # the overlapped loop's U-Net call in progress
         self._planned: StepBatch | None = None  # the next call's requests, scheduled while _flight runs
+        self._admit_lock = asyncio.Lock()  # one admission at a time: a request is started once
+        self._admissions: set[asyncio.Task] = set()  # the overlapped loop's, started by submit()
         self._previews_due: list[tuple[EngineRequest, int, np.ndarray]] = []  # (request, step, x0) to decode
         self._wakeup = asyncio.Event()
         self._loop_task: asyncio.Task | None = None
@@ -211,6 +213,10 @@ class DiffusionEngine:
         self.scheduler.add_request(req)
         self._report_queue()
         self._ensure_running()
+        if self.overlap and self._start_loop:  # encoded now, beside the call in flight: it joins the next one
+            task = asyncio.get_running_loop().create_task(self._admit_now())
+            self._admissions.add(task)
+            task.add_done_callback(self._admissions.discard)
         self._wakeup.set()
         return req
 
@@ -312,6 +318,8 @@ class DiffusionEngine:
             log.warning("engine %s: shallow U-Net warm-up failed (%s: %s)", self.model, type(exc).__name__, exc)
 
     async def close(self) -> None:
+        for task in list(self._admissions):
+            task.cancel()
         if self._flight is not None:
             self._flight.cancel()
             self._flight = None
@@ -479,8 +487,29 @@ class DiffusionEngine:
         self.observer.finished(self.model, "error")
 
     # -- stage 2: admission --------------------------------------------------------------
+    async def _admit_now(self) -> None:
+        """The overlapped loop admits a request as it arrives (its prompt encoded beside the
+        U-Net call in flight), so that the next call takes its first step; the loop's own
+        admission stage catches anything left (after an outage, its back-off paces the retries)."""
+        if self._outage is not None:
+            return
+        try:
+            await self._admit()
+            self.scheduler.prune()
+        except BackendUnavailable:
+            pass  # recorded by _backend: the loop pauses and retries
+        except Exception as exc:  # an engine bug: the waiting requests fail, the loop goes on
+            log.exception("engine %s: admission failed", self.model)
+            for r in list(self.scheduler.requests):
+                if r.status == RequestStatus.WAITING:
+                    self._fail(r, exc)
+
     async def _admit(self) -> bool:
         """Encodes every waiting request's prompts and starts its trajectory."""
+        async with self._admit_lock:
+            return await self._admit_waiting()
+
+    async def _admit_waiting(self) -> bool:
         waiting = [r for r in self.scheduler.requests if r.status == RequestStatus.WAITING]
         if not waiting:
             return False
@@ -561,6 +590,7 @@ class DiffusionEngine:
         if planned is not None:
             batch.requests = [r for r in planned.requests if self.scheduler.runs_next(r)]
             batch.rows = sum(r.started.rows for r in batch.requests)
+            batch = self.scheduler.join_late(batch)  # requests admitted since the plan
         if not batch.requests:
             batch = self.scheduler.schedule()
         if not batch.requests:

@@ -199,6 +199,24 @@ class StepScheduler:
                 self.served[r.tenant] = self.served.get(r.tenant, 0.0) + r.started.rows
         return batch
 
+    def join_late(self, batch: StepBatch) -> StepBatch:
+        """A batch planned while the last call ran, topped up at launch with the requests
+        admitted since (first steps: the fair order runs them first) that may share its call,
+        while their rows fit under max_batch_rows. A policy whose batches nobody joins once
+        they run overrides it."""
+        if not batch.requests:
+            return batch
+        head, planned = batch.requests[0], set(batch.requests)
+        for r in self.requests:
+            if (r.status == RequestStatus.RUNNING and r not in planned and r.started.steps_done == 0
+                    and self.can_share(head, r) and batch.rows + r.started.rows <= self.max_batch_rows):
+                batch.requests.append(r)
+                batch.rows += r.started.rows
+                r.last_turn = self.iteration
+                if self.policy == "fair":
+                    self.served[r.tenant] = self.served.get(r.tenant, 0.0) + r.started.rows
+        return batch
+
     @staticmethod
     def steps_done(r: EngineRequest, ahead: Collection[EngineRequest] = ()) -> int:
         """Its steps done, counting one in flight (`ahead`) as done."""

@@ -16,7 +16,7 @@ from services.engine.bench_policies import (
 )
 from services.engine.cost_model import CostModel
 from services.engine.request import EngineRequest, RequestStatus
-from services.engine.scheduler import StepScheduler
+from services.engine.scheduler import StepBatch, StepScheduler
 from services.pipelines.diffusion import DiffusionRequest
 
 NATIVE = (32, 32)
@@ -181,3 +181,23 @@ def test_planned_ahead_a_request_batch_ends_when_its_last_step_is_in_flight():
     s.requests = [a, b, other]
     assert names(s.schedule(now=10)) == ["a", "b"]
     assert names(s.schedule(now=10, ahead={a, b})) == ["other"]  # the next batch, planned during a and b's last
+
+
+def test_a_planned_batch_is_topped_up_with_first_steps_that_may_share_it():
+    """Requests admitted after the plan join it at launch, under each policy's sharing rule;
+    a request-level batch is never joined."""
+    def planned(*reqs):
+        return StepBatch(list(reqs), sum(r.started.rows for r in reqs))
+
+    for cls, joined in ((StepScheduler, {"a", "fresh-euler", "fresh"}), (MatchingScheduler, {"a", "fresh"}),
+                        (RequestBatchScheduler, {"a"}), (SerialScheduler, {"a"})):
+        s = make(cls)
+        a = running("a", done=3)
+        s.requests = [a, running("fresh", done=0, arrival=1), running("fresh-euler", scheduler="euler", done=0,
+                                                                       arrival=2),
+                      running("started", done=2, arrival=3), running("48px", size=(48, 48), done=0, arrival=4)]
+        assert set(names(s.join_late(planned(a)))) == joined, cls.__name__
+    s = StepScheduler(3, 10_000, cost=CostModel(3, native=NATIVE, learn=False))  # room for one guided row pair
+    a = running("a", guidance=1.0, done=3)
+    s.requests = [a, running("fresh", done=0, arrival=1), running("fresh-unguided", guidance=1.0, done=0, arrival=2)]
+    assert names(s.join_late(planned(a))) == ["a", "fresh"]  # 1 + 2 rows fill 3; the next would not fit

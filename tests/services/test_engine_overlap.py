@@ -32,10 +32,12 @@ class Device(Faulty):
         super().__init__(inner)
         self.unet_s = unet_s
         self.log: list[tuple[str, float, float]] = []
+        self.unet_calls: list[tuple[float, int]] = []  # (start, rows)
 
     async def infer(self, model, inputs, outputs=None):
         start = time.monotonic()
         if model == UNET:
+            self.unet_calls.append((start, len(inputs["sample"])))
             await asyncio.sleep(self.unet_s)
         values = await super().infer(model, inputs, outputs)
         self.log.append((model, start, time.monotonic()))
@@ -123,6 +125,27 @@ def test_text_encoding_and_decoding_run_while_the_unet_call_executes(device, ove
         assert encoded == 1 and decoded >= 1  # the short one's prompt and images; the long one's decode is last
     else:
         assert encoded == decoded == 0
+
+
+def test_a_request_arriving_during_a_call_takes_its_first_step_in_the_next_one(device):
+    """Its prompt is encoded beside the call in flight and the next call, planned before it
+    arrived, takes it on (the scheduler's join_late): no call passes it by."""
+    device.unet_s = 0.05
+
+    async def main():
+        engine = engine_on(device, overlap=True)
+        long = engine.submit(req(steps=30, seed=1), timeout_s=600)  # guided: 2 rows a call
+        while long.trajectory is None or long.trajectory.steps_done < 3:
+            await asyncio.sleep(0.005)
+        await asyncio.sleep(0.02)  # inside a call
+        arrived = time.monotonic()
+        short = engine.submit(req(steps=3, seed=2, guidance=0.0, prompt="a small blue digit"), timeout_s=600)
+        await asyncio.wait_for(asyncio.gather(long.done.wait(), short.done.wait()), timeout=30)
+        await engine.close()
+        assert short.status == RequestStatus.FINISHED_DONE
+        later = [rows for start, rows in device.unet_calls if start > arrived]
+        assert later[:3] == [3, 3, 3]  # the next three calls carry its one row beside the long one's two
+    asyncio.run(main())
 
 
 def test_a_cancelled_request_leaves_within_one_step_of_the_call_in_flight(device):
