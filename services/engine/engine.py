@@ -13,9 +13,9 @@ next U-Net call starts as soon as the last one's outputs are applied (guidance, 
 steps, who is done), on requests scheduled while it ran, and everything else runs while it
 executes: the previews and decodes of requests the last call finished, the text encoding of
 new requests (as they arrive: the next call takes them on, `StepScheduler.join_late`), and
-the event loop's other tasks (HTTP, PNG encoding, streams). Without it (and in `step()`, which tests drive) the stages run one after
-another. Images are the same either way: a request's arithmetic does not depend on which
-calls it shares.
+the event loop's other tasks (HTTP, PNG encoding, streams). Without it (and in `step()`,
+which tests drive) the stages run one after another. Images are the same either way: a
+request's arithmetic does not depend on which calls it shares.
 
 Failures stay with their owner:
   - whatever one request does (bad parameters, an init image that fails to encode, an
