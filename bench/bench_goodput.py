@@ -19,8 +19,9 @@ the same arrival times and requests at a given rate (seeded by the rate).
 
 Systems, all on the same model (model_repository/'s sd_digits, exported from
 zoo/checkpoints/sd_digits) and the same 2 cores:
-  genserve   the service as deployed: step-level batching across steps, guidance and
-             schedulers, the engine loop overlapping its work with the U-Net call (services/engine)
+  genserve   the service: step-level batching across steps, guidance and schedulers, the
+             engine loop overlapping its work with the U-Net call (services/engine;
+             GENSERVE_ENGINE_OVERLAP=1, which `auto` chooses on Triton, not on the embedded CPU backend)
   no-overlap the same service with the engine's stages one after another (the loop before the
              overlap)                                              GENSERVE_ENGINE_OVERLAP=0
   matching   the same service with step batching restricted to matching size, guidance and

@@ -218,11 +218,12 @@ class EngineSettings:
         "the step engine's order under contention: `fair` (first steps first, then near deadlines, then least "
         "remaining work with aging; API keys take turns) or `fcfs` (arrival order: the oldest run to "
         "completion first)")
-    overlap: bool = env(
-        "GENSERVE_ENGINE_OVERLAP", True, switch,
+    overlap: str = env(
+        "GENSERVE_ENGINE_OVERLAP", "auto", choice("auto", "1", "0"),
         "`1`: each iteration's denoiser call starts as soon as the last one's outputs are applied, and the "
         "rest (text encoding of new requests, decoding, previews, HTTP) runs while it executes; `0`: one stage "
-        "after another (for comparison)")
+        "after another; `auto`: `1` when the denoiser runs off this worker's cores (Triton), `0` on the "
+        "embedded CPU backend, where that work would take the cores from the denoiser (bench/README.md)")
     request_timeout_s: int = env("GENSERVE_REQUEST_TIMEOUT_S", 120, integer(minimum=1),
                                  "default diffusion deadline (`timeout_s`)")
     max_request_timeout_s: int = env("GENSERVE_MAX_REQUEST_TIMEOUT_S", 600, integer(minimum=1),

@@ -122,10 +122,14 @@ class EngineConfig:
 
     @classmethod
     def from_settings(cls, settings: EngineSettings, max_batch_rows: int,
-                      scheduler_class: type[StepScheduler] = StepScheduler) -> EngineConfig:
+                      scheduler_class: type[StepScheduler] = StepScheduler,
+                      denoiser_on_own_cores: bool = True) -> EngineConfig:
+        """`denoiser_on_own_cores`: the backend runs the denoiser on this worker's CPU (the
+        embedded backend), where GENSERVE_ENGINE_OVERLAP=auto does not overlap."""
+        overlap = settings.overlap == "1" or (settings.overlap == "auto" and not denoiser_on_own_cores)
         return cls(max_batch_rows, settings.max_queued_steps, latency_budget_s=settings.step_budget_ms / 1000,
                    max_queue_seconds=settings.max_queue_seconds, policy=settings.policy,
-                   scheduler_class=scheduler_class, overlap=settings.overlap)
+                   scheduler_class=scheduler_class, overlap=overlap)
 
 
 @dataclass

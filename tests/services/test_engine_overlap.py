@@ -212,3 +212,14 @@ def test_an_outage_in_the_middle_pauses_and_resumes_with_identical_images(device
     clean = asyncio.run(run(False))
     resumed = asyncio.run(run(True))
     assert all(np.array_equal(a, b) for a, b in zip(clean, resumed))
+
+
+@pytest.mark.parametrize("setting, on_own_cores, overlap", [
+    ("auto", True, False), ("auto", False, True), ("1", True, True), ("0", False, False)])
+def test_auto_overlaps_only_where_the_denoiser_runs_off_the_workers_cores(setting, on_own_cores, overlap):
+    from dataclasses import replace
+
+    from services.config import EngineSettings
+    config = EngineConfig.from_settings(replace(EngineSettings(), overlap=setting), 16,
+                                        denoiser_on_own_cores=on_own_cores)
+    assert config.overlap is overlap
