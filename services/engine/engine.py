@@ -8,7 +8,8 @@ pipeline, batching across requests at each stage:
 Cancellation and deadlines take effect between iterations, so a cancelled request
 costs at most the step already in flight.
 
-Overlap (vLLM v1's engine-core shape; EngineConfig.overlap, the service's default): the
+Overlap (vLLM v1's engine-core shape; EngineConfig.overlap, which the service's
+GENSERVE_ENGINE_OVERLAP=auto turns on where the denoiser runs off the worker's cores): the
 next U-Net call starts as soon as the last one's outputs are applied (guidance, scheduler
 steps, who is done), on requests scheduled while it ran, and everything else runs while it
 executes: the previews and decodes of requests the last call finished, the text encoding of
