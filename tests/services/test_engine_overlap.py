@@ -130,7 +130,7 @@ def test_text_encoding_and_decoding_run_while_the_unet_call_executes(device, ove
 def test_a_request_arriving_during_a_call_takes_its_first_step_in_the_next_one(device):
     """Its prompt is encoded beside the call in flight and the next call, planned before it
     arrived, takes it on (the scheduler's join_late): no call passes it by."""
-    device.unet_s = 0.05
+    device.unet_s = 0.08  # room for the encoding beside it on a slow machine
 
     async def main():
         engine = engine_on(device, overlap=True)
