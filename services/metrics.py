@@ -114,6 +114,7 @@ class ServiceMetrics:
             "holding the GIL: every request and engine iteration of the worker waits.",
             buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0), **kw)
         self._gc_started = 0.0
+        self._gc_pending: list[float] = []  # durations noted by observe_gc, for flush_gc
         # Labelled children of the metrics observed on every model call and engine iteration,
         # by label values: `labels()` costs a lock and a lookup each time (7 per iteration).
         self._children: dict[tuple, tuple] = {}
@@ -125,14 +126,21 @@ class ServiceMetrics:
         return children
 
     def observe_gc(self, phase: str, info: dict) -> None:
-        """A gc.callbacks hook: times full collections (the young ones cost microseconds)."""
+        """A gc.callbacks hook: times full collections (the young ones cost microseconds). It
+        only notes the time: any allocation can start a collection, one inside a metric's own
+        (non-reentrant) lock included, so the histogram is updated later (flush_gc)."""
         if info.get("generation") != 2:
             return
         if phase == "start":
             self._gc_started = time.perf_counter()
         elif self._gc_started:
-            self.gc_full_collection_seconds.observe(time.perf_counter() - self._gc_started)
+            self._gc_pending.append(time.perf_counter() - self._gc_started)
             self._gc_started = 0.0
+
+    def flush_gc(self) -> None:
+        """The full collections noted since, into their histogram (called outside any metric's lock)."""
+        while self._gc_pending:
+            self.gc_full_collection_seconds.observe(self._gc_pending.pop())
 
     def observe_triton_call(self, model: str, transport: str) -> None:
         self.triton_calls.labels(model, transport).inc()
@@ -160,6 +168,7 @@ class ServiceMetrics:
                                                self.model_batch_size)
         execution.observe(seconds)
         batch_size.observe(batch)
+        self.flush_gc()
 
 
 class EngineMetrics:

@@ -198,6 +198,7 @@ class GenServe:
                      bytes_per_pixel, seconds_per_pixel * 1e6)
         # Last: what start-up built stays, and full collections no longer walk it (services.memory).
         self.ctx.metrics.gc_frozen_objects.set(freeze_startup_heap())
+        self.ctx.metrics.flush_gc()
 
     @bentoml.on_shutdown
     async def _close(self) -> None:

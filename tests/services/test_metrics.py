@@ -58,3 +58,23 @@ def test_no_back_arrows_between_engine_runtime_and_metrics():
     assert "services.metrics" not in imported("services/runtime/__init__.py")
     for path in (ROOT / "services/engine").glob("*.py"):
         assert "services.metrics" not in imported(str(path.relative_to(ROOT))), path
+
+
+def test_full_collections_are_noted_in_the_gc_hook_and_observed_later():
+    """A collection can start inside a metric's own non-reentrant lock (any allocation may
+    trigger one): the gc.callbacks hook must not touch a metric, only note the time."""
+    import prometheus_client
+
+    registry = prometheus_client.CollectorRegistry()
+    metrics = ServiceMetrics(registry)
+
+    def count():
+        return registry.get_sample_value("genserve_gc_full_collection_seconds_count")
+
+    metrics.observe_gc("start", {"generation": 0})
+    metrics.observe_gc("stop", {"generation": 0})  # young collections are not timed
+    metrics.observe_gc("start", {"generation": 2})
+    metrics.observe_gc("stop", {"generation": 2})
+    assert count() == 0
+    metrics.observe_execution("unet", "onnxruntime", 2, 0.01)  # a safe place: outside any metric's lock
+    assert count() == 1
