@@ -488,6 +488,8 @@ def main() -> int:
     small, large = (int(x) for x in args.sizes.split(","))
     MIX[:] = mix(small, large)
     image = init_image(small)
+    if any("=" not in item for item in args.service_env):
+        parser.error("--service-env takes NAME=VALUE")
     extra_env = dict(item.split("=", 1) for item in args.service_env)
     load_before = load_average()
     began = time.monotonic()

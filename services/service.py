@@ -132,7 +132,7 @@ class GenServe:
                 ctx.adapters.adopt(pipeline.adapters)
             rows = engine_max_rows(backend.models()[pipeline.spec.denoiser])
             config = EngineConfig.from_settings(settings.engine, rows, bench_policies.scheduler_class_from_env(),
-                                                denoiser_on_own_cores=backend.name == "onnxruntime")
+                                                denoiser_on_own_cores=backend.computes_on_worker_cores)
             ctx.engines[name] = DiffusionEngine(pipeline, config, prompt_cache=cache,
                                                 observer=metrics.engine_observer())
         ctx.adapters.preload()  # the repository's, while they fit GENSERVE_ADAPTER_MEMORY_MB

@@ -44,6 +44,9 @@ def latency_first_requested() -> bool:
 
 class InferenceBackend(abc.ABC):
     name: str
+    # Its models run on this worker's own CPU cores (the embedded backend), not on a device or
+    # another server's: work beside a call then competes with it (GENSERVE_ENGINE_OVERLAP=auto).
+    computes_on_worker_cores = False
 
     def __init__(self) -> None:
         self._observers: list[ExecutionObserver] = []

@@ -37,6 +37,7 @@ class AdaptiveBatcher(InferenceBackend):
         super().__init__()
         self.inner = inner
         self.name = inner.name
+        self.computes_on_worker_cores = inner.computes_on_worker_cores
         self.batched_models = batched_models
         self.max_wait_s = max_wait_s
         self._queues: dict[str, asyncio.Queue] = {}

@@ -85,6 +85,7 @@ def shrinks_arena(spec: ModelSpec) -> bool:
 
 class OnnxRuntimeBackend(InferenceBackend):
     name = "onnxruntime"
+    computes_on_worker_cores = True  # the CPU execution provider, in this process
 
     def __init__(self, repository: ModelRepository, intra_op_threads: int = 0, inter_op_threads: int = 0,
                  inline_max_s: float = 0.0, allow_spinning: bool = True, shared_threads: bool = False,
